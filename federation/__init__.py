@@ -1,0 +1,1 @@
+"""fedfew federation package."""
