@@ -11,6 +11,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,8 @@ class GuardConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GuardConfig.{name} must be an integer >= 1, got {value!r}")
         if not self.allowed_suffixes or not all(
-            isinstance(s, str) and s.startswith(".") and s == s.lower() for s in self.allowed_suffixes
+            isinstance(s, str) and s.startswith(".") and s == s.lower()
+            for s in self.allowed_suffixes
         ):
             raise ValueError(
                 "GuardConfig.allowed_suffixes must be a non-empty tuple of lower-case suffixes "
@@ -59,7 +61,7 @@ def file_suffix(path: str | Path) -> str:
     return Path(name).suffix
 
 
-def check_file(path: str | Path, config: GuardConfig = GuardConfig()) -> None:  # noqa: B008
+def check_file(path: str | Path, config: GuardConfig = GuardConfig()) -> None:
     """Check a file's existence, size, format and declared dimensions without decoding pixels.
 
     Args:
@@ -80,7 +82,8 @@ def check_file(path: str | Path, config: GuardConfig = GuardConfig()) -> None:  
     suffix = file_suffix(p)
     if suffix not in config.allowed_suffixes:
         raise UnreadableImageError(
-            where, f"format {suffix or '(none)'!r} not allowed; use one of {config.allowed_suffixes}"
+            where,
+            f"format {suffix or '(none)'!r} not allowed; use one of {config.allowed_suffixes}",
         )
     if suffix in ARRAY_SET_SUFFIXES:
         _check_npz(p, config)
@@ -140,7 +143,7 @@ def _dicom_shape(path: Path) -> tuple[int, ...]:
 def _nifti_shape(path: Path) -> tuple[int, ...]:
     import nibabel as nib
 
-    img = nib.load(path)  # lazy: reads the header only
+    img: Any = nib.load(path)  # lazy: reads the header only
     shape = tuple(int(s) for s in img.shape)
     if path.suffix.lower() == ".nii":
         header = img.header
@@ -195,7 +198,7 @@ def _check_npz(path: Path, config: GuardConfig) -> None:
         )
 
 
-def check_array(array: np.ndarray, *, source: str, config: GuardConfig = GuardConfig()) -> None:  # noqa: B008
+def check_array(array: np.ndarray, *, source: str, config: GuardConfig = GuardConfig()) -> None:
     """Check a decoded image array before it enters the pipeline.
 
     Accepts ``(H, W)``, channel-last ``(H, W, C)`` or channel-first ``(C, H, W)`` with 1 to 4
@@ -208,7 +211,7 @@ def check_array(array: np.ndarray, *, source: str, config: GuardConfig = GuardCo
 
     Raises:
         UnreadableImageError: wrong number of dimensions, a side below ``config.min_side``,
-            NaN/Inf values, or a constant image (no information; intensity scaling would divide by 0).
+            NaN/Inf values, or a constant image (no information; scaling would divide by 0).
     """
     arr = np.asarray(array)
     if arr.ndim == 2:
@@ -224,7 +227,8 @@ def check_array(array: np.ndarray, *, source: str, config: GuardConfig = GuardCo
         )
     if min(spatial) < config.min_side:
         raise UnreadableImageError(
-            source, f"image is {spatial[0]}x{spatial[1]}, below the minimum side of {config.min_side}"
+            source,
+            f"image is {spatial[0]}x{spatial[1]}, below the minimum side of {config.min_side}",
         )
     if arr.dtype.kind not in "biuf":
         raise UnreadableImageError(source, f"array dtype {arr.dtype} is not numeric")

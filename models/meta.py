@@ -45,27 +45,49 @@ class MetaConfig:
 
 
 class EpisodeBatch(NamedTuple):
-    """Tensors of one episode (labels episode-local, 0..ways-1)."""
+    """Tensors of one episode (labels episode-local, 0..ways-1).
+
+    The optional masks (1 = real record, 0 = padding) let episodes of different sizes share one
+    shape, as per-episode DP gradients under ``vmap`` need; ``None`` means every record is real.
+    """
 
     support_x: torch.Tensor
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+    support_mask: torch.Tensor | None = None
+    query_mask: torch.Tensor | None = None
 
 
-def label_mask(y: torch.Tensor, ways: int) -> torch.Tensor:
+def label_mask(y: torch.Tensor, ways: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One-hot float mask ``(n, ways)``; written as a comparison so it works under ``vmap``."""
-    return (y[..., None] == torch.arange(ways, device=y.device)).to(torch.float32)
+    return (y[..., None] == torch.arange(ways, device=y.device)).to(dtype)
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy with integer targets, ``vmap``-safe."""
-    return -(torch.log_softmax(logits, dim=-1) * label_mask(y, logits.shape[-1])).sum(-1).mean()
+def cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy with integer targets, ``vmap``-safe; ``weight`` masks records out
+    (the mean is over weighted records, 0 when there are none)."""
+    onehot = label_mask(y, logits.shape[-1], logits.dtype)
+    per_record = -(torch.log_softmax(logits, dim=-1) * onehot).sum(-1)
+    if weight is None:
+        return per_record.mean()
+    return (per_record * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _ones(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ones(like.shape[0], dtype=dtype, device=like.device)
+
+
+def _mask_absent(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Remove classes with no support record from the softmax (vmap-safe ``where``)."""
+    return torch.where(present > 0, logits, torch.full_like(logits, -1e9))
 
 
 def prototypes(embeddings: torch.Tensor, y: torch.Tensor, ways: int) -> torch.Tensor:
     """Class means of support embeddings (Snell et al. 2017, eq. 1)."""
-    mask = label_mask(y, ways)
+    mask = label_mask(y, ways, embeddings.dtype)
     return (mask.T @ embeddings) / mask.sum(0).clamp_min(1.0)[:, None]
 
 
@@ -112,12 +134,18 @@ def maml_adapt(
     steps: int,
     lr: float,
     first_order: bool,
+    support_mask: torch.Tensor | None = None,
 ) -> Params:
     """Inner loop of MAML (Finn et al. 2017, eq. 1): SGD on the support loss from ``params`` plus a
     zero head. Second order unless ``first_order`` (then inner gradients are constants, FOMAML)."""
 
+    dtype = support_x.dtype
+    weight = _ones(support_y, dtype) if support_mask is None else support_mask.to(dtype)
+    present = label_mask(support_y, ways, dtype).mul(weight[:, None]).sum(0)
+
     def support_loss(fast: Params) -> torch.Tensor:
-        return cross_entropy(_head_logits(model, fast, buffers, support_x), support_y)
+        logits = _mask_absent(_head_logits(model, fast, buffers, support_x), present)
+        return cross_entropy(logits, support_y, weight)
 
     fast = {**params, **zero_head(model, ways, support_x)}
     for _ in range(steps):
@@ -137,22 +165,37 @@ class MetaLearner:
     def episode_loss(
         self, model: nn.Module, params: Params, buffers: Params, batch: EpisodeBatch, ways: int
     ) -> torch.Tensor:
-        """Query loss after adapting to the support set of one episode."""
+        """Query loss after adapting to the support set of one episode.
+
+        With masks, classes without a support record leave the softmax, padded records count for
+        nothing, and an episode with fewer than two present classes has loss 0 (so gradient 0).
+        """
+        dtype = batch.support_x.dtype
+        s_onehot = label_mask(batch.support_y, ways, dtype)
+        s_weight = _ones(batch.support_y, dtype) if batch.support_mask is None else batch.support_mask
+        q_weight = _ones(batch.query_y, dtype) if batch.query_mask is None else batch.query_mask
+        present = (s_onehot * s_weight.to(dtype)[:, None]).sum(0)
+        q_weight = q_weight.to(dtype) * (label_mask(batch.query_y, ways, dtype) @ (present > 0).to(dtype))
+        usable = ((present > 0).sum() >= 2).to(dtype)
         if self.config.learner == "protonet":
             both = torch.cat([batch.support_x, batch.query_x])
             emb = functional_call(model, (params, buffers), (both,))
             n_support = batch.support_x.shape[0]
-            protos = prototypes(emb[:n_support], batch.support_y, ways)
-            return cross_entropy(prototype_logits(emb[n_support:], protos), batch.query_y)
-        fast = maml_adapt(
-            model,
-            params,
-            buffers,
-            batch.support_x,
-            batch.support_y,
-            ways=ways,
-            steps=self.config.inner_steps,
-            lr=self.config.inner_lr,
-            first_order=self.config.learner == "fomaml",
-        )
-        return cross_entropy(_head_logits(model, fast, buffers, batch.query_x), batch.query_y)
+            protos = (s_onehot * s_weight.to(dtype)[:, None]).T @ emb[:n_support]
+            protos = protos / present.clamp_min(1.0)[:, None]
+            logits = prototype_logits(emb[n_support:], protos)
+        else:
+            fast = maml_adapt(
+                model,
+                params,
+                buffers,
+                batch.support_x,
+                batch.support_y,
+                ways=ways,
+                steps=self.config.inner_steps,
+                lr=self.config.inner_lr,
+                first_order=self.config.learner == "fomaml",
+                support_mask=batch.support_mask,
+            )
+            logits = _head_logits(model, fast, buffers, batch.query_x)
+        return usable * cross_entropy(_mask_absent(logits, present), batch.query_y, q_weight)

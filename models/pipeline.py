@@ -4,12 +4,13 @@ A sample is a dict whose :data:`IMAGE_KEY` holds a file path (PNG, JPEG, DICOM, 
 (``(H, W)`` grey or ``(H, W, C)`` channel-last). Deterministic steps: read, channel-first, middle
 slice of a volume, optional guard, fixed channel count, percentile intensity scaling to [0, 1],
 resize to the model's input side. Training appends MONAI random augmentations; batches use the
-vectorised twin :func:`augment_batch` (same parameters, see :mod:`models.augment`).
+vectorised twin :func:`augment_batch` (same parameters).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -27,14 +28,18 @@ from monai.transforms import (
     EnsureTyped,
     LoadImage,
     MapTransform,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotate90d,
+    RandShiftIntensityd,
     Resize,
     Resized,
+    ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Transform,
 )
-from monai.transforms.utils_pytorch_numpy_unification import percentile
 
-from models.augment import augment_batch, random_transforms
 from models.errors import DataError
 from models.guard import GuardConfig, check_array
 
@@ -50,6 +55,7 @@ __all__ = [
     "augment_batch",
     "build_transforms",
     "preprocess_arrays",
+    "random_transforms",
 ]
 
 IMAGE_KEY = "image"  # the one dictionary key every transform of the pipeline works on
@@ -64,20 +70,23 @@ class PipelineConfig:
     image_size: int = 64
     # Fixed channel count so grey (repeated x3) and colour (RGBA alpha dropped) modalities mix.
     channels: int = 3
-    # Per-image robust window: ignores the 0.5 % darkest/brightest pixels (burnt-in text, hot pixels),
+    # Per-image robust window: ignores the 0.5 % darkest/brightest pixels (text, hot pixels),
     # works alike for uint8 photos and 12-bit DICOM / float NIfTI ranges.
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 8:
-            raise ValueError(f"PipelineConfig.image_size must be an integer >= 8, got {self.image_size!r}")
+            raise ValueError(
+                f"PipelineConfig.image_size must be an integer >= 8, got {self.image_size!r}"
+            )
         if self.channels not in (1, 3):
             raise ValueError(f"PipelineConfig.channels must be 1 or 3, got {self.channels!r}")
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
             raise ValueError(
                 "PipelineConfig.lower_percentile/upper_percentile must satisfy "
-                f"0 <= lower < upper <= 100, got {self.lower_percentile!r}, {self.upper_percentile!r}"
+                f"0 <= lower < upper <= 100, got {self.lower_percentile!r}, "
+                f"{self.upper_percentile!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,11 +95,13 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PipelineConfig:
-        """Rebuild a config saved by :meth:`to_dict`; unknown keys are an error, missing take defaults."""
+        """Rebuild a config saved by :meth:`to_dict`; unknown keys fail, missing take defaults."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"PipelineConfig.from_dict: unknown keys {unknown}; known keys {sorted(known)}")
+            raise ValueError(
+                f"PipelineConfig.from_dict: unknown keys {unknown}; known keys {sorted(known)}"
+            )
         return cls(**dict(d))
 
 
@@ -109,14 +120,13 @@ def fix_channels(img: torch.Tensor, channels: int, *, axis: int = 0) -> torch.Te
     if c == 3 and channels == 1:
         return img.mean(dim=axis, keepdim=True)
     raise ValueError(
-        f"FixChannels: cannot map {img.shape[axis]} channels (shape {tuple(img.shape)}) to {channels}"
+        f"FixChannels: cannot map {img.shape[axis]} channels (shape {tuple(img.shape)}) "
+        f"to {channels}"
     )
 
 
 class FixChannels(Transform):
     """Give a channel-first image exactly ``channels`` channels (see :func:`fix_channels`)."""
-
-    backend = [Transform.backend[0]] if Transform.backend else []
 
     def __init__(self, channels: int = 3) -> None:
         self.channels = channels
@@ -149,7 +159,9 @@ class SliceVolume(Transform):
         if img.ndim == 3:
             return img
         if img.ndim != 4:
-            raise ValueError(f"SliceVolume: expected (C, X, Y) or (C, X, Y, Z), got shape {tuple(img.shape)}")
+            raise ValueError(
+                f"SliceVolume: expected (C, X, Y) or (C, X, Y, Z), got shape {tuple(img.shape)}"
+            )
         depth = img.shape[-1]
         index = depth // 2 if self.index is None else self.index
         if not 0 <= index < depth:
@@ -160,7 +172,9 @@ class SliceVolume(Transform):
 class SliceVolumed(MapTransform):
     """Dictionary wrapper of :class:`SliceVolume`."""
 
-    def __init__(self, keys: KeysCollection, index: int | None = None, allow_missing_keys: bool = False):
+    def __init__(
+        self, keys: KeysCollection, index: int | None = None, allow_missing_keys: bool = False
+    ):
         super().__init__(keys, allow_missing_keys)
         self.slicer = SliceVolume(index)
 
@@ -172,7 +186,7 @@ class SliceVolumed(MapTransform):
 
 
 class GuardArrayd(MapTransform):
-    """Run :func:`models.guard.check_array` on the decoded channel-first image (NaN, constant, size)."""
+    """Run :func:`models.guard.check_array` on the decoded image (NaN, constant, size)."""
 
     def __init__(self, keys: KeysCollection, guard: GuardConfig, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -183,8 +197,11 @@ class GuardArrayd(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             source = str(getattr(img, "meta", {}).get("filename_or_obj", "") or f"array {key!r}")
-            check_array(np.asarray(img.detach().cpu() if torch.is_tensor(img) else img), source=source,
-                        config=self.guard)
+            check_array(
+                np.asarray(img.detach().cpu() if torch.is_tensor(img) else img),
+                source=source,
+                config=self.guard,
+            )
         return d
 
 
@@ -195,7 +212,7 @@ class _DropLogLine(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_nvimagecodec() -> Iterator[None]:
-    """MONAI probes a GPU DICOM decoder on every LoadImage; on CPU it warns and logs. Silence only that."""
+    """MONAI probes a GPU DICOM decoder in every LoadImage; on CPU it warns and logs: mute that."""
     logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
     line_filter = _DropLogLine()
     logger.addFilter(line_filter)
@@ -211,7 +228,7 @@ class ReadImaged(MapTransform):
     """Load a path with MONAI's PIL / pydicom / nibabel readers, or wrap an in-memory array.
 
     Rows stay first (``reverse_indexing=False`` / ``swap_ij=False``) so a file and the same pixels
-    given as a numpy array produce identical tensors. Arrays are taken as ``(H, W)`` or channel-last.
+    given as a numpy array produce identical tensors. Arrays are ``(H, W)`` or channel-last.
     """
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
@@ -221,9 +238,17 @@ class ReadImaged(MapTransform):
     def _load(self, path: str) -> MetaTensor:
         with _quiet_nvimagecodec():
             if self._loader is None:
-                readers = [PILReader(reverse_indexing=False), PydicomReader(swap_ij=False), NibabelReader()]
+                readers = [
+                    PILReader(reverse_indexing=False),
+                    PydicomReader(swap_ij=False),
+                    NibabelReader(),
+                ]
                 self._loader = LoadImage(reader=readers, image_only=True, dtype=np.float32)
-            return self._loader(path)
+            with warnings.catch_warnings():
+                # 2-D radiographs and secondary captures carry no patient orientation tags; we use
+                # pixels only, so the identity affine MONAI then falls back to is harmless.
+                warnings.filterwarnings("ignore", message="PydicomReader: ImageOrientationPatient")
+                return self._loader(path)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -234,20 +259,26 @@ class ReadImaged(MapTransform):
                 continue
             arr = torch.as_tensor(np.asarray(value), dtype=torch.float32)
             if arr.ndim not in (2, 3):
-                raise ValueError(f"ReadImaged: key {key!r} array must be (H, W) or (H, W, C), got {tuple(arr.shape)}")
+                raise ValueError(
+                    f"ReadImaged: key {key!r} array must be (H, W) or (H, W, C), "
+                    f"got {tuple(arr.shape)}"
+                )
             channel_dim: Any = "no_channel" if arr.ndim == 2 else -1
             d[key] = MetaTensor(arr, meta={"original_channel_dim": channel_dim})
         return d
 
 
 def build_transforms(
-    config: PipelineConfig, *, train: bool, guard: GuardConfig | None = GuardConfig()  # noqa: B008
+    config: PipelineConfig,
+    *,
+    train: bool,
+    guard: GuardConfig | None = GuardConfig(),
 ) -> Compose:
     """Build the pipeline on :data:`IMAGE_KEY`.
 
     Args:
         config: preprocessing parameters.
-        train: append MONAI random augmentations (see :func:`models.augment.random_transforms`).
+        train: append MONAI random augmentations (see :func:`random_transforms`).
         guard: checks on the decoded image (NaN/Inf, constant, size); None skips them.
 
     Returns:
@@ -266,7 +297,12 @@ def build_transforms(
         # Channels first: alpha must not enter the percentiles, and the fast path repeats the order.
         FixChannelsd(k, channels=config.channels),
         ScaleIntensityRangePercentilesd(
-            k, lower=config.lower_percentile, upper=config.upper_percentile, b_min=0.0, b_max=1.0, clip=True
+            k,
+            lower=config.lower_percentile,
+            upper=config.upper_percentile,
+            b_min=0.0,
+            b_max=1.0,
+            clip=True,
         ),
         Resized(k, spatial_size=(config.image_size, config.image_size), mode=RESIZE_MODE),
     ]
@@ -297,7 +333,9 @@ def preprocess_arrays(images: np.ndarray, config: PipelineConfig) -> np.ndarray:
     """
     arr = np.asarray(images)
     if arr.ndim not in (3, 4) or (arr.ndim == 4 and not 1 <= arr.shape[-1] <= 4):
-        raise DataError(f"preprocess_arrays: expected (N, H, W) or (N, H, W, C<=4), got {arr.shape}")
+        raise DataError(
+            f"preprocess_arrays: expected (N, H, W) or (N, H, W, C<=4), got {arr.shape}"
+        )
     if arr.dtype.kind not in "biuf":
         raise DataError(f"preprocess_arrays: dtype {arr.dtype} is not numeric")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -312,12 +350,11 @@ def preprocess_arrays(images: np.ndarray, config: PipelineConfig) -> np.ndarray:
     rows = x.reshape(n, -1)
     lo, hi = _row_percentiles(rows, config.lower_percentile, config.upper_percentile)
     span = hi - lo
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    scaled = ((rows - lo) / safe * 1.0 + 0.0).clamp(0.0, 1.0)  # ScaleIntensityRange's op order
     scaled = torch.where(
-        span > 0,
-        ((rows - lo) / torch.where(span > 0, span, 1.0)) * 1.0 + 0.0,
-        rows - lo + 0.0,  # what MONAI returns (with a warning) for a constant image
-    ).clamp(0.0, 1.0)
-    scaled = torch.where(span > 0, scaled, rows - lo + 0.0)
+        span > 0, scaled, rows - lo
+    )  # MONAI's (warned) result for a constant image
     resize = Resize((size, size), mode=RESIZE_MODE)
     flat = scaled.reshape(n * c, h, w)
     chunk = max(1, 4096 // max(1, c)) * c  # whole images per chunk bounds the memory of interpolate
@@ -325,7 +362,9 @@ def preprocess_arrays(images: np.ndarray, config: PipelineConfig) -> np.ndarray:
     return out.reshape(n, c, size, size).numpy().astype(np.float32, copy=False)
 
 
-def _row_percentiles(rows: torch.Tensor, lower: float, upper: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_percentiles(
+    rows: torch.Tensor, lower: float, upper: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row percentiles computed the way MONAI's ``percentile`` does for one image."""
     per_row = rows.shape[1]
     if per_row > _MONAI_TORCH_PERCENTILE_MAX:
@@ -337,3 +376,88 @@ def _row_percentiles(rows: torch.Tensor, lower: float, upper: float) -> tuple[to
     parts = [torch.quantile(rows[i : i + step], qs, dim=1) for i in range(0, len(rows), step)]
     q = torch.cat(parts, dim=1)  # (2, N)
     return q[0][:, None], q[1][:, None]
+
+
+# Training augmentations: one table shared by the MONAI dict transforms and the batch version.
+AUG_FLIP_PROB = 0.5  # anatomy has no canonical left/right in crops and lesion patches
+AUG_ROT90_PROB = 0.5  # then k uniform in 1..3; 90-degree steps keep the square grid exact
+AUG_CONTRAST_PROB = 0.5
+AUG_GAMMA = (0.8, 1.25)  # mild gamma: scanner/stain contrast differs between sites
+AUG_SHIFT_PROB = 0.5
+AUG_SHIFT = 0.05  # +-5 % of the [0, 1] range: exposure differences
+AUG_NOISE_PROB = 0.5
+AUG_NOISE_STD = 0.02  # std drawn in [0, 0.02]: sensor noise, small against lesion contrast
+
+
+def random_transforms(keys: KeysCollection) -> list[Any]:
+    """MONAI random dictionary transforms for training (per image), ending with a clip to [0, 1]."""
+    return [
+        RandFlipd(keys, prob=AUG_FLIP_PROB, spatial_axis=0),
+        RandFlipd(keys, prob=AUG_FLIP_PROB, spatial_axis=1),
+        RandRotate90d(keys, prob=AUG_ROT90_PROB, max_k=3),
+        RandAdjustContrastd(keys, prob=AUG_CONTRAST_PROB, gamma=AUG_GAMMA),
+        RandShiftIntensityd(keys, prob=AUG_SHIFT_PROB, offsets=AUG_SHIFT),
+        RandGaussianNoised(keys, prob=AUG_NOISE_PROB, std=AUG_NOISE_STD),
+        ScaleIntensityRanged(keys, a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+    ]
+
+
+def augment_batch(images: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """Apply the training augmentations to a batch, independently per image, in torch.
+
+    The same distributions as :func:`random_transforms` (flips, 90-degree rotations, gamma contrast
+    as in MONAI ``AdjustContrast``, intensity shift, Gaussian noise with std drawn in [0, max]),
+    drawn from one seeded generator so a batch and seed always give the same result. Vectorised
+    because MONAI's per-image random transforms cost milliseconds per 64x64 image.
+
+    Args:
+        images: float tensor ``(B, C, S, S)`` in [0, 1] (square: rotations keep the shape).
+        seed: seed of the random draws.
+
+    Returns:
+        Augmented float tensor of the same shape, clipped to [0, 1]; the input is not modified.
+    """
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(
+            f"augment_batch: expected a square batch (B, C, S, S), got {tuple(images.shape)}"
+        )
+    b, c, side = images.shape[0], images.shape[1], images.shape[-1]
+    g = torch.Generator().manual_seed(int(seed))
+    u = torch.rand(b, 7, generator=g)
+    turns = torch.randint(1, 4, (b,), generator=g)
+    std = torch.rand(b, generator=g) * AUG_NOISE_STD
+    std = torch.where(torch.rand(b, generator=g) < AUG_NOISE_PROB, std, 0.0)
+    gamma = AUG_GAMMA[0] + u[:, 3] * (AUG_GAMMA[1] - AUG_GAMMA[0])
+    gamma = torch.where(u[:, 4] < AUG_CONTRAST_PROB, gamma, 1.0)
+    shift = torch.where(u[:, 5] < AUG_SHIFT_PROB, (u[:, 6] * 2.0 - 1.0) * AUG_SHIFT, 0.0)
+    # Flips and 90-degree turns compose to one of 8 pixel permutations: one gather per batch.
+    elem = (
+        (u[:, 0] < AUG_FLIP_PROB).long()
+        + 2 * (u[:, 1] < AUG_FLIP_PROB).long()
+        + 8 * torch.where(u[:, 2] < AUG_ROT90_PROB, turns, 0)
+    )
+    index = _dihedral_index(side)[elem].unsqueeze(1).expand(b, c, side * side)
+    x = images.float().reshape(b, c, side * side).gather(2, index).view(b, c, side, side)
+    col = (b, 1, 1, 1)
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    span = x.amax(dim=(1, 2, 3), keepdim=True) - lo
+    # MONAI AdjustContrast: ((x - min) / (range + 1e-7)) ** gamma * range + min; gamma 1 = off.
+    x = x.sub_(lo).div_(span + 1e-7).pow_(gamma.view(col)).mul_(span).add_(lo + shift.view(col))
+    x.addcmul_(torch.randn(x.shape, generator=g), std.view(col))
+    return x.clamp_(0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _dihedral_index(side: int) -> torch.Tensor:
+    """Pixel permutations ``(32, side**2)``: bit 0 flips rows, bit 1 columns, bits 3-4 turns."""
+    grid = torch.arange(side * side).view(side, side)
+    table = torch.zeros(32, side * side, dtype=torch.long)
+    for code in range(32):
+        m = grid
+        if code & 1:
+            m = m.flip(0)
+        if code & 2:
+            m = m.flip(1)
+        m = torch.rot90(m, code >> 3, dims=(0, 1))
+        table[code] = m.reshape(-1)
+    return table

@@ -1,0 +1,32 @@
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from models.networks import BACKBONES, BackboneConfig, build_backbone
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbone_is_dp_compatible_and_embeds(name):
+    config = BackboneConfig(name=name, width=16, image_size=32)
+    model = build_backbone(config)
+
+    ModuleValidator.validate(model, strict=True)
+    out = model(torch.randn(3, 3, 32, 32))
+
+    assert out.shape == (3, model.out_features)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_embeddings_are_per_example_independent():
+    model = build_backbone(BackboneConfig(width=16, image_size=32)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    together = model(x)
+    alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_config_validation_names_field():
+    with pytest.raises(ValueError, match="name"):
+        BackboneConfig(name="vgg")
+    with pytest.raises(ValueError, match="groups"):
+        BackboneConfig(width=12, groups=8)
