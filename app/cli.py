@@ -37,7 +37,9 @@ app = typer.Typer(
 def _load_sets(spec: str, pipeline: PipelineConfig) -> list[ImageSet]:
     paths = [Path(p) for p in spec.split(",") if p.strip()]
     if not paths:
-        raise DataError("--data is empty: give one or more .npz files or manifests, comma-separated")
+        raise DataError(
+            "--data is empty: give one or more .npz files or manifests, comma-separated"
+        )
     return [load_dataset(p, pipeline) for p in paths]
 
 
@@ -64,7 +66,9 @@ def train(
     steps: int = typer.Option(TrainConfig.steps, help="Optimiser steps."),
     seed: int = typer.Option(0, help="Seed for initialisation, episodes and augmentation."),
     backbone: str = typer.Option("conv4", help="conv4 | resnet12"),
-    ways: int = typer.Option(5, help="Classes per training episode (capped by each set's classes)."),
+    ways: int = typer.Option(
+        5, help="Classes per training episode (capped by each set's classes)."
+    ),
     shots: int = typer.Option(5, help="Support images per class in training episodes."),
     queries: int = typer.Option(10, help="Query images per class in training episodes."),
 ) -> None:
@@ -73,15 +77,24 @@ def train(
     backbone_config = BackboneConfig(name=backbone, image_size=pipeline.image_size)
     meta = MetaConfig(learner=meta_learner)
     config = TrainConfig(
-        steps=steps, seed=seed,
+        steps=steps,
+        seed=seed,
         episode=EpisodeConfig(ways=ways, shots=shots, queries=queries),
     )
     sets = _load_sets(data, pipeline)
     model, losses = _train_model(sets, backbone=backbone_config, config=config, meta=meta)
     save_model_dir(
-        out, model, backbone=backbone_config, pipeline=pipeline, meta=meta,
-        extra={"train": config.to_dict(), "data": [s.name for s in sets],
-               "final_loss": float(np.mean(losses[-50:])), "private": False},
+        out,
+        model,
+        backbone=backbone_config,
+        pipeline=pipeline,
+        meta=meta,
+        extra={
+            "train": config.to_dict(),
+            "data": [s.name for s in sets],
+            "final_loss": float(np.mean(losses[-50:])),
+            "private": False,
+        },
     )
     typer.echo(f"model written to {out} (final loss {np.mean(losses[-50:]):.3f})")
 
@@ -89,7 +102,9 @@ def train(
 @app.command()
 def evaluate(
     model: Path = typer.Option(..., help="Model directory written by `fedfew train`."),
-    data: Path = typer.Option(..., help="Test set (.npz or manifest) with classes unseen in training."),
+    data: Path = typer.Option(
+        ..., help="Test set (.npz or manifest) with classes unseen in training."
+    ),
     ways: int = typer.Option(..., help="Classes per episode."),
     shots: int = typer.Option(..., help="Labelled support images per class."),
     queries: int = typer.Option(15, help="Query images per class."),
@@ -105,8 +120,14 @@ def evaluate(
     adapt_config = AdaptConfig(mode=adapt)
     with tqdm(total=episodes, desc=f"evaluating ({adapt})", unit="ep", disable=None) as bar:
         result = run_evaluation(
-            loaded.model, test, episode=episode, adapt_config=adapt_config, meta=loaded.meta,
-            episodes=episodes, seed=seed, on_episode=lambda: bar.update(1),
+            loaded.model,
+            test,
+            episode=episode,
+            adapt_config=adapt_config,
+            meta=loaded.meta,
+            episodes=episodes,
+            seed=seed,
+            on_episode=lambda: bar.update(1),
         )
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
@@ -135,14 +156,21 @@ def demo(
     model, losses = _train_model([train_set], backbone=backbone, config=config, meta=meta)
     target = out or Path(tempfile.mkdtemp(prefix="fedfew-demo-")) / "model"
     save_model_dir(
-        target, model, backbone=backbone, pipeline=pipeline, meta=meta,
+        target,
+        model,
+        backbone=backbone,
+        pipeline=pipeline,
+        meta=meta,
         extra={"train": config.to_dict(), "data": [train_set.name], "private": False},
     )
     typer.echo(f"model written to {target}")
     for shots in (1, 5):
         result = run_evaluation(
-            model, test_set, episode=EpisodeConfig(ways=5, shots=shots, queries=15),
-            episodes=episodes, seed=1,
+            model,
+            test_set,
+            episode=EpisodeConfig(ways=5, shots=shots, queries=15),
+            episodes=episodes,
+            seed=1,
         )
         typer.echo(
             f"5-way {shots}-shot accuracy on 8 unseen synthetic classes: "

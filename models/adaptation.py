@@ -62,7 +62,9 @@ class AdaptedClassifier:
         """Backbone features of ``images`` under the adapted weights."""
         body = {k: v for k, v in self._params.items() if not k.startswith("head.")}
         chunks = [
-            functional_call(self._model, (body, self._buffers), (images[i : i + self._batch_limit],))
+            functional_call(
+                self._model, (body, self._buffers), (images[i : i + self._batch_limit],)
+            )
             for i in range(0, len(images), self._batch_limit)
         ]
         return torch.cat(chunks) if chunks else torch.empty(0)
@@ -109,15 +111,26 @@ def adapt(
         if config.mode == "maml":
             params, buffers = split_params(model)
             fast = maml_adapt(
-                model, params, buffers, support_x, support_y,
-                ways=ways, steps=meta.adapt_steps, lr=meta.inner_lr, first_order=True,
+                model,
+                params,
+                buffers,
+                support_x,
+                support_y,
+                ways=ways,
+                steps=meta.adapt_steps,
+                lr=meta.inner_lr,
+                first_order=True,
             )
             fast = {k: v.detach() for k, v in fast.items()}
-            return AdaptedClassifier(model, fast, buffers, ways=ways, batch_limit=config.batch_limit)
+            return AdaptedClassifier(
+                model, fast, buffers, ways=ways, batch_limit=config.batch_limit
+            )
         work = copy.deepcopy(model) if config.mode == "finetune" else model
         params, buffers = split_params(work)
         with torch.no_grad():
-            head = prototype_head(functional_call(work, (params, buffers), (support_x,)), support_y, ways)
+            head = prototype_head(
+                functional_call(work, (params, buffers), (support_x,)), support_y, ways
+            )
         if config.mode == "finetune" and config.finetune_steps:
             head, params = _finetune(work, head, support_x, support_y, config)
         return AdaptedClassifier(

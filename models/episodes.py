@@ -55,9 +55,7 @@ def _split_class(
     return np.array(support[:shots]), np.array(query[:queries])
 
 
-def eligible_classes(
-    labels: np.ndarray, patients: np.ndarray, config: EpisodeConfig
-) -> np.ndarray:
+def eligible_classes(labels: np.ndarray, patients: np.ndarray, config: EpisodeConfig) -> np.ndarray:
     """Classes with enough images and at least two patients to fill an episode."""
     keep = []
     for c in np.unique(labels):

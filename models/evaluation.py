@@ -48,7 +48,11 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
 def embed_all(model: nn.Module, images: np.ndarray, *, batch: int = 256) -> torch.Tensor:
     """Embed a whole image set once (the backbone is fixed for prototype evaluation)."""
     model.eval()
-    out = [model(torch.from_numpy(images[i : i + batch])) for i in range(0, len(images), batch)]
+    device = next(model.parameters()).device
+    out = [
+        model(torch.from_numpy(images[i : i + batch]).to(device))
+        for i in range(0, len(images), batch)
+    ]
     return torch.cat(out)
 
 
@@ -71,28 +75,39 @@ def evaluate(
     if episodes < 1:
         raise EpisodeError(f"episodes must be >= 1, got {episodes}")
     rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
     embeddings = embed_all(model, data.images) if adapt_config.mode == "prototype" else None
     accuracies = np.empty(episodes)
     for i in range(episodes):
         ep = sample_episode(data.labels, data.patients, episode, rng)
-        sy = torch.from_numpy(ep.support_labels)
-        qy = torch.from_numpy(ep.query_labels)
+        sy = torch.from_numpy(ep.support_labels).to(device)
+        qy = torch.from_numpy(ep.query_labels).to(device)
         if embeddings is not None:
             head = prototype_head(embeddings[ep.support], sy, episode.ways)
             logits = embeddings[ep.query] @ head["head.weight"].T + head["head.bias"]
         else:
             classifier = adapt(
-                model, torch.from_numpy(data.images[ep.support]), sy,
-                ways=episode.ways, config=adapt_config, meta=meta,
+                model,
+                torch.from_numpy(data.images[ep.support]).to(device),
+                sy,
+                ways=episode.ways,
+                config=adapt_config,
+                meta=meta,
             )
-            logits = classifier.logits(torch.from_numpy(data.images[ep.query]))
+            logits = classifier.logits(torch.from_numpy(data.images[ep.query]).to(device))
         accuracies[i] = (logits.argmax(-1) == qy).float().mean().item()
         if on_episode is not None:
             on_episode()
     mean, ci = mean_ci95(accuracies)
     return EvalResult(
-        accuracy=mean, ci95=ci, ways=episode.ways, shots=episode.shots, queries=episode.queries,
-        episodes=episodes, adapt=adapt_config.mode, dataset=data.name,
+        accuracy=mean,
+        ci95=ci,
+        ways=episode.ways,
+        shots=episode.shots,
+        queries=episode.queries,
+        episodes=episodes,
+        adapt=adapt_config.mode,
+        dataset=data.name,
     )
 
 

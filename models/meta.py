@@ -24,13 +24,21 @@ class MetaConfig:
     """Which meta-learner, and its inner loop."""
 
     learner: str = "protonet"  # chosen by the cross-domain benchmark (bench/results), not by taste
-    inner_steps: int = 2  # MAML inner steps while meta-training: 2 keeps 2nd order affordable on CPU
-    inner_lr: float = 0.05  # MAML inner SGD step on all weights; the zero-initialised head learns fastest
-    adapt_steps: int = 5  # MAML inner steps at adaptation time: more steps help when only inference runs
+    inner_steps: int = (
+        2  # MAML inner steps while meta-training: 2 keeps 2nd order affordable on CPU
+    )
+    inner_lr: float = (
+        0.05  # MAML inner SGD step on all weights; the zero-initialised head learns fastest
+    )
+    adapt_steps: int = (
+        5  # MAML inner steps at adaptation time: more steps help when only inference runs
+    )
 
     def __post_init__(self) -> None:
         if self.learner not in META_LEARNERS:
-            raise ValueError(f"MetaConfig.learner must be one of {META_LEARNERS}, got {self.learner!r}")
+            raise ValueError(
+                f"MetaConfig.learner must be one of {META_LEARNERS}, got {self.learner!r}"
+            )
         if self.inner_steps < 1 or self.adapt_steps < 1:
             raise ValueError(
                 f"MetaConfig.inner_steps and adapt_steps must be >= 1, got "
@@ -172,10 +180,14 @@ class MetaLearner:
         """
         dtype = batch.support_x.dtype
         s_onehot = label_mask(batch.support_y, ways, dtype)
-        s_weight = _ones(batch.support_y, dtype) if batch.support_mask is None else batch.support_mask
+        s_weight = (
+            _ones(batch.support_y, dtype) if batch.support_mask is None else batch.support_mask
+        )
         q_weight = _ones(batch.query_y, dtype) if batch.query_mask is None else batch.query_mask
         present = (s_onehot * s_weight.to(dtype)[:, None]).sum(0)
-        q_weight = q_weight.to(dtype) * (label_mask(batch.query_y, ways, dtype) @ (present > 0).to(dtype))
+        q_weight = q_weight.to(dtype) * (
+            label_mask(batch.query_y, ways, dtype) @ (present > 0).to(dtype)
+        )
         usable = ((present > 0).sum() >= 2).to(dtype)
         if self.config.learner == "protonet":
             both = torch.cat([batch.support_x, batch.query_x])

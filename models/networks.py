@@ -29,7 +29,9 @@ class BackboneConfig:
             if getattr(self, field) < 1:
                 raise ValueError(f"BackboneConfig.{field} must be >= 1, got {getattr(self, field)}")
         if self.width % self.groups:
-            raise ValueError(f"BackboneConfig.width={self.width} must divide by groups={self.groups}")
+            raise ValueError(
+                f"BackboneConfig.width={self.width} must divide by groups={self.groups}"
+            )
         if self.image_size < 16:
             raise ValueError(f"BackboneConfig.image_size must be >= 16, got {self.image_size}")
 
@@ -75,11 +77,17 @@ class ResidualBlock(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            _conv(cin, cout, groups), _conv(cout, cout, groups), _conv(cout, cout, groups, act=False)
+            _conv(cin, cout, groups),
+            _conv(cout, cout, groups),
+            _conv(cout, cout, groups, act=False),
         )
         self.shortcut = Convolution(
-            spatial_dims=2, in_channels=cin, out_channels=cout, kernel_size=1,
-            act=None, norm=("GROUP", {"num_groups": groups}),
+            spatial_dims=2,
+            in_channels=cin,
+            out_channels=cout,
+            kernel_size=1,
+            act=None,
+            norm=("GROUP", {"num_groups": groups}),
         )
         self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2))
 

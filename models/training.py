@@ -25,7 +25,9 @@ class TrainConfig:
     lr: float = 1e-3  # Adam, the usual ProtoNet/MAML outer rate
     seed: int = 0  # initialisation, episode draws and augmentation
     augment: bool = True  # MONAI flips/rotations/intensity: few-shot sets are tiny
-    episode: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(ways=5, shots=5, queries=10))
+    episode: EpisodeConfig = field(
+        default_factory=lambda: EpisodeConfig(ways=5, shots=5, queries=10)
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.meta_batch < 1:
@@ -61,20 +63,29 @@ class EpisodeSource:
     def draw(self, rng: np.random.Generator) -> tuple[ImageSet, Episode, int]:
         """One episode: its set, its indices and its number of ways."""
         data, pool, config = self.sets[int(rng.integers(len(self.sets)))]
-        return data, sample_episode(data.labels, data.patients, config, rng, classes=pool), config.ways
+        episode = sample_episode(data.labels, data.patients, config, rng, classes=pool)
+        return data, episode, config.ways
 
 
 def episode_batch(
-    data: ImageSet, episode: Episode, *, augment: bool, rng: np.random.Generator
+    data: ImageSet,
+    episode: Episode,
+    *,
+    augment: bool,
+    rng: np.random.Generator,
+    device: torch.device | str = "cpu",
 ) -> EpisodeBatch:
-    """Tensors of one episode, augmented for training when asked."""
+    """Tensors of one episode on ``device``, augmented for training when asked."""
     sx = torch.from_numpy(data.images[episode.support])
     qx = torch.from_numpy(data.images[episode.query])
     if augment:
         sx = augment_batch(sx, seed=int(rng.integers(2**31)))
         qx = augment_batch(qx, seed=int(rng.integers(2**31)))
     return EpisodeBatch(
-        sx, torch.from_numpy(episode.support_labels), qx, torch.from_numpy(episode.query_labels)
+        sx.to(device),
+        torch.from_numpy(episode.support_labels).to(device),
+        qx.to(device),
+        torch.from_numpy(episode.query_labels).to(device),
     )
 
 
@@ -91,6 +102,7 @@ def meta_train(
     rng = np.random.default_rng(config.seed)
     source = EpisodeSource(sets, config.episode)
     learner = MetaLearner(meta)
+    device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     model.train()
     losses = []
@@ -101,16 +113,17 @@ def meta_train(
         total = torch.zeros(())
         for _ in range(config.meta_batch):
             data, episode, ways = source.draw(rng)
-            batch = episode_batch(data, episode, augment=config.augment, rng=rng)
+            batch = episode_batch(data, episode, augment=config.augment, rng=rng, device=device)
             total = total + learner.episode_loss(model, params, buffers, batch, ways)
         loss = total / config.meta_batch
-        if not torch.isfinite(loss):
+        value = float(loss.detach())
+        if not np.isfinite(value):
             raise FloatingPointError(
-                f"training loss became {loss.item()} at step {step}: lower --lr or check the data"
+                f"training loss became {value} at step {step}: lower --lr or check the data"
             )
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(value)
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, value)
     return losses

@@ -9,8 +9,12 @@ from models.errors import EpisodeError
 
 def _dataset(n_classes: int, per_class: int, per_patient: int) -> tuple[np.ndarray, np.ndarray]:
     labels = np.repeat(np.arange(n_classes), per_class)
-    patients = np.array([f"c{lab}-p{i // per_patient}" for lab, i in
-                         zip(labels, np.tile(np.arange(per_class), n_classes), strict=True)])
+    patients = np.array(
+        [
+            f"c{lab}-p{i // per_patient}"
+            for lab, i in zip(labels, np.tile(np.arange(per_class), n_classes), strict=True)
+        ]
+    )
     return labels, patients
 
 

@@ -68,7 +68,9 @@ def test_maml_meta_gradient_matches_finite_differences(learner):
         # first-order drops the inner Hessian term: it must differ from the exact gradient
         exact = MetaLearner(MetaConfig(learner="maml", inner_steps=2, inner_lr=0.5))
         p2 = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        exact_g = torch.autograd.grad(exact.episode_loss(model, p2, buffers, batch, 3), list(p2.values()))
+        exact_g = torch.autograd.grad(
+            exact.episode_loss(model, p2, buffers, batch, 3), list(p2.values())
+        )
         assert any(not torch.allclose(a, b) for a, b in zip(analytic, exact_g, strict=True))
 
 
@@ -78,8 +80,10 @@ def test_meta_gradients_are_nonzero_and_finite(learner):
     model = build_backbone(BackboneConfig(width=16, image_size=32))
     g = torch.Generator().manual_seed(1)
     batch = EpisodeBatch(
-        torch.randn(6, 3, 32, 32, generator=g), torch.arange(3).repeat_interleave(2),
-        torch.randn(6, 3, 32, 32, generator=g), torch.arange(3).repeat_interleave(2),
+        torch.randn(6, 3, 32, 32, generator=g),
+        torch.arange(3).repeat_interleave(2),
+        torch.randn(6, 3, 32, 32, generator=g),
+        torch.arange(3).repeat_interleave(2),
     )
     params = dict(model.named_parameters())
     _, buffers = split_params(model)
@@ -95,8 +99,17 @@ def test_maml_inner_loop_lowers_support_loss():
     model = TinyNet().double()
     params, buffers = split_params(model)
     batch = _episode()
-    fast = maml_adapt(model, params, buffers, batch.support_x, batch.support_y,
-                      ways=3, steps=5, lr=0.5, first_order=True)
+    fast = maml_adapt(
+        model,
+        params,
+        buffers,
+        batch.support_x,
+        batch.support_y,
+        ways=3,
+        steps=5,
+        lr=0.5,
+        first_order=True,
+    )
     body = {k: v for k, v in fast.items() if not k.startswith("head.")}
     with torch.no_grad():
         feats = torch.func.functional_call(model, (body, buffers), (batch.support_x,))
