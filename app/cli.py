@@ -13,6 +13,7 @@ import torch
 import typer
 from tqdm import tqdm
 
+from app.budget_cli import budget_app
 from models.adaptation import AdaptConfig
 from models.episodes import EpisodeConfig
 from models.errors import DataError, FedfewError
@@ -25,6 +26,9 @@ from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.synthetic import synthetic_imageset
 from models.training import TrainConfig, meta_train
+from privacy.dp_meta import DPConfig
+from privacy.ledger import Ledger
+from privacy.private_run import run_private_training
 
 app = typer.Typer(
     help="fedfew: privacy-preserving federated few-shot medical image diagnosis.",
@@ -32,6 +36,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(budget_app, name="budget")
 
 
 def _load_sets(spec: str, pipeline: PipelineConfig) -> list[ImageSet]:
@@ -71,32 +76,66 @@ def train(
     ),
     shots: int = typer.Option(5, help="Support images per class in training episodes."),
     queries: int = typer.Option(10, help="Query images per class in training episodes."),
+    epsilon: float | None = typer.Option(
+        None, help="Train with DP, spending this epsilon (needs --ledger)."
+    ),
+    ledger: Path | None = typer.Option(None, help="The site's budget ledger (fedfew budget init)."),
+    accountant: str | None = typer.Option(
+        None, help="rdp | prv for calibration (default: the ledger's accountant)."
+    ),
+    sample_rate: float = typer.Option(0.1, help="DP: Poisson sampling rate q of patients."),
 ) -> None:
-    """Meta-train a few-shot model on one machine and write a model directory."""
+    """Meta-train a few-shot model on one machine and write a model directory.
+
+    With --epsilon and --ledger the run is differentially private: sigma is calibrated so the run
+    spends epsilon, and the ledger is charged before training (refused past the site's cap).
+    """
+    if (epsilon is None) != (ledger is None):
+        raise typer.BadParameter("--epsilon and --ledger go together (DP training needs both)")
     pipeline = PipelineConfig()
     backbone_config = BackboneConfig(name=backbone, image_size=pipeline.image_size)
     meta = MetaConfig(learner=meta_learner)
     config = TrainConfig(
-        steps=steps,
-        seed=seed,
-        episode=EpisodeConfig(ways=ways, shots=shots, queries=queries),
+        steps=steps, seed=seed, episode=EpisodeConfig(ways=ways, shots=shots, queries=queries)
     )
+    site_ledger = Ledger.open(ledger) if ledger is not None else None
     sets = _load_sets(data, pipeline)
-    model, losses = _train_model(sets, backbone=backbone_config, config=config, meta=meta)
-    save_model_dir(
-        out,
-        model,
-        backbone=backbone_config,
-        pipeline=pipeline,
-        meta=meta,
-        extra={
-            "train": config.to_dict(),
-            "data": [s.name for s in sets],
-            "final_loss": float(np.mean(losses[-50:])),
-            "private": False,
-        },
-    )
-    typer.echo(f"model written to {out} (final loss {np.mean(losses[-50:]):.3f})")
+    extra: dict[str, object] = {"train": config.to_dict(), "data": [s.name for s in sets]}
+    if site_ledger is not None and epsilon is not None:
+        torch.manual_seed(seed)
+        model = build_backbone(backbone_config)
+        with tqdm(total=steps, desc=f"DP meta-training ({meta_learner})", unit="step") as bar:
+            report = run_private_training(
+                model,
+                sets,
+                ledger=site_ledger,
+                target_epsilon=epsilon,
+                steps=steps,
+                dp=DPConfig(
+                    noise_multiplier=1.0,
+                    sample_rate=sample_rate,
+                    ways=ways,
+                    max_shots=shots,
+                    max_queries=queries,
+                ),
+                meta=meta,
+                accountant=accountant or site_ledger.accountant,
+                requester="fedfew train",
+                on_step=lambda _i: bar.update(1),
+            )
+        extra["privacy"] = {**report.to_dict(), "site": site_ledger.site}
+        summary = (
+            f"epsilon {report.run_epsilon:.3f} ({report.run_epsilon_accountant}, "
+            f"delta {site_ledger.delta:g}); site {site_ledger.site} has now spent "
+            f"{report.entry.epsilon_after:.3f} of {site_ledger.cap_epsilon:g}"
+        )
+    else:
+        model, losses = _train_model(sets, backbone=backbone_config, config=config, meta=meta)
+        extra["final_loss"] = float(np.mean(losses[-50:]))
+        summary = f"final loss {extra['final_loss']:.3f}, not private"
+    extra["private"] = epsilon is not None
+    save_model_dir(out, model, backbone=backbone_config, pipeline=pipeline, meta=meta, extra=extra)
+    typer.echo(f"model written to {out} ({summary})")
 
 
 @app.command()

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 History = list[tuple[float, float, int]]
 
@@ -24,12 +27,14 @@ ACCOUNTANTS = ("rdp", "prv")
 # loosely. Adding orders can only lower the minimum, and every order gives a valid bound.
 RDP_ORDERS: tuple[float, ...] = (*RDPAccountant.DEFAULT_ALPHAS, 128, 256, 512, 1024)
 
-# Opacus's PRV default absolute epsilon error; below PRV_REFINE_BELOW a second, finer pass keeps the
-# error under PRV_RELATIVE_ERROR of epsilon (an absolute 0.01 is 10% of epsilon = 0.1).
+# PRV: Opacus's default absolute epsilon error is 0.01 (10% of epsilon = 0.1). A cheap coarse
+# pass (error PRV_COARSE_ERROR) bounds epsilon from below; the final pass asks for
+# PRV_RELATIVE_ERROR of that bound, clamped to [PRV_MIN_EPS_ERROR, PRV_EPS_ERROR]. For
+# epsilon >= 1 this is exactly Opacus's default.
 PRV_EPS_ERROR = 0.01
-PRV_REFINE_BELOW = 2.0
-PRV_RELATIVE_ERROR = 0.005
-PRV_MIN_EPS_ERROR = 1e-4
+PRV_COARSE_ERROR = 0.1
+PRV_RELATIVE_ERROR = 0.01
+PRV_MIN_EPS_ERROR = 1e-3
 
 # Calibration: the calibrated epsilon lies in [(1 - tolerance) * target, target].
 CALIBRATION_TOLERANCE = 0.01
@@ -79,36 +84,59 @@ def compress_history(history: Iterable[tuple[float, float, int]]) -> History:
     return [(sigma, q, steps) for (sigma, q), steps in merged.items()]
 
 
-def _rdp_epsilon(history: History, delta: float) -> float:
-    accountant = RDPAccountant()
-    accountant.history = history
+@contextmanager
+def _quiet_extreme_order() -> Iterator[None]:
+    # Opacus warns when the best RDP order is the first or last one; the bound is still valid
+    # (only possibly loose). RDP_ORDERS already reaches 1024, and PRVAccountant uses an RDP bound
+    # with the default orders only to size its (then larger, so still safe) domain.
     with warnings.catch_warnings():
-        # Opacus warns when the best order is the first or last one; the bound is still valid
-        # (only possibly loose), and RDP_ORDERS already reaches 1024.
         warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-        return float(accountant.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+        yield
+
+
+@lru_cache(maxsize=1024)
+def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
+    # One step's RDP curve over RDP_ORDERS; cached because a ledger re-composes the same few
+    # (sigma, q) pairs on every charge. compute_rdp(steps=k) is exactly k times this curve.
+    curve = np.asarray(
+        rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS)),
+        dtype=float,
+    )
+    curve.setflags(write=False)
+    return curve
+
+
+def _rdp_epsilon(history: History, delta: float) -> float:
+    # Same arithmetic as RDPAccountant(history).get_epsilon(delta, alphas=RDP_ORDERS): the sum
+    # over entries of steps * per-step curve, then Balle et al. 2020's conversion.
+    total = sum(_rdp_per_step(sigma, q) * steps for sigma, q, steps in history)
+    with _quiet_extreme_order():
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
+    return float(eps)
 
 
 def _prv_epsilon(history: History, delta: float) -> float:
     accountant = PRVAccountant()
     accountant.history = history
     # q = 1 makes Opacus take log(1 - q) = -inf, which is the intended limit.
-    with np.errstate(divide="ignore"):
-        eps = float(accountant.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
-        if eps < PRV_REFINE_BELOW:
-            eps_error = max(PRV_RELATIVE_ERROR * eps, PRV_MIN_EPS_ERROR)
-            eps = float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
+    with np.errstate(divide="ignore"), _quiet_extreme_order():
+        coarse = float(accountant.get_epsilon(delta=delta, eps_error=PRV_COARSE_ERROR))
+        lower = max(coarse - 2 * PRV_COARSE_ERROR, 0.0)
+        eps_error = min(max(PRV_RELATIVE_ERROR * lower, PRV_MIN_EPS_ERROR), PRV_EPS_ERROR)
+        eps = float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
     return max(eps, 0.0)
 
 
-def epsilon_for(history: Iterable[tuple[float, float, int]], *, delta: float, accountant: str) -> float:
+def epsilon_for(
+    history: Iterable[tuple[float, float, int]], *, delta: float, accountant: str
+) -> float:
     """Epsilon of the composition of a history of Poisson-subsampled Gaussian mechanisms.
 
     ``"rdp"``: Renyi DP of the sampled Gaussian mechanism (Mironov 2017, "Renyi Differential
     Privacy"; Mironov, Talwar, Zhang 2019 for the subsampled bound), composed additively per
     order, converted to (epsilon, delta) with Balle et al. 2020, "Hypothesis Testing
-    Interpretations and Renyi Differential Privacy", Theorem 21, as ``opacus.accountants.analysis.rdp
-    .get_privacy_spent`` does, minimised over ``RDP_ORDERS``.
+    Interpretations and Renyi Differential Privacy", Theorem 21, as
+    ``opacus.accountants.analysis.rdp.get_privacy_spent`` does, minimised over ``RDP_ORDERS``.
 
     ``"prv"``: numerical composition of privacy loss random variables (Gopi, Lee, Wutschitz 2021,
     "Numerical Composition of Differential Privacy"), Opacus's ``PRVAccountant``; the returned
@@ -137,7 +165,9 @@ def epsilon_for(history: Iterable[tuple[float, float, int]], *, delta: float, ac
     return _prv_epsilon(compressed, delta)
 
 
-def worst_epsilon(history: Iterable[tuple[float, float, int]], *, delta: float) -> tuple[float, str]:
+def worst_epsilon(
+    history: Iterable[tuple[float, float, int]], *, delta: float
+) -> tuple[float, str]:
     """The larger of the RDP and PRV epsilons of a history, and which accountant gave it.
 
     Both are valid upper bounds (see ``epsilon_for``); reporting the larger one never understates

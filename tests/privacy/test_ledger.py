@@ -102,8 +102,16 @@ def test_prv_ledger_uses_prv(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("steps", 0), ("round", -1), ("noise_multiplier", 0.0), ("sensitivity_factor", -2.0),
-     ("sample_rate", 0.0), ("sample_rate", 1.01), ("run_id", ""), ("requester", " ")],
+    [
+        ("steps", 0),
+        ("round", -1),
+        ("noise_multiplier", 0.0),
+        ("sensitivity_factor", -2.0),
+        ("sample_rate", 0.0),
+        ("sample_rate", 1.01),
+        ("run_id", ""),
+        ("requester", " "),
+    ],
 )
 def test_charge_request_validates(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
@@ -127,8 +135,13 @@ def test_create_refuses_to_overwrite_and_open_refuses_junk(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"cap_epsilon": 0.0}, {"cap_epsilon": float("inf")}, {"delta": 1.0}, {"accountant": "gdp"},
-     {"site": ""}],
+    [
+        {"cap_epsilon": 0.0},
+        {"cap_epsilon": float("inf")},
+        {"delta": 1.0},
+        {"accountant": "gdp"},
+        {"site": ""},
+    ],
 )
 def test_create_validates(tmp_path: Path, kwargs: dict[str, object]) -> None:
     args: dict[str, object] = {"site": "a", "cap_epsilon": 1.0, "delta": DELTA, **kwargs}
@@ -222,6 +235,7 @@ def test_killed_writers_leave_a_verifiable_ledger(tmp_path: Path) -> None:
 
 # -- tampering --------------------------------------------------------------------------------
 
+
 def _changed(value: object) -> object:
     # A different value of the same type: the smallest visible edit of each field.
     if value in ("charge", "refusal"):  # the CHECK constraint allows only these two
@@ -282,7 +296,9 @@ def test_reordering_rows_is_detected(ledger: Ledger) -> None:
 
 def test_inserting_a_row_is_detected(ledger: Ledger) -> None:
     columns = ", ".join(f for f in ENTRY_FIELDS if f != "id")
-    _raw(ledger, f"INSERT INTO entries (id, {columns}) SELECT 7, {columns} FROM entries WHERE id = 6")
+    _raw(
+        ledger, f"INSERT INTO entries (id, {columns}) SELECT 7, {columns} FROM entries WHERE id = 6"
+    )
 
     with pytest.raises(LedgerTamperedError) as info:
         ledger.verify()

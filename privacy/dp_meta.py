@@ -1,0 +1,206 @@
+"""DP episodic meta-training (ProtoNet, MAML, FOMAML) on Opacus's ``DPOptimizer``.
+
+Mechanism (docs/privacy.md, "DP episodic meta-training"): Poisson-sample patients at rate q; draw
+a public plan of E episodes; each sampled patient joins one episode in one role; per-episode
+gradients g_e (torch.func ``vmap(grad)``), each clipped to C; update
+``(sum_e clip(g_e) + N(0, sigma^2 C^2 I)) / E``. One patient changes one episode's clipped
+gradient, so the L2 sensitivity of the sum is 2C and the accountant is stepped with sigma / 2.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.func import grad, vmap
+
+from models.imageset import ImageSet
+from models.meta import EpisodeBatch, MetaConfig, MetaLearner, Params, split_params
+from models.pipeline import augment_batch
+from privacy.sampling import Assignment, assign_patients, draw_plan, fresh_key
+
+EPISODIC_SENSITIVITY = 2.0  # one patient moves one episode's clipped gradient: ||a - b|| <= 2C
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Noise, clipping and sampling of one DP training run. All are configuration: none is
+    derived from the private data (DESIGN.md section 4, egress rule)."""
+
+    noise_multiplier: float  # sigma as applied to C; the accountant sees sigma / sensitivity
+    max_grad_norm: float = 1.0  # C; with Adam only the signal-to-noise ratio matters
+    sample_rate: float = 0.1  # q: each patient joins a step with this probability
+    episodes: int = 8  # E: constant normaliser and vmap width; 8 fits CPU memory at 64x64
+    ways: int = 3  # N: classes per planned episode (the shared sets have 3-8 classes)
+    max_shots: int = 5  # support records kept per class per episode (fixed tensor shapes)
+    max_queries: int = 5  # query records kept per class per episode
+    support_fraction: float = 0.5  # probability a sampled patient plays support
+
+    def __post_init__(self) -> None:
+        checks = {
+            "noise_multiplier": self.noise_multiplier > 0,
+            "max_grad_norm": self.max_grad_norm > 0,
+            "sample_rate": 0 < self.sample_rate <= 1,
+            "episodes": self.episodes >= 1,
+            "ways": self.ways >= 2,
+            "max_shots": self.max_shots >= 1,
+            "max_queries": self.max_queries >= 1,
+            "support_fraction": 0 < self.support_fraction < 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"DPConfig.{name} is out of range: {getattr(self, name)!r}")
+
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """What the accountant is stepped with (sigma over the sensitivity factor 2)."""
+        return self.noise_multiplier / EPISODIC_SENSITIVITY
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form, saved with the model."""
+        return asdict(self)
+
+
+def merge_sets(sets: Sequence[ImageSet]) -> tuple[ImageSet, list[np.ndarray]]:
+    """One image set with globally unique class ids, and the class ids of each source set."""
+    offsets = np.cumsum([0] + [len(s.classes) for s in sets])
+    merged = ImageSet(
+        images=np.concatenate([s.images for s in sets]),
+        labels=np.concatenate([s.labels + o for s, o in zip(sets, offsets, strict=False)]),
+        classes=tuple(f"{s.name}/{c}" for s in sets for c in s.classes),
+        patients=np.concatenate([np.char.add(f"{s.name}/", s.patients.astype(str)) for s in sets]),
+        name="+".join(s.name for s in sets),
+    )
+    return merged, [np.arange(o, o + len(s.classes)) for s, o in zip(sets, offsets, strict=False)]
+
+
+def pack(
+    data: ImageSet, assignments: list[Assignment], config: DPConfig, *, augment_seed: int | None
+) -> EpisodeBatch:
+    """Stack episodes into fixed shapes ``(E, ways * max_shots, ...)`` with 0/1 masks."""
+    shape = data.images.shape[1:]
+
+    def side(index_lists: list[np.ndarray], label_lists: list[np.ndarray], width: int):
+        x = np.zeros((len(index_lists), width, *shape), dtype=np.float32)
+        y = np.zeros((len(index_lists), width), dtype=np.int64)
+        m = np.zeros((len(index_lists), width), dtype=np.float32)
+        for e, (idx, lab) in enumerate(zip(index_lists, label_lists, strict=True)):
+            x[e, : len(idx)] = data.images[idx]
+            y[e, : len(idx)] = lab
+            m[e, : len(idx)] = 1.0
+        xt = torch.from_numpy(x)
+        if augment_seed is not None:
+            xt = augment_batch(xt.flatten(0, 1), seed=augment_seed).view_as(xt)
+        return xt, torch.from_numpy(y), torch.from_numpy(m)
+
+    sx, sy, sm = side(
+        [a.support for a in assignments],
+        [a.support_labels for a in assignments],
+        config.ways * config.max_shots,
+    )
+    qx, qy, qm = side(
+        [a.query for a in assignments],
+        [a.query_labels for a in assignments],
+        config.ways * config.max_queries,
+    )
+    return EpisodeBatch(sx, sy, qx, qy, sm, qm)
+
+
+def per_episode_grads(
+    model: nn.Module,
+    learner: MetaLearner,
+    params: Params,
+    buffers: Params,
+    packed: EpisodeBatch,
+    ways: int,
+) -> Params:
+    """Gradient of every episode's loss, ``{name: (E, *shape)}``, with ``vmap(grad(...))``."""
+
+    def loss(p: Params, sx, sy, qx, qy, sm, qm) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return learner.episode_loss(model, p, buffers, EpisodeBatch(sx, sy, qx, qy, sm, qm), ways)
+
+    return vmap(grad(loss), in_dims=(None, 0, 0, 0, 0, 0, 0))(params, *packed)
+
+
+class DPMetaTrainer:
+    """Runs DP episodic meta-training steps on one site's data. Call ``Ledger.charge`` for the
+    planned steps BEFORE constructing this; it computes nothing until ``step``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sets: Sequence[ImageSet],
+        *,
+        dp: DPConfig,
+        meta: MetaConfig,
+        lr: float = 1e-3,
+        augment: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        """``seed=None`` (production) draws keys and noise from the OS; a seed is for tests."""
+        self.model = model
+        self.data, self.class_sets = merge_sets(sets)
+        self.dp = dp
+        self.learner = MetaLearner(meta)
+        self.augment = augment
+        self._rng = np.random.default_rng(seed) if seed is not None else None
+        noise_gen = torch.Generator(device=next(model.parameters()).device)
+        noise_gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+        self.optimizer = DPOptimizer(
+            torch.optim.Adam(model.parameters(), lr=lr),
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=dp.episodes,
+            generator=noise_gen,
+        )
+        self.steps_done = 0
+
+    def _key(self) -> int:
+        return fresh_key() if self._rng is None else int(self._rng.integers(2**63))
+
+    def draw(self, key: int) -> list[Assignment]:
+        """The episodes of one step for a given key (public plan, then patient assignment)."""
+        plan = draw_plan(self.class_sets, episodes=self.dp.episodes, ways=self.dp.ways, key=key)
+        return assign_patients(
+            self.data,
+            plan,
+            sample_rate=self.dp.sample_rate,
+            key=key,
+            support_fraction=self.dp.support_fraction,
+            max_shots=self.dp.max_shots,
+            max_queries=self.dp.max_queries,
+        )
+
+    def step(self) -> None:
+        """One DP step: sample, per-episode gradients, clip, noise, update."""
+        key = self._key()
+        device = next(self.model.parameters()).device
+        augment_seed = int(uniform_seed(key)) if self.augment else None
+        packed = pack(self.data, self.draw(key), self.dp, augment_seed=augment_seed)
+        packed = EpisodeBatch(*(t.to(device) for t in packed))
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        _, buffers = split_params(self.model)
+        grads = per_episode_grads(self.model, self.learner, params, buffers, packed, self.dp.ways)
+        for name, p in self.model.named_parameters():
+            p.grad_sample = grads[name]
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.steps_done += 1
+
+    def train(self, steps: int, *, on_step: Callable[[int], None] | None = None) -> None:
+        """Run ``steps`` steps (the number the ledger was charged for)."""
+        self.model.train()
+        for i in range(steps):
+            self.step()
+            if on_step is not None:
+                on_step(i)
+
+
+def uniform_seed(key: int) -> int:
+    """A 31-bit augmentation seed derived from a step key (augmentation is data-independent)."""
+    return key % (2**31 - 1)
