@@ -28,7 +28,7 @@ from models.synthetic import synthetic_imageset
 from models.training import TrainConfig, meta_train
 from privacy.dp_meta import DPConfig
 from privacy.ledger import Ledger
-from privacy.private_run import run_private_training
+from privacy.private_run import charge_private_run, run_charged_training
 
 app = typer.Typer(
     help="fedfew: privacy-preserving federated few-shot medical image diagnosis.",
@@ -102,25 +102,32 @@ def train(
     sets = _load_sets(data, pipeline)
     extra: dict[str, object] = {"train": config.to_dict(), "data": [s.name for s in sets]}
     if site_ledger is not None and epsilon is not None:
+        planned, entry = charge_private_run(
+            ledger=site_ledger,
+            target_epsilon=epsilon,
+            steps=steps,
+            dp=DPConfig(
+                noise_multiplier=1.0,
+                sample_rate=sample_rate,
+                ways=ways,
+                max_shots=shots,
+                max_queries=queries,
+            ),
+            meta=meta,
+            accountant=accountant or site_ledger.accountant,
+            requester="fedfew train",
+        )
         torch.manual_seed(seed)
         model = build_backbone(backbone_config)
         with tqdm(total=steps, desc=f"DP meta-training ({meta_learner})", unit="step") as bar:
-            report = run_private_training(
+            report = run_charged_training(
                 model,
                 sets,
-                ledger=site_ledger,
+                planned=planned,
+                entry=entry,
                 target_epsilon=epsilon,
-                steps=steps,
-                dp=DPConfig(
-                    noise_multiplier=1.0,
-                    sample_rate=sample_rate,
-                    ways=ways,
-                    max_shots=shots,
-                    max_queries=queries,
-                ),
+                delta=site_ledger.delta,
                 meta=meta,
-                accountant=accountant or site_ledger.accountant,
-                requester="fedfew train",
                 on_step=lambda _i: bar.update(1),
             )
         extra["privacy"] = {**report.to_dict(), "site": site_ledger.site}

@@ -110,3 +110,26 @@ class Progress:
         """Print ``[mm:ss] message``."""
         seconds = int(self.elapsed())
         print(f"[{seconds // 60:3d}:{seconds % 60:02d}] {message}", flush=True)
+
+
+def fold_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean accuracy over held-out folds per (method, variant, ways, shots), from result rows.
+
+    Rows with an ``error`` are left out; ``folds`` says how many folds each mean covers.
+    """
+    groups: dict[tuple[str, str, int, int], list[float]] = {}
+    for row in rows:
+        if row.get("error") is None:
+            key = (row["method"], row["variant"], row["ways"], row["shots"])
+            groups.setdefault(key, []).append(float(row["accuracy"]))
+    return [
+        {
+            "method": method,
+            "variant": variant,
+            "ways": ways,
+            "shots": shots,
+            "accuracy": sum(values) / len(values),
+            "folds": len(values),
+        }
+        for (method, variant, ways, shots), values in groups.items()
+    ]

@@ -63,7 +63,8 @@ def supervised_pretrain(
     A temporary linear head maps the backbone's ``out_features`` to the union of the sets'
     classes (labels offset per set, so equal class names of two sets stay distinct); batches are
     drawn uniformly over all images, augmented, and trained with cross-entropy and Adam. The head
-    is discarded: only the embedding is kept, as in Chen et al. 2019 (Baseline) and Tian et al. 2020.
+    is discarded: only the embedding is kept, as in Chen et al. 2019 (Baseline) and
+    Tian et al. 2020.
 
     Args:
         model: the backbone (attribute ``out_features``); its device is used for every batch.

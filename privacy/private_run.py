@@ -1,5 +1,5 @@
 """A DP training run as a site runs it: calibrate sigma for a target epsilon, charge the ledger
-first (refusal = nothing computed), then train."""
+first (a refusal means nothing is computed), then train for exactly the charged steps."""
 
 from __future__ import annotations
 
@@ -56,9 +56,7 @@ def plan_private_run(
     return dataclasses.replace(dp, noise_multiplier=accounted * EPISODIC_SENSITIVITY)
 
 
-def run_private_training(
-    model: nn.Module,
-    sets: Sequence[ImageSet],
+def charge_private_run(
     *,
     ledger: Ledger,
     target_epsilon: float,
@@ -67,22 +65,21 @@ def run_private_training(
     meta: MetaConfig,
     accountant: str,
     requester: str,
-    lr: float = 1e-3,
-    seed: int | None = None,
-    on_step: Callable[[int], None] | None = None,
-) -> PrivateRunReport:
-    """Calibrate, charge, then train ``model`` in place.
+    round_number: int = 0,
+    run_id: str | None = None,
+) -> tuple[DPConfig, LedgerEntry]:
+    """Calibrate sigma for ``target_epsilon`` and charge the ledger; nothing touches data.
 
     Raises:
-        BudgetExhaustedError: the ledger refused (the refusal is recorded; nothing was trained).
+        BudgetExhaustedError: the ledger refused (the refusal is recorded).
     """
     planned = plan_private_run(
         ledger=ledger, target_epsilon=target_epsilon, steps=steps, dp=dp, accountant=accountant
     )
     entry = ledger.charge(
         ChargeRequest(
-            run_id=f"train-{uuid.uuid4().hex[:12]}",
-            round=0,
+            run_id=run_id or f"train-{uuid.uuid4().hex[:12]}",
+            round=round_number,
             mechanism=f"dp-episodic-{meta.learner}",
             noise_multiplier=planned.noise_multiplier,
             sensitivity_factor=EPISODIC_SENSITIVITY,
@@ -91,14 +88,31 @@ def run_private_training(
             requester=requester,
         )
     )
+    return planned, entry
+
+
+def run_charged_training(
+    model: nn.Module,
+    sets: Sequence[ImageSet],
+    *,
+    planned: DPConfig,
+    entry: LedgerEntry,
+    target_epsilon: float,
+    delta: float,
+    meta: MetaConfig,
+    lr: float = 1e-3,
+    seed: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> PrivateRunReport:
+    """Train ``model`` in place for exactly the steps that ``entry`` charged."""
     trainer = DPMetaTrainer(model, sets, dp=planned, meta=meta, lr=lr, seed=seed)
-    trainer.train(steps, on_step=on_step)
+    trainer.train(entry.steps, on_step=on_step)
     epsilon, which = worst_epsilon(
-        [(planned.accounted_noise_multiplier, planned.sample_rate, steps)], delta=ledger.delta
+        [(planned.accounted_noise_multiplier, planned.sample_rate, entry.steps)], delta=delta
     )
     return PrivateRunReport(
         dp=planned,
-        steps=steps,
+        steps=entry.steps,
         target_epsilon=target_epsilon,
         run_epsilon=epsilon,
         run_epsilon_accountant=which,

@@ -118,3 +118,39 @@ def test_bad_input_gives_one_line_error(args, message, synthetic_split, tmp_path
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_private_training_charges_ledger_first_and_refuses_past_cap(synthetic_split, tmp_path):
+    from dp_accounting import dp_event, rdp
+
+    train, _ = synthetic_split
+    ledger = tmp_path / "site.db"
+    init = f"budget init --ledger {ledger} --site a --cap-epsilon 2.1 --delta 1e-5"
+    assert fedfew(*init.split(), cwd=tmp_path).returncode == 0
+    dp = f"--data {train} --epsilon 2 --ledger {ledger} --steps 2 --ways 2 --shots 2 --queries 2"
+
+    first = fedfew("train", "--out", "m1", *dp.split(), cwd=tmp_path)
+    refused = fedfew("train", "--out", "m2", *dp.split(), cwd=tmp_path)
+    shown = fedfew("budget", "show", "--ledger", str(ledger), "--json", cwd=tmp_path)
+
+    assert first.returncode == 0, first.stderr
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m2").exists()
+    budget = json.loads(shown.stdout)
+    kinds = [e["kind"] for e in budget["history"]]
+    assert kinds == ["charge", "refusal"]
+    charge = budget["history"][0]
+    # An independent accountant (Google's dp_accounting) reproduces the recorded epsilon.
+    accountant = rdp.RdpAccountant()
+    event = dp_event.PoissonSampledDpEvent(
+        charge["sample_rate"], dp_event.GaussianDpEvent(charge["accounted_noise_multiplier"])
+    )
+    accountant.compose(event, charge["steps"])
+    independent = accountant.get_epsilon(budget["delta"])
+    assert charge["epsilon_after"] == pytest.approx(independent, rel=0.01)
+    assert charge["epsilon_after"] <= 2.0 + 1e-9
+    assert charge["sensitivity_factor"] == 2.0
+    assert charge["noise_multiplier"] == pytest.approx(2 * charge["accounted_noise_multiplier"])
+    saved = json.loads((tmp_path / "m1" / "config.json").read_text())
+    assert saved["private"] is True and saved["privacy"]["ledger_entry"]["id"] == charge["id"]

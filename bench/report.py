@@ -1,0 +1,197 @@
+"""Summarise bench/results/*.json as markdown, between the README's bench markers.
+
+Every number comes from the JSON files. ``cross_domain.json`` (the full profile) is preferred; when
+only ``cross_domain_quick.json`` exists it is used and the tables say so.
+
+Run from the repository root: ``python bench/report.py`` (``--print`` only prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, RESULTS, fold_means
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+README = REPO / "README.md"
+
+
+def _pct(value: float | None, ci: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}" + (f" ± {100 * ci:.1f}" if ci is not None else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _order(methods: list[str]) -> list[str]:
+    """Meta-learners first (the project's own), then the baselines, in first-seen order."""
+    baselines = ("pixel", "random", "supervised")
+    return [m for m in methods if not m.startswith(baselines)] + [
+        m for m in methods if m.startswith(baselines)
+    ]
+
+
+def cross_domain_section(payload: dict[str, Any], source: str) -> list[str]:
+    """Markdown of the cross-domain results: per-fold 5-shot tables, shot means, within-source."""
+    rows = payload["results"]["rows"]
+    config = payload["config"]
+    env = payload["environment"]
+    ok = [r for r in rows if r.get("error") is None]
+    means = fold_means(rows)
+    out = [
+        "### Cross-domain few-shot (leave one modality out)",
+        "",
+        f"From `bench/results/{source}` (profile `{config['profile']}`, {env['device_name']}, "
+        f"torch {env['torch']}, {env['date']}). Accuracy % with 95% CI; {config['note']}; "
+        f"{config['queries']} queries per class; training steps {config['steps']}.",
+    ]
+    if config["profile"] != "full":
+        out.append(
+            "**Quick profile: a smoke test with tiny training budgets, not the real numbers.**"
+        )
+    shots = 5 if 5 in config["shots"] else config["shots"][0]
+    for ways in config["ways"]:
+        sel = [r for r in ok if r["variant"] == "all" and r["ways"] == ways and r["shots"] == shots]
+        folds = list(dict.fromkeys(r["fold"] for r in sel))
+        methods = _order(list(dict.fromkeys(r["method"] for r in sel)))
+        table = []
+        for method in methods:
+            by_fold = {r["fold"]: r for r in sel if r["method"] == method}
+            cells = [
+                _pct(by_fold[f]["accuracy"], by_fold[f]["ci95"]) if f in by_fold else "-"
+                for f in folds
+            ]
+            mean = [
+                m
+                for m in means
+                if (m["method"], m["variant"], m["ways"], m["shots"])
+                == (method, "all", ways, shots)
+            ]
+            table.append([method, *cells, _pct(mean[0]["accuracy"]) if mean else "-"])
+        out += ["", f"**{ways}-way {shots}-shot**, held-out modality:", ""]
+        out += _table(["method", *folds, "mean"], table)
+    shapes = " / ".join(f"{w}-way" for w in config["ways"])
+    out += ["", f"**Mean over held-out modalities by shots** ({shapes}):", ""]
+    methods = _order(list(dict.fromkeys(m["method"] for m in means)))
+    table = []
+    for method in methods:
+        cells = []
+        for s in config["shots"]:
+            vals = []
+            for ways in config["ways"]:
+                hit = [
+                    m
+                    for m in means
+                    if (m["method"], m["variant"], m["ways"], m["shots"])
+                    == (method, "all", ways, s)
+                ]
+                vals.append(_pct(hit[0]["accuracy"]) if hit else "-")
+            cells.append(" / ".join(vals))
+        table.append([method, *cells])
+    out += _table(["method", *(f"{s}-shot" for s in config["shots"])], table)
+    within = [r for r in ok if r["variant"] == "within_source"]
+    if within:
+        out += [
+            "",
+            "**Within-source rows** (classes that share an acquisition source only: brain_mri "
+            "without `notumor`, skin_dermoscopy_isic without `melanoma`/`nevus`):",
+            "",
+        ]
+        out += _table(
+            ["dataset", "method", "ways", "shots", "accuracy %"],
+            [
+                [
+                    r["dataset"],
+                    r["method"],
+                    str(r["ways"]),
+                    str(r["shots"]),
+                    _pct(r["accuracy"], r["ci95"]),
+                ]
+                for r in within
+            ],
+        )
+    failed = [r for r in rows if r.get("error") is not None]
+    if failed:
+        out += ["", f"{len(failed)} configurations could not be sampled (see the JSON)."]
+    png = source.replace(".json", ".png")
+    if (RESULTS / png).is_file():
+        out += ["", f"![cross-domain accuracy](bench/results/{png})"]
+    return out
+
+
+def throughput_section(payload: dict[str, Any], source: str) -> list[str]:
+    """Markdown of training throughput and adaptation latency."""
+    res = payload["results"]
+    env = payload["environment"]
+    out = [
+        "### Throughput and adaptation latency",
+        "",
+        f"From `bench/results/{source}` ({env['device_name']}, {env['cpu_count']} CPUs, "
+        f"{env['date']}); synthetic 64x64 images, Conv-4.",
+        "",
+    ]
+    out += _table(
+        ["meta-learner", f"episodes/s on {res['device']} (5-way 5-shot 10-query)", "s/step"],
+        [
+            [r["learner"], f"{r['episodes_per_s']:.2f}", f"{r['seconds_per_step']:.3f}"]
+            for r in res["training"]
+        ],
+    )
+    lat = res["latency"]
+    out += [
+        "",
+        f"Adaptation latency (prototypes on {lat['support']} support images + predicting "
+        f"{lat['predicted']}, {lat['threads']} CPU threads, {lat['repeats']} runs): "
+        f"p50 {lat['p50_s']:.3f} s, p90 {lat['p90_s']:.3f} s.",
+    ]
+    png = source.replace(".json", ".png")
+    if (RESULTS / png).is_file():
+        out += ["", f"![throughput and latency](bench/results/{png})"]
+    return out
+
+
+def render(folder: Path = RESULTS) -> str:
+    """The markdown of every result present in ``folder``."""
+    parts: list[str] = []
+    for source in ("cross_domain.json", "cross_domain_quick.json"):
+        if (folder / source).is_file():
+            parts += cross_domain_section(json.loads((folder / source).read_text()), source)
+            break
+    for path in sorted(folder.glob("throughput*.json")):  # one per machine measured
+        parts += ["", *throughput_section(json.loads(path.read_text()), path.name)]
+    if not parts:
+        parts = ["No benchmark results yet: run the scripts in bench/ (see bench/README.md)."]
+    return "\n".join(parts).strip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Rewrite the README's bench section, or print it when asked or when there are no markers."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--print", action="store_true", help="print the markdown, change nothing")
+    args = p.parse_args(argv)
+    markdown = render()
+    text = README.read_text() if README.is_file() else ""
+    if args.print or START not in text or END not in text:
+        if not args.print:
+            print(f"({README.name} has no {START} ... {END} markers; printing instead)\n")
+        print(markdown)
+        return
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{markdown}{END}{tail}")
+    print(f"rewrote the bench section of {README}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""DP episodic meta-training: sensitivity, sampling, per-episode gradients, and the private run."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.optimizers import DPOptimizer
+from scipy import stats
+
+from models.imageset import ImageSet
+from models.meta import EpisodeBatch, MetaConfig, MetaLearner, split_params
+from models.networks import BackboneConfig, build_backbone
+from privacy.dp_meta import DPConfig, DPMetaTrainer, pack, per_episode_grads
+from privacy.sampling import assign_patients, draw_plan, poisson_sample
+
+TINY = BackboneConfig(width=8, image_size=16)
+
+
+def _random_set(seed: int, n_patients: int, n_classes: int = 4) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    records = rng.integers(1, 4, size=n_patients)  # 1-3 images per patient
+    labels = np.concatenate([np.full(r, rng.integers(n_classes)) for r in records])
+    patients = np.concatenate([[f"p{i}"] * r for i, r in enumerate(records)])
+    images = rng.random((len(labels), 3, 16, 16), dtype=np.float32)
+    return ImageSet(images, labels, tuple(f"c{i}" for i in range(n_classes)), patients, "random")
+
+
+def _without(data: ImageSet, patient: str) -> ImageSet:
+    keep = data.patients != patient
+    return ImageSet(
+        data.images[keep], data.labels[keep], data.classes, data.patients[keep], data.name
+    )
+
+
+def _clipped_sum(model, data: ImageSet, config: DPConfig, key: int, learner: str) -> torch.Tensor:
+    """Opacus's own clipped sum (noise 0, no normalisation) of one step's episode gradients."""
+    plan = draw_plan(
+        [np.arange(len(data.classes))], episodes=config.episodes, ways=config.ways, key=key
+    )
+    assignments = assign_patients(
+        data,
+        plan,
+        sample_rate=config.sample_rate,
+        key=key,
+        support_fraction=0.5,
+        max_shots=config.max_shots,
+        max_queries=config.max_queries,
+    )
+    packed = pack(data, assignments, config, augment_seed=None)
+    params, buffers = split_params(model)
+    grads = per_episode_grads(
+        model,
+        MetaLearner(MetaConfig(learner=learner, inner_steps=1)),
+        params,
+        buffers,
+        packed,
+        config.ways,
+    )
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=config.max_grad_norm,
+        expected_batch_size=config.episodes,
+        loss_reduction="sum",
+    )
+    for name, p in model.named_parameters():
+        p.grad_sample = grads[name]
+    optimizer.pre_step()
+    flat = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
+    optimizer.zero_grad()
+    return flat
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), learner=st.sampled_from(["protonet", "fomaml"]))
+def test_one_patient_moves_the_clipped_sum_by_at_most_2C(seed, learner):
+    torch.manual_seed(seed)
+    model = build_backbone(TINY)
+    data = _random_set(seed, n_patients=30)
+    config = DPConfig(
+        noise_multiplier=1.0,
+        max_grad_norm=0.5,
+        sample_rate=0.9,
+        episodes=4,
+        ways=2,
+        max_shots=3,
+        max_queries=3,
+    )
+    victim = f"p{seed % 30}"
+
+    with_patient = _clipped_sum(model, data, config, key=seed, learner=learner)
+    without_patient = _clipped_sum(model, _without(data, victim), config, key=seed, learner=learner)
+
+    assert float((with_patient - without_patient).norm()) <= 2 * config.max_grad_norm + 1e-5
+
+
+def test_sensitivity_bound_is_attained_not_vacuous():
+    """The bound must be near-tight somewhere, or the test above could not fail."""
+    worst = 0.0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = build_backbone(TINY)
+        data = _random_set(seed, n_patients=12)
+        config = DPConfig(
+            noise_multiplier=1.0,
+            max_grad_norm=0.01,
+            sample_rate=1.0,
+            episodes=2,
+            ways=2,
+            max_shots=3,
+            max_queries=3,
+        )
+        for victim in np.unique(data.patients):
+            a = _clipped_sum(model, data, config, key=seed, learner="protonet")
+            b = _clipped_sum(model, _without(data, victim), config, key=seed, learner="protonet")
+            worst = max(worst, float((a - b).norm()) / config.max_grad_norm)
+    assert worst > 1.0  # more than C: a patient can flip an episode's whole clipped gradient
+
+
+def test_patient_sampling_is_poisson_with_rate_q():
+    ids = np.array([f"p{i}" for i in range(40)])
+    q, trials = 0.1, 3000
+    draws = np.array([poisson_sample(ids, sample_rate=q, key=k) for k in range(trials)])
+
+    per_patient = draws.sum(0)
+    # each patient's inclusion count is Binomial(trials, q)
+    p_values = [stats.binomtest(int(c), trials, q).pvalue for c in per_patient]
+    assert min(p_values) > 1e-4
+    # pairwise independence: P(i and j) = q^2
+    joint = (draws[:, :-1] & draws[:, 1:]).mean()
+    assert abs(joint - q * q) < 4 * np.sqrt(q * q / trials)
+    # batch size ~ Binomial(40, q), empty batches included
+    sizes = draws.sum(1)
+    assert (sizes == 0).any()
+    expected_empty = (1 - q) ** len(ids)
+    assert abs((sizes == 0).mean() - expected_empty) < 4 * np.sqrt(expected_empty / trials)
+    assert abs(sizes.mean() - q * len(ids)) < 0.1
+
+
+@pytest.mark.parametrize("learner", ["protonet", "maml", "fomaml"])
+def test_vmapped_episode_gradients_equal_autograd(learner):
+    torch.manual_seed(0)
+    model = build_backbone(TINY)
+    data = _random_set(1, n_patients=40)
+    config = DPConfig(
+        noise_multiplier=1.0, sample_rate=1.0, episodes=3, ways=2, max_shots=2, max_queries=2
+    )
+    plan = draw_plan([np.arange(4)], episodes=3, ways=2, key=5)
+    packed = pack(
+        data,
+        assign_patients(
+            data, plan, sample_rate=1.0, key=5, support_fraction=0.5, max_shots=2, max_queries=2
+        ),
+        config,
+        augment_seed=None,
+    )
+    meta = MetaLearner(MetaConfig(learner=learner, inner_steps=1))
+    params, buffers = split_params(model)
+
+    grads = per_episode_grads(model, meta, params, buffers, packed, 2)
+
+    for e in range(3):
+        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        batch = EpisodeBatch(*(t[e] for t in packed))
+        ref = torch.autograd.grad(
+            meta.episode_loss(model, p, buffers, batch, 2), list(p.values()), allow_unused=True
+        )
+        for (name, _), r in zip(p.items(), ref, strict=True):
+            expected = torch.zeros_like(grads[name][e]) if r is None else r
+            torch.testing.assert_close(grads[name][e], expected, rtol=1e-3, atol=2e-5)
+
+
+def test_degenerate_episode_has_zero_gradient():
+    torch.manual_seed(0)
+    model = build_backbone(TINY)
+    x = torch.rand(1, 4, 3, 16, 16)
+    y = torch.zeros(1, 4, dtype=torch.long)
+    packed = EpisodeBatch(x, y, x, y, torch.ones(1, 4), torch.ones(1, 4))  # one class only
+    params, buffers = split_params(model)
+    grads = per_episode_grads(model, MetaLearner(MetaConfig()), params, buffers, packed, 2)
+    assert all(float(g.abs().sum()) == 0.0 for g in grads.values())
+
+
+def test_dp_step_updates_model_and_fixed_seed_reproduces():
+    data = _random_set(3, n_patients=30)
+    config = DPConfig(
+        noise_multiplier=1.0, sample_rate=0.5, episodes=2, ways=2, max_shots=2, max_queries=2
+    )
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_backbone(TINY)
+        before = [p.detach().clone() for p in model.parameters()]
+        DPMetaTrainer(model, [data], dp=config, meta=MetaConfig(), seed=7).train(2)
+        after = [p.detach().clone() for p in model.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        results.append(after)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_production_noise_is_not_reproducible():
+    data = _random_set(3, n_patients=30)
+    config = DPConfig(
+        noise_multiplier=1.0, sample_rate=0.5, episodes=2, ways=2, max_shots=2, max_queries=2
+    )
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_backbone(TINY)
+        DPMetaTrainer(model, [data], dp=config, meta=MetaConfig(), augment=False).train(1)
+        outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(outs[0], outs[1])
