@@ -309,7 +309,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, ways: int, shots: int) -> bo
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 

@@ -123,7 +123,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     right.set_title(f"adapt (prototype) + predict {PREDICT}, {lat['threads']} CPU threads")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

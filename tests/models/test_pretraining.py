@@ -9,6 +9,15 @@ from models.pretraining import PretrainConfig, supervised_pretrain
 from models.synthetic import synthetic_imageset
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny convolutions: on a busy 2-core machine, thread hand-offs cost more than the maths.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tiny_sets():
     config = PipelineConfig(image_size=32)
@@ -21,14 +30,14 @@ def test_loss_decreases_on_synthetic_sets(tiny_sets):
     # Arrange
     torch.manual_seed(0)
     model = build_backbone(BackboneConfig(width=16, image_size=32))
-    config = PretrainConfig(steps=60, batch_size=32, lr=3e-3, augment=False)
+    config = PretrainConfig(steps=40, batch_size=48, lr=3e-3, augment=False)
 
     # Act
     losses = supervised_pretrain(model, tiny_sets, config=config)
 
     # Assert: 8 classes in the union, so the first loss is about log(8) ~ 2.08
-    assert len(losses) == 60
-    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+    assert len(losses) == 40
+    assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:5])
 
 
 def test_trains_the_backbone_in_place_and_reports_every_step(tiny_sets):
