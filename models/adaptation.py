@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from models.meta import (
     MetaConfig,
+    head_features,
     Params,
     cross_entropy,
     maml_adapt,
@@ -49,13 +50,21 @@ class AdaptedClassifier:
     """A classifier for one support set: a frozen backbone copy (or fast weights) plus a head."""
 
     def __init__(
-        self, model: nn.Module, params: Params, buffers: Params, *, ways: int, batch_limit: int
+        self,
+        model: nn.Module,
+        params: Params,
+        buffers: Params,
+        *,
+        ways: int,
+        batch_limit: int,
+        normalized_head: bool = False,
     ) -> None:
         self._model = model
         self._params = params
         self._buffers = buffers
         self.ways = ways
         self._batch_limit = batch_limit
+        self._normalized_head = normalized_head  # MAML heads act on normalised features
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -72,7 +81,10 @@ class AdaptedClassifier:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores ``(n, ways)``."""
-        return self.embed(images) @ self._params["head.weight"].T + self._params["head.bias"]
+        features = self.embed(images)
+        if self._normalized_head:
+            features = head_features(features)
+        return features @ self._params["head.weight"].T + self._params["head.bias"]
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(n, ways)``."""
@@ -119,11 +131,17 @@ def adapt(
                 ways=ways,
                 steps=meta.adapt_steps,
                 lr=meta.inner_lr,
+                body_lr=meta.inner_body_lr,
                 first_order=True,
             )
             fast = {k: v.detach() for k, v in fast.items()}
             return AdaptedClassifier(
-                model, fast, buffers, ways=ways, batch_limit=config.batch_limit
+                model,
+                fast,
+                buffers,
+                ways=ways,
+                batch_limit=config.batch_limit,
+                normalized_head=True,
             )
         work = copy.deepcopy(model) if config.mode == "finetune" else model
         params, buffers = split_params(work)

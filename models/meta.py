@@ -24,15 +24,10 @@ class MetaConfig:
     """Which meta-learner, and its inner loop."""
 
     learner: str = "protonet"  # chosen by the cross-domain benchmark (bench/results), not by taste
-    inner_steps: int = (
-        2  # MAML inner steps while meta-training: 2 keeps 2nd order affordable on CPU
-    )
-    inner_lr: float = (
-        0.05  # MAML inner SGD step on all weights; the zero-initialised head learns fastest
-    )
-    adapt_steps: int = (
-        5  # MAML inner steps at adaptation time: more steps help when only inference runs
-    )
+    inner_steps: int = 2  # MAML inner steps in meta-training: 2 keeps 2nd order affordable
+    inner_lr: float = 0.1  # inner SGD step of the zero head: x HEAD_SCALE^2 on the logits
+    inner_body_lr: float = 0.002  # inner step of the backbone: larger collapses Conv-4 features
+    adapt_steps: int = 5  # MAML inner steps at adaptation time (only inference runs then)
 
     def __post_init__(self) -> None:
         if self.learner not in META_LEARNERS:
@@ -44,8 +39,11 @@ class MetaConfig:
                 f"MetaConfig.inner_steps and adapt_steps must be >= 1, got "
                 f"{self.inner_steps}, {self.adapt_steps}"
             )
-        if not self.inner_lr > 0:
-            raise ValueError(f"MetaConfig.inner_lr must be > 0, got {self.inner_lr}")
+        if not self.inner_lr > 0 or self.inner_body_lr < 0:
+            raise ValueError(
+                f"MetaConfig.inner_lr must be > 0 and inner_body_lr >= 0, got "
+                f"{self.inner_lr}, {self.inner_body_lr}"
+            )
 
     def to_dict(self) -> dict[str, object]:
         """JSON-able form, saved with every model."""
@@ -125,9 +123,20 @@ def zero_head(model: nn.Module, ways: int, like: torch.Tensor) -> Params:
     }
 
 
+HEAD_SCALE = 10.0  # cosine-classifier temperature (Chen et al. 2019, Baseline++): a fixed scale
+
+
+def head_features(features: torch.Tensor) -> torch.Tensor:
+    """What the MAML head sees: L2-normalised features times ``HEAD_SCALE``. Raw Conv-4 features
+    have norms in the hundreds, so one inner SGD step on a zero head would saturate the softmax
+    and collapse every prediction to one class; normalised, one inner learning rate fits every
+    backbone and modality."""
+    return HEAD_SCALE * features / features.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def _head_logits(model: nn.Module, fast: Params, buffers: Params, x: torch.Tensor) -> torch.Tensor:
     body = {k: v for k, v in fast.items() if not k.startswith("head.")}
-    features = functional_call(model, (body, buffers), (x,))
+    features = head_features(functional_call(model, (body, buffers), (x,)))
     return features @ fast["head.weight"].T + fast["head.bias"]
 
 
@@ -141,11 +150,13 @@ def maml_adapt(
     ways: int,
     steps: int,
     lr: float,
+    body_lr: float,
     first_order: bool,
     support_mask: torch.Tensor | None = None,
 ) -> Params:
     """Inner loop of MAML (Finn et al. 2017, eq. 1): SGD on the support loss from ``params`` plus a
-    zero head. Second order unless ``first_order`` (then inner gradients are constants, FOMAML)."""
+    zero head, with a per-group step (head ``lr``, backbone ``body_lr``, as per-layer rates in
+    Meta-SGD / MAML++). Second order unless ``first_order`` (inner gradients then constants)."""
 
     dtype = support_x.dtype
     weight = _ones(support_y, dtype) if support_mask is None else support_mask.to(dtype)
@@ -160,7 +171,7 @@ def maml_adapt(
         grads = grad(support_loss)(fast)
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
-        fast = {k: fast[k] - lr * grads[k] for k in fast}
+        fast = {k: fast[k] - (lr if k.startswith("head.") else body_lr) * grads[k] for k in fast}
     return fast
 
 
@@ -206,6 +217,7 @@ class MetaLearner:
                 ways=ways,
                 steps=self.config.inner_steps,
                 lr=self.config.inner_lr,
+                body_lr=self.config.inner_body_lr,
                 first_order=self.config.learner == "fomaml",
                 support_mask=batch.support_mask,
             )
