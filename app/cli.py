@@ -190,7 +190,7 @@ def demo(
     episodes: int = typer.Option(300, help="Evaluation episodes."),
     out: Path | None = typer.Option(None, help="Where to write the model (default: a temp dir)."),
 ) -> None:
-    """Train briefly on the embedded synthetic set and report few-shot accuracy on unseen classes."""
+    """Train briefly on the embedded synthetic set; report few-shot accuracy on unseen classes."""
     pipeline = PipelineConfig()
     typer.echo("generating the synthetic set (24 classes; not real patients)...")
     data = synthetic_imageset(config=pipeline, n_classes=24, per_class=40, seed=0)
@@ -199,7 +199,7 @@ def demo(
     backbone = BackboneConfig(image_size=pipeline.image_size)
     meta = MetaConfig()
     config = TrainConfig(steps=steps)
-    model, losses = _train_model([train_set], backbone=backbone, config=config, meta=meta)
+    model, _ = _train_model([train_set], backbone=backbone, config=config, meta=meta)
     target = out or Path(tempfile.mkdtemp(prefix="fedfew-demo-")) / "model"
     save_model_dir(
         target,

@@ -100,12 +100,12 @@ def cross_domain_section(payload: dict[str, Any], source: str) -> list[str]:
             cells.append(" / ".join(vals))
         table.append([method, *cells])
     out += _table(["method", *(f"{s}-shot" for s in config["shots"])], table)
-    within = [r for r in ok if r["variant"] == "within_source"]
+    within = [r for r in ok if r["variant"] == "within_source" and r["shots"] == shots]
     if within:
         out += [
             "",
-            "**Within-source rows** (classes that share an acquisition source only: brain_mri "
-            "without `notumor`, skin_dermoscopy_isic without `melanoma`/`nevus`):",
+            f"**Within-source rows, {shots}-shot** (classes that share an acquisition source only: "
+            "brain_mri without `notumor`, skin_dermoscopy_isic without `melanoma`/`nevus`):",
             "",
         ]
         out += _table(
@@ -161,6 +161,80 @@ def throughput_section(payload: dict[str, Any], source: str) -> list[str]:
     return out
 
 
+def dp_epsilon_section(payload: dict[str, Any], source: str) -> list[str]:
+    """Markdown of accuracy vs epsilon (mean over held-out folds, and per fold)."""
+    rows, config, env = payload["results"]["rows"], payload["config"], payload["environment"]
+    labels = list(dict.fromkeys(r["epsilon"] for r in rows))
+    folds = config["folds"]
+    out = [
+        "### Accuracy vs epsilon (DP episodic ProtoNet)",
+        "",
+        f"From `bench/results/{source}` ({env['device_name']}, {env['date']}). One site holds the "
+        f"four other modalities; {config['steps']} DP steps, q = {config['sample_rate']}, "
+        f"E = {config['episodes']} episodes per step, delta = {config['delta']:g} "
+        f"({config['accountant']}); 5-shot accuracy % on the held-out modality, prototype "
+        f"adaptation, {config['eval_episodes']} episodes. Folds: {', '.join(folds)}.",
+        "",
+    ]
+    table = []
+    for label in labels:
+        cells = []
+        for ways in (2, 3):
+            accs = [r["accuracy"] for r in rows if r["epsilon"] == label and r["ways"] == ways]
+            cells.append(_pct(sum(accs) / len(accs)) if accs else "-")
+        table.append([label, *cells])
+    out += _table(["epsilon", "2-way 5-shot (mean)", "3-way 5-shot (mean)"], table)
+    png = source.replace(".json", ".png")
+    if (RESULTS / png).is_file():
+        out += ["", f"![accuracy vs epsilon](bench/results/{png})"]
+    needed = payload["results"].get("records_needed")
+    if needed:
+        out += [
+            "",
+            "Noise multiplier epsilon 1 needs as the site grows k-fold (q / k keeps the "
+            "patients per step): "
+            + ", ".join(f"k={r['patients_factor']}: {r['sigma_eps1']:.2f}" for r in needed)
+            + f" (epsilon 8 at k=1: {needed[0]['sigma_eps8_at_1x']:.2f}).",
+        ]
+    return out
+
+
+def dp_cost_section(payload: dict[str, Any], source: str) -> list[str]:
+    """Markdown of the DP step's time and memory over the non-private step."""
+    env = payload["environment"]
+    out = [
+        "### DP cost per meta-training step",
+        "",
+        f"From `bench/results/{source}` ({env['device_name']}, {env['torch_threads']} threads, "
+        f"{env['date']}): 8 episodes of 3-way 5-shot 5-query, Conv-4 on 64x64, same episodes.",
+        "",
+    ]
+    out += _table(
+        [
+            "meta-learner",
+            "non-private s",
+            "DP s",
+            "time ratio",
+            "non-private MiB",
+            "DP MiB",
+            "memory ratio",
+        ],
+        [
+            [
+                r["learner"],
+                f"{r['non-private_seconds']:.3f}",
+                f"{r['dp_seconds']:.3f}",
+                f"{r['time_ratio']:.2f}x",
+                f"{r['non-private_peak_extra_mib']:.0f}",
+                f"{r['dp_peak_extra_mib']:.0f}",
+                f"{r['memory_ratio']:.2f}x",
+            ]
+            for r in payload["results"]["rows"]
+        ],
+    )
+    return out
+
+
 def render(folder: Path = RESULTS) -> str:
     """The markdown of every result present in ``folder``."""
     parts: list[str] = []
@@ -170,6 +244,14 @@ def render(folder: Path = RESULTS) -> str:
             break
     for path in sorted(folder.glob("throughput*.json")):  # one per machine measured
         parts += ["", *throughput_section(json.loads(path.read_text()), path.name)]
+    if (folder / "dp_epsilon.json").is_file():
+        payload = json.loads((folder / "dp_epsilon.json").read_text())
+        parts += ["", *dp_epsilon_section(payload, "dp_epsilon.json")]
+    if (folder / "dp_cost.json").is_file():
+        parts += [
+            "",
+            *dp_cost_section(json.loads((folder / "dp_cost.json").read_text()), "dp_cost.json"),
+        ]
     if not parts:
         parts = ["No benchmark results yet: run the scripts in bench/ (see bench/README.md)."]
     return "\n".join(parts).strip() + "\n"

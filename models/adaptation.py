@@ -11,11 +11,10 @@ from torch.func import functional_call
 
 from models.meta import (
     MetaConfig,
-    head_features,
     Params,
     cross_entropy,
+    head_features,
     maml_adapt,
-    prototype_logits,
     prototypes,
     split_params,
 )
@@ -92,7 +91,7 @@ class AdaptedClassifier:
 
 
 def prototype_head(embeddings: torch.Tensor, y: torch.Tensor, ways: int) -> Params:
-    """The linear head equal to ProtoNet's squared-distance classifier (Snell et al. 2017, sec. 2.3):
+    """The linear head equal to ProtoNet's squared-distance classifier (Snell et al. 2017, 2.3):
     ``w_c = 2 p_c``, ``b_c = -|p_c|^2`` (the query norm term is shared by all classes)."""
     protos = prototypes(embeddings, y, ways)
     return {"head.weight": 2 * protos, "head.bias": -(protos**2).sum(-1)}

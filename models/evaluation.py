@@ -113,7 +113,7 @@ def evaluate(
 
 @dataclass(frozen=True)
 class LeaveOneOut:
-    """Leave-one-out accuracy on a support set: each case predicted by a model adapted to the rest."""
+    """Leave-one-out accuracy on a support set: each case predicted after adapting to the rest."""
 
     accuracy: float
     correct: tuple[bool, ...]

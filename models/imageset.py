@@ -32,7 +32,8 @@ class ImageSet:
         n = len(self.labels)
         if self.images.ndim != 4 or len(self.images) != n:
             raise DataError(
-                f"{self.name}: images must be (N, C, H, W) with N={n} labels, got {self.images.shape}"
+                f"{self.name}: images must be (N, C, H, W) with N={n} labels, "
+                f"got {self.images.shape}"
             )
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
             raise DataError(

@@ -32,7 +32,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.meta_batch < 1:
             raise ValueError(
-                f"TrainConfig.steps and meta_batch must be >= 1, got {self.steps}, {self.meta_batch}"
+                "TrainConfig.steps and meta_batch must be >= 1, "
+                f"got {self.steps}, {self.meta_batch}"
             )
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
@@ -108,7 +109,7 @@ def meta_train(
     losses = []
     for step in range(config.steps):
         optimizer.zero_grad()
-        params = dict(model.named_parameters())
+        params: dict[str, torch.Tensor] = dict(model.named_parameters())
         _, buffers = split_params(model)
         total = torch.zeros(())
         for _ in range(config.meta_batch):

@@ -121,10 +121,12 @@ def per_episode_grads(
 ) -> Params:
     """Gradient of every episode's loss, ``{name: (E, *shape)}``, with ``vmap(grad(...))``."""
 
-    def loss(p: Params, sx, sy, qx, qy, sm, qm) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def loss(p: Params, *tensors: torch.Tensor) -> torch.Tensor:
+        sx, sy, qx, qy, sm, qm = tensors
         return learner.episode_loss(model, p, buffers, EpisodeBatch(sx, sy, qx, qy, sm, qm), ways)
 
-    return vmap(grad(loss), in_dims=(None, 0, 0, 0, 0, 0, 0))(params, *packed)
+    tensors = [t for t in packed if t is not None]  # pack() always fills both masks
+    return vmap(grad(loss), in_dims=(None, 0, 0, 0, 0, 0, 0))(params, *tensors)
 
 
 class DPMetaTrainer:
@@ -182,12 +184,12 @@ class DPMetaTrainer:
         device = next(self.model.parameters()).device
         augment_seed = int(uniform_seed(key)) if self.augment else None
         packed = pack(self.data, self.draw(key), self.dp, augment_seed=augment_seed)
-        packed = EpisodeBatch(*(t.to(device) for t in packed))
+        packed = EpisodeBatch(*(t.to(device) for t in packed if t is not None))
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         _, buffers = split_params(self.model)
         grads = per_episode_grads(self.model, self.learner, params, buffers, packed, self.dp.ways)
         for name, p in self.model.named_parameters():
-            p.grad_sample = grads[name]
+            p.grad_sample = grads[name]  # type: ignore[attr-defined]  # Opacus reads it
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.steps_done += 1

@@ -12,7 +12,7 @@ from models.pipeline import PipelineConfig
 from models.synthetic import synthetic_imageset
 from models.training import TrainConfig, meta_train
 from privacy.accounting import calibrate_noise_multiplier
-from privacy.audit import audit, auc_and_tpr, subset
+from privacy.audit import auc_and_tpr, audit, subset
 from privacy.dp_meta import EPISODIC_SENSITIVITY, DPConfig, DPMetaTrainer
 
 TINY = BackboneConfig(width=8, image_size=16)

@@ -212,3 +212,54 @@ def test_production_noise_is_not_reproducible():
         DPMetaTrainer(model, [data], dp=config, meta=MetaConfig(), augment=False).train(1)
         outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(outs[0], outs[1])
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_dp_pretraining_one_patient_moves_the_clipped_sum_by_at_most_C(seed):
+    from privacy.dp_pretrain import DPPretrainConfig, DPPretrainer, per_patient_grads
+
+    data = _random_set(seed, n_patients=20)
+    victim = f"p{seed % 20}"
+    config = DPPretrainConfig(noise_multiplier=1.0, max_grad_norm=0.05, sample_rate=0.8)
+
+    def clipped_sum(d: ImageSet) -> torch.Tensor:
+        torch.manual_seed(seed)
+        trainer = DPPretrainer(build_backbone(TINY), [d], dp=config, augment=False, seed=0)
+        x, y, owner, n = trainer.clipped_inputs(key=seed)
+        grads = per_patient_grads(trainer.model, x, y, owner, n, chunk=16)
+        optimizer = DPOptimizer(
+            torch.optim.SGD(trainer.model.parameters(), lr=0.0),
+            noise_multiplier=0.0,
+            max_grad_norm=config.max_grad_norm,
+            expected_batch_size=1,
+            loss_reduction="sum",
+        )
+        for name, p in trainer.model.named_parameters():
+            p.grad_sample = grads[name]
+        optimizer.pre_step()
+        return torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+
+    difference = (clipped_sum(data) - clipped_sum(_without(data, victim))).norm()
+    assert float(difference) <= config.max_grad_norm + 1e-6
+
+
+def test_dp_pretraining_per_patient_gradient_sums_records():
+    from privacy.dp_pretrain import Classifier, per_patient_grads
+
+    torch.manual_seed(0)
+    model = Classifier(build_backbone(TINY), 3)
+    x = torch.rand(5, 3, 16, 16)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    owner = torch.tensor([0, 0, 1, 2, 2])
+    grads = per_patient_grads(model, x, y, owner, 3, chunk=2)
+    for patient, rows in ((0, [0, 1]), (1, [2]), (2, [3, 4])):
+        expected = [torch.zeros_like(p) for p in model.parameters()]
+        for r in rows:
+            loss = torch.nn.functional.cross_entropy(model(x[r : r + 1]), y[r : r + 1])
+            for e, g in zip(
+                expected, torch.autograd.grad(loss, list(model.parameters())), strict=True
+            ):
+                e += g
+        for (name, _), e in zip(model.named_parameters(), expected, strict=True):
+            torch.testing.assert_close(grads[name][patient], e, rtol=1e-3, atol=1e-5)
