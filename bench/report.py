@@ -235,6 +235,28 @@ def dp_cost_section(payload: dict[str, Any], source: str) -> list[str]:
     return out
 
 
+def mia_section(payload: dict[str, Any], source: str) -> list[str]:
+    """Markdown of the membership-inference audit."""
+    config, env = payload["config"], payload["environment"]
+    out = [
+        "### Membership-inference audit",
+        "",
+        f"From `bench/results/{source}` ({env['device_name']}, {env['date']}): synthetic pool of "
+        f"{config['pool']} records (half members), {config['steps']} training steps, "
+        f"{config['shadows']} shadow models for LiRA. TPR is at the lowest reachable FPR "
+        "(<= 1%; with this pool that is FPR 0).",
+        "",
+    ]
+    out += _table(
+        ["epsilon", "attack", "AUC", "TPR at low FPR"],
+        [
+            [str(r["epsilon"]), r["attack"], f"{r['auc']:.3f}", f"{r['tpr_at_low_fpr']:.3f}"]
+            for r in payload["results"]["rows"]
+        ],
+    )
+    return out
+
+
 def render(folder: Path = RESULTS) -> str:
     """The markdown of every result present in ``folder``."""
     parts: list[str] = []
@@ -247,6 +269,11 @@ def render(folder: Path = RESULTS) -> str:
     if (folder / "dp_epsilon.json").is_file():
         payload = json.loads((folder / "dp_epsilon.json").read_text())
         parts += ["", *dp_epsilon_section(payload, "dp_epsilon.json")]
+    if (folder / "mia_audit.json").is_file():
+        parts += [
+            "",
+            *mia_section(json.loads((folder / "mia_audit.json").read_text()), "mia_audit.json"),
+        ]
     if (folder / "dp_cost.json").is_file():
         parts += [
             "",

@@ -138,8 +138,9 @@ def test_patient_sampling_is_poisson_with_rate_q():
     assert abs(sizes.mean() - q * len(ids)) < 0.1
 
 
+@pytest.mark.parametrize("vectorized", [True, False])
 @pytest.mark.parametrize("learner", ["protonet", "maml", "fomaml"])
-def test_vmapped_episode_gradients_equal_autograd(learner):
+def test_episode_gradients_equal_autograd(learner, vectorized):
     torch.manual_seed(0)
     model = build_backbone(TINY)
     data = _random_set(1, n_patients=40)
@@ -158,7 +159,7 @@ def test_vmapped_episode_gradients_equal_autograd(learner):
     meta = MetaLearner(MetaConfig(learner=learner, inner_steps=1))
     params, buffers = split_params(model)
 
-    grads = per_episode_grads(model, meta, params, buffers, packed, 2)
+    grads = per_episode_grads(model, meta, params, buffers, packed, 2, vectorized=vectorized)
 
     for e in range(3):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
