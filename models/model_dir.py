@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,26 @@ CONFIG = "config.json"
 PIPELINE = "pipeline.json"
 
 
+@lru_cache(maxsize=1)
 def code_version() -> str:
-    """The installed fedfew version (recorded with every model and ledger entry)."""
+    """The installed fedfew version plus the checkout's git short hash when there is one
+    (recorded with every model and ledger entry)."""
     try:
-        return metadata.version("fedfew")
+        version = metadata.version("fedfew")
     except metadata.PackageNotFoundError:  # running from a source tree without install
-        return "unknown"
+        version = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        if done.returncode == 0 and done.stdout.strip():
+            version += "+g" + done.stdout.strip()
+    return version
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import importlib.metadata
 import json
 import math
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from models.model_dir import code_version
 from privacy.accounting import ACCOUNTANTS, epsilon_for
 from privacy.errors import BudgetExhaustedError, LedgerError, LedgerTamperedError
 
@@ -94,25 +92,6 @@ def _entry_hash(row: dict[str, Any]) -> str:
     return _canonical_hash(fields, str(row["prev_hash"]))
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """The installed fedfew version, plus the git short hash of the checkout when available."""
-    try:
-        version = importlib.metadata.version("fedfew")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if done.returncode == 0 and done.stdout.strip():
-            version += "+g" + done.stdout.strip()
-    return version
 
 
 @dataclass(frozen=True)
