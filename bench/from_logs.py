@@ -2,7 +2,8 @@
 
 The device run of 2026-11-26 (H200, every held-out fold as its own process) wrote its JSON on the
 device, and only the progress logs (bench/results/logs/) returned. Every number a log line shows
-is a measured result, so this parses those lines, nothing else. Rows measured with code that was
+is a measured result, so this parses those lines (plus the accounting-only "records needed" table
+that dp_epsilon.py computes from its configuration). Rows measured with code that was
 fixed afterwards are dropped, and the JSON says which and why.
 
 Run: ``python bench/from_logs.py`` (writes cross_domain.json and dp_epsilon.json).
@@ -21,6 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, fold_means
+from bench.dp_epsilon import records_needed
 
 LOGS = RESULTS / "logs"
 ENVIRONMENT = {  # what the device reported for that run (throughput_gpu.json, same machine kind)
@@ -133,7 +135,13 @@ def dp_epsilon() -> dict[str, Any]:
         "dp": {"ways": 3, "max_shots": 5, "max_queries": 5, "max_grad_norm": 1.0},
         "folds": sorted({r["fold"] for r in rows}),
     }
-    return {"config": config, "environment": ENVIRONMENT, "results": {"rows": rows}}
+    # pure accounting from the run's configuration (not a measurement), as dp_epsilon.py computes it
+    needed = records_needed(steps=config["steps"], q=config["sample_rate"])
+    return {
+        "config": config,
+        "environment": ENVIRONMENT,
+        "results": {"rows": rows, "records_needed": needed},
+    }
 
 
 def main() -> None:
