@@ -257,6 +257,49 @@ def mia_section(payload: dict[str, Any], source: str) -> list[str]:
     return out
 
 
+def steps_section(folder: Path) -> list[str]:
+    """Markdown of ProtoNet accuracy against training length (cross_domain.json runs)."""
+    runs: dict[int, list[dict[str, Any]]] = {}
+    sources = [folder / "cross_domain.json", *sorted((folder / "protonet_steps").glob("*.json"))]
+    for path in sources:
+        if path.is_file():
+            payload = json.loads(path.read_text())
+            steps = payload["config"]["steps"]["protonet"]
+            runs.setdefault(steps, []).extend(payload["results"]["rows"])
+    if len(runs) < 2:
+        return []
+    baseline = runs[min(runs)]
+    folds = sorted({r["fold"] for r in baseline})
+    out = [
+        "### ProtoNet against training length",
+        "",
+        "3-way 5-shot accuracy % on each held-out modality (prototype adaptation, 600 episodes), "
+        "from `cross_domain.json` and `protonet_steps/*.json` (runs cut off by their time limit "
+        "before writing their JSON are missing, `-`):",
+        "",
+    ]
+
+    def cell(rows: list[dict[str, Any]], method: str, fold: str) -> str:
+        hit = [
+            r
+            for r in rows
+            if r["method"] == method
+            and r["fold"] == fold
+            and r["variant"] == "all"
+            and r["ways"] == 3
+            and r["shots"] == 5
+        ]
+        return _pct(hit[0]["accuracy"], hit[0]["ci95"]) if hit else "-"
+
+    table = [["pixel-centroid", *(cell(baseline, "pixel-centroid", f) for f in folds)]]
+    for steps in sorted(runs):
+        for method in ("protonet+prototype", "protonet+finetune"):
+            table.append(
+                [f"{method}, {steps} steps", *(cell(runs[steps], method, f) for f in folds)]
+            )
+    return out + _table(["method", *folds], table)
+
+
 def render(folder: Path = RESULTS) -> str:
     """The markdown of every result present in ``folder``."""
     parts: list[str] = []
@@ -264,6 +307,7 @@ def render(folder: Path = RESULTS) -> str:
         if (folder / source).is_file():
             parts += cross_domain_section(json.loads((folder / source).read_text()), source)
             break
+    parts += ["", *steps_section(folder)]
     for path in sorted(folder.glob("throughput*.json")):  # one per machine measured
         parts += ["", *throughput_section(json.loads(path.read_text()), path.name)]
     if (folder / "dp_epsilon.json").is_file():
