@@ -26,7 +26,7 @@ from models.pipeline import augment_batch
 class PretrainConfig:
     """Schedule of supervised pre-training."""
 
-    steps: int = 1500  # the meta-learners' default step budget, so the comparison is like for like
+    steps: int = 1500  # the full benchmark profile gives the meta-learners as many steps
     batch_size: int = 64  # about the images of one 5-way 5-shot 10-query training episode
     lr: float = 1e-3  # Adam, as for meta-training
     seed: int = 0  # initialisation of the head, batch draws and augmentation

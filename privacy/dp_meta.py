@@ -172,7 +172,6 @@ class DPMetaTrainer:
             expected_batch_size=dp.episodes,
             generator=noise_gen,
         )
-        self.steps_done = 0
 
     def _key(self) -> int:
         return fresh_key() if self._rng is None else int(self._rng.integers(2**63))
@@ -194,7 +193,7 @@ class DPMetaTrainer:
         """One DP step: sample, per-episode gradients, clip, noise, update."""
         key = self._key()
         device = next(self.model.parameters()).device
-        augment_seed = int(uniform_seed(key)) if self.augment else None
+        augment_seed = augment_seed_of(key) if self.augment else None
         packed = pack(self.data, self.draw(key), self.dp, augment_seed=augment_seed)
         packed = EpisodeBatch(*(t.to(device) for t in packed if t is not None))
         params = {k: v.detach() for k, v in self.model.named_parameters()}
@@ -204,7 +203,6 @@ class DPMetaTrainer:
             p.grad_sample = grads[name]  # type: ignore[attr-defined]  # Opacus reads it
         self.optimizer.step()
         self.optimizer.zero_grad()
-        self.steps_done += 1
 
     def train(self, steps: int, *, on_step: Callable[[int], None] | None = None) -> None:
         """Run ``steps`` steps (the number the ledger was charged for)."""
@@ -215,6 +213,6 @@ class DPMetaTrainer:
                 on_step(i)
 
 
-def uniform_seed(key: int) -> int:
+def augment_seed_of(key: int) -> int:
     """A 31-bit augmentation seed derived from a step key (augmentation is data-independent)."""
     return key % (2**31 - 1)

@@ -22,7 +22,7 @@ from torch.func import functional_call, grad, vmap
 from models.imageset import ImageSet
 from models.meta import cross_entropy
 from models.pipeline import augment_batch
-from privacy.dp_meta import merge_sets
+from privacy.dp_meta import augment_seed_of, merge_sets
 from privacy.sampling import fresh_key, poisson_sample
 
 PRETRAIN_SENSITIVITY = 1.0  # one patient adds or removes one clipped per-patient gradient
@@ -135,7 +135,7 @@ class DPPretrainer:
         device = next(self.model.parameters()).device
         x = torch.from_numpy(self.data.images[records])
         if self.augment and len(records):
-            x = augment_batch(x, seed=key % (2**31 - 1))
+            x = augment_batch(x, seed=augment_seed_of(key))
         return (
             x.to(device),
             torch.from_numpy(self.data.labels[records]).to(device),
