@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.augment import augment_batch
 from models.errors import DataError
 from models.imageset import ImageSet
 from models.meta import cross_entropy
-from models.pipeline import augment_batch
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.augment import augment_batch
 from models.episodes import Episode, EpisodeConfig, eligible_classes, sample_episode
 from models.errors import EpisodeError
 from models.imageset import ImageSet
 from models.meta import EpisodeBatch, MetaConfig, MetaLearner, split_params
-from models.pipeline import augment_batch
 
 
 @dataclass(frozen=True)

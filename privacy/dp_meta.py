@@ -19,9 +19,9 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.func import grad, vmap
 
+from models.augment import augment_batch
 from models.imageset import ImageSet
 from models.meta import EpisodeBatch, MetaConfig, MetaLearner, Params, split_params
-from models.pipeline import augment_batch
 from privacy.sampling import Assignment, assign_patients, draw_plan, fresh_key
 
 EPISODIC_SENSITIVITY = 2.0  # one patient moves one episode's clipped gradient: ||a - b|| <= 2C

@@ -19,9 +19,9 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from models.augment import augment_batch
 from models.imageset import ImageSet
 from models.meta import cross_entropy
-from models.pipeline import augment_batch
 from privacy.dp_meta import augment_seed_of, merge_sets
 from privacy.sampling import fresh_key, poisson_sample
 

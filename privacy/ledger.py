@@ -92,8 +92,6 @@ def _entry_hash(row: dict[str, Any]) -> str:
     return _canonical_hash(fields, str(row["prev_hash"]))
 
 
-
-
 @dataclass(frozen=True)
 class ChargeRequest:
     """What a DP run asks the ledger for, before it computes anything.

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models.augment import augment_batch
 from models.errors import DataError
 from models.pipeline import (
     IMAGE_KEY,
@@ -18,7 +19,6 @@ from models.pipeline import (
     FixChannelsd,
     PipelineConfig,
     SliceVolume,
-    augment_batch,
     build_transforms,
     preprocess_arrays,
 )
