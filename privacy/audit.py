@@ -14,6 +14,7 @@ An audit only means something if the non-private model is shown attackable first
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -22,9 +23,16 @@ import torch
 from scipy import stats
 from torch import nn
 
+from models.episodes import EpisodeConfig
 from models.evaluation import embed_all
 from models.imageset import ImageSet
-from models.meta import prototype_logits, prototypes
+from models.meta import MetaConfig, prototype_logits, prototypes
+from models.networks import BackboneConfig, build_backbone
+from models.pipeline import PipelineConfig
+from models.synthetic import synthetic_imageset
+from models.training import TrainConfig, meta_train
+from privacy.accounting import calibrate_noise_multiplier
+from privacy.dp_meta import EPISODIC_SENSITIVITY, DPConfig, DPMetaTrainer
 
 Trainer = Callable[[ImageSet, int], nn.Module]  # (member set, seed) -> trained backbone
 
@@ -133,3 +141,57 @@ def _log_likelihood_ratio(x: float, ins: list[float], outs: list[float]) -> floa
     sd_in = max(float(np.std(ins)), spread / 4) if len(ins) > 1 else spread
     sd_out = max(float(np.std(outs)), spread / 4) if len(outs) > 1 else spread
     return float(stats.norm.logpdf(x, mu_in, sd_in) - stats.norm.logpdf(x, mu_out, sd_out))
+
+
+def attackable_setting(seed: int = 5) -> tuple[ImageSet, ImageSet]:
+    """The audit's small synthetic setting (4 classes of 16x16 images, one image per patient):
+    a pool of 120 candidate records and a 40-image reference set. Small and trained long, so a
+    non-private model memorises its members, which an audit must show before it means anything."""
+    data = synthetic_imageset(
+        config=PipelineConfig(image_size=16),
+        n_classes=4,
+        per_class=40,
+        seed=seed,
+        images_per_patient=1,
+    )
+    rng = np.random.default_rng(0)
+    reference = np.zeros(len(data), dtype=bool)
+    for c in range(4):
+        reference[rng.choice(np.flatnonzero(data.labels == c), 10, replace=False)] = True
+    return subset(data, ~reference), subset(data, reference)
+
+
+AUDIT_BACKBONE = BackboneConfig(width=8, image_size=16)  # matches attackable_setting's images
+
+
+def episodic_trainer(epsilon: float, *, steps: int, sample_rate: float = 0.5) -> Trainer:
+    """ProtoNet on the member set: non-private when ``epsilon`` is infinite, else DP episodic
+    meta-training with sigma calibrated (RDP, delta 1e-5) for ``steps`` steps at ``sample_rate``."""
+
+    def train(members: ImageSet, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        model = build_backbone(AUDIT_BACKBONE)
+        if math.isinf(epsilon):
+            config = TrainConfig(
+                steps=steps, seed=seed, augment=False, episode=EpisodeConfig(4, 3, 3)
+            )
+            meta_train(model, [members], config=config)
+            return model
+        accounted = calibrate_noise_multiplier(
+            target_epsilon=epsilon, delta=1e-5, sample_rate=sample_rate, steps=steps
+        )
+        dp = DPConfig(
+            noise_multiplier=accounted * EPISODIC_SENSITIVITY,
+            sample_rate=sample_rate,
+            episodes=4,
+            ways=4,
+            max_shots=3,
+            max_queries=3,
+        )
+        trainer = DPMetaTrainer(
+            model, [members], dp=dp, meta=MetaConfig(), augment=False, seed=seed
+        )
+        trainer.train(steps)
+        return model
+
+    return train
