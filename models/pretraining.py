@@ -20,6 +20,7 @@ from models.augment import augment_batch
 from models.errors import DataError
 from models.imageset import ImageSet
 from models.meta import cross_entropy
+from models.training import optimizer_step
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,7 @@ def supervised_pretrain(
                 x = augment_batch(x, seed=int(rng.integers(2**31)))
             optimizer.zero_grad()
             loss = cross_entropy(head(model(x.to(device))), y.to(device))
-            value = float(loss.detach())
-            if not np.isfinite(value):
-                raise FloatingPointError(
-                    f"pre-training loss became {value} at step {step}: lower lr or check the data"
-                )
-            loss.backward()
-            optimizer.step()
+            value = optimizer_step(loss, optimizer, step=step, what="pre-training")
             losses.append(value)
             if on_step is not None:
                 on_step(step, value)

@@ -90,6 +90,20 @@ def episode_batch(
     )
 
 
+def optimizer_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, step: int, what: str
+) -> float:
+    """Backpropagate ``loss`` and step, refusing a non-finite loss; returns the loss value."""
+    value = float(loss.detach())
+    if not np.isfinite(value):
+        raise FloatingPointError(
+            f"{what} loss became {value} at step {step}: lower the learning rate or check the data"
+        )
+    loss.backward()
+    optimizer.step()
+    return value
+
+
 def meta_train(
     model: nn.Module,
     sets: Sequence[ImageSet],
@@ -116,14 +130,7 @@ def meta_train(
             data, episode, ways = source.draw(rng)
             batch = episode_batch(data, episode, augment=config.augment, rng=rng, device=device)
             total = total + learner.episode_loss(model, params, buffers, batch, ways)
-        loss = total / config.meta_batch
-        value = float(loss.detach())
-        if not np.isfinite(value):
-            raise FloatingPointError(
-                f"training loss became {value} at step {step}: lower --lr or check the data"
-            )
-        loss.backward()
-        optimizer.step()
+        value = optimizer_step(total / config.meta_batch, optimizer, step=step, what="training")
         losses.append(value)
         if on_step is not None:
             on_step(step, value)
