@@ -30,3 +30,7 @@ class ModelDirError(FedfewError):
 
 class ChecksumError(FedfewError):
     """A downloaded file does not match its published checksum."""
+
+
+class RegistryError(FedfewError):
+    """A model registry or one of its versions is missing or unreadable."""
