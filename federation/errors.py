@@ -1,0 +1,40 @@
+"""Typed errors of the federation layer. Messages say what was wrong, with which value, and what
+to do about it."""
+
+from __future__ import annotations
+
+
+class FederationError(Exception):
+    """Base class of every federation error."""
+
+
+class NodeConfigError(FederationError, ValueError):
+    """A hospital node's configuration is missing a field or holds an invalid value."""
+
+
+class PlanRefusedError(FederationError):
+    """A node refuses a round's DP plan (policy or budget); nothing was computed."""
+
+
+class InvalidUpdateError(FederationError):
+    """A node's reply failed the validation gate (names, shapes, dtypes, finiteness, norm)."""
+
+
+class QuorumError(FederationError):
+    """Too few valid replies arrived within the deadline, after every retry."""
+
+
+class CheckpointError(FederationError):
+    """A server checkpoint is unreadable or belongs to another federation."""
+
+
+class CertificateError(FederationError):
+    """A TLS certificate or key is missing, malformed, expired or not signed by the CA."""
+
+
+class DeploymentError(FederationError):
+    """A SuperLink, SuperNode or `flwr run` process failed to start or finish."""
+
+
+class NodeRefusedError(FederationError):
+    """The SuperLink refused a SuperNode (e.g. its key is not registered)."""
