@@ -3,8 +3,10 @@ to do about it."""
 
 from __future__ import annotations
 
+from models.errors import FedfewError
 
-class FederationError(Exception):
+
+class FederationError(FedfewError):
     """Base class of every federation error."""
 
 

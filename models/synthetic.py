@@ -216,3 +216,19 @@ def synthetic_imageset(*, config: PipelineConfig = PipelineConfig(), **kwargs: A
         patients=np.array([patient_id_from_provenance(s) for s in arrays["provenance"]], dtype=str),
         name="synthetic",
     )
+
+
+DEMO_CLASSES = 24  # the embedded demo's synthetic set
+DEMO_TRAIN_CLASSES = 16  # classes 0-15 train; 16-23 are never seen in training
+
+
+def demo_sets(
+    *, config: PipelineConfig = PipelineConfig(), per_class: int = 40, seed: int = 0
+) -> tuple[ImageSet, ImageSet]:
+    """The demo's synthetic training classes and its unseen evaluation classes."""
+    data = synthetic_imageset(config=config, n_classes=DEMO_CLASSES, per_class=per_class, seed=seed)
+    train = data.subset_classes(np.arange(DEMO_TRAIN_CLASSES), name="synthetic-train")
+    unseen = data.subset_classes(
+        np.arange(DEMO_TRAIN_CLASSES, DEMO_CLASSES), name="synthetic-unseen"
+    )
+    return train, unseen

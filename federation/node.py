@@ -1,0 +1,227 @@
+"""One round at a hospital node, without Flower: check the plan, charge the ledger, train with DP,
+reply with the model delta and accounted numbers only.
+
+Privacy of what leaves the node (docs/privacy.md, "Federation"): the delta is
+``theta_local - theta_global`` where ``theta_global`` is public and ``theta_local`` is Adam
+post-processing of the DP-SGD outputs of :class:`privacy.dp_meta.DPMetaTrainer`, so it is as
+private as those outputs: the ledger charge composed with every earlier charge bounds it. The
+report holds only the plan (public) and epsilons computed from the charged ``(sigma, q, steps)``
+history: nothing in it depends on the data. No counts, losses or accuracies leave the node.
+
+Replay: a reply is written to the node's disk before it is sent. If the same round with the same
+global model and plan is asked again (a server resumed from its checkpoint), the stored reply is
+sent again, which is post-processing and costs nothing; a charge whose reply was never written
+(the node died mid-training) is reused, since no output of it ever left the node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from federation.errors import NodeConfigError, PlanRefusedError
+from federation.node_config import NodeConfig
+from federation.plan import RoundPlan, check_policy
+from models.model_dir import save_model_dir
+from models.networks import build_backbone
+from models.pipeline import PipelineConfig
+from models.readers import load_dataset
+from models.registry import Registry
+from privacy.dp_meta import EPISODIC_SENSITIVITY, DPMetaTrainer
+from privacy.errors import BudgetExhaustedError
+from privacy.ledger import KIND_CHARGE, ChargeRequest, Ledger, LedgerEntry
+
+State = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class NodeReply:
+    """What the node sends back: the delta and accounted, data-independent numbers."""
+
+    delta: State
+    report: dict[str, Any]
+
+
+def state_digest(state: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes of a model state."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        array = np.ascontiguousarray(state[name])
+        h.update(f"{name}|{array.shape}|{array.dtype}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def open_ledger(config: NodeConfig) -> Ledger:
+    """The node's ledger, created with the configured cap on first use.
+
+    Raises:
+        NodeConfigError: an existing ledger belongs to another site or has another cap or delta.
+    """
+    if not config.ledger.exists():
+        config.ledger.parent.mkdir(parents=True, exist_ok=True)
+        return Ledger.create(
+            config.ledger,
+            site=config.site_id,
+            cap_epsilon=config.budget_epsilon,
+            delta=config.budget_delta,
+            accountant=config.accountant,
+        )
+    ledger = Ledger.open(config.ledger)
+    mismatch = {
+        "site-id": (ledger.site, config.site_id),
+        "budget-epsilon": (ledger.cap_epsilon, config.budget_epsilon),
+        "budget-delta": (ledger.delta, config.budget_delta),
+    }
+    for key, (recorded, configured) in mismatch.items():
+        if recorded != configured:
+            raise NodeConfigError(
+                f"ledger {config.ledger} records {key} {recorded!r} but the node config says "
+                f"{configured!r}; a ledger's cap is fixed when it is created: set {key} to "
+                f"{recorded!r}, or start a new ledger file for a new budget period"
+            )
+    return ledger
+
+
+def run_round(
+    config: NodeConfig,
+    plan: RoundPlan,
+    global_state: State,
+    *,
+    requester: str,
+    seed: int | None = None,
+) -> NodeReply:
+    """Run one federated round at this node.
+
+    Raises:
+        PlanRefusedError: the node's policy or its budget refuses the plan; nothing was computed
+            (a budget refusal is recorded on the ledger).
+        DataError / NodeConfigError: the node's data or configuration is unusable.
+    """
+    check_policy(plan, config)
+    ledger = open_ledger(config)
+    model_hash = state_digest(global_state)
+    replay_key = hashlib.sha256(f"{model_hash}|{plan.digest()}".encode()).hexdigest()[:16]
+    replies = config.replies_dir / plan.federation
+    charges = [e for e in ledger.entries() if _charged_for(e, plan)]
+    for entry in charges:
+        kept = replies / f"round-{plan.round}-charge-{entry.id}.safetensors"
+        if kept.is_file():
+            delta, meta = _read_reply(kept)
+            if meta.get("replay-key") == replay_key:
+                return NodeReply(delta, _report(config, ledger, plan, entry, replayed=True))
+    unused = [e for e in charges if not any(replies.glob(f"round-{plan.round}-charge-{e.id}.*"))]
+    entry = unused[0] if unused else _charge(ledger, plan, requester=requester)
+    _keep_received(config, plan, global_state, model_hash)
+
+    pipeline = PipelineConfig(image_size=plan.image_size)
+    data = load_dataset(config.data, pipeline)
+    model = build_backbone(plan.backbone_config())
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_state.items()})
+    trainer = DPMetaTrainer(
+        model, [data], dp=plan.dp(), meta=plan.meta(), lr=plan.local_lr, seed=seed
+    )
+    trainer.train(entry.steps)
+    trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    delta = {k: (trained[k] - global_state[k]).astype(global_state[k].dtype) for k in trained}
+    _write_reply(replies / f"round-{plan.round}-charge-{entry.id}.safetensors", delta, replay_key)
+    return NodeReply(delta, _report(config, ledger, plan, entry, replayed=False))
+
+
+def _charged_for(entry: LedgerEntry, plan: RoundPlan) -> bool:
+    return (
+        entry.kind == KIND_CHARGE
+        and entry.run_id == plan.federation
+        and entry.round == plan.round
+        and entry.noise_multiplier == plan.noise_multiplier
+        and entry.sample_rate == plan.sample_rate
+        and entry.steps == plan.steps
+    )
+
+
+def _charge(ledger: Ledger, plan: RoundPlan, *, requester: str) -> LedgerEntry:
+    try:
+        return ledger.charge(
+            ChargeRequest(
+                run_id=plan.federation,
+                round=plan.round,
+                mechanism=f"dp-episodic-{plan.meta_learner}-federated",
+                noise_multiplier=plan.noise_multiplier,
+                sensitivity_factor=EPISODIC_SENSITIVITY,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps,
+                requester=requester,
+            )
+        )
+    except BudgetExhaustedError as exc:
+        raise PlanRefusedError(f"site {ledger.site} refuses round {plan.round}: {exc}") from exc
+
+
+def _keep_received(config: NodeConfig, plan: RoundPlan, state: State, model_hash: str) -> None:
+    """Store the received global model in the node's registry (once per distinct model)."""
+    registry = Registry.open(config.registry, create=True)
+    if any(e.info.get("model-sha256") == model_hash for e in registry.entries(kind="global")):
+        return
+    model = build_backbone(plan.backbone_config())
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
+
+    def write(folder: Path) -> None:
+        save_model_dir(
+            folder,
+            model,
+            backbone=plan.backbone_config(),
+            pipeline=PipelineConfig(image_size=plan.image_size),
+            meta=plan.meta(),
+            extra={"federation": plan.federation, "received-for-round": plan.round},
+        )
+
+    registry.publish(
+        write,
+        kind="global",
+        name=f"{plan.federation} global before round {plan.round}",
+        info={"federation": plan.federation, "round": plan.round - 1, "model-sha256": model_hash},
+    )
+
+
+def _report(
+    config: NodeConfig, ledger: Ledger, plan: RoundPlan, entry: LedgerEntry, *, replayed: bool
+) -> dict[str, Any]:
+    return {
+        "site-id": config.site_id,
+        "weight": config.weight,
+        "round": plan.round,
+        "replayed": replayed,
+        "ledger-entry": entry.id,
+        "epsilon-round": entry.epsilon_after - entry.epsilon_before,
+        "epsilon-spent": ledger.epsilon_spent(),
+        "epsilon-cap": ledger.cap_epsilon,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant,
+        "noise-multiplier": entry.noise_multiplier,
+        "sample-rate": entry.sample_rate,
+        "steps": entry.steps,
+    }
+
+
+def _write_reply(path: Path, delta: State, replay_key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    save_file(delta, tmp, metadata={"replay-key": replay_key})
+    os.replace(tmp, path)
+
+
+def _read_reply(path: Path) -> tuple[State, dict[str, str]]:
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+    return load_file(str(path)), meta

@@ -1,0 +1,135 @@
+"""A hospital node's own configuration: its data, ledger, registry, budget cap and DP policy.
+
+It comes from the SuperNode's ``--node-config`` (kebab-case keys), optionally naming a TOML file
+(``config-file``) whose ``[node]`` table holds the same keys; keys given on the command line win.
+The cap and the policy are the node's: nothing the server sends can change them.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from federation.errors import NodeConfigError
+
+CONFIG_FILE_KEY = "config-file"
+
+# kebab-case key -> field name; the one place where Flower's node-config keys are spelled.
+_KEYS = {
+    "site-id": "site_id",
+    "data": "data",
+    "ledger": "ledger",
+    "registry": "registry",
+    "budget-epsilon": "budget_epsilon",
+    "budget-delta": "budget_delta",
+    "min-noise": "min_noise",
+    "max-steps-per-round": "max_steps_per_round",
+    "max-sample-rate": "max_sample_rate",
+    "weight": "weight",
+    "accountant": "accountant",
+    "state-dir": "state_dir",
+}
+_REQUIRED = ("site-id", "data", "ledger", "registry", "budget-epsilon", "budget-delta")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a hospital node decides for itself."""
+
+    site_id: str  # public name of the site, shown in reports
+    data: Path  # .npz, image folder or CSV manifest of this site's training images
+    ledger: Path  # the site's privacy ledger (created with the cap below on first use)
+    registry: Path  # local registry: global versions received, clinicians' adapters
+    budget_epsilon: float  # total epsilon cap of the site; the server cannot raise it
+    budget_delta: float  # delta of every epsilon on the ledger
+    min_noise: float = 0.8  # smallest accounted sigma accepted: below it one round spends a lot
+    max_steps_per_round: int = 100  # bounds the spend of any single round
+    max_sample_rate: float = 0.2  # larger q means each patient is in more steps
+    weight: float = 1.0  # public aggregation weight (p_k), agreed with the federation
+    accountant: str = "rdp"  # accountant for a new ledger (the ledger then keeps its own)
+    state_dir: Path | None = None  # replies kept for replay; default beside the ledger
+
+    def __post_init__(self) -> None:
+        if not self.site_id.strip():
+            raise NodeConfigError("node config: site-id must not be empty")
+        positive = {
+            "budget-epsilon": self.budget_epsilon,
+            "min-noise": self.min_noise,
+            "max-steps-per-round": self.max_steps_per_round,
+            "weight": self.weight,
+        }
+        for key, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise NodeConfigError(f"node config: {key} must be a number > 0, got {value!r}")
+        if not 0 < self.budget_delta < 1:
+            raise NodeConfigError(
+                f"node config: budget-delta must be in (0, 1), got {self.budget_delta!r}"
+            )
+        if not 0 < self.max_sample_rate <= 1:
+            raise NodeConfigError(
+                f"node config: max-sample-rate must be in (0, 1], got {self.max_sample_rate!r}"
+            )
+
+    @property
+    def replies_dir(self) -> Path:
+        """Where replies are kept so a resent round is answered without a second charge."""
+        return (self.state_dir or self.ledger.parent / f"{self.ledger.stem}-state") / "replies"
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> NodeConfig:
+        """Build from kebab-case keys (``--node-config`` and/or the TOML file it names).
+
+        Raises:
+            NodeConfigError: unreadable file, unknown or missing key, or a bad value; the message
+                names the key and what to do.
+        """
+        merged: dict[str, Any] = {}
+        if CONFIG_FILE_KEY in values:
+            merged.update(_read_toml(Path(str(values[CONFIG_FILE_KEY]))))
+        merged.update({k: v for k, v in values.items() if k != CONFIG_FILE_KEY})
+        unknown = sorted(set(merged) - set(_KEYS))
+        if unknown:
+            raise NodeConfigError(
+                f"node config: unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}"
+            )
+        missing = [k for k in _REQUIRED if k not in merged]
+        if missing:
+            raise NodeConfigError(
+                f"node config: missing {', '.join(missing)}; set them with --node-config "
+                f"or in the TOML file named by {CONFIG_FILE_KEY} (see `fedfew node init`)"
+            )
+        types = {f.name: f.type for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in merged.items():
+            name = _KEYS[key]
+            kwargs[name] = _convert(key, value, str(types[name]))
+        return cls(**kwargs)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        table = tomllib.loads(path.read_text()).get("node", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise NodeConfigError(f"node config file {path} is unreadable: {exc}") from exc
+    if not isinstance(table, dict):
+        raise NodeConfigError(f"node config file {path}: [node] must be a table")
+    return table
+
+
+def _convert(key: str, value: Any, type_name: str) -> Any:
+    try:
+        if "Path" in type_name:
+            return Path(str(value)).expanduser()
+        if type_name == "float":
+            return float(value)
+        if type_name == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise NodeConfigError(f"node config: {key} must be a {type_name}, got {value!r}") from exc

@@ -1,0 +1,455 @@
+"""Child processes that never outlive us: Flower's SuperLink, SuperNodes and `flwr` commands.
+
+Flower processes spawn children of their own. A SuperNode's `flower-superexec` and its
+`flwr-clientapp` processes stay in the SuperNode's process group, but the SuperLink starts its
+`flower-superexec` in a *new session* (`start_new_session=True`), which then starts
+`flwr-serverapp` processes in that session. Signalling one process group is therefore not
+enough: `ManagedProcess` also remembers every descendant it sees in `/proc` (pid plus start
+time, so a reused pid is never signalled) and signals those and their groups too.
+
+Every started process is kept in a registry that `stop_all` empties; it runs at interpreter
+exit and on SIGINT/SIGTERM (then the previous handler runs), so a crashed test or an
+interrupted demo leaves no Flower process behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from federation.errors import DeploymentError
+
+logger = logging.getLogger(__name__)
+
+# Flower's own shutdown handlers give their servers about 1 s each; 10 s covers all of them.
+DEFAULT_GRACE_S = 10.0
+_POLL_S = 0.1
+_LOG_TAIL_CHARS = 2000
+
+
+@dataclass(frozen=True, order=True)
+class ProcessId:
+    """A process identity that survives pid reuse: the pid and its kernel start time."""
+
+    pid: int
+    start_time: int
+
+
+def process_exists(process: ProcessId) -> bool:
+    """Whether the process is still running (a zombie or a reused pid counts as gone).
+
+    Args:
+        process: The process identity to look for.
+
+    Returns:
+        True while that very process exists and is not a zombie.
+    """
+    info = _read_stat(process.pid)
+    return info is not None and info[4] == process.start_time and info[0] != "Z"
+
+
+def group_exists(pgid: int) -> bool:
+    """Whether any process, zombies included, is left in the process group `pgid`.
+
+    Args:
+        pgid: The process group id (the pid of the group leader we started).
+
+    Returns:
+        False once `os.killpg(pgid, 0)` raises ProcessLookupError.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class ManagedProcess:
+    """One command running in its own session, logged to a file, stopped with its children.
+
+    Args:
+        command: The program and its arguments.
+        name: A short name for messages (e.g. `superlink`, `node hospital-a`).
+        log_path: File that receives stdout and stderr (appended to).
+        env: The complete environment of the child; default: this process's environment.
+        cwd: Working directory of the child; default: the log file's folder.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        name: str,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        if not command:
+            raise ValueError(f"command for {name!r} is empty")
+        self.command = [str(part) for part in command]
+        self.name = name
+        self.log_path = Path(log_path)
+        self._env = dict(os.environ if env is None else env)
+        self._cwd = Path(cwd) if cwd is not None else self.log_path.parent
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._seen: set[ProcessId] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> ManagedProcess:
+        """Start the command in a new session (its own process group) and register it.
+
+        Returns:
+            This object, started.
+
+        Raises:
+            DeploymentError: It is already running, or the program cannot be executed.
+        """
+        if self.alive:
+            raise DeploymentError(f"{self.name} is already running (pid {self.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        _install_exit_handlers()
+        with self.log_path.open("ab") as log_file:
+            try:
+                self._popen = subprocess.Popen(
+                    self.command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=self._env,
+                    cwd=self._cwd,
+                    start_new_session=True,
+                )
+            except OSError as err:
+                raise DeploymentError(
+                    f"cannot start {self.name} ({self.command[0]}): {err}; check that the "
+                    "program is installed in this environment"
+                ) from err
+        info = _read_stat(self._popen.pid)
+        if info is not None:
+            self._seen.add(ProcessId(self._popen.pid, info[4]))
+        with _REGISTRY_LOCK:
+            _REGISTRY.add(self)
+        logger.debug("started %s (pid %d): %s", self.name, self._popen.pid, self.command)
+        return self
+
+    @property
+    def pid(self) -> int:
+        """Pid of the started command; it is also the id of its process group and session."""
+        if self._popen is None:
+            raise DeploymentError(f"{self.name} was never started")
+        return self._popen.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the command itself is still running."""
+        return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the command (negative: killed by that signal); None while running."""
+        return None if self._popen is None else self._popen.poll()
+
+    def wait(self, *, timeout: float) -> int:
+        """Wait for the command to exit.
+
+        Args:
+            timeout: Seconds to wait at most.
+
+        Returns:
+            The exit status.
+
+        Raises:
+            DeploymentError: It is still running after `timeout` seconds.
+        """
+        if self._popen is None:
+            raise DeploymentError(f"{self.name} was never started")
+        try:
+            return self._popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise DeploymentError(
+                f"{self.name} still runs after {timeout:.0f} s; see {self.log_path}"
+            ) from err
+
+    def stop(self, *, grace: float = DEFAULT_GRACE_S) -> int | None:
+        """SIGTERM the process group and every known descendant, then SIGKILL what is left.
+
+        Idempotent; also cleans up children left behind by a command that already exited.
+
+        Args:
+            grace: Seconds to wait after SIGTERM before SIGKILL.
+
+        Returns:
+            The exit status of the command, or None if it was never started.
+        """
+        if self._popen is None:
+            return None
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self._anything_left() and time.monotonic() < deadline:
+            self.descendants()  # keep following children spawned during shutdown
+            time.sleep(_POLL_S)
+        if self._anything_left():
+            logger.warning("%s did not stop within %.0f s: sending SIGKILL", self.name, grace)
+            self._signal_all(signal.SIGKILL)
+            self._wait_gone(timeout=5.0)
+        self._unregister()
+        return self._popen.wait()
+
+    def kill(self) -> int | None:
+        """SIGKILL the process group and every known descendant at once (a crash of the host).
+
+        Returns:
+            The exit status of the command, or None if it was never started.
+        """
+        if self._popen is None:
+            return None
+        self._signal_all(signal.SIGKILL)
+        self._wait_gone(timeout=5.0)
+        self._unregister()
+        return self._popen.wait()
+
+    # -- observation -------------------------------------------------------------------------
+
+    def descendants(self) -> list[ProcessId]:
+        """Refresh and return the live processes this command started, directly or not.
+
+        Returns:
+            Live descendants and process-group members (the command itself excluded).
+        """
+        if self._popen is None:
+            return []
+        table = _process_table()
+        roots = {pid for pid, _ in self._live_seen()}
+        roots.add(self._popen.pid)
+        found = _tree(table, roots) | {pid for pid, row in table.items() if row[2] == self.pid}
+        for pid in found:
+            self._seen.add(ProcessId(pid, table[pid][4]))
+        return sorted(p for p in self._live_seen() if p.pid != self._popen.pid)
+
+    @property
+    def seen(self) -> frozenset[ProcessId]:
+        """Every process of this command's tree observed so far, the command included."""
+        return frozenset(self._seen)
+
+    def read_log(self) -> str:
+        """Return the whole log written so far (empty if none yet)."""
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, chars: int = _LOG_TAIL_CHARS) -> str:
+        """Return the last `chars` characters of the log, for error messages."""
+        return self.read_log()[-chars:]
+
+    def wait_for_log(self, text: str, *, timeout: float) -> None:
+        """Wait until `text` appears in the log.
+
+        Args:
+            text: The text to look for.
+            timeout: Seconds to wait at most.
+
+        Raises:
+            DeploymentError: The command exited first, or `timeout` passed.
+        """
+        deadline = time.monotonic() + timeout
+        while text not in self.read_log():
+            if not self.alive:
+                raise DeploymentError(
+                    f"{self.name} exited with status {self.returncode} before logging "
+                    f"{text!r}; log {self.log_path} ends with:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"{self.name} did not log {text!r} within {timeout:.0f} s; log "
+                    f"{self.log_path} ends with:\n{self.log_tail()}"
+                )
+            time.sleep(_POLL_S)
+
+    def wait_for_port(self, host: str, port: int, *, timeout: float) -> None:
+        """Wait until a TCP connection to `host:port` succeeds.
+
+        Args:
+            host: Address to connect to.
+            port: Port to connect to.
+            timeout: Seconds to wait at most.
+
+        Raises:
+            DeploymentError: The command exited first, or `timeout` passed.
+        """
+        deadline = time.monotonic() + timeout
+        while not _port_open(host, port):
+            if not self.alive:
+                raise DeploymentError(
+                    f"{self.name} exited with status {self.returncode} before listening on "
+                    f"{host}:{port}; log {self.log_path} ends with:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"{self.name} did not listen on {host}:{port} within {timeout:.0f} s; "
+                    f"log {self.log_path} ends with:\n{self.log_tail()}"
+                )
+            time.sleep(_POLL_S)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _live_seen(self) -> set[ProcessId]:
+        return {process for process in self._seen if process_exists(process)}
+
+    def _anything_left(self) -> bool:
+        return self.alive or group_exists(self.pid) or bool(self._live_seen())
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        if self._popen is None:
+            return
+        self.descendants()
+        groups = {self.pid}
+        for process in self._live_seen():
+            info = _read_stat(process.pid)
+            if info is not None and info[4] == process.start_time:
+                groups.add(info[2])
+                _send(lambda p=process.pid: os.kill(p, sig))
+        for group in groups:
+            # Only groups we created or that a descendant leads: never the caller's own group.
+            if group != os.getpgrp():
+                _send(lambda g=group: os.killpg(g, sig))
+
+    def _wait_gone(self, *, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._popen is not None:
+                self._popen.poll()
+            if not self._anything_left():
+                return
+            time.sleep(_POLL_S)
+        logger.warning("%s: processes still present after SIGKILL: %s", self.name, self._seen)
+
+    def _unregister(self) -> None:
+        with _REGISTRY_LOCK:
+            _REGISTRY.discard(self)
+
+
+def stop_all(*, grace: float = DEFAULT_GRACE_S) -> None:
+    """Stop every registered process, newest first (nodes before the SuperLink they use).
+
+    Args:
+        grace: Seconds each process gets after SIGTERM before SIGKILL.
+    """
+    with _REGISTRY_LOCK:
+        processes = sorted(_REGISTRY, key=lambda p: p.pid if p._popen else 0, reverse=True)
+    for process in processes:
+        process.stop(grace=grace)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on `host` right now (the OS picks it).
+
+    Args:
+        host: The address to bind to.
+
+    Returns:
+        A port number.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# -- registry and signal handling ---------------------------------------------------------------
+
+_REGISTRY: set[ManagedProcess] = set()
+_REGISTRY_LOCK = threading.Lock()
+_HANDLERS_INSTALLED = False
+_PREVIOUS_HANDLERS: dict[int, Any] = {}
+
+
+def _install_exit_handlers() -> None:
+    global _HANDLERS_INSTALLED
+    if _HANDLERS_INSTALLED:
+        return
+    _HANDLERS_INSTALLED = True
+    atexit.register(stop_all)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; atexit still applies
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        _PREVIOUS_HANDLERS[sig] = signal.getsignal(sig)
+        signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    stop_all(grace=3.0)
+    previous = _PREVIOUS_HANDLERS.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+# -- /proc helpers ------------------------------------------------------------------------------
+
+# (state, ppid, pgrp, session, start time) of one /proc/<pid>/stat line.
+_Stat = tuple[str, int, int, int, int]
+
+
+def _read_stat(pid: int) -> _Stat | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    # After "pid (comm) ": state ppid pgrp session ... ; starttime is field 22 of the line.
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19])
+
+
+def _process_table() -> dict[int, _Stat]:
+    table: dict[int, _Stat] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return table  # not Linux: process groups are still signalled, descendants are not
+    for entry in proc.iterdir():
+        if entry.name.isdigit() and (info := _read_stat(int(entry.name))) is not None:
+            table[int(entry.name)] = info
+    return table
+
+
+def _tree(table: Mapping[int, _Stat], roots: Iterable[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, info in table.items():
+        children.setdefault(info[1], []).append(pid)
+    found: set[int] = set()
+    stack = [root for root in roots if root in table]
+    while stack:
+        pid = stack.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def _send(action: Any) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        action()
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,35 @@
+"""Record keys and conversions between model states and Flower records, defined once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+MODEL = "model"  # ArrayRecord: global model (server -> node)
+DELTA = "delta"  # ArrayRecord: the node's model delta (node -> server)
+PLAN = "plan"  # ConfigRecord: the round's DP plan
+REPORT = "report"  # ConfigRecord: the node's accounted privacy report
+
+State = dict[str, np.ndarray]
+
+
+def to_arrays(state: State) -> ArrayRecord:
+    """A model state as an ArrayRecord (names kept)."""
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_arrays(record: ArrayRecord) -> State:
+    """Inverse of :func:`to_arrays`."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_config(values: dict[str, Any]) -> ConfigRecord:
+    """A flat mapping of str/int/float/bool as a ConfigRecord."""
+    return ConfigRecord(dict(values))
+
+
+def from_config(record: ConfigRecord) -> dict[str, Any]:
+    """Inverse of :func:`to_config`."""
+    return dict(record.items())

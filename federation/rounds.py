@@ -1,0 +1,163 @@
+"""The server's round loop: quorum within a deadline, retries, a clean stop, atomic checkpoints
+and resume. Flower's ``Strategy.start`` has none of these, so the loop is ours; the strategy's
+hooks do the per-round work."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from federation.errors import QuorumError
+from federation.records import State, to_arrays
+from federation.strategy import AcceptedReply, FederatedMetaStrategy
+
+logger = logging.getLogger("fedfew.federation")
+
+Evaluate = Callable[[State], dict[str, float]]
+Publish = Callable[[State, dict[str, Any]], None]
+
+
+def wait_for_nodes(grid: Grid, *, count: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """Block until ``count`` nodes are connected.
+
+    Raises:
+        QuorumError: fewer connected after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise QuorumError(
+                f"only {len(nodes)} of the {count} required nodes connected within {timeout:.0f} s;"
+                " check that the hospital nodes are running and registered"
+            )
+        time.sleep(poll)
+
+
+def collect_round(
+    grid: Grid, strategy: FederatedMetaStrategy, state: State, server_round: int
+) -> tuple[dict[int, AcceptedReply], list[str], int]:
+    """Ask the nodes until the quorum of valid replies is met, retrying the missing ones.
+
+    Returns:
+        Accepted replies by node, every problem seen, and the number of attempts made.
+
+    Raises:
+        QuorumError: still short of the quorum after ``max_retries`` retries.
+    """
+    config = strategy.config
+    accepted: dict[int, AcceptedReply] = {}
+    problems: list[str] = []
+    arrays = to_arrays(state)
+    for attempt in range(1, config.max_retries + 2):
+        messages = [
+            m
+            for m in strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            if m.metadata.dst_node_id not in accepted
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+        answered = {m.metadata.src_node_id for m in replies}
+        silent = [
+            m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered
+        ]
+        problems += [f"node {n}: no reply within {config.round_timeout:.0f} s" for n in silent]
+        for n in silent:
+            logger.warning("round %d: node %d sent no reply in time", server_round, n)
+        ok, bad = strategy.gate(replies)
+        accepted.update(ok)
+        problems += bad
+        if len(accepted) >= config.min_replies:
+            return accepted, problems, attempt
+        logger.warning(
+            "round %d attempt %d: %d valid replies, quorum is %d",
+            server_round,
+            attempt,
+            len(accepted),
+            config.min_replies,
+        )
+    raise QuorumError(
+        f"round {server_round}: {len(accepted)} valid replies after {config.max_retries + 1} "
+        f"attempts, quorum is {config.min_replies}; the last good model (round "
+        f"{server_round - 1}) is kept in the checkpoint. Problems: " + "; ".join(problems[-6:])
+    )
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: FederatedMetaStrategy,
+    *,
+    initial_state: State,
+    evaluate: Evaluate,
+    publish: Publish,
+) -> Checkpoint:
+    """Run (or resume) the federation to ``num_rounds``; returns the final checkpoint.
+
+    Raises:
+        QuorumError: a round could not reach its quorum; the checkpoint holds the last good round.
+    """
+    config = strategy.config
+    folder = config.root / "checkpoint"
+    checkpoint = load_checkpoint(folder, federation=config.federation)
+    if checkpoint is None:
+        checkpoint = Checkpoint(config.federation, 0, initial_state)
+        save_checkpoint(folder, checkpoint)
+    else:
+        logger.info("resuming federation %s after round %d", config.federation, checkpoint.round)
+    strategy.summary()
+    wait_for_nodes(grid, count=config.min_nodes, timeout=config.node_wait)
+    for server_round in range(checkpoint.round + 1, config.num_rounds + 1):
+        started = time.perf_counter()
+        accepted, problems, attempts = collect_round(grid, strategy, checkpoint.state, server_round)
+        state = strategy.aggregate(checkpoint.state, accepted.values())
+        collected = time.perf_counter() - started
+        metrics = evaluate(state)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "attempts": attempts,
+            "seconds": collected,
+            "sites": {r.site_id: r.report for r in accepted.values()},
+            "bytes-received": {r.site_id: r.bytes for r in accepted.values()},
+            "bytes-sent-per-node": to_arrays(checkpoint.state).count_bytes(),
+            "clipped": [r.site_id for r in accepted.values() if r.gate.clipped],
+            "problems": problems,
+            "metrics": metrics,
+        }
+        publish(state, record)
+        checkpoint = Checkpoint(
+            config.federation, server_round, state, [*checkpoint.history, record]
+        )
+        save_checkpoint(folder, checkpoint)
+        write_status(config.root / "status.json", checkpoint, grid)
+        logger.info(
+            "round %d done in %.1f s: %d sites accepted, %s",
+            server_round,
+            collected,
+            len(accepted),
+            ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
+        )
+    return checkpoint
+
+
+def write_status(path: Path, checkpoint: Checkpoint, grid: Grid) -> None:
+    """The federation's status for the IT page (atomic replace)."""
+    status = {
+        "federation": checkpoint.federation,
+        "round": checkpoint.round,
+        "nodes-connected": len(list(grid.get_node_ids())),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rounds": checkpoint.history,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(status, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,130 @@
+"""Flower ServerApp: federated DP meta-learning with a validation gate, quorum, checkpoints,
+per-round evaluation on a public set, and a registry version per round."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from federation.node import state_digest
+from federation.records import State
+from federation.rounds import run_rounds
+from federation.server_config import ServerConfig
+from federation.strategy import FederatedMetaStrategy, plan_for
+from models.episodes import EpisodeConfig
+from models.evaluation import evaluate
+from models.imageset import ImageSet
+from models.model_dir import save_model_dir
+from models.networks import build_backbone
+from models.pipeline import PipelineConfig
+from models.readers import load_dataset
+from models.registry import Registry
+from models.synthetic import demo_sets
+
+logger = logging.getLogger("fedfew.federation")
+EVAL_SHOTS = (1, 5)
+
+app = ServerApp()
+
+
+def initial_state(config: ServerConfig) -> State:
+    """A freshly initialised global model (seeded only when the config says so)."""
+    torch.manual_seed(config.seed if config.seed >= 0 else secrets.randbits(63))
+    model = build_backbone(plan_for(config, 1).backbone_config())
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def public_eval_set(config: ServerConfig) -> ImageSet:
+    """The server's public evaluation set: never a hospital's data."""
+    pipeline = PipelineConfig(image_size=config.image_size)
+    if config.eval_data == "synthetic":
+        return demo_sets(config=pipeline)[1]
+    return load_dataset(config.eval_data, pipeline)
+
+
+def evaluate_state(state: State, config: ServerConfig, data: ImageSet) -> dict[str, float]:
+    """Few-shot accuracy (prototype adaptation) of a global model on the public set."""
+    model = _model(state, config)
+    metrics: dict[str, float] = {}
+    ways = min(config.eval_ways, len(data.classes))
+    for shots in EVAL_SHOTS:
+        result = evaluate(
+            model,
+            data,
+            episode=EpisodeConfig(ways=ways, shots=shots, queries=10),
+            episodes=config.eval_episodes,
+            seed=1,
+        )
+        metrics[f"accuracy-{ways}way-{shots}shot"] = result.accuracy
+        metrics[f"ci95-{ways}way-{shots}shot"] = result.ci95
+    return metrics
+
+
+def publish_version(registry: Registry, state: State, record: dict[str, Any], config: ServerConfig):
+    """Register the round's global model with every site's privacy report (once per round)."""
+    digest = state_digest(state)
+    for entry in registry.entries(kind="global"):
+        if entry.info.get("model-sha256") == digest:
+            return entry
+    plan = plan_for(config, record["round"])
+    model = _model(state, config)
+
+    def write(folder: Path) -> None:
+        save_model_dir(
+            folder,
+            model,
+            backbone=plan.backbone_config(),
+            pipeline=PipelineConfig(image_size=config.image_size),
+            meta=plan.meta(),
+            extra={"federation": config.to_dict(), "round": record["round"], "private": True},
+        )
+
+    return registry.publish(
+        write,
+        kind="global",
+        name=f"{config.federation} round {record['round']}",
+        metrics=record["metrics"],
+        privacy=record["sites"],
+        info={
+            "federation": config.federation,
+            "round": record["round"],
+            "model-sha256": digest,
+            "problems": record["problems"],
+            "clipped": record["clipped"],
+            "config": config.to_dict(),
+        },
+    )
+
+
+def _model(state: State, config: ServerConfig) -> torch.nn.Module:
+    model = build_backbone(plan_for(config, 1).backbone_config())
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model.eval()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run config."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    config = ServerConfig.from_run_config(context.run_config)
+    config.root.mkdir(parents=True, exist_ok=True)
+    registry = Registry.open(config.root / "registry", create=True)
+    eval_set = public_eval_set(config)
+    state = initial_state(config)
+    strategy = FederatedMetaStrategy(config, state)
+    final = run_rounds(
+        grid,
+        strategy,
+        initial_state=state,
+        evaluate=lambda s: evaluate_state(s, config, eval_set),
+        publish=lambda s, record: publish_version(registry, s, record, config),
+    )
+    logger.info("federation %s finished at round %d", config.federation, final.round)

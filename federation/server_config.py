@@ -1,0 +1,120 @@
+"""The federation's configuration as the ServerApp reads it from Flower's run config.
+
+Kebab-case run-config keys are read here and nowhere else. Every value is public configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from federation.aggregation import AGGREGATIONS
+from federation.validation import NORM_POLICIES
+
+# Which threat each choice answers; they exclude each other, so the config names one.
+DEFENCES = {
+    "none": "honest-but-curious server: every delta is already DP at its site",
+    "trimmed-mean": "a minority of poisoned updates (coordinate-wise trimmed mean)",
+    "krum": "a minority of poisoned updates (Krum selection)",
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Rounds, quorum, the DP plan sent to nodes, aggregation and where results go."""
+
+    federation: str = "fedfew"  # names ledger charges and the checkpoint; keep it across restarts
+    num_rounds: int = 3  # the demo's length; real federations run more
+    min_replies: int = 2  # quorum of valid replies for a round to count
+    min_nodes: int = 2  # nodes that must be connected before round 1 starts
+    node_wait: float = 120.0  # seconds to wait for them
+    round_timeout: float = 600.0  # deadline for replies in one attempt
+    max_retries: int = 2  # attempts after the first before the run stops
+    server_lr: float = 1.0  # outer learning rate on the averaged delta (1: plain FedAvg)
+    noise_multiplier: float = 2.0  # sigma applied to C (accounted sigma 1.0 at sensitivity 2C)
+    clip: float = 1.0  # C, per-episode gradient clip
+    sample_rate: float = 0.1  # q, per-patient Poisson rate at every site
+    local_steps: int = 10  # DP steps per node per round
+    episodes: int = 8  # episodes per DP step
+    ways: int = 3  # classes per training episode
+    max_shots: int = 5
+    max_queries: int = 5
+    local_lr: float = 1e-3  # Adam on the nodes
+    meta_learner: str = "protonet"  # fastest per step under DP; see bench results
+    backbone: str = "conv4"
+    width: int = 64
+    image_size: int = 64
+    update_norm_bound: float = 0.0  # 0: local_lr * local_steps * sqrt(#params) * 3 (Adam's reach)
+    norm_policy: str = "clip"  # clip or reject deltas over the bound
+    defence: str = "none"  # a key of DEFENCES
+    trim: int = 1  # values dropped per end by trimmed-mean
+    byzantine: int = 1  # f assumed by Krum
+    eval_data: str = "synthetic"  # public evaluation set: "synthetic" or an .npz path
+    eval_episodes: int = 100  # episodes per few-shot evaluation each round
+    eval_ways: int = 5
+    workdir: str = "fedfew-server"  # checkpoint/, registry/ and status.json live here
+    seed: int = -1  # -1: OS randomness (production); >= 0 for tests
+
+    def __post_init__(self) -> None:
+        positive = [
+            "num_rounds", "min_replies", "min_nodes", "node_wait", "round_timeout", "server_lr",
+            "noise_multiplier", "clip", "local_steps", "episodes", "local_lr", "eval_episodes",
+        ]  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"run config {_key(name)} must be > 0, got {value!r}")
+        if self.max_retries < 0 or self.update_norm_bound < 0:
+            raise ValueError("run config max-retries and update-norm-bound must be >= 0")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"run config sample-rate must be in (0, 1], got {self.sample_rate!r}")
+        if self.norm_policy not in NORM_POLICIES:
+            raise ValueError(f"run config norm-policy must be one of {NORM_POLICIES}")
+        if self.defence not in DEFENCES:
+            raise ValueError(
+                f"run config defence must be one of {sorted(DEFENCES)}, got {self.defence!r}"
+            )
+        if self.min_replies > self.min_nodes:
+            raise ValueError("run config min-replies cannot exceed min-nodes")
+
+    @property
+    def aggregation(self) -> str:
+        """The aggregation rule the defence implies."""
+        return AGGREGATIONS[0] if self.defence == "none" else self.defence
+
+    @property
+    def root(self) -> Path:
+        """The server's work directory (absolute)."""
+        return Path(self.workdir).expanduser().resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping (what `--run-config` takes), saved with every published model."""
+        return {_key(k): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
+        """Read the kebab-case keys this app knows; others are ignored (Flower adds its own).
+
+        Raises:
+            ValueError: a value of the wrong type or out of range, naming the key.
+        """
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = _key(f.name)
+            if key in run_config:
+                default = getattr(cls, f.name)
+                try:
+                    kwargs[f.name] = type(default)(run_config[key])
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(
+                        f"run config {key} must be {type(default).__name__}, "
+                        f"got {run_config[key]!r}"
+                    ) from exc
+        return cls(**kwargs)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")

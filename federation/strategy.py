@@ -1,0 +1,190 @@
+"""Federated meta-learning as a Flower strategy: every reply passes the validation gate, then the
+deltas are aggregated with public site weights and a server learning rate."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from federation.aggregation import aggregate, apply_update
+from federation.errors import InvalidUpdateError
+from federation.plan import RoundPlan
+from federation.records import (
+    DELTA,
+    MODEL,
+    PLAN,
+    REPORT,
+    State,
+    from_arrays,
+    from_config,
+    to_arrays,
+)
+from federation.server_config import ServerConfig
+from federation.validation import GateResult, validate_update
+
+logger = logging.getLogger("fedfew.federation")
+
+ADAM_REACH = 3.0  # an Adam step moves a coordinate by at most about lr * (1 - b1) / sqrt(1 - b2)
+
+
+@dataclass(frozen=True)
+class AcceptedReply:
+    """A reply that passed the gate."""
+
+    node_id: int
+    site_id: str
+    weight: float
+    report: dict[str, Any]
+    gate: GateResult
+    bytes: int
+
+
+def plan_for(config: ServerConfig, server_round: int) -> RoundPlan:
+    """The DP plan every node is asked to run in ``server_round``."""
+    return RoundPlan(
+        federation=config.federation,
+        round=server_round,
+        noise_multiplier=config.noise_multiplier,
+        max_grad_norm=config.clip,
+        sample_rate=config.sample_rate,
+        steps=config.local_steps,
+        episodes=config.episodes,
+        ways=config.ways,
+        max_shots=config.max_shots,
+        max_queries=config.max_queries,
+        local_lr=config.local_lr,
+        meta_learner=config.meta_learner,
+        backbone=config.backbone,
+        width=config.width,
+        image_size=config.image_size,
+    )
+
+
+class FederatedMetaStrategy(Strategy):
+    """Gate, then aggregate deltas: ``theta + server_lr * aggregate(delta_k)``."""
+
+    def __init__(self, config: ServerConfig, reference: State) -> None:
+        self.config = config
+        self.reference = reference
+        self._current = reference  # the global model of the round being configured
+        n_params = sum(a.size for a in reference.values())
+        self.norm_bound = config.update_norm_bound or (
+            ADAM_REACH * config.local_lr * config.local_steps * math.sqrt(n_params)
+        )
+
+    def summary(self) -> None:
+        """Log the configuration."""
+        logger.info(
+            "strategy: %s aggregation (defends against: %s), server lr %g, delta norm bound %.4g "
+            "(%s), quorum %d",
+            self.config.aggregation,
+            self.config.defence,
+            self.config.server_lr,
+            self.norm_bound,
+            self.config.norm_policy,
+            self.config.min_replies,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The global model and the round's DP plan, to every connected node."""
+        self._current = from_arrays(arrays)
+        plan = ConfigRecord(plan_for(self.config, server_round).to_config())
+        return [
+            Message(
+                content=RecordDict({MODEL: arrays, PLAN: plan}),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node_id,
+            )
+            for node_id in grid.get_node_ids()
+        ]
+
+    def gate(self, replies: Iterable[Message]) -> tuple[dict[int, AcceptedReply], list[str]]:
+        """Run every reply through the validation gate.
+
+        Returns:
+            Accepted replies by node id, and one line per refused or rejected reply.
+        """
+        accepted: dict[int, AcceptedReply] = {}
+        problems: list[str] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                problems.append(f"node {node} replied with an error: {msg.error.reason}")
+                continue
+            try:
+                accepted[node] = self._check(node, msg)
+            except InvalidUpdateError as exc:
+                problems.append(f"node {node}: {exc}")
+        for line in problems:
+            logger.warning(line)
+        for reply in accepted.values():
+            if reply.gate.clipped:
+                logger.warning(
+                    "site %s: delta norm %.4g clipped to %.4g",
+                    reply.site_id,
+                    reply.gate.norm,
+                    self.norm_bound,
+                )
+        return accepted, problems
+
+    def _check(self, node: int, msg: Message) -> AcceptedReply:
+        content = msg.content
+        if DELTA not in content.array_records or REPORT not in content.config_records:
+            raise InvalidUpdateError(f"update rejected: reply lacks {DELTA!r} or {REPORT!r}")
+        report = from_config(content.config_records[REPORT])
+        weight, site = report.get("weight"), report.get("site-id")
+        if not isinstance(weight, int | float) or not (math.isfinite(weight) and weight > 0):
+            raise InvalidUpdateError(f"update rejected: weight {weight!r} is not a number > 0")
+        if not isinstance(site, str) or not site:
+            raise InvalidUpdateError("update rejected: the report names no site-id")
+        record = content.array_records[DELTA]
+        gate = validate_update(
+            from_arrays(record),
+            self.reference,
+            norm_bound=self.norm_bound,
+            policy=self.config.norm_policy,
+        )
+        return AcceptedReply(node, site, float(weight), report, gate, record.count_bytes())
+
+    def aggregate(self, state: State, accepted: Iterable[AcceptedReply]) -> State:
+        """The next global model from the accepted deltas."""
+        replies = list(accepted)
+        update = aggregate(
+            [r.gate.delta for r in replies],
+            [r.weight for r in replies],
+            method=self.config.aggregation,
+            trim=self.config.trim,
+            byzantine=self.config.byzantine,
+        )
+        return apply_update(state, update, server_lr=self.config.server_lr)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's hook: gate, then aggregate when the quorum is met (else nothing)."""
+        accepted, problems = self.gate(replies)
+        metrics = MetricRecord({"accepted": len(accepted), "rejected": len(problems)})
+        if len(accepted) < self.config.min_replies:
+            return None, metrics
+        return to_arrays(self.aggregate(self._current, accepted.values())), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No evaluation on hospital data: the server evaluates on its public set."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
