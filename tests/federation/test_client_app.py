@@ -1,0 +1,128 @@
+"""The ClientApp handler with hand-built Messages and Contexts (real ledger, data and training)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+
+from federation.client_app import train
+from federation.errors import NodeConfigError
+from federation.node_config import NodeConfig
+from federation.records import (
+    DELTA,
+    MODEL,
+    PLAN,
+    REPORT,
+    from_arrays,
+    from_config,
+    to_arrays,
+    to_config,
+)
+from federation.strategy import plan_for
+from models.registry import Registry
+from privacy.ledger import Ledger
+
+from .conftest import make_site
+
+
+def message(state, plan) -> Message:
+    content = RecordDict({MODEL: to_arrays(state), PLAN: to_config(plan.to_config())})
+    return Message(content, dst_node_id=3, message_type=MessageType.TRAIN)
+
+
+def context(node_config) -> Context:
+    return Context(run_id=7, node_id=3, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_a_round_charges_the_ledger_keeps_the_model_and_replies_with_accounted_values_only(
+    tmp_path, server_config, global_state
+):
+    site = make_site(tmp_path, "a")
+    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    assert not reply.has_error()
+    report = from_config(reply.content.config_records[REPORT])
+    assert set(report) == {
+        "site-id", "weight", "round", "replayed", "ledger-entry", "epsilon-round", "epsilon-spent",
+        "epsilon-cap", "delta", "accountant", "noise-multiplier", "sample-rate", "steps",
+    }  # fmt: skip
+    ledger = Ledger.open(site["ledger"])
+    (entry,) = ledger.entries()
+    assert entry.kind == "charge" and entry.round == 1 and entry.steps == server_config.local_steps
+    assert report["epsilon-spent"] == pytest.approx(ledger.epsilon_spent())
+    delta = from_arrays(reply.content.array_records[DELTA])
+    assert set(delta) == set(global_state) and any(np.any(v != 0) for v in delta.values())
+    (kept,) = Registry.open(site["registry"]).entries(kind="global")
+    assert kept.info["round"] == 0
+
+
+def test_the_same_round_asked_again_is_replayed_without_a_second_charge(
+    tmp_path, server_config, global_state
+):
+    site = make_site(tmp_path, "a")
+    msg = message(global_state, plan_for(server_config, 1))
+    first = train(msg, context(site))
+    again = train(msg, context(site))
+    assert from_config(again.content.config_records[REPORT])["replayed"] is True
+    for name, value in from_arrays(first.content.array_records[DELTA]).items():
+        np.testing.assert_array_equal(from_arrays(again.content.array_records[DELTA])[name], value)
+    assert len(Ledger.open(site["ledger"]).entries()) == 1
+
+
+def test_a_plan_over_budget_is_refused_and_nothing_is_computed(
+    tmp_path, server_config, global_state
+):
+    site = make_site(tmp_path, "a", cap=0.5)
+    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    assert reply.has_error() and "budget" in reply.error.reason.lower()
+    (entry,) = Ledger.open(site["ledger"]).entries()
+    assert entry.kind == "refusal"
+    config = NodeConfig.from_mapping(site)
+    assert not config.replies_dir.exists()
+    assert not (tmp_path / "a" / "registry").exists()
+
+
+def test_a_plan_below_the_node_minimum_noise_is_refused_before_the_ledger(
+    tmp_path, server_config, global_state
+):
+    site = {**make_site(tmp_path, "a"), "min-noise": 5.0}
+    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    assert reply.has_error() and "below this node's minimum 5" in reply.error.reason
+    assert not (tmp_path / "a" / "ledger.db").exists()
+
+
+def test_a_model_that_does_not_fit_the_plan_is_an_error_reply(
+    tmp_path, server_config, global_state
+):
+    site = make_site(tmp_path, "a")
+    plan = dataclasses.replace(plan_for(server_config, 1), width=16)
+    reply = train(message(global_state, plan), context(site))
+    assert reply.has_error() and "RuntimeError" in reply.error.reason
+
+
+def test_missing_node_config_keys_are_named(tmp_path):
+    with pytest.raises(NodeConfigError, match="missing data, ledger"):
+        NodeConfig.from_mapping(
+            {"site-id": "a", "registry": "r", "budget-epsilon": 1, "budget-delta": 1e-5}
+        )
+
+
+def test_node_config_file_is_read_and_command_line_keys_win(tmp_path):
+    site = make_site(tmp_path, "a")
+    lines = [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in site.items()]
+    (tmp_path / "node.toml").write_text("[node]\n" + "\n".join(lines).replace("'", '"') + "\n")
+    config = NodeConfig.from_mapping({"config-file": str(tmp_path / "node.toml"), "weight": 2})
+    assert config.site_id == "a" and config.weight == 2.0 and config.budget_epsilon == 8.0
+    with pytest.raises(NodeConfigError, match="unknown key"):
+        NodeConfig.from_mapping({**site, "budget-epsilonn": 3})
+
+
+def test_an_existing_ledger_with_another_cap_is_a_config_error(
+    tmp_path, server_config, global_state
+):
+    site = make_site(tmp_path, "a")
+    train(message(global_state, plan_for(server_config, 1)), context(site))
+    reply = train(
+        message(global_state, plan_for(server_config, 2)), context({**site, "budget-epsilon": 20.0})
+    )
+    assert reply.has_error() and "records budget-epsilon 8.0" in reply.error.reason

@@ -1,0 +1,109 @@
+"""The server's round loop with the real ClientApp handler behind a loopback Grid."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from federation.checkpoint import load_checkpoint
+from federation.client_app import train
+from federation.errors import QuorumError
+from federation.records import DELTA, from_arrays, to_arrays
+from federation.rounds import run_rounds
+from federation.server_app import evaluate_state, public_eval_set, publish_version
+from federation.strategy import FederatedMetaStrategy
+from models.registry import Registry
+from privacy.ledger import Ledger
+
+from .conftest import LoopbackGrid, make_site
+from .test_client_app import context
+
+
+def node(site):
+    return lambda msg: train(msg, context(site))
+
+
+def run(config, state, grid):
+    registry = Registry.open(config.root / "registry", create=True)
+    eval_set = public_eval_set(config)
+    return run_rounds(
+        grid,
+        FederatedMetaStrategy(config, state),
+        initial_state=state,
+        evaluate=lambda s: evaluate_state(s, config, eval_set),
+        publish=lambda s, record: publish_version(registry, s, record, config),
+    )
+
+
+def test_two_rounds_publish_a_version_each_with_every_sites_report(
+    tmp_path, server_config, global_state
+):
+    sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
+    final = run(server_config, global_state, LoopbackGrid({1: node(sites[0]), 2: node(sites[1])}))
+    assert final.round == 2
+    versions = Registry.open(server_config.root / "registry").entries(kind="global")
+    assert [v.info["round"] for v in versions] == [1, 2]
+    assert set(versions[-1].privacy) == {"a", "b"}
+    assert versions[-1].metrics["accuracy-5way-5shot"] > 0.2  # above chance
+    for site in sites:
+        assert [e.round for e in Ledger.open(site["ledger"]).entries()] == [1, 2]
+
+
+def test_a_dead_node_is_retried_and_the_round_completes_on_quorum(
+    tmp_path, server_config, global_state
+):
+    config = dataclasses.replace(server_config, min_replies=2, min_nodes=2, num_rounds=1)
+    sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("abc")]
+    grid = LoopbackGrid({1: node(sites[0]), 2: node(sites[1]), 3: lambda msg: None})
+    final = run(config, global_state, grid)
+    assert final.round == 1 and set(final.history[0]["sites"]) == {"a", "b"}
+    assert final.history[0]["attempts"] == 1
+    assert any("no reply" in p for p in final.history[0]["problems"])
+
+
+def test_no_quorum_stops_cleanly_with_the_last_good_checkpoint(
+    tmp_path, server_config, global_state
+):
+    config = dataclasses.replace(server_config, num_rounds=2, max_retries=1)
+    site = make_site(tmp_path, "a")
+    refused = make_site(tmp_path, "b", cap=0.1)
+    grid = LoopbackGrid({1: node(site), 2: node(refused)})
+    with pytest.raises(QuorumError, match="round 1: 1 valid replies after 2 attempts"):
+        run(config, global_state, grid)
+    kept = load_checkpoint(config.root / "checkpoint", federation=config.federation)
+    assert kept is not None and kept.round == 0
+    sent_to_a = [m for m in grid.sent if m.metadata.dst_node_id == 1]
+    assert len(sent_to_a) == 1  # a valid reply is kept across retries, not asked again
+    assert [e.kind for e in Ledger.open(refused["ledger"]).entries()] == ["refusal", "refusal"]
+
+
+def test_poisoned_and_nan_replies_are_gated(tmp_path, server_config, global_state):
+    config = dataclasses.replace(server_config, num_rounds=1, min_replies=1, norm_policy="reject")
+    good = make_site(tmp_path, "a")
+
+    def poisoned(msg: Message) -> Message:
+        reply = train(msg, context(make_site(tmp_path, "b", seed=3)))
+        delta = from_arrays(reply.content.array_records[DELTA])
+        delta = {k: v * 1e6 for k, v in delta.items()}
+        delta[next(iter(delta))][...] = np.nan
+        reply.content.array_records[DELTA] = to_arrays(delta)
+        return reply
+
+    final = run(config, global_state, LoopbackGrid({1: node(good), 2: poisoned}))
+    assert set(final.history[0]["sites"]) == {"a"}
+    assert any("non-finite" in p for p in final.history[0]["problems"])
+
+
+def test_a_restarted_server_resumes_without_charging_a_site_twice(
+    tmp_path, server_config, global_state
+):
+    sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
+    one_round = dataclasses.replace(server_config, num_rounds=1)
+    run(one_round, global_state, LoopbackGrid({1: node(sites[0]), 2: node(sites[1])}))
+    # The server dies after round 1; a new ServerApp process starts from a fresh model.
+    other_start = {k: v + 1 for k, v in global_state.items()}
+    final = run(server_config, other_start, LoopbackGrid({1: node(sites[0]), 2: node(sites[1])}))
+    assert final.round == 2 and [r["round"] for r in final.history] == [1, 2]
+    for site in sites:
+        assert [e.round for e in Ledger.open(site["ledger"]).entries()] == [1, 2]
