@@ -1,0 +1,441 @@
+"""What the clinician pages do: adapt a base model to a few labelled cases, estimate how reliable
+that is, save and load adapters in this node's registry, classify new cases, export the results.
+
+An adapter is stored as its support set (pipeline outputs and labels), class names, adaptation
+mode and base version; loading it adapts the same base version to the same cases again (the
+adaptation is deterministic, and the registry's versions never change).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from app.dashboard.errors import CaseError
+from app.dashboard.uploads import LoadedCases
+from models.adaptation import ADAPT_MODES, AdaptConfig, AdaptedClassifier, adapt, prototype_head
+from models.errors import RegistryError
+from models.model_dir import LoadedModel
+from models.pipeline import PipelineConfig
+from models.registry import Registry, RegistryEntry
+
+ADAPTER_JSON = "adapter.json"
+SUPPORT_FILE = "support.safetensors"
+ADAPTER_FORMAT = 1
+IMAGES_KEY = "images"
+LABELS_KEY = "labels"
+# Keys a site's privacy report may hold its epsilon under: the federation node's report
+# ("epsilon-spent", cumulative for the site), then a single run's report (`fedfew train`).
+EPSILON_KEYS = ("epsilon-spent", "epsilon_spent", "run_epsilon", "epsilon")
+MIN_CLASSES = 2  # one class is not a classification
+MIN_CASES_FOR_RELIABILITY = 2  # leave-one-out needs another case of the held-out class
+FEW_CASES = 3  # below this per class the reliability estimate is too coarse to trust
+LOW_RELIABILITY = 0.7  # below 7 in 10 right, a clinician should add cases before relying on it
+NEAREST = 3  # labelled cases shown beside each prediction
+ProgressFn = Callable[[float, str], None]
+
+
+def version_epsilons(entry: RegistryEntry) -> dict[str, float]:
+    """Each site's epsilon in a version's privacy reports (sites without a number left out)."""
+    found: dict[str, float] = {}
+    for site, report in sorted(entry.privacy.items()):
+        if isinstance(report, dict):
+            for key in EPSILON_KEYS:
+                value = report.get(key)
+                if isinstance(value, int | float) and math.isfinite(value):
+                    found[str(site)] = float(value)
+                    break
+    return found
+
+
+def epsilon_label(entry: RegistryEntry) -> str:
+    """``"ε 2.31 (highest of 3 sites)"``, or that the version carries no privacy report."""
+    epsilons = version_epsilons(entry)
+    if not epsilons:
+        return "no privacy report (not trained with differential privacy)"
+    worst = max(epsilons.values())
+    sites = len(epsilons)
+    return f"ε {worst:.2f}" + (f" (highest of {sites} sites)" if sites > 1 else f" ({sites} site)")
+
+
+def base_models(registry: Path) -> list[RegistryEntry]:
+    """Global model versions of the registry, newest first.
+
+    Raises:
+        RegistryError: no registry at ``registry``.
+    """
+    return list(reversed(Registry.open(registry).entries(kind="global")))
+
+
+def saved_adapters(registry: Path) -> list[RegistryEntry]:
+    """Adapters saved in the registry, newest first (none when there is no registry yet)."""
+    if not (registry / "registry.sqlite").is_file():
+        return []
+    return list(reversed(Registry.open(registry).entries(kind="adapter")))
+
+
+@dataclass(frozen=True)
+class SupportSet:
+    """Labelled cases of a new condition: pipeline outputs, labels and the files they came from."""
+
+    images: np.ndarray  # (n, C, S, S) float32
+    labels: np.ndarray  # (n,) int64 in 0..ways-1
+    classes: tuple[str, ...]
+    names: tuple[str, ...]
+
+    @property
+    def ways(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    def counts(self) -> list[int]:
+        """Cases per class."""
+        return np.bincount(self.labels, minlength=self.ways).tolist()
+
+
+def build_support(classes: Sequence[str], cases: Sequence[LoadedCases]) -> SupportSet:
+    """Check the clinician's classes and cases and put them together.
+
+    Raises:
+        CaseError: fewer than 2 classes, an empty or repeated class name, or a class without a
+            readable case.
+    """
+    names = [c.strip() for c in classes]
+    if len(names) < MIN_CLASSES:
+        raise CaseError(
+            f"a condition needs at least {MIN_CLASSES} classes to tell apart, got {len(names)}: "
+            "add a class (for example the normal appearance)"
+        )
+    if any(not n for n in names):
+        raise CaseError("every class needs a name")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CaseError(f"class names must differ; repeated: {', '.join(repeated)}")
+    empty = [n for n, c in zip(names, cases, strict=True) if not c.cases]
+    if empty:
+        raise CaseError(f"no readable case for {', '.join(empty)}: upload at least one per class")
+    return SupportSet(
+        images=np.concatenate([c.images for c in cases]).astype(np.float32, copy=False),
+        labels=np.concatenate(
+            [np.full(len(c.cases), k, dtype=np.int64) for k, c in enumerate(cases)]
+        ),
+        classes=tuple(names),
+        names=tuple(n for c in cases for n in c.names),
+    )
+
+
+def support_warnings(support: SupportSet) -> list[str]:
+    """Plain-language cautions about a support set that is usable but thin."""
+    counts = support.counts()
+    few = [f"{c} ({n})" for c, n in zip(support.classes, counts, strict=True) if n < FEW_CASES]
+    if not few:
+        return []
+    return [
+        f"Few cases for {', '.join(few)}: with fewer than {FEW_CASES} cases per class the "
+        "reliability estimate is rough"
+        + (" and cannot be computed for a class with one case" if min(counts) < 2 else "")
+        + ". Add cases if you can."
+    ]
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Leave-one-out accuracy on the support set: each case predicted after adapting to the rest."""
+
+    right: int
+    cases: int
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of held-out cases predicted right."""
+        return self.right / self.cases
+
+    @property
+    def low(self) -> bool:
+        """Below :data:`LOW_RELIABILITY`."""
+        return self.accuracy < LOW_RELIABILITY
+
+    def sentence(self) -> str:
+        """What the number means, for someone without ML training."""
+        return (
+            f"With these cases, about {round(100 * self.accuracy)}% of held-out cases would be "
+            f"right ({self.right} of {self.cases}, each case predicted by a model adapted "
+            "to the others)."
+        )
+
+
+@dataclass
+class Adaptation:
+    """An adapted classifier together with everything needed to explain and save it."""
+
+    classifier: AdaptedClassifier
+    support: SupportSet
+    support_embeddings: torch.Tensor
+    mode: str
+    base_version: int
+    pipeline: PipelineConfig  # the base model's: new cases must be prepared the same way
+    reliability: Reliability | None  # None when a class has a single case
+
+
+def reliability(
+    model: LoadedModel,
+    support: SupportSet,
+    *,
+    config: AdaptConfig,
+    on_progress: ProgressFn | None = None,
+) -> Reliability:
+    """Leave-one-out accuracy (the protocol of :func:`models.evaluation.leave_one_out`).
+
+    With prototypes the backbone is fixed, so the support set is embedded once and each fold only
+    recomputes the prototypes; the other modes adapt once per fold.
+
+    Raises:
+        CaseError: a class with fewer than 2 cases.
+    """
+    counts = support.counts()
+    if min(counts) < MIN_CASES_FOR_RELIABILITY:
+        raise CaseError(
+            f"leave-one-out needs at least {MIN_CASES_FOR_RELIABILITY} cases per class, "
+            f"got {dict(zip(support.classes, counts, strict=True))}"
+        )
+    x = torch.from_numpy(support.images)
+    y = torch.from_numpy(support.labels)
+    n = len(y)
+    embeddings = None
+    if config.mode == "prototype":
+        with torch.no_grad():
+            model.model.eval()
+            embeddings = model.model(x)
+    predicted = []
+    for i in range(n):
+        keep = torch.arange(n) != i
+        if embeddings is not None:
+            head = prototype_head(embeddings[keep], y[keep], support.ways)
+            logits = embeddings[i : i + 1] @ head["head.weight"].T + head["head.bias"]
+        else:
+            fold = adapt(
+                model.model, x[keep], y[keep], ways=support.ways, config=config, meta=model.meta
+            )
+            logits = fold.logits(x[i : i + 1])
+        predicted.append(int(logits.argmax(-1)))
+        if on_progress is not None:
+            on_progress((i + 1) / n, f"checking reliability: case {i + 1} of {n}")
+    right = sum(p == int(t) for p, t in zip(predicted, y, strict=True))
+    return Reliability(right=right, cases=n)
+
+
+def adapt_cases(
+    model: LoadedModel,
+    support: SupportSet,
+    *,
+    mode: str,
+    base_version: int,
+    with_reliability: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> Adaptation:
+    """Adapt the base model to the support set and estimate its reliability.
+
+    Raises:
+        CaseError: an unknown mode.
+    """
+    if mode not in ADAPT_MODES:
+        raise CaseError(f"adaptation must be one of {', '.join(ADAPT_MODES)}, got {mode!r}")
+    config = AdaptConfig(mode=mode)
+    if on_progress is not None:
+        on_progress(0.0, f"adapting ({mode})")
+    classifier = adapt(
+        model.model,
+        torch.from_numpy(support.images),
+        torch.from_numpy(support.labels),
+        ways=support.ways,
+        config=config,
+        meta=model.meta,
+    )
+    score = None
+    if with_reliability and min(support.counts()) >= MIN_CASES_FOR_RELIABILITY:
+        score = reliability(model, support, config=config, on_progress=on_progress)
+    if on_progress is not None:
+        on_progress(1.0, "done")
+    return Adaptation(
+        classifier=classifier,
+        support=support,
+        support_embeddings=classifier.embed(torch.from_numpy(support.images)),
+        mode=mode,
+        base_version=base_version,
+        pipeline=model.pipeline,
+        reliability=score,
+    )
+
+
+def save_adapter(
+    registry: Path, adaptation: Adaptation, *, name: str, condition: str = "", author: str = ""
+) -> RegistryEntry:
+    """Publish the adapter in this node's registry (kind ``adapter``, parent = base version).
+
+    Raises:
+        CaseError: an empty name.
+    """
+    if not name.strip():
+        raise CaseError("give the adapter a name, for example the condition and the date")
+    support = adaptation.support
+    meta: dict[str, Any] = {
+        "format": ADAPTER_FORMAT,
+        "classes": list(support.classes),
+        "case_names": list(support.names),
+        "mode": adaptation.mode,
+        "base_version": adaptation.base_version,
+        "adapt_config": AdaptConfig(mode=adaptation.mode).to_dict(),
+    }
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        tensors = {
+            IMAGES_KEY: torch.from_numpy(np.ascontiguousarray(support.images)),
+            LABELS_KEY: torch.from_numpy(support.labels),
+        }
+        save_file(tensors, str(folder / SUPPORT_FILE))
+        (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    score = adaptation.reliability
+    return Registry.open(registry).publish(
+        write,
+        kind="adapter",
+        name=name.strip(),
+        parent=adaptation.base_version,
+        metrics=(
+            {"loo_accuracy": score.accuracy, "loo_right": score.right, "loo_cases": score.cases}
+            if score
+            else {}
+        ),
+        info={
+            "condition": condition.strip(),
+            "classes": list(support.classes),
+            "cases_per_class": support.counts(),
+            "mode": adaptation.mode,
+            "author": author,
+        },
+    )
+
+
+def load_adapter(registry: Path, version: int) -> tuple[Adaptation, LoadedModel]:
+    """Rebuild a saved adapter: load its base version and adapt it to the saved cases again.
+
+    Raises:
+        RegistryError: no such adapter, a missing base version, or unreadable adapter files.
+    """
+    reg = Registry.open(registry)
+    entry = reg.get(version)
+    if entry.kind != "adapter" or entry.parent is None:
+        raise RegistryError(f"registry version {version} is not an adapter")
+    try:
+        meta = json.loads((entry.path / ADAPTER_JSON).read_text())
+        tensors = load_file(str(entry.path / SUPPORT_FILE))
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"adapter {entry.label} is unreadable: {exc}") from exc
+    model = reg.load_model(entry.parent)
+    support = SupportSet(
+        images=tensors[IMAGES_KEY].numpy(),
+        labels=tensors[LABELS_KEY].numpy(),
+        classes=tuple(meta["classes"]),
+        names=tuple(meta["case_names"]),
+    )
+    adaptation = adapt_cases(
+        model, support, mode=meta["mode"], base_version=entry.parent, with_reliability=False
+    )
+    right, cases = entry.metrics.get("loo_right"), entry.metrics.get("loo_cases")
+    if isinstance(right, int) and isinstance(cases, int) and cases > 0:
+        adaptation.reliability = Reliability(right=right, cases=cases)
+    return adaptation, model
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A labelled support case near a new case in the adapted embedding."""
+
+    index: int
+    name: str
+    label: str
+    distance: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Class probabilities for one new case and its nearest labelled cases."""
+
+    name: str
+    probabilities: tuple[float, ...]
+    nearest: tuple[Neighbour, ...]
+
+    @property
+    def predicted(self) -> int:
+        """Index of the most probable class."""
+        return int(np.argmax(self.probabilities))
+
+
+def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Prediction]:
+    """Probabilities and nearest labelled cases for each readable new case.
+
+    Raises:
+        CaseError: no readable case, or cases preprocessed for a different input size.
+    """
+    if not cases.cases:
+        raise CaseError("no readable case to classify: upload PNG, JPEG, DICOM or NIfTI files")
+    images = cases.images
+    expected = adaptation.support.images.shape[1:]
+    if images.shape[1:] != expected:
+        raise CaseError(
+            f"cases were prepared as {images.shape[1:]} but this adapter's model takes "
+            f"{expected}; upload them again"
+        )
+    x = torch.from_numpy(images)
+    probabilities = adaptation.classifier.predict_proba(x).numpy()
+    distances = torch.cdist(adaptation.classifier.embed(x), adaptation.support_embeddings)
+    order = distances.argsort(dim=1)[:, :NEAREST].numpy()
+    support = adaptation.support
+    return [
+        Prediction(
+            name=name,
+            probabilities=tuple(float(p) for p in probs),
+            nearest=tuple(
+                Neighbour(
+                    index=int(j),
+                    name=support.names[j],
+                    label=support.classes[support.labels[j]],
+                    distance=float(distances[i, j]),
+                )
+                for j in order[i]
+            ),
+        )
+        for i, (name, probs) in enumerate(zip(cases.names, probabilities, strict=True))
+    ]
+
+
+def predictions_csv(classes: Sequence[str], predictions: Sequence[Prediction]) -> str:
+    """One row per case: file, predicted class, its probability, every class's probability and
+    the nearest labelled cases."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(
+        ["case", "predicted", "probability", *(f"p({c})" for c in classes), "nearest_cases"]
+    )
+    for p in predictions:
+        writer.writerow(
+            [
+                p.name,
+                classes[p.predicted],
+                f"{p.probabilities[p.predicted]:.4f}",
+                *(f"{v:.4f}" for v in p.probabilities),
+                "; ".join(f"{n.name} ({n.label})" for n in p.nearest),
+            ]
+        )
+    return out.getvalue()

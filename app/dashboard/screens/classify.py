@@ -1,0 +1,121 @@
+"""Clinician: classify new cases with an adapter, see why, and export the results."""
+
+import streamlit as st
+
+from app.dashboard import clinic, explain, ui, views
+from app.dashboard.auth import ROLE_CLINICIAN
+from app.dashboard.errors import CaseError
+from app.dashboard.settings import MAX_UPLOAD_MB
+from app.dashboard.uploads import resize_note
+from models.errors import FedfewError
+
+CURRENT = "current"  # the adapter made on the adapt page in this session, saved or not
+
+ui.require_role(ROLE_CLINICIAN)
+config = ui.settings()
+st.title("Classify cases")
+st.caption(ui.LOCAL_DATA_NOTICE)
+
+current = st.session_state.get(views.ADAPTATION_KEY)
+try:
+    saved = {e.id: e for e in clinic.saved_adapters(config.registry)}
+except FedfewError as exc:
+    ui.stop_with_error(exc)
+options = ([CURRENT] if current is not None else []) + list(saved)
+if not options:
+    st.info("No adapter yet: adapt the model to a condition on the Adapt page first.")
+    st.stop()
+
+
+def describe(option: object) -> str:
+    if option == CURRENT:
+        return f"this session's adaptation ({', '.join(current.support.classes)})"
+    entry = saved[option]
+    return f"{entry.label} · {', '.join(entry.info.get('classes', []))}"
+
+
+choice = st.selectbox("Adapter", options, format_func=describe, key="classify_adapter")
+if choice == CURRENT:
+    adaptation = current
+else:
+    cache = st.session_state.setdefault(views.ADAPTER_CACHE_KEY, {})
+    if choice not in cache:
+        try:
+            with st.spinner("Loading the adapter..."):
+                cache[choice] = clinic.load_adapter(config.registry, choice)[0]
+        except FedfewError as exc:
+            ui.stop_with_error(exc)
+    adaptation = cache[choice]
+views.reliability(adaptation)
+classes = adaptation.support.classes
+
+files = st.file_uploader(
+    "New cases",
+    accept_multiple_files=True,
+    key="classify_files",
+    max_upload_size=MAX_UPLOAD_MB,
+    help=views.UPLOAD_HELP,
+)
+if not files:
+    st.info("Upload the cases to classify.")
+    st.stop()
+cases = views.uploaded_cases(files, adaptation.pipeline)
+views.file_errors(cases.errors)
+note = resize_note(cases.cases, adaptation.pipeline)
+if note:
+    st.info(note)
+try:
+    predictions = clinic.classify_cases(adaptation, cases)
+except CaseError as exc:
+    ui.stop_with_error(exc)
+
+st.subheader("Predictions")
+st.dataframe(
+    [
+        {
+            "case": p.name,
+            "predicted": classes[p.predicted],
+            **{c: round(v, 3) for c, v in zip(classes, p.probabilities, strict=True)},
+            "nearest labelled case": p.nearest[0].name if p.nearest else "",
+        }
+        for p in predictions
+    ],
+    hide_index=True,
+    key="classify_table",
+)
+st.download_button(
+    "Download results (CSV)",
+    clinic.predictions_csv(classes, predictions),
+    file_name="predictions.csv",
+    mime="text/csv",
+    key="classify_csv",
+)
+
+st.subheader("Why")
+index = st.selectbox(
+    "Case", range(len(predictions)), format_func=lambda i: predictions[i].name, key="classify_case"
+)
+prediction = predictions[index]
+image = cases.cases[index].image
+left, right = st.columns(2)
+with left:
+    heat = explain.occlusion_map(
+        adaptation.classifier.predict_proba, image, target=prediction.predicted
+    )
+    st.image(
+        explain.overlay(image, heat),
+        caption=f"{prediction.name}: regions that support {classes[prediction.predicted]}",
+        width=320,
+    )
+with right:
+    st.bar_chart(
+        {"class": list(classes), "probability": list(prediction.probabilities)},
+        x="class",
+        y="probability",
+        height=220,
+    )
+    st.write("Nearest labelled cases:")
+    views.gallery(
+        [adaptation.support.images[n.index] for n in prediction.nearest],
+        [f"{n.label} ({n.name})" for n in prediction.nearest],
+    )

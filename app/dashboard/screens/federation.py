@@ -1,0 +1,59 @@
+"""IT: model versions and their metrics, the sites' privacy reports, SuperLink reachability and
+the federation's status file."""
+
+import streamlit as st
+
+from app.dashboard import network, ui
+from app.dashboard.auth import ROLE_IT
+from app.dashboard.settings import ENV_SUPERLINK, SUPERLINK_TIMEOUT_S
+from models.errors import RegistryError
+
+ui.require_role(ROLE_IT)
+config = ui.settings()
+st.title("Federation")
+
+st.subheader("SuperLink")
+if config.superlink is None:
+    st.info(
+        f"No SuperLink configured (`fedfew dashboard --superlink HOST:PORT` or {ENV_SUPERLINK})."
+    )
+else:
+    host, port = config.superlink
+    reach = network.check_reachable(host, port, timeout_s=SUPERLINK_TIMEOUT_S)
+    (st.success if reach.reachable else st.error)(reach.detail)
+    st.button("Check again", key="federation_recheck")
+
+st.subheader("Federation status")
+try:
+    status, summary = network.status_rows(config.federation_status)
+except RegistryError as exc:
+    st.error(str(exc))
+else:
+    if status is None:
+        st.info(summary.capitalize() + ".")
+    else:
+        st.caption(f"`{config.federation_status}`: {summary}")
+        st.dataframe(status, hide_index=True, key="federation_status")
+
+st.subheader("Model versions")
+try:
+    entries = network.registry_entries(config.registry)
+except RegistryError:
+    st.warning(
+        f"No model yet: no registry at `{config.registry}`. It appears when the federation "
+        "delivers its first global model (or run `fedfew demo` to try the dashboard)."
+    )
+    st.stop()
+if not entries:
+    st.info("The registry is empty: no model version yet.")
+    st.stop()
+st.dataframe(network.version_rows(entries), hide_index=True, key="federation_versions")
+series = network.metric_series(entries)
+if series:
+    st.line_chart(series, x="round", y="value", color="metric", height=260)
+privacy = network.privacy_rows(entries)
+st.subheader("Privacy reports per version")
+if privacy:
+    st.dataframe(privacy, hide_index=True, key="federation_privacy")
+else:
+    st.info("No version carries a privacy report yet.")

@@ -1,0 +1,40 @@
+"""Log in: local accounts (``fedfew users add``), or the hospital's identity provider when
+``st.login`` is configured."""
+
+import streamlit as st
+
+from app.dashboard import ui
+from app.dashboard.auth import UserStore, new_session
+from app.dashboard.errors import AuthError
+
+st.title("fedfew dashboard")
+ui.show_notice()
+config = ui.settings()
+store = UserStore(config.users_db)
+oidc = ui.oidc_settings()
+
+if oidc is not None:
+    st.button("Log in with your hospital account", on_click=st.login, type="primary")
+    st.caption("Or with a local account:")
+
+if not store.users():
+    st.warning(
+        "No account exists yet. On this machine, create the first one with\n\n"
+        "`fedfew users add --role clinician` (or `--role administrator`, `--role it`)\n\n"
+        f"It is stored in `{config.users_db}`."
+    )
+else:
+    with st.form("login"):
+        username = st.text_input("Username", key="login_username")
+        password = st.text_input("Password", type="password", key="login_password")
+        submitted = st.form_submit_button("Log in", type="primary")
+    if submitted:
+        try:
+            user = store.authenticate(username, password)
+        except AuthError as exc:
+            st.error(str(exc))
+        else:
+            st.session_state[ui.SESSION_KEY] = new_session(
+                user.username, (user.role,), hours=config.session_hours
+            )
+            st.rerun()

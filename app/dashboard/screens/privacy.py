@@ -1,0 +1,82 @@
+"""Administrator: each site's privacy budget, its charges and refusals, and a tamper check."""
+
+import streamlit as st
+
+from app.dashboard import budgets, ui
+from app.dashboard.auth import ROLE_ADMIN
+from app.dashboard.settings import ENV_LEDGERS
+from models.errors import FedfewError
+
+VERIFY_KEY = "privacy_verified"  # path -> Verification of the last check
+
+ui.require_role(ROLE_ADMIN)
+config = ui.settings()
+st.title("Privacy budgets")
+if not config.ledgers:
+    st.warning(
+        "No ledger configured. Start the dashboard with `fedfew dashboard --ledger PATH` "
+        f"(one or more) or set {ENV_LEDGERS}."
+    )
+    st.stop()
+
+found = budgets.read_budgets(config.ledgers)
+for problem in (b for b in found if isinstance(b, budgets.LedgerProblem)):
+    st.error(f"{problem.path}: {problem.message}")
+sites = [b for b in found if isinstance(b, budgets.SiteBudget)]
+if not sites:
+    st.stop()
+
+st.subheader("Epsilon over rounds")
+rows = budgets.epsilon_rows(sites)
+if rows:
+    st.line_chart(rows, x="round", y="epsilon", color="site", height=260)
+    st.caption(
+        "Cumulative epsilon after each charge, by federated round (several charges in one "
+        "round draw a vertical step); each site's cap is shown below."
+    )
+else:
+    st.info("No charge recorded yet: no site has spent any of its budget.")
+
+verified = st.session_state.setdefault(VERIFY_KEY, {})
+for i, site in enumerate(sites):
+    st.subheader(f"Site {site.site}")
+    cap, spent, left = st.columns(3)
+    cap.metric("Cap (epsilon)", f"{site.cap:.3g}")
+    spent.metric("Spent", f"{site.spent:.3f}")
+    left.metric("Remaining", f"{site.remaining:.3f}")
+    st.progress(site.fraction_spent, text=f"{100 * site.fraction_spent:.0f}% of the cap spent")
+    st.caption(f"delta {site.delta:.3g}, {site.accountant} accountant, ledger `{site.path}`")
+    if site.charges:
+        st.write(f"Charges ({len(site.charges)})")
+        st.dataframe(budgets.entry_rows(site.charges), hide_index=True, key=f"privacy_charges_{i}")
+    else:
+        st.info("Empty ledger: no charge yet.")
+    if site.refusals:
+        st.write(f"Refusals ({len(site.refusals)}): runs the cap stopped before they computed")
+        st.dataframe(
+            budgets.entry_rows(site.refusals), hide_index=True, key=f"privacy_refusals_{i}"
+        )
+    else:
+        st.caption("No refusals.")
+    verify, html, csv = st.columns(3)
+    if verify.button("Verify the record", key=f"privacy_verify_{i}"):
+        try:
+            verified[str(site.path)] = budgets.verify_ledger(site.path)
+        except FedfewError as exc:
+            st.error(str(exc))
+    outcome = verified.get(str(site.path))
+    if outcome is not None:
+        (st.success if outcome.intact else st.error)(outcome.message)
+    for column, suffix in ((html, ".html"), (csv, ".csv")):
+        try:
+            data = budgets.report_bytes(site.path, suffix=suffix)
+        except FedfewError as exc:
+            st.error(str(exc))
+            continue
+        column.download_button(
+            f"Budget report ({suffix[1:].upper()})",
+            data,
+            file_name=f"budget-{site.site}{suffix}",
+            mime=budgets.REPORT_MIME[suffix],
+            key=f"privacy_report_{i}{suffix}",
+        )

@@ -1,0 +1,150 @@
+"""Streamlit glue shared by the entry file and the pages: the session, role gating, navigation,
+settings and messages. Session-state keys are defined here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import streamlit as st
+from streamlit.errors import StreamlitSecretNotFoundError
+
+from app.dashboard.auth import (
+    ROLE_ADMIN,
+    ROLE_CLINICIAN,
+    ROLE_IT,
+    Session,
+    new_session,
+    role_from_claims,
+)
+from app.dashboard.errors import DashboardError
+from app.dashboard.settings import DashboardSettings, load_settings
+
+PAGES_DIR = Path(__file__).resolve().parent / "screens"
+SESSION_KEY = "fedfew_session"
+NOTICE_KEY = "fedfew_notice"  # a message to show once on the next page (e.g. "session expired")
+OIDC_SECTION = "fedfew_oidc"  # secrets: role_claim = "groups", [fedfew_oidc.roles] value = role
+OIDC_DEFAULT_CLAIM = "roles"
+
+# (file in screens/, title, icon) per role; a user sees the union of the pages of their roles.
+ROLE_PAGES: dict[str, tuple[tuple[str, str, str], ...]] = {
+    ROLE_CLINICIAN: (
+        ("adapt.py", "Adapt to a new condition", ":material/biotech:"),
+        ("classify.py", "Classify cases", ":material/radiology:"),
+    ),
+    ROLE_ADMIN: (("privacy.py", "Privacy budgets", ":material/shield_lock:"),),
+    ROLE_IT: (("federation.py", "Federation", ":material/hub:"),),
+}
+ACCOUNT_PAGE = ("account.py", "Account", ":material/person:")
+LOGIN_PAGE = ("login.py", "Log in", ":material/login:")
+LOCAL_DATA_NOTICE = (
+    "Uploaded images and adapters stay on this hospital's machine: they are kept in this "
+    "node's local registry and are never sent to the federation."
+)
+
+
+def settings() -> DashboardSettings:
+    """The dashboard settings; a malformed setting stops the page with its message."""
+    try:
+        return load_settings()
+    except DashboardError as exc:
+        stop_with_error(exc)
+
+
+def stop_with_error(exc: Exception | str) -> NoReturn:
+    """Show one clear message and end this run of the page (no traceback)."""
+    st.error(str(exc))
+    st.stop()
+
+
+def oidc_settings() -> Mapping[str, Any] | None:
+    """The ``[fedfew_oidc]`` secrets when ``st.login`` is configured (an ``[auth]`` section)."""
+    try:
+        if "auth" not in st.secrets:
+            return None
+        section = st.secrets.get(OIDC_SECTION, {})
+    except StreamlitSecretNotFoundError:  # no secrets.toml at all: local accounts only
+        return None
+    return dict(section)
+
+
+def _oidc_session(oidc: Mapping[str, Any], hours: float) -> Session | None:
+    if not st.user.is_logged_in:
+        return None
+    claims = dict(st.user)
+    roles = role_from_claims(
+        claims,
+        claim=str(oidc.get("role_claim", OIDC_DEFAULT_CLAIM)),
+        mapping=dict(oidc.get("roles", {})),
+    )
+    name = str(claims.get("email") or claims.get("name") or claims.get("sub") or "unknown")
+    return new_session(name, roles, hours=hours, source="oidc")
+
+
+def current_session() -> Session | None:
+    """The logged-in session, or None; an expired one is ended with a notice."""
+    session: Session | None = st.session_state.get(SESSION_KEY)
+    if session is None:
+        oidc = oidc_settings()
+        if oidc is not None:
+            session = _oidc_session(oidc, settings().session_hours)
+            if session is not None:
+                st.session_state[SESSION_KEY] = session
+    if session is not None and session.expired():
+        end_session(notice="Your session expired. Log in again to continue.")
+        return None
+    return session
+
+
+def end_session(*, notice: str | None = None) -> None:
+    """Log out: forget the session and everything entered during it."""
+    session: Session | None = st.session_state.get(SESSION_KEY)
+    for key in list(st.session_state.keys()):
+        del st.session_state[key]
+    if notice:
+        st.session_state[NOTICE_KEY] = notice
+    if session is not None and session.source == "oidc" and st.user.is_logged_in:
+        st.logout()
+
+
+def show_notice() -> None:
+    """Show (once) a notice left by the previous run."""
+    notice = st.session_state.pop(NOTICE_KEY, None)
+    if notice:
+        st.info(notice)
+
+
+def navigation_pages(session: Session | None) -> list[Any]:
+    """The pages this session may open (only the login page when logged out)."""
+
+    def page(spec: tuple[str, str, str], *, default: bool = False) -> Any:
+        file, title, icon = spec
+        return st.Page(PAGES_DIR / file, title=title, icon=icon, default=default)
+
+    if session is None:
+        return [page(LOGIN_PAGE, default=True)]
+    specs = [spec for role in session.roles for spec in ROLE_PAGES.get(role, ())]
+    pages = [page(spec, default=i == 0) for i, spec in enumerate(specs)]
+    return [*pages, page(ACCOUNT_PAGE, default=not pages)]
+
+
+def require_role(role: str) -> Session:
+    """The session, if it holds ``role``; otherwise the page stops with a message.
+
+    Navigation already hides pages a role may not open; this also guards a page opened directly.
+    """
+    session: Session | None = st.session_state.get(SESSION_KEY)
+    if session is None or session.expired():
+        stop_with_error("Log in to open this page.")
+    if role not in session.roles:
+        stop_with_error(f"This page is for the {role} role; your account does not have it.")
+    return session
+
+
+def remaining_time(session: Session) -> str:
+    """How long until the session expires, e.g. ``7 h 59 min``."""
+    minutes = max(0, int((session.expires_at - time.time()) // 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min"

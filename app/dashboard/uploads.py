@@ -1,0 +1,163 @@
+"""Uploaded files to model-ready arrays, through the same guard and MONAI readers as training.
+
+Uploads are written to a private temporary folder only for as long as the readers need them
+(MONAI's readers take paths), then deleted; the arrays stay in the browser session's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import UnreadableImageError
+from models.guard import GuardConfig, file_suffix
+from models.pipeline import PipelineConfig
+from models.readers import load_files
+
+ACCEPTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")  # what the page says
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file: the name the user's browser gave and its bytes."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class LoadedCase:
+    """One readable case: its pipeline output ``(C, S, S)`` and what the file was before it."""
+
+    name: str
+    image: np.ndarray
+    original_shape: tuple[int, ...]  # (H, W) or (H, W, C) as stored in the file
+
+
+@dataclass
+class LoadedCases:
+    """The readable cases of a batch of uploads and one error per unreadable file."""
+
+    cases: list[LoadedCase] = field(default_factory=list)
+    errors: list[UnreadableImageError] = field(default_factory=list)
+
+    @property
+    def images(self) -> np.ndarray:
+        """Stacked pipeline outputs ``(n, C, S, S)``."""
+        return np.stack([c.image for c in self.cases]) if self.cases else np.zeros((0, 0, 0, 0))
+
+    @property
+    def names(self) -> list[str]:
+        """File names of the readable cases."""
+        return [c.name for c in self.cases]
+
+
+def _cache_key(upload: Upload, pipeline: PipelineConfig, guard: GuardConfig) -> str:
+    digest = hashlib.sha256(upload.data).hexdigest()
+    return f"{digest}:{upload.name}:{sorted(pipeline.to_dict().items())}:{guard.max_file_bytes}"
+
+
+def _original_shape(path: Path) -> tuple[int, ...]:
+    """Height, width (and channels) as stored, read from the header only."""
+    suffix = file_suffix(path)
+    if suffix in (".png", ".jpg", ".jpeg"):
+        from PIL import Image
+
+        with Image.open(path) as img:
+            width, height = img.size
+            bands = len(img.getbands())
+        return (height, width) if bands == 1 else (height, width, bands)
+    if suffix == ".dcm":
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        return (rows, cols) if samples == 1 else (rows, cols, samples)
+    import nibabel as nib
+
+    return tuple(int(s) for s in nib.load(path).shape)  # type: ignore[attr-defined]
+
+
+def load_uploads(
+    uploads: Sequence[Upload],
+    *,
+    pipeline: PipelineConfig,
+    guard: GuardConfig = GuardConfig(),
+    cache: MutableMapping[str, LoadedCase | UnreadableImageError] | None = None,
+) -> LoadedCases:
+    """Guard, read and preprocess uploaded files; a bad file is reported, never fatal.
+
+    Args:
+        uploads: the files, in the order they were given.
+        pipeline: the base model's preprocessing (every case is resized to its input side).
+        guard: size, format and pixel limits checked before decoding.
+        cache: results of earlier calls (keyed by content, name and pipeline), so a page rerun
+            does not decode the same files again.
+
+    Returns:
+        The readable cases in input order and an error naming each unreadable file.
+    """
+    cache = {} if cache is None else cache
+    todo = [(i, u) for i, u in enumerate(uploads) if _cache_key(u, pipeline, guard) not in cache]
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="fedfew-upload-") as folder:
+            paths = []
+            for i, upload in todo:
+                # The browser's file name is only kept for messages; on disk a fixed name with
+                # the original suffix (the readers pick a decoder by suffix).
+                path = Path(folder) / f"case_{i}{file_suffix(upload.name)}"
+                path.write_bytes(upload.data)
+                paths.append(path)
+            result = load_files(paths, pipeline, guard)
+            loaded = dict(zip(result.paths, result.images, strict=True))
+            failed = {e.path: e for e in result.errors}
+            for (_, upload), path in zip(todo, paths, strict=True):
+                key = _cache_key(upload, pipeline, guard)
+                if str(path) in loaded:
+                    cache[key] = LoadedCase(
+                        name=upload.name,
+                        image=loaded[str(path)],
+                        original_shape=_original_shape(path),
+                    )
+                else:
+                    cache[key] = UnreadableImageError(upload.name, failed[str(path)].reason)
+    out = LoadedCases()
+    for upload in uploads:
+        item = cache[_cache_key(upload, pipeline, guard)]
+        if isinstance(item, UnreadableImageError):
+            out.errors.append(item)
+        else:
+            out.cases.append(item)
+    return out
+
+
+def resize_note(cases: Sequence[LoadedCase], pipeline: PipelineConfig) -> str | None:
+    """A sentence for the user when the cases differ in size or channels, else None."""
+    sizes = {c.original_shape[:2] for c in cases}
+    channels = {c.original_shape[2] if len(c.original_shape) > 2 else 1 for c in cases}
+    if len(sizes) <= 1 and len(channels) <= 1:
+        return None
+    parts = []
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:4])
+        parts.append(f"sizes differ ({shown}{', ...' if len(sizes) > 4 else ''})")
+    if len(channels) > 1:
+        parts.append(f"channel counts differ ({', '.join(str(c) for c in sorted(channels))})")
+    side = pipeline.image_size
+    return (
+        f"The cases' {' and '.join(parts)}: that is fine. Every case is resized to {side}x{side} "
+        f"pixels and given {pipeline.channels} channels before the model sees it."
+    )
+
+
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """A pipeline output ``(C, S, S)`` in [0, 1] as an 8-bit picture ``(S, S, 3)`` or ``(S, S)``."""
+    picture = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    picture = picture[0] if picture.shape[0] == 1 else np.moveaxis(picture, 0, -1)
+    return np.round(picture * 255).astype(np.uint8)

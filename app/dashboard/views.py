@@ -1,0 +1,80 @@
+"""Streamlit rendering shared by the clinician pages: case galleries, file errors, reliability,
+and the session-scoped caches of decoded uploads and loaded models/adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from app.dashboard import clinic
+from app.dashboard.settings import MAX_UPLOAD_MB
+from app.dashboard.uploads import ACCEPTED_SUFFIXES, LoadedCases, Upload, load_uploads, thumbnail
+from models.errors import UnreadableImageError
+from models.model_dir import LoadedModel
+from models.pipeline import PipelineConfig
+from models.registry import Registry
+
+# Session-state keys of the clinician pages (widget keys are the pages' own, prefixed alike).
+CASE_CACHE_KEY = "clinic_case_cache"  # decoded uploads by content hash
+ADAPTATION_KEY = "clinic_adaptation"  # the adaptation made on the adapt page (unsaved or saved)
+ADAPTER_CACHE_KEY = "clinic_adapter_cache"  # saved adapters rebuilt for the classify page
+GALLERY_COLUMNS = 8
+THUMB_PX = 72
+UPLOAD_HELP = (
+    f"{', '.join(s.lstrip('.').upper() for s in ACCEPTED_SUFFIXES)}; several at once; "
+    f"up to {MAX_UPLOAD_MB} MB each."
+)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model...")
+def base_model(registry: str, version: int) -> LoadedModel:
+    """A global model version, loaded once per dashboard process (adaptation never changes it)."""
+    return Registry.open(Path(registry)).load_model(version)
+
+
+def uploaded_cases(files: Sequence[Any] | None, pipeline: PipelineConfig) -> LoadedCases:
+    """Decode the files of a ``st.file_uploader`` (cached in the session by content)."""
+    cache = st.session_state.setdefault(CASE_CACHE_KEY, {})
+    uploads = [Upload(name=f.name, data=f.getvalue()) for f in files or []]
+    return load_uploads(uploads, pipeline=pipeline, cache=cache)
+
+
+def file_errors(errors: Sequence[UnreadableImageError]) -> None:
+    """One warning listing every file that could not be used and why."""
+    if errors:
+        lines = "\n".join(f"- **{e.path}**: {e.reason}" for e in errors)
+        st.warning(f"{len(errors)} file(s) could not be used and were left out:\n{lines}")
+
+
+def gallery(images: Sequence[Any], captions: Sequence[str]) -> None:
+    """Thumbnails in rows of :data:`GALLERY_COLUMNS`."""
+    for start in range(0, len(images), GALLERY_COLUMNS):
+        columns = st.columns(GALLERY_COLUMNS)
+        for column, image, caption in zip(
+            columns,
+            images[start : start + GALLERY_COLUMNS],
+            captions[start : start + GALLERY_COLUMNS],
+            strict=False,
+        ):
+            column.image(thumbnail(image), caption=caption, width=THUMB_PX)
+
+
+def reliability(adaptation: clinic.Adaptation) -> None:
+    """The leave-one-out estimate in words, with a warning when it is low or not computable."""
+    score = adaptation.reliability
+    if score is None:
+        st.warning(
+            "Reliability could not be estimated: a class has a single case. Add at least one "
+            "more case to every class before relying on the predictions."
+        )
+    elif score.low:
+        st.warning(
+            f"{score.sentence()} That is low: add cases, check that each case is in the right "
+            "class, or try another adaptation."
+        )
+    else:
+        st.success(score.sentence())

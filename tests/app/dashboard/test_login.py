@@ -1,0 +1,102 @@
+"""Login page: first-run guidance, local login, wrong password, rate limit, expiry, logout, and
+pages by role."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app.dashboard.auth import MAX_FAILURES, ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT, Session
+from app.dashboard.ui import SESSION_KEY
+from tests.app.dashboard.conftest import ENTRY, PASSWORD, TIMEOUT, texts
+
+
+def login(at: AppTest, username: str, password: str) -> AppTest:
+    at.text_input(key="login_username").input(username)
+    at.text_input(key="login_password").input(password)
+    return at.button[0].click().run()
+
+
+def test_first_run_explains_how_to_create_an_account(env: dict[str, Path]) -> None:
+    at = AppTest.from_file(str(ENTRY), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert "fedfew users add --role clinician" in texts(at, "warning")
+    assert not at.text_input  # no login form without any account
+
+
+def test_login_as_clinician_shows_clinician_pages(store, registry, make_app) -> None:
+    at = login(make_app().run(), ROLE_CLINICIAN, PASSWORD)
+    assert not at.exception
+    session = at.session_state[SESSION_KEY]
+    assert session.username == ROLE_CLINICIAN and session.roles == (ROLE_CLINICIAN,)
+    assert at.title[0].value == "Adapt to a new condition"
+
+
+def test_wrong_password_keeps_the_username_and_says_so(store, make_app) -> None:
+    at = login(make_app().run(), ROLE_CLINICIAN, "not the password")
+    assert not at.exception
+    assert "wrong username or password" in texts(at, "error")
+    assert SESSION_KEY not in at.session_state
+    assert at.text_input(key="login_username").value == ROLE_CLINICIAN
+
+
+def test_repeated_failures_lock_the_account(store, make_app) -> None:
+    at = make_app().run()
+    for _ in range(MAX_FAILURES):
+        login(at, ROLE_ADMIN, "wrong password!")
+    at = login(at, ROLE_ADMIN, PASSWORD)  # the right password, but locked now
+    assert "too many failed logins" in texts(at, "error")
+    assert SESSION_KEY not in at.session_state
+
+
+def test_expired_session_returns_to_login(store, make_app) -> None:
+    at = make_app(ROLE_ADMIN, hours=-0.1).run()
+    assert not at.exception
+    assert "session expired" in texts(at, "info")
+    assert SESSION_KEY not in at.session_state
+    assert at.text_input(key="login_username")  # the login form
+
+
+def test_logout(store, make_app) -> None:
+    at = make_app(ROLE_IT).run()
+    at.switch_page("screens/account.py").run()
+    at.button(key="logout").click().run()
+    assert not at.exception
+    assert SESSION_KEY not in at.session_state
+    assert "logged out" in texts(at, "info")
+
+
+@pytest.mark.parametrize(
+    ("role", "allowed", "forbidden"),
+    [
+        (ROLE_CLINICIAN, "screens/classify.py", "screens/privacy.py"),
+        (ROLE_ADMIN, "screens/privacy.py", "screens/federation.py"),
+        (ROLE_IT, "screens/federation.py", "screens/adapt.py"),
+    ],
+)
+def test_pages_by_role(store, make_app, role: str, allowed: str, forbidden: str) -> None:
+    at = make_app(role).run()
+    assert not at.exception
+    at.switch_page(allowed).run()
+    assert not at.exception
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page(forbidden)
+
+
+def test_logged_out_user_sees_only_login(store, make_app) -> None:
+    at = make_app().run()
+    with pytest.raises(ValueError, match="Could not find a navigation page"):
+        at.switch_page("screens/adapt.py")
+
+
+@pytest.mark.parametrize("page", ["privacy.py", "federation.py", "adapt.py", "classify.py"])
+def test_page_opened_directly_checks_the_role(store, page: str) -> None:
+    # Defence in depth: a page script run on its own refuses a session without its role.
+    at = AppTest.from_file(str(ENTRY.parent / "screens" / page), default_timeout=TIMEOUT)
+    at.session_state[SESSION_KEY] = Session("x", roles=("nobody",), expires_at=time.time() + 60)
+    at.run()
+    assert not at.exception
+    assert "your account does not have it" in texts(at, "error")
