@@ -126,7 +126,9 @@ def load_uploads(
                         original_shape=_original_shape(path),
                     )
                 else:
-                    cache[key] = UnreadableImageError(upload.name, failed[str(path)].reason)
+                    # Decoder messages quote the temporary path: name the user's file instead.
+                    reason = failed[str(path)].reason.replace(str(path), upload.name)
+                    cache[key] = UnreadableImageError(upload.name, reason)
     out = LoadedCases()
     for upload in uploads:
         item = cache[_cache_key(upload, pipeline, guard)]

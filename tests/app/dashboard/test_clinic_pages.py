@@ -1,0 +1,154 @@
+"""Clinician pages through AppTest: the adapt-save-classify flow on synthetic images, and every
+bad input (unreadable, oversized, wrong format, one class, no case, mixed sizes, no registry)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from app.dashboard.auth import ROLE_CLINICIAN
+from app.dashboard.views import ADAPTATION_KEY
+from models.registry import Registry
+from tests.app.dashboard.conftest import png_bytes, texts
+
+SHOTS = 4
+
+
+def named_classes(at: AppTest, names: list[str]) -> AppTest:
+    return at.text_area(key="adapt_classes").input("\n".join(names)).run()
+
+
+def upload(at: AppTest, key: str, files: list[tuple[str, bytes]]) -> AppTest:
+    at.file_uploader(key=key).set_value([(name, data, "image/png") for name, data in files])
+    return at.run()
+
+
+def adapt_page_with_cases(make_app, case_images, shots: int = SHOTS) -> tuple[AppTest, list[str]]:
+    at = make_app(ROLE_CLINICIAN).run()
+    classes = sorted(case_images)
+    named_classes(at, classes)
+    for i, name in enumerate(classes):
+        at.file_uploader(key=f"adapt_files_{i}").set_value(
+            [
+                (f"{name}_{j}.png", data, "image/png")
+                for j, data in enumerate(case_images[name][:shots])
+            ]
+        )
+    return at.run(), classes
+
+
+def test_adapt_save_classify(registry, make_app, case_images, env) -> None:
+    at, classes = adapt_page_with_cases(make_app, case_images)
+    assert not at.exception
+    assert "ε 2.50 (highest of 2 sites)" in at.selectbox(key="adapt_base").options[0]
+    captions = [c for image in at.image for c in image.captions]
+    assert captions == [f"{c}_{j}.png" for c in classes for j in range(SHOTS)]  # thumbnails
+    at.button(key="adapt_run").click().run()
+    assert not at.exception
+    result = texts(at, "success") + texts(at, "warning")
+    assert "held-out cases would be right" in result
+    at.text_input(key="adapt_name").input("three-lesions")
+    next(b for b in at.button if b.label == "Save adapter").click().run()
+    assert "Saved as v2 three-lesions" in texts(at, "success")
+    adapters = Registry.open(env["registry"]).entries(kind="adapter")
+    assert [(a.name, a.parent) for a in adapters] == [("three-lesions", registry)]
+    assert adapters[0].info["classes"] == classes
+
+    at.switch_page("screens/classify.py").run()
+    assert not at.exception
+    at.selectbox(key="classify_adapter").set_value(adapters[0].id).run()
+    new_cases = [(f"new_{i}.png", case_images[c][-1]) for i, c in enumerate(classes)]
+    upload(at, "classify_files", new_cases)
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["case"]) == [n for n, _ in new_cases]
+    assert set(table["predicted"]) <= set(classes)
+    np.testing.assert_allclose(table[classes].sum(axis=1), 1.0, atol=0.01)
+    assert at.download_button(key="classify_csv").label == "Download results (CSV)"
+    captions = [c for image in at.image for c in image.captions]
+    assert any("regions that support" in c for c in captions)  # the explanation image
+
+
+def test_unsaved_adaptation_classifies_too(registry, make_app, case_images) -> None:
+    at, classes = adapt_page_with_cases(make_app, case_images, shots=2)
+    at.radio(key="adapt_mode").set_value("finetune")
+    at.button(key="adapt_run").click().run()
+    assert at.session_state[ADAPTATION_KEY].mode == "finetune"
+    at.switch_page("screens/classify.py").run()
+    upload(at, "classify_files", [("new.png", case_images[classes[0]][-1])])
+    assert not at.exception
+    assert len(at.dataframe[0].value) == 1
+
+
+def test_unreadable_wrong_format_and_oversized_files_are_named(registry, make_app) -> None:
+    at = named_classes(make_app(ROLE_CLINICIAN).run(), ["a", "b"])
+    bomb = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(bomb, format="PNG")  # 64 Mpixel: above the guard's cap
+    upload(
+        at,
+        "adapt_files_0",
+        [
+            ("broken.png", b"\x89PNG not really"),
+            ("notes.txt", b"hello"),
+            ("huge.png", bomb.getvalue()),
+        ],
+    )
+    assert not at.exception
+    warning = texts(at, "warning")
+    assert "3 file(s) could not be used" in warning
+    assert "broken.png" in warning and "fedfew-upload" not in warning  # no temporary path
+    assert "huge.png" in warning and "decompression bomb" in warning
+    assert "notes.txt" in warning and "not allowed" in warning
+
+
+def test_one_class_and_zero_cases_get_messages_and_keep_input(
+    registry, make_app, case_images
+) -> None:
+    at = named_classes(make_app(ROLE_CLINICIAN).run(), ["only"])
+    assert "at least 2 classes" in texts(at, "info")
+    at.button(key="adapt_run").click().run()
+    assert "at least 2 classes" in texts(at, "error")
+
+    named_classes(at, ["a", "b"])
+    name = sorted(case_images)[0]
+    upload(at, "adapt_files_0", [("a.png", case_images[name][0])])
+    at.button(key="adapt_run").click().run()
+    assert not at.exception
+    assert "no readable case for b" in texts(at, "error")
+    # Nothing entered is lost: the classes and the uploaded case are still there.
+    assert at.text_area(key="adapt_classes").value == "a\nb"
+    assert [c for image in at.image for c in image.captions] == ["a.png"]
+
+
+def test_single_case_class_warns_that_reliability_cannot_be_estimated(
+    registry, make_app, case_images
+) -> None:
+    names = sorted(case_images)
+    at = named_classes(make_app(ROLE_CLINICIAN).run(), names[:2])
+    upload(at, "adapt_files_0", [(f"a{i}.png", d) for i, d in enumerate(case_images[names[0]][:3])])
+    upload(at, "adapt_files_1", [("b.png", case_images[names[1]][0])])
+    at.button(key="adapt_run").click().run()
+    assert not at.exception
+    assert "could not be estimated" in texts(at, "warning")
+
+
+def test_mixed_sizes_and_channels_are_resized_with_a_note(registry, make_app) -> None:
+    rng = np.random.default_rng(0)
+    grey = png_bytes(rng.integers(0, 255, (40, 40), dtype=np.uint8))
+    colour = png_bytes(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    at = named_classes(make_app(ROLE_CLINICIAN).run(), ["a", "b"])
+    upload(at, "adapt_files_0", [("grey.png", grey), ("colour.png", colour)])
+    note = texts(at, "info")
+    assert "resized to 32x32" in note and "sizes differ" in note and "channel counts differ" in note
+
+
+def test_no_registry_tells_how_to_get_a_model(env, store, make_app) -> None:
+    at = make_app(ROLE_CLINICIAN).run()
+    assert not at.exception
+    assert "No model yet" in texts(at, "warning") and "fedfew demo" in texts(at, "warning")
+    at.switch_page("screens/classify.py").run()
+    assert not at.exception
+    assert "No adapter yet" in texts(at, "info")
