@@ -32,7 +32,7 @@ def weighted_mean(deltas: Sequence[State], weights: Sequence[float]) -> State:
     pairs = list(zip(deltas, weights, strict=True))
     out: State = {}
     for name in deltas[0]:
-        summed = sum(w * d[name].astype(np.float64) for d, w in pairs)
+        summed = np.sum([w * d[name].astype(np.float64) for d, w in pairs], axis=0)
         out[name] = (summed / total).astype(deltas[0][name].dtype)
     return out
 

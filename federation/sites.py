@@ -60,5 +60,5 @@ def split_evenly(arrays: Arrays, sites: int, *, seed: int = 0) -> list[Arrays]:
 def write_site(path: Path, arrays: Arrays) -> Path:
     """Write one site's set as a compressed ``.npz``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # numpy's stub is too narrow
     return path

@@ -1,16 +1,13 @@
-"""Fixtures for the federation unit tests: a small model, a site's data and config, and a
-loopback Grid that hands Messages to the real ClientApp handler in this process."""
+"""Fixtures for the federation unit tests: a small model, a site's data and its node config."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
-from flwr.app import Message
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from federation.inprocess import set_task_identity
 from federation.server_app import initial_state
 from federation.server_config import ServerConfig
 from models.synthetic import write_synthetic_npz
@@ -20,7 +17,7 @@ from models.synthetic import write_synthetic_npz
 def task_identity():
     """What Flower's runtime sets before any Message is built in a process."""
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 0
+    set_task_identity(run_id=7)
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
@@ -64,43 +61,3 @@ def make_site(root: Path, site: str, *, cap: float = 8.0, seed: int = 1) -> dict
         "budget-epsilon": cap,
         "budget-delta": 1e-5,
     }
-
-
-Handler = Callable[[Message], Message | None]
-
-
-class LoopbackGrid(Grid):
-    """Routes each Message to a handler in this process; ``None`` from a handler is a node that
-    never answers (dead). The real transport is tested in tests/e2e."""
-
-    def __init__(self, handlers: dict[int, Handler]) -> None:
-        self.handlers = handlers
-        self.sent: list[Message] = []
-
-    def set_run(self, run_id: int) -> None:  # type: ignore[override]
-        """Unused by the loop under test."""
-
-    @property
-    def run(self):  # type: ignore[override]
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # type: ignore[override]
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.handlers)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            reply = self.handlers[msg.metadata.dst_node_id](msg)
-            if reply is not None:
-                replies.append(reply)
-        return replies

@@ -9,6 +9,7 @@ from flwr.app import Message
 from federation.checkpoint import load_checkpoint
 from federation.client_app import train
 from federation.errors import QuorumError
+from federation.inprocess import InProcessGrid
 from federation.records import DELTA, from_arrays, to_arrays
 from federation.rounds import run_rounds
 from federation.server_app import evaluate_state, public_eval_set, publish_version
@@ -16,7 +17,7 @@ from federation.strategy import FederatedMetaStrategy
 from models.registry import Registry
 from privacy.ledger import Ledger
 
-from .conftest import LoopbackGrid, make_site
+from .conftest import make_site
 from .test_client_app import context
 
 
@@ -40,7 +41,7 @@ def test_two_rounds_publish_a_version_each_with_every_sites_report(
     tmp_path, server_config, global_state
 ):
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
-    final = run(server_config, global_state, LoopbackGrid({1: node(sites[0]), 2: node(sites[1])}))
+    final = run(server_config, global_state, InProcessGrid({1: node(sites[0]), 2: node(sites[1])}))
     assert final.round == 2
     versions = Registry.open(server_config.root / "registry").entries(kind="global")
     assert [v.info["round"] for v in versions] == [1, 2]
@@ -55,7 +56,7 @@ def test_a_dead_node_is_retried_and_the_round_completes_on_quorum(
 ):
     config = dataclasses.replace(server_config, min_replies=2, min_nodes=2, num_rounds=1)
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("abc")]
-    grid = LoopbackGrid({1: node(sites[0]), 2: node(sites[1]), 3: lambda msg: None})
+    grid = InProcessGrid({1: node(sites[0]), 2: node(sites[1]), 3: lambda msg: None})
     final = run(config, global_state, grid)
     assert final.round == 1 and set(final.history[0]["sites"]) == {"a", "b"}
     assert final.history[0]["attempts"] == 1
@@ -68,7 +69,7 @@ def test_no_quorum_stops_cleanly_with_the_last_good_checkpoint(
     config = dataclasses.replace(server_config, num_rounds=2, max_retries=1)
     site = make_site(tmp_path, "a")
     refused = make_site(tmp_path, "b", cap=0.1)
-    grid = LoopbackGrid({1: node(site), 2: node(refused)})
+    grid = InProcessGrid({1: node(site), 2: node(refused)})
     with pytest.raises(QuorumError, match="round 1: 1 valid replies after 2 attempts"):
         run(config, global_state, grid)
     kept = load_checkpoint(config.root / "checkpoint", federation=config.federation)
@@ -90,7 +91,7 @@ def test_poisoned_and_nan_replies_are_gated(tmp_path, server_config, global_stat
         reply.content.array_records[DELTA] = to_arrays(delta)
         return reply
 
-    final = run(config, global_state, LoopbackGrid({1: node(good), 2: poisoned}))
+    final = run(config, global_state, InProcessGrid({1: node(good), 2: poisoned}))
     assert set(final.history[0]["sites"]) == {"a"}
     assert any("non-finite" in p for p in final.history[0]["problems"])
 
@@ -100,10 +101,10 @@ def test_a_restarted_server_resumes_without_charging_a_site_twice(
 ):
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
     one_round = dataclasses.replace(server_config, num_rounds=1)
-    run(one_round, global_state, LoopbackGrid({1: node(sites[0]), 2: node(sites[1])}))
+    run(one_round, global_state, InProcessGrid({1: node(sites[0]), 2: node(sites[1])}))
     # The server dies after round 1; a new ServerApp process starts from a fresh model.
     other_start = {k: v + 1 for k, v in global_state.items()}
-    final = run(server_config, other_start, LoopbackGrid({1: node(sites[0]), 2: node(sites[1])}))
+    final = run(server_config, other_start, InProcessGrid({1: node(sites[0]), 2: node(sites[1])}))
     assert final.round == 2 and [r["round"] for r in final.history] == [1, 2]
     for site in sites:
         assert [e.round for e in Ledger.open(site["ledger"]).entries()] == [1, 2]
