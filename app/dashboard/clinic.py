@@ -1,87 +1,34 @@
 """What the clinician pages do: adapt a base model to a few labelled cases, estimate how reliable
-that is, save and load adapters in this node's registry, classify new cases, export the results.
+that is, classify new cases with their nearest labelled cases, export the results.
 
-An adapter is stored as its support set (pipeline outputs and labels), class names, adaptation
-mode and base version; loading it adapts the same base version to the same cases again (the
-adaptation is deterministic, and the registry's versions never change).
+Saving and loading adapters is in :mod:`app.dashboard.adapters`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from app.dashboard.errors import CaseError
 from app.dashboard.uploads import LoadedCases
 from models.adaptation import ADAPT_MODES, AdaptConfig, AdaptedClassifier, adapt, prototype_head
-from models.errors import RegistryError
 from models.model_dir import LoadedModel
 from models.pipeline import PipelineConfig
-from models.registry import Registry, RegistryEntry
 
-ADAPTER_JSON = "adapter.json"
-SUPPORT_FILE = "support.safetensors"
-ADAPTER_FORMAT = 1
-IMAGES_KEY = "images"
-LABELS_KEY = "labels"
-# Keys a site's privacy report may hold its epsilon under: the federation node's report
-# ("epsilon-spent", cumulative for the site), then a single run's report (`fedfew train`).
-EPSILON_KEYS = ("epsilon-spent", "epsilon_spent", "run_epsilon", "epsilon")
 MIN_CLASSES = 2  # one class is not a classification
 MIN_CASES_FOR_RELIABILITY = 2  # leave-one-out needs another case of the held-out class
 FEW_CASES = 3  # below this per class the reliability estimate is too coarse to trust
 LOW_RELIABILITY = 0.7  # below 7 in 10 right, a clinician should add cases before relying on it
 NEAREST = 3  # labelled cases shown beside each prediction
+# Finetune and MAML adapt once per held-out case (1-3 s each for Conv-4 at 64 px on 2 cores):
+# at most this many held-out cases, taken from every class in turn, keep the wait under ~30 s.
+SLOW_MODE_FOLDS = 10
 ProgressFn = Callable[[float, str], None]
-
-
-def version_epsilons(entry: RegistryEntry) -> dict[str, float]:
-    """Each site's epsilon in a version's privacy reports (sites without a number left out)."""
-    found: dict[str, float] = {}
-    for site, report in sorted(entry.privacy.items()):
-        if isinstance(report, dict):
-            for key in EPSILON_KEYS:
-                value = report.get(key)
-                if isinstance(value, int | float) and math.isfinite(value):
-                    found[str(site)] = float(value)
-                    break
-    return found
-
-
-def epsilon_label(entry: RegistryEntry) -> str:
-    """``"ε 2.31 (highest of 3 sites)"``, or that the version carries no privacy report."""
-    epsilons = version_epsilons(entry)
-    if not epsilons:
-        return "no privacy report (not trained with differential privacy)"
-    worst = max(epsilons.values())
-    sites = len(epsilons)
-    return f"ε {worst:.2f}" + (f" (highest of {sites} sites)" if sites > 1 else f" ({sites} site)")
-
-
-def base_models(registry: Path) -> list[RegistryEntry]:
-    """Global model versions of the registry, newest first.
-
-    Raises:
-        RegistryError: no registry at ``registry``.
-    """
-    return list(reversed(Registry.open(registry).entries(kind="global")))
-
-
-def saved_adapters(registry: Path) -> list[RegistryEntry]:
-    """Adapters saved in the registry, newest first (none when there is no registry yet)."""
-    if not (registry / "registry.sqlite").is_file():
-        return []
-    return list(reversed(Registry.open(registry).entries(kind="adapter")))
 
 
 @dataclass(frozen=True)
@@ -153,7 +100,8 @@ class Reliability:
     """Leave-one-out accuracy on the support set: each case predicted after adapting to the rest."""
 
     right: int
-    cases: int
+    cases: int  # held-out cases checked
+    of: int = 0  # cases in the support set (0: all were checked)
 
     @property
     def accuracy(self) -> float:
@@ -167,10 +115,11 @@ class Reliability:
 
     def sentence(self) -> str:
         """What the number means, for someone without ML training."""
+        checked = f" of {self.cases} checked" if self.of > self.cases else ""
         return (
             f"With these cases, about {round(100 * self.accuracy)}% of held-out cases would be "
-            f"right ({self.right} of {self.cases}, each case predicted by a model adapted "
-            "to the others)."
+            f"right ({self.right} of {self.cases}{checked}; each case predicted by a model "
+            "adapted to the others)."
         )
 
 
@@ -187,6 +136,14 @@ class Adaptation:
     reliability: Reliability | None  # None when a class has a single case
 
 
+def held_out_order(labels: np.ndarray) -> list[int]:
+    """Support indices taking each class in turn (first case of every class, then the second...),
+    so any prefix holds out cases of every class."""
+    per_class = [np.flatnonzero(labels == k).tolist() for k in range(int(labels.max()) + 1)]
+    rounds = max(len(c) for c in per_class)
+    return [c[r] for r in range(rounds) for c in per_class if r < len(c)]
+
+
 def reliability(
     model: LoadedModel,
     support: SupportSet,
@@ -197,7 +154,8 @@ def reliability(
     """Leave-one-out accuracy (the protocol of :func:`models.evaluation.leave_one_out`).
 
     With prototypes the backbone is fixed, so the support set is embedded once and each fold only
-    recomputes the prototypes; the other modes adapt once per fold.
+    recomputes the prototypes. Finetune and MAML adapt once per fold, so they hold out at most
+    :data:`SLOW_MODE_FOLDS` cases (every class in turn): an unbiased but coarser estimate.
 
     Raises:
         CaseError: a class with fewer than 2 cases.
@@ -211,13 +169,16 @@ def reliability(
     x = torch.from_numpy(support.images)
     y = torch.from_numpy(support.labels)
     n = len(y)
+    held_out = held_out_order(support.labels)
+    if config.mode != "prototype":
+        held_out = held_out[:SLOW_MODE_FOLDS]
     embeddings = None
     if config.mode == "prototype":
         with torch.no_grad():
             model.model.eval()
             embeddings = model.model(x)
-    predicted = []
-    for i in range(n):
+    right = 0
+    for done, i in enumerate(held_out, start=1):
         keep = torch.arange(n) != i
         if embeddings is not None:
             head = prototype_head(embeddings[keep], y[keep], support.ways)
@@ -227,11 +188,11 @@ def reliability(
                 model.model, x[keep], y[keep], ways=support.ways, config=config, meta=model.meta
             )
             logits = fold.logits(x[i : i + 1])
-        predicted.append(int(logits.argmax(-1)))
+        right += int(logits.argmax(-1)) == int(y[i])
         if on_progress is not None:
-            on_progress((i + 1) / n, f"checking reliability: case {i + 1} of {n}")
-    right = sum(p == int(t) for p, t in zip(predicted, y, strict=True))
-    return Reliability(right=right, cases=n)
+            total = len(held_out)
+            on_progress(done / total, f"checking reliability: case {done} of {total}")
+    return Reliability(right=right, cases=len(held_out), of=n)
 
 
 def adapt_cases(
@@ -275,87 +236,6 @@ def adapt_cases(
         pipeline=model.pipeline,
         reliability=score,
     )
-
-
-def save_adapter(
-    registry: Path, adaptation: Adaptation, *, name: str, condition: str = "", author: str = ""
-) -> RegistryEntry:
-    """Publish the adapter in this node's registry (kind ``adapter``, parent = base version).
-
-    Raises:
-        CaseError: an empty name.
-    """
-    if not name.strip():
-        raise CaseError("give the adapter a name, for example the condition and the date")
-    support = adaptation.support
-    meta: dict[str, Any] = {
-        "format": ADAPTER_FORMAT,
-        "classes": list(support.classes),
-        "case_names": list(support.names),
-        "mode": adaptation.mode,
-        "base_version": adaptation.base_version,
-        "adapt_config": AdaptConfig(mode=adaptation.mode).to_dict(),
-    }
-
-    def write(folder: Path) -> None:
-        folder.mkdir(parents=True)
-        tensors = {
-            IMAGES_KEY: torch.from_numpy(np.ascontiguousarray(support.images)),
-            LABELS_KEY: torch.from_numpy(support.labels),
-        }
-        save_file(tensors, str(folder / SUPPORT_FILE))
-        (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-    score = adaptation.reliability
-    return Registry.open(registry).publish(
-        write,
-        kind="adapter",
-        name=name.strip(),
-        parent=adaptation.base_version,
-        metrics=(
-            {"loo_accuracy": score.accuracy, "loo_right": score.right, "loo_cases": score.cases}
-            if score
-            else {}
-        ),
-        info={
-            "condition": condition.strip(),
-            "classes": list(support.classes),
-            "cases_per_class": support.counts(),
-            "mode": adaptation.mode,
-            "author": author,
-        },
-    )
-
-
-def load_adapter(registry: Path, version: int) -> tuple[Adaptation, LoadedModel]:
-    """Rebuild a saved adapter: load its base version and adapt it to the saved cases again.
-
-    Raises:
-        RegistryError: no such adapter, a missing base version, or unreadable adapter files.
-    """
-    reg = Registry.open(registry)
-    entry = reg.get(version)
-    if entry.kind != "adapter" or entry.parent is None:
-        raise RegistryError(f"registry version {version} is not an adapter")
-    try:
-        meta = json.loads((entry.path / ADAPTER_JSON).read_text())
-        tensors = load_file(str(entry.path / SUPPORT_FILE))
-    except (OSError, ValueError) as exc:
-        raise RegistryError(f"adapter {entry.label} is unreadable: {exc}") from exc
-    model = reg.load_model(entry.parent)
-    support = SupportSet(
-        images=tensors[IMAGES_KEY].numpy(),
-        labels=tensors[LABELS_KEY].numpy(),
-        classes=tuple(meta["classes"]),
-        names=tuple(meta["case_names"]),
-    )
-    adaptation = adapt_cases(
-        model, support, mode=meta["mode"], base_version=entry.parent, with_reliability=False
-    )
-    right, cases = entry.metrics.get("loo_right"), entry.metrics.get("loo_cases")
-    if isinstance(right, int) and isinstance(cases, int) and cases > 0:
-        adaptation.reliability = Reliability(right=right, cases=cases)
-    return adaptation, model
 
 
 @dataclass(frozen=True)

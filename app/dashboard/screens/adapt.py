@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.dashboard import clinic, ui, views
+from app.dashboard import adapters, clinic, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.errors import CaseError
 from app.dashboard.settings import MAX_UPLOAD_MB
@@ -22,7 +22,7 @@ st.title("Adapt to a new condition")
 st.caption(ui.LOCAL_DATA_NOTICE)
 
 try:
-    models = clinic.base_models(config.registry)
+    models = adapters.base_models(config.registry)
 except RegistryError:
     models = []
 if not models:
@@ -37,7 +37,7 @@ by_id = {e.id: e for e in models}
 base_id = st.selectbox(
     "Base model",
     list(by_id),
-    format_func=lambda v: f"{by_id[v].label} · {clinic.epsilon_label(by_id[v])}",
+    format_func=lambda v: f"{by_id[v].label} · {adapters.epsilon_label(by_id[v])}",
     key="adapt_base",
     help="Versions of the federated model on this machine, newest first, with the privacy "
     "budget (epsilon) the sites spent on it.",
@@ -115,7 +115,7 @@ if adaptation is not None:
         save = st.form_submit_button("Save adapter")
     if save:
         try:
-            entry = clinic.save_adapter(
+            entry = adapters.save_adapter(
                 config.registry,
                 adaptation,
                 name=adapter_name,

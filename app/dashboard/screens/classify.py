@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.dashboard import clinic, explain, ui, views
+from app.dashboard import adapters, clinic, explain, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.errors import CaseError
 from app.dashboard.settings import MAX_UPLOAD_MB
@@ -18,7 +18,7 @@ st.caption(ui.LOCAL_DATA_NOTICE)
 
 current = st.session_state.get(views.ADAPTATION_KEY)
 try:
-    saved = {e.id: e for e in clinic.saved_adapters(config.registry)}
+    saved = {e.id: e for e in adapters.saved_adapters(config.registry)}
 except FedfewError as exc:
     ui.stop_with_error(exc)
 options = ([CURRENT] if current is not None else []) + list(saved)
@@ -42,7 +42,7 @@ else:
     if choice not in cache:
         try:
             with st.spinner("Loading the adapter..."):
-                cache[choice] = clinic.load_adapter(config.registry, choice)[0]
+                cache[choice] = adapters.load_adapter(config.registry, choice)[0]
         except FedfewError as exc:
             ui.stop_with_error(exc)
     adaptation = cache[choice]

@@ -1,0 +1,154 @@
+"""Adapters and base models in this node's registry: list them, show their privacy budget,
+save an adaptation, rebuild a saved one.
+
+An adapter is stored as its support set (pipeline outputs and labels), class names, adaptation
+mode and base version; loading it adapts the same base version to the same cases again (the
+adaptation is deterministic, and the registry's versions never change).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from app.dashboard.clinic import Adaptation, Reliability, SupportSet, adapt_cases
+from app.dashboard.errors import CaseError
+from models.adaptation import AdaptConfig
+from models.errors import RegistryError
+from models.model_dir import LoadedModel
+from models.registry import Registry, RegistryEntry
+
+ADAPTER_JSON = "adapter.json"
+SUPPORT_FILE = "support.safetensors"
+ADAPTER_FORMAT = 1
+IMAGES_KEY = "images"
+LABELS_KEY = "labels"
+# Keys a site's privacy report may hold its epsilon under: the federation node's report
+# ("epsilon-spent", cumulative for the site), then a single run's report (`fedfew train`).
+EPSILON_KEYS = ("epsilon-spent", "epsilon_spent", "run_epsilon", "epsilon")
+
+
+def version_epsilons(entry: RegistryEntry) -> dict[str, float]:
+    """Each site's epsilon in a version's privacy reports (sites without a number left out)."""
+    found: dict[str, float] = {}
+    for site, report in sorted(entry.privacy.items()):
+        if isinstance(report, dict):
+            for key in EPSILON_KEYS:
+                value = report.get(key)
+                if isinstance(value, int | float) and math.isfinite(value):
+                    found[str(site)] = float(value)
+                    break
+    return found
+
+
+def epsilon_label(entry: RegistryEntry) -> str:
+    """``"ε 2.31 (highest of 3 sites)"``, or that the version carries no privacy report."""
+    epsilons = version_epsilons(entry)
+    if not epsilons:
+        return "no privacy report (not trained with differential privacy)"
+    worst = max(epsilons.values())
+    sites = len(epsilons)
+    return f"ε {worst:.2f}" + (f" (highest of {sites} sites)" if sites > 1 else f" ({sites} site)")
+
+
+def base_models(registry: Path) -> list[RegistryEntry]:
+    """Global model versions of the registry, newest first.
+
+    Raises:
+        RegistryError: no registry at ``registry``.
+    """
+    return list(reversed(Registry.open(registry).entries(kind="global")))
+
+
+def saved_adapters(registry: Path) -> list[RegistryEntry]:
+    """Adapters saved in the registry, newest first (none when there is no registry yet)."""
+    if not (registry / "registry.sqlite").is_file():
+        return []
+    return list(reversed(Registry.open(registry).entries(kind="adapter")))
+
+
+def save_adapter(
+    registry: Path, adaptation: Adaptation, *, name: str, condition: str = "", author: str = ""
+) -> RegistryEntry:
+    """Publish the adapter in this node's registry (kind ``adapter``, parent = base version).
+
+    Raises:
+        CaseError: an empty name.
+    """
+    if not name.strip():
+        raise CaseError("give the adapter a name, for example the condition and the date")
+    support = adaptation.support
+    meta: dict[str, Any] = {
+        "format": ADAPTER_FORMAT,
+        "classes": list(support.classes),
+        "case_names": list(support.names),
+        "mode": adaptation.mode,
+        "base_version": adaptation.base_version,
+        "adapt_config": AdaptConfig(mode=adaptation.mode).to_dict(),
+    }
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        tensors = {
+            IMAGES_KEY: torch.from_numpy(np.ascontiguousarray(support.images)),
+            LABELS_KEY: torch.from_numpy(support.labels),
+        }
+        save_file(tensors, str(folder / SUPPORT_FILE))
+        (folder / ADAPTER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    score = adaptation.reliability
+    return Registry.open(registry).publish(
+        write,
+        kind="adapter",
+        name=name.strip(),
+        parent=adaptation.base_version,
+        metrics=(
+            {"loo_accuracy": score.accuracy, "loo_right": score.right, "loo_cases": score.cases}
+            if score
+            else {}
+        ),
+        info={
+            "condition": condition.strip(),
+            "classes": list(support.classes),
+            "cases_per_class": support.counts(),
+            "mode": adaptation.mode,
+            "author": author,
+        },
+    )
+
+
+def load_adapter(registry: Path, version: int) -> tuple[Adaptation, LoadedModel]:
+    """Rebuild a saved adapter: load its base version and adapt it to the saved cases again.
+
+    Raises:
+        RegistryError: no such adapter, a missing base version, or unreadable adapter files.
+    """
+    reg = Registry.open(registry)
+    entry = reg.get(version)
+    if entry.kind != "adapter" or entry.parent is None:
+        raise RegistryError(f"registry version {version} is not an adapter")
+    try:
+        meta = json.loads((entry.path / ADAPTER_JSON).read_text())
+        tensors = load_file(str(entry.path / SUPPORT_FILE))
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"adapter {entry.label} is unreadable: {exc}") from exc
+    model = reg.load_model(entry.parent)
+    support = SupportSet(
+        images=tensors[IMAGES_KEY].numpy(),
+        labels=tensors[LABELS_KEY].numpy(),
+        classes=tuple(meta["classes"]),
+        names=tuple(meta["case_names"]),
+    )
+    adaptation = adapt_cases(
+        model, support, mode=meta["mode"], base_version=entry.parent, with_reliability=False
+    )
+    right, cases = entry.metrics.get("loo_right"), entry.metrics.get("loo_cases")
+    if isinstance(right, int) and isinstance(cases, int) and cases > 0:
+        adaptation.reliability = Reliability(right=right, cases=cases, of=len(support.labels))
+    return adaptation, model
