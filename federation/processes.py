@@ -23,7 +23,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 # Flower's own shutdown handlers give their servers about 1 s each; 10 s covers all of them.
 DEFAULT_GRACE_S = 10.0
 _POLL_S = 0.1
+_KILL_WAIT_S = 5.0
 _LOG_TAIL_CHARS = 2000
 
 
@@ -48,27 +49,13 @@ class ProcessId:
 
 
 def process_exists(process: ProcessId) -> bool:
-    """Whether the process is still running (a zombie or a reused pid counts as gone).
-
-    Args:
-        process: The process identity to look for.
-
-    Returns:
-        True while that very process exists and is not a zombie.
-    """
+    """Whether that very process still runs (a zombie or a reused pid counts as gone)."""
     info = _read_stat(process.pid)
     return info is not None and info[4] == process.start_time and info[0] != "Z"
 
 
 def group_exists(pgid: int) -> bool:
-    """Whether any process, zombies included, is left in the process group `pgid`.
-
-    Args:
-        pgid: The process group id (the pid of the group leader we started).
-
-    Returns:
-        False once `os.killpg(pgid, 0)` raises ProcessLookupError.
-    """
+    """Whether any process, zombies included, is left in process group `pgid` (`killpg(0)`)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -105,6 +92,7 @@ class ManagedProcess:
         self._cwd = Path(cwd) if cwd is not None else self.log_path.parent
         self._popen: subprocess.Popen[bytes] | None = None
         self._seen: set[ProcessId] = set()
+        self._log_offset = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -122,6 +110,7 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         _install_exit_handlers()
         with self.log_path.open("ab") as log_file:
+            self._log_offset = log_file.tell()
             try:
                 self._popen = subprocess.Popen(
                     self.command,
@@ -141,7 +130,7 @@ class ManagedProcess:
         if info is not None:
             self._seen.add(ProcessId(self._popen.pid, info[4]))
         with _REGISTRY_LOCK:
-            _REGISTRY.add(self)
+            _REGISTRY[self] = None
         logger.debug("started %s (pid %d): %s", self.name, self._popen.pid, self.command)
         return self
 
@@ -163,16 +152,10 @@ class ManagedProcess:
         return None if self._popen is None else self._popen.poll()
 
     def wait(self, *, timeout: float) -> int:
-        """Wait for the command to exit.
-
-        Args:
-            timeout: Seconds to wait at most.
-
-        Returns:
-            The exit status.
+        """Wait at most `timeout` seconds for the command to exit and return its status.
 
         Raises:
-            DeploymentError: It is still running after `timeout` seconds.
+            DeploymentError: It still runs after `timeout` seconds.
         """
         if self._popen is None:
             raise DeploymentError(f"{self.name} was never started")
@@ -194,50 +177,27 @@ class ManagedProcess:
         Returns:
             The exit status of the command, or None if it was never started.
         """
-        if self._popen is None:
-            return None
-        self._signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while self._anything_left() and time.monotonic() < deadline:
-            self.descendants()  # keep following children spawned during shutdown
-            time.sleep(_POLL_S)
-        if self._anything_left():
-            logger.warning("%s did not stop within %.0f s: sending SIGKILL", self.name, grace)
-            self._signal_all(signal.SIGKILL)
-            self._wait_gone(timeout=5.0)
-        self._unregister()
-        return self._popen.wait()
+        stop_processes([self], grace=grace)
+        return self.returncode
 
     def kill(self) -> int | None:
-        """SIGKILL the process group and every known descendant at once (a crash of the host).
+        """SIGKILL the group and every known descendant at once, like a crash of the host.
 
-        Returns:
-            The exit status of the command, or None if it was never started.
+        Returns the command's exit status (None if it was never started).
         """
         if self._popen is None:
             return None
-        self._signal_all(signal.SIGKILL)
-        self._wait_gone(timeout=5.0)
+        self._signal_all(signal.SIGKILL, _process_table())
+        _wait_gone([self], timeout=_KILL_WAIT_S)
         self._unregister()
         return self._popen.wait()
 
     # -- observation -------------------------------------------------------------------------
 
     def descendants(self) -> list[ProcessId]:
-        """Refresh and return the live processes this command started, directly or not.
-
-        Returns:
-            Live descendants and process-group members (the command itself excluded).
-        """
-        if self._popen is None:
-            return []
-        table = _process_table()
-        roots = {pid for pid, _ in self._live_seen()}
-        roots.add(self._popen.pid)
-        found = _tree(table, roots) | {pid for pid, row in table.items() if row[2] == self.pid}
-        for pid in found:
-            self._seen.add(ProcessId(pid, table[pid][4]))
-        return sorted(p for p in self._live_seen() if p.pid != self._popen.pid)
+        """Refresh and return the live processes this command started, directly or not."""
+        self._follow(_process_table())
+        return sorted(p for p in self._live_seen() if self._popen and p.pid != self._popen.pid)
 
     @property
     def seen(self) -> frozenset[ProcessId]:
@@ -245,9 +205,11 @@ class ManagedProcess:
         return frozenset(self._seen)
 
     def read_log(self) -> str:
-        """Return the whole log written so far (empty if none yet)."""
+        """Return what this start wrote to the log so far (a restart appends to the file)."""
         try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
+            with self.log_path.open("rb") as log_file:
+                log_file.seek(self._log_offset)
+                return log_file.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -258,111 +220,121 @@ class ManagedProcess:
     def wait_for_log(self, text: str, *, timeout: float) -> None:
         """Wait until `text` appears in the log.
 
-        Args:
-            text: The text to look for.
-            timeout: Seconds to wait at most.
-
         Raises:
-            DeploymentError: The command exited first, or `timeout` passed.
+            DeploymentError: The command exited first, or `timeout` seconds passed.
         """
-        deadline = time.monotonic() + timeout
-        while text not in self.read_log():
-            if not self.alive:
-                raise DeploymentError(
-                    f"{self.name} exited with status {self.returncode} before logging "
-                    f"{text!r}; log {self.log_path} ends with:\n{self.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise DeploymentError(
-                    f"{self.name} did not log {text!r} within {timeout:.0f} s; log "
-                    f"{self.log_path} ends with:\n{self.log_tail()}"
-                )
-            time.sleep(_POLL_S)
+        self._wait_until(lambda: text in self.read_log(), f"log {text!r}", timeout=timeout)
 
     def wait_for_port(self, host: str, port: int, *, timeout: float) -> None:
         """Wait until a TCP connection to `host:port` succeeds.
 
-        Args:
-            host: Address to connect to.
-            port: Port to connect to.
-            timeout: Seconds to wait at most.
-
         Raises:
-            DeploymentError: The command exited first, or `timeout` passed.
+            DeploymentError: The command exited first, or `timeout` seconds passed.
         """
+        self._wait_until(
+            lambda: _port_open(host, port), f"listen on {host}:{port}", timeout=timeout
+        )
+
+    def _wait_until(self, ready: Callable[[], bool], what: str, *, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not _port_open(host, port):
+        while not ready():
             if not self.alive:
-                raise DeploymentError(
-                    f"{self.name} exited with status {self.returncode} before listening on "
-                    f"{host}:{port}; log {self.log_path} ends with:\n{self.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise DeploymentError(
-                    f"{self.name} did not listen on {host}:{port} within {timeout:.0f} s; "
-                    f"log {self.log_path} ends with:\n{self.log_tail()}"
-                )
-            time.sleep(_POLL_S)
+                problem = f"exited with status {self.returncode} before it did {what}"
+            elif time.monotonic() > deadline:
+                problem = f"did not {what} within {timeout:.0f} s"
+            else:
+                time.sleep(_POLL_S)
+                continue
+            raise DeploymentError(
+                f"{self.name} {problem}; log {self.log_path} ends with:\n{self.log_tail()}"
+            )
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _follow(self, table: Mapping[int, _Stat]) -> None:
+        """Remember every process of the tree and of the group found in `table`."""
+        if self._popen is None:
+            return
+        roots = {process.pid for process in self._live_seen()} | {self._popen.pid}
+        found = _tree(table, roots) | {pid for pid, row in table.items() if row[2] == self.pid}
+        self._seen.update(ProcessId(pid, table[pid][4]) for pid in found)
 
     def _live_seen(self) -> set[ProcessId]:
         return {process for process in self._seen if process_exists(process)}
 
     def _anything_left(self) -> bool:
+        if self._popen is None:
+            return False
+        self._popen.poll()  # reap the command itself, else it lingers as a zombie group member
         return self.alive or group_exists(self.pid) or bool(self._live_seen())
 
-    def _signal_all(self, sig: signal.Signals) -> None:
+    def _signal_all(self, sig: signal.Signals, table: Mapping[int, _Stat]) -> None:
         if self._popen is None:
             return
-        self.descendants()
+        self._follow(table)
         groups = {self.pid}
         for process in self._live_seen():
-            info = _read_stat(process.pid)
-            if info is not None and info[4] == process.start_time:
-                groups.add(info[2])
-                _send(lambda p=process.pid: os.kill(p, sig))
-        for group in groups:
-            # Only groups we created or that a descendant leads: never the caller's own group.
-            if group != os.getpgrp():
-                _send(lambda g=group: os.killpg(g, sig))
-
-    def _wait_gone(self, *, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._popen is not None:
-                self._popen.poll()
-            if not self._anything_left():
-                return
-            time.sleep(_POLL_S)
-        logger.warning("%s: processes still present after SIGKILL: %s", self.name, self._seen)
+            groups.add(table[process.pid][2] if process.pid in table else self.pid)
+            # A process that exits between the snapshot and the signal is what we wanted.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, sig)
+        for group in groups - {0, 1, os.getpgrp()}:  # never our own group or init's
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, sig)
 
     def _unregister(self) -> None:
         with _REGISTRY_LOCK:
-            _REGISTRY.discard(self)
+            _REGISTRY.pop(self, None)
+
+
+def stop_processes(processes: Iterable[ManagedProcess], *, grace: float = DEFAULT_GRACE_S) -> None:
+    """Stop several processes at once: SIGTERM all, wait up to `grace`, SIGKILL what is left.
+
+    Args:
+        processes: The processes; never-started or already-stopped ones are skipped.
+        grace: Seconds all of them together get after SIGTERM before SIGKILL.
+    """
+    started = [process for process in processes if process._popen is not None]
+    table = _process_table()
+    for process in started:
+        process._signal_all(signal.SIGTERM, table)
+    deadline = time.monotonic() + grace
+    while any(process._anything_left() for process in started):
+        if time.monotonic() > deadline:
+            left = [process for process in started if process._anything_left()]
+            names = ", ".join(process.name for process in left)
+            logger.warning("not stopped within %.0f s, sending SIGKILL: %s", grace, names)
+            table = _process_table()
+            for process in left:
+                process._signal_all(signal.SIGKILL, table)
+            _wait_gone(left, timeout=_KILL_WAIT_S)
+            break
+        time.sleep(_POLL_S)
+        table = _process_table()  # follow children spawned while shutting down
+        for process in started:
+            process._follow(table)
+    for process in started:
+        process._unregister()
+
+
+def _wait_gone(processes: Sequence[ManagedProcess], *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(process._anything_left() for process in processes):
+        if time.monotonic() > deadline:
+            names = ", ".join(process.name for process in processes if process._anything_left())
+            raise DeploymentError(f"processes of {names} survive SIGKILL (uninterruptible?)")
+        time.sleep(_POLL_S)
 
 
 def stop_all(*, grace: float = DEFAULT_GRACE_S) -> None:
-    """Stop every registered process, newest first (nodes before the SuperLink they use).
-
-    Args:
-        grace: Seconds each process gets after SIGTERM before SIGKILL.
-    """
+    """Stop every registered process, all at once (see `stop_processes`)."""
     with _REGISTRY_LOCK:
-        processes = sorted(_REGISTRY, key=lambda p: p.pid if p._popen else 0, reverse=True)
-    for process in processes:
-        process.stop(grace=grace)
+        processes = list(reversed(_REGISTRY))
+    stop_processes(processes, grace=grace)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on `host` right now (the OS picks it).
-
-    Args:
-        host: The address to bind to.
-
-    Returns:
-        A port number.
-    """
+    """Return a TCP port that is free on `host` right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         port: int = probe.getsockname()[1]
@@ -371,7 +343,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 # -- registry and signal handling ---------------------------------------------------------------
 
-_REGISTRY: set[ManagedProcess] = set()
+# Insertion-ordered (a dict used as an ordered set): stop_all stops the newest first.
+_REGISTRY: dict[ManagedProcess, None] = {}
 _REGISTRY_LOCK = threading.Lock()
 _HANDLERS_INSTALLED = False
 _PREVIOUS_HANDLERS: dict[int, Any] = {}
@@ -440,11 +413,6 @@ def _tree(table: Mapping[int, _Stat], roots: Iterable[int]) -> set[int]:
         found.add(pid)
         stack.extend(children.get(pid, []))
     return found
-
-
-def _send(action: Any) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        action()
 
 
 def _port_open(host: str, port: int) -> bool:
