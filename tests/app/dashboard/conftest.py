@@ -23,6 +23,7 @@ from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
 from models.registry import Registry
 from models.synthetic import synthetic_arrays
+from privacy.errors import BudgetExhaustedError
 from privacy.ledger import ChargeRequest, Ledger
 
 ENTRY = Path(__file__).resolve().parents[3] / "app" / "dashboard" / "main.py"
@@ -32,6 +33,11 @@ TIMEOUT = 60  # seconds per AppTest run (the first one imports torch and MONAI)
 SIZE = 32
 CLASSES = 3
 PER_CLASS = 10
+# Two sites' reports in the federation node's format (federation/node.py).
+DEFAULT_PRIVACY = {
+    "site-a": {"epsilon-spent": 1.25, "delta": 1e-5},
+    "site-b": {"epsilon-spent": 2.5, "delta": 1e-5},
+}
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -71,29 +77,34 @@ def write_tiny_model(registry: Path, *, privacy: dict | None = None) -> int:
         kind="global",
         name="global-round-2",
         metrics={"accuracy": 0.61, "loss": 1.2},
-        privacy=privacy
-        or {"site-a": {"epsilon-spent": 1.25, "delta": 1e-5}, "site-b": {"epsilon-spent": 2.5}},
+        privacy=DEFAULT_PRIVACY if privacy is None else privacy,
         info={"federation": "test", "round": 2},
     )
     return entry.id
 
 
-def write_ledger(path: Path, *, site: str, charges: int, cap: float = 8.0) -> Ledger:
-    """A ledger with ``charges`` charges (one per round), then one refusal past a small cap."""
-    ledger = Ledger.create(path, site=site, cap_epsilon=cap, delta=1e-5)
+def charge_request(round_no: int, *, steps: int = 50) -> ChargeRequest:
+    """A DP-episodic charge as a federation node would make it."""
+    return ChargeRequest(
+        run_id=f"run-{round_no}",
+        round=round_no,
+        mechanism="dp-episodic",
+        noise_multiplier=4.0,
+        sensitivity_factor=2.0,
+        sample_rate=0.05,
+        steps=steps,
+        requester="node-a",
+    )
+
+
+def write_ledger(path: Path, *, site: str, charges: int, refusal: bool = False) -> Ledger:
+    """A ledger with ``charges`` charges (one per round), then optionally a refused one."""
+    ledger = Ledger.create(path, site=site, cap_epsilon=8.0, delta=1e-5)
     for r in range(charges):
-        ledger.charge(
-            ChargeRequest(
-                run_id=f"run-{r}",
-                round=r,
-                mechanism="dp-episodic",
-                noise_multiplier=1.2,
-                sensitivity_factor=2.0,
-                sample_rate=0.05,
-                steps=50,
-                requester="node-a",
-            )
-        )
+        ledger.charge(charge_request(r))
+    if refusal:
+        with pytest.raises(BudgetExhaustedError):
+            ledger.charge(charge_request(charges, steps=1_000_000))
     return ledger
 
 

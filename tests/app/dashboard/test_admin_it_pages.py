@@ -1,0 +1,134 @@
+"""Administrator (privacy budgets) and IT (federation) pages through AppTest, and the OIDC login
+branch with roles from a claim."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from app.dashboard import settings
+from app.dashboard.auth import ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT
+from app.dashboard.ui import SESSION_KEY
+from tests.app.dashboard.conftest import ENTRY, TIMEOUT, texts, write_ledger
+
+
+@pytest.fixture
+def ledgers(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    folder = env["registry"].parent
+    busy = write_ledger(folder / "a.db", site="hospital-a", charges=3, refusal=True).path
+    empty = write_ledger(folder / "b.db", site="hospital-b", charges=0).path
+    missing = folder / "missing.db"
+    monkeypatch.setenv(settings.ENV_LEDGERS, f"{busy},{empty},{missing}")
+    return [busy, empty, missing]
+
+
+def test_privacy_page_shows_each_site(store, ledgers, make_app) -> None:
+    at = make_app(ROLE_ADMIN).run()
+    assert not at.exception
+    assert at.title[0].value == "Privacy budgets"
+    assert [s.value for s in at.subheader][1:] == ["Site hospital-a", "Site hospital-b"]
+    assert "no ledger at" in texts(at, "error") and "missing.db" in texts(at, "error")
+    caps = [m.value for m in at.metric if m.label == "Cap (epsilon)"]
+    assert caps == ["8", "8"]
+    charges = at.dataframe[0].value
+    assert list(charges["round"]) == [0, 1, 2]
+    assert set(charges["mechanism"]) == {"dp-episodic"} and "noise_multiplier" in charges
+    refusals = at.dataframe[1].value
+    assert list(refusals["steps"]) == [1_000_000]
+    assert "Empty ledger" in texts(at, "info")
+    assert len(at.get("vega_lite_chart")) == 1  # epsilon over rounds
+    labels = {b.label for b in at.download_button}
+    assert labels == {"Budget report (HTML)", "Budget report (CSV)"}
+
+
+def test_verify_button_checks_the_hash_chain(store, ledgers, make_app) -> None:
+    at = make_app(ROLE_ADMIN).run()
+    at.button(key="privacy_verify_0").click().run()
+    assert "Record intact: all 4 entries" in texts(at, "success")
+    with sqlite3.connect(ledgers[0]) as conn:  # an edit that lowers the recorded spend
+        conn.execute("UPDATE entries SET epsilon_after = 0.1 WHERE id = 2")
+    at.button(key="privacy_verify_0").click().run()
+    assert not at.exception
+    assert "Do not trust this record: first bad row 2" in texts(at, "error")
+
+
+def test_privacy_page_without_ledgers(store, make_app) -> None:
+    at = make_app(ROLE_ADMIN).run()
+    assert not at.exception
+    assert "No ledger configured" in texts(at, "warning")
+
+
+def test_federation_page(store, registry, env, make_app, monkeypatch) -> None:
+    monkeypatch.setenv(settings.ENV_SUPERLINK, "127.0.0.1:9")  # discard port: nothing listens
+    at = make_app(ROLE_IT).run()
+    assert not at.exception
+    assert "127.0.0.1:9 unreachable" in texts(at, "error")
+    assert "No federation status yet" in texts(at, "info")
+    versions = at.dataframe[0].value
+    assert list(versions["version"]) == [registry]
+    assert versions["metrics.accuracy"][0] == pytest.approx(0.61)
+    privacy = at.dataframe[1].value
+    assert list(privacy["site"]) == ["site-a", "site-b"]
+    assert list(privacy["epsilon-spent"]) == [1.25, 2.5]
+
+    env["status"].parent.mkdir(parents=True)
+    env["status"].write_text(json.dumps({"round": 3, "nodes": [{"id": "a", "last_seen": "now"}]}))
+    at.run()
+    status = at.dataframe[0].value
+    assert list(status["key"]) == ["round", "nodes[0]"] and "last_seen" in status
+
+
+def test_federation_page_reachable_superlink_and_bad_status(store, env, make_app, monkeypatch):
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv(settings.ENV_SUPERLINK, f"127.0.0.1:{server.getsockname()[1]}")
+        env["status"].parent.mkdir(parents=True)
+        env["status"].write_text("{not json")
+        at = make_app(ROLE_IT).run()
+    assert not at.exception
+    assert "reachable" in texts(at, "success")
+    assert "is unreadable" in texts(at, "error")
+    assert "No model yet" in texts(at, "warning")  # no registry
+
+
+def test_bad_setting_is_a_message(store, make_app, monkeypatch) -> None:
+    monkeypatch.setenv(settings.ENV_SUPERLINK, "no-port")
+    at = make_app(ROLE_IT).run()
+    assert not at.exception
+    assert "must be host:port" in texts(at, "error")
+
+
+def test_oidc_login_maps_the_role_claim(env, registry) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ENTRY), default_timeout=TIMEOUT)
+    at.secrets = {
+        "auth": {
+            "client_id": "dashboard",
+            "server_metadata_url": "https://idp.invalid/.well-known",
+        },
+        "fedfew_oidc": {"role_claim": "groups", "roles": {"radiology": ROLE_CLINICIAN}},
+    }
+    at.user = {"is_logged_in": True, "email": "dr@hospital.example", "groups": ["radiology"]}
+    at.run()
+    assert not at.exception
+    session = at.session_state[SESSION_KEY]
+    assert session.source == "oidc" and session.roles == (ROLE_CLINICIAN,)
+    assert at.title[0].value == "Adapt to a new condition"
+
+
+def test_oidc_login_button_when_logged_out(env) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ENTRY), default_timeout=TIMEOUT)
+    at.secrets = {"auth": {"client_id": "dashboard"}}
+    at.user = {"is_logged_in": False}
+    at.run()
+    assert not at.exception
+    assert at.button[0].label == "Log in with your hospital account"

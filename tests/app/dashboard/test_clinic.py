@@ -1,0 +1,179 @@
+"""The clinician logic without Streamlit: uploads, support checks, reliability, adapters in the
+registry, classification, CSV export and the occlusion map."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.dashboard import adapters, clinic, explain
+from app.dashboard.errors import CaseError
+from app.dashboard.uploads import LoadedCase, LoadedCases, Upload, load_uploads, resize_note
+from models.adaptation import AdaptConfig
+from models.evaluation import leave_one_out
+from models.guard import GuardConfig
+from models.pipeline import PipelineConfig
+from models.registry import Registry
+from tests.app.dashboard.conftest import SIZE, write_tiny_model
+
+PIPELINE = PipelineConfig(image_size=SIZE)
+
+
+def batches(case_images: dict[str, list[bytes]], shots: int) -> tuple[list[str], list[LoadedCases]]:
+    names = sorted(case_images)
+    loaded = [
+        load_uploads(
+            [Upload(f"{c}_{j}.png", d) for j, d in enumerate(case_images[c][:shots])],
+            pipeline=PIPELINE,
+        )
+        for c in names
+    ]
+    return names, loaded
+
+
+@pytest.fixture
+def model(tmp_path: Path):
+    registry = tmp_path / "registry"
+    version = write_tiny_model(registry)
+    return registry, version, Registry.open(registry).load_model(version)
+
+
+def test_uploads_are_decoded_cached_and_errors_named(case_images) -> None:
+    cache: dict = {}
+    good = next(iter(case_images.values()))[0]
+    uploads = [Upload("a.png", good), Upload("b.png", b"nope"), Upload("c.bmp", good)]
+    first = load_uploads(uploads, pipeline=PIPELINE, cache=cache)
+    assert first.names == ["a.png"] and first.images.shape == (1, 3, SIZE, SIZE)
+    assert [e.path for e in first.errors] == ["b.png", "c.bmp"]
+    assert "not allowed" in first.errors[1].reason
+    assert len(cache) == 3
+    again = load_uploads(uploads, pipeline=PIPELINE, cache=cache)  # from the cache
+    np.testing.assert_array_equal(again.images, first.images)
+
+
+def test_oversized_file_is_refused_before_decoding(case_images) -> None:
+    data = next(iter(case_images.values()))[0]
+    out = load_uploads(
+        [Upload("a.png", data)], pipeline=PIPELINE, guard=GuardConfig(max_file_bytes=100)
+    )
+    assert not out.cases and "above the limit of 100 bytes" in out.errors[0].reason
+
+
+def test_resize_note_only_when_cases_differ() -> None:
+    image = np.zeros((3, SIZE, SIZE), np.float32)
+    same = [LoadedCase("a", image, (40, 40)), LoadedCase("b", image, (40, 40))]
+    assert resize_note(same, PIPELINE) is None
+    mixed = [*same, LoadedCase("c", image, (50, 60, 3))]
+    assert "resized to 32x32" in resize_note(mixed, PIPELINE)
+
+
+def test_support_checks() -> None:
+    one = LoadedCases(cases=[LoadedCase("a", np.zeros((3, SIZE, SIZE), np.float32), (32, 32))])
+    with pytest.raises(CaseError, match="at least 2 classes"):
+        clinic.build_support(["x"], [one])
+    with pytest.raises(CaseError, match="must differ"):
+        clinic.build_support(["x", "x"], [one, one])
+    with pytest.raises(CaseError, match="no readable case for y"):
+        clinic.build_support(["x", "y"], [one, LoadedCases()])
+    support = clinic.build_support(["x", "y"], [one, one])
+    assert support.counts() == [1, 1]
+    assert "cannot be computed" in clinic.support_warnings(support)[0]
+
+
+def test_held_out_order_takes_classes_in_turn() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    assert clinic.held_out_order(labels) == [0, 3, 5, 1, 4, 2]
+
+
+def test_prototype_reliability_equals_the_reference_leave_one_out(model, case_images) -> None:
+    _, _, loaded = model
+    names, cases = batches(case_images, shots=4)
+    support = clinic.build_support(names, cases)
+    fast = clinic.reliability(loaded, support, config=AdaptConfig())
+    reference = leave_one_out(
+        loaded.model, torch.from_numpy(support.images), torch.from_numpy(support.labels), ways=3
+    )
+    assert fast.cases == 12 and fast.accuracy == pytest.approx(reference.accuracy)
+
+
+def test_slow_modes_hold_out_at_most_the_limit(model, case_images) -> None:
+    _, _, loaded = model
+    names, cases = batches(case_images, shots=5)
+    support = clinic.build_support(names, cases)
+    seen: list[float] = []
+    score = clinic.reliability(
+        loaded, support, config=AdaptConfig(mode="maml"), on_progress=lambda f, _: seen.append(f)
+    )
+    assert score.cases == clinic.SLOW_MODE_FOLDS and score.of == 15
+    assert seen[-1] == 1.0 and "of 10 checked" in score.sentence()
+
+
+def test_adapter_round_trip_and_classification(model, case_images) -> None:
+    registry, version, loaded = model
+    names, cases = batches(case_images, shots=4)
+    support = clinic.build_support(names, cases)
+    adaptation = clinic.adapt_cases(loaded, support, mode="prototype", base_version=version)
+    queries = load_uploads(
+        [Upload(f"q{i}.png", case_images[c][-1]) for i, c in enumerate(names)], pipeline=PIPELINE
+    )
+    before = clinic.classify_cases(adaptation, queries)
+
+    entry = adapters.save_adapter(
+        registry, adaptation, name="lesions", condition="test", author="ana"
+    )
+    assert entry.kind == "adapter" and entry.parent == version
+    assert entry.metrics["loo_cases"] == 12 and entry.info["classes"] == names
+    assert [e.id for e in adapters.saved_adapters(registry)] == [entry.id]
+    rebuilt, _ = adapters.load_adapter(registry, entry.id)
+    after = clinic.classify_cases(rebuilt, queries)
+    np.testing.assert_allclose(
+        [p.probabilities for p in after], [p.probabilities for p in before], atol=1e-6
+    )
+    assert rebuilt.reliability == adaptation.reliability
+
+    first = before[0]
+    assert sum(first.probabilities) == pytest.approx(1.0)
+    assert len(first.nearest) == clinic.NEAREST
+    assert [n.distance for n in first.nearest] == sorted(n.distance for n in first.nearest)
+    assert first.nearest[0].name in support.names
+
+    rows = list(csv.reader(io.StringIO(clinic.predictions_csv(names, before))))
+    assert rows[0][:3] == ["case", "predicted", "probability"] and len(rows) == 1 + len(names)
+    assert rows[1][1] == names[first.predicted]
+
+
+def test_loading_a_global_version_as_adapter_is_refused(model) -> None:
+    registry, version, _ = model
+    with pytest.raises(Exception, match="not an adapter"):
+        adapters.load_adapter(registry, version)
+
+
+def test_epsilon_label(tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    write_tiny_model(registry, privacy={"a": {"run_epsilon": 3.0}, "b": {"other": 1}})
+    write_tiny_model(registry, privacy={})
+    newest, oldest = adapters.base_models(registry)
+    assert adapters.epsilon_label(oldest) == "ε 3.00 (1 site)"
+    assert "no privacy report" in adapters.epsilon_label(newest)
+
+
+def test_occlusion_map_finds_the_evidence() -> None:
+    # A "classifier" whose class-1 score is the mean of the top-left quarter: only it matters.
+    def predict_proba(x: torch.Tensor) -> torch.Tensor:
+        score = x[:, :, :16, :16].mean(dim=(1, 2, 3)) * 10
+        return torch.softmax(torch.stack([torch.zeros_like(score), score], dim=1), dim=1)
+
+    image = np.zeros((3, SIZE, SIZE), np.float32)
+    image[:, :16, :16] = 1.0
+    heat = explain.occlusion_map(predict_proba, image, target=1)
+    assert heat.shape == (SIZE, SIZE) and heat.max() == 1.0
+    assert heat[:12, :12].mean() > 0.5 and heat[20:, 20:].max() == 0.0
+    picture = explain.overlay(image, heat)
+    assert picture.shape == (SIZE, SIZE, 3) and picture.dtype == np.uint8
+    with pytest.raises(ValueError, match="must be"):
+        explain.occlusion_map(predict_proba, image[0], target=1)
