@@ -93,6 +93,7 @@ class ManagedProcess:
         self._popen: subprocess.Popen[bytes] | None = None
         self._seen: set[ProcessId] = set()
         self._log_offset = 0
+        self._start_time = -1
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -127,8 +128,8 @@ class ManagedProcess:
                     "program is installed in this environment"
                 ) from err
         info = _read_stat(self._popen.pid)
-        if info is not None:
-            self._seen.add(ProcessId(self._popen.pid, info[4]))
+        self._start_time = info[4] if info is not None else -1
+        self._seen.add(ProcessId(self._popen.pid, self._start_time))
         with _REGISTRY_LOCK:
             _REGISTRY[self] = None
         logger.debug("started %s (pid %d): %s", self.name, self._popen.pid, self.command)
@@ -239,6 +240,8 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout
         while not ready():
             if not self.alive:
+                if ready():  # it did, then exited, between the two checks
+                    return
                 problem = f"exited with status {self.returncode} before it did {what}"
             elif time.monotonic() > deadline:
                 problem = f"did not {what} within {timeout:.0f} s"
@@ -256,8 +259,20 @@ class ManagedProcess:
         if self._popen is None:
             return
         roots = {process.pid for process in self._live_seen()} | {self._popen.pid}
-        found = _tree(table, roots) | {pid for pid, row in table.items() if row[2] == self.pid}
+        found = _tree(table, roots)
+        if self._group_is_ours():
+            found |= {pid for pid, row in table.items() if row[2] == self.pid}
         self._seen.update(ProcessId(pid, table[pid][4]) for pid in found)
+
+    def _group_is_ours(self) -> bool:
+        """Whether group `pid` can only hold our processes (its id was not handed out again).
+
+        While a group has members its id is never reused as a pid; once empty, a new process
+        may get that pid and lead a new group of that id. So the group is someone else's
+        exactly when a process with our pid but another start time exists.
+        """
+        info = _read_stat(self.pid)
+        return info is None or info[4] == self._start_time
 
     def _live_seen(self) -> set[ProcessId]:
         return {process for process in self._seen if process_exists(process)}
@@ -266,15 +281,17 @@ class ManagedProcess:
         if self._popen is None:
             return False
         self._popen.poll()  # reap the command itself, else it lingers as a zombie group member
-        return self.alive or group_exists(self.pid) or bool(self._live_seen())
+        group_left = self._group_is_ours() and group_exists(self.pid)
+        return self.alive or group_left or bool(self._live_seen())
 
     def _signal_all(self, sig: signal.Signals, table: Mapping[int, _Stat]) -> None:
         if self._popen is None:
             return
         self._follow(table)
-        groups = {self.pid}
+        groups = {self.pid} if self._group_is_ours() else set()
         for process in self._live_seen():
-            groups.add(table[process.pid][2] if process.pid in table else self.pid)
+            if process.pid in table:
+                groups.add(table[process.pid][2])
             # A process that exits between the snapshot and the signal is what we wanted.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, sig)

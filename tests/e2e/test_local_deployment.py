@@ -75,9 +75,13 @@ def test_expired_certificate_is_refused(authority, tmp_path):
     ca_cert, ca_key = authority
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     cert, _ = make_server_certificate(
-        tmp_path, ca_cert=ca_cert, ca_key=ca_key, hosts=["127.0.0.1"], validity_days=1,
+        tmp_path,
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        hosts=["127.0.0.1"],
+        validity_days=1,
         not_valid_before=long_ago,
-    )  # fmt: skip
+    )
 
     with pytest.raises(CertificateError, match="expired"):
         check_certificate(cert, ca=ca_cert)
@@ -142,10 +146,12 @@ def test_app_project_passes_flowers_validation(tmp_path):
     from flwr.cli.config_utils import load_and_validate
 
     pyproject = write_app_project(
-        tmp_path / "app", serverapp="echo_app:serverapp", clientapp="echo_app:clientapp",
+        tmp_path / "app",
+        serverapp="echo_app:serverapp",
+        clientapp="echo_app:clientapp",
         config={"expected-nodes": 2, "wait-timeout": 1.5, "result-path": "/x y", "dp": False},
         modules=[ECHO_MODULE],
-    )  # fmt: skip
+    )
 
     config, _ = load_and_validate(pyproject)
 
@@ -211,6 +217,7 @@ class Scenario:
     survivor_alive: bool
     status_after_restart: str
     restart_refusal: str
+    timeout_error: str
     processes: list[ManagedProcess]
     seen: set[ProcessId]
     timings: dict[str, float]
@@ -221,9 +228,11 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     root = tmp_path_factory.mktemp("federation")
     app_dir = root / "app"
     write_app_project(
-        app_dir, serverapp="echo_app:serverapp", clientapp="echo_app:clientapp",
+        app_dir,
+        serverapp="echo_app:serverapp",
+        clientapp="echo_app:clientapp",
         config={"expected-nodes": len(SITES), "wait-timeout": 60.0, "result-path": ""},
-    )  # fmt: skip
+    )
     nodes = {name: {"site-id": site} for name, site in SITES.items()}
     timings: dict[str, float] = {}
     began = time.monotonic()
@@ -244,27 +253,37 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         killed_gone = not group_exists(killed.pid) and not any(map(process_exists, killed.seen))
         survivor_alive = federation.node_process("hospital-a").alive
 
+        # Flower counts the killed node online for 30-60 s more (2 missed 30 s heartbeats).
+        with pytest.raises(NodeRefusedError) as refused:
+            federation.start_node("hospital-b")
+        restart_refusal = str(refused.value)
+
         began = time.monotonic()
         federation.stop_superlink()
         federation.start_superlink()
         timings["superlink restart"] = time.monotonic() - began
         status_after_restart, _ = federation.run_status(run.run_id or 0)
-        # Flower still counts the killed node online (heartbeat patience: up to 60 s).
-        with pytest.raises(NodeRefusedError) as refused:
-            federation.start_node("hospital-b")
-        restart_refusal = str(refused.value)
+        with pytest.raises(DeploymentError, match="did not finish within") as late:
+            federation.run(app_dir, timeout=0.5)  # `flwr run` alone needs seconds to start
+        timeout_error = str(late.value)
         began = time.monotonic()
     timings["stop"] = time.monotonic() - began
     print("timings (s):", {key: round(value, 1) for key, value in timings.items()})
     return Scenario(
-        node_ids=dict(federation.node_ids), run=run, echo=echo,
-        refused_status=rogue.returncode, refused_code=flower_exit_code(rogue.read_log()),
-        killed_gone=killed_gone, survivor_alive=survivor_alive,
-        status_after_restart=status_after_restart, restart_refusal=restart_refusal,
+        node_ids=dict(federation.node_ids),
+        run=run,
+        echo=echo,
+        refused_status=rogue.returncode,
+        refused_code=flower_exit_code(rogue.read_log()),
+        killed_gone=killed_gone,
+        survivor_alive=survivor_alive,
+        status_after_restart=status_after_restart,
+        restart_refusal=restart_refusal,
+        timeout_error=timeout_error,
         processes=federation.processes,
         seen=seen | {p for process in federation.processes for p in process.seen},
         timings=timings,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.slow
@@ -300,6 +319,12 @@ def test_superlink_restarts_on_the_same_database(scenario):
 @pytest.mark.slow
 def test_killed_node_is_refused_until_its_heartbeat_lapses(scenario):
     assert "refused node hospital-b" in scenario.restart_refusal
+
+
+@pytest.mark.slow
+def test_run_past_its_timeout_is_stopped_with_a_typed_error(scenario):
+    assert "flwr run of" in scenario.timeout_error
+    assert not scenario.processes[-1].alive  # the `flwr run` process itself
 
 
 @pytest.mark.slow
