@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -14,6 +14,7 @@ import typer
 from tqdm import tqdm
 
 from app.budget_cli import budget_app
+from app.demo import DemoSettings, run_demo, summary
 from models.adaptation import AdaptConfig
 from models.episodes import EpisodeConfig
 from models.errors import DataError, FedfewError
@@ -24,7 +25,6 @@ from models.model_dir import load_model_dir, save_model_dir
 from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
-from models.synthetic import synthetic_imageset
 from models.training import TrainConfig, meta_train
 from privacy.dp_meta import DPConfig
 from privacy.ledger import Ledger
@@ -186,42 +186,30 @@ def evaluate(
 
 @app.command()
 def demo(
-    steps: int = typer.Option(150, help="Meta-training steps."),
-    episodes: int = typer.Option(300, help="Evaluation episodes."),
-    out: Path | None = typer.Option(None, help="Where to write the model (default: a temp dir)."),
+    data: str | None = typer.Option(
+        None,
+        help="Real sets instead of the synthetic data: one .npz split across 3 hospitals, "
+        "or one .npz per hospital (comma-separated).",
+    ),
+    eval_data: str = typer.Option(
+        "synthetic", help="The server's public evaluation set (.npz) of classes no site has."
+    ),
+    rounds: int = typer.Option(DemoSettings.rounds, help="Federated rounds."),
+    local_steps: int = typer.Option(DemoSettings.local_steps, help="DP steps per site per round."),
+    workdir: Path = typer.Option(Path("fedfew-demo"), help="Where the demo keeps everything."),
 ) -> None:
-    """Train briefly on the embedded synthetic set; report few-shot accuracy on unseen classes."""
-    pipeline = PipelineConfig()
-    typer.echo("generating the synthetic set (24 classes; not real patients)...")
-    data = synthetic_imageset(config=pipeline, n_classes=24, per_class=40, seed=0)
-    train_set = data.subset_classes(np.arange(16), name="synthetic-train")
-    test_set = data.subset_classes(np.arange(16, 24), name="synthetic-unseen")
-    backbone = BackboneConfig(image_size=pipeline.image_size)
-    meta = MetaConfig()
-    config = TrainConfig(steps=steps)
-    model, _ = _train_model([train_set], backbone=backbone, config=config, meta=meta)
-    target = out or Path(tempfile.mkdtemp(prefix="fedfew-demo-")) / "model"
-    save_model_dir(
-        target,
-        model,
-        backbone=backbone,
-        pipeline=pipeline,
-        meta=meta,
-        extra={"train": config.to_dict(), "data": [train_set.name], "private": False},
+    """Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS."""
+    settings = dataclasses.replace(DemoSettings(), rounds=rounds, local_steps=local_steps)
+    sets = [Path(p) for p in data.split(",")] if data else None
+    result = run_demo(workdir, data=sets, eval_data=eval_data, settings=settings, echo=typer.echo)
+    for line in summary(result):
+        typer.echo(line)
+    hospital = next(iter(sorted(result.site_epsilon)))
+    typer.echo(
+        "open the dashboard of a hospital: fedfew dashboard "
+        f"--registry {result.workdir / hospital / 'registry'} "
+        f"--ledger {result.workdir / hospital / 'ledger.db'}"
     )
-    typer.echo(f"model written to {target}")
-    for shots in (1, 5):
-        result = run_evaluation(
-            model,
-            test_set,
-            episode=EpisodeConfig(ways=5, shots=shots, queries=15),
-            episodes=episodes,
-            seed=1,
-        )
-        typer.echo(
-            f"5-way {shots}-shot accuracy on 8 unseen synthetic classes: "
-            f"{100 * result.accuracy:.1f}% +/- {100 * result.ci95:.1f} (chance 20%)"
-        )
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ from flwr.serverapp import Grid
 from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from federation.errors import QuorumError
 from federation.records import State, to_arrays
-from federation.strategy import AcceptedReply, FederatedMetaStrategy
+from federation.strategy import LOGGER_NAME, AcceptedReply, FederatedMetaStrategy
 
-logger = logging.getLogger("fedfew.federation")
+logger = logging.getLogger(LOGGER_NAME)
 
 Evaluate = Callable[[State], dict[str, float]]
 Publish = Callable[[State, dict[str, Any]], None]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from federation.node import state_digest
 from federation.records import State
 from federation.rounds import run_rounds
 from federation.server_config import ServerConfig
-from federation.strategy import FederatedMetaStrategy, plan_for
+from federation.strategy import LOGGER_NAME, FederatedMetaStrategy, plan_for
 from models.episodes import EpisodeConfig
 from models.evaluation import evaluate
 from models.imageset import ImageSet
@@ -29,7 +28,7 @@ from models.readers import load_dataset
 from models.registry import Registry
 from models.synthetic import demo_sets
 
-logger = logging.getLogger("fedfew.federation")
+logger = logging.getLogger(LOGGER_NAME)
 EVAL_SHOTS = (1, 5)
 
 app = ServerApp()
@@ -113,7 +112,6 @@ def _model(state: State, config: ServerConfig) -> torch.nn.Module:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     config = ServerConfig.from_run_config(context.run_config)
     config.root.mkdir(parents=True, exist_ok=True)
     registry = Registry.open(config.root / "registry", create=True)

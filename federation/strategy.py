@@ -29,7 +29,9 @@ from federation.records import (
 from federation.server_config import ServerConfig
 from federation.validation import GateResult, validate_update
 
-logger = logging.getLogger("fedfew.federation")
+# A child of Flower's logger: `flwr run --stream` shows what the ServerApp logs through it.
+LOGGER_NAME = "flwr.fedfew"
+logger = logging.getLogger(LOGGER_NAME)
 
 ADAM_REACH = 3.0  # an Adam step moves a coordinate by at most about lr * (1 - b1) / sqrt(1 - b2)
 

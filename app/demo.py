@@ -1,0 +1,239 @@
+"""`fedfew demo`: a real federated DP meta-training of three hospitals on this machine.
+
+It makes each hospital's data (the embedded synthetic set, or sets given with ``--data``), a CA,
+a server certificate and node keys; starts a SuperLink and one SuperNode per hospital on
+127.0.0.1 with TLS and node authentication; runs this project's ServerApp and ClientApp with
+``flwr run``; and reports each site's epsilon (from its own ledger) and the published model's
+few-shot accuracy on classes no site trained on. Every process it started is stopped at the end,
+also on Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from federation.errors import DeploymentError
+from federation.flower_project import RunResult, write_app_project
+from federation.local_deployment import LocalFederation
+from federation.server_config import ServerConfig
+from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
+from models.registry import Registry, RegistryEntry
+from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays
+from privacy.ledger import Ledger
+
+MARKER = ".fedfew-demo"  # a folder holding it was made by the demo and may be replaced by it
+SERVER_APP = "federation.server_app:app"
+CLIENT_APP = "federation.client_app:app"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's defaults: fit in under 5 minutes on 2 CPU cores (see README)."""
+
+    rounds: int = 3  # enough to see the model and every ledger move
+    local_steps: int = 10  # DP steps per hospital per round
+    width: int = 32  # Conv-4 filters; 64 costs 5x the time per step on CPU
+    budget_epsilon: float = 8.0  # each hospital's cap
+    budget_delta: float = 1e-5
+    noise_multiplier: float = 2.0  # sigma on C: accounted sigma 1.0 at sensitivity 2C
+    sample_rate: float = 0.1
+    eval_episodes: int = 200  # public-set episodes per evaluation
+    timeout: float = 900.0  # the whole `flwr run`
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo produced."""
+
+    workdir: Path
+    run: RunResult
+    model: RegistryEntry
+    site_epsilon: dict[str, float]
+    site_cap: dict[str, float]
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """An empty work folder: a previous demo's folder is replaced, anything else is refused.
+
+    Raises:
+        DeploymentError: ``workdir`` exists, is not empty and was not made by the demo.
+    """
+    workdir = workdir.absolute()
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).is_file():
+            raise DeploymentError(
+                f"{workdir} exists and was not made by `fedfew demo`; give another --workdir"
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / MARKER).write_text("made by fedfew demo; replaced by the next demo run\n")
+    return workdir
+
+
+def site_data(workdir: Path, data: Sequence[Path] | None) -> dict[str, Path]:
+    """Each hospital's training set: the synthetic demo split, one given set per hospital, or one
+    given set split by patient across the three hospitals."""
+    if not data:
+        arrays = synthetic_arrays(n_classes=DEMO_TRAIN_CLASSES, per_class=40, seed=0)
+        parts = split_by_patient(arrays, DEMO_MIXES)
+    elif len(data) == 1:
+        with np.load(data[0]) as loaded:
+            parts = split_evenly({k: loaded[k] for k in loaded.files}, len(DEMO_SITES))
+    else:
+        return {f"hospital-{i + 1}": Path(p).absolute() for i, p in enumerate(data)}
+    return {
+        name: write_site(workdir / name / "data.npz", part)
+        for name, part in zip(DEMO_SITES, parts, strict=True)
+    }
+
+
+def node_config(workdir: Path, site: str, data: Path, settings: DemoSettings) -> dict[str, Any]:
+    """A hospital's `--node-config`: its data, ledger, registry and cap."""
+    folder = workdir / site
+    return {
+        "site-id": site,
+        "data": str(data),
+        "ledger": str(folder / "ledger.db"),
+        "registry": str(folder / "registry"),
+        "budget-epsilon": settings.budget_epsilon,
+        "budget-delta": settings.budget_delta,
+    }
+
+
+def server_config(
+    workdir: Path, sites: int, settings: DemoSettings, eval_data: str
+) -> ServerConfig:
+    """The federation's run config for the demo."""
+    return ServerConfig(
+        federation="fedfew-demo",
+        num_rounds=settings.rounds,
+        min_nodes=sites,
+        min_replies=max(1, sites - 1),
+        local_steps=settings.local_steps,
+        width=settings.width,
+        noise_multiplier=settings.noise_multiplier,
+        sample_rate=settings.sample_rate,
+        eval_data=eval_data,
+        eval_episodes=settings.eval_episodes,
+        workdir=str(workdir / "server"),
+    )
+
+
+def run_demo(
+    workdir: Path,
+    *,
+    data: Sequence[Path] | None = None,
+    eval_data: str = "synthetic",
+    settings: DemoSettings = DemoSettings(),
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """Run the whole demo; see the module docstring.
+
+    Raises:
+        DeploymentError: a process failed to start or the run failed (its reason is given).
+    """
+    workdir = prepare_workdir(workdir)
+    what = "synthetic data (not real patients)" if not data else "the given sets"
+    echo(f"preparing {len(data) if data and len(data) > 1 else 3} hospitals with {what}...")
+    sites = site_data(workdir, data)
+    config = server_config(workdir, len(sites), settings, eval_data)
+    app_dir = workdir / "flower-app"
+    write_app_project(app_dir, serverapp=SERVER_APP, clientapp=CLIENT_APP, config=config.to_dict())
+    nodes = {name: node_config(workdir, name, path, settings) for name, path in sites.items()}
+    echo("starting a SuperLink and one SuperNode per hospital on 127.0.0.1 (TLS, node keys)...")
+    # All hospitals share this machine's cores: one torch thread pool each would oversubscribe.
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(nodes)))}
+    with LocalFederation(workdir / "deployment", nodes=nodes, env=threads) as federation:
+        echo(
+            f"SuperLink on 127.0.0.1:{federation.port}; nodes registered and connected: "
+            + ", ".join(f"{n} (id {i})" for n, i in federation.node_ids.items())
+        )
+        echo(f"running {settings.rounds} rounds of DP federated meta-training with `flwr run`...")
+        run = _run_with_progress(federation, app_dir, config, settings.timeout, echo)
+    run.check()
+    registry = Registry.open(config.root / "registry")
+    ledgers = {name: Ledger.open(cfg["ledger"]) for name, cfg in nodes.items()}
+    return DemoResult(
+        workdir=workdir,
+        run=run,
+        model=registry.latest(),
+        site_epsilon={name: ledger.epsilon_spent() for name, ledger in ledgers.items()},
+        site_cap={name: ledger.cap_epsilon for name, ledger in ledgers.items()},
+    )
+
+
+def _run_with_progress(
+    federation: LocalFederation,
+    app_dir: Path,
+    config: ServerConfig,
+    timeout: float,
+    echo: Callable[[str], None],
+) -> RunResult:
+    """`flwr run` in a thread while the server's status file is followed for round lines."""
+    outcome: dict[str, RunResult | BaseException] = {}
+
+    def target() -> None:
+        try:
+            outcome["run"] = federation.run(app_dir, timeout=timeout)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="flwr-run", daemon=True)
+    thread.start()
+    shown = 0
+    status = config.root / "status.json"
+    while thread.is_alive():
+        thread.join(timeout=2.0)
+        rounds = _read_rounds(status)
+        for record in rounds[shown:]:
+            echo(_round_line(record, config.num_rounds))
+        shown = max(shown, len(rounds))
+    if "error" in outcome:
+        raise outcome["error"]
+    run = outcome.get("run")
+    if not isinstance(run, RunResult):
+        raise DeploymentError("flwr run ended without a result")
+    return run
+
+
+def _read_rounds(path: Path) -> list[dict[str, Any]]:
+    try:
+        return list(json.loads(path.read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return []  # not written yet (or being replaced): the next poll reads it
+
+
+def _round_line(record: dict[str, Any], total: int) -> str:
+    accuracy = {k: v for k, v in record["metrics"].items() if k.startswith("accuracy-")}
+    spent = ", ".join(
+        f"{site} eps {report['epsilon-spent']:.2f}"
+        for site, report in sorted(record["sites"].items())
+    )
+    shown = ", ".join(f"{k.removeprefix('accuracy-')} {100 * v:.1f}%" for k, v in accuracy.items())
+    return f"  round {record['round']}/{total} ({record['seconds']:.0f} s): {shown}; {spent}"
+
+
+def summary(result: DemoResult) -> list[str]:
+    """The lines the demo prints at the end."""
+    lines = [f"published global model {result.model.label} in {result.model.path.parent}"]
+    for site, epsilon in sorted(result.site_epsilon.items()):
+        cap = result.site_cap[site]
+        lines.append(f"  {site}: epsilon spent {epsilon:.2f} of its cap {cap:g} (delta 1e-5)")
+    for key, value in sorted(result.model.metrics.items()):
+        if key.startswith("accuracy-"):
+            ci = result.model.metrics.get(key.replace("accuracy-", "ci95-"), 0.0)
+            lines.append(
+                f"  few-shot accuracy on unseen classes, {key.removeprefix('accuracy-')}: "
+                f"{100 * value:.1f}% +/- {100 * ci:.1f}"
+            )
+    lines.append(f"federated run took {result.run.wall_s:.0f} s; every process is stopped")
+    return lines
