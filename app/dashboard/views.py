@@ -50,14 +50,16 @@ def file_errors(errors: Sequence[UnreadableImageError]) -> None:
         st.warning(f"{len(errors)} file(s) could not be used and were left out:\n{lines}")
 
 
-def gallery(images: Sequence[Any], captions: Sequence[str]) -> None:
-    """Thumbnails in rows of :data:`GALLERY_COLUMNS`."""
-    for start in range(0, len(images), GALLERY_COLUMNS):
-        columns = st.columns(GALLERY_COLUMNS)
+def gallery(
+    images: Sequence[Any], captions: Sequence[str], *, per_row: int = GALLERY_COLUMNS
+) -> None:
+    """Thumbnails in rows of ``per_row``."""
+    for start in range(0, len(images), per_row):
+        columns = st.columns(per_row)
         for column, image, caption in zip(
             columns,
-            images[start : start + GALLERY_COLUMNS],
-            captions[start : start + GALLERY_COLUMNS],
+            images[start : start + per_row],
+            captions[start : start + per_row],
             strict=False,
         ):
             column.image(thumbnail(image), caption=caption, width=THUMB_PX)

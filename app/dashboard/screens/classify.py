@@ -118,4 +118,5 @@ with right:
     views.gallery(
         [adaptation.support.images[n.index] for n in prediction.nearest],
         [f"{n.label} ({n.name})" for n in prediction.nearest],
+        per_row=clinic.NEAREST,
     )
