@@ -322,7 +322,7 @@ class LocalFederation:
                 stop = [_program("flwr"), "stop", str(run_id), self.connection]
                 self._cli_output([*stop, "--format", "json"], name=f"flwr stop {run_id}")
             raise DeploymentError(
-                f"flwr run of {app_dir} (run {run_id}) did not finish within {timeout:.0f} s "
+                f"flwr run of {app_dir} (run {run_id}) did not finish within {timeout:g} s "
                 f"and was stopped; output ends with:\n{process.log_tail()}"
             ) from err
         wall = time.monotonic() - started

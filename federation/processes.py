@@ -164,7 +164,7 @@ class ManagedProcess:
             return self._popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired as err:
             raise DeploymentError(
-                f"{self.name} still runs after {timeout:.0f} s; see {self.log_path}"
+                f"{self.name} still runs after {timeout:g} s; see {self.log_path}"
             ) from err
 
     def stop(self, *, grace: float = DEFAULT_GRACE_S) -> int | None:
@@ -244,7 +244,7 @@ class ManagedProcess:
                     return
                 problem = f"exited with status {self.returncode} before it did {what}"
             elif time.monotonic() > deadline:
-                problem = f"did not {what} within {timeout:.0f} s"
+                problem = f"did not {what} within {timeout:g} s"
             else:
                 time.sleep(_POLL_S)
                 continue

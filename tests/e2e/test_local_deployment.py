@@ -253,19 +253,23 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         killed_gone = not group_exists(killed.pid) and not any(map(process_exists, killed.seen))
         survivor_alive = federation.node_process("hospital-a").alive
 
-        # Flower counts the killed node online for 30-60 s more (2 missed 30 s heartbeats).
-        with pytest.raises(NodeRefusedError) as refused:
+        # Outcomes are recorded, not raised, so that each test below fails on its own.
+        try:
             federation.start_node("hospital-b")
-        restart_refusal = str(refused.value)
+            restart_refusal = "accepted"
+        except NodeRefusedError as err:
+            restart_refusal = str(err)
 
         began = time.monotonic()
         federation.stop_superlink()
         federation.start_superlink()
         timings["superlink restart"] = time.monotonic() - began
         status_after_restart, _ = federation.run_status(run.run_id or 0)
-        with pytest.raises(DeploymentError, match="did not finish within") as late:
+        try:
             federation.run(app_dir, timeout=0.5)  # `flwr run` alone needs seconds to start
-        timeout_error = str(late.value)
+            timeout_error = "finished"
+        except DeploymentError as err:
+            timeout_error = str(err)
         began = time.monotonic()
     timings["stop"] = time.monotonic() - began
     print("timings (s):", {key: round(value, 1) for key, value in timings.items()})
@@ -318,12 +322,13 @@ def test_superlink_restarts_on_the_same_database(scenario):
 
 @pytest.mark.slow
 def test_killed_node_is_refused_until_its_heartbeat_lapses(scenario):
+    # Flower counts a killed node online for 30-60 s more (2 missed 30 s heartbeats).
     assert "refused node hospital-b" in scenario.restart_refusal
 
 
 @pytest.mark.slow
 def test_run_past_its_timeout_is_stopped_with_a_typed_error(scenario):
-    assert "flwr run of" in scenario.timeout_error
+    assert "did not finish within 0.5 s" in scenario.timeout_error
     assert not scenario.processes[-1].alive  # the `flwr run` process itself
 
 
