@@ -109,10 +109,8 @@ def _model(state: State, config: ServerConfig) -> torch.nn.Module:
     return model.eval()
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run the federation described by the run config."""
-    config = ServerConfig.from_run_config(context.run_config)
+def serve(grid: Grid, config: ServerConfig) -> None:
+    """Run (or resume) the federation described by ``config`` on ``grid``."""
     config.root.mkdir(parents=True, exist_ok=True)
     registry = Registry.open(config.root / "registry", create=True)
     eval_set = public_eval_set(config)
@@ -126,3 +124,9 @@ def main(grid: Grid, context: Context) -> None:
         publish=lambda s, record: publish_version(registry, s, record, config),
     )
     logger.info("federation %s finished at round %d", config.federation, final.round)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower's entry point: the run config says what to run."""
+    serve(grid, ServerConfig.from_run_config(context.run_config))
