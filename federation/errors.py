@@ -40,3 +40,8 @@ class DeploymentError(FederationError):
 
 class NodeRefusedError(FederationError):
     """The SuperLink refused a SuperNode (e.g. its key is not registered)."""
+
+
+class ProvisioningError(FederationError, ValueError):
+    """A deployment file (`server.toml`, `node.toml`) is missing, malformed or names a missing
+    file, or an argument of `fedfew server|node init` is invalid."""
