@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, RESULTS, fold_means
+from bench.report_federation import render_federation
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 README = REPO / "README.md"
@@ -323,6 +324,7 @@ def render(folder: Path = RESULTS) -> str:
             "",
             *dp_cost_section(json.loads((folder / "dp_cost.json").read_text()), "dp_cost.json"),
         ]
+    parts += render_federation(folder)
     if not parts:
         parts = ["No benchmark results yet: run the scripts in bench/ (see bench/README.md)."]
     return "\n".join(parts).strip() + "\n"
