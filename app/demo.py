@@ -219,6 +219,8 @@ def _round_line(record: dict[str, Any], total: int) -> str:
         for site, report in sorted(record["sites"].items())
     )
     shown = ", ".join(f"{k.removeprefix('accuracy-')} {100 * v:.1f}%" for k, v in accuracy.items())
+    if record["round"] == 0:
+        return f"  initial model (round 0): {shown}"
     return f"  round {record['round']}/{total} ({record['seconds']:.0f} s): {shown}; {spent}"
 
 

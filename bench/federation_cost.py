@@ -72,7 +72,7 @@ def measure(name: str, changes: dict[str, Any], rounds: int, root: Path) -> list
         raise RuntimeError(f"{name}: no checkpoint after the run")
     compute = {site: _compute_times(NodeConfig.from_mapping(cfg)) for site, cfg in nodes.items()}
     rows = []
-    for record in checkpoint.history:
+    for record in checkpoint.history[1:]:  # round 0 is the initial model
         r = record["round"]
         node_seconds = {site: times[r] for site, times in compute.items() if r in times}
         slowest = max(node_seconds.values())

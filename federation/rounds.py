@@ -110,7 +110,12 @@ def run_rounds(
     folder = config.root / "checkpoint"
     checkpoint = load_checkpoint(folder, federation=config.federation)
     if checkpoint is None:
-        checkpoint = Checkpoint(config.federation, 0, initial_state)
+        # Round 0 is the initial model, evaluated and published so every later round has a
+        # baseline on the same public set.
+        record = _record(0, attempts=0, seconds=0.0, accepted={}, problems=[], sent=0)
+        record["metrics"] = evaluate(initial_state)
+        publish(initial_state, record)
+        checkpoint = Checkpoint(config.federation, 0, initial_state, [record])
         save_checkpoint(folder, checkpoint)
     else:
         logger.info("resuming federation %s after round %d", config.federation, checkpoint.round)
@@ -122,17 +127,15 @@ def run_rounds(
         state = strategy.aggregate(checkpoint.state, accepted.values())
         collected = time.perf_counter() - started
         metrics = evaluate(state)
-        record: dict[str, Any] = {
-            "round": server_round,
-            "attempts": attempts,
-            "seconds": collected,
-            "sites": {r.site_id: r.report for r in accepted.values()},
-            "bytes-received": {r.site_id: r.bytes for r in accepted.values()},
-            "bytes-sent-per-node": to_arrays(checkpoint.state).count_bytes(),
-            "clipped": [r.site_id for r in accepted.values() if r.gate.clipped],
-            "problems": problems,
-            "metrics": metrics,
-        }
+        record = _record(
+            server_round,
+            attempts=attempts,
+            seconds=collected,
+            accepted=accepted,
+            problems=problems,
+            sent=to_arrays(checkpoint.state).count_bytes(),
+        )
+        record["metrics"] = metrics
         publish(state, record)
         checkpoint = Checkpoint(
             config.federation, server_round, state, [*checkpoint.history, record]
@@ -147,6 +150,29 @@ def run_rounds(
             ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
         )
     return checkpoint
+
+
+def _record(
+    server_round: int,
+    *,
+    attempts: int,
+    seconds: float,
+    accepted: dict[int, AcceptedReply],
+    problems: list[str],
+    sent: int,
+) -> dict[str, Any]:
+    """One round's entry of the history (saved in the checkpoint and published)."""
+    return {
+        "round": server_round,
+        "attempts": attempts,
+        "seconds": seconds,
+        "sites": {r.site_id: r.report for r in accepted.values()},
+        "bytes-received": {r.site_id: r.bytes for r in accepted.values()},
+        "bytes-sent-per-node": sent,
+        "clipped": [r.site_id for r in accepted.values() if r.gate.clipped],
+        "problems": problems,
+        "metrics": {},
+    }
 
 
 def write_status(path: Path, checkpoint: Checkpoint, grid: Grid) -> None:

@@ -73,7 +73,7 @@ def publish_version(registry: Registry, state: State, record: dict[str, Any], co
     for entry in registry.entries(kind="global"):
         if entry.info.get("model-sha256") == digest:
             return entry
-    plan = plan_for(config, record["round"])
+    plan = plan_for(config, 1)  # backbone and meta-learner are the same in every round
     model = _model(state, config)
 
     def write(folder: Path) -> None:
@@ -89,7 +89,8 @@ def publish_version(registry: Registry, state: State, record: dict[str, Any], co
     return registry.publish(
         write,
         kind="global",
-        name=f"{config.federation} round {record['round']}",
+        name=f"{config.federation} round {record['round']}"
+        + (" (initial model)" if record["round"] == 0 else ""),
         metrics=record["metrics"],
         privacy=record["sites"],
         info={

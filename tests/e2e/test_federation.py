@@ -78,7 +78,7 @@ def deployment(root: Path, nodes) -> LocalFederation:
 
 
 def test_two_rounds_three_nodes_with_one_out_of_budget_and_an_unregistered_node(tmp_path):
-    # hospital-c can afford round 1 only: 2 steps at accounted sigma 1, q 0.1 cost 2.41, 4 cost 2.76.
+    # hospital-c affords round 1 only: 2 steps at accounted sigma 1, q 0.1 cost 2.41; 4 cost 2.76.
     nodes = sites(tmp_path, {"hospital-a": 8.0, "hospital-b": 8.0, "hospital-c": 2.6})
     config = tiny_config(tmp_path)
     with deployment(tmp_path, nodes) as federation:
@@ -90,10 +90,10 @@ def test_two_rounds_three_nodes_with_one_out_of_budget_and_an_unregistered_node(
     assert "intruder" not in json.dumps(result.output)
     assert flower_exit_code(intruder.read_log()) == EXIT_CODE_NODE_REFUSED
     versions = Registry.open(config.root / "registry").entries(kind="global")
-    assert [v.info["round"] for v in versions] == [1, 2]
-    assert set(versions[0].privacy) == {"hospital-a", "hospital-b", "hospital-c"}
-    assert set(versions[1].privacy) == {"hospital-a", "hospital-b"}
-    assert any("hospital-c refuses round 2" in p for p in versions[1].info["problems"])
+    assert [v.info["round"] for v in versions] == [0, 1, 2]
+    assert set(versions[1].privacy) == {"hospital-a", "hospital-b", "hospital-c"}
+    assert set(versions[2].privacy) == {"hospital-a", "hospital-b"}
+    assert any("hospital-c refuses round 2" in p for p in versions[2].info["problems"])
     assert charged_rounds(nodes["hospital-a"]) == [1, 2]
     assert charged_rounds(nodes["hospital-c"]) == [1]
     refusals = [
@@ -125,7 +125,7 @@ def test_a_node_killed_mid_round_and_a_server_restart_neither_corrupt_nor_double
         thread.join(timeout=120)
         kept = load_checkpoint(config.root / "checkpoint", federation=config.federation)
         assert kept is not None and kept.round >= 1
-        assert "hospital-c" not in kept.history[0]["sites"]
+        assert "hospital-c" not in kept.history[1]["sites"]
         # Run 2: the SuperLink comes back on its database, hospital-c restarts, the run resumes.
         federation.start_superlink()
         federation.start_node("hospital-c")
@@ -133,14 +133,14 @@ def test_a_node_killed_mid_round_and_a_server_restart_neither_corrupt_nor_double
     result.check()
     final = load_checkpoint(config.root / "checkpoint", federation=config.federation)
     assert final is not None and final.round == 3
-    assert [r["round"] for r in final.history] == [1, 2, 3]
+    assert [r["round"] for r in final.history] == [0, 1, 2, 3]
     for site in ("hospital-a", "hospital-b"):
         rounds = charged_rounds(nodes[site])
         assert rounds == sorted(set(rounds)) and set(rounds) == {1, 2, 3}  # once per round
     assert set(charged_rounds(nodes["hospital-c"])) <= {1, 2, 3}
     assert len(charged_rounds(nodes["hospital-c"])) == len(set(charged_rounds(nodes["hospital-c"])))
     versions = Registry.open(config.root / "registry").entries(kind="global")
-    assert [v.info["round"] for v in versions] == [1, 2, 3]
+    assert [v.info["round"] for v in versions] == [0, 1, 2, 3]
     for site in nodes.values():
         assert Ledger.open(str(site["ledger"])).verify() >= 1
 

@@ -44,7 +44,7 @@ def test_two_rounds_publish_a_version_each_with_every_sites_report(
     final = run(server_config, global_state, InProcessGrid({1: node(sites[0]), 2: node(sites[1])}))
     assert final.round == 2
     versions = Registry.open(server_config.root / "registry").entries(kind="global")
-    assert [v.info["round"] for v in versions] == [1, 2]
+    assert [v.info["round"] for v in versions] == [0, 1, 2]
     assert set(versions[-1].privacy) == {"a", "b"}
     assert versions[-1].metrics["accuracy-5way-5shot"] > 0.2  # above chance
     for site in sites:
@@ -58,9 +58,9 @@ def test_a_dead_node_is_retried_and_the_round_completes_on_quorum(
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("abc")]
     grid = InProcessGrid({1: node(sites[0]), 2: node(sites[1]), 3: lambda msg: None})
     final = run(config, global_state, grid)
-    assert final.round == 1 and set(final.history[0]["sites"]) == {"a", "b"}
-    assert final.history[0]["attempts"] == 1
-    assert any("no reply" in p for p in final.history[0]["problems"])
+    assert final.round == 1 and set(final.history[1]["sites"]) == {"a", "b"}
+    assert final.history[1]["attempts"] == 1
+    assert any("no reply" in p for p in final.history[1]["problems"])
 
 
 def test_no_quorum_stops_cleanly_with_the_last_good_checkpoint(
@@ -92,8 +92,8 @@ def test_poisoned_and_nan_replies_are_gated(tmp_path, server_config, global_stat
         return reply
 
     final = run(config, global_state, InProcessGrid({1: node(good), 2: poisoned}))
-    assert set(final.history[0]["sites"]) == {"a"}
-    assert any("non-finite" in p for p in final.history[0]["problems"])
+    assert set(final.history[1]["sites"]) == {"a"}
+    assert any("non-finite" in p for p in final.history[1]["problems"])
 
 
 def test_a_restarted_server_resumes_without_charging_a_site_twice(
@@ -105,6 +105,6 @@ def test_a_restarted_server_resumes_without_charging_a_site_twice(
     # The server dies after round 1; a new ServerApp process starts from a fresh model.
     other_start = {k: v + 1 for k, v in global_state.items()}
     final = run(server_config, other_start, InProcessGrid({1: node(sites[0]), 2: node(sites[1])}))
-    assert final.round == 2 and [r["round"] for r in final.history] == [1, 2]
+    assert final.round == 2 and [r["round"] for r in final.history] == [0, 1, 2]
     for site in sites:
         assert [e.round for e in Ledger.open(site["ledger"]).entries()] == [1, 2]
