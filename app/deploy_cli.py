@@ -1,0 +1,426 @@
+"""``fedfew node ...`` and ``fedfew server ...``: provision and run a real deployment.
+
+The logic lives in ``federation/provisioning.py`` (a hospital node) and
+``federation/server_provisioning.py`` (the SuperLink); this module wires it to Typer and runs
+Flower's processes in the foreground: their output goes to stdout (and to a log file), and
+Ctrl-C or SIGTERM stops them with every child they started (``federation/processes.py``).
+
+Registered in ``app/cli.py``; also runnable alone: ``python -m app.deploy_cli --help``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import typer
+from flwr.common.config import parse_config_args
+
+from federation.certificates import NODE_PUBLIC_KEY_SUFFIX
+from federation.deployment_checks import CONNECTION, inspect_data
+from federation.errors import DeploymentError, NodeRefusedError
+from federation.flower_project import (
+    EXIT_CODE_NODE_REFUSED,
+    STATUS_COMPLETED,
+    flower_exit_code,
+    parse_run_id,
+)
+from federation.processes import ManagedProcess
+from federation.provisioning import (
+    DEFAULT_BUDGET_DELTA,
+    DEFAULT_NODE_PORT,
+    NodeFile,
+    check_node_file,
+    init_node,
+    node_env,
+    node_log,
+    rotate_node_key,
+    supernode_command,
+)
+from federation.server_provisioning import (
+    DEFAULT_BIND,
+    DEFAULT_SUPERLINK_PORT,
+    SERVER_FILE,
+    ServerFile,
+    check_server_file,
+    flwr_json,
+    init_server,
+    read_server_file,
+    renew_server_certificate,
+    run_command,
+    run_config_values,
+    run_status,
+    server_env,
+    superlink_command,
+    write_flower_home,
+)
+from models.errors import FedfewError
+
+NODE_READY = "SuperNode ID:"  # what flower-supernode logs once the SuperLink accepted it
+KEY_PREFIX = "ecdsa-sha2-nistp384 "  # an OpenSSH P-384 public key line
+_POLL_S = 0.2
+
+node_app = typer.Typer(
+    help="A hospital node: provision it (config, key, data check), check it, run its SuperNode.",
+    no_args_is_help=True,
+)
+server_app = typer.Typer(
+    help="The federation server: CA and certificates, SuperLink, node registration, runs.",
+    no_args_is_help=True,
+)
+
+NodeConfigOption = typer.Option(..., "--config", help="The node.toml written by `node init`.")
+ServerConfigOption = typer.Option(
+    ..., "--config", help=f"The {SERVER_FILE} written by `fedfew server init`."
+)
+
+
+# -- node ---------------------------------------------------------------------------------------
+
+
+@node_app.command("init")
+def node_init(
+    site: str = typer.Option(..., "--site", help="This site's name, e.g. hospital-a."),
+    data: Path = typer.Option(..., "--data", help=".npz, folder of class subfolders, or CSV."),
+    superlink: str = typer.Option(..., "--superlink", help="The SuperLink's HOST:PORT."),
+    ca: Path = typer.Option(..., "--ca", help="The federation's ca.crt (from the operator)."),
+    budget_epsilon: float | None = typer.Option(
+        None, "--budget-epsilon", help="Required: the site's total epsilon cap (no default)."
+    ),
+    budget_delta: float = typer.Option(
+        DEFAULT_BUDGET_DELTA, "--budget-delta", help="Delta of every charge; < 1/patients."
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for node.toml, ca.crt and the key pair."),
+    state: Path | None = typer.Option(
+        None, "--state", help="Folder of ledger, registry and logs (default OUT/state)."
+    ),
+    node_port: int = typer.Option(
+        DEFAULT_NODE_PORT, "--node-port", help="This SuperNode's local Runtime API port."
+    ),
+) -> None:
+    """Write a site's node.toml and key pair, check its data, and print what to register."""
+    made = init_node(
+        out,
+        site=site,
+        data=data,
+        superlink=superlink,
+        ca=ca,
+        budget_epsilon=budget_epsilon,
+        budget_delta=budget_delta,
+        port=node_port,
+        state_dir=state,
+    )
+    node_file = made.node_file
+    summary = made.data
+    classes = ", ".join(f"{name} {count}" for name, count in summary.counts.items())
+    key = node_file.connection.key
+    typer.echo(
+        f"data {summary.path}: {summary.total} images of {summary.patients} patients in "
+        f"{len(summary.counts)} classes ({classes})"
+    )
+    typer.echo(
+        f"ledger {node_file.node.ledger}: cap epsilon {node_file.node.budget_epsilon:g} at "
+        f"delta {node_file.node.budget_delta:g} (fixed for this ledger)"
+    )
+    typer.echo(f"wrote {node_file.path}, {node_file.connection.ca} and key {key} (+ .pub)")
+    _echo_registration(site, made.public_key_line, key)
+    typer.echo(f"then start the node:\n  fedfew node run --config {node_file.path}")
+
+
+@node_app.command("check")
+def node_check(config: Path = NodeConfigOption) -> None:
+    """Check node.toml, CA, key, ledger, and load the data once (images per class)."""
+    node_file = check_node_file(config)
+    summary = inspect_data(node_file.node.data)
+    classes = ", ".join(f"{name} {count}" for name, count in summary.counts.items())
+    typer.echo(
+        f"node {node_file.node.site_id} ok: CA, key and ledger checked; data "
+        f"{summary.total} images in {len(summary.counts)} classes ({classes})"
+    )
+
+
+@node_app.command("run")
+def node_run(config: Path = NodeConfigOption) -> None:
+    """Check node.toml, then run the SuperNode in the foreground (Ctrl-C stops it)."""
+    node_file = check_node_file(config)
+    process = ManagedProcess(
+        supernode_command(node_file),
+        name=f"node {node_file.node.site_id}",
+        log_path=node_log(node_file),
+        env=node_env(node_file),
+        cwd=node_file.state_dir,
+    )
+    typer.echo(
+        f"starting SuperNode {node_file.node.site_id} -> {node_file.connection.superlink} "
+        f"(TLS, key {node_file.connection.key}); log {process.log_path}; Ctrl-C stops it"
+    )
+    log = _follow(process)
+    code = process.returncode
+    if code == 0:
+        return
+    if flower_exit_code(log) == EXIT_CODE_NODE_REFUSED:
+        raise NodeRefusedError(_refusal_message(node_file))
+    raise DeploymentError(
+        f"flower-supernode exited with status {code} (Flower exit code "
+        f"{flower_exit_code(log)}); see the output above or {process.log_path}"
+    )
+
+
+@node_app.command("rotate-key")
+def node_rotate_key(config: Path = NodeConfigOption) -> None:
+    """Replace the node's key pair (the old one moves to retired/); register the new one."""
+    connection = rotate_node_key(config)
+    site = connection.key.name
+    line = connection.public_key.read_text(encoding="utf-8").strip()
+    typer.echo(f"new key {connection.key}; the old pair is in {connection.key.parent / 'retired'}")
+    _echo_registration(site, line, connection.key)
+    typer.echo(
+        "then restart the node (`fedfew node run`), and have the operator remove the old "
+        "registration: `fedfew server nodes` lists node ids, `fedfew server unregister ID`"
+    )
+
+
+def _echo_registration(site: str, line: str, key: Path) -> None:
+    public = key.with_name(key.name + NODE_PUBLIC_KEY_SUFFIX)
+    typer.echo(f"public key of {site} (send it to the federation operator):\n{line}")
+    typer.echo(
+        "the operator registers it on the SuperLink host with:\n"
+        f'  fedfew server register --config {SERVER_FILE} "{line}" --name {site}\n'
+        f"or with Flower's CLI (the key saved as {public.name}):\n"
+        f"  flwr supernode register {public.name} {CONNECTION} --name {site}"
+    )
+
+
+def _refusal_message(node_file: NodeFile) -> str:
+    connection = node_file.connection
+    site = node_file.node.site_id
+    return (
+        f"the SuperLink {connection.superlink} refused node {site} (Flower exit code 305): "
+        f"its public key {connection.public_key} is not registered. Send that key to the "
+        f"federation operator, who runs `fedfew server register --config {SERVER_FILE} "
+        f"{connection.public_key.name} --name {site}`; then run `fedfew node run` again. "
+        "(If it is registered and this node stopped less than a minute ago, the SuperLink "
+        "still counts it online: wait 60 s and retry.)"
+    )
+
+
+# -- server -------------------------------------------------------------------------------------
+
+
+@server_app.command("init")
+def server_init(
+    out: Path = typer.Option(..., "--out", help="The server's folder (certs, config, app)."),
+    host: list[str] | None = typer.Option(
+        None, "--host", help="A name or address nodes dial (repeat); 127.0.0.1 always added."
+    ),
+    port: int = typer.Option(DEFAULT_SUPERLINK_PORT, "--port", help="The SuperLink's port."),
+    bind: str = typer.Option(DEFAULT_BIND, "--bind", help="The address it listens on."),
+    state: Path | None = typer.Option(
+        None, "--state", help="Folder of database, checkpoint, registry, logs (OUT/state)."
+    ),
+    federation: str = typer.Option("fedfew", "--federation", help="The federation's name."),
+) -> None:
+    """Create the CA, the SuperLink's certificate, server.toml, the Flower app and run.toml."""
+    server = init_server(
+        out, hosts=host or (), port=port, bind=bind, state_dir=state, federation=federation
+    )
+    typer.echo(f"CA {server.ca_cert} (give it to every site; keep {server.ca_key.name} offline)")
+    typer.echo(f"server certificate {server.server_cert} for {', '.join(server.hosts)}")
+    typer.echo(f"run config {server.run_config} (edit it), app {server.app}")
+    typer.echo(f"start the SuperLink:\n  fedfew server run --config {server.path}")
+
+
+@server_app.command("run")
+def server_run(config: Path = ServerConfigOption) -> None:
+    """Check certificates, then run the SuperLink in the foreground (Ctrl-C stops it)."""
+    server = check_server_file(config)
+    write_flower_home(server)
+    process = ManagedProcess(
+        superlink_command(server),
+        name="superlink",
+        log_path=server.log_dir / "superlink.log",
+        env=server_env(server),
+        cwd=server.database.parent,
+    )
+    typer.echo(
+        f"starting the SuperLink on {server.bind}:{server.port} (TLS, node authentication, "
+        f"database {server.database}); log {process.log_path}; Ctrl-C stops it"
+    )
+    log = _follow(process)
+    if process.returncode != 0:
+        raise DeploymentError(
+            f"flower-superlink exited with status {process.returncode} (Flower exit code "
+            f"{flower_exit_code(log)}); see the output above or {process.log_path}"
+        )
+
+
+@server_app.command("register")
+def server_register(
+    public_key: str = typer.Argument(..., help="The node's .pub file, or the key line itself."),
+    name: str = typer.Option(..., "--name", help="The site's name."),
+    config: Path = ServerConfigOption,
+) -> None:
+    """Register a node's public key on the running SuperLink (`flwr supernode register`)."""
+    server = read_server_file(config)
+    with tempfile.TemporaryDirectory() as folder:
+        key_file = _public_key_file(public_key, Path(folder), name)
+        result = flwr_json(
+            server, ["supernode", "register", str(key_file), CONNECTION, "--name", name]
+        )
+    typer.echo(f"registered {name} as node {result.get('node-id')}; it may connect now")
+
+
+@server_app.command("nodes")
+def server_nodes(config: Path = ServerConfigOption) -> None:
+    """List the registered nodes (`flwr supernode list`)."""
+    result = flwr_json(read_server_file(config), ["supernode", "list", CONNECTION])
+    for node in result.get("nodes", []) or []:
+        typer.echo(str(node))
+
+
+@server_app.command("unregister")
+def server_unregister(
+    node_id: int = typer.Argument(..., help="The node id (`fedfew server nodes`)."),
+    config: Path = ServerConfigOption,
+) -> None:
+    """Remove a node's registration (e.g. after a key rotation)."""
+    flwr_json(read_server_file(config), ["supernode", "unregister", str(node_id), CONNECTION])
+    typer.echo(f"node {node_id} unregistered")
+
+
+@server_app.command("renew-cert")
+def server_renew_cert(
+    config: Path = ServerConfigOption,
+    days: int = typer.Option(365, "--days", help="Validity of the new certificate."),
+) -> None:
+    """Issue a new SuperLink certificate (same CA, same hosts); restart the SuperLink after."""
+    cert, _ = renew_server_certificate(config, validity_days=days)
+    typer.echo(f"new server certificate {cert}: restart the SuperLink (`fedfew server run`)")
+
+
+@server_app.command("start-run")
+def server_start_run(
+    config: Path = ServerConfigOption,
+    run_config: str | None = typer.Option(
+        None, "--run-config", help="Overrides of run.toml, e.g. 'num-rounds=5 local-steps=20'."
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="Seconds before the run is stopped (default: none)."
+    ),
+) -> None:
+    """Start a federated run (`flwr run --stream`) and report its real final status."""
+    server = read_server_file(config)
+    values = run_config_values(server, parse_config_args([run_config]) if run_config else None)
+    write_flower_home(server)
+    process = ManagedProcess(
+        run_command(server, values),
+        name="flwr run",
+        log_path=server.log_dir / "flwr-run.log",
+        env=server_env(server),
+        cwd=server.app,
+    )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    log = _follow(process, stop_when=lambda: deadline is not None and time.monotonic() > deadline)
+    run_id = parse_run_id(log)
+    if process.alive:
+        _stop_run(server, process, run_id)
+        raise DeploymentError(f"run {run_id} did not finish within {timeout:g} s and was stopped")
+    if run_id is None:
+        raise DeploymentError(
+            f"flwr run started no run (exit status {process.returncode}); see the output above"
+        )
+    status, details = run_status(server, run_id)
+    if status != STATUS_COMPLETED:
+        raise DeploymentError(
+            f"run {run_id} ended with status {status!r}: {details or 'no details'}; see the "
+            f"output above and {server.log_dir / 'superlink.log'}"
+        )
+    typer.echo(f"run {run_id} {status}")
+
+
+def _stop_run(server: ServerFile, process: ManagedProcess, run_id: int | None) -> None:
+    process.stop(grace=3.0)
+    if run_id is not None:  # else the ServerApp goes on in the SuperLink
+        flwr_json(server, ["stop", str(run_id), CONNECTION])
+
+
+def _public_key_file(value: str, folder: Path, name: str) -> Path:
+    if value.startswith(KEY_PREFIX):
+        path = folder / f"{name}{NODE_PUBLIC_KEY_SUFFIX}"
+        path.write_text(value.strip() + "\n", encoding="utf-8")
+        return path
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"public key {value!r} is neither a file nor a key line starting with "
+            f"'{KEY_PREFIX.strip()}': give the .pub file the site sent, or paste its line"
+        )
+    return path
+
+
+# -- foreground processes -----------------------------------------------------------------------
+
+
+def _follow(process: ManagedProcess, *, stop_when: Callable[[], bool] = lambda: False) -> str:
+    """Start `process`, copy its log to stdout until it exits; Ctrl-C stops it and its children.
+
+    Returns:
+        What it logged during this start.
+    """
+    log_path = process.log_path
+    start = log_path.stat().st_size if log_path.exists() else 0
+    process.start()
+    seen: list[bytes] = []
+    with log_path.open("rb") as log:
+        log.seek(start)
+        try:
+            while True:
+                running = process.alive
+                chunk = log.read()
+                if chunk:
+                    seen.append(chunk)
+                    sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                    sys.stdout.flush()
+                if not running or stop_when():
+                    break
+                time.sleep(_POLL_S)
+        except KeyboardInterrupt:
+            process.stop()
+            typer.echo(f"{process.name} stopped", err=True)
+            raise typer.Exit(130) from None
+        finally:
+            if not process.alive:
+                process.stop()  # the command exited: stop what it left behind
+    return b"".join(seen).decode("utf-8", errors="replace")
+
+
+deploy_cli = typer.Typer(
+    help="fedfew deployment: servers and hospital nodes.", no_args_is_help=True
+)
+deploy_cli.add_typer(node_app, name="node")
+deploy_cli.add_typer(server_app, name="server")
+
+
+def main() -> None:
+    """Entry point of `python -m app.deploy_cli`: expected failures are one line on stderr."""
+    try:
+        deploy_cli(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except (FedfewError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
