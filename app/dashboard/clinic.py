@@ -25,9 +25,10 @@ MIN_CASES_FOR_RELIABILITY = 2  # leave-one-out needs another case of the held-ou
 FEW_CASES = 3  # below this per class the reliability estimate is too coarse to trust
 LOW_RELIABILITY = 0.7  # below 7 in 10 right, a clinician should add cases before relying on it
 NEAREST = 3  # labelled cases shown beside each prediction
-# Finetune and MAML adapt once per held-out case (1-3 s each for Conv-4 at 64 px on 2 cores):
-# at most this many held-out cases, taken from every class in turn, keep the wait under ~30 s.
-SLOW_MODE_FOLDS = 10
+# Finetune and MAML adapt once per held-out case (~5 s each for finetune, Conv-4 at 64 px on 2
+# cores): at most this many held-out cases, taken from every class in turn (one per class for
+# 5 classes), keep the wait near half a minute.
+SLOW_MODE_FOLDS = 5
 ProgressFn = Callable[[float, str], None]
 
 
@@ -115,11 +116,15 @@ class Reliability:
 
     def sentence(self) -> str:
         """What the number means, for someone without ML training."""
-        checked = f" of {self.cases} checked" if self.of > self.cases else ""
+        partial = (
+            f"; {self.cases} of the {self.of} cases were held out, to save time"
+            if self.of > self.cases
+            else ""
+        )
         return (
             f"With these cases, about {round(100 * self.accuracy)}% of held-out cases would be "
-            f"right ({self.right} of {self.cases}{checked}; each case predicted by a model "
-            "adapted to the others)."
+            f"right ({self.right} of {self.cases}, each predicted by a model adapted to the "
+            f"others{partial})."
         )
 
 

@@ -12,8 +12,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-# A patch of 1/8 of the side covers a lesion-sized region at 64 px (8 px); a stride of half a
-# patch gives each pixel up to 4 patches, which smooths the map without many more passes.
+# A patch of 1/8 of the side covers a lesion-sized region at 64 px (8 px). Patches tile the image
+# (stride = patch: 64 forward passes, ~0.5 s on 2 cores for Conv-4 at 64 px; half-patch strides
+# would cost 4x); a box blur of one patch then smooths the block edges of the map.
 PATCH_FRACTION = 8
 MIN_PATCH = 4
 OVERLAY_ALPHA = 0.45  # enough colour to read the map, enough grey to see the anatomy
@@ -35,7 +36,7 @@ def occlusion_map(
         image: one pipeline output ``(C, S, S)``.
         target: the class whose evidence is mapped (usually the predicted one).
         patch: side of the hidden square (default: 1/8 of the image side, at least 4 pixels).
-        stride: step between patches (default: half a patch).
+        stride: step between patches (default: one patch, so patches tile the image).
 
     Returns:
         ``(S, S)`` float map in [0, 1]: 1 where hiding the region removes the most evidence,
@@ -48,7 +49,7 @@ def occlusion_map(
         raise ValueError(f"occlusion_map: image must be (C, S, S), got shape {image.shape}")
     _, height, width = image.shape
     patch = patch or max(MIN_PATCH, min(height, width) // PATCH_FRACTION)
-    stride = stride or max(1, patch // 2)
+    stride = stride or patch
     if not 0 < patch <= min(height, width) or stride < 1:
         raise ValueError(
             f"occlusion_map: patch {patch} and stride {stride} do not fit {height}x{width}"
@@ -71,8 +72,19 @@ def occlusion_map(
         heat[top : top + patch, left : left + patch] += drop
         cover[top : top + patch, left : left + patch] += 1
     heat = np.where(cover > 0, heat / np.maximum(cover, 1), 0.0).clip(min=0.0)
+    heat = _box_blur(heat, patch)
     peak = heat.max()
     return (heat / peak if peak > 0 else heat).astype(np.float32)
+
+
+def _box_blur(heat: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a ``size`` x ``size`` window (odd, centred), edges averaging what they cover."""
+    k = size | 1
+    x = torch.from_numpy(heat)[None, None].float()
+    blurred = torch.nn.functional.avg_pool2d(
+        x, k, stride=1, padding=k // 2, count_include_pad=False
+    )
+    return blurred[0, 0].numpy().astype(np.float64)
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
