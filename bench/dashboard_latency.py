@@ -48,7 +48,8 @@ from models.synthetic import synthetic_arrays
 WAYS, SHOTS, NEW_CASES = 5, 5, 20
 UPLOAD_SIDE = 128  # larger than the model's input, as real scans are
 THREADS = 2  # a clinician's laptop or small server
-WARMUP = 2  # first runs pay for allocator and kernel set-up; not counted
+WARMUP = 2  # first prototype runs pay for allocator and kernel set-up; not counted
+FINETUNE_WARMUP = 1  # one finetune run already holds 6 adaptations
 PHASES = ("decode_support", "adapt", "decode_new", "classify", "explain")
 GOAL_P50_S = 1.0
 
@@ -122,9 +123,11 @@ def one_run(model: Any, version: int, mode: str, seed: int) -> dict[str, float]:
     return times
 
 
-def measure(model: Any, version: int, mode: str, repeats: int, log: Progress) -> dict[str, Any]:
-    """p50/p90 of every phase and of the total over ``repeats`` runs (after warm-up)."""
-    runs = [one_run(model, version, mode, seed) for seed in range(repeats + WARMUP)][WARMUP:]
+def measure(
+    model: Any, version: int, mode: str, *, repeats: int, warmup: int, log: Progress
+) -> dict[str, Any]:
+    """p50/p90 of every phase and of the total over ``repeats`` runs (after ``warmup`` runs)."""
+    runs = [one_run(model, version, mode, seed) for seed in range(repeats + warmup)][warmup:]
     summary: dict[str, Any] = {"mode": mode, "repeats": repeats, "runs": runs}
     for phase in (*PHASES, "total"):
         values = [r[phase] for r in runs]
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     """Measure and write bench/results/dashboard_latency.json and .png."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=20, help="timed prototype runs")
-    p.add_argument("--finetune-repeats", type=int, default=5, help="timed finetune runs (slow)")
+    p.add_argument("--finetune-repeats", type=int, default=3, help="timed finetune runs (slow)")
     p.add_argument("--name", default="dashboard_latency")
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -191,8 +194,15 @@ def main(argv: list[str] | None = None) -> None:
         load_before = os.getloadavg()
         log(f"dashboard latency on cpu ({THREADS} threads), load average {load_before[0]:.1f}")
         modes = [
-            measure(model, version, "prototype", args.repeats, log),
-            measure(model, version, "finetune", args.finetune_repeats, log),
+            measure(model, version, "prototype", repeats=args.repeats, warmup=WARMUP, log=log),
+            measure(
+                model,
+                version,
+                "finetune",
+                repeats=args.finetune_repeats,
+                warmup=FINETUNE_WARMUP,
+                log=log,
+            ),
         ]
     results = {
         "modes": modes,
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         "new_cases": NEW_CASES,
         "upload_side": UPLOAD_SIDE,
         "threads": THREADS,
-        "warmup_runs": WARMUP,
+        "warmup_runs": {"prototype": WARMUP, "finetune": FINETUNE_WARMUP},
         "backbone": BackboneConfig().to_dict(),
         "slow_mode_folds": clinic.SLOW_MODE_FOLDS,
         "goal_p50_s": GOAL_P50_S,
