@@ -10,8 +10,9 @@
   database, app folder, run config, `FLWR_HOME`; relative paths are relative to its folder;
 - `app/pyproject.toml`: the Flower app (`federation.server_app:app`, `federation.client_app:app`);
 - `run.toml`: the federation's run config (`ServerConfig`, kebab-case), which the operator edits;
-- `flwr-home/config.toml`: the `flwr` CLI's connection to this SuperLink (rewritten by every
-  command that calls `flwr`).
+- `state/` (or `--state`): the SuperLink's database, the server's checkpoint and registry, logs,
+  and `flwr-home/` (`FLWR_HOME`: Flower's installed apps and the `flwr` CLI's connection,
+  rewritten by every command that calls `flwr`). Only this folder must be writable at run time.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def init_server(
         "database": relative_path(state / DATABASE_FILE, out),
         "app": APP_DIR,
         "run-config": RUN_CONFIG_FILE,
-        "flwr-home": relative_path(out / FLOWER_HOME_DIR, out),
+        "flwr-home": relative_path(state / FLOWER_HOME_DIR, out),  # Flower writes FABs there
     }
     lines = ["# Written by `fedfew server init`; relative paths are relative to this folder."]
     lines += [f"[{SERVER_TABLE}]"] + [f"{key} = {_toml(value)}" for key, value in values.items()]
