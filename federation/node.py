@@ -16,10 +16,12 @@ sent again, which is post-processing and costs nothing; a charge whose reply was
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,15 +70,16 @@ def open_ledger(config: NodeConfig) -> Ledger:
     Raises:
         NodeConfigError: an existing ledger belongs to another site or has another cap or delta.
     """
-    if not config.ledger.exists():
-        config.ledger.parent.mkdir(parents=True, exist_ok=True)
-        return Ledger.create(
-            config.ledger,
-            site=config.site_id,
-            cap_epsilon=config.budget_epsilon,
-            delta=config.budget_delta,
-            accountant=config.accountant,
-        )
+    # Two first rounds at once must not both create the file (or open it half-made).
+    with _exclusive(config.ledger.with_name(f".{config.ledger.name}.create-lock")):
+        if not config.ledger.exists():
+            return Ledger.create(
+                config.ledger,
+                site=config.site_id,
+                cap_epsilon=config.budget_epsilon,
+                delta=config.budget_delta,
+                accountant=config.accountant,
+            )
     ledger = Ledger.open(config.ledger)
     mismatch = {
         "site-id": (ledger.site, config.site_id),
@@ -110,9 +113,24 @@ def run_round(
     """
     check_policy(plan, config)
     ledger = open_ledger(config)
+    replies = config.replies_dir / plan.federation
+    # One attempt at a time per round: a retry that arrives while an earlier attempt still runs
+    # waits, then replays that attempt's reply instead of releasing a second output.
+    with _exclusive(replies / f"round-{plan.round}.lock"):
+        return _run_locked(config, plan, global_state, ledger, replies, requester, seed)
+
+
+def _run_locked(
+    config: NodeConfig,
+    plan: RoundPlan,
+    global_state: State,
+    ledger: Ledger,
+    replies: Path,
+    requester: str,
+    seed: int | None,
+) -> NodeReply:
     model_hash = state_digest(global_state)
     replay_key = hashlib.sha256(f"{model_hash}|{plan.digest()}".encode()).hexdigest()[:16]
-    replies = config.replies_dir / plan.federation
     charges = [e for e in ledger.entries() if _charged_for(e, plan)]
     for entry in charges:
         kept = replies / f"round-{plan.round}-charge-{entry.id}.safetensors"
@@ -136,6 +154,18 @@ def run_round(
     delta = {k: (trained[k] - global_state[k]).astype(global_state[k].dtype) for k in trained}
     _write_reply(replies / f"round-{plan.round}-charge-{entry.id}.safetensors", delta, replay_key)
     return NodeReply(delta, _report(config, ledger, plan, entry, replayed=False))
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (released when the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _charged_for(entry: LedgerEntry, plan: RoundPlan) -> bool:

@@ -1,6 +1,7 @@
 """The ClientApp handler with hand-built Messages and Contexts (real ledger, data and training)."""
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_a_plan_over_budget_is_refused_and_nothing_is_computed(
     (entry,) = Ledger.open(site["ledger"]).entries()
     assert entry.kind == "refusal"
     config = NodeConfig.from_mapping(site)
-    assert not config.replies_dir.exists()
+    assert not list(config.replies_dir.rglob("*.safetensors"))
     assert not (tmp_path / "a" / "registry").exists()
 
 
@@ -126,3 +127,18 @@ def test_an_existing_ledger_with_another_cap_is_a_config_error(
         message(global_state, plan_for(server_config, 2)), context({**site, "budget-epsilon": 20.0})
     )
     assert reply.has_error() and "records budget-epsilon 8.0" in reply.error.reason
+
+
+def test_concurrent_attempts_of_one_round_release_one_output_for_one_charge(
+    tmp_path, server_config, global_state
+):
+    site = make_site(tmp_path, "a")
+    msg = message(global_state, plan_for(server_config, 1))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first, second = pool.map(lambda _: train(msg, context(site)), range(2))
+    assert not first.has_error(), first.error.reason
+    assert not second.has_error(), second.error.reason
+    deltas = [from_arrays(r.content.array_records[DELTA]) for r in (first, second)]
+    for name in deltas[0]:
+        np.testing.assert_array_equal(deltas[0][name], deltas[1][name])
+    assert [e.kind for e in Ledger.open(site["ledger"]).entries()] == ["charge"]
