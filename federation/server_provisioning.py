@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -299,8 +300,8 @@ def run_config_values(
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ProvisioningError(
-            f"{server.run_config}: unknown run config key(s) {', '.join(unknown)}; known: "
-            f"{', '.join(known)}"
+            f"{server.run_config} or --run-config: unknown run config key(s) "
+            f"{', '.join(unknown)}; known: {', '.join(known)}"
         )
     ServerConfig.from_run_config(values)  # raises ValueError naming the key
     return {key: value for key, value in values.items() if isinstance(value, ConfigValue)}
@@ -338,9 +339,28 @@ def flwr_json(server: ServerFile, arguments: Sequence[str]) -> dict[str, object]
             f"`flwr {' '.join(arguments)}` did not answer within {CLI_TIMEOUT_S:g} s: is the "
             f"SuperLink running (`fedfew server run --config {server.path}`)?"
         ) from err
-    return parse_cli_json(
-        done.stdout + done.stderr, returncode=done.returncode, command=f"flwr {arguments[0]}"
-    )
+    output = done.stdout + done.stderr
+    try:
+        return parse_cli_json(output, returncode=done.returncode, command=f"flwr {arguments[0]}")
+    except DeploymentError as err:
+        reason = _flower_error(output)
+        if reason is None:
+            raise
+        raise DeploymentError(
+            f"`flwr {' '.join(arguments)}` failed: {reason} (is the SuperLink running: "
+            f"`fedfew server run --config {server.path}`?)"
+        ) from err
+
+
+def _flower_error(output: str) -> str | None:
+    """Flower's `error-message` from a failed `--format json` command, on one line."""
+    start = output.find("{")
+    try:
+        result = json.JSONDecoder().raw_decode(output, start)[0] if start >= 0 else None
+    except json.JSONDecodeError:
+        return None
+    message = result.get("error-message") if isinstance(result, dict) else None
+    return " ".join(str(message).split()) if message else None
 
 
 def run_status(server: ServerFile, run_id: int) -> tuple[str, str]:
