@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from federation.certificates import (
     CA_KEY_FILE,
     DEFAULT_VALIDITY_DAYS,
@@ -217,13 +219,20 @@ def check_server_file(path: Path, *, now: dt.datetime | None = None) -> ServerFi
     """
     server = read_server_file(path)
     check_ca_certificate(server.ca_cert, now=now)
-    try:
-        check_certificate(server.server_cert, ca=server.ca_cert, now=now)
-    except CertificateError as err:
+    renew = (
+        f"run `fedfew server renew-cert --config {server.path}` where the CA key is, then "
+        "start the SuperLink again"
+    )
+    moment = now or dt.datetime.now(dt.UTC)
+    expires = _not_valid_after(server.server_cert)
+    if expires is not None and moment > expires:
         raise CertificateError(
-            f"{err}. With the CA key at hand, `fedfew server renew-cert --config {server.path}` "
-            "issues a new server certificate for the same hosts"
-        ) from err
+            f"server certificate {server.server_cert} expired on {expires:%Y-%m-%d} UTC: {renew}"
+        )
+    try:
+        check_certificate(server.server_cert, ca=server.ca_cert, now=moment)
+    except CertificateError as err:
+        raise CertificateError(f"{err}; or {renew}") from err
     if not server.server_key.is_file():
         raise CertificateError(
             f"server key {server.server_key} does not exist: run `fedfew server renew-cert "
@@ -350,6 +359,14 @@ def flwr_json(server: ServerFile, arguments: Sequence[str]) -> dict[str, object]
             f"`flwr {' '.join(arguments)}` failed: {reason} (is the SuperLink running: "
             f"`fedfew server run --config {server.path}`?)"
         ) from err
+
+
+def _not_valid_after(path: Path) -> dt.datetime | None:
+    """A certificate's expiry, or None if it cannot be read (check_certificate says why)."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+    except (OSError, ValueError):
+        return None
 
 
 def _flower_error(output: str) -> str | None:

@@ -257,7 +257,9 @@ def test_an_expired_server_certificate_names_renew_cert_and_renewal_works(tmp_pa
     server = init_server(tmp_path / "server")
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=200)
     renew_server_certificate(server.path, validity_days=100)
-    with pytest.raises(CertificateError, match=r"expired on .*fedfew server renew-cert"):
+    with pytest.raises(
+        CertificateError, match=r"server certificate .* expired on .* run `fedfew server renew-cert"
+    ):
         check_server_file(server.path, now=later)
     renew_server_certificate(server.path, validity_days=300)
     check_server_file(server.path, now=later)
