@@ -278,8 +278,12 @@ def server_register(
 def server_nodes(config: Path = ServerConfigOption) -> None:
     """List the registered nodes (`flwr supernode list`)."""
     result = flwr_json(read_server_file(config), ["supernode", "list", CONNECTION])
-    for node in result.get("nodes", []) or []:
-        typer.echo(str(node))
+    nodes = result.get("nodes")
+    for node in nodes if isinstance(nodes, list) else []:
+        typer.echo(
+            f"node {node.get('node-id')}  {node.get('owner-name') or '-'}  {node.get('status')}"
+            f"  registered {node.get('created-at')}  online since {node.get('online-at') or '-'}"
+        )
 
 
 @server_app.command("unregister")

@@ -131,9 +131,11 @@ def _play(root: Path, started: list[ManagedProcess]) -> None:
     server.wait_for_port("127.0.0.1", port, timeout=STARTUP_S)
     key_line = (root / SITES[1] / f"{SITES[1]}.pub").read_text().strip()
     keys = {SITES[0]: str(root / SITES[0] / f"{SITES[0]}.pub"), SITES[1]: key_line}
+    node_ids = []
     for site, key in keys.items():
         output = cli(["server", "register", "--config", str(config), key, "--name", site])
         assert f"registered {site} as node" in output
+        node_ids.append(output.split(" as node ")[1].split(";")[0])
 
     # Start the nodes; the unregistered one must stop with a message naming the fix.
     nodes = {}
@@ -142,6 +144,9 @@ def _play(root: Path, started: list[ManagedProcess]) -> None:
         nodes[site] = _tracked(started, start(args, name=f"node-{site}", root=root))
     for site in SITES:
         nodes[site].wait_for_log("SuperNode ID:", timeout=STARTUP_S)
+    listed = cli(["server", "nodes", "--config", str(config)])
+    for node_id in node_ids:
+        assert f"node {node_id} " in listed
     assert nodes[INTRUDER].wait(timeout=STARTUP_S) == 1
     refusal = nodes[INTRUDER].read_log()
     assert f"refused node {INTRUDER} (Flower exit code 305)" in refusal
