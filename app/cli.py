@@ -14,7 +14,9 @@ import typer
 from tqdm import tqdm
 
 from app.budget_cli import budget_app
+from app.dashboard_cli import dashboard, users_app
 from app.demo import DemoSettings, run_demo, summary
+from app.deploy_cli import node_app, server_app
 from models.adaptation import AdaptConfig
 from models.episodes import EpisodeConfig
 from models.errors import DataError, FedfewError
@@ -37,6 +39,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(budget_app, name="budget")
+app.add_typer(users_app, name="users")
+app.add_typer(node_app, name="node")
+app.add_typer(server_app, name="server")
+app.command("dashboard")(dashboard)
 
 
 def _load_sets(spec: str, pipeline: PipelineConfig) -> list[ImageSet]:
@@ -208,7 +214,9 @@ def demo(
     typer.echo(
         "open the dashboard of a hospital: fedfew dashboard "
         f"--registry {result.workdir / hospital / 'registry'} "
-        f"--ledger {result.workdir / hospital / 'ledger.db'}"
+        f"--ledger {result.workdir / hospital / 'ledger.db'} "
+        f"--federation-status {result.workdir / 'server' / 'status.json'} "
+        "(create a user first: fedfew users add --role clinician)"
     )
 
 

@@ -170,12 +170,6 @@ def test_the_build_context_keeps_keys_and_the_venv_out():
     assert "!.venv" not in ignore
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyproject.toml ships no package data: `pip install .` (the image) lacks "
-    "app/dashboard/.streamlit/config.toml, which `fedfew dashboard` reads; add "
-    '[tool.setuptools.package-data] app = ["dashboard/.streamlit/*.toml"]',
-)
 def test_pip_install_carries_the_dashboard_streamlit_config():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     patterns = setuptools.get("package-data", {}).get("app", [])
