@@ -5,8 +5,7 @@ start-run` completing one round. Then `server run` and `node run` are stopped th
 does (SIGTERM from systemd, Ctrl-C), and none of the processes they started may survive.
 
 The services (`server run`, `node run`) are separate processes exactly as the runbook types them
-(`fedfew ...`, or `python -m app.deploy_cli ...` until the commands are registered in
-`app/cli.py`). The one-shot commands run in this process with the same arguments (CliRunner):
+(`fedfew ...`). The one-shot commands run in this process with the same arguments (CliRunner):
 each process start costs 10 s of imports on 2 cores, and they run the same code.
 """
 
@@ -24,10 +23,9 @@ import pytest
 with warnings.catch_warnings():
     # typer imports click names that click 8.3 deprecates (attributed to typer, not click.*).
     warnings.filterwarnings("ignore", r"'click\..*' is deprecated", DeprecationWarning)
-    import typer
     from typer.testing import CliRunner
 
-    from app.deploy_cli import deploy_cli
+    from app.cli import app as cli_app
 from federation.processes import ManagedProcess, free_port, group_exists, process_exists
 from federation.provisioning import NODE_FILE
 from federation.server_provisioning import SERVER_FILE
@@ -46,25 +44,14 @@ STARTUP_S = 120.0  # a cold `fedfew` imports torch and Flower: 10-20 s on a load
 RUN_TIMEOUT_S = 300
 
 
-def registered_app() -> typer.Typer | None:
-    """app/cli.py's app once it registers the deployment commands, else None."""
-    from app.cli import app as cli_app
-
-    commands = getattr(typer.main.get_command(cli_app), "commands", {})
-    return cli_app if {"node", "server"} <= set(commands) else None
-
-
 def fedfew() -> list[str]:
-    """`fedfew` once app/cli.py registers the deployment commands, else the module itself."""
-    script = Path(sys.executable).parent / "fedfew"
-    if registered_app() is not None and script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "app.deploy_cli"]
+    """The `fedfew` console script beside this interpreter (what the runbook types)."""
+    return [str(Path(sys.executable).parent / "fedfew")]
 
 
 def cli(args: list[str]) -> str:
     """Run one `fedfew` command in this process; return its output, failing on an error."""
-    result = CliRunner().invoke(registered_app() or deploy_cli, args)
+    result = CliRunner().invoke(cli_app, args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     assert result.exit_code == 0, result.output
