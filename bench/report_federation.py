@@ -42,7 +42,12 @@ def federation_cost_section(payload: dict[str, Any], source: str) -> list[str]:
         )
     header = ["setting", "round", "round s", "slowest node s", "overhead s", "overhead",
               "MiB per node down / up"]  # fmt: skip
-    return out + _table(header, rows)
+    return [
+        *out,
+        *_table(header, rows),
+        "",
+        "![federation cost](bench/results/federation_cost.png)",
+    ]
 
 
 def federated_accuracy_section(payload: dict[str, Any], source: str) -> list[str]:
@@ -66,7 +71,9 @@ def federated_accuracy_section(payload: dict[str, Any], source: str) -> list[str
             eps = "-"
         cells = [f"{100 * r[k]:.1f} ± {100 * r[k.replace('accuracy-', 'ci95-')]:.1f}" for k in keys]
         table.append([r["method"], eps, *cells])
-    return out + _table(["model", "epsilon", *(k.removeprefix("accuracy-") for k in keys)], table)
+    header = ["model", "epsilon", *(k.removeprefix("accuracy-") for k in keys)]
+    plot = "![federated accuracy](bench/results/federated_accuracy.png)"
+    return [*out, *_table(header, table), "", plot]
 
 
 def simulation_section(payload: dict[str, Any], source: str) -> list[str]:
@@ -80,6 +87,8 @@ def simulation_section(payload: dict[str, Any], source: str) -> list[str]:
         f"ClientApp handler: {r['wall_s']:.0f} s wall ({r['wall_per_round_s']:.0f} s per round), "
         f"peak resident memory of the whole process tree {r['peak_rss_mib']:.0f} MiB, "
         f"{r['ledgers_written']} site ledgers charged.",
+        "",
+        "![simulation scale](bench/results/simulation_scale.png)",
     ]
 
 
