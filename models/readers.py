@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -202,26 +203,27 @@ def load_files(
     images: list[torch.Tensor] = []
     good: list[str] = []
     errors: list[UnreadableImageError] = []
-    for path in paths:
-        where = str(path)
-        try:
-            check_file(path, guard)
-            if file_suffix(path) not in IMAGE_SUFFIXES:
-                raise UnreadableImageError(
-                    where, "not a single image (array sets load with load_npz)"
-                )
-            images.append(transforms({IMAGE_KEY: where})[IMAGE_KEY])
-            good.append(where)
-        except Exception as exc:  # reported in LoadResult.errors, never swallowed
-            cause = _root_cause(exc)
-            if isinstance(cause, UnreadableImageError):
-                err = UnreadableImageError(where, cause.reason)
-            else:
-                err = UnreadableImageError(
-                    where, f"decoding failed: {type(cause).__name__}: {cause}"
-                )
-            errors.append(err)
-            logger.debug("skipped unreadable image: %s", err)
+    with _one_torch_thread():
+        for path in paths:
+            where = str(path)
+            try:
+                check_file(path, guard)
+                if file_suffix(path) not in IMAGE_SUFFIXES:
+                    raise UnreadableImageError(
+                        where, "not a single image (array sets load with load_npz)"
+                    )
+                images.append(transforms({IMAGE_KEY: where})[IMAGE_KEY])
+                good.append(where)
+            except Exception as exc:  # reported in LoadResult.errors, never swallowed
+                cause = _root_cause(exc)
+                if isinstance(cause, UnreadableImageError):
+                    err = UnreadableImageError(where, cause.reason)
+                else:
+                    err = UnreadableImageError(
+                        where, f"decoding failed: {type(cause).__name__}: {cause}"
+                    )
+                errors.append(err)
+                logger.debug("skipped unreadable image: %s", err)
     size = config.image_size
     stacked = (
         torch.stack(images).numpy()
@@ -231,6 +233,19 @@ def load_files(
     if errors:
         logger.info("%d of %d image files could not be loaded", len(errors), len(paths))
     return LoadResult(images=stacked.astype(np.float32, copy=False), paths=good, errors=errors)
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Decode with one torch thread: MONAI's percentile step runs ``torch.quantile`` on each small
+    image, 3-4x slower with a thread pool (measured: 25 PNGs in 2.2 s with 2 threads, 0.6 s with 1).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _folder_entries(root: Path) -> tuple[list[Path], list[str], list[str | None]]:
