@@ -4,6 +4,7 @@ synthetic case files, and an AppTest of the entry file wired to them through the
 from __future__ import annotations
 
 import io
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,16 @@ from models.registry import Registry
 from models.synthetic import synthetic_arrays
 from privacy.errors import BudgetExhaustedError
 from privacy.ledger import ChargeRequest, Ledger
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module() -> Iterator[None]:
+    """Streamlit's script runner installs the page script as ``__main__`` and leaves it there;
+    later tests that start processes with spawn/forkserver would re-run that page in the child."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
 
 ENTRY = Path(__file__).resolve().parents[3] / "app" / "dashboard" / "main.py"
 PASSWORD = "correct horse battery"
