@@ -25,14 +25,13 @@ from federation.errors import DeploymentError
 from federation.flower_project import RunResult, write_app_project
 from federation.local_deployment import LocalFederation
 from federation.server_config import ServerConfig
+from federation.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
 from models.registry import Registry, RegistryEntry
 from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays
 from privacy.ledger import Ledger
 
 MARKER = ".fedfew-demo"  # a folder holding it was made by the demo and may be replaced by it
-SERVER_APP = "federation.server_app:app"
-CLIENT_APP = "federation.client_app:app"
 
 
 @dataclass(frozen=True)

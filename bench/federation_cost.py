@@ -30,12 +30,13 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.demo import CLIENT_APP, SERVER_APP, DemoSettings, node_config, server_config, site_data
+from app.demo import DemoSettings, node_config, server_config, site_data
 from bench.common import RESULTS, Progress, write_result
 from federation.checkpoint import load_checkpoint
 from federation.flower_project import write_app_project
 from federation.local_deployment import LocalFederation
 from federation.node_config import NodeConfig
+from federation.server_provisioning import CLIENT_APP, SERVER_APP
 
 SETTINGS = {
     "demo (width 32, 10 steps)": {"width": 32, "local_steps": 10},
