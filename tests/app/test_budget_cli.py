@@ -5,19 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
-import warnings
 from pathlib import Path
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
-with warnings.catch_warnings():
-    # typer imports click names that click 8.3 deprecates; the warning is attributed to typer,
-    # so the pyproject filter on click.* does not catch it.
-    warnings.filterwarnings("ignore", r"'click\..*' is deprecated", DeprecationWarning)
-    import typer
-    from typer.testing import CliRunner
-
-    from app.budget_cli import budget_app
+from app.budget_cli import budget_app
 from privacy.ledger import ENTRY_FIELDS, ChargeRequest, Ledger
 
 app = typer.Typer()

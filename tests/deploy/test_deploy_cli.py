@@ -3,21 +3,15 @@ register command `node init` prints."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from app.deploy_cli import deploy_cli
 from federation.certificates import make_ca
 from federation.errors import NodeConfigError, ProvisioningError
 from models.synthetic import write_synthetic_npz
-
-with warnings.catch_warnings():
-    # typer imports click names that click 8.3 deprecates (attributed to typer, not click.*).
-    warnings.filterwarnings("ignore", r"'click\..*' is deprecated", DeprecationWarning)
-    from typer.testing import CliRunner
-
-    from app.deploy_cli import deploy_cli
 
 
 def invoke(args: list[str]):

@@ -8,20 +8,15 @@ import shutil
 import subprocess
 import sys
 import tomllib
-import warnings
 from pathlib import Path
 
 import click
 import pytest
+import typer
 import yaml
 
-with warnings.catch_warnings():
-    # typer imports click names that click 8.3 deprecates (attributed to typer, not click.*).
-    warnings.filterwarnings("ignore", r"'click\..*' is deprecated", DeprecationWarning)
-    import typer
-
-    from app.dashboard_cli import cli as dashboard_cli
-    from app.deploy_cli import deploy_cli
+from app.dashboard_cli import cli as dashboard_cli
+from app.deploy_cli import deploy_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -15,17 +15,12 @@ import os
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-with warnings.catch_warnings():
-    # typer imports click names that click 8.3 deprecates (attributed to typer, not click.*).
-    warnings.filterwarnings("ignore", r"'click\..*' is deprecated", DeprecationWarning)
-    from typer.testing import CliRunner
-
-    from app.cli import app as cli_app
+from app.cli import app as cli_app
 from federation.processes import ManagedProcess, free_port, group_exists, process_exists
 from federation.provisioning import NODE_FILE
 from federation.server_provisioning import SERVER_FILE

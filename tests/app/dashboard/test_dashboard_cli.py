@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-with warnings.catch_warnings():
-    # typer imports click names that click 8.3 deprecates (see tests/app/test_budget_cli.py).
-    warnings.filterwarnings("ignore", r"'click\..*' is deprecated", DeprecationWarning)
-    from typer.testing import CliRunner
-
-    from app import dashboard_cli
+from app import dashboard_cli
 from app.dashboard import settings
 from app.dashboard.auth import UserStore
 
