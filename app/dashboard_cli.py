@@ -1,6 +1,6 @@
 """``fedfew users`` (the dashboard's local accounts) and ``fedfew dashboard`` (start it).
 
-Registered in ``app/cli.py``; also runnable alone: ``python -m app.dashboard_cli --help``.
+Registered in ``app/cli.py`` as ``fedfew dashboard`` and ``fedfew users``.
 """
 
 from __future__ import annotations
@@ -181,13 +181,3 @@ def dashboard(
     code = subprocess.call(streamlit_command(port=port, host=host), env=env)
     if code:
         raise typer.Exit(code)
-
-
-cli = typer.Typer(
-    help="fedfew dashboard and its accounts.", no_args_is_help=True, add_completion=False
-)
-cli.add_typer(users_app, name="users")
-cli.command("dashboard")(dashboard)
-
-if __name__ == "__main__":
-    cli()

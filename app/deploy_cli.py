@@ -5,7 +5,7 @@ The logic lives in ``federation/provisioning.py`` (a hospital node) and
 Flower's processes in the foreground: their output goes to stdout (and to a log file), and
 Ctrl-C or SIGTERM stops them with every child they started (``federation/processes.py``).
 
-Registered in ``app/cli.py``; also runnable alone: ``python -m app.deploy_cli --help``.
+Registered in ``app/cli.py`` as ``fedfew node`` and ``fedfew server``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import click
 import typer
 from flwr.common.config import parse_config_args
 
@@ -58,7 +57,6 @@ from federation.server_provisioning import (
     superlink_command,
     write_flower_home,
 )
-from models.errors import FedfewError
 
 NODE_READY = "SuperNode ID:"  # what flower-supernode logs once the SuperLink accepted it
 KEY_PREFIX = "ecdsa-sha2-nistp384 "  # an OpenSSH P-384 public key line
@@ -400,31 +398,3 @@ def _follow(process: ManagedProcess, *, stop_when: Callable[[], bool] = lambda: 
             if not process.alive:
                 process.stop()  # the command exited: stop what it left behind
     return b"".join(seen).decode("utf-8", errors="replace")
-
-
-deploy_cli = typer.Typer(
-    help="fedfew deployment: servers and hospital nodes.", no_args_is_help=True
-)
-deploy_cli.add_typer(node_app, name="node")
-deploy_cli.add_typer(server_app, name="server")
-
-
-def main() -> None:
-    """Entry point of `python -m app.deploy_cli`: expected failures are one line on stderr."""
-    try:
-        deploy_cli(standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        typer.echo(f"error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except (FedfewError, ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from app.deploy_cli import deploy_cli
+from app.cli import app as fedfew_app
 from federation.certificates import make_ca
 from federation.errors import NodeConfigError, ProvisioningError
 from models.synthetic import write_synthetic_npz
 
 
 def invoke(args: list[str]):
-    return CliRunner().invoke(deploy_cli, [str(a) for a in args])
+    return CliRunner().invoke(fedfew_app, [str(a) for a in args])
 
 
 @pytest.fixture

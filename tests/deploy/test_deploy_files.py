@@ -15,8 +15,7 @@ import pytest
 import typer
 import yaml
 
-from app.dashboard_cli import cli as dashboard_cli
-from app.deploy_cli import deploy_cli
+from app.cli import app as fedfew_app
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -30,15 +29,11 @@ DOCKER_INSTRUCTIONS = {
 
 def fedfew_command(args: list[str]) -> click.Command:
     """The click command an argument list runs, checking every `--option` it passes exists."""
-    groups = typer.main.get_command(deploy_cli)
-    assert isinstance(groups, click.Group)
-    dashboard = typer.main.get_command(dashboard_cli)
-    assert isinstance(dashboard, click.Group)
-    command: click.Command = groups
+    command: click.Command = typer.main.get_command(fedfew_app)
     rest = list(args)
     while isinstance(command, click.Group):
         name = rest.pop(0)
-        found = command.commands.get(name) or dashboard.commands.get(name)
+        found = command.commands.get(name)
         assert found is not None, f"`fedfew {' '.join(args)}`: no command {name!r}"
         command = found
     options = {opt for param in command.params for opt in param.opts}

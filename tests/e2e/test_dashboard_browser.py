@@ -82,14 +82,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(site: dict[str, Path]) -> Iterator[str]:
-    """`python -m app.dashboard_cli dashboard` in its own process group; stopped at the end."""
+    """`python -m app.cli dashboard` in its own process group; stopped at the end."""
     root, port = site["root"], _free_port()
     log = (root / "server.log").open("w")
     process = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "app.dashboard_cli",
+            "app.cli",
             "dashboard",
             "--port",
             str(port),

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app import dashboard_cli
+from app.cli import app as fedfew_app
 from app.dashboard import settings
 from app.dashboard.auth import UserStore
 
@@ -16,7 +17,7 @@ PASSWORD = "a long enough password"
 
 
 def invoke(*args: str, stdin: str | None = None):
-    return runner.invoke(dashboard_cli.cli, list(args), input=stdin)
+    return runner.invoke(fedfew_app, list(args), input=stdin)
 
 
 def test_users_add_list_remove(tmp_path: Path) -> None:
