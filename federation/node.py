@@ -20,22 +20,20 @@ import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from federation.errors import NodeConfigError, PlanRefusedError
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
-from models.model_dir import save_model_dir
-from models.networks import build_backbone
+from federation.versions import model_from_state, publish_state, state_digest
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.registry import Registry
@@ -52,16 +50,6 @@ class NodeReply:
 
     delta: State
     report: dict[str, Any]
-
-
-def state_digest(state: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over names, shapes, dtypes and bytes of a model state."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        array = np.ascontiguousarray(state[name])
-        h.update(f"{name}|{array.shape}|{array.dtype}|".encode())
-        h.update(array.tobytes())
-    return h.hexdigest()
 
 
 def open_ledger(config: NodeConfig) -> Ledger:
@@ -140,12 +128,18 @@ def _run_locked(
                 return NodeReply(delta, _report(config, ledger, plan, entry, replayed=True))
     unused = [e for e in charges if not any(replies.glob(f"round-{plan.round}-charge-{e.id}.*"))]
     entry = unused[0] if unused else _charge(ledger, plan, requester=requester)
-    _keep_received(config, plan, global_state, model_hash)
+    publish_state(  # the node keeps every global model it received
+        Registry.open(config.registry, create=True),
+        global_state,
+        plan,
+        name=f"{plan.federation} global before round {plan.round}",
+        extra={"federation": plan.federation, "received-for-round": plan.round},
+        info={"federation": plan.federation, "round": plan.round - 1},
+    )
 
     pipeline = PipelineConfig(image_size=plan.image_size)
     data = load_dataset(config.data, pipeline)
-    model = build_backbone(plan.backbone_config())
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in global_state.items()})
+    model = model_from_state(global_state, plan)
     trainer = DPMetaTrainer(
         model, [data], dp=plan.dp(), meta=plan.meta(), lr=plan.local_lr, seed=seed
     )
@@ -195,32 +189,6 @@ def _charge(ledger: Ledger, plan: RoundPlan, *, requester: str) -> LedgerEntry:
         )
     except BudgetExhaustedError as exc:
         raise PlanRefusedError(f"site {ledger.site} refuses round {plan.round}: {exc}") from exc
-
-
-def _keep_received(config: NodeConfig, plan: RoundPlan, state: State, model_hash: str) -> None:
-    """Store the received global model in the node's registry (once per distinct model)."""
-    registry = Registry.open(config.registry, create=True)
-    if any(e.info.get("model-sha256") == model_hash for e in registry.entries(kind="global")):
-        return
-    model = build_backbone(plan.backbone_config())
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
-
-    def write(folder: Path) -> None:
-        save_model_dir(
-            folder,
-            model,
-            backbone=plan.backbone_config(),
-            pipeline=PipelineConfig(image_size=plan.image_size),
-            meta=plan.meta(),
-            extra={"federation": plan.federation, "received-for-round": plan.round},
-        )
-
-    registry.publish(
-        write,
-        kind="global",
-        name=f"{plan.federation} global before round {plan.round}",
-        info={"federation": plan.federation, "round": plan.round - 1, "model-sha256": model_hash},
-    )
 
 
 def _report(

@@ -23,7 +23,7 @@ from federation.strategy import LOGGER_NAME, AcceptedReply, FederatedMetaStrateg
 logger = logging.getLogger(LOGGER_NAME)
 
 Evaluate = Callable[[State], dict[str, float]]
-Publish = Callable[[State, dict[str, Any]], None]
+Publish = Callable[[State, dict[str, Any]], object]
 
 
 def wait_for_nodes(grid: Grid, *, count: int, timeout: float, poll: float = 1.0) -> list[int]:

@@ -5,27 +5,24 @@ from __future__ import annotations
 
 import logging
 import secrets
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from federation.node import state_digest
 from federation.records import State
 from federation.rounds import run_rounds
 from federation.server_config import ServerConfig
 from federation.strategy import LOGGER_NAME, FederatedMetaStrategy, plan_for
+from federation.versions import model_from_state, publish_state
 from models.episodes import EpisodeConfig
 from models.evaluation import evaluate
 from models.imageset import ImageSet
-from models.model_dir import save_model_dir
 from models.networks import build_backbone
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
-from models.registry import Registry
+from models.registry import Registry, RegistryEntry
 from models.synthetic import demo_sets
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -51,7 +48,7 @@ def public_eval_set(config: ServerConfig) -> ImageSet:
 
 def evaluate_state(state: State, config: ServerConfig, data: ImageSet) -> dict[str, float]:
     """Few-shot accuracy (prototype adaptation) of a global model on the public set."""
-    model = _model(state, config)
+    model = model_from_state(state, plan_for(config, 1)).eval()
     metrics: dict[str, float] = {}
     ways = min(config.eval_ways, len(data.classes))
     for shots in EVAL_SHOTS:
@@ -67,47 +64,27 @@ def evaluate_state(state: State, config: ServerConfig, data: ImageSet) -> dict[s
     return metrics
 
 
-def publish_version(registry: Registry, state: State, record: dict[str, Any], config: ServerConfig):
+def publish_version(
+    registry: Registry, state: State, record: dict[str, Any], config: ServerConfig
+) -> RegistryEntry:
     """Register the round's global model with every site's privacy report (once per round)."""
-    digest = state_digest(state)
-    for entry in registry.entries(kind="global"):
-        if entry.info.get("model-sha256") == digest:
-            return entry
-    plan = plan_for(config, 1)  # backbone and meta-learner are the same in every round
-    model = _model(state, config)
-
-    def write(folder: Path) -> None:
-        save_model_dir(
-            folder,
-            model,
-            backbone=plan.backbone_config(),
-            pipeline=PipelineConfig(image_size=config.image_size),
-            meta=plan.meta(),
-            extra={"federation": config.to_dict(), "round": record["round"], "private": True},
-        )
-
-    return registry.publish(
-        write,
-        kind="global",
+    return publish_state(
+        registry,
+        state,
+        plan_for(config, 1),  # backbone and meta-learner are the same in every round
         name=f"{config.federation} round {record['round']}"
         + (" (initial model)" if record["round"] == 0 else ""),
+        extra={"federation": config.to_dict(), "round": record["round"], "private": True},
         metrics=record["metrics"],
         privacy=record["sites"],
         info={
             "federation": config.federation,
             "round": record["round"],
-            "model-sha256": digest,
             "problems": record["problems"],
             "clipped": record["clipped"],
             "config": config.to_dict(),
         },
     )
-
-
-def _model(state: State, config: ServerConfig) -> torch.nn.Module:
-    model = build_backbone(plan_for(config, 1).backbone_config())
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    return model.eval()
 
 
 def serve(grid: Grid, config: ServerConfig) -> None:

@@ -1,0 +1,75 @@
+"""Global model versions: a model state's digest, the network it fills, and its registry entry
+(written once per distinct state, by the server and by every node that receives it)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from federation.plan import RoundPlan
+from models.model_dir import save_model_dir
+from models.networks import build_backbone
+from models.pipeline import PipelineConfig
+from models.registry import Registry, RegistryEntry
+
+DIGEST_KEY = "model-sha256"  # registry info key naming a version's state
+
+
+def state_digest(state: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes of a model state."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        array = np.ascontiguousarray(state[name])
+        h.update(f"{name}|{array.shape}|{array.dtype}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def model_from_state(state: Mapping[str, np.ndarray], plan: RoundPlan) -> torch.nn.Module:
+    """The plan's network with ``state`` loaded (copied: the arrays may be read-only)."""
+    model = build_backbone(plan.backbone_config())
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model
+
+
+def publish_state(
+    registry: Registry,
+    state: Mapping[str, np.ndarray],
+    plan: RoundPlan,
+    *,
+    name: str,
+    extra: dict[str, Any],
+    info: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    privacy: dict[str, Any] | None = None,
+) -> RegistryEntry:
+    """Register ``state`` as a global model directory, unless the registry already holds it."""
+    digest = state_digest(state)
+    for entry in registry.entries(kind="global"):
+        if entry.info.get(DIGEST_KEY) == digest:
+            return entry
+    model = model_from_state(state, plan)
+
+    def write(folder: Path) -> None:
+        save_model_dir(
+            folder,
+            model,
+            backbone=plan.backbone_config(),
+            pipeline=PipelineConfig(image_size=plan.image_size),
+            meta=plan.meta(),
+            extra=extra,
+        )
+
+    return registry.publish(
+        write,
+        kind="global",
+        name=name,
+        metrics=metrics,
+        privacy=privacy,
+        info={**info, DIGEST_KEY: digest},
+    )
