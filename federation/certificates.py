@@ -87,13 +87,7 @@ def make_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cert_path = out / CA_CERT_FILE
-    key_path = out / CA_KEY_FILE
-    _write_private(key_path, _pem_private(key))
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
+    return _write_pair(Path(out_dir), certificate, key, CA_CERT_FILE, CA_KEY_FILE)
 
 
 def make_server_certificate(
@@ -145,13 +139,7 @@ def make_server_certificate(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(authority_key, hashes.SHA384())
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cert_path = out / SERVER_CERT_FILE
-    key_path = out / SERVER_KEY_FILE
-    _write_private(key_path, _pem_private(key))
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
+    return _write_pair(Path(out_dir), certificate, key, SERVER_CERT_FILE, SERVER_KEY_FILE)
 
 
 def make_node_keypair(out_dir: Path, name: str) -> tuple[Path, Path]:
@@ -331,6 +319,21 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def _write_pair(
+    out: Path,
+    certificate: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    cert_name: str,
+    key_name: str,
+) -> tuple[Path, Path]:
+    """Write a certificate (PEM) and its private key (PEM, mode 0600) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = out / cert_name, out / key_name
+    _write_private(key_path, _pem_private(key))
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 def _write_private(path: Path, data: bytes) -> None:
