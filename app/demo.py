@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from federation.errors import DeploymentError
-from federation.flower_project import RunResult, write_app_project
-from federation.local_deployment import LocalFederation
+from federation.deploy.flower_project import RunResult, write_app_project
+from federation.deploy.local_deployment import LocalFederation
 from federation.server_config import ServerConfig
-from federation.server_provisioning import CLIENT_APP, SERVER_APP
+from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
 from models.registry import Registry, RegistryEntry
 from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays

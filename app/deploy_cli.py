@@ -1,9 +1,9 @@
 """``fedfew node ...`` and ``fedfew server ...``: provision and run a real deployment.
 
-The logic lives in ``federation/provisioning.py`` (a hospital node) and
-``federation/server_provisioning.py`` (the SuperLink); this module wires it to Typer and runs
+The logic lives in ``federation/deploy/provisioning.py`` (a hospital node) and
+``federation/deploy/server_provisioning.py`` (the SuperLink); this module wires it to Typer and runs
 Flower's processes in the foreground: their output goes to stdout (and to a log file), and
-Ctrl-C or SIGTERM stops them with every child they started (``federation/processes.py``).
+Ctrl-C or SIGTERM stops them with every child they started (``federation/deploy/processes.py``).
 
 Registered in ``app/cli.py`` as ``fedfew node`` and ``fedfew server``.
 """
@@ -19,17 +19,17 @@ from pathlib import Path
 import typer
 from flwr.common.config import parse_config_args
 
-from federation.certificates import NODE_PUBLIC_KEY_SUFFIX
-from federation.deployment_checks import CONNECTION, inspect_data
+from federation.deploy.certificates import NODE_PUBLIC_KEY_SUFFIX
+from federation.deploy.deployment_checks import CONNECTION, inspect_data
 from federation.errors import DeploymentError, NodeRefusedError
-from federation.flower_project import (
+from federation.deploy.flower_project import (
     EXIT_CODE_NODE_REFUSED,
     STATUS_COMPLETED,
     flower_exit_code,
     parse_run_id,
 )
-from federation.processes import ManagedProcess
-from federation.provisioning import (
+from federation.deploy.processes import ManagedProcess
+from federation.deploy.provisioning import (
     DEFAULT_BUDGET_DELTA,
     DEFAULT_NODE_PORT,
     NodeFile,
@@ -40,7 +40,7 @@ from federation.provisioning import (
     rotate_node_key,
     supernode_command,
 )
-from federation.server_provisioning import (
+from federation.deploy.server_provisioning import (
     DEFAULT_BIND,
     DEFAULT_SUPERLINK_PORT,
     SERVER_FILE,

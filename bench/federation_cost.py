@@ -33,10 +33,10 @@ if __package__ in (None, ""):
 from app.demo import DemoSettings, node_config, server_config, site_data
 from bench.common import RESULTS, Progress, write_result
 from federation.checkpoint import load_checkpoint
-from federation.flower_project import write_app_project
-from federation.local_deployment import LocalFederation
+from federation.deploy.flower_project import write_app_project
+from federation.deploy.local_deployment import LocalFederation
 from federation.node_config import NodeConfig
-from federation.server_provisioning import CLIENT_APP, SERVER_APP
+from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 
 SETTINGS = {
     "demo (width 32, 10 steps)": {"width": 32, "local_steps": 10},

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import app as fedfew_app
-from federation.certificates import make_ca
+from federation.deploy.certificates import make_ca
 from federation.errors import NodeConfigError, ProvisioningError
 from models.synthetic import write_synthetic_npz
 

@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from PIL import Image
 
-from federation.certificates import make_ca, make_server_certificate
+from federation.deploy.certificates import make_ca, make_server_certificate
 from federation.errors import CertificateError, NodeConfigError, ProvisioningError
 from federation.node_config import CONFIG_FILE_KEY, NodeConfig
-from federation.provisioning import (
+from federation.deploy.provisioning import (
     check_node_file,
     init_node,
     read_node_file,
@@ -25,7 +25,7 @@ from federation.provisioning import (
     supernode_command,
 )
 from federation.server_config import ServerConfig
-from federation.server_provisioning import (
+from federation.deploy.server_provisioning import (
     check_server_file,
     init_server,
     read_server_file,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from federation.checkpoint import load_checkpoint
-from federation.flower_project import EXIT_CODE_NODE_REFUSED, flower_exit_code, write_app_project
-from federation.local_deployment import LocalFederation
-from federation.processes import group_exists
+from federation.deploy.flower_project import EXIT_CODE_NODE_REFUSED, flower_exit_code, write_app_project
+from federation.deploy.local_deployment import LocalFederation
+from federation.deploy.processes import group_exists
 from federation.server_config import ServerConfig
 from models.registry import Registry
 from models.synthetic import write_synthetic_npz
@@ -85,7 +85,7 @@ def test_two_rounds_three_nodes_with_one_out_of_budget_and_an_unregistered_node(
         intruder = federation.start_unregistered_node("intruder")
         result = federation.run(app(tmp_path, config), timeout=RUN_TIMEOUT)
         intruder.wait(timeout=60)
-        processes = federation.processes
+        processes = federation.deploy.processes
     result.check()
     assert "intruder" not in json.dumps(result.output)
     assert flower_exit_code(intruder.read_log()) == EXIT_CODE_NODE_REFUSED

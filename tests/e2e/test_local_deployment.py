@@ -26,22 +26,22 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
-from federation.certificates import (
+from federation.deploy.certificates import (
     check_certificate,
     make_ca,
     make_node_keypair,
     make_server_certificate,
 )
 from federation.errors import CertificateError, DeploymentError, NodeRefusedError
-from federation.flower_project import (
+from federation.deploy.flower_project import (
     EXIT_CODE_NODE_REFUSED,
     RunResult,
     config_args,
     flower_exit_code,
     write_app_project,
 )
-from federation.local_deployment import LocalFederation
-from federation.processes import ManagedProcess, ProcessId, group_exists, process_exists
+from federation.deploy.local_deployment import LocalFederation
+from federation.deploy.processes import ManagedProcess, ProcessId, group_exists, process_exists
 
 E2E_DIR = Path(__file__).resolve().parent
 ECHO_MODULE = E2E_DIR / "echo_app.py"
@@ -245,8 +245,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         rogue.wait(timeout=60)
         timings["run"] = run.wall_s
         echo = json.loads(result_path.read_text()) if result_path.exists() else {}
-        seen = {p for process in federation.processes for p in process.seen}
-        seen |= {p for process in federation.processes for p in process.descendants()}
+        seen = {p for process in federation.deploy.processes for p in process.seen}
+        seen |= {p for process in federation.deploy.processes for p in process.descendants()}
 
         federation.kill_node("hospital-b")
         killed = federation.node_process("hospital-b")
@@ -284,8 +284,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         status_after_restart=status_after_restart,
         restart_refusal=restart_refusal,
         timeout_error=timeout_error,
-        processes=federation.processes,
-        seen=seen | {p for process in federation.processes for p in process.seen},
+        processes=federation.deploy.processes,
+        seen=seen | {p for process in federation.deploy.processes for p in process.seen},
         timings=timings,
     )
 
@@ -346,7 +346,7 @@ def test_interrupted_python_leaves_no_flower_process(tmp_path):
     """SIGTERM to a program that started Flower processes: its handler stops them all."""
     script = (
         "import sys, time; from pathlib import Path; "
-        "from federation.processes import ManagedProcess; "
+        "from federation.deploy.processes import ManagedProcess; "
         f"p = ManagedProcess([sys.executable, '-c', {_SPAWNER!r}], name='child', "
         f"log_path=Path({str(tmp_path / 'child.log')!r})).start(); "
         "p.wait_for_log('ready', timeout=10); "

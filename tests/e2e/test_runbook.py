@@ -21,9 +21,9 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import app as cli_app
-from federation.processes import ManagedProcess, free_port, group_exists, process_exists
-from federation.provisioning import NODE_FILE
-from federation.server_provisioning import SERVER_FILE
+from federation.deploy.processes import ManagedProcess, free_port, group_exists, process_exists
+from federation.deploy.provisioning import NODE_FILE
+from federation.deploy.server_provisioning import SERVER_FILE
 from models.registry import Registry
 from models.synthetic import write_synthetic_npz
 from privacy.ledger import Ledger

@@ -28,8 +28,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from federation.certificates import NODE_PUBLIC_KEY_SUFFIX, make_node_keypair
-from federation.deployment_checks import (
+from federation.deploy.certificates import NODE_PUBLIC_KEY_SUFFIX, make_node_keypair
+from federation.deploy.deployment_checks import (
     FLOWER_HOME_DIR,
     LOG_DIR,
     DataSummary,
@@ -44,7 +44,7 @@ from federation.deployment_checks import (
     resolve_path,
 )
 from federation.errors import NodeConfigError, ProvisioningError
-from federation.flower_project import ConfigValue, config_args, toml_value
+from federation.deploy.flower_project import ConfigValue, config_args, toml_value
 from federation.node import open_ledger
 from federation.node_config import CONFIG_FILE_KEY, NodeConfig
 from models.errors import DataError

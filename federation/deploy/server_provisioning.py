@@ -27,14 +27,14 @@ from typing import Any
 
 from cryptography import x509
 
-from federation.certificates import (
+from federation.deploy.certificates import (
     CA_KEY_FILE,
     DEFAULT_VALIDITY_DAYS,
     check_certificate,
     make_ca,
     make_server_certificate,
 )
-from federation.deployment_checks import (
+from federation.deploy.deployment_checks import (
     CONNECTION,
     FLOWER_HOME_DIR,
     LOG_DIR,
@@ -46,7 +46,7 @@ from federation.deployment_checks import (
     resolve_path,
 )
 from federation.errors import CertificateError, DeploymentError, ProvisioningError
-from federation.flower_project import (
+from federation.deploy.flower_project import (
     ConfigValue,
     config_args,
     flower_config_toml,

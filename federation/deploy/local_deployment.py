@@ -32,13 +32,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
-from federation.certificates import (
+from federation.deploy.certificates import (
     DeploymentCredentials,
     make_deployment_credentials,
     make_node_keypair,
 )
 from federation.errors import DeploymentError, NodeRefusedError
-from federation.flower_project import (
+from federation.deploy.flower_project import (
     EXIT_CODE_NODE_REFUSED,
     ConfigValue,
     RunResult,
@@ -48,7 +48,7 @@ from federation.flower_project import (
     parse_cli_json,
     parse_run_id,
 )
-from federation.processes import ManagedProcess, free_port, stop_processes
+from federation.deploy.processes import ManagedProcess, free_port, stop_processes
 
 HOST = "127.0.0.1"
 DEFAULT_CONNECTION = "fedfew-local"

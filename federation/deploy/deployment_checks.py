@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from cryptography import x509
 
-from federation.certificates import check_certificate
+from federation.deploy.certificates import check_certificate
 from federation.errors import CertificateError, ProvisioningError
 from models.errors import DataError, UnreadableImageError
 from models.readers import load_dataset, load_manifest
