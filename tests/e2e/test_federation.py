@@ -85,7 +85,7 @@ def test_two_rounds_three_nodes_with_one_out_of_budget_and_an_unregistered_node(
         intruder = federation.start_unregistered_node("intruder")
         result = federation.run(app(tmp_path, config), timeout=RUN_TIMEOUT)
         intruder.wait(timeout=60)
-        processes = federation.deploy.processes
+        processes = federation.processes
     result.check()
     assert "intruder" not in json.dumps(result.output)
     assert flower_exit_code(intruder.read_log()) == EXIT_CODE_NODE_REFUSED

@@ -245,8 +245,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         rogue.wait(timeout=60)
         timings["run"] = run.wall_s
         echo = json.loads(result_path.read_text()) if result_path.exists() else {}
-        seen = {p for process in federation.deploy.processes for p in process.seen}
-        seen |= {p for process in federation.deploy.processes for p in process.descendants()}
+        seen = {p for process in federation.processes for p in process.seen}
+        seen |= {p for process in federation.processes for p in process.descendants()}
 
         federation.kill_node("hospital-b")
         killed = federation.node_process("hospital-b")
@@ -284,8 +284,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         status_after_restart=status_after_restart,
         restart_refusal=restart_refusal,
         timeout_error=timeout_error,
-        processes=federation.deploy.processes,
-        seen=seen | {p for process in federation.deploy.processes for p in process.seen},
+        processes=federation.processes,
+        seen=seen | {p for process in federation.processes for p in process.seen},
         timings=timings,
     )
 
