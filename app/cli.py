@@ -220,21 +220,36 @@ def demo(
     )
 
 
+def exit_status(returned: object) -> int:
+    """The process exit status for what ``app(standalone_mode=False)`` returned.
+
+    In non-standalone mode click does not exit: a ``typer.Exit(n)`` / ``ctx.exit(n)`` anywhere in a
+    command comes back as the *return value* ``n``, and a command that finishes normally returns its
+    own value (``None`` for every fedfew command). Only an integer is an exit status.
+    """
+    if isinstance(returned, int) and not isinstance(returned, bool):
+        return returned
+    return 0
+
+
 def main() -> None:
     """Entry point: every expected failure is one line on stderr and a non-zero exit."""
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        returned = app(standalone_mode=False)
+    except click.exceptions.Exit as exc:  # raised outside a command (e.g. by a parameter callback)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        typer.echo(f"error: {exc.format_message()}", err=True)
+        message = exc.format_message()
+        if message.strip():  # empty for a group called without a command: typer printed its help
+            typer.echo(f"error: {message}", err=True)
         sys.exit(exc.exit_code)
     except (FedfewError, ValueError, OSError, FloatingPointError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    sys.exit(exit_status(returned))
 
 
 if __name__ == "__main__":
