@@ -25,17 +25,41 @@ LedgerOption = typer.Option(..., "--ledger", help="The site's ledger file (SQLit
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def tampered_message(exc: LedgerTamperedError) -> str:
+    """One line for a ledger whose hash chain does not verify (the first bad row and why)."""
+    return f"ledger tampered: first bad row {exc.row}: {exc.reason}"
+
+
 def _one_line_errors(func: F) -> F:
     # Intentional errors become one line on stderr and exit code 1, never a traceback.
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except LedgerTamperedError as exc:
+            typer.echo(
+                f"{tampered_message(exc)}; its numbers cannot be trusted and are not shown. "
+                "Restore the ledger from a verified copy (`fedfew budget verify` checks one).",
+                err=True,
+            )
+            raise typer.Exit(1) from None
         except (FedfewError, ValueError) as exc:
             typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def open_verified(path: Path) -> Ledger:
+    """Open a ledger and check its whole hash chain before anything reads its numbers.
+
+    Raises:
+        LedgerError: The file is missing or is not a fedfew ledger.
+        LedgerTamperedError: The chain, the meta row or the recorded head does not verify.
+    """
+    ledger = Ledger.open(path)
+    ledger.verify()
+    return ledger
 
 
 @budget_app.command("init")
@@ -84,8 +108,8 @@ def show(
     ledger: Path = LedgerOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Show the cap, the spend and every charge and refusal."""
-    summary = budget_summary(Ledger.open(ledger))
+    """Show the cap, the spend and every charge and refusal (refused if the ledger was edited)."""
+    summary = budget_summary(open_verified(ledger))
     if as_json:
         typer.echo(json.dumps(summary))
         return
@@ -109,15 +133,13 @@ def show(
 
 
 @budget_app.command("verify")
+@_one_line_errors
 def verify(ledger: Path = LedgerOption) -> None:
     """Check the hash chain: exit 0 if intact, 1 naming the first bad row otherwise."""
     try:
         rows = Ledger.open(ledger).verify()
     except LedgerTamperedError as exc:
-        typer.echo(f"ledger tampered: first bad row {exc.row}: {exc.reason}", err=True)
-        raise typer.Exit(1) from None
-    except (FedfewError, ValueError) as exc:
-        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        typer.echo(tampered_message(exc), err=True)
         raise typer.Exit(1) from None
     typer.echo(f"ledger intact: {rows} rows")
 
@@ -128,6 +150,6 @@ def report(
     ledger: Path = LedgerOption,
     out: Path = typer.Option(..., "--out", help="report.html or report.csv"),
 ) -> None:
-    """Write a report an administrator can file (.html or .csv)."""
-    written = write_report(Ledger.open(ledger), out)
+    """Write a report an administrator can file (.html or .csv); refused for an edited ledger."""
+    written = write_report(open_verified(ledger), out)
     typer.echo(f"wrote {written}")

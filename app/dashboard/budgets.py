@@ -68,13 +68,47 @@ class LedgerProblem:
     message: str
 
 
-def read_budget(path: Path) -> SiteBudget:
-    """Read one ledger.
+@dataclass(frozen=True)
+class TamperedLedger:
+    """A configured ledger whose records fail the integrity check: none of its numbers is shown.
+
+    Attributes:
+        path: The ledger file.
+        row: First record that does not verify (0 = the cap, site or delta settings).
+        reason: What the check found, in the ledger's words.
+    """
+
+    path: Path
+    row: int
+    reason: str
+
+    @property
+    def message(self) -> str:
+        """What an administrator reads instead of the numbers, and what to do."""
+        where = "its settings (cap, site or delta)" if self.row == 0 else f"record {self.row}"
+        return (
+            f"This ledger failed its integrity check: {where} changed after it was written "
+            f"({self.reason}). Its budget numbers cannot be trusted and are not shown. Do not "
+            "run private training at this site until it is resolved: restore the ledger from "
+            "a verified backup, check it with `fedfew budget verify`, and report the incident "
+            "to your data protection officer and the federation operator."
+        )
+
+
+def read_budget(path: Path) -> SiteBudget | TamperedLedger:
+    """Read one ledger, after checking its whole hash chain.
+
+    Returns:
+        The site's budget, or a :class:`TamperedLedger` (and no number) when the check fails.
 
     Raises:
         LedgerError: missing file, not a ledger, or a wrong schema.
     """
     ledger = Ledger.open(path)
+    try:
+        ledger.verify()
+    except LedgerTamperedError as exc:
+        return TamperedLedger(path=Path(path), row=exc.row, reason=exc.reason)
     entries = ledger.entries()
     return SiteBudget(
         path=Path(path),
@@ -88,9 +122,9 @@ def read_budget(path: Path) -> SiteBudget:
     )
 
 
-def read_budgets(paths: Sequence[Path]) -> list[SiteBudget | LedgerProblem]:
+def read_budgets(paths: Sequence[Path]) -> list[SiteBudget | TamperedLedger | LedgerProblem]:
     """Every configured ledger, in order; an unreadable one becomes a :class:`LedgerProblem`."""
-    out: list[SiteBudget | LedgerProblem] = []
+    out: list[SiteBudget | TamperedLedger | LedgerProblem] = []
     for path in paths:
         try:
             out.append(read_budget(path))
@@ -151,9 +185,12 @@ def report_bytes(path: Path, *, suffix: str) -> bytes:
     Raises:
         ValueError: another suffix.
         LedgerError: the file cannot be opened as a ledger.
+        LedgerTamperedError: the hash chain does not verify.
     """
     if suffix not in REPORT_SUFFIXES:
         raise ValueError(f"report suffix must be one of {REPORT_SUFFIXES}, got {suffix!r}")
+    ledger = Ledger.open(path)
+    ledger.verify()  # no report of numbers the chain cannot vouch for
     with tempfile.TemporaryDirectory(prefix="fedfew-report-") as folder:
-        out = write_report(Ledger.open(path), Path(folder) / f"report{suffix}")
+        out = write_report(ledger, Path(folder) / f"report{suffix}")
         return out.read_bytes()

@@ -121,6 +121,40 @@ def test_report_html_and_csv(ledger_path: Path, tmp_path: Path) -> None:
     assert list(rows[0]) == list(ENTRY_FIELDS)
 
 
+def halve_spend(path: Path) -> None:
+    """Edit the file as an attacker would: every recorded epsilon halved."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE entries SET epsilon_before = epsilon_before / 2")
+        conn.execute("UPDATE entries SET epsilon_after = epsilon_after / 2")
+    conn.close()
+
+
+def raise_cap(path: Path) -> None:
+    """Edit the file as an attacker would: the cap raised 100x."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET cap_epsilon = cap_epsilon * 100")
+    conn.close()
+
+
+@pytest.mark.parametrize(("tamper", "row"), [(halve_spend, 1), (raise_cap, 0)])
+@pytest.mark.parametrize(
+    "command", [["show"], ["show", "--json"], ["report", "--out", "r.html"], ["verify"]]
+)
+def test_a_tampered_ledger_shows_no_numbers(
+    command: list[str], tamper, row: int, ledger_path: Path, tmp_path: Path
+) -> None:
+    tamper(ledger_path)
+    args = [a if a != "r.html" else str(tmp_path / "r.html") for a in command]
+
+    result = runner.invoke(app, ["budget", args[0], "--ledger", str(ledger_path), *args[1:]])
+
+    assert result.exit_code == 1
+    assert result.stdout == ""  # no number it cannot vouch for
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert f"ledger tampered: first bad row {row}:" in result.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
 @pytest.mark.parametrize(
     "args",
     [

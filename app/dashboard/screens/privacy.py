@@ -22,6 +22,9 @@ if not config.ledgers:
 found = budgets.read_budgets(config.ledgers)
 for problem in (b for b in found if isinstance(b, budgets.LedgerProblem)):
     st.error(f"{problem.path}: {problem.message}")
+for tampered in (b for b in found if isinstance(b, budgets.TamperedLedger)):
+    # No number from this file: not the spend, not the cap, not even the site name it claims.
+    st.error(f"**Ledger `{tampered.path}`.** {tampered.message}", icon="🚨")
 sites = [b for b in found if isinstance(b, budgets.SiteBudget)]
 if not sites:
     st.stop()

@@ -47,12 +47,36 @@ def test_privacy_page_shows_each_site(store, ledgers, make_app) -> None:
 def test_verify_button_checks_the_hash_chain(store, ledgers, make_app) -> None:
     at = make_app(ROLE_ADMIN).run()
     at.button(key="privacy_verify_0").click().run()
-    assert "Record intact: all 4 entries" in texts(at, "success")
-    with sqlite3.connect(ledgers[0]) as conn:  # an edit that lowers the recorded spend
-        conn.execute("UPDATE entries SET epsilon_after = 0.1 WHERE id = 2")
-    at.button(key="privacy_verify_0").click().run()
     assert not at.exception
-    assert "Do not trust this record: first bad row 2" in texts(at, "error")
+    assert "Record intact: all 4 entries" in texts(at, "success")
+
+
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        ("UPDATE entries SET epsilon_after = epsilon_after / 2", "record 1 changed"),
+        ("UPDATE meta SET cap_epsilon = cap_epsilon * 100", "its settings (cap, site or delta)"),
+    ],
+)
+def test_a_tampered_ledger_shows_a_warning_and_no_numbers(
+    store, ledgers, make_app, edit: str, where: str
+) -> None:
+    with sqlite3.connect(ledgers[0]) as conn:  # an edit that lowers the spend or raises the cap
+        conn.execute(edit)
+    conn.close()
+
+    at = make_app(ROLE_ADMIN).run()
+
+    assert not at.exception
+    errors = texts(at, "error")
+    assert f"Ledger `{ledgers[0]}`" in errors
+    assert "failed its integrity check" in errors and where in errors
+    assert "cannot be trusted and are not shown" in errors and "restore the ledger" in errors
+    # Only the intact ledger is presented: its heading, its cap, its two report buttons.
+    assert [s.value for s in at.subheader][1:] == ["Site hospital-b"]
+    assert [m.value for m in at.metric if m.label == "Cap (epsilon)"] == ["8"]
+    assert len(at.download_button) == 2
+    assert not at.dataframe  # hospital-a's charges and refusals are not listed either
 
 
 def test_privacy_page_without_ledgers(store, make_app) -> None:
