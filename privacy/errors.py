@@ -53,3 +53,17 @@ class LedgerTamperedError(PrivacyError):
 
 class LedgerError(PrivacyError):
     """A ledger file is missing, is not a fedfew ledger, or has the wrong schema."""
+
+
+class LedgerRecordMismatchError(PrivacyError):
+    """A ledger disagrees with the heads the server recorded: it was rebuilt, truncated or
+    rolled back since the server saw it."""
+
+
+class LedgerSignatureError(PrivacyError):
+    """A ledger head's signature is missing where required, unreadable or does not verify, or
+    the node's signing key is unusable."""
+
+
+class ReportFormatError(PrivacyError, ValueError):
+    """A site's privacy report lacks a field or holds a value of the wrong type."""

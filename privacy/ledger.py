@@ -435,6 +435,10 @@ class Ledger:
         """Epsilon of all charges composed, with the ledger's accountant and delta."""
         return epsilon_for(self.history(), delta=self.delta, accountant=self.accountant)
 
+    def genesis_hash(self) -> str:
+        """Hash the first row chains to: a digest of the meta row (site, cap, delta, ...)."""
+        return _genesis_hash(self._meta)
+
     def head_hash(self) -> str:
         """Hash of the last row (the genesis hash when empty): record it off the node."""
         with self._connect() as conn:
