@@ -28,8 +28,8 @@ from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.training import TrainConfig, meta_train
-from privacy.dp_meta import DPConfig
 from privacy.ledger import Ledger
+from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS, get_mechanism
 from privacy.private_run import charge_private_run, run_charged_training
 
 app = typer.Typer(
@@ -90,14 +90,21 @@ def train(
         None, help="rdp | prv for calibration (default: the ledger's accountant)."
     ),
     sample_rate: float = typer.Option(0.1, help="DP: Poisson sampling rate q of patients."),
+    mechanism: str = typer.Option(
+        DEFAULT_MECHANISM, help=f"DP mechanism with --epsilon: {' | '.join(MECHANISMS)}."
+    ),
 ) -> None:
     """Meta-train a few-shot model on one machine and write a model directory.
 
     With --epsilon and --ledger the run is differentially private: sigma is calibrated so the run
     spends epsilon, and the ledger is charged before training (refused past the site's cap).
+    --mechanism picks the registered DP mechanism (docs/privacy.md): dp-episodic meta-trains
+    with per-episode clipping; dp-supervised trains the backbone as a classifier over the sets'
+    classes with per-patient clipping.
     """
     if (epsilon is None) != (ledger is None):
         raise typer.BadParameter("--epsilon and --ledger go together (DP training needs both)")
+    dp_mechanism = get_mechanism(mechanism)  # an unknown name fails before any file is read
     pipeline = PipelineConfig()
     backbone_config = BackboneConfig(name=backbone, image_size=pipeline.image_size)
     meta = MetaConfig(learner=meta_learner)
@@ -109,26 +116,29 @@ def train(
     extra: dict[str, object] = {"train": config.to_dict(), "data": [s.name for s in sets]}
     if site_ledger is not None and epsilon is not None:
         planned, entry = charge_private_run(
+            dp_mechanism,
             ledger=site_ledger,
             target_epsilon=epsilon,
             steps=steps,
-            dp=DPConfig(
-                noise_multiplier=1.0,
-                sample_rate=sample_rate,
-                ways=ways,
-                max_shots=shots,
-                max_queries=queries,
+            dp=dp_mechanism.dp_config(  # noise_multiplier is calibrated for the target epsilon
+                {
+                    "noise_multiplier": 1.0,
+                    "sample_rate": sample_rate,
+                    "ways": ways,
+                    "max_shots": shots,
+                    "max_queries": queries,
+                }
             ),
-            meta=meta,
             accountant=accountant or site_ledger.accountant,
             requester="fedfew train",
         )
         torch.manual_seed(seed)
         model = build_backbone(backbone_config)
-        with tqdm(total=steps, desc=f"DP meta-training ({meta_learner})", unit="step") as bar:
+        with tqdm(total=steps, desc=f"DP training ({mechanism})", unit="step") as bar:
             report = run_charged_training(
                 model,
                 sets,
+                mechanism=dp_mechanism,
                 planned=planned,
                 entry=entry,
                 target_epsilon=epsilon,

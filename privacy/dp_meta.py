@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -22,48 +21,18 @@ from torch.func import grad, vmap
 from models.augment import augment_batch
 from models.imageset import ImageSet
 from models.meta import EpisodeBatch, MetaConfig, MetaLearner, Params, split_params
+from privacy.dp_config import EPISODIC_SENSITIVITY, DPConfig
 from privacy.sampling import Assignment, assign_patients, draw_plan, fresh_key
 
-EPISODIC_SENSITIVITY = 2.0  # one patient moves one episode's clipped gradient: ||a - b|| <= 2C
-
-
-@dataclass(frozen=True)
-class DPConfig:
-    """Noise, clipping and sampling of one DP training run. All are configuration: none is
-    derived from the private data (DESIGN.md section 4, egress rule)."""
-
-    noise_multiplier: float  # sigma as applied to C; the accountant sees sigma / sensitivity
-    max_grad_norm: float = 1.0  # C; with Adam only the signal-to-noise ratio matters
-    sample_rate: float = 0.1  # q: each patient joins a step with this probability
-    episodes: int = 8  # E: constant normaliser and vmap width; 8 fits CPU memory at 64x64
-    ways: int = 3  # N: classes per planned episode (the shared sets have 3-8 classes)
-    max_shots: int = 5  # support records kept per class per episode (fixed tensor shapes)
-    max_queries: int = 5  # query records kept per class per episode
-    support_fraction: float = 0.5  # probability a sampled patient plays support
-
-    def __post_init__(self) -> None:
-        checks = {
-            "noise_multiplier": self.noise_multiplier > 0,
-            "max_grad_norm": self.max_grad_norm > 0,
-            "sample_rate": 0 < self.sample_rate <= 1,
-            "episodes": self.episodes >= 1,
-            "ways": self.ways >= 2,
-            "max_shots": self.max_shots >= 1,
-            "max_queries": self.max_queries >= 1,
-            "support_fraction": 0 < self.support_fraction < 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"DPConfig.{name} is out of range: {getattr(self, name)!r}")
-
-    @property
-    def accounted_noise_multiplier(self) -> float:
-        """What the accountant is stepped with (sigma over the sensitivity factor 2)."""
-        return self.noise_multiplier / EPISODIC_SENSITIVITY
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-able form, saved with the model."""
-        return asdict(self)
+__all__ = [
+    "EPISODIC_SENSITIVITY",
+    "DPConfig",
+    "DPMetaTrainer",
+    "augment_seed_of",
+    "merge_sets",
+    "pack",
+    "per_episode_grads",
+]
 
 
 def merge_sets(sets: Sequence[ImageSet]) -> tuple[ImageSet, list[np.ndarray]]:

@@ -1,8 +1,9 @@
-"""DP supervised pre-training with per-patient clipping, on Opacus's ``DPOptimizer``.
+"""DP supervised training with per-patient clipping, on Opacus's ``DPOptimizer``.
 
-Mechanism (docs/privacy.md, "DP supervised pre-training"): Poisson-sample patients at rate q;
-per-record gradients of the cross-entropy of a classifier over the union of the site's classes
-(``torch.func.vmap(grad)``), summed per patient, each patient's sum clipped to C; update
+Registered as ``dp-supervised`` (``privacy.mechanisms``): supervised pre-training or fine-tuning
+of a backbone. Mechanism (docs/privacy.md, "DP supervised training"): Poisson-sample patients at
+rate q; per-record gradients of the cross-entropy of a classifier over the union of the site's
+classes (``torch.func.vmap(grad)``), summed per patient, each patient's sum clipped to C; update
 ``(sum_p clip(g_p) + N(0, sigma^2 C^2 I)) / B`` with B the configured (public) expected number of
 patients per step. One patient changes one clipped term: sensitivity C, accountant sigma.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -22,39 +22,17 @@ from torch.func import functional_call, grad, vmap
 from models.augment import augment_batch
 from models.imageset import ImageSet
 from models.meta import cross_entropy
+from privacy.dp_config import SUPERVISED_SENSITIVITY, DPPretrainConfig
 from privacy.dp_meta import augment_seed_of, merge_sets
 from privacy.sampling import fresh_key, poisson_sample
 
-PRETRAIN_SENSITIVITY = 1.0  # one patient adds or removes one clipped per-patient gradient
-
-
-@dataclass(frozen=True)
-class DPPretrainConfig:
-    """Noise, clipping and sampling of DP supervised pre-training (all public configuration)."""
-
-    noise_multiplier: float  # sigma as applied to C (= the accounted multiplier: sensitivity C)
-    max_grad_norm: float = 1.0  # C
-    sample_rate: float = 0.05  # q per patient
-    expected_patients: int = 64  # B: the constant normaliser, q x (configured site size)
-    chunk: int = 128  # records per vmap call: bounds memory, changes nothing else
-
-    def __post_init__(self) -> None:
-        checks = {
-            "noise_multiplier": self.noise_multiplier > 0,
-            "max_grad_norm": self.max_grad_norm > 0,
-            "sample_rate": 0 < self.sample_rate <= 1,
-            "expected_patients": self.expected_patients >= 1,
-            "chunk": self.chunk >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(
-                    f"DPPretrainConfig.{name} is out of range: {getattr(self, name)!r}"
-                )
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-able form."""
-        return asdict(self)
+__all__ = [
+    "SUPERVISED_SENSITIVITY",
+    "Classifier",
+    "DPPretrainConfig",
+    "DPPretrainer",
+    "per_patient_grads",
+]
 
 
 class Classifier(nn.Module):

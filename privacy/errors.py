@@ -67,3 +67,15 @@ class LedgerSignatureError(PrivacyError):
 
 class ReportFormatError(PrivacyError, ValueError):
     """A site's privacy report lacks a field or holds a value of the wrong type."""
+
+
+class UnknownMechanismError(PrivacyError, ValueError):
+    """A DP mechanism name that is not in the registry (``privacy.mechanisms``)."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(
+            f"unknown DP mechanism {name!r}; registered: {', '.join(known)}. Check the spelling "
+            "in the run config, the node's allowed-mechanisms or --mechanism."
+        )
+        self.name = name
+        self.known = known

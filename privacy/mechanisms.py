@@ -1,0 +1,193 @@
+"""The registry of fedfew's DP mechanisms: ``{name: Mechanism}``.
+
+A mechanism is everything a site needs to charge its ledger for a run and then run it: the L2
+sensitivity of its clipped sum in units of C (the accountant is stepped with ``sigma /
+sensitivity``, docs/privacy.md "History"), the type of its DP config, and a builder that makes
+its trainer from a model, the site's data and the config. The ledger entry's ``mechanism`` field
+is the registry name, so every charge says which proof it relies on.
+
+A new mechanism is one :func:`register_mechanism` call with its proof in docs/privacy.md and a
+property test of its sensitivity. Importing this module does not import torch: builders import
+their trainers when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from privacy.dp_config import (
+    EPISODIC_SENSITIVITY,
+    SUPERVISED_SENSITIVITY,
+    DPConfig,
+    DPPretrainConfig,
+    MechanismConfig,
+)
+from privacy.errors import UnknownMechanismError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from models.imageset import ImageSet
+    from models.meta import MetaConfig
+
+EPISODIC = "dp-episodic"
+SUPERVISED = "dp-supervised"
+DEFAULT_MECHANISM = EPISODIC  # the mechanism the accuracy-vs-epsilon benchmarks chose
+
+
+class Trainer(Protocol):
+    """Trains the model it was built with, in place, for exactly the charged steps."""
+
+    def train(self, steps: int, *, on_step: Callable[[int], None] | None = None) -> object:
+        """Run ``steps`` DP steps."""
+
+
+class TrainerBuilder(Protocol):
+    """Makes a mechanism's trainer. Call it only after the ledger accepted the charge."""
+
+    def __call__(
+        self,
+        model: nn.Module,
+        sets: Sequence[ImageSet],
+        *,
+        dp: Any,
+        meta: MetaConfig,
+        lr: float,
+        seed: int | None,
+    ) -> Trainer:
+        """``seed=None`` (production) draws keys and noise from the OS; a seed is for tests."""
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One registered DP mechanism."""
+
+    name: str  # what the ledger's ``mechanism`` field and the round plan say
+    sensitivity: float  # L2 sensitivity of the clipped sum in units of C
+    config_type: type  # its DP config dataclass (a MechanismConfig)
+    build_trainer: TrainerBuilder
+    description: str  # one line for ledgers, reports and dashboards
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name.strip() != self.name:
+            raise ValueError(f"Mechanism.name must be a non-empty word, got {self.name!r}")
+        if not self.sensitivity > 0:
+            raise ValueError(f"Mechanism.sensitivity must be > 0, got {self.sensitivity!r}")
+
+    def accounted_noise_multiplier(self, noise_multiplier: float) -> float:
+        """Sigma as the accountant sees it: noise over this mechanism's sensitivity."""
+        return noise_multiplier / self.sensitivity
+
+    def noise_for(self, accounted_noise_multiplier: float) -> float:
+        """The sigma (as applied to C) that gives ``accounted_noise_multiplier``."""
+        return accounted_noise_multiplier * self.sensitivity
+
+    def dp_config(self, values: Mapping[str, Any]) -> MechanismConfig:
+        """This mechanism's DP config from the values it knows; others are ignored.
+
+        Raises:
+            ValueError: a value is out of range (naming the field).
+        """
+        known = {f.name for f in dataclasses.fields(self.config_type)}
+        config: MechanismConfig = self.config_type(
+            **{k: v for k, v in values.items() if k in known}
+        )
+        return config
+
+    def check_config(self, dp: object) -> None:
+        """Raise ``TypeError`` unless ``dp`` is this mechanism's config type."""
+        if not isinstance(dp, self.config_type):
+            raise TypeError(
+                f"mechanism {self.name} takes a {self.config_type.__name__}, "
+                f"got {type(dp).__name__}"
+            )
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+MECHANISMS: Mapping[str, Mechanism] = MappingProxyType(_REGISTRY)  # read-only view
+
+
+def register_mechanism(mechanism: Mechanism) -> Mechanism:
+    """Add a mechanism to the registry.
+
+    Raises:
+        ValueError: the name is already registered.
+    """
+    if mechanism.name in _REGISTRY:
+        raise ValueError(f"DP mechanism {mechanism.name!r} is already registered")
+    _REGISTRY[mechanism.name] = mechanism
+    return mechanism
+
+
+def get_mechanism(name: str) -> Mechanism:
+    """The registered mechanism called ``name``.
+
+    Raises:
+        UnknownMechanismError: no such mechanism (the message lists the registered ones).
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMechanismError(name, sorted(_REGISTRY)) from None
+
+
+def describe(name: str) -> str:
+    """A mechanism's one-line description; for a name no longer registered (an old ledger
+    row), says so instead of failing."""
+    mechanism = _REGISTRY.get(name)
+    return mechanism.description if mechanism else f"{name} (not a mechanism of this version)"
+
+
+def _episodic_trainer(
+    model: nn.Module,
+    sets: Sequence[ImageSet],
+    *,
+    dp: Any,
+    meta: MetaConfig,
+    lr: float,
+    seed: int | None,
+) -> Trainer:
+    from privacy.dp_meta import DPMetaTrainer
+
+    return DPMetaTrainer(model, sets, dp=dp, meta=meta, lr=lr, seed=seed)
+
+
+def _supervised_trainer(
+    model: nn.Module,
+    sets: Sequence[ImageSet],
+    *,
+    dp: Any,
+    meta: MetaConfig,
+    lr: float,
+    seed: int | None,
+) -> Trainer:
+    from privacy.dp_pretrain import DPPretrainer
+
+    del meta  # supervised training has no meta-learner: the head is a linear classifier
+    return DPPretrainer(model, sets, dp=dp, lr=lr, seed=seed)
+
+
+register_mechanism(
+    Mechanism(
+        name=EPISODIC,
+        sensitivity=EPISODIC_SENSITIVITY,
+        config_type=DPConfig,
+        build_trainer=_episodic_trainer,
+        description="DP episodic meta-training: per-episode clipping, one patient in one "
+        "episode, sensitivity 2C",
+    )
+)
+register_mechanism(
+    Mechanism(
+        name=SUPERVISED,
+        sensitivity=SUPERVISED_SENSITIVITY,
+        config_type=DPPretrainConfig,
+        build_trainer=_supervised_trainer,
+        description="DP supervised training: per-patient clipping of a classifier's "
+        "gradients, sensitivity C",
+    )
+)
