@@ -44,8 +44,8 @@ from models.readers import load_dataset
 from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays
 from models.training import TrainConfig, meta_train
 from privacy.accounting import calibrate_noise_multiplier
-from privacy.dp_meta import EPISODIC_SENSITIVITY, DPMetaTrainer
 from privacy.ledger import Ledger
+from privacy.mechanisms import get_mechanism
 
 DELTA = 1e-5
 
@@ -90,7 +90,7 @@ def _central(config: ServerConfig, sites: list[dict[str, Any]], sigma: float | N
     pipeline = PipelineConfig(image_size=config.image_size)
     sets = [load_dataset(s["data"], pipeline) for s in sites]
     torch.manual_seed(config.seed)
-    model = build_backbone(plan_for(config, 1).backbone_config())
+    model = build_backbone(plan_for(config, 1).backbone)
     steps = config.num_rounds * config.local_steps * len(sites)
     if sigma is None:
         train = TrainConfig(
@@ -100,8 +100,10 @@ def _central(config: ServerConfig, sites: list[dict[str, Any]], sigma: float | N
         )
         meta_train(model, sets, config=train)
     else:
-        plan = dataclasses.replace(plan_for(config, 1), noise_multiplier=sigma)
-        trainer = DPMetaTrainer(model, sets, dp=plan.dp(), meta=plan.meta(), lr=config.local_lr)
+        plan = plan_for(dataclasses.replace(config, noise_multiplier=sigma), 1)
+        trainer = plan.dp_mechanism.build_trainer(
+            model, sets, dp=plan.dp, meta=plan.meta, lr=config.local_lr, seed=None
+        )
         trainer.train(steps)
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
@@ -143,6 +145,7 @@ def main() -> None:
     record("random-init", None, initial_state(base))
     fed_steps = args.rounds * args.local_steps
     central_steps = fed_steps * len(sites)
+    mechanism = get_mechanism(base.mechanism)
     for epsilon in args.epsilons:
         accounted = calibrate_noise_multiplier(
             target_epsilon=epsilon, delta=DELTA, sample_rate=base.sample_rate, steps=fed_steps
@@ -150,7 +153,7 @@ def main() -> None:
         config = dataclasses.replace(
             base,
             federation=f"bench-eps{epsilon:g}",
-            noise_multiplier=accounted * EPISODIC_SENSITIVITY,
+            noise_multiplier=mechanism.noise_for(accounted),
             workdir=str(root / f"server-{epsilon:g}"),
         )
         result = _federated(config, sites, epsilon * 1.0001, root / f"eps{epsilon:g}")
@@ -159,7 +162,7 @@ def main() -> None:
         central_sigma = calibrate_noise_multiplier(
             target_epsilon=epsilon, delta=DELTA, sample_rate=base.sample_rate, steps=central_steps
         )
-        state = _central(base, sites, central_sigma * EPISODIC_SENSITIVITY)
+        state = _central(base, sites, mechanism.noise_for(central_sigma))
         record("central-dp", epsilon, state, accounted_sigma=central_sigma)
     record("central-nonprivate", None, _central(base, sites, None))
     _plot(rows)

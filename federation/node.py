@@ -3,10 +3,11 @@ reply with the model delta and accounted numbers only.
 
 Privacy of what leaves the node (docs/privacy.md, "Federation"): the delta is
 ``theta_local - theta_global`` where ``theta_global`` is public and ``theta_local`` is Adam
-post-processing of the DP-SGD outputs of :class:`privacy.dp_meta.DPMetaTrainer`, so it is as
-private as those outputs: the ledger charge composed with every earlier charge bounds it. The
-report holds only the plan (public) and epsilons computed from the charged ``(sigma, q, steps)``
-history: nothing in it depends on the data. No counts, losses or accuracies leave the node.
+post-processing of the DP-SGD outputs of the plan's registered mechanism
+(``privacy.mechanisms``), so it is as private as those outputs: the ledger charge composed with
+every earlier charge bounds it. The report holds only the plan (public) and epsilons computed
+from the charged ``(sigma, q, steps)`` history: nothing in it depends on the data. No counts,
+losses or accuracies leave the node.
 
 Replay: a reply is written to the node's disk before it is sent. If the same round with the same
 global model and plan is asked again (a server resumed from its checkpoint), the stored reply is
@@ -37,7 +38,6 @@ from federation.versions import model_from_state, publish_state, state_digest
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.registry import Registry
-from privacy.dp_meta import EPISODIC_SENSITIVITY, DPMetaTrainer
 from privacy.errors import BudgetExhaustedError
 from privacy.ledger import KIND_CHARGE, ChargeRequest, Ledger, LedgerEntry
 
@@ -137,11 +137,11 @@ def _run_locked(
         info={"federation": plan.federation, "round": plan.round - 1},
     )
 
-    pipeline = PipelineConfig(image_size=plan.image_size)
+    pipeline = PipelineConfig(image_size=plan.backbone.image_size)
     data = load_dataset(config.data, pipeline)
     model = model_from_state(global_state, plan)
-    trainer = DPMetaTrainer(
-        model, [data], dp=plan.dp(), meta=plan.meta(), lr=plan.local_lr, seed=seed
+    trainer = plan.dp_mechanism.build_trainer(
+        model, [data], dp=plan.dp, meta=plan.meta, lr=plan.local_lr, seed=seed
     )
     trainer.train(entry.steps)
     trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
@@ -167,8 +167,9 @@ def _charged_for(entry: LedgerEntry, plan: RoundPlan) -> bool:
         entry.kind == KIND_CHARGE
         and entry.run_id == plan.federation
         and entry.round == plan.round
-        and entry.noise_multiplier == plan.noise_multiplier
-        and entry.sample_rate == plan.sample_rate
+        and entry.mechanism == plan.mechanism
+        and entry.noise_multiplier == plan.dp.noise_multiplier
+        and entry.sample_rate == plan.dp.sample_rate
         and entry.steps == plan.steps
     )
 
@@ -179,10 +180,10 @@ def _charge(ledger: Ledger, plan: RoundPlan, *, requester: str) -> LedgerEntry:
             ChargeRequest(
                 run_id=plan.federation,
                 round=plan.round,
-                mechanism=f"dp-episodic-{plan.meta_learner}-federated",
-                noise_multiplier=plan.noise_multiplier,
-                sensitivity_factor=EPISODIC_SENSITIVITY,
-                sample_rate=plan.sample_rate,
+                mechanism=plan.mechanism,
+                noise_multiplier=plan.dp.noise_multiplier,
+                sensitivity_factor=plan.dp_mechanism.sensitivity,
+                sample_rate=plan.dp.sample_rate,
                 steps=plan.steps,
                 requester=requester,
             )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.errors import NodeConfigError
+from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS
 
 CONFIG_FILE_KEY = "config-file"
 
@@ -32,6 +33,8 @@ _KEYS = {
     "weight": "weight",
     "accountant": "accountant",
     "state-dir": "state_dir",
+    "node-key": "node_key",
+    "allowed-mechanisms": "allowed_mechanisms",
 }
 _REQUIRED = ("site-id", "data", "ledger", "registry", "budget-epsilon", "budget-delta")
 
@@ -52,6 +55,12 @@ class NodeConfig:
     weight: float = 1.0  # public aggregation weight (p_k), agreed with the federation
     accountant: str = "rdp"  # accountant for a new ledger (the ledger then keeps its own)
     state_dir: Path | None = None  # replies kept for replay; default beside the ledger
+    # The SuperNode's private key (`fedfew node init`): signs the ledger head sent with every
+    # reply. Optional: without it the node still works and its heads are recorded as unsigned.
+    node_key: Path | None = None
+    # DP mechanisms (privacy.mechanisms) this site runs: an explicit allow-list, so a mechanism
+    # added to the code later stays off until the site's administrator allows it.
+    allowed_mechanisms: tuple[str, ...] = (DEFAULT_MECHANISM,)
 
     def __post_init__(self) -> None:
         if not self.site_id.strip():
@@ -68,6 +77,12 @@ class NodeConfig:
         if not 0 < self.budget_delta < 1:
             raise NodeConfigError(
                 f"node config: budget-delta must be in (0, 1), got {self.budget_delta!r}"
+            )
+        unknown = [m for m in self.allowed_mechanisms if m not in MECHANISMS]
+        if unknown or not self.allowed_mechanisms:
+            raise NodeConfigError(
+                f"node config: allowed-mechanisms {list(self.allowed_mechanisms)!r} must name one "
+                f"or more of {', '.join(sorted(MECHANISMS))} (comma-separated)"
             )
         if not 0 < self.max_sample_rate <= 1:
             raise NodeConfigError(
@@ -122,6 +137,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _convert(key: str, value: Any, type_name: str) -> Any:
     try:
+        if type_name.startswith("tuple"):  # a TOML list, or "a,b" from --node-config
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(item).strip() for item in items if str(item).strip())
         if "Path" in type_name:
             return Path(str(value)).expanduser()
         if type_name == "float":

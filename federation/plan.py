@@ -1,20 +1,33 @@
 """The DP plan of one round, as the server sends it and a node checks it against its policy.
 
+The plan nests the component configs (the mechanism's DP config, ``MetaConfig``,
+``BackboneConfig``) as they are; they are built once from the run config
+(``ServerConfig.round_plan``). Its flat form, the one place that spells it, is what a Flower
+ConfigRecord carries: top-level fields as kebab-case keys (``local-lr``) and component fields
+behind the component's prefix (``dp.noise-multiplier``, ``meta.learner``, ``backbone.width``).
 Every field is public configuration: none is derived from any site's data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import dataclass
 from typing import Any
 
 from federation.errors import PlanRefusedError
 from federation.node_config import NodeConfig
 from models.meta import MetaConfig
 from models.networks import BackboneConfig
-from privacy.dp_meta import EPISODIC_SENSITIVITY, DPConfig
+from privacy.dp_config import MechanismConfig
+from privacy.errors import UnknownMechanismError
+from privacy.mechanisms import Mechanism, get_mechanism
+
+SEPARATOR = "."  # between a component's prefix and its field in the flat form
+_SCALARS = ("federation", "round", "mechanism", "steps", "local_lr")
+_COMPONENTS = ("dp", "meta", "backbone")
 
 
 @dataclass(frozen=True)
@@ -23,87 +36,87 @@ class RoundPlan:
 
     federation: str  # federation (run) name; with ``round`` it keys the ledger charge
     round: int
-    noise_multiplier: float  # sigma applied to the clip C; the accountant sees sigma / 2
-    max_grad_norm: float  # C
-    sample_rate: float  # q, per-patient Poisson sampling
-    steps: int  # local DP steps
-    episodes: int  # episodes per step
-    ways: int
-    max_shots: int
-    max_queries: int
+    mechanism: str  # a name in privacy.mechanisms; the node's policy must allow it
+    steps: int  # local DP steps, the number the ledger is charged for
     local_lr: float  # Adam learning rate of the local steps
-    meta_learner: str
-    backbone: str
-    width: int
-    image_size: int
+    dp: MechanismConfig  # noise, clip, sampling: the mechanism's own config type
+    meta: MetaConfig  # the meta-learner (used by meta-learning mechanisms)
+    backbone: BackboneConfig  # the network every node and the server build
 
     def __post_init__(self) -> None:
         if self.round < 1 or self.steps < 1:
             raise ValueError(
                 f"RoundPlan: round and steps must be >= 1, got {self.round}, {self.steps}"
             )
-        self.dp()  # validates the DP fields
-        self.backbone_config()
+        if not self.local_lr > 0:
+            raise ValueError(f"RoundPlan.local_lr must be > 0, got {self.local_lr!r}")
+        try:
+            self.dp_mechanism.check_config(self.dp)
+        except TypeError as exc:
+            raise ValueError(f"RoundPlan.dp: {exc}") from exc
 
-    def dp(self) -> DPConfig:
-        """The DP config the node trains with."""
-        return DPConfig(
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            sample_rate=self.sample_rate,
-            episodes=self.episodes,
-            ways=self.ways,
-            max_shots=self.max_shots,
-            max_queries=self.max_queries,
-        )
-
-    def meta(self) -> MetaConfig:
-        """The meta-learner the node trains with."""
-        return MetaConfig(learner=self.meta_learner)
-
-    def backbone_config(self) -> BackboneConfig:
-        """The network every node and the server build."""
-        return BackboneConfig(name=self.backbone, width=self.width, image_size=self.image_size)
+    @property
+    def dp_mechanism(self) -> Mechanism:
+        """The registered mechanism the plan names."""
+        return get_mechanism(self.mechanism)
 
     @property
     def accounted_noise_multiplier(self) -> float:
-        """Sigma as the accountant sees it (over the episodic sensitivity factor)."""
-        return self.noise_multiplier / EPISODIC_SENSITIVITY
+        """Sigma as the accountant sees it (over the mechanism's sensitivity factor)."""
+        return self.dp_mechanism.accounted_noise_multiplier(self.dp.noise_multiplier)
 
     def to_config(self) -> dict[str, Any]:
-        """Flat kebab-case mapping, the form a Flower ConfigRecord carries."""
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        """Flat mapping of scalars, the form a Flower ConfigRecord carries."""
+        flat = _flatten(self, _SCALARS, prefix="")
+        for name in _COMPONENTS:
+            component = getattr(self, name)
+            flat.update(_flatten(component, _names(type(component)), prefix=name + SEPARATOR))
+        return flat
 
     @classmethod
     def from_config(cls, values: dict[str, Any]) -> RoundPlan:
-        """Inverse of :meth:`to_config`.
+        """Inverse of :meth:`to_config`; every key must be present and known.
 
         Raises:
-            PlanRefusedError: a field is missing or has a wrong type (a malformed plan).
+            PlanRefusedError: a key is missing or unknown, a value has a wrong type or is out
+                of range, or the mechanism is not one this node knows (a malformed plan).
         """
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in values:
-                raise PlanRefusedError(f"plan is missing {key}")
-            kwargs[f.name] = values[key]
         try:
-            return cls(**kwargs)
+            unused = set(values)
+            top = _take(cls, _SCALARS, values, prefix="", unused=unused)
+            mechanism = get_mechanism(str(top["mechanism"]))
+            types = {"dp": mechanism.config_type, "meta": MetaConfig, "backbone": BackboneConfig}
+            parts = {
+                name: kind(
+                    **_take(kind, _names(kind), values, prefix=name + SEPARATOR, unused=unused)
+                )
+                for name, kind in types.items()
+            }
+            if unused:
+                raise PlanRefusedError(f"plan has unknown key(s) {', '.join(sorted(unused))}")
+            return cls(**top, **parts)
+        except UnknownMechanismError as exc:
+            raise PlanRefusedError(f"plan names an unknown mechanism: {exc}") from exc
         except (TypeError, ValueError) as exc:
             raise PlanRefusedError(f"plan is malformed: {exc}") from exc
 
     def digest(self) -> str:
-        """Stable hash of the plan (part of a reply's replay key)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        """Stable hash of the plan's flat form (part of a reply's replay key)."""
+        return hashlib.sha256(json.dumps(self.to_config(), sort_keys=True).encode()).hexdigest()
 
 
 def check_policy(plan: RoundPlan, config: NodeConfig) -> None:
-    """Refuse a plan that the node's own policy does not allow.
+    """Refuse a plan that the node's own policy does not allow (before anything is charged).
 
     Raises:
         PlanRefusedError: naming the field, the asked value and the node's limit.
     """
     problems = []
+    if plan.mechanism not in config.allowed_mechanisms:
+        problems.append(
+            f"mechanism {plan.mechanism} is not in this node's allowed-mechanisms "
+            f"({', '.join(config.allowed_mechanisms)})"
+        )
     if plan.accounted_noise_multiplier < config.min_noise:
         problems.append(
             f"noise {plan.accounted_noise_multiplier:.3g} (accounted sigma) is below this node's "
@@ -114,12 +127,61 @@ def check_policy(plan: RoundPlan, config: NodeConfig) -> None:
             f"{plan.steps} steps exceed this node's maximum of "
             f"{config.max_steps_per_round} per round"
         )
-    if plan.sample_rate > config.max_sample_rate:
+    if plan.dp.sample_rate > config.max_sample_rate:
         problems.append(
-            f"sample rate {plan.sample_rate:.3g} exceeds this node's maximum "
+            f"sample rate {plan.dp.sample_rate:.3g} exceeds this node's maximum "
             f"{config.max_sample_rate:.3g}"
         )
     if problems:
         raise PlanRefusedError(
             f"site {config.site_id} refuses round {plan.round}: " + "; ".join(problems)
         )
+
+
+def _names(kind: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(kind))
+
+
+def _key(prefix: str, name: str) -> str:
+    return prefix + name.replace("_", "-")
+
+
+def _flatten(obj: object, names: tuple[str, ...], *, prefix: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    flat: dict[str, Any] = {}
+    for name in names:
+        value = getattr(obj, name)
+        if hints[name] is float and not isinstance(value, bool):
+            value = float(value)  # 2 and 2.0 must give one digest
+        elif isinstance(value, tuple):
+            value = list(value)  # a ConfigRecord holds lists, not tuples
+        flat[_key(prefix, name)] = value
+    return flat
+
+
+def _take(
+    kind: type, names: tuple[str, ...], values: dict[str, Any], *, prefix: str, unused: set[str]
+) -> dict[str, Any]:
+    """The fields ``names`` of ``kind`` from the flat form, type-checked; marks their keys used."""
+    hints = typing.get_type_hints(kind)
+    taken: dict[str, Any] = {}
+    for name in names:
+        key = _key(prefix, name)
+        if key not in values:
+            raise PlanRefusedError(f"plan is missing {key}")
+        unused.discard(key)
+        taken[name] = _typed(key, values[key], hints[name])
+    return taken
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field type ``hint``; a value of another type is a malformed plan."""
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool):
+        if type(value) is not hint:
+            raise TypeError(f"{key} must be {hint.__name__}, got {value!r}")
+        return value
+    if typing.get_origin(hint) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value

@@ -34,7 +34,7 @@ app = ServerApp()
 def initial_state(config: ServerConfig) -> State:
     """A freshly initialised global model (seeded only when the config says so)."""
     torch.manual_seed(config.seed if config.seed >= 0 else secrets.randbits(63))
-    model = build_backbone(plan_for(config, 1).backbone_config())
+    model = build_backbone(plan_for(config, 1).backbone)
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 

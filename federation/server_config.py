@@ -1,6 +1,8 @@
 """The federation's configuration as the ServerApp reads it from Flower's run config.
 
-Kebab-case run-config keys are read here and nowhere else. Every value is public configuration.
+Kebab-case run-config keys are read here and nowhere else, and the round plan's component configs
+(the mechanism's DP config, ``MetaConfig``, ``BackboneConfig``) are built from them here, once
+(:meth:`ServerConfig.round_plan`). Every value is public configuration.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from federation.aggregation import AGGREGATIONS
+from federation.plan import RoundPlan
 from federation.validation import NORM_POLICIES
+from models.meta import MetaConfig
+from models.networks import BackboneConfig
+from privacy.mechanisms import DEFAULT_MECHANISM, get_mechanism
 
 # Which threat each choice answers; they exclude each other, so the config names one.
 DEFENCES = {
@@ -34,14 +40,16 @@ class ServerConfig:
     round_timeout: float = 600.0  # deadline for replies in one attempt
     max_retries: int = 2  # attempts after the first before the run stops
     server_lr: float = 1.0  # outer learning rate on the averaged delta (1: plain FedAvg)
+    mechanism: str = DEFAULT_MECHANISM  # a privacy.mechanisms name; each node must allow it
     noise_multiplier: float = 2.0  # sigma applied to C (accounted sigma 1.0 at sensitivity 2C)
-    clip: float = 1.0  # C, per-episode gradient clip
+    clip: float = 1.0  # C, per-episode (or per-patient) gradient clip
     sample_rate: float = 0.1  # q, per-patient Poisson rate at every site
     local_steps: int = 10  # DP steps per node per round
     episodes: int = 8  # episodes per DP step
     ways: int = 3  # classes per training episode
     max_shots: int = 5
     max_queries: int = 5
+    expected_patients: int = 64  # dp-supervised: the public normaliser B (about q x site size)
     local_lr: float = 1e-3  # Adam on the nodes
     meta_learner: str = "protonet"  # fastest per step under DP; see bench results
     backbone: str = "conv4"
@@ -79,11 +87,47 @@ class ServerConfig:
             )
         if self.min_replies > self.min_nodes:
             raise ValueError("run config min-replies cannot exceed min-nodes")
+        try:
+            self.round_plan(1)  # the plan's components validate what the nodes will get
+        except ValueError as exc:
+            raise ValueError(f"run config does not make a valid round plan: {exc}") from exc
 
     @property
     def aggregation(self) -> str:
         """The aggregation rule the defence implies."""
         return AGGREGATIONS[0] if self.defence == "none" else self.defence
+
+    def round_plan(self, server_round: int) -> RoundPlan:
+        """The DP plan every node is asked to run in ``server_round``.
+
+        Raises:
+            ValueError: a component rejects its value (UnknownMechanismError is one).
+        """
+        mechanism = get_mechanism(self.mechanism)
+        dp = mechanism.dp_config(
+            {
+                "noise_multiplier": self.noise_multiplier,
+                "max_grad_norm": self.clip,
+                "sample_rate": self.sample_rate,
+                "episodes": self.episodes,
+                "ways": self.ways,
+                "max_shots": self.max_shots,
+                "max_queries": self.max_queries,
+                "expected_patients": self.expected_patients,
+            }
+        )
+        return RoundPlan(
+            federation=self.federation,
+            round=server_round,
+            mechanism=mechanism.name,
+            steps=self.local_steps,
+            local_lr=self.local_lr,
+            dp=dp,
+            meta=MetaConfig(learner=self.meta_learner),
+            backbone=BackboneConfig(
+                name=self.backbone, width=self.width, image_size=self.image_size
+            ),
+        )
 
     @property
     def root(self) -> Path:

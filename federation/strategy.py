@@ -49,24 +49,8 @@ class AcceptedReply:
 
 
 def plan_for(config: ServerConfig, server_round: int) -> RoundPlan:
-    """The DP plan every node is asked to run in ``server_round``."""
-    return RoundPlan(
-        federation=config.federation,
-        round=server_round,
-        noise_multiplier=config.noise_multiplier,
-        max_grad_norm=config.clip,
-        sample_rate=config.sample_rate,
-        steps=config.local_steps,
-        episodes=config.episodes,
-        ways=config.ways,
-        max_shots=config.max_shots,
-        max_queries=config.max_queries,
-        local_lr=config.local_lr,
-        meta_learner=config.meta_learner,
-        backbone=config.backbone,
-        width=config.width,
-        image_size=config.image_size,
-    )
+    """The DP plan every node is asked to run in ``server_round`` (built by the config)."""
+    return config.round_plan(server_round)
 
 
 class FederatedMetaStrategy(Strategy):

@@ -32,7 +32,7 @@ def state_digest(state: Mapping[str, np.ndarray]) -> str:
 
 def model_from_state(state: Mapping[str, np.ndarray], plan: RoundPlan) -> torch.nn.Module:
     """The plan's network with ``state`` loaded (copied: the arrays may be read-only)."""
-    model = build_backbone(plan.backbone_config())
+    model = build_backbone(plan.backbone)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return model
 
@@ -59,9 +59,9 @@ def publish_state(
         save_model_dir(
             folder,
             model,
-            backbone=plan.backbone_config(),
-            pipeline=PipelineConfig(image_size=plan.image_size),
-            meta=plan.meta(),
+            backbone=plan.backbone,
+            pipeline=PipelineConfig(image_size=plan.backbone.image_size),
+            meta=plan.meta,
             extra=extra,
         )
 

@@ -96,7 +96,8 @@ def test_a_model_that_does_not_fit_the_plan_is_an_error_reply(
     tmp_path, server_config, global_state
 ):
     site = make_site(tmp_path, "a")
-    plan = dataclasses.replace(plan_for(server_config, 1), width=16)
+    plan = plan_for(server_config, 1)
+    plan = dataclasses.replace(plan, backbone=dataclasses.replace(plan.backbone, width=16))
     reply = train(message(global_state, plan), context(site))
     assert reply.has_error() and "RuntimeError" in reply.error.reason
 
