@@ -1,8 +1,22 @@
-"""Adapting a base model to a new condition from a few labelled cases; never mutates the base."""
+"""Adapting a base model to a new condition from a few labelled cases; never mutates the base.
+
+An adapted classifier is three stages, each a lever measured in ``bench/new_modality.py``:
+
+1. **embedding**: the backbone's features, optionally averaged over flips of the image
+   (test-time augmentation);
+2. **feature map**: optionally centred on the domain's mean feature and L2-normalised
+   (SimpleShot, Wang et al. 2019): the mean comes from the model's domain statistics
+   (``fedfew adapt-domain``) or, without them, from the images at hand (support and the cases to
+   classify);
+3. **head**, fitted by the adaptation mode (registry ``ADAPT_MODES``): prototypes, a linear head,
+   fine-tuning of head and backbone, or MAML's inner loop; prototype heads can be refined
+   transductively with the unlabelled cases (soft k-means, Ren et al. 2018).
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -10,43 +24,199 @@ from torch import nn
 from torch.func import functional_call
 
 from models.meta import (
+    HEAD_SCALE,
     MetaConfig,
     Params,
     cross_entropy,
     head_features,
+    label_mask,
     maml_adapt,
     prototypes,
     split_params,
 )
 
-ADAPT_MODES = ("prototype", "finetune", "maml")
-
 
 @dataclass(frozen=True)
 class AdaptConfig:
-    """How to adapt at test time."""
+    """How to adapt at test time (defaults chosen by bench/results/new_modality.json)."""
 
-    mode: str = "prototype"  # instant and the most robust across modalities (bench/results)
+    mode: str = "prototype"  # instant; the most accurate mode within the dashboard's 1 s budget
+    centre: bool = False  # centring on the domain mean + L2 normalisation (SimpleShot)
+    tta: bool = False  # average the features of four flips: 4x the forward passes
+    transductive_steps: int = 0  # soft k-means refinements of prototypes with unlabelled cases
     finetune_steps: int = 25  # enough to move a prototype-initialised head; <1 s for 25 images
-    finetune_lr: float = 1e-3  # Adam step for head and backbone; larger forgets the meta-features
-    batch_limit: int = 256  # images per forward pass when predicting, bounds memory
+    finetune_lr: float = 1e-3  # Adam step for head and backbone; larger forgets the features
+    linear_steps: int = 100  # logistic-regression steps of the linear head on cached features
+    linear_lr: float = 0.01  # Adam step of the linear head (features are unit length)
+    batch_limit: int = 256  # images per forward pass when embedding, bounds memory
 
     def __post_init__(self) -> None:
         if self.mode not in ADAPT_MODES:
-            raise ValueError(f"AdaptConfig.mode must be one of {ADAPT_MODES}, got {self.mode!r}")
-        if self.finetune_steps < 0 or not self.finetune_lr > 0 or self.batch_limit < 1:
             raise ValueError(
-                "AdaptConfig.finetune_steps must be >= 0, finetune_lr > 0 and batch_limit >= 1, "
-                f"got {self.finetune_steps}, {self.finetune_lr}, {self.batch_limit}"
+                f"AdaptConfig.mode must be one of {sorted(ADAPT_MODES)}, got {self.mode!r}"
             )
+        counts = ("transductive_steps", "finetune_steps", "linear_steps")
+        for name in counts:
+            if getattr(self, name) < 0:
+                raise ValueError(f"AdaptConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("finetune_lr", "linear_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"AdaptConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.batch_limit < 1:
+            raise ValueError(f"AdaptConfig.batch_limit must be >= 1, got {self.batch_limit}")
+
+    @property
+    def frozen_backbone(self) -> bool:
+        """Whether the mode leaves the backbone as it is (its embeddings can be cached)."""
+        return ADAPT_MODES[self.mode].frozen_backbone
 
     def to_dict(self) -> dict[str, object]:
         """JSON-able form."""
         return asdict(self)
 
 
+# Mapped features have this norm, so squared distances between them are HEAD_SCALE times those of
+# unit vectors: the cosine-classifier temperature (Chen et al. 2019) for prototype logits.
+FEATURE_NORM = HEAD_SCALE**0.5
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """What happens to backbone features before the head: centring, then L2 normalisation."""
+
+    mean: torch.Tensor | None = None  # the domain's mean feature; None: no centring
+    normalise: bool = False
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """Map features ``(n, d)``."""
+        if self.mean is not None:
+            features = features - self.mean
+        if self.normalise:
+            features = FEATURE_NORM * features / features.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        return features
+
+
+def flip_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The image and its horizontal, vertical and double flips: medical crops have no canonical
+    orientation, so a class's features should not depend on it."""
+    return [images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)]
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    params: Params | None = None,
+    buffers: Params | None = None,
+    tta: bool = False,
+    batch_limit: int = 256,
+) -> torch.Tensor:
+    """Backbone features ``(n, d)`` of ``images``, in chunks, averaged over flips when ``tta``."""
+    was_training = model.training
+    model.eval()
+    try:
+        weights = None if params is None else (params, buffers or {})
+        chunks = []
+        for i in range(0, len(images), batch_limit):
+            batch = images[i : i + batch_limit]
+            views = flip_views(batch) if tta else [batch]
+            outs = [
+                model(v) if weights is None else functional_call(model, weights, (v,))
+                for v in views
+            ]
+            chunks.append(torch.stack(outs).mean(0))
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def feature_map(
+    config: AdaptConfig,
+    *,
+    domain_mean: torch.Tensor | None,
+    features: torch.Tensor,
+) -> FeatureMap:
+    """The feature map of ``config``: centred on ``domain_mean`` when known, else on the mean of
+    ``features`` (the images at hand), then normalised; identity when centring is off."""
+    if not config.centre:
+        return FeatureMap()
+    mean = domain_mean if domain_mean is not None else features.mean(0)
+    return FeatureMap(mean=mean.to(features.dtype), normalise=True)
+
+
+def prototype_head(embeddings: torch.Tensor, y: torch.Tensor, ways: int) -> Params:
+    """The linear head equal to ProtoNet's squared-distance classifier (Snell et al. 2017, 2.3):
+    ``w_c = 2 p_c``, ``b_c = -|p_c|^2`` (the query norm term is shared by all classes)."""
+    return _head_of(prototypes(embeddings, y, ways))
+
+
+def _head_of(protos: torch.Tensor) -> Params:
+    return {"head.weight": 2 * protos, "head.bias": -(protos**2).sum(-1)}
+
+
+def refine_prototypes(
+    support: torch.Tensor,
+    support_y: torch.Tensor,
+    unlabeled: torch.Tensor,
+    *,
+    ways: int,
+    steps: int,
+) -> torch.Tensor:
+    """Soft k-means refinement of class prototypes with unlabelled features (Ren et al. 2018,
+    "Meta-learning for semi-supervised few-shot classification", eq. 4): each step assigns the
+    unlabelled features softly to the classes and recomputes each class mean with them."""
+    onehot = label_mask(support_y, ways, support.dtype)
+    protos = prototypes(support, support_y, ways)
+    for _ in range(steps):
+        distance = torch.cdist(unlabeled, protos) ** 2
+        soft = torch.softmax(-distance / distance.mean().clamp_min(1e-6), dim=-1)
+        total = onehot.T @ support + soft.T @ unlabeled
+        protos = total / (onehot.sum(0) + soft.sum(0)).clamp_min(1e-6)[:, None]
+    return protos
+
+
+def fit_head(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    ways: int,
+    config: AdaptConfig,
+    unlabeled: torch.Tensor | None = None,
+) -> Params:
+    """The head of a frozen-backbone mode over mapped features (prototypes, refined with the
+    unlabelled features when configured; then logistic regression for ``linear``)."""
+    if config.transductive_steps and unlabeled is not None and len(unlabeled):
+        head = _head_of(
+            refine_prototypes(features, y, unlabeled, ways=ways, steps=config.transductive_steps)
+        )
+    else:
+        head = prototype_head(features, y, ways)
+    if config.mode == "linear" and config.linear_steps:
+        head = _logistic_regression(features, y, head, config)
+    return head
+
+
+def _logistic_regression(
+    features: torch.Tensor, y: torch.Tensor, init: Params, config: AdaptConfig
+) -> Params:
+    """Adam on the support cross-entropy of a linear head, from the prototype head (scaled so its
+    logits start in the softmax's useful range)."""
+    scale = init["head.weight"].norm(dim=1).mean().clamp_min(1e-6)
+    head = {k: (v / scale).clone().requires_grad_(True) for k, v in init.items()}
+    optimizer = torch.optim.Adam(head.values(), lr=config.linear_lr)
+    with torch.enable_grad():
+        for _ in range(config.linear_steps):
+            optimizer.zero_grad()
+            logits = features @ head["head.weight"].T + head["head.bias"]
+            cross_entropy(logits, y).backward()
+            optimizer.step()
+    return {k: v.detach() for k, v in head.items()}
+
+
 class AdaptedClassifier:
-    """A classifier for one support set: a frozen backbone copy (or fast weights) plus a head."""
+    """A classifier for one support set: backbone weights (shared, copied or fast), a feature map
+    and a linear head."""
 
     def __init__(
         self,
@@ -55,46 +225,40 @@ class AdaptedClassifier:
         buffers: Params,
         *,
         ways: int,
-        batch_limit: int,
+        config: AdaptConfig,
+        features: FeatureMap = FeatureMap(),
         normalized_head: bool = False,
     ) -> None:
         self._model = model
         self._params = params
         self._buffers = buffers
         self.ways = ways
-        self._batch_limit = batch_limit
+        self._config = config
+        self._features = features
         self._normalized_head = normalized_head  # MAML heads act on normalised features
 
-    @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features of ``images`` under the adapted weights."""
+        """Backbone features of ``images`` under the adapted weights (before the feature map)."""
         body = {k: v for k, v in self._params.items() if not k.startswith("head.")}
-        chunks = [
-            functional_call(
-                self._model, (body, self._buffers), (images[i : i + self._batch_limit],)
-            )
-            for i in range(0, len(images), self._batch_limit)
-        ]
-        return torch.cat(chunks) if chunks else torch.empty(0)
+        return embed(
+            self._model,
+            images,
+            params=body,
+            buffers=self._buffers,
+            tta=self._config.tta,
+            batch_limit=self._config.batch_limit,
+        )
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores ``(n, ways)``."""
         features = self.embed(images)
-        if self._normalized_head:
-            features = head_features(features)
+        features = head_features(features) if self._normalized_head else self._features(features)
         return features @ self._params["head.weight"].T + self._params["head.bias"]
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(n, ways)``."""
         return torch.softmax(self.logits(images), dim=-1)
-
-
-def prototype_head(embeddings: torch.Tensor, y: torch.Tensor, ways: int) -> Params:
-    """The linear head equal to ProtoNet's squared-distance classifier (Snell et al. 2017, 2.3):
-    ``w_c = 2 p_c``, ``b_c = -|p_c|^2`` (the query norm term is shared by all classes)."""
-    protos = prototypes(embeddings, y, ways)
-    return {"head.weight": 2 * protos, "head.bias": -(protos**2).sum(-1)}
 
 
 def adapt(
@@ -103,79 +267,146 @@ def adapt(
     support_y: torch.Tensor,
     *,
     ways: int,
-    config: AdaptConfig = AdaptConfig(),
+    config: AdaptConfig | None = None,
     meta: MetaConfig = MetaConfig(),
+    domain_mean: torch.Tensor | None = None,
+    unlabeled_x: torch.Tensor | None = None,
 ) -> AdaptedClassifier:
     """Adapt ``model`` to a support set.
 
     Args:
-        model: the base (meta-trained) backbone; it is never modified.
+        model: the base backbone; it is never modified.
         support_x: pipeline output ``(n, C, S, S)``.
         support_y: labels ``0..ways-1``.
         ways: number of classes.
-        config: adaptation mode and its steps.
+        config: adaptation mode and its levers (default: ``AdaptConfig()``).
         meta: the meta-learner's config (MAML inner learning rate and steps).
+        domain_mean: the domain's mean feature (from ``fedfew adapt-domain``), for centring.
+        unlabeled_x: unlabelled images of the task (typically the cases to classify), used for
+            centring when no domain mean is known and for transductive refinement.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        if config.mode == "maml":
-            params, buffers = split_params(model)
-            fast = maml_adapt(
-                model,
-                params,
-                buffers,
-                support_x,
-                support_y,
-                ways=ways,
-                steps=meta.adapt_steps,
-                lr=meta.inner_lr,
-                body_lr=meta.inner_body_lr,
-                first_order=True,
-            )
-            fast = {k: v.detach() for k, v in fast.items()}
-            return AdaptedClassifier(
-                model,
-                fast,
-                buffers,
-                ways=ways,
-                batch_limit=config.batch_limit,
-                normalized_head=True,
-            )
-        work = copy.deepcopy(model) if config.mode == "finetune" else model
-        params, buffers = split_params(work)
-        with torch.no_grad():
-            head = prototype_head(
-                functional_call(work, (params, buffers), (support_x,)), support_y, ways
-            )
-        if config.mode == "finetune" and config.finetune_steps:
-            head, params = _finetune(work, head, support_x, support_y, config)
-        return AdaptedClassifier(
-            work, {**params, **head}, buffers, ways=ways, batch_limit=config.batch_limit
-        )
-    finally:
-        model.train(was_training)
+    config = config or AdaptConfig()
+    return ADAPT_MODES[config.mode].adapt(
+        model,
+        support_x,
+        support_y,
+        ways=ways,
+        config=config,
+        meta=meta,
+        domain_mean=domain_mean,
+        unlabeled_x=unlabeled_x,
+    )
+
+
+def _frozen(
+    model: nn.Module,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    *,
+    ways: int,
+    config: AdaptConfig,
+    meta: MetaConfig,
+    domain_mean: torch.Tensor | None,
+    unlabeled_x: torch.Tensor | None,
+) -> AdaptedClassifier:
+    """Prototype or linear head over the unchanged backbone's mapped features."""
+    params, buffers = split_params(model)
+    both = support_x if unlabeled_x is None else torch.cat([support_x, unlabeled_x])
+    raw = embed(model, both, tta=config.tta, batch_limit=config.batch_limit)
+    fmap = feature_map(config, domain_mean=domain_mean, features=raw)
+    mapped = fmap(raw)
+    n = len(support_y)
+    head = fit_head(mapped[:n], support_y, ways=ways, config=config, unlabeled=mapped[n:])
+    return AdaptedClassifier(
+        model, {**params, **head}, buffers, ways=ways, config=config, features=fmap
+    )
 
 
 def _finetune(
-    work: nn.Module,
-    head: Params,
+    model: nn.Module,
     support_x: torch.Tensor,
     support_y: torch.Tensor,
+    *,
+    ways: int,
     config: AdaptConfig,
-) -> tuple[Params, Params]:
-    """A few Adam steps on the support loss over head and a private backbone copy."""
-    head = {k: v.clone().requires_grad_(True) for k, v in head.items()}
-    # Distances of raw embeddings are large; normalising the prototype head keeps the
-    # softmax away from saturation so the first steps have useful gradients.
-    scale = head["head.weight"].norm(dim=1).mean().clamp_min(1e-6).detach()
+    meta: MetaConfig,
+    domain_mean: torch.Tensor | None,
+    unlabeled_x: torch.Tensor | None,
+) -> AdaptedClassifier:
+    """A few Adam steps on the support loss over head and a private copy of the backbone
+    (Guo et al. 2020: fine-tuning beats meta-learning far from the source domain)."""
+    work = copy.deepcopy(model)
+    both = support_x if unlabeled_x is None else torch.cat([support_x, unlabeled_x])
+    raw = embed(work, both, tta=config.tta, batch_limit=config.batch_limit)
+    fmap = feature_map(config, domain_mean=domain_mean, features=raw)
+    init = prototype_head(fmap(raw[: len(support_y)]), support_y, ways)
+    # Distances of raw embeddings are large; scaling the prototype head keeps the softmax away
+    # from saturation so the first steps have useful gradients.
+    scale = init["head.weight"].norm(dim=1).mean().clamp_min(1e-6).detach()
+    head = {k: (v / scale).clone().requires_grad_(True) for k, v in init.items()}
     optimizer = torch.optim.Adam([*work.parameters(), *head.values()], lr=config.finetune_lr)
     work.train()
-    for _ in range(config.finetune_steps):
-        optimizer.zero_grad()
-        logits = (work(support_x) @ head["head.weight"].T + head["head.bias"]) / scale
-        cross_entropy(logits, support_y).backward()
-        optimizer.step()
+    with torch.enable_grad():
+        for _ in range(config.finetune_steps):
+            optimizer.zero_grad()
+            logits = fmap(work(support_x)) @ head["head.weight"].T + head["head.bias"]
+            cross_entropy(logits, support_y).backward()
+            optimizer.step()
     work.eval()
-    params, _ = split_params(work)
-    return {k: v.detach() / scale for k, v in head.items()}, params
+    params, buffers = split_params(work)
+    head = {k: v.detach() for k, v in head.items()}
+    return AdaptedClassifier(
+        work, {**params, **head}, buffers, ways=ways, config=config, features=fmap
+    )
+
+
+def _maml(
+    model: nn.Module,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    *,
+    ways: int,
+    config: AdaptConfig,
+    meta: MetaConfig,
+    domain_mean: torch.Tensor | None,
+    unlabeled_x: torch.Tensor | None,
+) -> AdaptedClassifier:
+    """MAML's inner loop from the meta-learned weights (first order: only inference follows)."""
+    params, buffers = split_params(model)
+    was_training = model.training
+    model.eval()
+    try:
+        fast = maml_adapt(
+            model,
+            params,
+            buffers,
+            support_x,
+            support_y,
+            ways=ways,
+            steps=meta.adapt_steps,
+            lr=meta.inner_lr,
+            body_lr=meta.inner_body_lr,
+            first_order=True,
+        )
+    finally:
+        model.train(was_training)
+    fast = {k: v.detach() for k, v in fast.items()}
+    return AdaptedClassifier(model, fast, buffers, ways=ways, config=config, normalized_head=True)
+
+
+@dataclass(frozen=True)
+class AdaptMode:
+    """One adaptation mode: how it fits a classifier, and whether the backbone stays as it is."""
+
+    adapt: Callable[..., AdaptedClassifier]
+    frozen_backbone: bool
+    description: str
+
+
+# name -> adaptation mode; a new mode is one new entry.
+ADAPT_MODES: dict[str, AdaptMode] = {
+    "prototype": AdaptMode(_frozen, True, "class means of the features (instant)"),
+    "linear": AdaptMode(_frozen, True, "logistic regression on the features (under a second)"),
+    "finetune": AdaptMode(_finetune, False, "fine-tunes head and network (seconds)"),
+    "maml": AdaptMode(_maml, False, "MAML's inner loop (for MAML-trained models)"),
+}

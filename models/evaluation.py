@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.adaptation import AdaptConfig, adapt, prototype_head
+from models.adaptation import AdaptConfig, adapt, embed, feature_map, fit_head
 from models.episodes import EpisodeConfig, sample_episode
 from models.errors import EpisodeError
 from models.imageset import ImageSet
@@ -45,15 +45,12 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def embed_all(model: nn.Module, images: np.ndarray, *, batch: int = 256) -> torch.Tensor:
-    """Embed a whole image set once (the backbone is fixed for prototype evaluation)."""
-    model.eval()
+def embed_all(
+    model: nn.Module, images: np.ndarray, *, tta: bool = False, batch: int = 256
+) -> torch.Tensor:
+    """Embed a whole image set once (the backbone is fixed in frozen-backbone modes)."""
     device = next(model.parameters()).device
-    out = [
-        model(torch.from_numpy(images[i : i + batch]).to(device))
-        for i in range(0, len(images), batch)
-    ]
-    return torch.cat(out)
+    return embed(model, torch.from_numpy(images).to(device), tta=tta, batch_limit=batch)
 
 
 def evaluate(
@@ -65,6 +62,7 @@ def evaluate(
     meta: MetaConfig = MetaConfig(),
     episodes: int = 600,
     seed: int = 0,
+    domain_mean: torch.Tensor | None = None,
     on_episode: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Accuracy over ``episodes`` random episodes of ``data`` (classes unseen in training).
@@ -76,15 +74,25 @@ def evaluate(
         raise EpisodeError(f"episodes must be >= 1, got {episodes}")
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
-    embeddings = embed_all(model, data.images) if adapt_config.mode == "prototype" else None
+    embeddings = (
+        embed_all(model, data.images, tta=adapt_config.tta)
+        if adapt_config.frozen_backbone
+        else None
+    )
     accuracies = np.empty(episodes)
     for i in range(episodes):
         ep = sample_episode(data.labels, data.patients, episode, rng)
         sy = torch.from_numpy(ep.support_labels).to(device)
         qy = torch.from_numpy(ep.query_labels).to(device)
         if embeddings is not None:
-            head = prototype_head(embeddings[ep.support], sy, episode.ways)
-            logits = embeddings[ep.query] @ head["head.weight"].T + head["head.bias"]
+            raw = embeddings[np.concatenate([ep.support, ep.query])]
+            fmap = feature_map(adapt_config, domain_mean=domain_mean, features=raw)
+            mapped = fmap(raw)
+            n = len(ep.support)
+            head = fit_head(
+                mapped[:n], sy, ways=episode.ways, config=adapt_config, unlabeled=mapped[n:]
+            )
+            logits = mapped[n:] @ head["head.weight"].T + head["head.bias"]
         else:
             classifier = adapt(
                 model,
@@ -93,6 +101,8 @@ def evaluate(
                 ways=episode.ways,
                 config=adapt_config,
                 meta=meta,
+                domain_mean=domain_mean,
+                unlabeled_x=torch.from_numpy(data.images[ep.query]).to(device),
             )
             logits = classifier.logits(torch.from_numpy(data.images[ep.query]).to(device))
         accuracies[i] = (logits.argmax(-1) == qy).float().mean().item()

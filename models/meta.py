@@ -7,14 +7,14 @@ DP (``torch.func.vmap(torch.func.grad(...))``) and adaptation without touching t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad
-
-META_LEARNERS = ("protonet", "maml", "fomaml")
 
 Params = dict[str, torch.Tensor]
 
@@ -32,7 +32,7 @@ class MetaConfig:
     def __post_init__(self) -> None:
         if self.learner not in META_LEARNERS:
             raise ValueError(
-                f"MetaConfig.learner must be one of {META_LEARNERS}, got {self.learner!r}"
+                f"MetaConfig.learner must be one of {sorted(META_LEARNERS)}, got {self.learner!r}"
             )
         if self.inner_steps < 1 or self.adapt_steps < 1:
             raise ValueError(
@@ -175,6 +175,67 @@ def maml_adapt(
     return fast
 
 
+def protonet_query_logits(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    batch: EpisodeBatch,
+    *,
+    ways: int,
+    support_weight: torch.Tensor,
+    present: torch.Tensor,
+    config: MetaConfig,
+) -> torch.Tensor:
+    """ProtoNet (Snell et al. 2017): distances of query embeddings to weighted class means."""
+    both = torch.cat([batch.support_x, batch.query_x])
+    emb = functional_call(model, (params, buffers), (both,))
+    n_support = batch.support_x.shape[0]
+    s_onehot = label_mask(batch.support_y, ways, emb.dtype) * support_weight[:, None]
+    protos = s_onehot.T @ emb[:n_support] / present.clamp_min(1.0)[:, None]
+    return prototype_logits(emb[n_support:], protos)
+
+
+def maml_query_logits(
+    model: nn.Module,
+    params: Params,
+    buffers: Params,
+    batch: EpisodeBatch,
+    *,
+    ways: int,
+    support_weight: torch.Tensor,
+    present: torch.Tensor,
+    config: MetaConfig,
+    first_order: bool,
+) -> torch.Tensor:
+    """MAML (Finn et al. 2017): query logits of the fast weights after the inner loop;
+    ``first_order`` drops the inner loop's second derivatives (FOMAML)."""
+    fast = maml_adapt(
+        model,
+        params,
+        buffers,
+        batch.support_x,
+        batch.support_y,
+        ways=ways,
+        steps=config.inner_steps,
+        lr=config.inner_lr,
+        body_lr=config.inner_body_lr,
+        first_order=first_order,
+        support_mask=batch.support_mask,
+    )
+    return _head_logits(model, fast, buffers, batch.query_x)
+
+
+QueryLogits = Callable[..., torch.Tensor]
+
+# name -> query logits of one episode (signature of ``protonet_query_logits``); a new
+# meta-learner is one new entry.
+META_LEARNERS: dict[str, QueryLogits] = {
+    "protonet": protonet_query_logits,
+    "maml": partial(maml_query_logits, first_order=False),
+    "fomaml": partial(maml_query_logits, first_order=True),
+}
+
+
 class MetaLearner:
     """Episode loss of one meta-learning algorithm, as a pure function of parameters."""
 
@@ -200,26 +261,14 @@ class MetaLearner:
             label_mask(batch.query_y, ways, dtype) @ (present > 0).to(dtype)
         )
         usable = ((present > 0).sum() >= 2).to(dtype)
-        if self.config.learner == "protonet":
-            both = torch.cat([batch.support_x, batch.query_x])
-            emb = functional_call(model, (params, buffers), (both,))
-            n_support = batch.support_x.shape[0]
-            protos = (s_onehot * s_weight.to(dtype)[:, None]).T @ emb[:n_support]
-            protos = protos / present.clamp_min(1.0)[:, None]
-            logits = prototype_logits(emb[n_support:], protos)
-        else:
-            fast = maml_adapt(
-                model,
-                params,
-                buffers,
-                batch.support_x,
-                batch.support_y,
-                ways=ways,
-                steps=self.config.inner_steps,
-                lr=self.config.inner_lr,
-                body_lr=self.config.inner_body_lr,
-                first_order=self.config.learner == "fomaml",
-                support_mask=batch.support_mask,
-            )
-            logits = _head_logits(model, fast, buffers, batch.query_x)
+        logits = META_LEARNERS[self.config.learner](
+            model,
+            params,
+            buffers,
+            batch,
+            ways=ways,
+            support_weight=s_weight.to(dtype),
+            present=present,
+            config=self.config,
+        )
         return usable * cross_entropy(_mask_absent(logits, present), batch.query_y, q_weight)

@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,6 +26,8 @@ from models.pipeline import PipelineConfig
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 PIPELINE = "pipeline.json"
+DOMAIN = "domain.safetensors"  # optional: the modality's feature statistics (adapt-domain)
+DOMAIN_MEAN_KEY = "feature_mean"
 
 
 @lru_cache(maxsize=1)
@@ -58,6 +61,7 @@ class LoadedModel:
     pipeline: PipelineConfig
     meta: MetaConfig
     config: dict[str, Any]
+    domain_mean: torch.Tensor | None = None  # mean feature of the modality, for centring
 
 
 def save_model_dir(
@@ -68,8 +72,13 @@ def save_model_dir(
     pipeline: PipelineConfig,
     meta: MetaConfig,
     extra: dict[str, Any] | None = None,
+    domain_mean: torch.Tensor | None = None,
 ) -> Path:
-    """Write a model directory atomically (a crash leaves either the old one or none)."""
+    """Write a model directory atomically (a crash leaves either the old one or none).
+
+    ``domain_mean`` (the mean feature of the modality's images, from ``fedfew adapt-domain``) is
+    kept beside the weights and used for centring at adaptation time.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {
@@ -82,6 +91,8 @@ def save_model_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS))
+    if domain_mean is not None:
+        save_file({DOMAIN_MEAN_KEY: domain_mean.detach().contiguous()}, str(tmp / DOMAIN))
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     (tmp / PIPELINE).write_text(json.dumps(pipeline.to_dict(), indent=2, sort_keys=True))
     if path.exists():
@@ -113,7 +124,16 @@ def load_model_dir(path: Path) -> LoadedModel:
         meta = MetaConfig(**config["meta"])
         model = build_backbone(backbone)
         model.load_state_dict(load_file(str(path / WEIGHTS)))
+        domain = path / DOMAIN
+        domain_mean = load_file(str(domain))[DOMAIN_MEAN_KEY] if domain.is_file() else None
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelDirError(f"{path}: cannot load model ({type(exc).__name__}: {exc})") from exc
     model.eval()
-    return LoadedModel(model=model, backbone=backbone, pipeline=pipeline, meta=meta, config=config)
+    return LoadedModel(
+        model=model,
+        backbone=backbone,
+        pipeline=pipeline,
+        meta=meta,
+        config=config,
+        domain_mean=domain_mean,
+    )

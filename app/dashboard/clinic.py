@@ -16,7 +16,15 @@ import torch
 
 from app.dashboard.errors import CaseError
 from app.dashboard.uploads import LoadedCases
-from models.adaptation import ADAPT_MODES, AdaptConfig, AdaptedClassifier, adapt, prototype_head
+from models.adaptation import (
+    ADAPT_MODES,
+    AdaptConfig,
+    AdaptedClassifier,
+    adapt,
+    embed,
+    feature_map,
+    fit_head,
+)
 from models.model_dir import LoadedModel
 from models.pipeline import PipelineConfig
 
@@ -175,22 +183,26 @@ def reliability(
     y = torch.from_numpy(support.labels)
     n = len(y)
     held_out = held_out_order(support.labels)
-    if config.mode != "prototype":
+    if not config.frozen_backbone:
         held_out = held_out[:SLOW_MODE_FOLDS]
-    embeddings = None
-    if config.mode == "prototype":
-        with torch.no_grad():
-            model.model.eval()
-            embeddings = model.model(x)
+    embeddings = embed(model.model, x, tta=config.tta) if config.frozen_backbone else None
     right = 0
     for done, i in enumerate(held_out, start=1):
         keep = torch.arange(n) != i
         if embeddings is not None:
-            head = prototype_head(embeddings[keep], y[keep], support.ways)
-            logits = embeddings[i : i + 1] @ head["head.weight"].T + head["head.bias"]
+            fmap = feature_map(config, domain_mean=model.domain_mean, features=embeddings)
+            mapped = fmap(embeddings)
+            head = fit_head(mapped[keep], y[keep], ways=support.ways, config=config)
+            logits = mapped[i : i + 1] @ head["head.weight"].T + head["head.bias"]
         else:
             fold = adapt(
-                model.model, x[keep], y[keep], ways=support.ways, config=config, meta=model.meta
+                model.model,
+                x[keep],
+                y[keep],
+                ways=support.ways,
+                config=config,
+                meta=model.meta,
+                domain_mean=model.domain_mean,
             )
             logits = fold.logits(x[i : i + 1])
         right += int(logits.argmax(-1)) == int(y[i])
@@ -226,6 +238,7 @@ def adapt_cases(
         ways=support.ways,
         config=config,
         meta=model.meta,
+        domain_mean=model.domain_mean,
     )
     score = None
     if with_reliability and min(support.counts()) >= MIN_CASES_FOR_RELIABILITY:
