@@ -1,25 +1,35 @@
 """Flower ClientApp: a thin adapter from Messages to :func:`federation.node.run_round`.
 
-A refusal (policy, budget) or unusable data becomes an error reply that names the reason; nothing
-computed from the data is in it.
+A refusal (policy, budget) or a failure becomes an error reply that carries one fixed, public
+reason code (:mod:`federation.reasons`) and nothing else; the exception's text and traceback stay
+on the node: in its Python log and in ``node-errors.log`` beside the replies it keeps.
+
+Every exception is caught, including unknown ones, which reply ``internal-error``: re-raising
+would let Flower build the error reply itself, and Flower puts ``str(exception)`` in it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+import traceback
+from pathlib import Path
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from federation.errors import PlanInvalidError, PlanRefusedError
 from federation.node import run_round
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan
+from federation.reasons import ReasonCode, error_for, reason_for
 from federation.records import DELTA, MODEL, PLAN, REPORT, from_arrays, from_config, to_arrays
 from federation.records import to_config as config_record
-from models.errors import FedfewError
 
-REFUSED = 1001  # error code of a reply that refuses the round (reason in the message)
+# Not a child of Flower's logger: the node's log stays on the node.
+logger = logging.getLogger("fedfew.node")
+FAILURE_LOG = "node-errors.log"  # beside the node's kept replies, on the node's disk
 
 app = ClientApp()
 
@@ -27,23 +37,75 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Check the plan, charge the ledger, train with DP, reply with the delta."""
-    started = time.perf_counter()
     try:
         config = NodeConfig.from_mapping(context.node_config)
-        if MODEL not in msg.content.array_records or PLAN not in msg.content.config_records:
-            return Message(Error(REFUSED, "message lacks the model or the plan"), reply_to=msg)
-        plan = RoundPlan.from_config(from_config(msg.content.config_records[PLAN]))
-        reply = run_round(
-            config,
-            plan,
-            from_arrays(msg.content.array_records[MODEL]),
-            requester=f"flower run {context.run_id} node {context.node_id}",
-        )
-    except (FedfewError, ValueError, OSError, RuntimeError) as exc:
-        return Message(Error(REFUSED, f"{type(exc).__name__}: {exc}"), reply_to=msg)
+    except Exception as exc:  # every failure replies a code; its text stays on the node
+        return _failed(msg, None, exc)
+    try:
+        return _round(msg, context, config)
+    except Exception as exc:
+        return _failed(msg, config, exc)
+
+
+def _round(msg: Message, context: Context, config: NodeConfig) -> Message:
+    started = time.perf_counter()
+    plan = _plan(msg)
+    reply = run_round(
+        config,
+        plan,
+        from_arrays(msg.content.array_records[MODEL]),
+        requester=f"flower run {context.run_id} node {context.node_id}",
+    )
     _log_compute_time(config, plan.round, time.perf_counter() - started)
-    content = RecordDict({DELTA: to_arrays(reply.delta), REPORT: config_record(reply.report)})
-    return Message(content, reply_to=msg)
+    report = config_record(reply.report.to_dict())
+    return Message(RecordDict({DELTA: to_arrays(reply.delta), REPORT: report}), reply_to=msg)
+
+
+def _failed(msg: Message, config: NodeConfig | None, exc: Exception) -> Message:
+    reason = reason_for(exc)
+    log_failure(config, exc, reason)
+    return Message(error_for(reason), reply_to=msg)
+
+
+def _plan(msg: Message) -> RoundPlan:
+    if MODEL not in msg.content.array_records or PLAN not in msg.content.config_records:
+        raise PlanInvalidError("message lacks the model or the plan")
+    try:
+        return RoundPlan.from_config(from_config(msg.content.config_records[PLAN]))
+    except PlanRefusedError as exc:  # a plan that does not parse is invalid, not refused
+        raise PlanInvalidError(str(exc)) from exc
+
+
+def failure_log_path(config: NodeConfig) -> Path:
+    """The node's own file of failed rounds (detail and traceback; never sent)."""
+    return config.replies_dir.parent / FAILURE_LOG
+
+
+def log_failure(config: NodeConfig | None, exc: BaseException, reason: ReasonCode) -> None:
+    """Keep a failure's detail on the node: Python logging, and the failure log when known.
+
+    Expected refusals log a warning; ``internal-error`` logs the traceback as an error.
+    """
+    if reason is ReasonCode.INTERNAL_ERROR:
+        logger.error("round failed (%s): %s", reason.value, exc, exc_info=exc)
+    else:
+        logger.warning("round refused or failed (%s): %s", reason.value, exc)
+    if config is None:  # the node config itself is unreadable: the Python log is all we have
+        return
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reason": reason.value,
+        "error": type(exc).__name__,
+        "detail": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+    path = failure_log_path(config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+    except OSError as write_error:
+        logger.error("cannot write the node's failure log %s: %s", path, write_error)
 
 
 def _log_compute_time(config: NodeConfig, server_round: int, seconds: float) -> None:

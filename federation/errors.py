@@ -18,6 +18,22 @@ class PlanRefusedError(FederationError):
     """A node refuses a round's DP plan (policy or budget); nothing was computed."""
 
 
+class PlanInvalidError(PlanRefusedError):
+    """A round's message lacks the model or the plan, or the plan is malformed."""
+
+
+class BudgetRefusedError(PlanRefusedError):
+    """The node's ledger refuses the round: it would take the site past its cap."""
+
+
+class ModelMismatchError(FederationError):
+    """The global model the server sent does not fit the network the plan names."""
+
+
+class SiteDataError(FederationError):
+    """The node's own training data cannot be read or used (details stay in the node's log)."""
+
+
 class InvalidUpdateError(FederationError):
     """A node's reply failed the validation gate (names, shapes, dtypes, finiteness, norm)."""
 

@@ -25,13 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from federation.errors import NodeConfigError, PlanRefusedError
+from federation.errors import BudgetRefusedError, NodeConfigError, SiteDataError
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
 from federation.versions import model_from_state, publish_state, state_digest
@@ -40,6 +39,8 @@ from models.readers import load_dataset
 from models.registry import Registry
 from privacy.errors import BudgetExhaustedError
 from privacy.ledger import KIND_CHARGE, ChargeRequest, Ledger, LedgerEntry
+from privacy.ledger_head import LedgerHead, load_signing_key, read_head, sign_head
+from privacy.site_report import SitePrivacyReport
 
 State = dict[str, np.ndarray]
 
@@ -49,7 +50,7 @@ class NodeReply:
     """What the node sends back: the delta and accounted, data-independent numbers."""
 
     delta: State
-    report: dict[str, Any]
+    report: SitePrivacyReport
 
 
 def open_ledger(config: NodeConfig) -> Ledger:
@@ -138,7 +139,10 @@ def _run_locked(
     )
 
     pipeline = PipelineConfig(image_size=plan.backbone.image_size)
-    data = load_dataset(config.data, pipeline)
+    try:
+        data = load_dataset(config.data, pipeline)
+    except OSError as exc:  # DataError maps to the same public reason by itself
+        raise SiteDataError(f"site data {config.data} is unreadable: {exc}") from exc
     model = model_from_state(global_state, plan)
     trainer = plan.dp_mechanism.build_trainer(
         model, [data], dp=plan.dp, meta=plan.meta, lr=plan.local_lr, seed=seed
@@ -189,27 +193,39 @@ def _charge(ledger: Ledger, plan: RoundPlan, *, requester: str) -> LedgerEntry:
             )
         )
     except BudgetExhaustedError as exc:
-        raise PlanRefusedError(f"site {ledger.site} refuses round {plan.round}: {exc}") from exc
+        raise BudgetRefusedError(f"site {ledger.site} refuses round {plan.round}: {exc}") from exc
 
 
 def _report(
     config: NodeConfig, ledger: Ledger, plan: RoundPlan, entry: LedgerEntry, *, replayed: bool
-) -> dict[str, Any]:
-    return {
-        "site-id": config.site_id,
-        "weight": config.weight,
-        "round": plan.round,
-        "replayed": replayed,
-        "ledger-entry": entry.id,
-        "epsilon-round": entry.epsilon_after - entry.epsilon_before,
-        "epsilon-spent": ledger.epsilon_spent(),
-        "epsilon-cap": ledger.cap_epsilon,
-        "delta": ledger.delta,
-        "accountant": ledger.accountant,
-        "noise-multiplier": entry.noise_multiplier,
-        "sample-rate": entry.sample_rate,
-        "steps": entry.steps,
-    }
+) -> SitePrivacyReport:
+    head = signed_head(config, ledger)
+    return SitePrivacyReport(
+        site=config.site_id,
+        weight=config.weight,
+        round=plan.round,
+        replayed=replayed,
+        ledger_entry=entry.id,
+        epsilon_round=entry.epsilon_after - entry.epsilon_before,
+        epsilon_spent=head.epsilon_spent,
+        epsilon_cap=head.cap_epsilon,
+        delta=head.delta,
+        accountant=head.accountant,
+        mechanism=entry.mechanism,
+        noise_multiplier=entry.noise_multiplier,
+        sample_rate=entry.sample_rate,
+        steps=entry.steps,
+        head_hash=head.head_hash,
+        head_entries=head.entries,
+        public_key=head.public_key,
+        signature=head.signature,
+    )
+
+
+def signed_head(config: NodeConfig, ledger: Ledger) -> LedgerHead:
+    """The ledger's current head, signed with the node's key when ``node-key`` is configured."""
+    head = read_head(ledger)
+    return sign_head(head, load_signing_key(config.node_key)) if config.node_key else head
 
 
 def _write_reply(path: Path, delta: State, replay_key: str) -> None:

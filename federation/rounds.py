@@ -166,7 +166,7 @@ def _record(
         "round": server_round,
         "attempts": attempts,
         "seconds": seconds,
-        "sites": {r.site_id: r.report for r in accepted.values()},
+        "sites": {r.site_id: r.report.to_dict() for r in accepted.values()},
         "bytes-received": {r.site_id: r.bytes for r in accepted.values()},
         "bytes-sent-per-node": sent,
         "clipped": [r.site_id for r in accepted.values() if r.gate.clipped],

@@ -3,11 +3,12 @@ deltas are aggregated with public site weights and a server learning rate."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -16,6 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from federation.aggregation import aggregate, apply_update
 from federation.errors import InvalidUpdateError
 from federation.plan import RoundPlan
+from federation.reasons import reason_of
 from federation.records import (
     DELTA,
     MODEL,
@@ -28,11 +30,16 @@ from federation.records import (
 )
 from federation.server_config import ServerConfig
 from federation.validation import GateResult, validate_update
+from privacy.errors import LedgerSignatureError, ReportFormatError
+from privacy.ledger_head import verify_signature
+from privacy.site_report import HeadCheck, SitePrivacyReport
 
 # A child of Flower's logger: `flwr run --stream` shows what the ServerApp logs through it.
 LOGGER_NAME = "flwr.fedfew"
 logger = logging.getLogger(LOGGER_NAME)
 
+REGISTERED_KEYS = "node-keys"  # under the server's workdir: <site>.pub, the keys the operator
+# registered with the SuperLink; a site's ledger heads are verified with its key when it is here.
 ADAM_REACH = 3.0  # an Adam step moves a coordinate by at most about lr * (1 - b1) / sqrt(1 - b2)
 
 
@@ -43,7 +50,7 @@ class AcceptedReply:
     node_id: int
     site_id: str
     weight: float
-    report: dict[str, Any]
+    report: SitePrivacyReport
     gate: GateResult
     bytes: int
 
@@ -53,6 +60,23 @@ def plan_for(config: ServerConfig, server_round: int) -> RoundPlan:
     return config.round_plan(server_round)
 
 
+def check_head(report: SitePrivacyReport, *, keys_dir: Path) -> SitePrivacyReport:
+    """``report`` with its ledger head checked: with the site's registered key when the server
+    has it (``keys_dir/<site>.pub``), else with the key the head carries (self-consistency only).
+
+    Raises:
+        LedgerSignatureError: a signed head whose signature does not verify.
+    """
+    if not report.signed:
+        return dataclasses.replace(report, head_check=HeadCheck.UNSIGNED.value)
+    registered = keys_dir / f"{report.site}.pub"
+    if registered.is_file():
+        verify_signature(report.head, registered.read_text(encoding="utf-8"))
+        return dataclasses.replace(report, head_check=HeadCheck.REGISTERED_KEY.value)
+    verify_signature(report.head)
+    return dataclasses.replace(report, head_check=HeadCheck.CARRIED_KEY.value)
+
+
 class FederatedMetaStrategy(Strategy):
     """Gate, then aggregate deltas: ``theta + server_lr * aggregate(delta_k)``."""
 
@@ -60,6 +84,8 @@ class FederatedMetaStrategy(Strategy):
         self.config = config
         self.reference = reference
         self._current = reference  # the global model of the round being configured
+        self._sites: dict[int, str] = {}  # node id -> site, from accepted replies (for logs)
+        self.keys_dir = config.root / REGISTERED_KEYS
         n_params = sum(a.size for a in reference.values())
         self.norm_bound = config.update_norm_bound or (
             ADAM_REACH * config.local_lr * config.local_steps * math.sqrt(n_params)
@@ -103,13 +129,17 @@ class FederatedMetaStrategy(Strategy):
         problems: list[str] = []
         for msg in replies:
             node = msg.metadata.src_node_id
+            name = f"node {node}" + (f" ({self._sites[node]})" if node in self._sites else "")
             if msg.has_error():
-                problems.append(f"node {node} replied with an error: {msg.error.reason}")
+                # The public reason code only: whatever text the reply holds is never kept.
+                problems.append(f"{name} refused or failed: {reason_of(msg.error).value}")
                 continue
             try:
                 accepted[node] = self._check(node, msg)
             except InvalidUpdateError as exc:
-                problems.append(f"node {node}: {exc}")
+                problems.append(f"{name}: {exc}")
+            else:
+                self._sites[node] = accepted[node].site_id
         for line in problems:
             logger.warning(line)
         for reply in accepted.values():
@@ -126,12 +156,11 @@ class FederatedMetaStrategy(Strategy):
         content = msg.content
         if DELTA not in content.array_records or REPORT not in content.config_records:
             raise InvalidUpdateError(f"update rejected: reply lacks {DELTA!r} or {REPORT!r}")
-        report = from_config(content.config_records[REPORT])
-        weight, site = report.get("weight"), report.get("site-id")
-        if not isinstance(weight, int | float) or not (math.isfinite(weight) and weight > 0):
-            raise InvalidUpdateError(f"update rejected: weight {weight!r} is not a number > 0")
-        if not isinstance(site, str) or not site:
-            raise InvalidUpdateError("update rejected: the report names no site-id")
+        try:
+            report = SitePrivacyReport.from_dict(from_config(content.config_records[REPORT]))
+            report = check_head(report, keys_dir=self.keys_dir)
+        except (ReportFormatError, LedgerSignatureError) as exc:
+            raise InvalidUpdateError(f"update rejected: {exc}") from exc
         record = content.array_records[DELTA]
         gate = validate_update(
             from_arrays(record),
@@ -139,7 +168,7 @@ class FederatedMetaStrategy(Strategy):
             norm_bound=self.norm_bound,
             policy=self.config.norm_policy,
         )
-        return AcceptedReply(node, site, float(weight), report, gate, record.count_bytes())
+        return AcceptedReply(node, report.site, report.weight, report, gate, record.count_bytes())
 
     def aggregate(self, state: State, accepted: Iterable[AcceptedReply]) -> State:
         """The next global model from the accepted deltas."""

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from federation.errors import ModelMismatchError
 from federation.plan import RoundPlan
 from models.model_dir import save_model_dir
 from models.networks import build_backbone
@@ -31,9 +32,19 @@ def state_digest(state: Mapping[str, np.ndarray]) -> str:
 
 
 def model_from_state(state: Mapping[str, np.ndarray], plan: RoundPlan) -> torch.nn.Module:
-    """The plan's network with ``state`` loaded (copied: the arrays may be read-only)."""
+    """The plan's network with ``state`` loaded (copied: the arrays may be read-only).
+
+    Raises:
+        ModelMismatchError: the state's names or shapes do not fit the plan's network.
+    """
     model = build_backbone(plan.backbone)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:  # torch's only signal of missing, unexpected or reshaped keys
+        raise ModelMismatchError(
+            f"the global model does not fit the plan's {plan.backbone.name} network: {exc}"
+        ) from exc
     return model
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.supercore.task_identity import TaskIdentity
 
 from federation.inprocess import set_task_identity
@@ -61,3 +63,21 @@ def make_site(root: Path, site: str, *, cap: float = 8.0, seed: int = 1) -> dict
         "budget-epsilon": cap,
         "budget-delta": 1e-5,
     }
+
+
+def write_key(path: Path) -> Path:
+    """An ECDSA P-384 node key pair in OpenSSH formats (``path`` and ``path.pub``), as
+    `fedfew node init` writes it."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    path.with_name(path.name + ".pub").write_bytes(public)
+    return path

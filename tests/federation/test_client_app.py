@@ -23,8 +23,10 @@ from federation.records import (
 from federation.strategy import plan_for
 from models.registry import Registry
 from privacy.ledger import Ledger
+from privacy.ledger_head import verify_signature
+from privacy.site_report import SitePrivacyReport
 
-from .conftest import make_site
+from .conftest import make_site, write_key
 
 
 def message(state, plan) -> Message:
@@ -42,15 +44,13 @@ def test_a_round_charges_the_ledger_keeps_the_model_and_replies_with_accounted_v
     site = make_site(tmp_path, "a")
     reply = train(message(global_state, plan_for(server_config, 1)), context(site))
     assert not reply.has_error()
-    report = from_config(reply.content.config_records[REPORT])
-    assert set(report) == {
-        "site-id", "weight", "round", "replayed", "ledger-entry", "epsilon-round", "epsilon-spent",
-        "epsilon-cap", "delta", "accountant", "noise-multiplier", "sample-rate", "steps",
-    }  # fmt: skip
+    report = SitePrivacyReport.from_dict(from_config(reply.content.config_records[REPORT]))
     ledger = Ledger.open(site["ledger"])
     (entry,) = ledger.entries()
     assert entry.kind == "charge" and entry.round == 1 and entry.steps == server_config.local_steps
-    assert report["epsilon-spent"] == pytest.approx(ledger.epsilon_spent())
+    assert report.epsilon_spent == pytest.approx(ledger.epsilon_spent())
+    assert (report.head_hash, report.head_entries) == (ledger.head_hash(), 1)
+    assert not report.signed  # no node-key configured
     delta = from_arrays(reply.content.array_records[DELTA])
     assert set(delta) == set(global_state) and any(np.any(v != 0) for v in delta.values())
     (kept,) = Registry.open(site["registry"]).entries(kind="global")
@@ -64,7 +64,7 @@ def test_the_same_round_asked_again_is_replayed_without_a_second_charge(
     msg = message(global_state, plan_for(server_config, 1))
     first = train(msg, context(site))
     again = train(msg, context(site))
-    assert from_config(again.content.config_records[REPORT])["replayed"] is True
+    assert SitePrivacyReport.from_dict(from_config(again.content.config_records[REPORT])).replayed
     for name, value in from_arrays(first.content.array_records[DELTA]).items():
         np.testing.assert_array_equal(from_arrays(again.content.array_records[DELTA])[name], value)
     assert len(Ledger.open(site["ledger"]).entries()) == 1
@@ -75,7 +75,7 @@ def test_a_plan_over_budget_is_refused_and_nothing_is_computed(
 ):
     site = make_site(tmp_path, "a", cap=0.5)
     reply = train(message(global_state, plan_for(server_config, 1)), context(site))
-    assert reply.has_error() and "budget" in reply.error.reason.lower()
+    assert reply.has_error() and reply.error.reason == "budget-exhausted"
     (entry,) = Ledger.open(site["ledger"]).entries()
     assert entry.kind == "refusal"
     config = NodeConfig.from_mapping(site)
@@ -88,7 +88,7 @@ def test_a_plan_below_the_node_minimum_noise_is_refused_before_the_ledger(
 ):
     site = {**make_site(tmp_path, "a"), "min-noise": 5.0}
     reply = train(message(global_state, plan_for(server_config, 1)), context(site))
-    assert reply.has_error() and "below this node's minimum 5" in reply.error.reason
+    assert reply.has_error() and reply.error.reason == "policy-refused"
     assert not (tmp_path / "a" / "ledger.db").exists()
 
 
@@ -99,7 +99,7 @@ def test_a_model_that_does_not_fit_the_plan_is_an_error_reply(
     plan = plan_for(server_config, 1)
     plan = dataclasses.replace(plan, backbone=dataclasses.replace(plan.backbone, width=16))
     reply = train(message(global_state, plan), context(site))
-    assert reply.has_error() and "RuntimeError" in reply.error.reason
+    assert reply.has_error() and reply.error.reason == "model-mismatch"
 
 
 def test_missing_node_config_keys_are_named(tmp_path):
@@ -127,7 +127,7 @@ def test_an_existing_ledger_with_another_cap_is_a_config_error(
     reply = train(
         message(global_state, plan_for(server_config, 2)), context({**site, "budget-epsilon": 20.0})
     )
-    assert reply.has_error() and "records budget-epsilon 8.0" in reply.error.reason
+    assert reply.has_error() and reply.error.reason == "node-misconfigured"
 
 
 def test_concurrent_attempts_of_one_round_release_one_output_for_one_charge(
@@ -143,3 +143,12 @@ def test_concurrent_attempts_of_one_round_release_one_output_for_one_charge(
     for name in deltas[0]:
         np.testing.assert_array_equal(deltas[0][name], deltas[1][name])
     assert [e.kind for e in Ledger.open(site["ledger"]).entries()] == ["charge"]
+
+
+def test_a_node_with_a_key_signs_the_ledger_head_it_sends(tmp_path, server_config, global_state):
+    key = write_key(tmp_path / "node-key")
+    site = {**make_site(tmp_path, "a"), "node-key": str(key)}
+    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    report = SitePrivacyReport.from_dict(from_config(reply.content.config_records[REPORT]))
+    assert report.signed and report.head_entries == 1
+    verify_signature(report.head, (tmp_path / "node-key.pub").read_text())

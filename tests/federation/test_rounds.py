@@ -1,6 +1,7 @@
 """The server's round loop with the real ClientApp handler behind a loopback Grid."""
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -13,11 +14,13 @@ from federation.inprocess import InProcessGrid
 from federation.records import DELTA, from_arrays, to_arrays
 from federation.rounds import run_rounds
 from federation.server_app import evaluate_state, public_eval_set, publish_version
-from federation.strategy import FederatedMetaStrategy
+from federation.strategy import REGISTERED_KEYS, FederatedMetaStrategy
 from models.registry import Registry
 from privacy.ledger import Ledger
+from privacy.ledger_head import check_against_record
+from privacy.site_report import recorded_heads
 
-from .conftest import make_site
+from .conftest import make_site, write_key
 from .test_client_app import context
 
 
@@ -108,3 +111,25 @@ def test_a_restarted_server_resumes_without_charging_a_site_twice(
     assert final.round == 2 and [r["round"] for r in final.history] == [0, 1, 2]
     for site in sites:
         assert [e.round for e in Ledger.open(site["ledger"]).entries()] == [1, 2]
+
+
+def test_the_server_records_each_sites_signed_head_per_round_and_checks_it(
+    tmp_path, server_config, global_state
+):
+    sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("abc")]
+    for site in sites:
+        site["node-key"] = str(write_key(tmp_path / f"{site['site-id']}-key"))
+    keys = server_config.root / REGISTERED_KEYS
+    keys.mkdir(parents=True)
+    shutil.copy(tmp_path / "a-key.pub", keys / "a.pub")  # the operator registered a's key
+    shutil.copy(tmp_path / "b-key.pub", keys / "c.pub")  # ... and someone else's key as c's
+    handlers = {i + 1: node(site) for i, site in enumerate(sites)}
+    final = run(server_config, global_state, InProcessGrid(handlers))
+    assert final.round == 2
+    versions = Registry.open(server_config.root / "registry").entries(kind="global")
+    checks = {s: r["head-check"] for s, r in versions[-1].privacy.items()}
+    assert checks == {"a": "registered-key", "b": "carried-key"}  # c's head does not verify
+    assert any("site 'c'" in p and "does not verify" in p for p in final.history[2]["problems"])
+    heads = recorded_heads(server_config.root / "registry", site="a")
+    assert [(h.round, h.head.entries) for h in heads] == [(1, 1), (2, 2)]
+    assert check_against_record(Ledger.open(sites[0]["ledger"]), heads) == 2
