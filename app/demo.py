@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from federation.errors import DeploymentError
 from federation.deploy.flower_project import RunResult, write_app_project
-from federation.deploy.local_deployment import LocalFederation
-from federation.server_config import ServerConfig
+from federation.deploy.local_deployment import LocalFederation, SiteSpec
 from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
+from federation.errors import DeploymentError
+from federation.server_config import ServerConfig
 from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
 from models.registry import Registry, RegistryEntry
 from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays
@@ -95,17 +95,15 @@ def site_data(workdir: Path, data: Sequence[Path] | None) -> dict[str, Path]:
     }
 
 
-def node_config(workdir: Path, site: str, data: Path, settings: DemoSettings) -> dict[str, Any]:
-    """A hospital's `--node-config`: its data, ledger, registry and cap."""
-    folder = workdir / site
-    return {
-        "site-id": site,
-        "data": str(data),
-        "ledger": str(folder / "ledger.db"),
-        "registry": str(folder / "registry"),
-        "budget-epsilon": settings.budget_epsilon,
-        "budget-delta": settings.budget_delta,
-    }
+def site_spec(workdir: Path, site: str, data: Path, settings: DemoSettings) -> SiteSpec:
+    """What `fedfew node init` is given for a hospital: its data, its cap, and its state folder
+    `WORKDIR/<site>/` (ledger.db, registry/, logs/)."""
+    return SiteSpec(
+        data=data,
+        budget_epsilon=settings.budget_epsilon,
+        budget_delta=settings.budget_delta,
+        state_dir=workdir / site,
+    )
 
 
 def server_config(
@@ -147,11 +145,17 @@ def run_demo(
     config = server_config(workdir, len(sites), settings, eval_data)
     app_dir = workdir / "flower-app"
     write_app_project(app_dir, serverapp=SERVER_APP, clientapp=CLIENT_APP, config=config.to_dict())
-    nodes = {name: node_config(workdir, name, path, settings) for name, path in sites.items()}
-    echo("starting a SuperLink and one SuperNode per hospital on 127.0.0.1 (TLS, node keys)...")
+    specs = {name: site_spec(workdir, name, path, settings) for name, path in sites.items()}
+    echo(
+        "provisioning as the runbook does (`fedfew server init`, `fedfew node init`), then "
+        "starting a SuperLink and one SuperNode per hospital on 127.0.0.1 (TLS, node keys)..."
+    )
     # All hospitals share this machine's cores: one torch thread pool each would oversubscribe.
-    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(nodes)))}
-    with LocalFederation(workdir / "deployment", nodes=nodes, env=threads) as federation:
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(specs)))}
+    deployment = LocalFederation(
+        workdir / "deployment", sites=specs, env=threads, federation=config.federation
+    )
+    with deployment as federation:
         echo(
             f"SuperLink on 127.0.0.1:{federation.port}; nodes registered and connected: "
             + ", ".join(f"{n} (id {i})" for n, i in federation.node_ids.items())
@@ -160,7 +164,10 @@ def run_demo(
         run = _run_with_progress(federation, app_dir, config, settings.timeout, echo)
     run.check()
     registry = Registry.open(config.root / "registry")
-    ledgers = {name: Ledger.open(cfg["ledger"]) for name, cfg in nodes.items()}
+    ledgers = {
+        name: Ledger.open(node_file.node.ledger)
+        for name, node_file in deployment.node_files.items()
+    }
     return DemoResult(
         workdir=workdir,
         run=run,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,46 +20,40 @@ from flwr.common.config import parse_config_args
 
 from federation.deploy.certificates import NODE_PUBLIC_KEY_SUFFIX
 from federation.deploy.deployment_checks import CONNECTION, inspect_data
-from federation.errors import DeploymentError, NodeRefusedError
-from federation.deploy.flower_project import (
-    EXIT_CODE_NODE_REFUSED,
-    STATUS_COMPLETED,
-    flower_exit_code,
-    parse_run_id,
-)
+from federation.deploy.flower_project import STATUS_COMPLETED, flower_exit_code
 from federation.deploy.processes import ManagedProcess
 from federation.deploy.provisioning import (
     DEFAULT_BUDGET_DELTA,
     DEFAULT_NODE_PORT,
-    NodeFile,
     check_node_file,
     init_node,
-    node_env,
-    node_log,
     rotate_node_key,
-    supernode_command,
 )
 from federation.deploy.server_provisioning import (
     DEFAULT_BIND,
     DEFAULT_SUPERLINK_PORT,
     SERVER_FILE,
-    ServerFile,
     check_server_file,
     flwr_json,
     init_server,
     read_server_file,
     renew_server_certificate,
-    run_command,
     run_config_values,
-    run_status,
-    server_env,
-    superlink_command,
-    write_flower_home,
 )
+from federation.deploy.services import (
+    NODE_READY,
+    check_node_exit,
+    follow,
+    release_node,
+    remember_node_id,
+    run_process,
+    superlink_process,
+    supernode_process,
+    wait_run,
+)
+from federation.errors import DeploymentError
 
-NODE_READY = "SuperNode ID:"  # what flower-supernode logs once the SuperLink accepted it
 KEY_PREFIX = "ecdsa-sha2-nistp384 "  # an OpenSSH P-384 public key line
-_POLL_S = 0.2
 
 node_app = typer.Typer(
     help="A hospital node: provision it (config, key, data check), check it, run its SuperNode.",
@@ -143,29 +136,30 @@ def node_check(config: Path = NodeConfigOption) -> None:
 
 @node_app.command("run")
 def node_run(config: Path = NodeConfigOption) -> None:
-    """Check node.toml, then run the SuperNode in the foreground (Ctrl-C stops it)."""
+    """Check node.toml, then run the SuperNode in the foreground (Ctrl-C stops it).
+
+    A restart right after a crash or a stop is accepted at once: the node first releases the
+    activation the SuperLink still holds for it (`release_node`).
+    """
     node_file = check_node_file(config)
-    process = ManagedProcess(
-        supernode_command(node_file),
-        name=f"node {node_file.node.site_id}",
-        log_path=node_log(node_file),
-        env=node_env(node_file),
-        cwd=node_file.state_dir,
-    )
+    if release_node(node_file):
+        typer.echo(f"released node {node_file.node.site_id}'s previous activation on the SuperLink")
+    process = supernode_process(node_file)
     typer.echo(
         f"starting SuperNode {node_file.node.site_id} -> {node_file.connection.superlink} "
         f"(TLS, key {node_file.connection.key}); log {process.log_path}; Ctrl-C stops it"
     )
-    log = _follow(process)
-    code = process.returncode
-    if code == 0:
-        return
-    if flower_exit_code(log) == EXIT_CODE_NODE_REFUSED:
-        raise NodeRefusedError(_refusal_message(node_file))
-    raise DeploymentError(
-        f"flower-supernode exited with status {code} (Flower exit code "
-        f"{flower_exit_code(log)}); see the output above or {process.log_path}"
-    )
+    pending: list[str] = []  # output up to this start's acceptance
+
+    def sink(text: str) -> None:
+        _echo_output(text)
+        if pending is not None and NODE_READY not in "".join(pending):
+            pending.append(text)
+            if NODE_READY in "".join(pending):  # keep its node id for the next restart
+                remember_node_id(node_file, "".join(pending))
+
+    log = _foreground(process, sink=sink)
+    check_node_exit(node_file, process, log)
 
 
 @node_app.command("rotate-key")
@@ -190,19 +184,6 @@ def _echo_registration(site: str, line: str, key: Path) -> None:
         f'  fedfew server register --config {SERVER_FILE} "{line}" --name {site}\n'
         f"or with Flower's CLI (the key saved as {public.name}):\n"
         f"  flwr supernode register {public.name} {CONNECTION} --name {site}"
-    )
-
-
-def _refusal_message(node_file: NodeFile) -> str:
-    connection = node_file.connection
-    site = node_file.node.site_id
-    return (
-        f"the SuperLink {connection.superlink} refused node {site} (Flower exit code 305): "
-        f"its public key {connection.public_key} is not registered. Send that key to the "
-        f"federation operator, who runs `fedfew server register --config {SERVER_FILE} "
-        f"{connection.public_key.name} --name {site}`; then run `fedfew node run` again. "
-        "(If it is registered and this node stopped less than a minute ago, the SuperLink "
-        "still counts it online: wait 60 s and retry.)"
     )
 
 
@@ -236,19 +217,12 @@ def server_init(
 def server_run(config: Path = ServerConfigOption) -> None:
     """Check certificates, then run the SuperLink in the foreground (Ctrl-C stops it)."""
     server = check_server_file(config)
-    write_flower_home(server)
-    process = ManagedProcess(
-        superlink_command(server),
-        name="superlink",
-        log_path=server.log_dir / "superlink.log",
-        env=server_env(server),
-        cwd=server.database.parent,
-    )
+    process = superlink_process(server)
     typer.echo(
         f"starting the SuperLink on {server.bind}:{server.port} (TLS, node authentication, "
         f"database {server.database}); log {process.log_path}; Ctrl-C stops it"
     )
-    log = _follow(process)
+    log = _foreground(process, sink=_echo_output)
     if process.returncode != 0:
         raise DeploymentError(
             f"flower-superlink exited with status {process.returncode} (Flower exit code "
@@ -317,37 +291,23 @@ def server_start_run(
     """Start a federated run (`flwr run --stream`) and report its real final status."""
     server = read_server_file(config)
     values = run_config_values(server, parse_config_args([run_config]) if run_config else None)
-    write_flower_home(server)
-    process = ManagedProcess(
-        run_command(server, values),
-        name="flwr run",
-        log_path=server.log_dir / "flwr-run.log",
-        env=server_env(server),
-        cwd=server.app,
-    )
-    deadline = None if timeout is None else time.monotonic() + timeout
-    log = _follow(process, stop_when=lambda: deadline is not None and time.monotonic() > deadline)
-    run_id = parse_run_id(log)
-    if process.alive:
-        _stop_run(server, process, run_id)
-        raise DeploymentError(f"run {run_id} did not finish within {timeout:g} s and was stopped")
-    if run_id is None:
+    process = run_process(server, values)
+    try:
+        result = wait_run(server, process, timeout=timeout, sink=_echo_output)
+    except KeyboardInterrupt:
+        typer.echo(f"{process.name} stopped", err=True)
+        raise typer.Exit(130) from None
+    if result.run_id is None:
         raise DeploymentError(
-            f"flwr run started no run (exit status {process.returncode}); see the output above"
+            f"flwr run started no run (exit status {result.returncode}); see the output above"
         )
-    status, details = run_status(server, run_id)
-    if status != STATUS_COMPLETED:
+    if result.status != STATUS_COMPLETED:
         raise DeploymentError(
-            f"run {run_id} ended with status {status!r}: {details or 'no details'}; see the "
-            f"output above and {server.log_dir / 'superlink.log'}"
+            f"run {result.run_id} ended with status {result.status!r}: "
+            f"{result.status_details or 'no details'}; see the output above and "
+            f"{server.log_dir / 'superlink.log'}"
         )
-    typer.echo(f"run {run_id} {status}")
-
-
-def _stop_run(server: ServerFile, process: ManagedProcess, run_id: int | None) -> None:
-    process.stop(grace=3.0)
-    if run_id is not None:  # else the ServerApp goes on in the SuperLink
-        flwr_json(server, ["stop", str(run_id), CONNECTION])
+    typer.echo(f"run {result.run_id} {result.status}")
 
 
 def _public_key_file(value: str, folder: Path, name: str) -> Path:
@@ -367,34 +327,15 @@ def _public_key_file(value: str, folder: Path, name: str) -> Path:
 # -- foreground processes -----------------------------------------------------------------------
 
 
-def _follow(process: ManagedProcess, *, stop_when: Callable[[], bool] = lambda: False) -> str:
-    """Start `process`, copy its log to stdout until it exits; Ctrl-C stops it and its children.
+def _echo_output(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
-    Returns:
-        What it logged during this start.
-    """
-    log_path = process.log_path
-    start = log_path.stat().st_size if log_path.exists() else 0
-    process.start()
-    seen: list[bytes] = []
-    with log_path.open("rb") as log:
-        log.seek(start)
-        try:
-            while True:
-                running = process.alive
-                chunk = log.read()
-                if chunk:
-                    seen.append(chunk)
-                    sys.stdout.write(chunk.decode("utf-8", errors="replace"))
-                    sys.stdout.flush()
-                if not running or stop_when():
-                    break
-                time.sleep(_POLL_S)
-        except KeyboardInterrupt:
-            process.stop()
-            typer.echo(f"{process.name} stopped", err=True)
-            raise typer.Exit(130) from None
-        finally:
-            if not process.alive:
-                process.stop()  # the command exited: stop what it left behind
-    return b"".join(seen).decode("utf-8", errors="replace")
+
+def _foreground(process: ManagedProcess, *, sink: Callable[[str], None]) -> str:
+    """`follow` a service in the foreground; Ctrl-C stops it with its children (exit 130)."""
+    try:
+        return follow(process, sink=sink)
+    except KeyboardInterrupt:
+        typer.echo(f"{process.name} stopped", err=True)
+        raise typer.Exit(130) from None

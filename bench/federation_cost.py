@@ -30,13 +30,13 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.demo import DemoSettings, node_config, server_config, site_data
+from app.demo import DemoSettings, server_config, site_data, site_spec
 from bench.common import RESULTS, Progress, write_result
 from federation.checkpoint import load_checkpoint
 from federation.deploy.flower_project import write_app_project
 from federation.deploy.local_deployment import LocalFederation
-from federation.node_config import NodeConfig
 from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
+from federation.node_config import NodeConfig
 
 SETTINGS = {
     "demo (width 32, 10 steps)": {"width": 32, "local_steps": 10},
@@ -62,16 +62,17 @@ def measure(name: str, changes: dict[str, Any], rounds: int, root: Path) -> list
     settings = DemoSettings(rounds=rounds, eval_episodes=20, **changes)
     sites = site_data(root, None)
     config = server_config(root, len(sites), settings, "synthetic")
-    nodes = {site: node_config(root, site, path, settings) for site, path in sites.items()}
+    specs = {site: site_spec(root, site, path, settings) for site, path in sites.items()}
     app_dir = root / "flower-app"
     write_app_project(app_dir, serverapp=SERVER_APP, clientapp=CLIENT_APP, config=config.to_dict())
     threads = {"OMP_NUM_THREADS": "1"}
-    with LocalFederation(root / "deployment", nodes=nodes, env=threads) as federation:
+    deployment = LocalFederation(root / "deployment", sites=specs, env=threads)
+    with deployment as federation:
         run = federation.run(app_dir, timeout=3600).check()
     checkpoint = load_checkpoint(config.root / "checkpoint", federation=config.federation)
     if checkpoint is None:
         raise RuntimeError(f"{name}: no checkpoint after the run")
-    compute = {site: _compute_times(NodeConfig.from_mapping(cfg)) for site, cfg in nodes.items()}
+    compute = {site: _compute_times(f.node) for site, f in deployment.node_files.items()}
     rows = []
     for record in checkpoint.history[1:]:  # round 0 is the initial model
         r = record["round"]

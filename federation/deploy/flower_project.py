@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
+
 from federation.errors import DeploymentError
 
 ConfigValue = bool | int | float | str
@@ -82,34 +84,37 @@ def write_app_project(
     missing = [str(module) for module in modules if not Path(module).is_file()]
     if missing:
         raise ValueError(f"module files do not exist: {', '.join(missing)}")
-    lines = [
-        "[build-system]",
-        'requires = ["setuptools>=69"]',
-        'build-backend = "setuptools.build_meta"',
-        "",
-        "[project]",
-        f"name = {toml_value(name)}",
-        f"version = {toml_value(version)}",
-        'description = "fedfew Flower app"',
-        'license = "Apache-2.0"',
-        "dependencies = []",
-        "",
-        "[tool.flwr.app]",
-        f"publisher = {toml_value(PUBLISHER)}",
-        "",
-        "[tool.flwr.app.components]",
-        f"serverapp = {toml_value(serverapp)}",
-        f"clientapp = {toml_value(clientapp)}",
-        "",
-        "[tool.flwr.app.config]",
-        *(f"{_checked_key(key)} = {toml_value(value)}" for key, value in config.items()),
-    ]
+    for key, value in config.items():
+        _checked_key(key)
+        toml_value(value)  # raises ValueError on a type Flower's config cannot carry
+    project = {
+        "build-system": {
+            "requires": ["setuptools>=69"],
+            "build-backend": "setuptools.build_meta",
+        },
+        "project": {
+            "name": name,
+            "version": version,
+            "description": "fedfew Flower app",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": PUBLISHER,
+                    "components": {"serverapp": serverapp, "clientapp": clientapp},
+                    "config": _nested(config),
+                }
+            }
+        },
+    }
     folder = Path(app_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for module in modules:
         shutil.copyfile(module, folder / Path(module).name)
     pyproject = folder / PYPROJECT_FILE
-    pyproject.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pyproject.write_text(tomli_w.dumps(project), encoding="utf-8")
     return pyproject
 
 
@@ -125,13 +130,11 @@ def toml_value(value: ConfigValue) -> str:
     Raises:
         ValueError: The value is of another type.
     """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)  # repr gives TOML-valid ints and floats, including inf and nan
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid in TOML basic strings
-    raise ValueError(f"value {value!r} of type {type(value).__name__} is not bool/int/float/str")
+    if not isinstance(value, bool | int | float | str):
+        raise ValueError(
+            f"value {value!r} of type {type(value).__name__} is not bool/int/float/str"
+        )
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").strip()
 
 
 def config_args(config: Mapping[str, ConfigValue]) -> str:
@@ -172,6 +175,18 @@ def config_args(config: Mapping[str, ConfigValue]) -> str:
     return " ".join(pairs)
 
 
+def _nested(config: Mapping[str, ConfigValue]) -> dict[str, object]:
+    """Dotted keys (`a.b = 1`) as the nested tables TOML makes of them."""
+    nested: dict[str, object] = {}
+    for key, value in config.items():
+        *parents, leaf = key.split(".")
+        table = nested
+        for part in parents:
+            table = table.setdefault(part, {})  # type: ignore[assignment]
+        table[leaf] = value  # type: ignore[index]
+    return nested
+
+
 def _checked_key(key: str) -> str:
     if not _KEY.match(key):
         raise ValueError(f"config key {key!r} must be letters, digits, '-' or '_' (kebab-case)")
@@ -191,12 +206,16 @@ def flower_config_toml(connection: str, *, address: str, root_certificates: Path
     """
     if not re.fullmatch(r"[A-Za-z0-9_-]+", connection):
         raise ValueError(f"connection={connection!r} must be letters, digits, '-' or '_'")
-    return (
-        "[superlink]\n"
-        f"default = {toml_value(connection)}\n\n"
-        f"[superlink.{connection}]\n"
-        f"address = {toml_value(address)}\n"
-        f"root-certificates = {toml_value(str(Path(root_certificates).absolute()))}\n"
+    return tomli_w.dumps(
+        {
+            "superlink": {
+                "default": connection,
+                connection: {
+                    "address": address,
+                    "root-certificates": str(Path(root_certificates).absolute()),
+                },
+            }
+        }
     )
 
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -43,8 +44,8 @@ from federation.deploy.deployment_checks import (
     relative_path,
     resolve_path,
 )
+from federation.deploy.flower_project import ConfigValue, config_args
 from federation.errors import NodeConfigError, ProvisioningError
-from federation.deploy.flower_project import ConfigValue, config_args, toml_value
 from federation.node import open_ledger
 from federation.node_config import CONFIG_FILE_KEY, NodeConfig
 from models.errors import DataError
@@ -112,18 +113,14 @@ def write_node_file(
         "key": relative_path(connection.key, folder),
         "port": connection.port,
     }
-    lines = [
-        "# Written by `fedfew node init`. [node] is this site's own policy: the ClientApp reads",
-        "# it (budget-epsilon is the site's total privacy cap; the server cannot raise it).",
-        "# [connection] is read by `fedfew node run`; its paths are relative to this folder.",
-        f"[{NODE_TABLE}]",
-        *(f"{key} = {toml_value(value)}" for key, value in node.items()),
-        "",
-        f"[{CONNECTION_TABLE}]",
-        *(f"{key} = {toml_value(value)}" for key, value in connection_values.items()),
-    ]
+    header = (
+        "# Written by `fedfew node init`. [node] is this site's own policy: the ClientApp reads\n"
+        "# it (budget-epsilon is the site's total privacy cap; the server cannot raise it).\n"
+        "# [connection] is read by `fedfew node run`; its paths are relative to this folder.\n"
+    )
+    tables = {NODE_TABLE: dict(node), CONNECTION_TABLE: connection_values}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(header + tomli_w.dumps(tables), encoding="utf-8")
     return path
 
 
@@ -298,6 +295,8 @@ def init_node(
         "state-dir": str(state / REPLIES_DIR),
         "budget-epsilon": float(budget_epsilon),
         "budget-delta": float(budget_delta),
+        # The SuperNode's private key: the ClientApp signs each ledger head with it.
+        "node-key": str(key_path),
     }
     open_ledger(NodeConfig.from_mapping(node_values))  # fixes the cap, or finds it differs
     out.mkdir(parents=True, exist_ok=True)

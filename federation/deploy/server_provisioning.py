@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from cryptography import x509
 
 from federation.deploy.certificates import (
@@ -45,15 +48,14 @@ from federation.deploy.deployment_checks import (
     relative_path,
     resolve_path,
 )
-from federation.errors import CertificateError, DeploymentError, ProvisioningError
 from federation.deploy.flower_project import (
     ConfigValue,
     config_args,
     flower_config_toml,
     parse_cli_json,
-    toml_value,
     write_app_project,
 )
+from federation.errors import CertificateError, DeploymentError, ProvisioningError
 from federation.server_config import ServerConfig
 
 SERVER_FILE = "server.toml"
@@ -144,12 +146,11 @@ def init_server(
     state = Path(state_dir).absolute() if state_dir is not None else out / STATE_DIR
     run = ServerConfig(federation=federation, workdir=str(state / SERVER_WORKDIR)).to_dict()
     write_app_project(out / APP_DIR, serverapp=SERVER_APP, clientapp=CLIENT_APP, config=run)
-    run_lines = [
-        "# The federation's run config (ServerConfig in federation/server_config.py).",
-        "# Edit it, then `fedfew server start-run`; every key is checked before the run starts.",
-        *(f"{key} = {toml_value(value)}" for key, value in run.items()),
-    ]
-    (out / RUN_CONFIG_FILE).write_text("\n".join(run_lines) + "\n", encoding="utf-8")
+    run_header = (
+        "# The federation's run config (ServerConfig in federation/server_config.py).\n"
+        "# Edit it, then `fedfew server start-run`; every key is checked before the run starts.\n"
+    )
+    (out / RUN_CONFIG_FILE).write_text(run_header + tomli_w.dumps(run), encoding="utf-8")
     values: dict[str, Any] = {
         "bind": bind,
         "port": port,
@@ -163,9 +164,8 @@ def init_server(
         "run-config": RUN_CONFIG_FILE,
         "flwr-home": relative_path(state / FLOWER_HOME_DIR, out),  # Flower writes FABs there
     }
-    lines = ["# Written by `fedfew server init`; relative paths are relative to this folder."]
-    lines += [f"[{SERVER_TABLE}]"] + [f"{key} = {_toml(value)}" for key, value in values.items()]
-    config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    header = "# Written by `fedfew server init`; relative paths are relative to this folder.\n"
+    config_path.write_text(header + tomli_w.dumps({SERVER_TABLE: values}), encoding="utf-8")
     server = read_server_file(config_path)
     write_flower_home(server)
     return server
@@ -285,13 +285,21 @@ def write_flower_home(server: ServerFile) -> Path:
     server.flwr_home.mkdir(parents=True, exist_ok=True)
     text = flower_config_toml(CONNECTION, address=server.address, root_certificates=server.ca_cert)
     target = server.flwr_home / "config.toml"
-    target.write_text(text, encoding="utf-8")
+    # Atomic: `flwr` commands started at the same time read it while the next one rewrites it.
+    partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, target)
     return target
 
 
-def server_env(server: ServerFile) -> dict[str, str]:
-    """The environment of the SuperLink and of `flwr` commands for this server."""
-    return flower_env(server.flwr_home)
+def server_env(server: ServerFile, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the SuperLink and of `flwr` commands for this server.
+
+    Args:
+        server: The server file.
+        base: Environment to start from (default: this process's).
+    """
+    return flower_env(server.flwr_home, base)
 
 
 def run_config_values(
@@ -316,9 +324,18 @@ def run_config_values(
     return {key: value for key, value in values.items() if isinstance(value, ConfigValue)}
 
 
-def run_command(server: ServerFile, values: Mapping[str, ConfigValue]) -> list[str]:
-    """The `flwr run <app> fedfew --stream --run-config ...` command line."""
-    command = [flower_program("flwr"), "run", str(server.app), CONNECTION, "--stream"]
+def run_command(
+    server: ServerFile, values: Mapping[str, ConfigValue], *, app: Path | None = None
+) -> list[str]:
+    """The `flwr run <app> fedfew --stream --run-config ...` command line.
+
+    Args:
+        server: The server file.
+        values: The run config to send (none: the app's defaults).
+        app: The Flower app folder (default: the server's `app/`).
+    """
+    folder = server.app if app is None else app
+    command = [flower_program("flwr"), "run", str(folder), CONNECTION, "--stream"]
     return [*command, "--run-config", config_args(values)] if values else command
 
 
@@ -388,9 +405,3 @@ def run_status(server: ServerFile, run_id: int) -> tuple[str, str]:
         raise DeploymentError(f"flwr ls printed no run {run_id}: {output}")
     details = str(runs[0].get("status-details", ""))
     return str(runs[0]["status"]), "" if details == "N/A" else details
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    return toml_value(value)

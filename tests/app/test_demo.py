@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from app.demo import MARKER, DemoSettings, node_config, prepare_workdir, server_config, site_data
+from app.demo import MARKER, DemoSettings, prepare_workdir, server_config, site_data, site_spec
+from federation.deploy.provisioning import init_node
+from federation.deploy.server_provisioning import init_server
 from federation.errors import DeploymentError
-from federation.node_config import NodeConfig
 from models.synthetic import write_synthetic_npz
 
 
@@ -39,8 +40,20 @@ def test_several_given_sets_are_one_hospital_each_and_configs_are_valid(tmp_path
     sites = site_data(tmp_path / "demo", sets)
     assert list(sites.values()) == sets
     settings = DemoSettings()
-    for name, path in sites.items():
-        config = NodeConfig.from_mapping(node_config(tmp_path, name, path, settings))
-        assert config.budget_epsilon == settings.budget_epsilon
+    server = init_server(tmp_path / "server", hosts=["127.0.0.1"], port=9092)
+    for name, path in sites.items():  # provisioned as `fedfew node init` does
+        spec = site_spec(tmp_path / "demo", name, path, settings)
+        node = init_node(
+            tmp_path / "nodes" / name,
+            site=name,
+            data=spec.data,
+            superlink=server.address,
+            ca=server.ca_cert,
+            budget_epsilon=spec.budget_epsilon,
+            budget_delta=spec.budget_delta,
+            state_dir=spec.state_dir,
+        ).node_file.node
+        assert node.budget_epsilon == settings.budget_epsilon and node.data == path
+        assert node.ledger == tmp_path / "demo" / name / "ledger.db"  # where the demo prints it
     server = server_config(tmp_path, len(sites), settings, "synthetic")
     assert server.min_nodes == 2 and server.min_replies == 1

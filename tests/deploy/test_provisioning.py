@@ -15,8 +15,6 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from PIL import Image
 
 from federation.deploy.certificates import make_ca, make_server_certificate
-from federation.errors import CertificateError, NodeConfigError, ProvisioningError
-from federation.node_config import CONFIG_FILE_KEY, NodeConfig
 from federation.deploy.provisioning import (
     check_node_file,
     init_node,
@@ -24,7 +22,6 @@ from federation.deploy.provisioning import (
     rotate_node_key,
     supernode_command,
 )
-from federation.server_config import ServerConfig
 from federation.deploy.server_provisioning import (
     check_server_file,
     init_server,
@@ -33,6 +30,9 @@ from federation.deploy.server_provisioning import (
     run_config_values,
     superlink_command,
 )
+from federation.errors import CertificateError, NodeConfigError, ProvisioningError
+from federation.node_config import CONFIG_FILE_KEY, NodeConfig
+from federation.server_config import ServerConfig
 from models.errors import DataError
 from models.synthetic import write_synthetic_npz
 from privacy.ledger import Ledger
@@ -287,3 +287,12 @@ def _bad_images(root: Path) -> Path:
     folder = _images(root, ("benign", "malignant"))
     (folder / "malignant" / "case-2.png").write_bytes(b"not a png")
     return folder
+
+
+def test_node_init_gives_the_clientapp_the_node_key_and_rotation_keeps_it_valid(tmp_path, ca, data):
+    path = provision(tmp_path, ca, data)
+    node_file = read_node_file(path)
+
+    assert node_file.node.node_key == node_file.connection.key  # signs the ledger heads
+    rotate_node_key(path)
+    assert read_node_file(path).node.node_key.is_file()  # the new key, at the same path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -16,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 RECORD = "echo"
+CONFIG_FILE = "config-file"  # the one --node-config key `fedfew node run` passes
 SITE_ID = "site-id"
 
 serverapp = ServerApp()
@@ -24,8 +26,9 @@ clientapp = ClientApp()
 
 @clientapp.query()
 def answer(message: Message, context: Context) -> Message:
-    """Reply with this node's `site-id` from its node config."""
-    site = str(context.node_config[SITE_ID])
+    """Reply with this node's `site-id` from the node.toml that `fedfew node init` wrote."""
+    path = Path(str(context.node_config[CONFIG_FILE]))
+    site = str(tomllib.loads(path.read_text(encoding="utf-8"))["node"][SITE_ID])
     reply = RecordDict({RECORD: ConfigRecord({SITE_ID: site})})
     return Message(reply, reply_to=message)
 

@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 
 from federation.checkpoint import load_checkpoint
-from federation.deploy.flower_project import EXIT_CODE_NODE_REFUSED, flower_exit_code, write_app_project
-from federation.deploy.local_deployment import LocalFederation
+from federation.deploy.flower_project import (
+    EXIT_CODE_NODE_REFUSED,
+    RunResult,
+    flower_exit_code,
+    write_app_project,
+)
+from federation.deploy.local_deployment import LocalFederation, SiteSpec
 from federation.deploy.processes import group_exists
+from federation.deploy.services import NODE_ID_FILE
 from federation.server_config import ServerConfig
 from models.registry import Registry
 from models.synthetic import write_synthetic_npz
@@ -43,19 +49,17 @@ def tiny_config(workdir: Path, **changes) -> ServerConfig:
     return ServerConfig(**values)
 
 
-def sites(root: Path, caps: dict[str, float]) -> dict[str, dict[str, object]]:
-    nodes = {}
+def sites(root: Path, caps: dict[str, float]) -> dict[str, SiteSpec]:
+    specs = {}
     for i, (site, cap) in enumerate(caps.items()):
         data = write_synthetic_npz(root / site / "data.npz", n_classes=4, per_class=10, seed=i)
-        nodes[site] = {
-            "site-id": site,
-            "data": str(data),
-            "ledger": str(root / site / "ledger.db"),
-            "registry": str(root / site / "registry"),
-            "budget-epsilon": cap,
-            "budget-delta": 1e-5,
-        }
-    return nodes
+        specs[site] = SiteSpec(data=data, budget_epsilon=cap, state_dir=root / site / "state")
+    return specs
+
+
+def ledger(root: Path, site: str) -> Ledger:
+    """The site's ledger where `fedfew node init --state` put it."""
+    return Ledger.open(root / site / "state" / "ledger.db")
 
 
 def app(root: Path, config: ServerConfig) -> Path:
@@ -69,12 +73,12 @@ def app(root: Path, config: ServerConfig) -> Path:
     return folder
 
 
-def charged_rounds(node: dict[str, object]) -> list[int]:
-    return [e.round for e in Ledger.open(str(node["ledger"])).entries() if e.kind == "charge"]
+def charged_rounds(root: Path, site: str) -> list[int]:
+    return [e.round for e in ledger(root, site).entries() if e.kind == "charge"]
 
 
-def deployment(root: Path, nodes) -> LocalFederation:
-    return LocalFederation(root / "deployment", nodes=nodes, env={"OMP_NUM_THREADS": "1"})
+def deployment(root: Path, specs: dict[str, SiteSpec]) -> LocalFederation:
+    return LocalFederation(root / "deployment", sites=specs, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_two_rounds_three_nodes_with_one_out_of_budget_and_an_unregistered_node(tmp_path):
@@ -94,14 +98,13 @@ def test_two_rounds_three_nodes_with_one_out_of_budget_and_an_unregistered_node(
     assert set(versions[1].privacy) == {"hospital-a", "hospital-b", "hospital-c"}
     assert set(versions[2].privacy) == {"hospital-a", "hospital-b"}
     assert any("hospital-c refuses round 2" in p for p in versions[2].info["problems"])
-    assert charged_rounds(nodes["hospital-a"]) == [1, 2]
-    assert charged_rounds(nodes["hospital-c"]) == [1]
-    refusals = [
-        e for e in Ledger.open(str(nodes["hospital-c"]["ledger"])).entries() if e.kind == "refusal"
-    ]
+    assert charged_rounds(tmp_path, "hospital-a") == [1, 2]
+    assert charged_rounds(tmp_path, "hospital-c") == [1]
+    refusals = [e for e in ledger(tmp_path, "hospital-c").entries() if e.kind == "refusal"]
     assert [e.round for e in refusals] == [2]  # quorum met by a and b: no retry
-    for site in nodes.values():  # each node kept the global models it received
-        assert len(Registry.open(str(site["registry"])).entries(kind="global")) >= 1
+    for site in nodes:  # each node kept the global models it received
+        registry = Registry.open(tmp_path / site / "state" / "registry")
+        assert len(registry.entries(kind="global")) >= 1
     for process in processes:  # every process the deployment started is gone
         assert not group_exists(process.pid)
 
@@ -118,7 +121,8 @@ def test_a_node_killed_mid_round_and_a_server_restart_neither_corrupt_nor_double
             target=lambda: runs.append(_run_quietly(federation, folder)), daemon=True
         )
         thread.start()
-        _wait_for(lambda: _clientapp_started(tmp_path / "deployment", "hospital-c"), 240)
+        # Kill it once it has charged its ledger for round 1, before it can reply.
+        _wait_for(lambda: 1 in charged_rounds(tmp_path, "hospital-c"), 240, poll=0.05)
         federation.kill_node("hospital-c")
         _wait_for(lambda: _rounds_done(status) >= 1, 300)
         federation.stop_superlink()
@@ -135,14 +139,50 @@ def test_a_node_killed_mid_round_and_a_server_restart_neither_corrupt_nor_double
     assert final is not None and final.round == 3
     assert [r["round"] for r in final.history] == [0, 1, 2, 3]
     for site in ("hospital-a", "hospital-b"):
-        rounds = charged_rounds(nodes[site])
-        assert rounds == sorted(set(rounds)) and set(rounds) == {1, 2, 3}  # once per round
-    assert set(charged_rounds(nodes["hospital-c"])) <= {1, 2, 3}
-    assert len(charged_rounds(nodes["hospital-c"])) == len(set(charged_rounds(nodes["hospital-c"])))
+        assert charged_rounds(tmp_path, site) == [1, 2, 3]  # once per round
+    # hospital-c was charged for round 1 before it died (that charge stands: nothing is
+    # refunded), then once for each round after its restart.
+    assert charged_rounds(tmp_path, "hospital-c") == [1, 2, 3]
     versions = Registry.open(config.root / "registry").entries(kind="global")
     assert [v.info["round"] for v in versions] == [0, 1, 2, 3]
-    for site in nodes.values():
-        assert Ledger.open(str(site["ledger"])).verify() >= 1
+    assert "hospital-c" not in versions[1].privacy
+    assert set(versions[2].privacy) == set(versions[3].privacy) == set(nodes)
+    for site in nodes:
+        assert ledger(tmp_path, site).verify() >= 1
+
+
+def test_a_node_killed_between_rounds_and_restarted_at_once_is_in_the_next_round(tmp_path):
+    # min-replies = 3: round 2 cannot finish without hospital-b, so the run itself shows that
+    # the restarted node was accepted and answered (a refused restart fails at start_node).
+    nodes = sites(tmp_path, {"hospital-a": 8.0, "hospital-b": 8.0, "hospital-c": 8.0})
+    config = tiny_config(tmp_path, num_rounds=2, min_replies=3, max_retries=2)
+    status = config.root / "status.json"
+    with deployment(tmp_path, nodes) as federation:
+        folder = app(tmp_path, config)
+        runs: list[object] = []
+        thread = threading.Thread(
+            target=lambda: runs.append(_run_quietly(federation, folder)), daemon=True
+        )
+        thread.start()
+        _wait_for(lambda: _rounds_done(status) >= 1, 300, poll=0.05)
+        old_id = federation.node_ids["hospital-b"]
+        federation.kill_node("hospital-b")
+        began = time.monotonic()
+        federation.start_node("hospital-b")  # NodeRefusedError if the SuperLink refused it
+        restart_s = time.monotonic() - began
+        thread.join(timeout=RUN_TIMEOUT)
+    assert runs and isinstance(runs[0], RunResult), runs
+    runs[0].check()
+    assert restart_s < 45, f"restart took {restart_s:.0f} s"
+    assert remembered_node_id(tmp_path, "hospital-b") == old_id  # same registration
+    versions = Registry.open(config.root / "registry").entries(kind="global")
+    assert [v.info["round"] for v in versions] == [0, 1, 2]
+    assert set(versions[2].privacy) == set(nodes)
+    assert charged_rounds(tmp_path, "hospital-b") == [1, 2]
+
+
+def remembered_node_id(root: Path, site: str) -> int:
+    return int((root / site / "state" / NODE_ID_FILE).read_text())
 
 
 def _run_quietly(federation: LocalFederation, folder: Path):
@@ -152,17 +192,12 @@ def _run_quietly(federation: LocalFederation, folder: Path):
         return exc
 
 
-def _wait_for(condition, timeout: float) -> None:
+def _wait_for(condition, timeout: float, *, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
-        time.sleep(0.5)
-
-
-def _clientapp_started(root: Path, node: str) -> bool:
-    log = root / "nodes" / node / "supernode.log"
-    return log.is_file() and "flwr-clientapp" in log.read_text(errors="replace")
+        time.sleep(poll)
 
 
 def _rounds_done(status: Path) -> int:

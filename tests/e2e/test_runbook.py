@@ -151,6 +151,13 @@ def _play(root: Path, started: list[ManagedProcess]) -> None:
     intruder = Ledger.open(root / INTRUDER / "state" / "ledger.db")
     assert not [e for e in intruder.entries() if e.kind == "charge"]
 
+    # A crash and an immediate restart (runbook: "Restarting a node"): accepted at once.
+    nodes[SITES[1]].kill()
+    args = ["node", "run", "--config", str(root / SITES[1] / NODE_FILE)]
+    nodes[SITES[1]] = _tracked(started, start(args, name=f"node-{SITES[1]}-again", root=root))
+    nodes[SITES[1]].wait_for_log("SuperNode ID:", timeout=STARTUP_S)
+    assert f"released node {SITES[1]}'s previous activation" in nodes[SITES[1]].read_log()
+
     # Stop as systemd does (SIGTERM) and as a person does (Ctrl-C): nothing may be left behind.
     for process, sig in ((nodes[SITES[0]], signal.SIGINT), (server, signal.SIGTERM)):
         children = process.descendants()
