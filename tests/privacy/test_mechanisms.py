@@ -1,0 +1,67 @@
+"""The DP mechanism registry: names, sensitivities, configs, errors."""
+
+import pytest
+
+from privacy.dp_config import (
+    EPISODIC_SENSITIVITY,
+    SUPERVISED_SENSITIVITY,
+    DPConfig,
+    DPPretrainConfig,
+)
+from privacy.errors import UnknownMechanismError
+from privacy.mechanisms import (
+    EPISODIC,
+    MECHANISMS,
+    SUPERVISED,
+    Mechanism,
+    describe,
+    get_mechanism,
+    register_mechanism,
+)
+
+
+def test_registry_holds_both_mechanisms_with_their_sensitivities():
+    assert {name: m.sensitivity for name, m in MECHANISMS.items()} == {
+        EPISODIC: EPISODIC_SENSITIVITY,
+        SUPERVISED: SUPERVISED_SENSITIVITY,
+    }
+    assert (EPISODIC_SENSITIVITY, SUPERVISED_SENSITIVITY) == (2.0, 1.0)
+    assert get_mechanism(EPISODIC).accounted_noise_multiplier(3.0) == 1.5
+    assert get_mechanism(SUPERVISED).noise_for(1.5) == 1.5
+
+
+def test_each_mechanism_builds_its_own_config_from_shared_values():
+    values = {"noise_multiplier": 2.0, "max_grad_norm": 0.5, "ways": 4, "expected_patients": 9}
+
+    episodic = get_mechanism(EPISODIC).dp_config(values)
+    supervised = get_mechanism(SUPERVISED).dp_config(values)
+
+    assert episodic == DPConfig(noise_multiplier=2.0, max_grad_norm=0.5, ways=4)
+    assert supervised == DPPretrainConfig(
+        noise_multiplier=2.0, max_grad_norm=0.5, expected_patients=9
+    )
+    with pytest.raises(TypeError, match="takes a DPPretrainConfig"):
+        get_mechanism(SUPERVISED).check_config(episodic)
+
+
+def test_unknown_name_is_a_typed_error_listing_the_registered_ones():
+    with pytest.raises(UnknownMechanismError, match="dp-episodic, dp-supervised"):
+        get_mechanism("dp-magic")
+    assert "not a mechanism of this version" in describe("dp-episodic-protonet-federated")
+    assert "2C" in describe(EPISODIC) and "per-patient" in describe(SUPERVISED)
+
+
+def test_a_name_cannot_be_registered_twice():
+    with pytest.raises(ValueError, match="already registered"):
+        register_mechanism(
+            Mechanism(
+                name=EPISODIC,
+                sensitivity=1.0,
+                config_type=DPConfig,
+                build_trainer=MECHANISMS[EPISODIC].build_trainer,
+                description="an impostor",
+            )
+        )
+    assert MECHANISMS[EPISODIC].sensitivity == 2.0
+    with pytest.raises(TypeError):
+        MECHANISMS[EPISODIC] = MECHANISMS[SUPERVISED]  # type: ignore[index]  # read-only view
