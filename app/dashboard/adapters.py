@@ -9,7 +9,6 @@ adaptation is deterministic, and the registry's versions never change).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -23,37 +22,35 @@ from models.adaptation import AdaptConfig
 from models.errors import RegistryError
 from models.model_dir import LoadedModel
 from models.registry import Registry, RegistryEntry
+from privacy.errors import ReportFormatError
+from privacy.site_report import SitePrivacyReport
 
 ADAPTER_JSON = "adapter.json"
 SUPPORT_FILE = "support.safetensors"
 ADAPTER_FORMAT = 1
 IMAGES_KEY = "images"
 LABELS_KEY = "labels"
-# Keys a site's privacy report may hold its epsilon under: the federation node's report
-# ("epsilon-spent", cumulative for the site), then a single run's report (`fedfew train`).
-EPSILON_KEYS = ("epsilon-spent", "epsilon_spent", "run_epsilon", "epsilon")
 
 
-def version_epsilons(entry: RegistryEntry) -> dict[str, float]:
-    """Each site's epsilon in a version's privacy reports (sites without a number left out)."""
-    found: dict[str, float] = {}
-    for site, report in sorted(entry.privacy.items()):
-        if isinstance(report, dict):
-            for key in EPSILON_KEYS:
-                value = report.get(key)
-                if isinstance(value, int | float) and math.isfinite(value):
-                    found[str(site)] = float(value)
-                    break
-    return found
+def site_reports(entry: RegistryEntry) -> dict[str, SitePrivacyReport]:
+    """Each site's privacy report in a version (the federation's one record type).
+
+    Raises:
+        ReportFormatError: a report is not a :class:`SitePrivacyReport`.
+    """
+    return {str(site): SitePrivacyReport.from_dict(r) for site, r in sorted(entry.privacy.items())}
 
 
 def epsilon_label(entry: RegistryEntry) -> str:
-    """``"ε 2.31 (highest of 3 sites)"``, or that the version carries no privacy report."""
-    epsilons = version_epsilons(entry)
-    if not epsilons:
+    """``"ε 2.31 (highest of 3 sites)"``, or that the version carries no (readable) report."""
+    try:
+        reports = site_reports(entry)
+    except ReportFormatError:
+        return "privacy report unreadable: ask IT to check this version"
+    if not reports:
         return "no privacy report (not trained with differential privacy)"
-    worst = max(epsilons.values())
-    sites = len(epsilons)
+    worst = max(r.epsilon_spent for r in reports.values())
+    sites = len(reports)
     return f"ε {worst:.2f}" + (f" (highest of {sites} sites)" if sites > 1 else f" ({sites} site)")
 
 

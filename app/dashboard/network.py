@@ -15,6 +15,8 @@ from typing import Any
 
 from models.errors import RegistryError
 from models.registry import Registry, RegistryEntry
+from privacy.errors import ReportFormatError
+from privacy.site_report import HeadCheck, SitePrivacyReport
 
 NO_STATUS = "no federation status yet"
 
@@ -70,14 +72,35 @@ def metric_series(entries: list[RegistryEntry]) -> list[dict[str, Any]]:
     return rows
 
 
+UNSIGNED = (
+    "unsigned: the node has no node-key; a rewrite is still detected against the recorded "
+    "head, but the record is not signed by the site"
+)
+HEAD_CHECKS = {
+    HeadCheck.REGISTERED_KEY.value: "signed, verified with the site's registered key",
+    HeadCheck.CARRIED_KEY.value: "signed, verified with the key it carries (none registered)",
+    HeadCheck.UNSIGNED.value: UNSIGNED,
+    HeadCheck.UNCHECKED.value: "not checked by a server",
+}
+
+
 def privacy_rows(entries: list[RegistryEntry]) -> list[dict[str, Any]]:
-    """One row per (version, site) privacy report."""
-    return [
-        {"version": e.id, "name": e.name, "site": site, **flatten(report)}
-        for e in entries
-        for site, report in sorted(e.privacy.items())
-        if isinstance(report, dict)
-    ]
+    """One row per (version, site) privacy report, with what the server found of its ledger
+    head; a report that is not a :class:`SitePrivacyReport` gives a row that says so."""
+    rows: list[dict[str, Any]] = []
+    for e in entries:
+        for site, raw in sorted(e.privacy.items()):
+            try:
+                report = SitePrivacyReport.from_dict(raw)
+            except ReportFormatError as exc:
+                rows.append({"version": e.id, "name": e.name, "site": site, "error": str(exc)})
+                continue
+            values = report.to_dict()
+            for key in ("site-id", "head-public-key", "head-signature"):  # the check says enough
+                values.pop(key)
+            values["head-check"] = HEAD_CHECKS[report.head_check]
+            rows.append({"version": e.id, "name": e.name, "site": report.site, **values})
+    return rows
 
 
 def registry_entries(path: Path) -> list[RegistryEntry]:

@@ -55,5 +55,18 @@ privacy = network.privacy_rows(entries)
 st.subheader("Privacy reports per version")
 if privacy:
     st.dataframe(privacy, hide_index=True, key="federation_privacy")
+    st.caption(
+        "Each reply carries the site's ledger head (head hash, rows, epsilon), signed with the "
+        "node's key; the server keeps them, so `fedfew budget verify --ledger L --against "
+        "<server registry>` detects a ledger that was rebuilt, truncated or rolled back."
+    )
+    unsigned = sorted({r["site"] for r in privacy if r.get("head-check") == network.UNSIGNED})
+    if unsigned:
+        st.warning(
+            f"Unsigned ledger heads from {', '.join(unsigned)}: set `node-key` in the node "
+            "config (the SuperNode's key from `fedfew node init`) so the record is signed."
+        )
+    if any("error" in r for r in privacy):
+        st.error("Some privacy reports are unreadable (see the error column).")
 else:
     st.info("No version carries a privacy report yet.")

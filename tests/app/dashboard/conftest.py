@@ -26,6 +26,7 @@ from models.registry import Registry
 from models.synthetic import synthetic_arrays
 from privacy.errors import BudgetExhaustedError
 from privacy.ledger import ChargeRequest, Ledger
+from privacy.site_report import SitePrivacyReport
 
 
 @pytest.fixture(autouse=True)
@@ -44,10 +45,35 @@ TIMEOUT = 60  # seconds per AppTest run (the first one imports torch and MONAI)
 SIZE = 32
 CLASSES = 3
 PER_CLASS = 10
-# Two sites' reports in the federation node's format (federation/node.py).
+
+
+def site_report(site: str, epsilon: float, *, head_check: str = "unsigned") -> dict:
+    """A site's privacy report as the federation records it (privacy.site_report)."""
+    return SitePrivacyReport(
+        site=site,
+        weight=1.0,
+        round=2,
+        replayed=False,
+        ledger_entry=2,
+        epsilon_round=epsilon / 2,
+        epsilon_spent=epsilon,
+        epsilon_cap=8.0,
+        delta=1e-5,
+        accountant="rdp",
+        mechanism="dp-episodic",
+        noise_multiplier=2.0,
+        sample_rate=0.1,
+        steps=2,
+        head_hash="0" * 64,
+        head_entries=2,
+        head_check=head_check,
+    ).to_dict()
+
+
+# Two sites' reports in the federation's one report format.
 DEFAULT_PRIVACY = {
-    "site-a": {"epsilon-spent": 1.25, "delta": 1e-5},
-    "site-b": {"epsilon-spent": 2.5, "delta": 1e-5},
+    "site-a": site_report("site-a", 1.25, head_check="registered-key"),
+    "site-b": site_report("site-b", 2.5),
 }
 
 

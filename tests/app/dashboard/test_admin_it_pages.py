@@ -97,6 +97,8 @@ def test_federation_page(store, registry, env, make_app, monkeypatch) -> None:
     privacy = at.dataframe[1].value
     assert list(privacy["site"]) == ["site-a", "site-b"]
     assert list(privacy["epsilon-spent"]) == [1.25, 2.5]
+    assert "verified with the site's registered key" in privacy["head-check"][0]
+    assert "Unsigned ledger heads from site-b" in texts(at, "warning")
 
     env["status"].parent.mkdir(parents=True)
     env["status"].write_text(json.dumps({"round": 3, "nodes": [{"id": "a", "last_seen": "now"}]}))

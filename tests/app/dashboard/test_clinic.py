@@ -19,7 +19,7 @@ from models.evaluation import leave_one_out
 from models.guard import GuardConfig
 from models.pipeline import PipelineConfig
 from models.registry import Registry
-from tests.app.dashboard.conftest import SIZE, write_tiny_model
+from tests.app.dashboard.conftest import SIZE, site_report, write_tiny_model
 
 PIPELINE = PipelineConfig(image_size=SIZE)
 
@@ -156,11 +156,15 @@ def test_loading_a_global_version_as_adapter_is_refused(model) -> None:
 
 def test_epsilon_label(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
-    write_tiny_model(registry, privacy={"a": {"run_epsilon": 3.0}, "b": {"other": 1}})
+    write_tiny_model(registry, privacy={"a": site_report("a", 3.0)})
+    write_tiny_model(registry, privacy={"a": site_report("a", 1.0), "b": site_report("b", 2.0)})
     write_tiny_model(registry, privacy={})
-    newest, oldest = adapters.base_models(registry)
-    assert adapters.epsilon_label(oldest) == "ε 3.00 (1 site)"
-    assert "no privacy report" in adapters.epsilon_label(newest)
+    write_tiny_model(registry, privacy={"a": {"epsilon": 3.0}})  # no guessing of other formats
+    unreadable, empty, two, one = adapters.base_models(registry)
+    assert adapters.epsilon_label(one) == "ε 3.00 (1 site)"
+    assert adapters.epsilon_label(two) == "ε 2.00 (highest of 2 sites)"
+    assert "no privacy report" in adapters.epsilon_label(empty)
+    assert "unreadable" in adapters.epsilon_label(unreadable)
 
 
 def test_occlusion_map_finds_the_evidence() -> None:
