@@ -12,9 +12,11 @@ import typer
 
 from models.errors import FedfewError
 from privacy.accounting import worst_epsilon
-from privacy.errors import LedgerTamperedError
+from privacy.errors import LedgerRecordMismatchError, LedgerTamperedError
 from privacy.ledger import KIND_CHARGE, Ledger
+from privacy.ledger_head import check_against_record
 from privacy.report import write_report
+from privacy.site_report import recorded_heads
 
 budget_app = typer.Typer(
     help="A site's privacy budget ledger: its cap, what was spent, and a tamper check.",
@@ -134,14 +136,35 @@ def show(
 
 @budget_app.command("verify")
 @_one_line_errors
-def verify(ledger: Path = LedgerOption) -> None:
-    """Check the hash chain: exit 0 if intact, 1 naming the first bad row otherwise."""
+def verify(
+    ledger: Path = LedgerOption,
+    against: Path | None = typer.Option(
+        None,
+        "--against",
+        help="The server's record of this site's signed ledger heads: the server's registry "
+        "folder or an exported JSON file. Detects a rebuilt, truncated or rolled-back ledger.",
+    ),
+) -> None:
+    """Check the hash chain (and the server's record): exit 0 if intact, 1 with one line if not."""
+    opened = Ledger.open(ledger)
     try:
-        rows = Ledger.open(ledger).verify()
+        rows = opened.verify()
     except LedgerTamperedError as exc:
         typer.echo(tampered_message(exc), err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"ledger intact: {rows} rows")
+    if against is None:
+        typer.echo(f"ledger intact: {rows} rows")
+        return
+    heads = recorded_heads(against, site=opened.site)
+    try:
+        checked = check_against_record(opened, heads)
+    except LedgerRecordMismatchError as exc:
+        typer.echo(f"ledger does not match the server's record: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"ledger intact: {rows} rows; matches the server's record of site {opened.site!r} "
+        f"({checked} heads, up to round {max(h.round for h in heads)})"
+    )
 
 
 @budget_app.command("report")
