@@ -97,7 +97,8 @@ def test_two_rounds_three_nodes_with_one_out_of_budget_and_an_unregistered_node(
     assert [v.info["round"] for v in versions] == [0, 1, 2]
     assert set(versions[1].privacy) == {"hospital-a", "hospital-b", "hospital-c"}
     assert set(versions[2].privacy) == {"hospital-a", "hospital-b"}
-    assert any("hospital-c refuses round 2" in p for p in versions[2].info["problems"])
+    problems = versions[2].info["problems"]
+    assert any("(hospital-c) refused or failed: budget-exhausted" in p for p in problems)
     assert charged_rounds(tmp_path, "hospital-a") == [1, 2]
     assert charged_rounds(tmp_path, "hospital-c") == [1]
     refusals = [e for e in ledger(tmp_path, "hospital-c").entries() if e.kind == "refusal"]
