@@ -41,11 +41,39 @@ def test_trimmed_mean_ignores_one_poisoned_update():
         assert np.abs(out[name]).max() < 10
 
 
-def test_krum_picks_an_honest_update():
-    honest = [{k: v * 0.01 + 1.0 for k, v in d.items()} for d in deltas(4)]
-    poisoned = [*honest, {k: np.full_like(v, 1e3) for k, v in honest[0].items()}]
-    chosen = krum(poisoned, byzantine=1)
-    assert any(all(np.array_equal(chosen[k], h[k]) for k in h) for h in honest)
+def krum_reference(ds: list[dict[str, np.ndarray]], byzantine: int) -> int:
+    """Blanchard et al. 2017, by hand: index of the update with the least summed squared distance
+    to its n - f - 2 nearest others."""
+    flat = [np.concatenate([d[k].ravel() for k in sorted(d)]).astype(np.float64) for d in ds]
+    scores = []
+    for i, x in enumerate(flat):
+        distances = sorted(float(np.sum((x - y) ** 2)) for j, y in enumerate(flat) if j != i)
+        scores.append(sum(distances[: len(ds) - byzantine - 2]))
+    return int(np.argmin(scores))
+
+
+@pytest.mark.parametrize("poisoned_at", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("order_seed", [0, 1])
+def test_krum_picks_the_reference_honest_update_wherever_the_poisoned_one_is(
+    poisoned_at: int, order_seed: int
+):
+    # Honest updates at different distances from their centre, so exactly one is Krum's choice.
+    honest = [
+        {k: v * 0.01 * (1 + i) + 1.0 for k, v in d.items()}
+        for i, d in enumerate(deltas(4, seed=order_seed))
+    ]
+    order = np.random.default_rng(order_seed).permutation(4)
+    updates = [honest[i] for i in order]
+    poison = {k: np.full_like(v, 1e3) for k, v in honest[0].items()}
+    updates.insert(poisoned_at, poison)
+
+    chosen = krum(updates, byzantine=1)
+
+    expected = krum_reference(updates, byzantine=1)
+    assert expected != poisoned_at
+    for k in poison:
+        np.testing.assert_array_equal(chosen[k], updates[expected][k])
+    assert not any(np.array_equal(chosen[k], poison[k]) for k in poison)
 
 
 @pytest.mark.parametrize(
