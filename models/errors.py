@@ -34,3 +34,12 @@ class ChecksumError(FedfewError):
 
 class RegistryError(FedfewError):
     """A model registry or one of its versions is missing or unreadable."""
+
+
+class WeightsError(FedfewError):
+    """A weights file cannot be read, or none of its tensors fits the backbone."""
+
+
+class BatchNormError(FedfewError):
+    """A backbone has BatchNorm layers whose statistics could mix examples (DP and federation
+    need per-example independence: models/freezing.py states the rule)."""

@@ -22,6 +22,7 @@ from models.errors import ModelDirError
 from models.meta import MetaConfig
 from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
+from models.weights import RECORD_KEY, WeightsRecord
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
@@ -73,11 +74,13 @@ def save_model_dir(
     meta: MetaConfig,
     extra: dict[str, Any] | None = None,
     domain_mean: torch.Tensor | None = None,
+    weights: WeightsRecord | None = None,
 ) -> Path:
     """Write a model directory atomically (a crash leaves either the old one or none).
 
     ``domain_mean`` (the mean feature of the modality's images, from ``fedfew adapt-domain``) is
-    kept beside the weights and used for centring at adaptation time.
+    kept beside the weights and used for centring at adaptation time. ``weights`` records the
+    public weights file the backbone started from (name and SHA-256; ``models.weights``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +91,8 @@ def save_model_dir(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
+    if weights is not None:
+        config[RECORD_KEY] = weights.to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS))

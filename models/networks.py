@@ -1,5 +1,6 @@
 """Embedding backbones built from MONAI blocks, GroupNorm only (DP and federation need per-example
-independence, which BatchNorm breaks)."""
+independence, which BatchNorm breaks); public architectures live in models/public_backbones.py and
+frozen parts in models/freezing.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from dataclasses import asdict, dataclass
 import torch
 from monai.networks.blocks import Convolution
 from torch import nn
+
+from models.freezing import PARAMETER_SUBSETS, apply_freezing
+from models.public_backbones import BATCHNORM_BACKBONES, PUBLIC_BACKBONES
+
+NORMS = ("group", "batch")  # "batch" only for public weights with BatchNorm statistics (frozen)
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,8 @@ class BackboneConfig:
     width: int = 64  # Conv-4's customary 64 filters per layer
     image_size: int = 64  # must match PipelineConfig.image_size
     groups: int = 8  # GroupNorm groups: 8 divides every width used here
+    norm: str = "group"  # GroupNorm trains from scratch; "batch" keeps public statistics frozen
+    trainable: str = "all"  # parameter subset that trains (models/freezing.PARAMETER_SUBSETS)
 
     def __post_init__(self) -> None:
         if self.name not in BACKBONES:
@@ -35,6 +43,17 @@ class BackboneConfig:
             )
         if self.image_size < 16:
             raise ValueError(f"BackboneConfig.image_size must be >= 16, got {self.image_size}")
+        batch_ok = self.name in BATCHNORM_BACKBONES
+        if self.norm not in NORMS or (self.norm == "batch" and not batch_ok):
+            raise ValueError(
+                f"BackboneConfig.norm must be one of {NORMS} ('batch' only for "
+                f"{sorted(BATCHNORM_BACKBONES)}), got {self.norm!r} for {self.name!r}"
+            )
+        if self.trainable not in PARAMETER_SUBSETS:
+            raise ValueError(
+                f"BackboneConfig.trainable must be one of {sorted(PARAMETER_SUBSETS)}, "
+                f"got {self.trainable!r}"
+            )
 
     def to_dict(self) -> dict[str, object]:
         """JSON-able form, saved with every model."""
@@ -118,10 +137,11 @@ class ResNet12(nn.Module):
 BackboneBuilder = Callable[[BackboneConfig], nn.Module]
 
 # name -> builder of an embedding network with attribute ``out_features``; a new architecture is
-# one new entry. Every entry uses GroupNorm, never BatchNorm (see the module docstring).
-BACKBONES: dict[str, BackboneBuilder] = {"conv4": Conv4, "resnet12": ResNet12}
+# one new entry. BatchNorm only frozen (models/freezing.py states the rule and checks it).
+BACKBONES: dict[str, BackboneBuilder] = {"conv4": Conv4, "resnet12": ResNet12, **PUBLIC_BACKBONES}
 
 
 def build_backbone(config: BackboneConfig) -> nn.Module:
-    """Build the embedding network named by ``config`` (attribute ``out_features`` is its size)."""
-    return BACKBONES[config.name](config)
+    """Build the embedding network named by ``config`` (attribute ``out_features`` is its size),
+    with the parameters outside ``config.trainable`` frozen."""
+    return apply_freezing(BACKBONES[config.name](config), config)

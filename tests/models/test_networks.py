@@ -11,10 +11,16 @@ def test_backbone_is_dp_compatible_and_embeds(name):
     model = build_backbone(config)
 
     ModuleValidator.validate(model, strict=True)
-    out = model(torch.randn(3, 3, 32, 32))
+    x = torch.randn(3, 3, 32, 32)
+    model.train()
+    out = model(x)
 
     assert out.shape == (3, model.out_features)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    # deterministic in train mode (no dropout or drop-path) and per-example independent: what
+    # per-episode gradients under DP need
+    alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(alone, out, rtol=1e-4, atol=1e-4)
 
 
 def test_embeddings_are_per_example_independent():
