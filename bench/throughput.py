@@ -4,6 +4,10 @@
   episodes, Conv-4 on 64x64 images, on the benchmark device (CUDA when present).
 - Latency: the dashboard path on the CPU with 2 threads (a clinician's 2-core machine): adapt a
   Conv-4 to a 5-way 5-shot support set with prototypes, then predict 20 images; p50/p90.
+- Data path on the CPU: milliseconds per image of the training augmentations (``augment_batch``,
+  256 images of 3x64x64 a batch; ~0.5 ms measured) and seconds to generate the synthetic set of
+  24 classes x 40 images (~1.2 s measured on 2 shared cores). These were wall-clock asserts in
+  the unit tests, where a loaded machine made them flaky; here they are measured and recorded.
 
 Run from the repository root: ``python bench/throughput.py`` (see bench/README.md).
 """
@@ -24,15 +28,18 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.common import RESULTS, Progress, choose_device, set_threads, write_result
 from models.adaptation import AdaptConfig, adapt
+from models.augment import augment_batch
 from models.episodes import EpisodeConfig, sample_episode
 from models.meta import META_LEARNERS, MetaConfig
 from models.networks import BackboneConfig, build_backbone
-from models.synthetic import synthetic_imageset
+from models.synthetic import synthetic_arrays, synthetic_imageset
 from models.training import TrainConfig, meta_train
 
 EPISODE = EpisodeConfig(ways=5, shots=5, queries=10)  # the shape of the design's targets
 PREDICT = 20  # images classified after adaptation in the latency measurement
 LATENCY_THREADS = 2  # a clinician's laptop or small server
+AUGMENT_BATCH = (256, 3, 64, 64)  # a DP meta-batch's images at the default 64 px
+SYNTHETIC_SIZE = (24, 40)  # classes, images per class: the demo's synthetic pool
 
 
 def training_throughput(
@@ -103,6 +110,36 @@ def adaptation_latency(repeats: int, log: Progress) -> dict[str, Any]:
     }
 
 
+def data_path_speed(repeats: int, log: Progress) -> dict[str, Any]:
+    """CPU ms per image of ``augment_batch`` and seconds to generate the synthetic set (median)."""
+    x = torch.rand(*AUGMENT_BATCH)
+    augment_batch(x, seed=0)  # warm-up: the dihedral index table is built once per size
+    augment_s = []
+    for seed in range(repeats):
+        start = time.perf_counter()
+        augment_batch(x, seed=seed)
+        augment_s.append(time.perf_counter() - start)
+    ms_per_image = float(np.median(augment_s)) / AUGMENT_BATCH[0] * 1e3
+    synthetic_s = []
+    for seed in range(3):
+        start = time.perf_counter()
+        synthetic_arrays(n_classes=SYNTHETIC_SIZE[0], per_class=SYNTHETIC_SIZE[1], seed=seed)
+        synthetic_s.append(time.perf_counter() - start)
+    synthetic = float(np.median(synthetic_s))
+    log(
+        f"  augment_batch {ms_per_image:.3f} ms/image; synthetic {SYNTHETIC_SIZE[0]}x"
+        f"{SYNTHETIC_SIZE[1]} images {synthetic:.2f} s"
+    )
+    return {
+        "augment_batch_shape": list(AUGMENT_BATCH),
+        "augment_ms_per_image": ms_per_image,
+        "augment_batch_s": augment_s,
+        "synthetic_classes_per_class": list(SYNTHETIC_SIZE),
+        "synthetic_s": synthetic,
+        "synthetic_runs_s": synthetic_s,
+    }
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     """Throughput bars and the latency distribution, side by side."""
     import matplotlib
@@ -144,7 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     training = [training_throughput(learner, steps, device, log) for learner in args.learners]
     log(f"latency on cpu ({LATENCY_THREADS} threads)")
     latency = adaptation_latency(args.repeats, log)
-    results = {"device": str(device), "training": training, "latency": latency}
+    log(f"data path on cpu ({threads} threads)")
+    data_path = data_path_speed(args.repeats, log)
+    results = {
+        "device": str(device),
+        "training": training,
+        "latency": latency,
+        "data_path": data_path,
+    }
     config = {
         "episode": EPISODE.__dict__,
         "backbone": BackboneConfig().to_dict(),
