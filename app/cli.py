@@ -17,9 +17,10 @@ from app.budget_cli import budget_app
 from app.dashboard_cli import dashboard, users_app
 from app.demo import DemoSettings, run_demo, summary
 from app.deploy_cli import node_app, server_app
-from models.adaptation import AdaptConfig
+from app.model_cli import adapt_domain_command, load_sets, pretrain
+from models.adaptation import ADAPT_MODES, AdaptConfig
 from models.episodes import EpisodeConfig
-from models.errors import DataError, FedfewError
+from models.errors import FedfewError
 from models.evaluation import evaluate as run_evaluation
 from models.imageset import ImageSet
 from models.meta import MetaConfig
@@ -43,15 +44,8 @@ app.add_typer(users_app, name="users")
 app.add_typer(node_app, name="node")
 app.add_typer(server_app, name="server")
 app.command("dashboard")(dashboard)
-
-
-def _load_sets(spec: str, pipeline: PipelineConfig) -> list[ImageSet]:
-    paths = [Path(p) for p in spec.split(",") if p.strip()]
-    if not paths:
-        raise DataError(
-            "--data is empty: give one or more .npz files or manifests, comma-separated"
-        )
-    return [load_dataset(p, pipeline) for p in paths]
+app.command("pretrain")(pretrain)
+app.command("adapt-domain")(adapt_domain_command)
 
 
 def _train_model(
@@ -112,7 +106,7 @@ def train(
         steps=steps, seed=seed, episode=EpisodeConfig(ways=ways, shots=shots, queries=queries)
     )
     site_ledger = Ledger.open(ledger) if ledger is not None else None
-    sets = _load_sets(data, pipeline)
+    sets = load_sets(data, pipeline)
     extra: dict[str, object] = {"train": config.to_dict(), "data": [s.name for s in sets]}
     if site_ledger is not None and epsilon is not None:
         planned, entry = charge_private_run(
@@ -171,7 +165,9 @@ def evaluate(
     shots: int = typer.Option(..., help="Labelled support images per class."),
     queries: int = typer.Option(15, help="Query images per class."),
     episodes: int = typer.Option(600, help="Episodes to average (>= 600 for a publishable CI)."),
-    adapt: str = typer.Option("prototype", help="prototype | finetune | maml"),
+    adapt: str = typer.Option(
+        AdaptConfig.mode, help=f"Adaptation mode: {' | '.join(ADAPT_MODES)}."
+    ),
     seed: int = typer.Option(0, help="Seed of the episode draws."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -189,6 +185,7 @@ def evaluate(
             meta=loaded.meta,
             episodes=episodes,
             seed=seed,
+            domain_mean=loaded.domain_mean,
             on_episode=lambda: bar.update(1),
         )
     if as_json:

@@ -19,8 +19,9 @@ from torch import nn
 from models.augment import augment_batch
 from models.errors import DataError
 from models.imageset import ImageSet
-from models.meta import cross_entropy
-from models.training import optimizer_step
+from models.meta import MetaConfig, cross_entropy
+from models.self_supervised import ContrastiveConfig, contrastive_train
+from models.training import TrainConfig, meta_train, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -115,3 +116,62 @@ def supervised_pretrain(
     finally:
         model.train(was_training)
     return losses
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One pre-training objective of ``fedfew pretrain``: its trainer and default length."""
+
+    train: Callable[..., list[float]]  # (model, sets, *, steps, seed, on_step) -> losses
+    default_steps: int  # about 5 minutes of Conv-4 on 2 cores
+    uses_labels: bool
+    description: str
+
+
+def _supervised(
+    model: nn.Module,
+    sets: Sequence[ImageSet],
+    *,
+    steps: int,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    config = PretrainConfig(steps=steps, seed=seed)
+    return supervised_pretrain(model, sets, config=config, on_step=on_step)
+
+
+def _protonet(
+    model: nn.Module,
+    sets: Sequence[ImageSet],
+    *,
+    steps: int,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    config = TrainConfig(steps=steps, seed=seed)
+    return meta_train(model, sets, config=config, meta=MetaConfig("protonet"), on_step=on_step)
+
+
+def _self_supervised(
+    model: nn.Module,
+    sets: Sequence[ImageSet],
+    *,
+    steps: int,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    images = np.concatenate([s.images for s in sets])  # labels are never read
+    config = ContrastiveConfig(steps=steps, seed=seed)
+    return contrastive_train(model, images, config=config, on_step=on_step)
+
+
+# name -> pre-training objective; a new objective is one new entry.
+PRETRAIN_OBJECTIVES: dict[str, Objective] = {
+    "supervised": Objective(
+        _supervised, 1500, True, "classifier over every class of the sets (Chen et al. 2019)"
+    ),
+    "protonet": Objective(_protonet, 300, True, "episodic ProtoNet meta-training"),
+    "self-supervised": Objective(
+        _self_supervised, 300, False, "SimCLR on the images, labels ignored (Chen et al. 2020)"
+    ),
+}

@@ -1,0 +1,138 @@
+"""``fedfew pretrain`` and ``fedfew adapt-domain``: the operator's public step and a hospital's
+local preparation for a new modality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from tqdm import tqdm
+
+from models.domain import DOMAIN_METHODS, DomainConfig, adapt_domain, domain_record, load_unlabeled
+from models.errors import DataError
+from models.imageset import ImageSet
+from models.meta import MetaConfig
+from models.model_dir import load_model_dir, save_model_dir
+from models.networks import BACKBONES, BackboneConfig, build_backbone
+from models.pipeline import PipelineConfig
+from models.pretraining import PRETRAIN_OBJECTIVES
+from models.readers import load_dataset
+
+
+def load_sets(spec: str, pipeline: PipelineConfig) -> list[ImageSet]:
+    """The sets named by a comma-separated ``--data`` value.
+
+    Raises:
+        DataError: an empty list.
+    """
+    paths = [Path(p) for p in spec.split(",") if p.strip()]
+    if not paths:
+        raise DataError(
+            "--data is empty: give one or more .npz files or manifests, comma-separated"
+        )
+    return [load_dataset(p, pipeline) for p in paths]
+
+
+def pretrain(
+    data: str = typer.Option(..., help="Public sets: .npz files or manifests, comma-separated."),
+    out: Path = typer.Option(..., help="Model directory to write."),
+    objective: str = typer.Option(
+        "supervised", help=f"Pre-training objective: {' | '.join(PRETRAIN_OBJECTIVES)}."
+    ),
+    backbone: str = typer.Option("conv4", help=f"Backbone: {' | '.join(BACKBONES)}."),
+    steps: int | None = typer.Option(None, help="Optimiser steps (default: the objective's)."),
+    seed: int = typer.Option(0, help="Seed for initialisation, batches and augmentation."),
+) -> None:
+    """Pre-train an encoder on public data, without privacy (the federation operator's step).
+
+    The model directory it writes is a starting point for `fedfew train`, `fedfew evaluate`,
+    `fedfew adapt-domain` and the federation. Never run it on patients' data: nothing here is
+    differentially private.
+    """
+    if objective not in PRETRAIN_OBJECTIVES:
+        raise typer.BadParameter(
+            f"unknown objective {objective!r}: use one of {', '.join(PRETRAIN_OBJECTIVES)}"
+        )
+    spec = PRETRAIN_OBJECTIVES[objective]
+    pipeline = PipelineConfig()
+    backbone_config = BackboneConfig(name=backbone, image_size=pipeline.image_size)
+    sets = load_sets(data, pipeline)
+    total = steps or spec.default_steps
+    torch.manual_seed(seed)
+    model = build_backbone(backbone_config)
+    with tqdm(total=total, desc=f"pre-training ({objective})", unit="step") as bar:
+
+        def on_step(_step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        losses = spec.train(model, sets, steps=total, seed=seed, on_step=on_step)
+    extra = {
+        "pretrain": {"objective": objective, "steps": total, "seed": seed},
+        "data": [s.name for s in sets],
+        "private": False,
+        "final_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))),
+    }
+    save_model_dir(
+        out, model, backbone=backbone_config, pipeline=pipeline, meta=MetaConfig(), extra=extra
+    )
+    typer.echo(f"model written to {out} (pre-trained, {objective}, not private)")
+
+
+def adapt_domain_command(
+    model: Path = typer.Option(..., help="Model directory to start from."),
+    unlabeled: Path = typer.Option(
+        ..., help="The modality's unlabelled images: .npz, a folder, or a CSV with a path column."
+    ),
+    out: Path = typer.Option(..., help="Model directory to write (a local model version)."),
+    method: str = typer.Option(
+        DomainConfig.method, help=f"Preparation: {' | '.join(DOMAIN_METHODS)}."
+    ),
+    minutes: float = typer.Option(DomainConfig.minutes, help="Wall-clock budget of training."),
+    seed: int = typer.Option(0, help="Seed of batches and augmentation."),
+) -> None:
+    """Prepare a model for a new modality from this hospital's own unlabelled images.
+
+    Labels in the input are never read. Nothing leaves the hospital and no ledger is charged;
+    the result is a local model version that must pass through a DP mechanism before anything
+    derived from it is shared (docs/privacy.md, "Local domain adaptation").
+    """
+    if method not in DOMAIN_METHODS:
+        raise typer.BadParameter(
+            f"unknown method {method!r}: use one of {', '.join(DOMAIN_METHODS)}"
+        )
+    config = DomainConfig(method=method, minutes=minutes, seed=seed)
+    loaded = load_model_dir(model)
+    images = load_unlabeled(unlabeled, loaded.pipeline)
+    if images.skipped:
+        typer.echo(f"{images.skipped} unreadable images left out", err=True)
+    with tqdm(
+        total=config.steps, desc=f"preparing for the modality ({method})", unit="step"
+    ) as bar:
+
+        def on_step(_step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        result = adapt_domain(loaded.model, images.images, config=config, on_step=on_step)
+    extra = {
+        key: value
+        for key, value in loaded.config.items()
+        if key not in {"backbone", "meta", "code_version", "created"}
+    }
+    extra["domain"] = domain_record(config, images, result)
+    extra["parent"] = {"path": str(model), "code_version": loaded.config.get("code_version")}
+    save_model_dir(
+        out,
+        result.model,
+        backbone=loaded.backbone,
+        pipeline=loaded.pipeline,
+        meta=loaded.meta,
+        extra=extra,
+        domain_mean=result.domain_mean,
+    )
+    typer.echo(
+        f"model written to {out} (prepared on {len(images.images)} unlabelled images, "
+        f"{method}, {result.steps} steps; local only)"
+    )

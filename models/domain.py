@@ -1,0 +1,214 @@
+"""Preparing a model for a new modality from a hospital's own unlabelled images.
+
+Nothing here reads a label, and nothing computed here leaves the hospital: the adapted model and
+its domain statistics are a local model version. Anything derived from it that is to be shared
+must first pass through an accounted DP mechanism (docs/privacy.md, "Local domain adaptation").
+
+Methods (registry ``DOMAIN_METHODS``), measured in ``bench/new_modality.py``:
+
+- ``statistics``: only the domain's mean feature, for centring at adaptation time (SimpleShot);
+- ``contrastive``: SimCLR on the unlabelled images, with feature distillation from the source
+  model so its knowledge is kept (STARTUP, Phoo & Hariharan 2021; Islam et al. 2021), then the
+  domain's mean feature of the adapted encoder;
+- ``contrastive-norm``: the same, training only the normalisation layers' affine parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.adaptation import embed
+from models.errors import DataError
+from models.guard import IMAGE_SUFFIXES, file_suffix
+from models.pipeline import PipelineConfig
+from models.readers import load_files, load_npz
+from models.self_supervised import ContrastiveConfig, contrastive_train
+
+
+@dataclass(frozen=True)
+class UnlabeledImages:
+    """Images of one modality without labels, as the shared pipeline outputs them."""
+
+    images: np.ndarray  # float32 (N, C, S, S)
+    source: str  # what they were read from (kept in the local model record)
+    skipped: int  # unreadable files left out (each reported when loaded)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the pixel arrays: the local record names the exact images used."""
+        return hashlib.sha256(np.ascontiguousarray(self.images).tobytes()).hexdigest()
+
+
+def load_unlabeled(path: str | Path, config: PipelineConfig = PipelineConfig()) -> UnlabeledImages:
+    """Read unlabelled images: an ``.npz`` set, a folder (searched recursively) or a CSV manifest
+    with a ``path`` column. Labels in the file are never read.
+
+    Raises:
+        DataError: nothing readable, or an unknown kind of source.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".npz":
+        data = load_npz(p, config)
+        return UnlabeledImages(images=data.images, source=p.name, skipped=0)
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file() and not f.name.startswith(".") and file_suffix(f) in IMAGE_SUFFIXES
+        )
+    elif p.is_file() and p.suffix.lower() == ".csv":
+        with p.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if "path" not in (reader.fieldnames or ()):
+                raise DataError(f"{p}: a manifest of unlabelled images needs a 'path' column")
+            files = [p.parent / row["path"] for row in reader if row.get("path")]
+    else:
+        raise DataError(f"{p}: give an .npz file, a folder of images or a .csv with a path column")
+    if not files:
+        raise DataError(f"{p}: no image files found")
+    result = load_files(files, config)
+    if not result.paths:
+        raise DataError(f"{p}: none of the {len(files)} images could be loaded")
+    return UnlabeledImages(images=result.images, source=p.name, skipped=len(result.errors))
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """How to prepare a model for a modality (defaults: bench/results/new_modality.json)."""
+
+    method: str = "contrastive"  # the largest measured gain of the three methods
+    minutes: float = 5.0  # wall-clock budget of the training methods (1,000 images, 2 cores)
+    steps: int = 300  # at most this many steps within the budget
+    distill_weight: float = 1.0  # keeps the source's features while learning the modality's
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in DOMAIN_METHODS:
+            raise ValueError(
+                f"DomainConfig.method must be one of {sorted(DOMAIN_METHODS)}, got {self.method!r}"
+            )
+        if not self.minutes > 0 or self.steps < 1 or self.distill_weight < 0:
+            raise ValueError(
+                "DomainConfig.minutes must be > 0, steps >= 1 and distill_weight >= 0, got "
+                f"{self.minutes}, {self.steps}, {self.distill_weight}"
+            )
+
+    def contrastive(self) -> ContrastiveConfig:
+        """The contrastive schedule of the training methods."""
+        return ContrastiveConfig(
+            steps=self.steps,
+            distill_weight=self.distill_weight,
+            seed=self.seed,
+            max_seconds=60.0 * self.minutes,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form, saved with the adapted model."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DomainResult:
+    """The adapted encoder (a copy; the source is untouched) and the domain's mean feature."""
+
+    model: nn.Module
+    domain_mean: torch.Tensor
+    steps: int  # training steps taken (0 for ``statistics``)
+
+
+StepFn = Callable[[int, float], None]
+
+
+def adapt_domain(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    config: DomainConfig | None = None,
+    on_step: StepFn | None = None,
+) -> DomainResult:
+    """Prepare a copy of ``model`` for the modality of ``images`` (unlabelled); ``config``
+    defaults to ``DomainConfig()``.
+
+    Raises:
+        DataError: fewer than two images.
+        FloatingPointError: training diverged.
+    """
+    if len(images) < 2:
+        raise DataError(f"domain adaptation needs >= 2 unlabelled images, got {len(images)}")
+    config = config or DomainConfig()
+    work = copy.deepcopy(model)
+    steps = DOMAIN_METHODS[config.method](work, images, config, on_step)
+    work.eval()
+    mean = embed(work, torch.from_numpy(images)).mean(0)
+    return DomainResult(model=work, domain_mean=mean, steps=steps)
+
+
+def _statistics(
+    model: nn.Module, images: np.ndarray, config: DomainConfig, on_step: StepFn | None
+) -> int:
+    return 0
+
+
+def _contrastive(
+    model: nn.Module, images: np.ndarray, config: DomainConfig, on_step: StepFn | None
+) -> int:
+    return len(contrastive_train(model, images, config=config.contrastive(), on_step=on_step))
+
+
+def _contrastive_norm(
+    model: nn.Module, images: np.ndarray, config: DomainConfig, on_step: StepFn | None
+) -> int:
+    norms = [
+        p
+        for m in model.modules()
+        if isinstance(m, nn.GroupNorm | nn.LayerNorm | nn.BatchNorm2d)
+        for p in m.parameters(recurse=False)
+    ]
+    if not norms:
+        raise DataError("contrastive-norm needs a backbone with normalisation layers")
+    keep = {id(p) for p in norms}
+    frozen = [p for p in model.parameters() if id(p) not in keep and p.requires_grad]
+    for p in frozen:  # no gradient work for what is not trained
+        p.requires_grad_(False)
+    try:
+        losses = contrastive_train(
+            model, images, config=config.contrastive(), parameters=norms, on_step=on_step
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return len(losses)
+
+
+DomainMethod = Callable[[nn.Module, np.ndarray, DomainConfig, StepFn | None], int]
+
+# name -> method, trains ``model`` in place and returns the steps taken; one entry per method.
+DOMAIN_METHODS: dict[str, DomainMethod] = {
+    "statistics": _statistics,
+    "contrastive": _contrastive,
+    "contrastive-norm": _contrastive_norm,
+}
+
+
+def domain_record(
+    config: DomainConfig, unlabeled: UnlabeledImages, result: DomainResult
+) -> dict[str, object]:
+    """What the local model version records about its preparation (kept at the hospital)."""
+    return {
+        **dataclasses.asdict(config),
+        "steps_taken": result.steps,
+        "images": len(unlabeled.images),
+        "images_sha256": unlabeled.digest,
+        "source": unlabeled.source,
+        "local_only": True,  # derived from unprotected local data: never shared without DP
+    }
