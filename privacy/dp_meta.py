@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from models.augment import augment_batch
+from models.freezing import frozen_parameters, trainable_parameters
 from models.imageset import ImageSet
 from models.meta import EpisodeBatch, MetaConfig, MetaLearner, Params, split_params
 from privacy.dp_config import EPISODIC_SENSITIVITY, DPConfig
@@ -165,10 +166,16 @@ class DPMetaTrainer:
         augment_seed = augment_seed_of(key) if self.augment else None
         packed = pack(self.data, self.draw(key), self.dp, augment_seed=augment_seed)
         packed = EpisodeBatch(*(t.to(device) for t in packed if t is not None))
-        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        # Only trainable parameters are differentiated, clipped and noised (models/freezing.py);
+        # frozen ones enter the loss as constants beside the buffers.
+        trainable = trainable_parameters(self.model)
+        params = {k: v.detach() for k, v in trainable.items()}
         _, buffers = split_params(self.model)
-        grads = per_episode_grads(self.model, self.learner, params, buffers, packed, self.dp.ways)
-        for name, p in self.model.named_parameters():
+        frozen = {k: v.detach() for k, v in frozen_parameters(self.model).items()}
+        grads = per_episode_grads(
+            self.model, self.learner, params, {**buffers, **frozen}, packed, self.dp.ways
+        )
+        for name, p in trainable.items():
             p.grad_sample = grads[name]  # type: ignore[attr-defined]  # Opacus reads it
         self.optimizer.step()
         self.optimizer.zero_grad()

@@ -57,8 +57,9 @@ def per_patient_grads(
     *,
     chunk: int,
 ) -> dict[str, torch.Tensor]:
-    """Per-record gradients (``vmap(grad)``) summed per patient: ``{name: (patients, *shape)}``."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    """Per-record gradients (``vmap(grad)``) summed per patient: ``{name: (patients, *shape)}``,
+    for the trainable parameters only (frozen ones stay the module's own, as constants)."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
     def loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
@@ -127,7 +128,8 @@ class DPPretrainer:
         x, y, owner, n = self.clipped_inputs(key)
         grads = per_patient_grads(self.model, x, y, owner, n, chunk=self.dp.chunk)
         for name, p in self.model.named_parameters():
-            p.grad_sample = grads[name]  # type: ignore[attr-defined]  # Opacus reads it
+            if p.requires_grad:  # frozen parameters are neither differentiated nor noised
+                p.grad_sample = grads[name]  # type: ignore[attr-defined]  # Opacus reads it
         self.optimizer.step()
         self.optimizer.zero_grad()
 
