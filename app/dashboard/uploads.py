@@ -163,3 +163,62 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
     picture = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
     picture = picture[0] if picture.shape[0] == 1 else np.moveaxis(picture, 0, -1)
     return np.round(picture * 255).astype(np.uint8)
+
+
+def _identity(upload: Upload) -> tuple[str, str]:
+    return upload.name, hashlib.sha256(upload.data).hexdigest()
+
+
+def _unique(uploads: Sequence[Upload]) -> list[Upload]:
+    """First occurrence of each (name, content), in order."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for upload in uploads:
+        if _identity(upload) not in seen:
+            seen.add(_identity(upload))
+            out.append(upload)
+    return out
+
+
+@dataclass
+class CaseShelf:
+    """The uploads of each slot (one file uploader per class), kept beyond the uploader's life.
+
+    Streamlit forgets a file uploader's files when its page is not rendered (a switch to another
+    page), and the browser cannot be asked to fill it again. So every run records what the slot's
+    uploader holds; when a slot's uploader comes back empty after it was reset, what it held is
+    moved to ``kept``, and the slot's cases are the kept uploads plus the uploader's current ones.
+    Uploads are kept as bytes, decoded through :func:`load_uploads` with the current base model's
+    pipeline, so a change of base model prepares them again.
+    """
+
+    kept: dict[str, list[Upload]] = field(default_factory=dict)  # from earlier uploaders
+    shown: dict[str, list[Upload]] = field(default_factory=dict)  # in the uploader last run
+
+    def uploads(
+        self, slot: str, current: Sequence[Upload], *, uploader_reset: bool
+    ) -> list[Upload]:
+        """The slot's uploads this run: kept ones first, then the uploader's (no duplicates).
+
+        Args:
+            slot: the uploader's key.
+            current: the files the uploader holds in this run.
+            uploader_reset: the uploader had no state at the start of this run (first render,
+                or rendered again after a page switch).
+        """
+        if uploader_reset:
+            self.kept[slot] = _unique([*self.kept.get(slot, []), *self.shown.pop(slot, [])])
+        self.shown[slot] = list(current)
+        return _unique([*self.kept.get(slot, []), *current])
+
+    def kept_count(self, slot: str) -> int:
+        """Uploads of ``slot`` kept from an earlier uploader."""
+        return len(self.kept.get(slot, []))
+
+    def clear(self, slot: str | None = None) -> None:
+        """Forget the kept uploads of ``slot``, or everything (kept and last seen) when None."""
+        if slot is None:
+            self.kept.clear()
+            self.shown.clear()
+        else:
+            self.kept.pop(slot, None)

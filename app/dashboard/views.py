@@ -12,7 +12,14 @@ import streamlit as st
 
 from app.dashboard import clinic
 from app.dashboard.settings import MAX_UPLOAD_MB
-from app.dashboard.uploads import ACCEPTED_SUFFIXES, LoadedCases, Upload, load_uploads, thumbnail
+from app.dashboard.uploads import (
+    ACCEPTED_SUFFIXES,
+    CaseShelf,
+    LoadedCases,
+    Upload,
+    load_uploads,
+    thumbnail,
+)
 from models.errors import UnreadableImageError
 from models.model_dir import LoadedModel
 from models.pipeline import PipelineConfig
@@ -20,6 +27,7 @@ from models.registry import Registry
 
 # Session-state keys of the clinician pages (widget keys are the pages' own, prefixed alike).
 CASE_CACHE_KEY = "clinic_case_cache"  # decoded uploads by content hash
+CASE_SHELF_KEY = "clinic_case_shelf"  # uploads kept across page switches (uploads.CaseShelf)
 ADAPTATION_KEY = "clinic_adaptation"  # the adaptation made on the adapt page (unsaved or saved)
 ADAPTER_CACHE_KEY = "clinic_adapter_cache"  # saved adapters rebuilt for the classify page
 GALLERY_COLUMNS = 8
@@ -41,6 +49,47 @@ def uploaded_cases(files: Sequence[Any] | None, pipeline: PipelineConfig) -> Loa
     cache = st.session_state.setdefault(CASE_CACHE_KEY, {})
     uploads = [Upload(name=f.name, data=f.getvalue()) for f in files or []]
     return load_uploads(uploads, pipeline=pipeline, cache=cache)
+
+
+def case_shelf() -> CaseShelf:
+    """This session's uploads kept across page switches."""
+    shelf: CaseShelf = st.session_state.setdefault(CASE_SHELF_KEY, CaseShelf())
+    return shelf
+
+
+def case_uploader(label: str, *, key: str, pipeline: PipelineConfig) -> LoadedCases:
+    """A file uploader whose cases survive page switches: it shows the cases kept from before
+    (with a button to clear them), the file errors and a gallery; returns every readable case."""
+    shelf = case_shelf()
+    reset = key not in st.session_state  # no widget state: first render or back from a page
+    files = st.file_uploader(
+        label,
+        accept_multiple_files=True,
+        key=key,
+        max_upload_size=MAX_UPLOAD_MB,
+        help=UPLOAD_HELP,
+    )
+    current = [Upload(name=f.name, data=f.getvalue()) for f in files or []]
+    uploads = shelf.uploads(key, current, uploader_reset=reset)
+    loaded = load_uploads(
+        uploads, pipeline=pipeline, cache=st.session_state.setdefault(CASE_CACHE_KEY, {})
+    )
+    kept = shelf.kept_count(key)
+    if kept:
+        left, right = st.columns([4, 1], vertical_alignment="center")
+        left.caption(f"{kept} case(s) kept from earlier in this session, shown below.")
+        right.button("Clear kept cases", key=f"{key}_clear", on_click=shelf.clear, args=(key,))
+    file_errors(loaded.errors)
+    gallery([c.image for c in loaded.cases], loaded.names)
+    return loaded
+
+
+def clear_cases(*widget_keys: str) -> None:
+    """Start over (a button's callback): forget every kept upload and empty the given text
+    widgets (class names, condition), which also removes the class uploaders."""
+    case_shelf().clear()
+    for key in widget_keys:
+        st.session_state[key] = ""
 
 
 def file_errors(errors: Sequence[UnreadableImageError]) -> None:

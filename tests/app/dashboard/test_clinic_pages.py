@@ -152,3 +152,44 @@ def test_no_registry_tells_how_to_get_a_model(env, store, make_app) -> None:
     at.switch_page("screens/classify.py").run()
     assert not at.exception
     assert "No adapter yet" in texts(at, "info")
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c for image in at.image for c in image.captions]
+
+
+def test_cases_survive_a_page_switch_until_cleared(registry, make_app, case_images) -> None:
+    at, classes = adapt_page_with_cases(make_app, case_images, shots=2)
+    at.text_input(key="adapt_condition").input("lesions").run()
+    shown = captions(at)
+    assert len(shown) == 2 * len(classes)
+
+    at.switch_page("screens/classify.py").run()
+    at.switch_page("screens/adapt.py").run()
+    assert not at.exception
+    assert at.text_area(key="adapt_classes").value == "\n".join(classes)
+    assert at.text_input(key="adapt_condition").value == "lesions"
+    assert captions(at) == shown  # decoded again from the kept uploads, in the same order
+    assert "2 case(s) kept from earlier" in texts(at, "caption")
+    at.button(key="adapt_run").click().run()
+    assert not at.exception
+    assert at.session_state[ADAPTATION_KEY].support.names == tuple(shown)
+
+    # A new file joins the kept ones; the same file again is not counted twice.
+    first = classes[0]
+    again = [(f"{first}_0.png", case_images[first][0]), ("extra.png", case_images[first][5])]
+    upload(at, "adapt_files_0", again)
+    assert captions(at)[:3] == [f"{first}_0.png", f"{first}_1.png", "extra.png"]
+
+    at.button(key="adapt_files_1_clear").click().run()  # the second class's kept cases only
+    assert not any(c.startswith(f"{classes[1]}_") for c in captions(at))
+    assert f"{classes[2]}_0.png" in captions(at)
+
+    at.button(key="adapt_clear").click().run()  # start over
+    assert not at.exception
+    assert at.text_area(key="adapt_classes").value == ""
+    assert captions(at) == []
+    at.switch_page("screens/classify.py").run()
+    at.switch_page("screens/adapt.py").run()
+    named_classes(at, classes)
+    assert captions(at) == []  # nothing comes back after starting over
