@@ -22,7 +22,12 @@ from typing import Any
 from models.errors import RegistryError
 from models.model_dir import LoadedModel, code_version, load_model_dir
 
-KINDS = ("global", "adapter")
+KIND_GLOBAL = "global"  # a federation round's model, as the server published it
+KIND_ADAPTER = "adapter"  # a clinician's support set for one condition (stays at the hospital)
+# A hospital's own preparation of a version for a modality (unlabelled local images, no DP):
+# it stays in the node's registry and is never offered to the federation.
+KIND_LOCAL = "local"
+KINDS = (KIND_GLOBAL, KIND_ADAPTER, KIND_LOCAL)
 INDEX = "registry.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -175,7 +180,8 @@ class Registry:
         return found[-1]
 
     def load_model(self, version: int) -> LoadedModel:
-        """Load a global model version as a ready backbone."""
+        """Load a global or local model version as a ready backbone (with its domain mean when
+        the version was prepared for a modality)."""
         return load_model_dir(self.get(version).path)
 
     def _entry(self, row: sqlite3.Row) -> RegistryEntry:

@@ -21,7 +21,7 @@ from app.dashboard.errors import CaseError
 from models.adaptation import AdaptConfig
 from models.errors import RegistryError
 from models.model_dir import LoadedModel
-from models.registry import Registry, RegistryEntry
+from models.registry import KIND_GLOBAL, KIND_LOCAL, Registry, RegistryEntry
 from privacy.errors import ReportFormatError
 from privacy.site_report import SitePrivacyReport
 
@@ -54,13 +54,16 @@ def epsilon_label(entry: RegistryEntry) -> str:
     return f"ε {worst:.2f}" + (f" (highest of {sites} sites)" if sites > 1 else f" ({sites} site)")
 
 
-def base_models(registry: Path) -> list[RegistryEntry]:
-    """Global model versions of the registry, newest first.
+def base_models(registry: Path, *, local: bool = True) -> list[RegistryEntry]:
+    """Model versions to adapt from, newest first: the federation's global versions and, unless
+    ``local`` is false, this hospital's local versions prepared for a modality.
 
     Raises:
         RegistryError: no registry at ``registry``.
     """
-    return list(reversed(Registry.open(registry).entries(kind="global")))
+    kinds = (KIND_GLOBAL, KIND_LOCAL) if local else (KIND_GLOBAL,)
+    found = [e for e in Registry.open(registry).entries() if e.kind in kinds]
+    return list(reversed(found))
 
 
 def saved_adapters(registry: Path) -> list[RegistryEntry]:

@@ -36,3 +36,8 @@ class AccountError(DashboardError):
 
 class CaseError(DashboardError):
     """The cases given for adaptation or classification cannot be used as they are."""
+
+
+class SourceError(DashboardError):
+    """The unlabelled studies named for preparing a model (folder, CSV manifest, npz) cannot be
+    used: missing, outside the allowed folders, or of an unknown kind."""

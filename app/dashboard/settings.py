@@ -18,6 +18,9 @@ ENV_USERS_DB = "FEDFEW_USERS_DB"  # the dashboard's SQLite database of local acc
 ENV_FEDERATION_STATUS = "FEDFEW_FEDERATION_STATUS"  # JSON written by the federation, optional
 ENV_SUPERLINK = "FEDFEW_SUPERLINK"  # host:port of the Flower SuperLink, optional
 ENV_SESSION_HOURS = "FEDFEW_SESSION_HOURS"  # login lifetime
+# Folders the "Prepare for a new modality" page may read unlabelled studies from (os.pathsep or
+# commas); unset: any folder the dashboard's account can read.
+ENV_DATA_ROOTS = "FEDFEW_DATA_ROOTS"
 ENV_VARS = (
     ENV_HOME,
     ENV_REGISTRY,
@@ -26,6 +29,7 @@ ENV_VARS = (
     ENV_FEDERATION_STATUS,
     ENV_SUPERLINK,
     ENV_SESSION_HOURS,
+    ENV_DATA_ROOTS,
 )
 
 # A clinical shift: long enough not to interrupt work, short enough that a left-open browser
@@ -46,6 +50,7 @@ class DashboardSettings:
     federation_status: Path | None
     superlink: tuple[str, int] | None
     session_hours: float = DEFAULT_SESSION_HOURS
+    data_roots: tuple[Path, ...] = ()  # empty: no restriction
 
     def __post_init__(self) -> None:
         if not self.session_hours > 0:
@@ -99,4 +104,5 @@ def load_settings(environ: dict[str, str] | None = None) -> DashboardSettings:
         federation_status=Path(status).expanduser() if status else None,
         superlink=parse_superlink(superlink) if superlink else None,
         session_hours=hours,
+        data_roots=parse_ledgers(env.get(ENV_DATA_ROOTS, "")),
     )

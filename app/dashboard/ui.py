@@ -5,7 +5,7 @@ settings and messages. Session-state keys are defined here, once.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,14 +29,19 @@ NOTICE_KEY = "fedfew_notice"  # a message to show once on the next page (e.g. "s
 OIDC_SECTION = "fedfew_oidc"  # secrets: role_claim = "groups", [fedfew_oidc.roles] value = role
 OIDC_DEFAULT_CLAIM = "roles"
 
+# Preparing for a modality: a clinician who brings a new kind of study, or IT who points the
+# node at a hospital archive folder.
+PREPARE_PAGE = ("prepare.py", "Prepare for a new modality", ":material/model_training:")
+PREPARE_ROLES = (ROLE_CLINICIAN, ROLE_IT)
 # (file in screens/, title, icon) per role; a user sees the union of the pages of their roles.
 ROLE_PAGES: dict[str, tuple[tuple[str, str, str], ...]] = {
     ROLE_CLINICIAN: (
         ("adapt.py", "Adapt to a new condition", ":material/biotech:"),
         ("classify.py", "Classify cases", ":material/radiology:"),
+        PREPARE_PAGE,
     ),
     ROLE_ADMIN: (("privacy.py", "Privacy budgets", ":material/shield_lock:"),),
-    ROLE_IT: (("federation.py", "Federation", ":material/hub:"),),
+    ROLE_IT: (("federation.py", "Federation", ":material/hub:"), PREPARE_PAGE),
 }
 ACCOUNT_PAGE = ("account.py", "Account", ":material/person:")
 LOGIN_PAGE = ("login.py", "Log in", ":material/login:")
@@ -117,6 +122,11 @@ def show_notice() -> None:
         st.info(notice)
 
 
+def role_pages(roles: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The pages of ``roles`` in role order; a page shared by several roles appears once."""
+    return list(dict.fromkeys(spec for role in roles for spec in ROLE_PAGES.get(role, ())))
+
+
 def navigation_pages(session: Session | None) -> list[Any]:
     """The pages this session may open (only the login page when logged out)."""
 
@@ -126,21 +136,25 @@ def navigation_pages(session: Session | None) -> list[Any]:
 
     if session is None:
         return [page(LOGIN_PAGE, default=True)]
-    specs = [spec for role in session.roles for spec in ROLE_PAGES.get(role, ())]
+    specs = role_pages(session.roles)
     pages = [page(spec, default=i == 0) for i, spec in enumerate(specs)]
     return [*pages, page(ACCOUNT_PAGE, default=not pages)]
 
 
-def require_role(role: str) -> Session:
-    """The session, if it holds ``role``; otherwise the page stops with a message.
+def require_role(role: str, *others: str) -> Session:
+    """The session, if it holds ``role`` (or one of ``others``); otherwise the page stops with a
+    message.
 
     Navigation already hides pages a role may not open; this also guards a page opened directly.
     """
     session: Session | None = st.session_state.get(SESSION_KEY)
     if session is None or session.expired():
         stop_with_error("Log in to open this page.")
-    if role not in session.roles:
-        stop_with_error(f"This page is for the {role} role; your account does not have it.")
+    allowed = (role, *others)
+    if not set(allowed) & set(session.roles):
+        stop_with_error(
+            f"This page is for the {' or '.join(allowed)} role; your account does not have it."
+        )
     return session
 
 

@@ -2,19 +2,29 @@
 
 import streamlit as st
 
-from app.dashboard import adapters, clinic, ui, views
+from app.dashboard import adapters, clinic, domain_prep, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.errors import CaseError
-from app.dashboard.settings import MAX_UPLOAD_MB
 from app.dashboard.uploads import resize_note
 from models.adaptation import ADAPT_MODES
 from models.errors import FedfewError, RegistryError
 
 MODE_HELP = {
     "prototype": "prototype: instant; the most robust choice",
+    "linear": "linear: under a second; can separate classes that prototypes mix up",
     "finetune": "finetune: a few seconds; can help when the cases look unlike the training data",
     "maml": "maml: for base models meta-trained with MAML",
 }
+# Widgets whose values the clinician would not want to type again after visiting another page.
+PERSIST = "session"
+CLASSES_KEY = "adapt_classes"
+CONDITION_KEY = "adapt_condition"
+
+
+def mode_help(mode: str) -> str:
+    """Plain words for a mode (the registry's description for a mode new to this page)."""
+    return MODE_HELP.get(mode, f"{mode}: {ADAPT_MODES[mode].description}")
+
 
 session = ui.require_role(ROLE_CLINICIAN)
 config = ui.settings()
@@ -37,21 +47,35 @@ by_id = {e.id: e for e in models}
 base_id = st.selectbox(
     "Base model",
     list(by_id),
-    format_func=lambda v: f"{by_id[v].label} · {adapters.epsilon_label(by_id[v])}",
+    format_func=lambda v: domain_prep.version_label(by_id[v]),
     key="adapt_base",
+    persist_state=PERSIST,
     help="Versions of the federated model on this machine, newest first, with the privacy "
-    "budget (epsilon) the sites spent on it.",
+    "budget (epsilon) the sites spent on it, and this hospital's local versions prepared for a "
+    "modality (page 'Prepare for a new modality').",
 )
 try:
     model = views.base_model(str(config.registry), base_id)
 except FedfewError as exc:
     ui.stop_with_error(exc)
+mode = st.radio(
+    "Adaptation",
+    ADAPT_MODES,
+    format_func=mode_help,
+    key="adapt_mode",
+    horizontal=True,
+    persist_state=PERSIST,
+)
+st.info(domain_prep.base_model_note(by_id[base_id], domain_mean=model.domain_mean, mode=mode))
 
-condition = st.text_input("Condition", key="adapt_condition", placeholder="e.g. pneumothorax")
+condition = st.text_input(
+    "Condition", key=CONDITION_KEY, placeholder="e.g. pneumothorax", persist_state=PERSIST
+)
 class_text = st.text_area(
     "Classes, one per line",
-    key="adapt_classes",
+    key=CLASSES_KEY,
     placeholder="normal\nsmall pneumothorax\nlarge pneumothorax",
+    persist_state=PERSIST,
 )
 classes = [line.strip() for line in class_text.splitlines() if line.strip()]
 if len(classes) < clinic.MIN_CLASSES:
@@ -60,27 +84,23 @@ if len(classes) < clinic.MIN_CLASSES:
         "appearance and the finding)."
     )
 
-cases = []
-for i, name in enumerate(classes):
-    files = st.file_uploader(
-        f"Cases of **{name}**",
-        accept_multiple_files=True,
-        key=f"adapt_files_{i}",
-        max_upload_size=MAX_UPLOAD_MB,
-        help=views.UPLOAD_HELP,
+cases = [
+    views.case_uploader(f"Cases of **{name}**", key=f"adapt_files_{i}", pipeline=model.pipeline)
+    for i, name in enumerate(classes)
+]
+if classes:
+    st.button(
+        "Start over",
+        key="adapt_clear",
+        on_click=views.clear_cases,
+        args=(CLASSES_KEY, CONDITION_KEY),
+        help="Forget the classes, the condition and every uploaded case of this session.",
     )
-    loaded = views.uploaded_cases(files, model.pipeline)
-    views.file_errors(loaded.errors)
-    views.gallery([c.image for c in loaded.cases], loaded.names)
-    cases.append(loaded)
 
 note = resize_note([c for batch in cases for c in batch.cases], model.pipeline)
 if note:
     st.info(note)
 
-mode = st.radio(
-    "Adaptation", ADAPT_MODES, format_func=MODE_HELP.__getitem__, key="adapt_mode", horizontal=True
-)
 if st.button("Adapt", type="primary", key="adapt_run"):
     try:
         support = clinic.build_support(classes, cases)
@@ -107,7 +127,7 @@ if adaptation is not None:
         for c, n in zip(adaptation.support.classes, adaptation.support.counts(), strict=True)
     )
     base = by_id.get(adaptation.base_version)
-    base_label = base.label if base else f"v{adaptation.base_version}"
+    base_label = domain_prep.version_label(base) if base else f"v{adaptation.base_version}"
     st.write(f"Adapted {base_label} with {adaptation.mode} to {counts}.")
     views.reliability(adaptation)
     with st.form("save_adapter"):

@@ -1,0 +1,230 @@
+"""Preparing a model version for a new modality from this hospital's unlabelled studies, as the
+dashboard does it: check where the studies are, run :func:`models.domain.adapt_domain`, and publish
+the result as a *local* version of this node's registry (kind ``local``, parent = the base version).
+
+A local version is derived from the hospital's own images without differential privacy, so it
+never leaves the node: the federation only ever reads and publishes ``global`` versions
+(``federation/versions.py``), and docs/privacy.md ("Local domain adaptation") says why anything
+derived from it must pass through an accounted DP mechanism before it is shared.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.dashboard.adapters import epsilon_label
+from app.dashboard.errors import SourceError
+from models.adaptation import AdaptConfig
+from models.domain import (
+    DomainConfig,
+    adapt_domain,
+    domain_record,
+    load_unlabeled,
+)
+from models.errors import DataError
+from models.model_dir import save_model_dir
+from models.registry import KIND_LOCAL, Registry, RegistryEntry
+
+# Registry info keys of a local version, written here and read by the adapt page.
+INFO_DOMAIN = "domain"  # models.domain.domain_record: method, images, digest, source...
+INFO_LOCAL_ONLY = "local_only"
+INFO_AUTHOR = "author"
+LOCAL_ONLY = "local only: derived from this hospital's unlabelled images; never shared"
+SOURCE_SUFFIXES = (".npz", ".csv")  # besides folders (models.domain.load_unlabeled)
+LOAD_SHARE = 0.1  # share of the progress bar for reading the studies (training is the rest)
+
+# What each method does, in plain words (one entry per DOMAIN_METHODS name).
+METHOD_HELP: dict[str, str] = {
+    "statistics": "statistics: seconds; learns only the modality's average appearance, used to "
+    "centre the features",
+    "contrastive": "contrastive: minutes; teaches the model what varies in these studies, "
+    "keeping what it knew (the largest measured gain)",
+    "contrastive-norm": "contrastive-norm: minutes; the same, changing only the normalisation "
+    "layers (a smaller change, for few studies)",
+}
+
+ProgressFn = Callable[[float, str], None]
+
+
+def resolve_source(text: str, *, roots: Sequence[Path] = ()) -> Path:
+    """The folder, CSV manifest or ``.npz`` of unlabelled studies named on the page.
+
+    Args:
+        text: the path as typed (``~`` is expanded).
+        roots: folders the studies must lie in (``FEDFEW_DATA_ROOTS``); empty: anywhere.
+
+    Raises:
+        SourceError: empty, missing, outside every allowed folder, or neither a folder, a
+            ``.csv`` nor an ``.npz``.
+    """
+    if not text.strip():
+        raise SourceError("give the folder (or the .csv manifest or .npz file) of the studies")
+    path = Path(text.strip()).expanduser().resolve()
+    if roots and not any(path.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise SourceError(
+            f"{text.strip()} is outside the folders this dashboard may read ({allowed}); copy "
+            "the studies there or ask IT to add the folder to FEDFEW_DATA_ROOTS"
+        )
+    if not path.exists():
+        raise SourceError(f"{text.strip()} does not exist on this machine: check the path")
+    if not path.is_dir() and path.suffix.lower() not in SOURCE_SUFFIXES:
+        raise SourceError(
+            f"{text.strip()} is neither a folder, a .csv manifest with a path column nor an .npz "
+            "file of images"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A published local version and what went into it."""
+
+    entry: RegistryEntry
+    images: int  # unlabelled studies used
+    skipped: int  # unreadable files left out
+    steps: int  # training steps taken (0 for ``statistics``)
+
+
+def prepare_model(
+    registry: Path,
+    *,
+    base_version: int,
+    source: Path,
+    config: DomainConfig,
+    author: str = "",
+    on_progress: ProgressFn | None = None,
+) -> Prepared:
+    """Prepare ``base_version`` for the modality of the studies at ``source`` and publish it as a
+    local version of ``registry`` (labels in the source are never read).
+
+    Raises:
+        SourceError: nothing readable at ``source``, or fewer than two studies.
+        RegistryError: no registry or no such base version.
+    """
+    report = on_progress or (lambda _fraction, _text: None)
+    reg = Registry.open(registry)
+    base = reg.get(base_version)
+    loaded = reg.load_model(base_version)
+    report(0.0, "reading the studies")
+    try:
+        unlabeled = load_unlabeled(source, loaded.pipeline)
+    except DataError as exc:
+        raise SourceError(f"cannot use these studies: {exc}") from exc
+    report(LOAD_SHARE, f"preparing ({config.method}) on {len(unlabeled.images)} studies")
+    start = time.monotonic()
+    budget_s = 60.0 * config.minutes
+
+    def on_step(step: int, _loss: float) -> None:
+        # Training stops at the step count or the time budget, whichever comes first.
+        done = max(step / config.steps, (time.monotonic() - start) / budget_s)
+        report(LOAD_SHARE + (1 - LOAD_SHARE) * min(done, 0.99), f"training: step {step}")
+
+    try:
+        result = adapt_domain(loaded.model, unlabeled.images, config=config, on_step=on_step)
+    except DataError as exc:
+        raise SourceError(f"cannot use these studies: {exc}") from exc
+    record = domain_record(config, unlabeled, result)
+    extra = {
+        key: value
+        for key, value in loaded.config.items()
+        if key not in {"backbone", "meta", "code_version", "created"}
+    }
+    extra[INFO_DOMAIN] = record
+    extra["parent"] = {"version": base_version, "code_version": loaded.config.get("code_version")}
+
+    def write(folder: Path) -> None:
+        save_model_dir(
+            folder,
+            result.model,
+            backbone=loaded.backbone,
+            pipeline=loaded.pipeline,
+            meta=loaded.meta,
+            extra=extra,
+            domain_mean=result.domain_mean,
+        )
+
+    report(0.99, "saving the local version")
+    entry = reg.publish(
+        write,
+        kind=KIND_LOCAL,
+        name=f"{base.name} prepared for {unlabeled.source}",
+        parent=base_version,
+        info={INFO_DOMAIN: record, INFO_LOCAL_ONLY: LOCAL_ONLY, INFO_AUTHOR: author},
+    )
+    report(1.0, "done")
+    return Prepared(
+        entry=entry, images=len(unlabeled.images), skipped=unlabeled.skipped, steps=result.steps
+    )
+
+
+def preparation(entry: RegistryEntry) -> dict[str, Any] | None:
+    """The domain record of a local version (None for a global one)."""
+    record = entry.info.get(INFO_DOMAIN) if entry.kind == KIND_LOCAL else None
+    return record if isinstance(record, dict) else None
+
+
+def local_rows(registry: Path) -> list[dict[str, Any]]:
+    """One row per local version of ``registry``, newest first: what it was prepared from, on
+    which studies, how, and when."""
+    rows = []
+    for entry in reversed(Registry.open(registry).entries(kind=KIND_LOCAL)):
+        record = preparation(entry) or {}
+        rows.append(
+            {
+                "version": entry.id,
+                "prepared from": f"v{entry.parent}",
+                **{key: record.get(key) for key in ("source", "method", "images", "steps_taken")},
+                "created": entry.created,
+            }
+        )
+    return rows
+
+
+def version_label(entry: RegistryEntry) -> str:
+    """How a base-model choice reads, e.g. ``v3 global-round-2 · ε 2.50 (highest of 2 sites)`` or
+    ``v7 · prepared for chest-ct (contrastive, 812 images) · local, from v3``."""
+    record = preparation(entry)
+    if record is None:
+        return f"{entry.label} · {epsilon_label(entry)}"
+    return (
+        f"v{entry.id} · prepared for {record.get('source', '?')} ({record.get('method', '?')}, "
+        f"{record.get('images', '?')} images) · local, from v{entry.parent}"
+    )
+
+
+def centring_active(mode: str, *, domain_mean: torch.Tensor | None) -> bool:
+    """Whether the clinician's adaptation in ``mode`` centres on the version's domain statistics:
+    the version must carry them and the adaptation config (``clinic.adapt_cases`` uses
+    ``AdaptConfig(mode=mode)``) must centre."""
+    return domain_mean is not None and AdaptConfig(mode=mode).centre
+
+
+def base_model_note(entry: RegistryEntry, *, domain_mean: torch.Tensor | None, mode: str) -> str:
+    """One paragraph for the adapt page: which version and which domain preparation it uses,
+    and whether centring on domain statistics is active."""
+    record = preparation(entry)
+    if record is None:
+        used = f"Using {entry.label}, a federated model version, without a domain preparation."
+    else:
+        used = (
+            f"Using v{entry.id}: v{entry.parent} prepared on this hospital's "
+            f"{record.get('images')} unlabelled studies from {record.get('source')} "
+            f"({record.get('method')}, {record.get('steps_taken')} training steps); {LOCAL_ONLY}."
+        )
+    if centring_active(mode, domain_mean=domain_mean):
+        centre = "Centring on the modality's statistics: active."
+    elif domain_mean is not None:
+        centre = (
+            "Centring on the modality's statistics: not active (this version has them, but "
+            f"{mode} adaptation does not centre features)."
+        )
+    else:
+        centre = "Centring on the modality's statistics: not active (this version has none)."
+    return f"{used} {centre}"
