@@ -53,7 +53,7 @@ def test_an_intact_ledger_matches(site):
     ("attack", "message"),
     [
         (lambda path, backup: rebuild(path, row=2, steps=1), "was rebuilt: row 2"),
-        (lambda path, backup: truncate(path, keep=2), "truncated or rolled back"),
+        (lambda path, backup: truncate(path, keep=2), "has 2 rows but the server recorded 3"),
         (lambda path, backup: shutil.copy(backup, path), "rolled back to its state of round 1"),
     ],
     ids=["rebuilt", "truncated", "rolled-back"],
