@@ -25,10 +25,11 @@ from models.evaluation import evaluate as run_evaluation
 from models.imageset import ImageSet
 from models.meta import MetaConfig
 from models.model_dir import load_model_dir, save_model_dir
-from models.networks import BackboneConfig, build_backbone
+from models.networks import BACKBONES, BackboneConfig
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.training import TrainConfig, meta_train
+from models.weights import StartedBackbone, start_backbone
 from privacy.ledger import Ledger
 from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS, get_mechanism
 from privacy.private_run import charge_private_run, run_charged_training
@@ -49,10 +50,16 @@ app.command("adapt-domain")(adapt_domain_command)
 
 
 def _train_model(
-    sets: list[ImageSet], *, backbone: BackboneConfig, config: TrainConfig, meta: MetaConfig
-) -> tuple[torch.nn.Module, list[float]]:
+    sets: list[ImageSet],
+    *,
+    backbone: BackboneConfig,
+    config: TrainConfig,
+    meta: MetaConfig,
+    weights: Path | None = None,
+) -> tuple[StartedBackbone, list[float]]:
     torch.manual_seed(config.seed)
-    model = build_backbone(backbone)
+    started = start_backbone(backbone, weights=weights)
+    model = started.model
     with tqdm(total=config.steps, desc=f"meta-training ({meta.learner})", unit="step") as bar:
 
         def on_step(_step: int, loss: float) -> None:
@@ -60,7 +67,7 @@ def _train_model(
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
         losses = meta_train(model, sets, config=config, meta=meta, on_step=on_step)
-    return model, losses
+    return started, losses
 
 
 @app.command()
@@ -70,7 +77,12 @@ def train(
     meta_learner: str = typer.Option("protonet", help="protonet | maml | fomaml"),
     steps: int = typer.Option(TrainConfig.steps, help="Optimiser steps."),
     seed: int = typer.Option(0, help="Seed for initialisation, episodes and augmentation."),
-    backbone: str = typer.Option("conv4", help="conv4 | resnet12"),
+    backbone: str = typer.Option("conv4", help=f"Backbone: {' | '.join(BACKBONES)}."),
+    weights: Path | None = typer.Option(
+        None,
+        help="Public weights to start from (.safetensors or a torch state dict); "
+        "its SHA-256 is recorded in the model directory.",
+    ),
     ways: int = typer.Option(
         5, help="Classes per training episode (capped by each set's classes)."
     ),
@@ -109,6 +121,9 @@ def train(
     sets = load_sets(data, pipeline)
     extra: dict[str, object] = {"train": config.to_dict(), "data": [s.name for s in sets]}
     if site_ledger is not None and epsilon is not None:
+        torch.manual_seed(seed)
+        started = start_backbone(backbone_config, weights=weights)  # a bad file fails uncharged
+        model = started.model
         planned, entry = charge_private_run(
             dp_mechanism,
             ledger=site_ledger,
@@ -126,8 +141,6 @@ def train(
             accountant=accountant or site_ledger.accountant,
             requester="fedfew train",
         )
-        torch.manual_seed(seed)
-        model = build_backbone(backbone_config)
         with tqdm(total=steps, desc=f"DP training ({mechanism})", unit="step") as bar:
             report = run_charged_training(
                 model,
@@ -147,11 +160,22 @@ def train(
             f"{report.entry.epsilon_after:.3f} of {site_ledger.cap_epsilon:g}"
         )
     else:
-        model, losses = _train_model(sets, backbone=backbone_config, config=config, meta=meta)
+        started, losses = _train_model(
+            sets, backbone=backbone_config, config=config, meta=meta, weights=weights
+        )
+        model = started.model
         extra["final_loss"] = float(np.mean(losses[-50:]))
         summary = f"final loss {extra['final_loss']:.3f}, not private"
     extra["private"] = epsilon is not None
-    save_model_dir(out, model, backbone=backbone_config, pipeline=pipeline, meta=meta, extra=extra)
+    save_model_dir(
+        out,
+        model,
+        backbone=started.config,
+        pipeline=pipeline,
+        meta=meta,
+        extra=extra,
+        weights=started.weights,
+    )
     typer.echo(f"model written to {out} ({summary})")
 
 

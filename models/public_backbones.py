@@ -86,8 +86,9 @@ class EfficientNetEncoder(EfficientNetBN):
             in_channels=config.in_channels,
             num_classes=1,
         )
-        self._fc = nn.Identity()  # features before the classifier are the embedding
-        self._dropout = nn.Identity()
+        # features before the classifier are the embedding
+        self._fc = nn.Identity()  # type: ignore[assignment]
+        self._dropout = nn.Identity()  # type: ignore[assignment]
         # Deterministic, plain autograd: per-episode gradients (torch.func) need a forward
         # without random drop-connect and without the custom autograd Function of memswish.
         self.set_swish(memory_efficient=False)
@@ -129,7 +130,7 @@ class ViTEncoder(ViT):
         self.out_features = VIT_HIDDEN
         self.last_block = f"blocks.{len(self.blocks) - 1}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed images ``(B, C, S, S)`` to ``(B, 192)`` (mean over the patch tokens)."""
         tokens, _ = super().forward(x)
         return tokens.mean(dim=1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.errors import WeightsError
+from models.networks import BackboneConfig, build_backbone
+from models.public_backbones import BATCHNORM_BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,9 @@ def load_weights(model: nn.Module, path: Path, *, strict: bool = False) -> Weigh
     own = {canonical_key(k): k for k in model.state_dict() if not k.endswith(IGNORED_SUFFIXES)}
     state = model.state_dict()
     matched: dict[str, torch.Tensor] = {}
-    unexpected, ignored, mismatched = [], [], []
+    unexpected: list[str] = []
+    ignored: list[str] = []
+    mismatched: list[str] = []
     for key, tensor in source.items():
         name = canonical_key(key)
         if key.endswith(IGNORED_SUFFIXES):
@@ -214,3 +218,35 @@ def load_weights(model: nn.Module, path: Path, *, strict: bool = False) -> Weigh
         unexpected=tuple(sorted(unexpected)),
         ignored=tuple(sorted(ignored)),
     )
+
+
+@dataclass(frozen=True)
+class StartedBackbone:
+    """A freshly built backbone, the config it was built under, and its weights record."""
+
+    model: nn.Module
+    config: BackboneConfig
+    weights: WeightsRecord | None = None
+
+
+def start_backbone(config: BackboneConfig, *, weights: Path | None = None) -> StartedBackbone:
+    """Build the backbone ``config`` names and, given a local weights file, load it.
+
+    A file with BatchNorm statistics switches a public backbone to ``norm="batch"`` (the
+    statistics then stay frozen, models/freezing.py); save ``.config`` and ``.weights`` with the
+    model (``save_model_dir(..., backbone=started.config, weights=started.weights)``).
+
+    Raises:
+        WeightsError: as :func:`load_weights`, or BatchNorm statistics for a backbone that has
+            no BatchNorm form (conv4, resnet12, vit_tiny).
+    """
+    if weights is not None and config.norm != "batch" and has_batchnorm_statistics(weights):
+        if config.name not in BATCHNORM_BACKBONES:
+            raise WeightsError(
+                f"{Path(weights).name}: holds BatchNorm statistics, but {config.name!r} has no "
+                f"BatchNorm form; use one of {sorted(BATCHNORM_BACKBONES)}"
+            )
+        config = replace(config, norm="batch")
+    model = build_backbone(config)
+    record = load_weights(model, weights) if weights is not None else None
+    return StartedBackbone(model=model, config=config, weights=record)
