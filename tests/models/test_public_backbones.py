@@ -17,7 +17,7 @@ from models.model_dir import CONFIG, load_model_dir, save_model_dir
 from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
 from models.public_backbones import BATCHNORM_BACKBONES
-from models.weights import WeightsRecord, has_batchnorm_statistics, load_weights
+from models.weights import WeightsRecord, has_batchnorm_statistics, load_weights, start_backbone
 
 SIZE = 32  # every public backbone downsamples 32 px to at least 1x1
 
@@ -179,3 +179,16 @@ def test_model_directory_records_the_weights_file_and_keeps_frozen_parts(tmp_pat
     assert trainable_parameters(loaded.model) == {}
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_start_backbone_switches_to_frozen_batchnorm_for_files_with_statistics(tmp_path):
+    _, path = _resnet10_batch_file(tmp_path, prefix="", suffix=".safetensors")
+
+    started = start_backbone(BackboneConfig(name="resnet10", image_size=SIZE), weights=path)
+
+    assert started.config.norm == "batch" and started.weights.loaded > 0
+    check_batchnorm_frozen(started.model)
+    with pytest.raises(WeightsError, match="no BatchNorm form"):
+        start_backbone(BackboneConfig(width=16, image_size=SIZE), weights=path)
+    plain = start_backbone(BackboneConfig(width=16, image_size=SIZE))
+    assert plain.weights is None and plain.config == BackboneConfig(width=16, image_size=SIZE)
