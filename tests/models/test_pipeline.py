@@ -8,9 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.transforms import Compose
 from PIL import Image
+from scipy import stats
 
-from models.augment import augment_batch
+from models.augment import (
+    AUG_FLIP_PROB,
+    AUG_GAMMA,
+    AUG_NOISE_STD,
+    AUG_ROT90_PROB,
+    AUG_SHIFT,
+    augment_batch,
+    random_transforms,
+)
 from models.errors import DataError
 from models.pipeline import (
     IMAGE_KEY,
@@ -116,6 +126,82 @@ def test_augment_batch_flip_only_permutes_pixels() -> None:
     for d in dihedral:
         exact |= (out - d).abs().flatten(1).amax(dim=1) < 1e-6
     assert 0 < int(exact.sum()) < 32
+
+
+PARITY_DRAWS = 400  # augmentations per implementation (MONAI's cost ~15-35 ms per image here)
+GAMMAS = np.linspace(0.75, 1.3, 221)  # search grid of the recovered gamma (step 0.0025)
+
+
+def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and quarter turns of ``x`` (distinct for an image with no symmetry)."""
+    return [torch.rot90(v, k, (-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+
+
+def _recover(x: torch.Tensor, out: torch.Tensor) -> tuple[int, float, float, float]:
+    """What an augmentation did to ``x``: (dihedral element, gamma, shift, noise std).
+
+    ``out = ((d(x) - lo) / span) ** gamma * span + lo + shift + noise`` with ``lo, span`` the
+    image's min and range: d by correlation, gamma by grid search, shift and noise by least squares
+    (``x`` lies in [0.25, 0.75], so the final clip to [0, 1] never acts).
+    """
+    y = out.double().flatten().numpy()
+    candidates = [d.double().flatten().numpy() for d in _dihedral(x)]
+    element = int(np.argmax([np.corrcoef(c, y)[0, 1] for c in candidates]))
+    base = candidates[element]
+    lo, span = base.min(), base.max() - base.min()
+    z = (base - lo) / (span + 1e-7)
+    curves = z[None, :] ** GAMMAS[:, None] * span + lo  # (gammas, pixels)
+    shifts = (y[None, :] - curves).mean(axis=1)
+    residuals = y[None, :] - curves - shifts[:, None]
+    best = int(np.argmin((residuals**2).sum(axis=1)))
+    # Rounded to 1e-4: float32 round-off (MONAI's MetaTensor path against torch's) must not tell
+    # the two apart where no shift or noise was drawn.
+    return element, float(GAMMAS[best]), round(shifts[best], 4), round(residuals[best].std(), 4)
+
+
+def _expected_elements() -> np.ndarray:
+    """Probability of each dihedral element under the table: flip rows, flip columns, turn k."""
+    x = torch.arange(16.0).view(1, 4, 4)
+    table = _dihedral(x)
+    p = np.zeros(8)
+    for rows in (0, 1):
+        for cols in (0, 1):
+            for k in (0, 1, 2, 3):
+                m = x.flip(-2) if rows else x
+                m = m.flip(-1) if cols else m
+                m = torch.rot90(m, k, (-2, -1))
+                p_flip = (AUG_FLIP_PROB if rows else 1 - AUG_FLIP_PROB) * (
+                    AUG_FLIP_PROB if cols else 1 - AUG_FLIP_PROB
+                )
+                p_turn = 1 - AUG_ROT90_PROB if k == 0 else AUG_ROT90_PROB / 3
+                p[next(i for i, t in enumerate(table) if torch.equal(t, m))] += p_flip * p_turn
+    return p
+
+
+def test_augment_batch_draws_the_same_augmentations_as_the_monai_transforms() -> None:
+    # augment_batch is the vectorised twin every trainer uses; MONAI's random dictionary
+    # transforms (build_transforms(train=True)) are the reference it replaces. Same image, many
+    # seeded draws from each: the recovered flips/turns, gamma, shift and noise must follow the
+    # same distributions (and the table's), not just stay in range.
+    x = 0.25 + 0.5 * torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))
+    torch_out = augment_batch(x.expand(PARITY_DRAWS, -1, -1, -1), seed=0)
+    monai = Compose(random_transforms([IMAGE_KEY]))
+    monai.set_random_state(seed=0)
+    monai_out = [monai({IMAGE_KEY: x.clone()})[IMAGE_KEY].as_tensor() for _ in range(PARITY_DRAWS)]
+
+    ours = np.array([_recover(x, o) for o in torch_out])
+    theirs = np.array([_recover(x, o) for o in monai_out])
+
+    expected = _expected_elements() * PARITY_DRAWS
+    for recovered in (ours, theirs):
+        counts = np.bincount(recovered[:, 0].astype(int), minlength=8)
+        assert stats.chisquare(counts, expected).pvalue > 1e-3, counts
+        gamma, shift, noise = recovered[:, 1], recovered[:, 2], recovered[:, 3]
+        assert gamma.min() >= AUG_GAMMA[0] - 0.03 and gamma.max() <= AUG_GAMMA[1] + 0.03
+        assert np.abs(shift).max() <= AUG_SHIFT + 0.01 and noise.max() <= AUG_NOISE_STD + 0.005
+    for column, name in ((1, "gamma"), (2, "shift"), (3, "noise std")):
+        p = stats.ks_2samp(ours[:, column], theirs[:, column]).pvalue
+        assert p > 1e-3, f"{name}: torch and MONAI draws differ (KS p={p:.2g})"
 
 
 def test_fix_channels_and_slice_volume() -> None:
