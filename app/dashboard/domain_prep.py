@@ -37,7 +37,8 @@ INFO_LOCAL_ONLY = "local_only"
 INFO_AUTHOR = "author"
 LOCAL_ONLY = "local only: derived from this hospital's unlabelled images; never shared"
 SOURCE_SUFFIXES = (".npz", ".csv")  # besides folders (models.domain.load_unlabeled)
-LOAD_SHARE = 0.1  # share of the progress bar for reading the studies (training is the rest)
+LOAD_SHARE = 0.1  # share of the progress bar for reading the studies
+SAVE_AT = 0.95  # where training ends on the progress bar and saving begins
 
 # What each method does, in plain words (one entry per DOMAIN_METHODS name).
 METHOD_HELP: dict[str, str] = {
@@ -121,10 +122,13 @@ def prepare_model(
     start = time.monotonic()
     budget_s = 60.0 * config.minutes
 
-    def on_step(step: int, _loss: float) -> None:
+    def on_step(step: int, _loss: float) -> None:  # step counts from 0
         # Training stops at the step count or the time budget, whichever comes first.
-        done = max(step / config.steps, (time.monotonic() - start) / budget_s)
-        report(LOAD_SHARE + (1 - LOAD_SHARE) * min(done, 0.99), f"training: step {step}")
+        done = max((step + 1) / config.steps, (time.monotonic() - start) / budget_s)
+        report(
+            LOAD_SHARE + (SAVE_AT - LOAD_SHARE) * min(done, 1.0),
+            f"training: step {step + 1} of at most {config.steps}",
+        )
 
     try:
         result = adapt_domain(loaded.model, unlabeled.images, config=config, on_step=on_step)
@@ -150,7 +154,7 @@ def prepare_model(
             domain_mean=result.domain_mean,
         )
 
-    report(0.99, "saving the local version")
+    report(SAVE_AT, "saving the local version")
     entry = reg.publish(
         write,
         kind=KIND_LOCAL,

@@ -5,7 +5,6 @@ import streamlit as st
 
 from app.dashboard import adapters, domain_prep, ui
 from app.dashboard.auth import ROLE_CLINICIAN, ROLE_IT
-from app.dashboard.errors import SourceError
 from models.domain import DOMAIN_METHODS, DomainConfig
 from models.errors import FedfewError, RegistryError
 
@@ -80,7 +79,7 @@ if st.button("Prepare", type="primary", key="prepare_run"):
             author=session.username,
             on_progress=lambda fraction, text: bar.progress(fraction, text=text),
         )
-    except (SourceError, FedfewError, FloatingPointError) as exc:
+    except (FedfewError, FloatingPointError) as exc:  # SourceError, RegistryError, divergence
         st.error(str(exc))
     else:
         skipped = f"; {prepared.skipped} unreadable files left out" if prepared.skipped else ""

@@ -206,3 +206,28 @@ def test_prepare_page_without_a_model(env, store, make_app) -> None:
     assert "No model yet" in texts(at, "warning")
     files = [file for file, _, _ in ui.role_pages((ROLE_IT, ROLE_CLINICIAN))]
     assert files == ["federation.py", "prepare.py", "adapt.py", "classify.py"]
+
+
+def test_training_preparation_reports_progress_and_changes_the_encoder(
+    registry, env, studies
+) -> None:
+    seen: list[tuple[float, str]] = []
+    prepared = domain_prep.prepare_model(
+        env["registry"],
+        base_version=registry,
+        source=studies,
+        config=DomainConfig(method="contrastive", steps=3),
+        on_progress=lambda fraction, text: seen.append((fraction, text)),
+    )
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert "training: step 3 of at most 3" in [t for _, t in seen]
+    assert prepared.steps == 3 and prepared.entry.info["domain"]["steps_taken"] == 3
+    reg = Registry.open(env["registry"])
+    base, local = reg.load_model(registry), reg.load_model(prepared.entry.id)
+    changed = [
+        name
+        for name, weight in base.model.state_dict().items()
+        if not torch.equal(local.model.state_dict()[name], weight)
+    ]
+    assert changed and local.domain_mean is not None
