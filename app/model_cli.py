@@ -14,10 +14,11 @@ from models.errors import DataError
 from models.imageset import ImageSet
 from models.meta import MetaConfig
 from models.model_dir import load_model_dir, save_model_dir
-from models.networks import BACKBONES, BackboneConfig, build_backbone
+from models.networks import BACKBONES, BackboneConfig
 from models.pipeline import PipelineConfig
 from models.pretraining import PRETRAIN_OBJECTIVES
 from models.readers import load_dataset
+from models.weights import start_backbone
 
 
 def load_sets(spec: str, pipeline: PipelineConfig) -> list[ImageSet]:
@@ -41,6 +42,11 @@ def pretrain(
         "supervised", help=f"Pre-training objective: {' | '.join(PRETRAIN_OBJECTIVES)}."
     ),
     backbone: str = typer.Option("conv4", help=f"Backbone: {' | '.join(BACKBONES)}."),
+    weights: Path | None = typer.Option(
+        None,
+        help="Public weights to start from (.safetensors or a torch state dict; "
+        "its SHA-256 is recorded).",
+    ),
     steps: int | None = typer.Option(None, help="Optimiser steps (default: the objective's)."),
     seed: int = typer.Option(0, help="Seed for initialisation, batches and augmentation."),
 ) -> None:
@@ -60,7 +66,8 @@ def pretrain(
     sets = load_sets(data, pipeline)
     total = steps or spec.default_steps
     torch.manual_seed(seed)
-    model = build_backbone(backbone_config)
+    started = start_backbone(backbone_config, weights=weights)
+    model = started.model
     with tqdm(total=total, desc=f"pre-training ({objective})", unit="step") as bar:
 
         def on_step(_step: int, loss: float) -> None:
@@ -75,7 +82,13 @@ def pretrain(
         "final_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))),
     }
     save_model_dir(
-        out, model, backbone=backbone_config, pipeline=pipeline, meta=MetaConfig(), extra=extra
+        out,
+        model,
+        backbone=started.config,
+        pipeline=pipeline,
+        meta=MetaConfig(),
+        extra=extra,
+        weights=started.weights,
     )
     typer.echo(f"model written to {out} (pre-trained, {objective}, not private)")
 
