@@ -44,8 +44,9 @@ from bench.lever_report import plot_levers, summarise
 from models.adaptation import AdaptConfig, embed
 from models.domain import DomainConfig, adapt_domain
 from models.episodes import EpisodeConfig
-from models.evaluation import evaluate
+from models.evaluation import evaluate_episodes
 from models.imageset import ImageSet
+from models.meta import MetaConfig
 from models.networks import BackboneConfig, build_backbone
 from models.pretraining import PretrainConfig, supervised_pretrain
 from models.training import TrainConfig, meta_train
@@ -105,6 +106,12 @@ def encoders(
     sources: list[ImageSet], pool: np.ndarray, config: BenchConfig, log: Progress
 ) -> dict[str, nn.Module]:
     """Every encoder of one fold, trained on the sources (and prepared on the pool)."""
+    out = pretrained(sources, config, log)
+    return {**out, **prepared(out["supervised"], pool, config, log)}
+
+
+def pretrained(sources: list[ImageSet], config: BenchConfig, log: Progress) -> dict[str, nn.Module]:
+    """The encoders that see only the sources: pixels, random, supervised (and protonet)."""
     torch.manual_seed(config.seed)
     out: dict[str, nn.Module] = {
         "pixel": PixelEmbedding(),
@@ -128,6 +135,14 @@ def encoders(
         )
         log(f"  protonet: {config.protonet_steps} steps, {time.perf_counter() - started:.0f} s")
         out["protonet"] = protonet.eval()
+    return out
+
+
+def prepared(
+    supervised: nn.Module, pool: np.ndarray, config: BenchConfig, log: Progress
+) -> dict[str, nn.Module]:
+    """The supervised encoder prepared on the unlabelled pool by each domain method."""
+    out = {}
     for method in config.domain_methods:
         started = time.perf_counter()
         domain = DomainConfig(
@@ -143,10 +158,25 @@ def encoders(
     return out
 
 
+class Embeddings:
+    """Each encoder's features of the evaluation half and the pool, with and without flip TTA,
+    computed once and shared by every lever."""
+
+    def __init__(self, model: nn.Module, data: ImageSet, pool: np.ndarray) -> None:
+        self.model, self._data, self._pool = model, data, pool
+        self._cache: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def get(self, which: str, *, tta: bool) -> torch.Tensor:
+        """Features of ``"eval"`` or ``"pool"``."""
+        if (which, tta) not in self._cache:
+            images = self._data.images if which == "eval" else self._pool
+            self._cache[which, tta] = embed(self.model, torch.from_numpy(images), tta=tta)
+        return self._cache[which, tta]
+
+
 def score(
-    model: nn.Module,
+    features: Embeddings,
     data: ImageSet,
-    pool: np.ndarray,
     *,
     lever: str,
     adapt_config: AdaptConfig,
@@ -156,21 +186,20 @@ def score(
     config: BenchConfig,
     episodes: int,
 ) -> dict[str, Any]:
-    """One row: the accuracy of ``model`` with one adaptation config on the evaluation half."""
-    domain_mean = (
-        embed(model, torch.from_numpy(pool), tta=adapt_config.tta).mean(0)
-        if use_pool_mean
-        else None
-    )
+    """One row: the accuracy of one encoder with one adaptation config on the evaluation half."""
+    tta = adapt_config.tta
+    domain_mean = features.get("pool", tta=tta).mean(0) if use_pool_mean else None
     started = time.perf_counter()
-    result = evaluate(
-        model,
+    result = evaluate_episodes(
+        features.model,
         data,
         episode=EpisodeConfig(ways=ways, shots=shots, queries=config.queries),
         adapt_config=adapt_config,
+        meta=MetaConfig(),
         episodes=episodes,
         seed=config.seed,
         domain_mean=domain_mean,
+        embeddings=features.get("eval", tta=tta) if adapt_config.frozen_backbone else None,
     )
     return {
         "lever": lever,
@@ -190,8 +219,21 @@ def run_fold(
     pool, evaluation = split_by_patient(sets[name], config.pool_fraction, config.seed)
     log(f"fold {name}: pool {len(pool)} unlabelled images, evaluation {len(evaluation)} images")
     sources = [s for n, s in sets.items() if n != name]
+    return score_encoders(name, evaluation, pool, encoders(sources, pool, config, log), config, log)
+
+
+def score_encoders(
+    fold: str,
+    evaluation: ImageSet,
+    pool: np.ndarray,
+    models: dict[str, nn.Module],
+    config: BenchConfig,
+    log: Progress,
+) -> list[dict[str, Any]]:
+    """Every lever's rows for every encoder of one fold."""
     rows: list[dict[str, Any]] = []
-    for encoder, model in encoders(sources, pool, config, log).items():
+    for encoder, model in models.items():
+        features = Embeddings(model, evaluation, pool)
         for lever, (adapt_config, use_pool_mean) in LEVERS.items():
             grid = [
                 (w, k)
@@ -203,9 +245,8 @@ def run_fold(
                 if ways > len(evaluation.classes):
                     continue
                 row = score(
-                    model,
+                    features,
                     evaluation,
-                    pool,
                     lever=lever,
                     adapt_config=adapt_config,
                     use_pool_mean=use_pool_mean,
@@ -214,12 +255,11 @@ def run_fold(
                     config=config,
                     episodes=config.episodes,
                 )
-                rows.append({"fold": name, "encoder": encoder, **row})
+                rows.append({"fold": fold, "encoder": encoder, **row})
         if config.finetune_episodes and encoder != "pixel":
             row = score(
-                model,
+                features,
                 evaluation,
-                pool,
                 lever="finetune",
                 adapt_config=FINETUNE,
                 use_pool_mean=True,
@@ -228,7 +268,7 @@ def run_fold(
                 config=config,
                 episodes=config.finetune_episodes,
             )
-            rows.append({"fold": name, "encoder": encoder, **row})
+            rows.append({"fold": fold, "encoder": encoder, **row})
         best = max(
             (r for r in rows if r["encoder"] == encoder and (r["ways"], r["shots"]) == (3, 5)),
             key=lambda r: r["accuracy"],

@@ -70,15 +70,48 @@ def evaluate(
     Raises:
         EpisodeError: the set cannot supply an episode of this shape.
     """
-    if episodes < 1:
-        raise EpisodeError(f"episodes must be >= 1, got {episodes}")
-    rng = np.random.default_rng(seed)
-    device = next(model.parameters()).device
     embeddings = (
         embed_all(model, data.images, tta=adapt_config.tta)
         if adapt_config.frozen_backbone
         else None
     )
+    return evaluate_episodes(
+        model,
+        data,
+        episode=episode,
+        adapt_config=adapt_config,
+        meta=meta,
+        episodes=episodes,
+        seed=seed,
+        domain_mean=domain_mean,
+        embeddings=embeddings,
+        on_episode=on_episode,
+    )
+
+
+def evaluate_episodes(
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    episode: EpisodeConfig,
+    adapt_config: AdaptConfig,
+    meta: MetaConfig,
+    episodes: int,
+    seed: int,
+    domain_mean: torch.Tensor | None,
+    embeddings: torch.Tensor | None,
+    on_episode: Callable[[], None] | None = None,
+) -> EvalResult:
+    """:func:`evaluate` given the set's embeddings under a frozen backbone (``None``: the mode
+    adapts the backbone per episode); benchmarks reuse one embedding for many configs.
+
+    Raises:
+        EpisodeError: the set cannot supply an episode of this shape.
+    """
+    if episodes < 1:
+        raise EpisodeError(f"episodes must be >= 1, got {episodes}")
+    rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
     accuracies = np.empty(episodes)
     for i in range(episodes):
         ep = sample_episode(data.labels, data.patients, episode, rng)
