@@ -19,7 +19,14 @@ from models.evaluation import leave_one_out
 from models.guard import GuardConfig
 from models.pipeline import PipelineConfig
 from models.registry import Registry
-from tests.app.dashboard.conftest import SIZE, site_report, write_tiny_model
+from tests.app.dashboard.conftest import (
+    CLASSES,
+    PER_CLASS,
+    SIZE,
+    png_bytes,
+    site_report,
+    write_tiny_model,
+)
 
 PIPELINE = PipelineConfig(image_size=SIZE)
 
@@ -34,6 +41,22 @@ def batches(case_images: dict[str, list[bytes]], shots: int) -> tuple[list[str],
         for c in names
     ]
     return names, loaded
+
+
+@pytest.fixture(scope="module")
+def separable_images() -> dict[str, list[bytes]]:
+    """PNG files of 3 classes a random network tells apart: a bright disc of radius 3, 12 or 22
+    px near the centre of a 48 px image, in noise (the synthetic lesions need a trained model)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    files: dict[str, list[bytes]] = {}
+    for k, radius in enumerate((3, 12, 22)[:CLASSES]):
+        for _ in range(PER_CLASS):
+            cy, cx = 24 + rng.integers(-4, 5, 2)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+            image = np.clip(40 + 150 * disc + rng.normal(0, 12, disc.shape), 0, 255)
+            files.setdefault(f"class-{k}", []).append(png_bytes(image.astype(np.uint8)))
+    return files
 
 
 @pytest.fixture
@@ -114,15 +137,20 @@ def test_slow_modes_hold_out_at_most_the_limit(model, case_images) -> None:
     assert f"{clinic.SLOW_MODE_FOLDS} of the 15 cases were held out" in score.sentence()
 
 
-def test_adapter_round_trip_and_classification(model, case_images) -> None:
+def test_adapter_round_trip_and_classification(model, separable_images) -> None:
     registry, version, loaded = model
+    case_images = separable_images
     names, cases = batches(case_images, shots=4)
     support = clinic.build_support(names, cases)
     adaptation = clinic.adapt_cases(loaded, support, mode="prototype", base_version=version)
+    held_out = [(label, data) for label, c in enumerate(names) for data in case_images[c][4:]]
     queries = load_uploads(
-        [Upload(f"q{i}.png", case_images[c][-1]) for i, c in enumerate(names)], pipeline=PIPELINE
+        [Upload(f"q{i}.png", data) for i, (_, data) in enumerate(held_out)], pipeline=PIPELINE
     )
     before = clinic.classify_cases(adaptation, queries)
+    # The synthetic classes are separable: most held-out cases (6 per class) must be right.
+    right = sum(p.predicted == label for p, (label, _) in zip(before, held_out, strict=True))
+    assert right >= 0.8 * len(held_out), f"{right} of {len(held_out)} right"
 
     entry = adapters.save_adapter(
         registry, adaptation, name="lesions", condition="test", author="ana"
@@ -144,7 +172,7 @@ def test_adapter_round_trip_and_classification(model, case_images) -> None:
     assert first.nearest[0].name in support.names
 
     rows = list(csv.reader(io.StringIO(clinic.predictions_csv(names, before))))
-    assert rows[0][:3] == ["case", "predicted", "probability"] and len(rows) == 1 + len(names)
+    assert rows[0][:3] == ["case", "predicted", "probability"] and len(rows) == 1 + len(held_out)
     assert rows[1][1] == names[first.predicted]
 
 
