@@ -64,6 +64,9 @@ LEVERS: dict[str, tuple[AdaptConfig, bool]] = {  # name -> (config, centre on th
 }
 FINETUNE = AdaptConfig(mode="finetune", centre=True)  # costly: one fine-tune per episode
 MAIN_LEVERS = ("prototype", "stack")  # rows evaluated at every (ways, shots)
+BASELINE_ENCODERS = ("pixel", "random")  # scored with these levers only (CPU time)
+BASELINE_LEVERS = ("prototype", "centre-domain", "stack")
+POOL_MEAN_IMAGES = 256  # random pool images behind the domain mean (embedding costs CPU time)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +165,9 @@ class Embeddings:
     """Each encoder's features of the evaluation half and the pool, with and without flip TTA,
     computed once and shared by every lever."""
 
-    def __init__(self, model: nn.Module, data: ImageSet, pool: np.ndarray) -> None:
-        self.model, self._data, self._pool = model, data, pool
+    def __init__(self, model: nn.Module, data: ImageSet, pool: np.ndarray, *, seed: int) -> None:
+        pick = np.random.default_rng(seed).permutation(len(pool))[:POOL_MEAN_IMAGES]
+        self.model, self._data, self._pool = model, data, pool[np.sort(pick)]
         self._cache: dict[tuple[str, bool], torch.Tensor] = {}
 
     def get(self, which: str, *, tta: bool) -> torch.Tensor:
@@ -233,8 +237,13 @@ def score_encoders(
     """Every lever's rows for every encoder of one fold."""
     rows: list[dict[str, Any]] = []
     for encoder, model in models.items():
-        features = Embeddings(model, evaluation, pool)
-        for lever, (adapt_config, use_pool_mean) in LEVERS.items():
+        features = Embeddings(model, evaluation, pool, seed=config.seed)
+        levers = {
+            name: lever
+            for name, lever in LEVERS.items()
+            if encoder not in BASELINE_ENCODERS or name in BASELINE_LEVERS
+        }
+        for lever, (adapt_config, use_pool_mean) in levers.items():
             grid = [
                 (w, k)
                 for w in config.ways
