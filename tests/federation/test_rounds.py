@@ -49,7 +49,13 @@ def test_two_rounds_publish_a_version_each_with_every_sites_report(
     versions = Registry.open(server_config.root / "registry").entries(kind="global")
     assert [v.info["round"] for v in versions] == [0, 1, 2]
     assert set(versions[-1].privacy) == {"a", "b"}
-    assert versions[-1].metrics["accuracy-5way-5shot"] > 0.2  # above chance
+    # Two DP rounds of 2 local steps on a width-8 network move accuracy by noise (0.308, 0.300,
+    # 0.316 measured), not by a margin a test could require; but the evaluation episodes are
+    # seeded, so a model the rounds did not change (no-op training, zero deltas, an update never
+    # applied) scores exactly round 0's numbers.
+    first, last = versions[0].metrics, versions[-1].metrics
+    accuracy = [k for k in first if k.startswith("accuracy-")]
+    assert accuracy and any(last[k] != first[k] for k in accuracy), (first, last)
     for site in sites:
         assert [e.round for e in Ledger.open(site["ledger"]).entries()] == [1, 2]
 
