@@ -9,7 +9,14 @@ import torch
 import typer
 from tqdm import tqdm
 
-from models.domain import DOMAIN_METHODS, DomainConfig, adapt_domain, domain_record, load_unlabeled
+from models.domain import (
+    DOMAIN_METHODS,
+    DomainConfig,
+    adapt_domain,
+    domain_record,
+    load_unlabeled,
+    save_prepared,
+)
 from models.errors import DataError
 from models.imageset import ImageSet
 from models.meta import MetaConfig
@@ -129,22 +136,8 @@ def adapt_domain_command(
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
         result = adapt_domain(loaded.model, images.images, config=config, on_step=on_step)
-    extra = {
-        key: value
-        for key, value in loaded.config.items()
-        if key not in {"backbone", "meta", "code_version", "created"}
-    }
-    extra["domain"] = domain_record(config, images, result)
-    extra["parent"] = {"path": str(model), "code_version": loaded.config.get("code_version")}
-    save_model_dir(
-        out,
-        result.model,
-        backbone=loaded.backbone,
-        pipeline=loaded.pipeline,
-        meta=loaded.meta,
-        extra=extra,
-        domain_mean=result.domain_mean,
-    )
+    record = domain_record(config, images, result)
+    save_prepared(out, loaded, result, record=record, parent={"path": str(model)})
     typer.echo(
         f"model written to {out} (prepared on {len(images.images)} unlabelled images, "
         f"{method}, {result.steps} steps; local only)"

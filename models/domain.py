@@ -30,6 +30,7 @@ from torch import nn
 from models.adaptation import embed
 from models.errors import DataError
 from models.guard import IMAGE_SUFFIXES, file_suffix
+from models.model_dir import LoadedModel, save_model_dir
 from models.pipeline import PipelineConfig
 from models.readers import load_files, load_npz
 from models.self_supervised import ContrastiveConfig, contrastive_train
@@ -212,3 +213,31 @@ def domain_record(
         "source": unlabeled.source,
         "local_only": True,  # derived from unprotected local data: never shared without DP
     }
+
+
+def save_prepared(
+    path: Path,
+    loaded: LoadedModel,
+    result: DomainResult,
+    *,
+    record: dict[str, object],
+    parent: dict[str, object],
+) -> Path:
+    """Write a prepared model as a model directory: the parent's records (data, pre-training,
+    public weights) carried over, the preparation ``record`` and ``parent`` added, and the
+    domain's mean feature beside the weights."""
+    inherited = {
+        key: value
+        for key, value in loaded.config.items()
+        if key not in {"backbone", "meta", "code_version", "created"}
+    }
+    parent = {**parent, "code_version": loaded.config.get("code_version")}
+    return save_model_dir(
+        path,
+        result.model,
+        backbone=loaded.backbone,
+        pipeline=loaded.pipeline,
+        meta=loaded.meta,
+        extra={**inherited, "domain": record, "parent": parent},
+        domain_mean=result.domain_mean,
+    )

@@ -26,9 +26,9 @@ from models.domain import (
     adapt_domain,
     domain_record,
     load_unlabeled,
+    save_prepared,
 )
 from models.errors import DataError
-from models.model_dir import save_model_dir
 from models.registry import KIND_LOCAL, Registry, RegistryEntry
 
 # Registry info keys of a local version, written here and read by the adapt page.
@@ -135,24 +135,9 @@ def prepare_model(
     except DataError as exc:
         raise SourceError(f"cannot use these studies: {exc}") from exc
     record = domain_record(config, unlabeled, result)
-    extra = {
-        key: value
-        for key, value in loaded.config.items()
-        if key not in {"backbone", "meta", "code_version", "created"}
-    }
-    extra[INFO_DOMAIN] = record
-    extra["parent"] = {"version": base_version, "code_version": loaded.config.get("code_version")}
 
     def write(folder: Path) -> None:
-        save_model_dir(
-            folder,
-            result.model,
-            backbone=loaded.backbone,
-            pipeline=loaded.pipeline,
-            meta=loaded.meta,
-            extra=extra,
-            domain_mean=result.domain_mean,
-        )
+        save_prepared(folder, loaded, result, record=record, parent={"version": base_version})
 
     report(SAVE_AT, "saving the local version")
     entry = reg.publish(
