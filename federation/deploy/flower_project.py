@@ -183,7 +183,7 @@ def _nested(config: Mapping[str, ConfigValue]) -> dict[str, object]:
         table = nested
         for part in parents:
             table = table.setdefault(part, {})  # type: ignore[assignment]
-        table[leaf] = value  # type: ignore[index]
+        table[leaf] = value
     return nested
 
 

@@ -23,6 +23,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from federation.deploy.flower_project import (
     EXIT_CODE_NODE_REFUSED,
@@ -230,7 +231,7 @@ def release_node(node_file: NodeFile) -> bool:
 
     connection = node_file.connection
     private_key = load_ssh_private_key(connection.key.read_bytes(), password=None)
-    interceptors = [
+    interceptors: list[Any] = [
         RuntimeVersionHttpInterceptor(component_name="SuperNode"),
         NodeAuthHttpInterceptor(private_key, private_key.public_key()),  # type: ignore[arg-type]
     ]
