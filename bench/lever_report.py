@@ -4,6 +4,8 @@ nearest-centroid baseline on the same episodes."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,48 @@ def plot_levers(summary: list[dict[str, Any]], path: Path, *, title: str) -> boo
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def merge(sources: list[Path], out: Path, *, title: str) -> Path:
+    """One result from runs of the same benchmark over different folds (each run single-threaded
+    in its own process, so folds run side by side on the cores).
+
+    Raises:
+        SystemExit: the runs used different settings or overlap in a fold.
+    """
+    payloads = [json.loads(p.read_text()) for p in sources]
+    settings = [{k: v for k, v in p["config"].items() if k != "folds"} for p in payloads]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit("the runs were made with different settings; they cannot be merged")
+    rows = [r for p in payloads for r in p["results"]["rows"]]
+    folds = [r["fold"] for p in payloads for r in p["results"]["rows"]]
+    seen: dict[str, int] = {}
+    for i, p in enumerate(payloads):
+        for fold in {r["fold"] for r in p["results"]["rows"]}:
+            if fold in seen:
+                raise SystemExit(f"fold {fold} is in {sources[seen[fold]]} and {sources[i]}")
+            seen[fold] = i
+    summary = summarise(rows)
+    merged = {
+        "config": {**payloads[0]["config"], "folds": sorted(set(folds))},
+        "environment": payloads[0]["environment"],
+        "results": {"rows": rows, "summary": summary},
+        "merged_from": [p.name for p in sources],
+    }
+    out.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    plot_levers(summary, out.with_suffix(".png"), title=title)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python bench/lever_report.py OUT.json PART.json [PART.json ...] --title T``."""
+    p = argparse.ArgumentParser(description="Merge fold-disjoint runs of a lever benchmark.")
+    p.add_argument("out", type=Path)
+    p.add_argument("parts", type=Path, nargs="+")
+    p.add_argument("--title", default="3-way 5-shot")
+    args = p.parse_args(argv)
+    print(f"wrote {merge(args.parts, args.out, title=args.title)}")
+
+
+if __name__ == "__main__":
+    main()
