@@ -24,7 +24,7 @@ from models.errors import DataError
 
 @dataclass(frozen=True)
 class ContrastiveConfig:
-    """Schedule of contrastive training (defaults: bench/results/new_modality.json)."""
+    """Schedule of contrastive training (SimCLR defaults scaled to a CPU and small pools)."""
 
     steps: int = 300  # about 5 minutes for Conv-4 on 2 cores at batch 64
     batch_size: int = 64  # images per step (two views each); SimCLR wants large, CPUs do not
