@@ -192,7 +192,7 @@ def centring_active(mode: str, *, domain_mean: torch.Tensor | None) -> bool:
     """Whether the clinician's adaptation in ``mode`` centres on the version's domain statistics:
     the version must carry them and the adaptation config (``clinic.adapt_cases`` uses
     ``AdaptConfig(mode=mode)``) must centre."""
-    return domain_mean is not None and AdaptConfig(mode=mode).centre
+    return domain_mean is not None and AdaptConfig(mode=mode).centres
 
 
 def base_model_note(entry: RegistryEntry, *, domain_mean: torch.Tensor | None, mode: str) -> str:

@@ -97,7 +97,7 @@ def test_adapt_page_offers_and_names_the_local_version(registry, make_app, env, 
     at.selectbox(key="adapt_base").set_value(prepared.entry.id).run()
     note = texts(at, "info")
     assert f"Using v{prepared.entry.id}: v{registry} prepared on this hospital's 12" in note
-    assert "Centring on the modality's statistics: not active (this version has them" in note
+    assert "Centring on the modality's statistics: active." in note
     at.selectbox(key="adapt_base").set_value(registry).run()
     assert "without a domain preparation" in texts(at, "info")
     assert "not active (this version has none)" in texts(at, "info")
