@@ -112,7 +112,8 @@ def test_two_rounds_three_nodes_with_one_out_of_budget_and_an_unregistered_node(
 
 def test_a_node_killed_mid_round_and_a_server_restart_neither_corrupt_nor_double_charge(tmp_path):
     nodes = sites(tmp_path, {"hospital-a": 8.0, "hospital-b": 8.0, "hospital-c": 8.0})
-    config = tiny_config(tmp_path, num_rounds=3, round_timeout=45.0)
+    # 90 s: a restarted node cold-starts its ClientApp (imports torch, Opacus, MONAI) in the round.
+    config = tiny_config(tmp_path, num_rounds=3, round_timeout=90.0)
     status = config.root / "status.json"
     with deployment(tmp_path, nodes) as federation:
         folder = app(tmp_path, config)
