@@ -44,7 +44,7 @@ class AdaptConfig:
     mode: str = "prototype"  # instant; "linear" scored higher but its latency is unmeasured
     centre: bool = True  # centring + L2 (SimpleShot): +0.4 to +2.1 points in every measured row
     tta: bool = False  # flip averaging: +0.1 to +3.6 points, but 4x the forward passes
-    transductive_steps: int = 0  # soft k-means refinement: -1.4 to +0.1 points where measured
+    transductive_steps: int = 0  # soft k-means refinement: -1.4 to +0.3 points where measured
     finetune_steps: int = 25  # enough to move a prototype-initialised head; <1 s for 25 images
     finetune_lr: float = 1e-3  # Adam step for head and backbone; larger forgets the features
     linear_steps: int = 100  # logistic-regression steps of the linear head on cached features
