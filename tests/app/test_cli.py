@@ -1,25 +1,13 @@
 """The ``fedfew`` command line as a user runs it: real processes, synthetic data."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from models.synthetic import write_synthetic_npz
-
-
-def fedfew(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"},
-    )
+from tests.app.cli_process import fedfew
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,10 @@
 """`fedfew train --mechanism`: the registered DP mechanism is charged by name and trained."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from models.synthetic import write_synthetic_npz
 from privacy.ledger import Ledger
-
-
-def fedfew(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"},
-    )
+from tests.app.cli_process import fedfew
 
 
 def test_supervised_mechanism_is_charged_by_name_at_sensitivity_C(tmp_path):

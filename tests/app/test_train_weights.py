@@ -2,9 +2,6 @@
 
 import hashlib
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -13,17 +10,7 @@ from models.freezing import FrozenBatchNorm2d
 from models.networks import BackboneConfig, build_backbone
 from models.synthetic import write_synthetic_npz
 from privacy.ledger import Ledger
-
-
-def fedfew(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"},
-    )
+from tests.app.cli_process import fedfew
 
 
 def test_train_from_public_batchnorm_weights_keeps_statistics_and_records_the_file(tmp_path):
