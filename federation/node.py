@@ -199,26 +199,13 @@ def _charge(ledger: Ledger, plan: RoundPlan, *, requester: str) -> LedgerEntry:
 def _report(
     config: NodeConfig, ledger: Ledger, plan: RoundPlan, entry: LedgerEntry, *, replayed: bool
 ) -> SitePrivacyReport:
-    head = signed_head(config, ledger)
-    return SitePrivacyReport(
+    return SitePrivacyReport.of_charge(
+        entry,
+        signed_head(config, ledger),
         site=config.site_id,
         weight=config.weight,
         round=plan.round,
         replayed=replayed,
-        ledger_entry=entry.id,
-        epsilon_round=entry.epsilon_after - entry.epsilon_before,
-        epsilon_spent=head.epsilon_spent,
-        epsilon_cap=head.cap_epsilon,
-        delta=head.delta,
-        accountant=head.accountant,
-        mechanism=entry.mechanism,
-        noise_multiplier=entry.noise_multiplier,
-        sample_rate=entry.sample_rate,
-        steps=entry.steps,
-        head_hash=head.head_hash,
-        head_entries=head.entries,
-        public_key=head.public_key,
-        signature=head.signature,
     )
 
 

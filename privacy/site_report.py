@@ -19,6 +19,7 @@ from typing import Any
 from models.errors import RegistryError
 from models.registry import Registry
 from privacy.errors import LedgerError, ReportFormatError
+from privacy.ledger import LedgerEntry
 from privacy.ledger_head import UNSIGNED, LedgerHead, RecordedHead
 
 
@@ -137,6 +138,39 @@ class SitePrivacyReport:
     def to_dict(self) -> dict[str, Any]:
         """Flat kebab-case mapping: what a Flower ConfigRecord and the registry's JSON hold."""
         return {key: getattr(self, name) for name, key in _KEYS.items()}
+
+    @classmethod
+    def of_charge(
+        cls,
+        entry: LedgerEntry,
+        head: LedgerHead,
+        *,
+        site: str,
+        weight: float,
+        round: int,
+        replayed: bool,
+    ) -> SitePrivacyReport:
+        """The report of one round's ledger charge ``entry`` under the ledger's ``head``."""
+        return cls(
+            site=site,
+            weight=weight,
+            round=round,
+            replayed=replayed,
+            ledger_entry=entry.id,
+            epsilon_round=entry.epsilon_after - entry.epsilon_before,
+            epsilon_spent=head.epsilon_spent,
+            epsilon_cap=head.cap_epsilon,
+            delta=head.delta,
+            accountant=head.accountant,
+            mechanism=entry.mechanism,
+            noise_multiplier=entry.noise_multiplier,
+            sample_rate=entry.sample_rate,
+            steps=entry.steps,
+            head_hash=head.head_hash,
+            head_entries=head.entries,
+            public_key=head.public_key,
+            signature=head.signature,
+        )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SitePrivacyReport:

@@ -19,25 +19,8 @@ from .test_ledger_head import charge, write_key
 
 def report_for(ledger: Ledger, round_no: int, head) -> SitePrivacyReport:
     entry = ledger.entries()[-1]
-    return SitePrivacyReport(
-        site=ledger.site,
-        weight=1.0,
-        round=round_no,
-        replayed=False,
-        ledger_entry=entry.id,
-        epsilon_round=entry.epsilon_after - entry.epsilon_before,
-        epsilon_spent=head.epsilon_spent,
-        epsilon_cap=head.cap_epsilon,
-        delta=head.delta,
-        accountant=head.accountant,
-        mechanism=entry.mechanism,
-        noise_multiplier=entry.noise_multiplier,
-        sample_rate=entry.sample_rate,
-        steps=entry.steps,
-        head_hash=head.head_hash,
-        head_entries=head.entries,
-        public_key=head.public_key,
-        signature=head.signature,
+    return SitePrivacyReport.of_charge(
+        entry, head, site=ledger.site, weight=1.0, round=round_no, replayed=False
     )
 
 
