@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     base = pretrained(train, config, log)
     rows: list[dict[str, Any]] = []
     for name, new in targets.items():
+        if name not in config.folds:
+            continue
         pool, evaluation = split_by_patient(new, config.pool_fraction, config.seed)
         log(f"{name}: pool {len(pool)} unlabelled images, evaluation {len(evaluation)} images")
         models = {**base, **prepared(base["supervised"], pool, config, log)}

@@ -3,14 +3,17 @@ per-round evaluation on a public set, and a registry version per round."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from federation.errors import ModelMismatchError
 from federation.records import State
 from federation.rounds import run_rounds
 from federation.server_config import ServerConfig
@@ -19,6 +22,7 @@ from federation.versions import model_from_state, publish_state
 from models.episodes import EpisodeConfig
 from models.evaluation import evaluate
 from models.imageset import ImageSet
+from models.model_dir import load_model_dir
 from models.networks import build_backbone
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
@@ -32,9 +36,27 @@ app = ServerApp()
 
 
 def initial_state(config: ServerConfig) -> State:
-    """A freshly initialised global model (seeded only when the config says so)."""
-    torch.manual_seed(config.seed if config.seed >= 0 else secrets.randbits(63))
-    model = build_backbone(plan_for(config, 1).backbone)
+    """The round-0 global model: the run config's ``initial-model`` (a public start written by
+    `fedfew pretrain` or the demo's operator step), else a fresh initialisation (seeded only when
+    the config says so).
+
+    Raises:
+        ModelMismatchError: the initial model is not the network the round plan names.
+        ModelDirError: the initial model directory cannot be read.
+    """
+    backbone = plan_for(config, 1).backbone
+    if config.initial_model:
+        loaded = load_model_dir(Path(config.initial_model))
+        if dataclasses.replace(loaded.backbone, trainable=backbone.trainable) != backbone:
+            raise ModelMismatchError(
+                f"initial model {config.initial_model} is a {loaded.backbone.to_dict()} network "
+                f"but the run config asks for {backbone.to_dict()}: set backbone, width, "
+                "image-size and norm to the initial model's"
+            )
+        model = loaded.model
+    else:
+        torch.manual_seed(config.seed if config.seed >= 0 else secrets.randbits(63))
+        model = build_backbone(backbone)
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
@@ -72,8 +94,7 @@ def publish_version(
         registry,
         state,
         plan_for(config, 1),  # backbone and meta-learner are the same in every round
-        name=f"{config.federation} round {record['round']}"
-        + (" (initial model)" if record["round"] == 0 else ""),
+        name=f"{config.federation} round {record['round']}" + _start_label(record, config),
         extra={"federation": config.to_dict(), "round": record["round"], "private": True},
         metrics=record["metrics"],
         privacy=record["sites"],
@@ -85,6 +106,14 @@ def publish_version(
             "config": config.to_dict(),
         },
     )
+
+
+def _start_label(record: dict[str, Any], config: ServerConfig) -> str:
+    if record["round"] != 0:
+        return ""
+    if config.initial_model:
+        return f" (public start {Path(config.initial_model).name})"
+    return " (initial model)"
 
 
 def serve(grid: Grid, config: ServerConfig) -> None:

@@ -55,6 +55,9 @@ class ServerConfig:
     backbone: str = "conv4"
     width: int = 64
     image_size: int = 64
+    norm: str = "group"  # "batch" only for a public start whose BatchNorm statistics stay frozen
+    trainable: str = "all"  # the parameters DP touches (models.freezing.PARAMETER_SUBSETS)
+    initial_model: str = ""  # a model directory to start from (`fedfew pretrain`); "": random
     update_norm_bound: float = 0.0  # 0: local_lr * local_steps * sqrt(#params) * 3 (Adam's reach)
     norm_policy: str = "clip"  # clip or reject deltas over the bound
     defence: str = "none"  # a key of DEFENCES
@@ -125,7 +128,11 @@ class ServerConfig:
             dp=dp,
             meta=MetaConfig(learner=self.meta_learner),
             backbone=BackboneConfig(
-                name=self.backbone, width=self.width, image_size=self.image_size
+                name=self.backbone,
+                width=self.width,
+                image_size=self.image_size,
+                norm=self.norm,
+                trainable=self.trainable,
             ),
         )
 
