@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +18,7 @@ from models.errors import ModelDirError
 from models.meta import MetaConfig
 from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
+from models.version import code_version
 from models.weights import RECORD_KEY, WeightsRecord
 
 WEIGHTS = "weights.safetensors"
@@ -29,28 +26,6 @@ CONFIG = "config.json"
 PIPELINE = "pipeline.json"
 DOMAIN = "domain.safetensors"  # optional: the modality's feature statistics (adapt-domain)
 DOMAIN_MEAN_KEY = "feature_mean"
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """The installed fedfew version plus the checkout's git short hash when there is one
-    (recorded with every model and ledger entry)."""
-    try:
-        version = metadata.version("fedfew")
-    except metadata.PackageNotFoundError:  # running from a source tree without install
-        version = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if done.returncode == 0 and done.stdout.strip():
-            version += "+g" + done.stdout.strip()
-    return version
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.errors import RegistryError
-from models.model_dir import LoadedModel, code_version, load_model_dir
+from models.version import code_version
+
+if TYPE_CHECKING:  # models.model_dir imports torch and MONAI: loaded by load_model only
+    from models.model_dir import LoadedModel
 
 KIND_GLOBAL = "global"  # a federation round's model, as the server published it
 KIND_ADAPTER = "adapter"  # a clinician's support set for one condition (stays at the hospital)
@@ -182,6 +185,8 @@ class Registry:
     def load_model(self, version: int) -> LoadedModel:
         """Load a global or local model version as a ready backbone (with its domain mean when
         the version was prepared for a modality)."""
+        from models.model_dir import load_model_dir
+
         return load_model_dir(self.get(version).path)
 
     def _entry(self, row: sqlite3.Row) -> RegistryEntry:
