@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,11 @@ from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.errors import DeploymentError
 from federation.server_config import ServerConfig
 from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
+from models.networks import BackboneConfig
+from models.pipeline import PipelineConfig
+from models.pretraining import write_pretrained
 from models.registry import Registry, RegistryEntry
-from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays
+from models.synthetic import DEMO_TRAIN_CLASSES, public_set, synthetic_arrays
 from privacy.ledger import Ledger
 
 MARKER = ".fedfew-demo"  # a folder holding it was made by the demo and may be replaced by it
@@ -41,6 +45,10 @@ class DemoSettings:
     rounds: int = 3  # enough to see the model and every ledger move
     local_steps: int = 10  # DP steps per hospital per round
     width: int = 32  # Conv-4 filters; 64 costs 5x the time per step on CPU
+    public_objective: str = "protonet"  # the operator's pre-training on public classes
+    public_steps: int = 200  # non-private steps on public data, before any hospital is asked
+    trainable: str = "norm-affine"  # what DP touches: the public encoder's convolutions stay
+    local_lr: float = 1e-3  # Adam on the nodes
     budget_epsilon: float = 8.0  # each hospital's cap
     budget_delta: float = 1e-5
     noise_multiplier: float = 2.0  # sigma on C: accounted sigma 1.0 at sensitivity 2C
@@ -106,10 +114,39 @@ def site_spec(workdir: Path, site: str, data: Path, settings: DemoSettings) -> S
     )
 
 
+def public_start(workdir: Path, settings: DemoSettings, echo: Callable[[str], None]) -> Path:
+    """The operator's step: pre-train the starting model on public data (synthetic classes no
+    hospital holds and the evaluation never uses), without privacy, as `fedfew pretrain` does.
+
+    Returns:
+        The model directory the federation starts from (``WORKDIR/public-start``).
+    """
+    pipeline = PipelineConfig()
+    public = public_set(config=pipeline)
+    echo(
+        f"operator's step (not private, no hospital data): pre-training the starting model on "
+        f"{len(public.classes)} public synthetic classes, {settings.public_steps} steps..."
+    )
+    started = time.perf_counter()
+    out = write_pretrained(
+        workdir / "public-start",
+        [public],
+        objective=settings.public_objective,
+        backbone=BackboneConfig(width=settings.width, image_size=pipeline.image_size),
+        steps=settings.public_steps,
+    )
+    echo(f"  public start written to {out} ({time.perf_counter() - started:.0f} s)")
+    return out
+
+
 def server_config(
-    workdir: Path, sites: int, settings: DemoSettings, eval_data: str
+    workdir: Path,
+    sites: int,
+    settings: DemoSettings,
+    eval_data: str,
+    initial_model: Path | None = None,
 ) -> ServerConfig:
-    """The federation's run config for the demo."""
+    """The federation's run config for the demo (from ``initial_model``, else a random start)."""
     return ServerConfig(
         federation="fedfew-demo",
         num_rounds=settings.rounds,
@@ -117,6 +154,9 @@ def server_config(
         min_replies=max(1, sites - 1),
         local_steps=settings.local_steps,
         width=settings.width,
+        initial_model=str(initial_model or ""),
+        trainable=settings.trainable,
+        local_lr=settings.local_lr,
         noise_multiplier=settings.noise_multiplier,
         sample_rate=settings.sample_rate,
         eval_data=eval_data,
@@ -142,7 +182,8 @@ def run_demo(
     what = "synthetic data (not real patients)" if not data else "the given sets"
     echo(f"preparing {len(data) if data and len(data) > 1 else 3} hospitals with {what}...")
     sites = site_data(workdir, data)
-    config = server_config(workdir, len(sites), settings, eval_data)
+    start = public_start(workdir, settings, echo)
+    config = server_config(workdir, len(sites), settings, eval_data, start)
     app_dir = workdir / "flower-app"
     write_app_project(app_dir, serverapp=SERVER_APP, clientapp=CLIENT_APP, config=config.to_dict())
     specs = {name: site_spec(workdir, name, path, settings) for name, path in sites.items()}
@@ -226,7 +267,7 @@ def _round_line(record: dict[str, Any], total: int) -> str:
     )
     shown = ", ".join(f"{k.removeprefix('accuracy-')} {100 * v:.1f}%" for k, v in accuracy.items())
     if record["round"] == 0:
-        return f"  initial model (round 0): {shown}"
+        return f"  public start (round 0): {shown}"
     return f"  round {record['round']}/{total} ({record['seconds']:.0f} s): {shown}; {spent}"
 
 

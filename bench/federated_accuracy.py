@@ -37,8 +37,8 @@ from federation.server_app import evaluate_state, initial_state, public_eval_set
 from federation.server_config import ServerConfig
 from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, write_site
 from federation.strategy import FederatedMetaStrategy, plan_for
+from federation.versions import model_from_state
 from models.episodes import EpisodeConfig
-from models.networks import build_backbone
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays
@@ -59,7 +59,10 @@ def _sites(root: Path) -> list[dict[str, Any]]:
     return configs
 
 
-def _federated(config: ServerConfig, sites: list[dict[str, Any]], cap: float, root: Path) -> dict:
+def federated(config: ServerConfig, sites: list[dict[str, Any]], cap: float, root: Path) -> dict:
+    """Run the federation in process (real round loop and ClientApp handler); each site's
+    ledger is created with cap ``cap``."""
+
     def handler(site: dict[str, Any]):
         node_config = {
             **site,
@@ -86,11 +89,12 @@ def _federated(config: ServerConfig, sites: list[dict[str, Any]], cap: float, ro
     return {"state": final.state, "site_epsilon": spent, "rounds": final.history}
 
 
-def _central(config: ServerConfig, sites: list[dict[str, Any]], sigma: float | None) -> State:
+def central(config: ServerConfig, sites: list[dict[str, Any]], sigma: float | None) -> State:
+    """One model trained from the config's start on the sites' data pooled: DP at ``sigma``
+    (as applied to C) for as many steps as all sites together, or non-private (``None``)."""
     pipeline = PipelineConfig(image_size=config.image_size)
     sets = [load_dataset(s["data"], pipeline) for s in sites]
-    torch.manual_seed(config.seed)
-    model = build_backbone(plan_for(config, 1).backbone)
+    model = model_from_state(initial_state(config), plan_for(config, 1))
     steps = config.num_rounds * config.local_steps * len(sites)
     if sigma is None:
         train = TrainConfig(
@@ -156,15 +160,15 @@ def main() -> None:
             noise_multiplier=mechanism.noise_for(accounted),
             workdir=str(root / f"server-{epsilon:g}"),
         )
-        result = _federated(config, sites, epsilon * 1.0001, root / f"eps{epsilon:g}")
+        result = federated(config, sites, epsilon * 1.0001, root / f"eps{epsilon:g}")
         record("federated-dp", epsilon, result["state"], site_epsilon=result["site_epsilon"],
                accounted_sigma=accounted)  # fmt: skip
         central_sigma = calibrate_noise_multiplier(
             target_epsilon=epsilon, delta=DELTA, sample_rate=base.sample_rate, steps=central_steps
         )
-        state = _central(base, sites, mechanism.noise_for(central_sigma))
+        state = central(base, sites, mechanism.noise_for(central_sigma))
         record("central-dp", epsilon, state, accounted_sigma=central_sigma)
-    record("central-nonprivate", None, _central(base, sites, None))
+    record("central-nonprivate", None, central(base, sites, None))
     _plot(rows)
     progress(f"wrote {RESULTS / 'federated_accuracy.json'}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +21,12 @@ from models.augment import augment_batch
 from models.errors import DataError
 from models.imageset import ImageSet
 from models.meta import MetaConfig, cross_entropy
+from models.model_dir import save_model_dir
+from models.networks import BackboneConfig
+from models.pipeline import PipelineConfig
 from models.self_supervised import ContrastiveConfig, contrastive_train
 from models.training import TrainConfig, meta_train, optimizer_step
+from models.weights import start_backbone
 
 
 @dataclass(frozen=True)
@@ -175,3 +180,48 @@ PRETRAIN_OBJECTIVES: dict[str, Objective] = {
         _self_supervised, 300, False, "SimCLR on the images, labels ignored (Chen et al. 2020)"
     ),
 }
+
+
+def write_pretrained(
+    out: Path,
+    sets: Sequence[ImageSet],
+    *,
+    objective: str,
+    backbone: BackboneConfig,
+    steps: int | None = None,
+    seed: int = 0,
+    weights: Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Path:
+    """Pre-train a backbone on public sets with a registered objective and write it as a model
+    directory (the operator's non-private step: `fedfew pretrain`, the demo's public start).
+
+    Raises:
+        ValueError: ``objective`` is not in :data:`PRETRAIN_OBJECTIVES`.
+        WeightsError: the weights file cannot start this backbone.
+    """
+    if objective not in PRETRAIN_OBJECTIVES:
+        raise ValueError(
+            f"unknown objective {objective!r}: use one of {', '.join(PRETRAIN_OBJECTIVES)}"
+        )
+    spec = PRETRAIN_OBJECTIVES[objective]
+    total = steps or spec.default_steps
+    torch.manual_seed(seed)
+    started = start_backbone(backbone, weights=weights)
+    losses = spec.train(started.model, sets, steps=total, seed=seed, on_step=on_step)
+    extra = {
+        "pretrain": {"objective": objective, "steps": total, "seed": seed},
+        "data": [s.name for s in sets],
+        "private": False,
+        "final_loss": float(np.mean(losses[-50:])),
+    }
+    save_model_dir(
+        out,
+        started.model,
+        backbone=started.config,
+        pipeline=PipelineConfig(image_size=backbone.image_size),
+        meta=MetaConfig(),
+        extra=extra,
+        weights=started.weights,
+    )
+    return out

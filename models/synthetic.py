@@ -220,6 +220,10 @@ def synthetic_imageset(*, config: PipelineConfig = PipelineConfig(), **kwargs: A
 
 DEMO_CLASSES = 24  # the embedded demo's synthetic set
 DEMO_TRAIN_CLASSES = 16  # classes 0-15 train; 16-23 are never seen in training
+# Classes 24-31 stand for public data: the operator pre-trains on them, no hospital holds them,
+# and they are drawn with their own seed, so they share no patient with the demo's hospitals.
+PUBLIC_CLASSES = range(DEMO_CLASSES, MAX_CLASSES)
+PUBLIC_SEED = 1
 
 
 def demo_sets(
@@ -232,3 +236,12 @@ def demo_sets(
         np.arange(DEMO_TRAIN_CLASSES, DEMO_CLASSES), name="synthetic-unseen"
     )
     return train, unseen
+
+
+def public_set(*, config: PipelineConfig = PipelineConfig(), per_class: int = 40) -> ImageSet:
+    """The demo's stand-in for public data: synthetic classes that no hospital holds and that the
+    demo never evaluates on (:data:`PUBLIC_CLASSES`)."""
+    data = synthetic_imageset(
+        config=config, n_classes=MAX_CLASSES, per_class=per_class, seed=PUBLIC_SEED
+    )
+    return data.subset_classes(np.array(PUBLIC_CLASSES), name="synthetic-public")
