@@ -4,6 +4,9 @@ A history is a list of ``(accounted_noise_multiplier, sample_rate, steps)`` trip
 shape of ``opacus.accountants.*.history``: each triple is ``steps`` runs of the Poisson-subsampled
 Gaussian mechanism with sampling rate ``q`` and noise standard deviation ``sigma`` times the
 mechanism's L2 sensitivity. Nothing here holds state; the stateful part is ``privacy.ledger``.
+
+Opacus is imported by the functions that compute, not by this module: any Opacus import loads
+torch (seconds), and the ledger and ``fedfew budget verify`` need only the constants.
 """
 
 from __future__ import annotations
@@ -15,17 +18,22 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 History = list[tuple[float, float, int]]
 
 ACCOUNTANTS = ("rdp", "prv")
 
+# opacus.accountants.RDPAccountant.DEFAULT_ALPHAS, written out so that reading it needs no
+# Opacus import (a test checks the two are equal).
+OPACUS_DEFAULT_ORDERS: tuple[float, ...] = (
+    *(1 + x / 10.0 for x in range(1, 100)),
+    *range(12, 64),
+)
+
 # Opacus's default orders plus the large orders Google's dp_accounting also uses: with only
 # orders <= 63 a small-epsilon history (large sigma, few steps) is bounded several times too
 # loosely. Adding orders can only lower the minimum, and every order gives a valid bound.
-RDP_ORDERS: tuple[float, ...] = (*RDPAccountant.DEFAULT_ALPHAS, 128, 256, 512, 1024)
+RDP_ORDERS: tuple[float, ...] = (*OPACUS_DEFAULT_ORDERS, 128, 256, 512, 1024)
 
 # PRV: Opacus's default absolute epsilon error is 0.01 (10% of epsilon = 0.1). A cheap coarse
 # pass (error PRV_COARSE_ERROR) bounds epsilon from below; the final pass asks for
@@ -39,6 +47,15 @@ PRV_MIN_EPS_ERROR = 1e-3
 # Calibration: the calibrated epsilon lies in [(1 - tolerance) * target, target].
 CALIBRATION_TOLERANCE = 0.01
 MAX_SIGMA = 1e6
+
+
+def load_accountants() -> None:
+    """Import Opacus's accountants now (seconds, once per process; later calls cost nothing).
+
+    Call it before taking a lock that the first epsilon computation would otherwise hold for the
+    whole import (``Ledger.charge``'s write transaction).
+    """
+    import opacus.accountants  # noqa: F401
 
 
 def _check_delta(delta: float) -> None:
@@ -98,6 +115,8 @@ def _quiet_extreme_order() -> Iterator[None]:
 def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
     # One step's RDP curve over RDP_ORDERS; cached because a ledger re-composes the same few
     # (sigma, q) pairs on every charge. compute_rdp(steps=k) is exactly k times this curve.
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     curve = np.asarray(
         rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(RDP_ORDERS)),
         dtype=float,
@@ -109,6 +128,8 @@ def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
 def _rdp_epsilon(history: History, delta: float) -> float:
     # Same arithmetic as RDPAccountant(history).get_epsilon(delta, alphas=RDP_ORDERS): the sum
     # over entries of steps * per-step curve, then Balle et al. 2020's conversion.
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     total = sum(_rdp_per_step(sigma, q) * steps for sigma, q, steps in history)
     with _quiet_extreme_order():
         eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
@@ -116,6 +137,8 @@ def _rdp_epsilon(history: History, delta: float) -> float:
 
 
 def _prv_epsilon(history: History, delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
     accountant = PRVAccountant()
     accountant.history = history
     # q = 1 makes Opacus take log(1 - q) = -inf, which is the intended limit.

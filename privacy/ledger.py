@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from models.model_dir import code_version
-from privacy.accounting import ACCOUNTANTS, epsilon_for
+from models.version import code_version
+from privacy.accounting import ACCOUNTANTS, epsilon_for, load_accountants
 from privacy.errors import BudgetExhaustedError, LedgerError, LedgerTamperedError
 
 SCHEMA_VERSION = 1
@@ -364,6 +364,7 @@ class Ledger:
             LedgerError: If the file is unreadable or stayed locked for ``BUSY_TIMEOUT_S``.
         """
         step = (request.accounted_noise_multiplier, float(request.sample_rate), request.steps)
+        load_accountants()  # a first Opacus import takes seconds: not while holding the lock
         with self._connect() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
