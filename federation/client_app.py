@@ -6,6 +6,9 @@ on the node: in its Python log and in ``node-errors.log`` beside the replies it 
 
 Every exception is caught, including unknown ones, which reply ``internal-error``: re-raising
 would let Flower build the error reply itself, and Flower puts ``str(exception)`` in it.
+
+Flower starts one ClientApp process per message, so this module imports only Flower and light
+modules; the training stack (torch, Opacus, MONAI) is imported by the first message's handling.
 """
 
 from __future__ import annotations
@@ -15,23 +18,35 @@ import logging
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from federation.errors import PlanInvalidError, PlanRefusedError
-from federation.node import run_round
 from federation.node_config import NodeConfig
-from federation.plan import RoundPlan
 from federation.reasons import ReasonCode, error_for, reason_for
 from federation.records import DELTA, MODEL, PLAN, REPORT, from_arrays, from_config, to_arrays
 from federation.records import to_config as config_record
+
+if TYPE_CHECKING:
+    from federation.node import NodeReply, State
+    from federation.plan import RoundPlan
 
 # Not a child of Flower's logger: the node's log stays on the node.
 logger = logging.getLogger("fedfew.node")
 FAILURE_LOG = "node-errors.log"  # beside the node's kept replies, on the node's disk
 
 app = ClientApp()
+
+
+def run_round(
+    config: NodeConfig, plan: RoundPlan, global_state: State, *, requester: str
+) -> NodeReply:
+    """:func:`federation.node.run_round`, imported when the first message is handled."""
+    from federation.node import run_round as node_run_round
+
+    return node_run_round(config, plan, global_state, requester=requester)
 
 
 @app.train()
@@ -68,6 +83,8 @@ def _failed(msg: Message, config: NodeConfig | None, exc: Exception) -> Message:
 
 
 def _plan(msg: Message) -> RoundPlan:
+    from federation.plan import RoundPlan
+
     if MODEL not in msg.content.array_records or PLAN not in msg.content.config_records:
         raise PlanInvalidError("message lacks the model or the plan")
     try:
