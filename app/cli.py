@@ -1,254 +1,140 @@
-"""The ``fedfew`` command line."""
+"""The ``fedfew`` command line.
+
+Every command and group is listed in ``COMMANDS`` with where it lives and its one-line help, and
+its module is imported only when that command runs: ``fedfew --help`` and ``fedfew budget ...``
+never import torch, Opacus or MONAI (seconds each). A test checks each one-line help against the
+command's own.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import importlib
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 
 import click
-import numpy as np
-import torch
 import typer
-from tqdm import tqdm
+from typer.core import TyperCommand, TyperGroup
 
-from app.budget_cli import budget_app
-from app.dashboard_cli import dashboard, users_app
-from app.demo import DemoSettings, run_demo, summary
-from app.deploy_cli import node_app, server_app
-from app.model_cli import adapt_domain_command, load_sets, pretrain
-from models.adaptation import ADAPT_MODES, AdaptConfig
-from models.episodes import EpisodeConfig
 from models.errors import FedfewError
-from models.evaluation import evaluate as run_evaluation
-from models.imageset import ImageSet
-from models.meta import MetaConfig
-from models.model_dir import load_model_dir, save_model_dir
-from models.networks import BACKBONES, BackboneConfig
-from models.pipeline import PipelineConfig
-from models.readers import load_dataset
-from models.training import TrainConfig, meta_train
-from models.weights import StartedBackbone, start_backbone
-from privacy.ledger import Ledger
-from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS, get_mechanism
-from privacy.private_run import charge_private_run, run_charged_training
+
+
+@dataclass(frozen=True)
+class LazyCommand:
+    """A command (a function) or a group (a ``typer.Typer``) imported only when it runs."""
+
+    target: str  # "module:attribute"
+    help: str  # the one line ``fedfew --help`` shows: the first paragraph of the command's help
+    group: bool = False  # a typer.Typer of subcommands rather than one command function
+
+    def load(self) -> object:
+        """Import the module and return the attribute."""
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+# The order of `fedfew --help`: commands, then groups.
+COMMANDS: dict[str, LazyCommand] = {
+    "dashboard": LazyCommand(
+        "app.dashboard_cli:dashboard",
+        "Start the dashboard (Streamlit) for clinicians, administrators and IT.",
+    ),
+    "pretrain": LazyCommand(
+        "app.model_cli:pretrain",
+        "Pre-train an encoder on public data, without privacy (the federation operator's step).",
+    ),
+    "adapt-domain": LazyCommand(
+        "app.model_cli:adapt_domain_command",
+        "Prepare a model for a new modality from this hospital's own unlabelled images.",
+    ),
+    "train": LazyCommand(
+        "app.train_cli:train",
+        "Meta-train a few-shot model on one machine and write a model directory.",
+    ),
+    "evaluate": LazyCommand(
+        "app.train_cli:evaluate", "Few-shot accuracy (95% CI) of a model on a test set."
+    ),
+    "demo": LazyCommand(
+        "app.demo_cli:demo",
+        "Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS.",
+    ),
+    "budget": LazyCommand(
+        "app.budget_cli:budget_app",
+        "A site's privacy budget ledger: its cap, what was spent, and a tamper check.",
+        group=True,
+    ),
+    "users": LazyCommand(
+        "app.dashboard_cli:users_app",
+        "The dashboard's local accounts (salted scrypt hashes; no default account).",
+        group=True,
+    ),
+    "node": LazyCommand(
+        "app.deploy_cli:node_app",
+        "A hospital node: provision it (config, key, data check), check it, run its SuperNode.",
+        group=True,
+    ),
+    "server": LazyCommand(
+        "app.deploy_cli:server_app",
+        "The federation server: CA and certificates, SuperLink, node registration, runs.",
+        group=True,
+    ),
+}
+
+
+class _NotLoaded(TyperCommand):
+    """Stands in for a command in the root group's listing until the command runs."""
+
+
+class _NotLoadedGroup(TyperGroup):
+    """Stands in for a group in the root group's listing until one of its commands runs."""
+
+
+def load_command(name: str) -> click.Command:
+    """The real click command of ``COMMANDS[name]``, built the way ``add_typer`` /
+    ``Typer.command`` on the root app would build it."""
+    lazy = COMMANDS[name]
+    target = lazy.load()
+    holder = typer.Typer(add_completion=False)
+    if isinstance(target, typer.Typer):
+        holder.add_typer(target, name=name)
+    elif callable(target):
+        holder.command(name)(target)
+    else:
+        raise TypeError(f"{lazy.target} is neither a typer.Typer nor a command function")
+    return typer.main.get_group(holder).commands[name]
+
+
+class LazyGroup(TyperGroup):
+    """The root group: lists the stand-ins (help needs nothing else) and swaps in the real
+    command when one is run (click resolves every command it runs through ``resolve_command``)."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """Resolve as click does, then import the command if only its stand-in is loaded."""
+        name, command, rest = super().resolve_command(ctx, args)
+        if name is not None and isinstance(command, _NotLoaded | _NotLoadedGroup):
+            command = self.commands[name] = load_command(name)
+        return name, command, rest
+
+
+def _not_loaded() -> None:
+    # The stand-ins' callback: never runs, since LazyGroup swaps in the real command first.
+    raise RuntimeError("a fedfew command ran before it was loaded")
+
 
 app = typer.Typer(
     help="fedfew: privacy-preserving federated few-shot medical image diagnosis.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=LazyGroup,
 )
-app.add_typer(budget_app, name="budget")
-app.add_typer(users_app, name="users")
-app.add_typer(node_app, name="node")
-app.add_typer(server_app, name="server")
-app.command("dashboard")(dashboard)
-app.command("pretrain")(pretrain)
-app.command("adapt-domain")(adapt_domain_command)
-
-
-def _train_model(
-    sets: list[ImageSet],
-    *,
-    backbone: BackboneConfig,
-    config: TrainConfig,
-    meta: MetaConfig,
-    weights: Path | None = None,
-) -> tuple[StartedBackbone, list[float]]:
-    torch.manual_seed(config.seed)
-    started = start_backbone(backbone, weights=weights)
-    model = started.model
-    with tqdm(total=config.steps, desc=f"meta-training ({meta.learner})", unit="step") as bar:
-
-        def on_step(_step: int, loss: float) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-        losses = meta_train(model, sets, config=config, meta=meta, on_step=on_step)
-    return started, losses
-
-
-@app.command()
-def train(
-    data: str = typer.Option(..., help="Training sets: .npz files or manifests, comma-separated."),
-    out: Path = typer.Option(..., help="Model directory to write."),
-    meta_learner: str = typer.Option("protonet", help="protonet | maml | fomaml"),
-    steps: int = typer.Option(TrainConfig.steps, help="Optimiser steps."),
-    seed: int = typer.Option(0, help="Seed for initialisation, episodes and augmentation."),
-    backbone: str = typer.Option("conv4", help=f"Backbone: {' | '.join(BACKBONES)}."),
-    weights: Path | None = typer.Option(
-        None,
-        help="Public weights to start from (.safetensors or a torch state dict); "
-        "its SHA-256 is recorded in the model directory.",
-    ),
-    ways: int = typer.Option(
-        5, help="Classes per training episode (capped by each set's classes)."
-    ),
-    shots: int = typer.Option(5, help="Support images per class in training episodes."),
-    queries: int = typer.Option(10, help="Query images per class in training episodes."),
-    epsilon: float | None = typer.Option(
-        None, help="Train with DP, spending this epsilon (needs --ledger)."
-    ),
-    ledger: Path | None = typer.Option(None, help="The site's budget ledger (fedfew budget init)."),
-    accountant: str | None = typer.Option(
-        None, help="rdp | prv for calibration (default: the ledger's accountant)."
-    ),
-    sample_rate: float = typer.Option(0.1, help="DP: Poisson sampling rate q of patients."),
-    mechanism: str = typer.Option(
-        DEFAULT_MECHANISM, help=f"DP mechanism with --epsilon: {' | '.join(MECHANISMS)}."
-    ),
-) -> None:
-    """Meta-train a few-shot model on one machine and write a model directory.
-
-    With --epsilon and --ledger the run is differentially private: sigma is calibrated so the run
-    spends epsilon, and the ledger is charged before training (refused past the site's cap).
-    --mechanism picks the registered DP mechanism (docs/privacy.md): dp-episodic meta-trains
-    with per-episode clipping; dp-supervised trains the backbone as a classifier over the sets'
-    classes with per-patient clipping.
-    """
-    if (epsilon is None) != (ledger is None):
-        raise typer.BadParameter("--epsilon and --ledger go together (DP training needs both)")
-    dp_mechanism = get_mechanism(mechanism)  # an unknown name fails before any file is read
-    pipeline = PipelineConfig()
-    backbone_config = BackboneConfig(name=backbone, image_size=pipeline.image_size)
-    meta = MetaConfig(learner=meta_learner)
-    config = TrainConfig(
-        steps=steps, seed=seed, episode=EpisodeConfig(ways=ways, shots=shots, queries=queries)
-    )
-    site_ledger = Ledger.open(ledger) if ledger is not None else None
-    sets = load_sets(data, pipeline)
-    extra: dict[str, object] = {"train": config.to_dict(), "data": [s.name for s in sets]}
-    if site_ledger is not None and epsilon is not None:
-        torch.manual_seed(seed)
-        started = start_backbone(backbone_config, weights=weights)  # a bad file fails uncharged
-        model = started.model
-        planned, entry = charge_private_run(
-            dp_mechanism,
-            ledger=site_ledger,
-            target_epsilon=epsilon,
-            steps=steps,
-            dp=dp_mechanism.dp_config(  # noise_multiplier is calibrated for the target epsilon
-                {
-                    "noise_multiplier": 1.0,
-                    "sample_rate": sample_rate,
-                    "ways": ways,
-                    "max_shots": shots,
-                    "max_queries": queries,
-                }
-            ),
-            accountant=accountant or site_ledger.accountant,
-            requester="fedfew train",
-        )
-        with tqdm(total=steps, desc=f"DP training ({mechanism})", unit="step") as bar:
-            report = run_charged_training(
-                model,
-                sets,
-                mechanism=dp_mechanism,
-                planned=planned,
-                entry=entry,
-                target_epsilon=epsilon,
-                delta=site_ledger.delta,
-                meta=meta,
-                on_step=lambda _i: bar.update(1),
-            )
-        extra["privacy"] = {**report.to_dict(), "site": site_ledger.site}
-        summary = (
-            f"epsilon {report.run_epsilon:.3f} ({report.run_epsilon_accountant}, "
-            f"delta {site_ledger.delta:g}); site {site_ledger.site} has now spent "
-            f"{report.entry.epsilon_after:.3f} of {site_ledger.cap_epsilon:g}"
-        )
+for _name, _lazy in COMMANDS.items():
+    if _lazy.group:
+        app.add_typer(typer.Typer(), name=_name, help=_lazy.help, cls=_NotLoadedGroup)
     else:
-        started, losses = _train_model(
-            sets, backbone=backbone_config, config=config, meta=meta, weights=weights
-        )
-        model = started.model
-        extra["final_loss"] = float(np.mean(losses[-50:]))
-        summary = f"final loss {extra['final_loss']:.3f}, not private"
-    extra["private"] = epsilon is not None
-    save_model_dir(
-        out,
-        model,
-        backbone=started.config,
-        pipeline=pipeline,
-        meta=meta,
-        extra=extra,
-        weights=started.weights,
-    )
-    typer.echo(f"model written to {out} ({summary})")
-
-
-@app.command()
-def evaluate(
-    model: Path = typer.Option(..., help="Model directory written by `fedfew train`."),
-    data: Path = typer.Option(
-        ..., help="Test set (.npz or manifest) with classes unseen in training."
-    ),
-    ways: int = typer.Option(..., help="Classes per episode."),
-    shots: int = typer.Option(..., help="Labelled support images per class."),
-    queries: int = typer.Option(15, help="Query images per class."),
-    episodes: int = typer.Option(600, help="Episodes to average (>= 600 for a publishable CI)."),
-    adapt: str = typer.Option(
-        AdaptConfig.mode, help=f"Adaptation mode: {' | '.join(ADAPT_MODES)}."
-    ),
-    seed: int = typer.Option(0, help="Seed of the episode draws."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-) -> None:
-    """Few-shot accuracy (95% CI) of a model on a test set."""
-    loaded = load_model_dir(model)
-    test = load_dataset(data, loaded.pipeline)
-    episode = EpisodeConfig(ways=ways, shots=shots, queries=queries)
-    adapt_config = AdaptConfig(mode=adapt)
-    with tqdm(total=episodes, desc=f"evaluating ({adapt})", unit="ep", disable=None) as bar:
-        result = run_evaluation(
-            loaded.model,
-            test,
-            episode=episode,
-            adapt_config=adapt_config,
-            meta=loaded.meta,
-            episodes=episodes,
-            seed=seed,
-            domain_mean=loaded.domain_mean,
-            on_episode=lambda: bar.update(1),
-        )
-    if as_json:
-        typer.echo(json.dumps(result.to_dict()))
-    else:
-        typer.echo(
-            f"{ways}-way {shots}-shot accuracy on {test.name}: "
-            f"{100 * result.accuracy:.1f}% +/- {100 * result.ci95:.1f} ({episodes} episodes)"
-        )
-
-
-@app.command()
-def demo(
-    data: str | None = typer.Option(
-        None,
-        help="Real sets instead of the synthetic data: one .npz split across 3 hospitals, "
-        "or one .npz per hospital (comma-separated).",
-    ),
-    eval_data: str = typer.Option(
-        "synthetic", help="The server's public evaluation set (.npz) of classes no site has."
-    ),
-    rounds: int = typer.Option(DemoSettings.rounds, help="Federated rounds."),
-    local_steps: int = typer.Option(DemoSettings.local_steps, help="DP steps per site per round."),
-    workdir: Path = typer.Option(Path("fedfew-demo"), help="Where the demo keeps everything."),
-) -> None:
-    """Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS."""
-    settings = dataclasses.replace(DemoSettings(), rounds=rounds, local_steps=local_steps)
-    sets = [Path(p) for p in data.split(",")] if data else None
-    result = run_demo(workdir, data=sets, eval_data=eval_data, settings=settings, echo=typer.echo)
-    for line in summary(result):
-        typer.echo(line)
-    hospital = next(iter(sorted(result.site_epsilon)))
-    typer.echo(
-        "open the dashboard of a hospital: fedfew dashboard "
-        f"--registry {result.workdir / hospital / 'registry'} "
-        f"--ledger {result.workdir / hospital / 'ledger.db'} "
-        f"--federation-status {result.workdir / 'server' / 'status.json'} "
-        "(create a user first: fedfew users add --role clinician)"
-    )
+        app.command(_name, help=_lazy.help, cls=_NotLoaded)(_not_loaded)
 
 
 def exit_status(returned: object) -> int:

@@ -1,0 +1,43 @@
+"""``fedfew demo``: three hospitals federated on this machine (the logic lives in ``app/demo.py``).
+
+Registered lazily in ``app/cli.py``: ``app.demo`` brings Flower and the training stack, so it is
+imported only when the demo runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from app.demo import DemoSettings, run_demo, summary
+
+
+def demo(
+    data: str | None = typer.Option(
+        None,
+        help="Real sets instead of the synthetic data: one .npz split across 3 hospitals, "
+        "or one .npz per hospital (comma-separated).",
+    ),
+    eval_data: str = typer.Option(
+        "synthetic", help="The server's public evaluation set (.npz) of classes no site has."
+    ),
+    rounds: int = typer.Option(DemoSettings.rounds, help="Federated rounds."),
+    local_steps: int = typer.Option(DemoSettings.local_steps, help="DP steps per site per round."),
+    workdir: Path = typer.Option(Path("fedfew-demo"), help="Where the demo keeps everything."),
+) -> None:
+    """Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS."""
+    settings = dataclasses.replace(DemoSettings(), rounds=rounds, local_steps=local_steps)
+    sets = [Path(p) for p in data.split(",")] if data else None
+    result = run_demo(workdir, data=sets, eval_data=eval_data, settings=settings, echo=typer.echo)
+    for line in summary(result):
+        typer.echo(line)
+    hospital = next(iter(sorted(result.site_epsilon)))
+    typer.echo(
+        "open the dashboard of a hospital: fedfew dashboard "
+        f"--registry {result.workdir / hospital / 'registry'} "
+        f"--ledger {result.workdir / hospital / 'ledger.db'} "
+        f"--federation-status {result.workdir / 'server' / 'status.json'} "
+        "(create a user first: fedfew users add --role clinician)"
+    )
