@@ -244,8 +244,9 @@ def _run_with_progress(
         for record in rounds[shown:]:
             echo(_round_line(record, config.num_rounds))
         shown = max(shown, len(rounds))
-    if "error" in outcome:
-        raise outcome["error"]
+    error = outcome.get("error")
+    if isinstance(error, BaseException):
+        raise error
     run = outcome.get("run")
     if not isinstance(run, RunResult):
         raise DeploymentError("flwr run ended without a result")
