@@ -92,12 +92,47 @@ def simulation_section(payload: dict[str, Any], source: str) -> list[str]:
     ]
 
 
+def startup_section(payload: dict[str, Any], source: str) -> list[str]:
+    """Start-up seconds of the CLI and of a ClientApp, before and after the lazy imports."""
+    results, env = payload["results"], payload["environment"]
+    labels = [label for label in ("before", "after") if label in results]
+    cases = {label: {c["case"]: c for c in results[label]["cases"]} for label in labels}
+    table = []
+    for name in cases[labels[-1]]:
+        cells = []
+        for label in labels:
+            case = cases[label].get(name)
+            if case is None or (label == "before" and name == "client_app_message_imports"):
+                cells.append("-" if case is None else "(in the start)")
+            else:
+                cells.append(f"{case['median_s']:.2f}")
+        latest = cases[labels[-1]][name]
+        heavy = ", ".join(latest["imports"]) or "none"
+        table.append([f"`{' '.join(latest['argv'][:4])}`" if name != "client_app_message_imports"
+                      else "imports a message needs (node, mechanisms, DP trainer)",
+                      *cells, heavy])  # fmt: skip
+    commits = ", ".join(f"{label} {results[label]['commit']}" for label in labels)
+    return [
+        "### Start-up cost of the CLI and of a ClientApp",
+        "",
+        f"From `bench/results/{source}` ({env['date']}; {commits}): median seconds of "
+        f"{results[labels[-1]]['repeats']} fresh processes on this 2-core machine while other "
+        "jobs loaded it. Flower starts one `flwr-clientapp` process per message, so the "
+        "ClientApp's start is paid every round.",
+        "",
+        *_table(["what", *(f"{label} (s)" for label in labels), "heavy modules loaded"], table),
+        "",
+        "![start-up cost](bench/results/startup_cost.png)",
+    ]
+
+
 def render_federation(folder: Path) -> list[str]:
     """Every federation section whose JSON is in ``folder``."""
     sections = (
         ("federation_cost.json", federation_cost_section),
         ("federated_accuracy.json", federated_accuracy_section),
         ("simulation_scale.json", simulation_section),
+        ("startup_cost.json", startup_section),
     )
     parts: list[str] = []
     for name, section in sections:
