@@ -46,9 +46,9 @@ class DemoSettings:
     local_steps: int = 10  # DP steps per hospital per round
     width: int = 32  # Conv-4 filters; 64 costs 5x the time per step on CPU
     public_objective: str = "protonet"  # the operator's pre-training on public classes
-    public_steps: int = 200  # non-private steps on public data, before any hospital is asked
+    public_steps: int = 100  # non-private steps on public data, before any hospital is asked
     trainable: str = "norm-affine"  # what DP touches: the public encoder's convolutions stay
-    local_lr: float = 1e-3  # Adam on the nodes
+    local_lr: float = 0.01  # Adam on the nodes (bench/dp_recipe_sweep.py, norm-affine rows)
     budget_epsilon: float = 8.0  # each hospital's cap
     budget_delta: float = 1e-5
     noise_multiplier: float = 2.0  # sigma on C: accounted sigma 1.0 at sensitivity 2C

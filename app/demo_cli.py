@@ -25,10 +25,22 @@ def demo(
     ),
     rounds: int = typer.Option(DemoSettings.rounds, help="Federated rounds."),
     local_steps: int = typer.Option(DemoSettings.local_steps, help="DP steps per site per round."),
+    public_steps: int = typer.Option(
+        DemoSettings.public_steps,
+        help="The operator's non-private pre-training steps on public synthetic classes.",
+    ),
     workdir: Path = typer.Option(Path("fedfew-demo"), help="Where the demo keeps everything."),
 ) -> None:
-    """Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS."""
-    settings = dataclasses.replace(DemoSettings(), rounds=rounds, local_steps=local_steps)
+    """Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS.
+
+    The operator first pre-trains the starting model on public synthetic classes that no
+    hospital holds (not private, no hospital data); the hospitals then train it under DP.
+    """
+    if public_steps < 1:
+        raise typer.BadParameter("--public-steps must be >= 1")
+    settings = dataclasses.replace(
+        DemoSettings(), rounds=rounds, local_steps=local_steps, public_steps=public_steps
+    )
     sets = [Path(p) for p in data.split(",")] if data else None
     result = run_demo(workdir, data=sets, eval_data=eval_data, settings=settings, echo=typer.echo)
     for line in summary(result):

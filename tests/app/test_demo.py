@@ -3,10 +3,20 @@
 import numpy as np
 import pytest
 
-from app.demo import MARKER, DemoSettings, prepare_workdir, server_config, site_data, site_spec
+from app.demo import (
+    MARKER,
+    DemoSettings,
+    prepare_workdir,
+    public_start,
+    server_config,
+    site_data,
+    site_spec,
+)
 from federation.deploy.provisioning import init_node
 from federation.deploy.server_provisioning import init_server
 from federation.errors import DeploymentError
+from federation.server_app import initial_state
+from models.model_dir import load_model_dir
 from models.synthetic import write_synthetic_npz
 
 
@@ -57,3 +67,17 @@ def test_several_given_sets_are_one_hospital_each_and_configs_are_valid(tmp_path
         assert node.ledger == tmp_path / "demo" / name / "ledger.db"  # where the demo prints it
     server = server_config(tmp_path, len(sites), settings, "synthetic")
     assert server.min_nodes == 2 and server.min_replies == 1
+
+
+def test_the_public_start_is_the_federations_round_0_and_dp_touches_norm_affine_only(tmp_path):
+    settings = DemoSettings(public_steps=2)
+    lines: list[str] = []
+    start = public_start(tmp_path, settings, lines.append)
+    loaded = load_model_dir(start)
+    assert loaded.config["private"] is False and loaded.config["data"] == ["synthetic-public"]
+    assert any("not private, no hospital data" in line for line in lines)
+    config = server_config(tmp_path, 3, settings, "synthetic", start)
+    assert config.initial_model == str(start) and config.trainable == "norm-affine"
+    state = initial_state(config)
+    saved = loaded.model.state_dict()
+    assert all(np.array_equal(state[k], saved[k].numpy()) for k in saved)
