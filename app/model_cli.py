@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 from tqdm import tqdm
 
@@ -19,13 +18,11 @@ from models.domain import (
 )
 from models.errors import DataError
 from models.imageset import ImageSet
-from models.meta import MetaConfig
-from models.model_dir import load_model_dir, save_model_dir
+from models.model_dir import load_model_dir
 from models.networks import BACKBONES, BackboneConfig
 from models.pipeline import PipelineConfig
-from models.pretraining import PRETRAIN_OBJECTIVES
+from models.pretraining import PRETRAIN_OBJECTIVES, write_pretrained
 from models.readers import load_dataset
-from models.weights import start_backbone
 
 
 def load_sets(spec: str, pipeline: PipelineConfig) -> list[ImageSet]:
@@ -56,6 +53,10 @@ def pretrain(
     ),
     steps: int | None = typer.Option(None, help="Optimiser steps (default: the objective's)."),
     seed: int = typer.Option(0, help="Seed for initialisation, batches and augmentation."),
+    width: int = typer.Option(
+        BackboneConfig.width,
+        help="Channels of conv4/resnet12 (a federation's run config must name the same width).",
+    ),
 ) -> None:
     """Pre-train an encoder on public data, without privacy (the federation operator's step).
 
@@ -67,36 +68,25 @@ def pretrain(
         raise typer.BadParameter(
             f"unknown objective {objective!r}: use one of {', '.join(PRETRAIN_OBJECTIVES)}"
         )
-    spec = PRETRAIN_OBJECTIVES[objective]
     pipeline = PipelineConfig()
-    backbone_config = BackboneConfig(name=backbone, image_size=pipeline.image_size)
     sets = load_sets(data, pipeline)
-    total = steps or spec.default_steps
-    torch.manual_seed(seed)
-    started = start_backbone(backbone_config, weights=weights)
-    model = started.model
+    total = steps or PRETRAIN_OBJECTIVES[objective].default_steps
     with tqdm(total=total, desc=f"pre-training ({objective})", unit="step") as bar:
 
         def on_step(_step: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-        losses = spec.train(model, sets, steps=total, seed=seed, on_step=on_step)
-    extra = {
-        "pretrain": {"objective": objective, "steps": total, "seed": seed},
-        "data": [s.name for s in sets],
-        "private": False,
-        "final_loss": float(sum(losses[-50:]) / max(1, len(losses[-50:]))),
-    }
-    save_model_dir(
-        out,
-        model,
-        backbone=started.config,
-        pipeline=pipeline,
-        meta=MetaConfig(),
-        extra=extra,
-        weights=started.weights,
-    )
+        write_pretrained(
+            out,
+            sets,
+            objective=objective,
+            backbone=BackboneConfig(name=backbone, width=width, image_size=pipeline.image_size),
+            steps=total,
+            seed=seed,
+            weights=weights,
+            on_step=on_step,
+        )
     typer.echo(f"model written to {out} (pre-trained, {objective}, not private)")
 
 

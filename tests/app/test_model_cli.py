@@ -34,10 +34,11 @@ def work(tmp_path_factory) -> Path:
 def test_pretrain_then_adapt_domain_then_evaluate(work):
     done = _fedfew(
         "pretrain", "--data", "public.npz", "--out", "m0", "--objective", "self-supervised",
-        "--steps", "2", cwd=work,
+        "--steps", "2", "--width", "16", cwd=work,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert json.loads((work / "m0" / "config.json").read_text())["private"] is False
+    config = json.loads((work / "m0" / "config.json").read_text())
+    assert config["private"] is False and config["backbone"]["width"] == 16
     done = _fedfew(
         "adapt-domain", "--model", "m0", "--unlabeled", "target.npz", "--out", "m1",
         "--method", "statistics", cwd=work,
