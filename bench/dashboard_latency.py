@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from app.dashboard import clinic, explain
 from app.dashboard.uploads import Upload, load_uploads
 from bench.common import RESULTS, Progress, write_result
+from models.adaptation import ADAPT_MODES
 from models.meta import MetaConfig
 from models.model_dir import save_model_dir
 from models.networks import BackboneConfig, build_backbone
@@ -50,6 +51,8 @@ UPLOAD_SIDE = 128  # larger than the model's input, as real scans are
 THREADS = 2  # a clinician's laptop or small server
 WARMUP = 2  # first prototype runs pay for allocator and kernel set-up; not counted
 FINETUNE_WARMUP = 1  # one finetune run already holds 6 adaptations
+# Modes that fine-tune the backbone: a few timed runs (tens of seconds each).
+SLOW_MODES = tuple(name for name, mode in ADAPT_MODES.items() if not mode.frozen_backbone)
 PHASES = ("decode_support", "adapt", "decode_new", "classify", "explain")
 GOAL_P50_S = 1.0
 
@@ -189,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed prototype runs")
     p.add_argument("--finetune-repeats", type=int, default=3, help="timed finetune runs (slow)")
     p.add_argument("--name", default="dashboard_latency")
+    p.add_argument(
+        "--modes", nargs="+", default=["prototype", "linear", "finetune"], choices=ADAPT_MODES
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(THREADS)
     log = Progress()
@@ -199,15 +205,15 @@ def main(argv: list[str] | None = None) -> None:
         load_before = os.getloadavg()
         log(f"dashboard latency on cpu ({THREADS} threads), load average {load_before[0]:.1f}")
         modes = [
-            measure(model, version, "prototype", repeats=args.repeats, warmup=WARMUP, log=log),
             measure(
                 model,
                 version,
-                "finetune",
-                repeats=args.finetune_repeats,
-                warmup=FINETUNE_WARMUP,
+                mode,
+                repeats=args.finetune_repeats if mode in SLOW_MODES else args.repeats,
+                warmup=FINETUNE_WARMUP if mode in SLOW_MODES else WARMUP,
                 log=log,
-            ),
+            )
+            for mode in args.modes
         ]
     results = {
         "modes": modes,
@@ -219,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         "new_cases": NEW_CASES,
         "upload_side": UPLOAD_SIDE,
         "threads": THREADS,
-        "warmup_runs": {"prototype": WARMUP, "finetune": FINETUNE_WARMUP},
+        "warmup_runs": {"fast modes": WARMUP, "slow modes": FINETUNE_WARMUP},
         "backbone": BackboneConfig().to_dict(),
         "slow_mode_folds": clinic.SLOW_MODE_FOLDS,
         "goal_p50_s": GOAL_P50_S,
