@@ -71,8 +71,9 @@ def parse_args() -> argparse.Namespace:
 
 def split_modality(folder: Path, modality: str, root: Path) -> tuple[list[dict[str, Any]], Path]:
     """Three hospitals' parts and the held-out evaluation part of one modality (by patient)."""
+    keys = ("images", "labels", "classes", "provenance")  # not the 0-d `source` note
     with np.load(folder / f"{modality}.npz") as loaded:
-        arrays = {k: loaded[k] for k in loaded.files}
+        arrays = {k: loaded[k] for k in keys}
     *sites, held_out = split_evenly(arrays, 4)
     configs = []
     for i, part in enumerate(sites):
