@@ -64,6 +64,7 @@ class DemoResult:
     workdir: Path
     run: RunResult
     model: RegistryEntry
+    start: RegistryEntry  # round 0: the public start, evaluated like every round
     site_epsilon: dict[str, float]
     site_cap: dict[str, float]
 
@@ -213,6 +214,7 @@ def run_demo(
         workdir=workdir,
         run=run,
         model=registry.latest(),
+        start=registry.entries(kind="global")[0],
         site_epsilon={name: ledger.epsilon_spent() for name, ledger in ledgers.items()},
         site_cap={name: ledger.cap_epsilon for name, ledger in ledgers.items()},
     )
@@ -281,9 +283,11 @@ def summary(result: DemoResult) -> list[str]:
     for key, value in sorted(result.model.metrics.items()):
         if key.startswith("accuracy-"):
             ci = result.model.metrics.get(key.replace("accuracy-", "ci95-"), 0.0)
+            start = result.start.metrics.get(key, float("nan"))
             lines.append(
                 f"  few-shot accuracy on unseen classes, {key.removeprefix('accuracy-')}: "
-                f"{100 * value:.1f}% +/- {100 * ci:.1f}"
+                f"{100 * value:.1f}% +/- {100 * ci:.1f} (public start {100 * start:.1f}%, "
+                f"DP rounds {100 * (value - start):+.1f} points)"
             )
     lines.append(f"federated run took {result.run.wall_s:.0f} s; every process is stopped")
     return lines
