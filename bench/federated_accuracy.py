@@ -90,6 +90,27 @@ def federated(config: ServerConfig, sites: list[dict[str, Any]], cap: float, roo
     return {"state": final.state, "site_epsilon": spent, "rounds": final.history}
 
 
+def sigma_for(config: ServerConfig, epsilon: float, steps: int) -> float:
+    """The sigma (as applied to C) with which ``steps`` steps of the config's mechanism at its
+    sampling rate spend ``epsilon`` at delta 1e-5."""
+    accounted = calibrate_noise_multiplier(
+        target_epsilon=epsilon, delta=DELTA, sample_rate=config.sample_rate, steps=steps
+    )
+    return get_mechanism(config.mechanism).noise_for(accounted)
+
+
+def at_epsilon(
+    config: ServerConfig, epsilon: float, *, steps: int, name: str, root: Path
+) -> ServerConfig:
+    """A federation run of ``config`` whose ``steps`` DP steps per site spend ``epsilon``."""
+    return dataclasses.replace(
+        config,
+        federation=f"bench-{name}",
+        noise_multiplier=sigma_for(config, epsilon, steps),
+        workdir=str(root / f"server-{name}"),
+    )
+
+
 def central(config: ServerConfig, sites: list[dict[str, Any]], sigma: float | None) -> State:
     """One model trained from the config's start on the sites' data pooled: DP at ``sigma``
     (as applied to C) for as many steps as all sites together, or non-private (``None``)."""
@@ -150,25 +171,13 @@ def main() -> None:
     record("random-init", None, initial_state(base))
     fed_steps = args.rounds * args.local_steps
     central_steps = fed_steps * len(sites)
-    mechanism = get_mechanism(base.mechanism)
     for epsilon in args.epsilons:
-        accounted = calibrate_noise_multiplier(
-            target_epsilon=epsilon, delta=DELTA, sample_rate=base.sample_rate, steps=fed_steps
-        )
-        config = dataclasses.replace(
-            base,
-            federation=f"bench-eps{epsilon:g}",
-            noise_multiplier=mechanism.noise_for(accounted),
-            workdir=str(root / f"server-{epsilon:g}"),
-        )
+        config = at_epsilon(base, epsilon, steps=fed_steps, name=f"eps{epsilon:g}", root=root)
         result = federated(config, sites, epsilon * 1.0001, root / f"eps{epsilon:g}")
         record("federated-dp", epsilon, result["state"], site_epsilon=result["site_epsilon"],
-               accounted_sigma=accounted)  # fmt: skip
-        central_sigma = calibrate_noise_multiplier(
-            target_epsilon=epsilon, delta=DELTA, sample_rate=base.sample_rate, steps=central_steps
-        )
-        state = central(base, sites, mechanism.noise_for(central_sigma))
-        record("central-dp", epsilon, state, accounted_sigma=central_sigma)
+               sigma=config.noise_multiplier)  # fmt: skip
+        sigma = sigma_for(base, epsilon, central_steps)
+        record("central-dp", epsilon, central(base, sites, sigma), sigma=sigma)
     record("central-nonprivate", None, central(base, sites, None))
     _plot(rows)
     progress(f"wrote {RESULTS / 'federated_accuracy.json'}")

@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 
 from bench.common import Progress, require_shared_data, set_threads, write_result
 from bench.cross_domain import SHARED_SETS, load_sets
-from bench.federated_accuracy import DELTA, central, federated
+from bench.federated_accuracy import at_epsilon, central, federated, sigma_for
 from federation.inprocess import set_task_identity
 from federation.records import State
 from federation.server_app import initial_state, public_eval_set
@@ -47,8 +47,6 @@ from models.pipeline import PipelineConfig
 from models.pretraining import write_pretrained
 from models.readers import load_dataset
 from models.training import TrainConfig, meta_train
-from privacy.accounting import calibrate_noise_multiplier
-from privacy.mechanisms import get_mechanism
 
 OUT = "federated_real"
 
@@ -160,29 +158,18 @@ def main() -> None:
 
     record("public-start", None, None, initial_state(base))
     fed_steps = args.rounds * args.local_steps
-    mechanism = get_mechanism(base.mechanism)
     for subset in args.subsets:
         config = dataclasses.replace(base, trainable=subset)
         record("federated-nonprivate", subset, None, nonprivate_federated(config, sites))
         for epsilon in args.epsilons:
-            accounted = calibrate_noise_multiplier(
-                target_epsilon=epsilon, delta=DELTA, sample_rate=base.sample_rate, steps=fed_steps
-            )
-            run = dataclasses.replace(
-                config,
-                federation=f"bench-{subset}-eps{epsilon:g}",
-                noise_multiplier=mechanism.noise_for(accounted),
-                workdir=str(root / f"server-{subset}-{epsilon:g}"),
-            )
-            result = federated(run, sites, epsilon * 1.0001, root / f"{subset}-eps{epsilon:g}")
+            name = f"{subset}-eps{epsilon:g}"
+            run = at_epsilon(config, epsilon, steps=fed_steps, name=name, root=root)
+            result = federated(run, sites, epsilon * 1.0001, root / name)
             record("federated-dp", subset, epsilon, result["state"])
     best = max(args.epsilons)
-    accounted = calibrate_noise_multiplier(
-        target_epsilon=best, delta=DELTA, sample_rate=base.sample_rate, steps=fed_steps * 3
-    )
     pooled = dataclasses.replace(base, trainable=args.subsets[0])
-    record("central-dp", args.subsets[0], best,
-           central(pooled, sites, mechanism.noise_for(accounted)))  # fmt: skip
+    sigma = sigma_for(pooled, best, fed_steps * len(sites))
+    record("central-dp", args.subsets[0], best, central(pooled, sites, sigma))
     log(f"wrote bench/results/{OUT}.json")
 
 
