@@ -12,10 +12,9 @@ from pathlib import Path
 
 import click
 import pytest
-import typer
 import yaml
 
-from app.cli import app as fedfew_app
+from app.cli import COMMANDS, load_command
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -29,8 +28,9 @@ DOCKER_INSTRUCTIONS = {
 
 def fedfew_command(args: list[str]) -> click.Command:
     """The click command an argument list runs, checking every `--option` it passes exists."""
-    command: click.Command = typer.main.get_command(fedfew_app)
     rest = list(args)
+    assert rest[0] in COMMANDS, f"`fedfew {' '.join(args)}`: no command {rest[0]!r}"
+    command = load_command(rest.pop(0))  # the root group loads its commands when they run
     while isinstance(command, click.Group):
         name = rest.pop(0)
         found = command.commands.get(name)
