@@ -95,7 +95,12 @@ def publish_version(
         state,
         plan_for(config, 1),  # backbone and meta-learner are the same in every round
         name=f"{config.federation} round {record['round']}" + _start_label(record, config),
-        extra={"federation": config.to_dict(), "round": record["round"], "private": True},
+        # Round 0 (a random or public start) was trained on no hospital's data: not DP-trained.
+        extra={
+            "federation": config.to_dict(),
+            "round": record["round"],
+            "private": record["round"] > 0,
+        },
         metrics=record["metrics"],
         privacy=record["sites"],
         info={

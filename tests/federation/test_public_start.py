@@ -11,12 +11,13 @@ import torch
 from federation.errors import ModelMismatchError
 from federation.node import run_round
 from federation.node_config import NodeConfig
-from federation.server_app import initial_state
+from federation.server_app import initial_state, publish_version
 from federation.strategy import plan_for
 from models.meta import MetaConfig
-from models.model_dir import save_model_dir
+from models.model_dir import load_model_dir, save_model_dir
 from models.networks import build_backbone
 from models.pipeline import PipelineConfig
+from models.registry import Registry
 
 from .conftest import make_site
 
@@ -66,3 +67,13 @@ def test_dp_touches_only_the_norm_affine_subset(tmp_path, server_config):
     assert trainable and len(trainable) < len(list(model.parameters()))
     moved = {k for k, v in reply.delta.items() if np.any(v != 0)}
     assert moved and moved <= trainable
+
+
+def test_round_0_is_published_as_the_public_start_and_not_as_dp_trained(tmp_path, server_config):
+    write_start(tmp_path / "start", server_config)
+    config = dataclasses.replace(server_config, initial_model=str(tmp_path / "start"))
+    registry = Registry.open(tmp_path / "registry", create=True)
+    record = {"round": 0, "metrics": {}, "sites": {}, "problems": [], "clipped": []}
+    entry = publish_version(registry, initial_state(config), record, config)
+    assert entry.name.endswith("(public start start)")
+    assert load_model_dir(entry.path).config["private"] is False
