@@ -42,9 +42,9 @@ class AdaptConfig:
     new_condition.json)."""
 
     mode: str = "prototype"  # instant; "linear" scored higher but its latency is unmeasured
-    centre: bool = True  # centring + L2 (SimpleShot): -0.6 to +2.9 points, up in 25 of 28 pairs
+    centre: bool = True  # centring + L2 (SimpleShot): -0.6 to +2.9 points, up in 28 of 32 pairs
     tta: bool = False  # flip averaging: -0.4 to +4.5 points, but 4x the forward passes
-    transductive_steps: int = 0  # soft k-means refinement: -1.4 to +1.2, up in 5 of 14 pairs
+    transductive_steps: int = 0  # soft k-means refinement: -1.4 to +1.2, up in 5 of 16 pairs
     finetune_steps: int = 25  # enough to move a prototype-initialised head; <1 s for 25 images
     finetune_lr: float = 1e-3  # Adam step for head and backbone; larger forgets the features
     linear_steps: int = 100  # logistic-regression steps of the linear head on cached features
