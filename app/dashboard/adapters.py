@@ -109,7 +109,12 @@ def save_adapter(
         name=name.strip(),
         parent=adaptation.base_version,
         metrics=(
-            {"loo_accuracy": score.accuracy, "loo_right": score.right, "loo_cases": score.cases}
+            {
+                "loo_accuracy": score.accuracy,
+                "loo_right": score.right,
+                "loo_cases": score.cases,
+                "temperature": score.temperature,
+            }
             if score
             else {}
         ),
@@ -145,10 +150,28 @@ def load_adapter(registry: Path, version: int) -> tuple[Adaptation, LoadedModel]
         classes=tuple(meta["classes"]),
         names=tuple(meta["case_names"]),
     )
-    adaptation = adapt_cases(
-        model, support, mode=meta["mode"], base_version=entry.parent, with_reliability=False
-    )
     right, cases = entry.metrics.get("loo_right"), entry.metrics.get("loo_cases")
-    if isinstance(right, int) and isinstance(cases, int) and cases > 0:
-        adaptation.reliability = Reliability(right=right, cases=cases, of=len(support.labels))
+    temperature = entry.metrics.get("temperature")
+    stored = (
+        isinstance(right, int)
+        and isinstance(cases, int)
+        and cases > 0
+        and isinstance(temperature, int | float)
+    )
+    # Adapters saved before calibration existed have no temperature: compute it again.
+    adaptation = adapt_cases(
+        model,
+        support,
+        mode=meta["mode"],
+        base_version=entry.parent,
+        with_reliability=not stored,
+        condition=str(entry.info.get("condition", "")),
+    )
+    if stored:
+        adaptation.reliability = Reliability(
+            right=int(right),  # type: ignore[arg-type]
+            cases=int(cases),  # type: ignore[arg-type]
+            of=len(support.labels),
+            temperature=float(temperature),  # type: ignore[arg-type]
+        )
     return adaptation, model

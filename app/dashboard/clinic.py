@@ -7,6 +7,7 @@ Saving and loading adapters is in :mod:`app.dashboard.adapters`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,15 +17,18 @@ import torch
 
 from app.dashboard.errors import CaseError
 from app.dashboard.uploads import LoadedCases
-from models.adaptation import (
-    ADAPT_MODES,
-    AdaptConfig,
-    AdaptedClassifier,
-    adapt,
-    embed,
-    feature_map,
-    fit_head,
+from models.adaptation import ADAPT_MODES, AdaptConfig, AdaptedClassifier, adapt
+from models.calibration import (
+    UNCERTAIN,
+    CalibrationConfig,
+    Interval,
+    decide,
+    fit_temperature,
+    held_out_logits,
+    reliability_sentence,
+    wilson_interval,
 )
+from models.calibration import held_out_order as calibration_order
 from models.model_dir import LoadedModel
 from models.pipeline import PipelineConfig
 
@@ -32,11 +36,12 @@ MIN_CLASSES = 2  # one class is not a classification
 MIN_CASES_FOR_RELIABILITY = 2  # leave-one-out needs another case of the held-out class
 FEW_CASES = 3  # below this per class the reliability estimate is too coarse to trust
 LOW_RELIABILITY = 0.7  # below 7 in 10 right, a clinician should add cases before relying on it
+CALIBRATION = CalibrationConfig()  # temperature grid, prior, and the "uncertain" threshold
+# Without held-out cases (a class with one case) nothing can be calibrated: the probabilities are
+# flattened by this temperature so no case reaches the "uncertain" threshold on raw scores alone.
+UNCALIBRATED_T = CALIBRATION.t_max
+SLOW_MODE_FOLDS = CALIBRATION.slow_mode_folds  # folds of finetune and MAML (seconds each)
 NEAREST = 3  # labelled cases shown beside each prediction
-# Finetune and MAML adapt once per held-out case (~5 s each for finetune, Conv-4 at 64 px on 2
-# cores): at most this many held-out cases, taken from every class in turn (one per class for
-# 5 classes), keep the wait near half a minute.
-SLOW_MODE_FOLDS = 5
 ProgressFn = Callable[[float, str], None]
 
 
@@ -106,11 +111,13 @@ def support_warnings(support: SupportSet) -> list[str]:
 
 @dataclass(frozen=True)
 class Reliability:
-    """Leave-one-out accuracy on the support set: each case predicted after adapting to the rest."""
+    """Leave-one-out accuracy on the support set (each case predicted after adapting to the
+    rest), reported as a Wilson interval, and the temperature fitted to the same held-out cases."""
 
     right: int
     cases: int  # held-out cases checked
     of: int = 0  # cases in the support set (0: all were checked)
+    temperature: float = 1.0  # models.calibration.fit_temperature of the held-out logits
 
     @property
     def accuracy(self) -> float:
@@ -118,22 +125,19 @@ class Reliability:
         return self.right / self.cases
 
     @property
+    def interval(self) -> Interval:
+        """95% Wilson interval of the accuracy."""
+        return wilson_interval(self.right, self.cases, z=CALIBRATION.z)
+
+    @property
     def low(self) -> bool:
-        """Below :data:`LOW_RELIABILITY`."""
-        return self.accuracy < LOW_RELIABILITY
+        """Whether the interval's lower end is below :data:`LOW_RELIABILITY`: the cases do not
+        show that the adapter is reliable (too few of them, or too many wrong)."""
+        return self.interval.low < LOW_RELIABILITY
 
     def sentence(self) -> str:
         """What the number means, for someone without ML training."""
-        partial = (
-            f"; {self.cases} of the {self.of} cases were held out, to save time"
-            if self.of > self.cases
-            else ""
-        )
-        return (
-            f"With these cases, about {round(100 * self.accuracy)}% of held-out cases would be "
-            f"right ({self.right} of {self.cases}, each predicted by a model adapted to the "
-            f"others{partial})."
-        )
+        return reliability_sentence(self.right, self.cases, of=self.of, z=CALIBRATION.z)
 
 
 @dataclass
@@ -147,14 +151,22 @@ class Adaptation:
     base_version: int
     pipeline: PipelineConfig  # the base model's: new cases must be prepared the same way
     reliability: Reliability | None  # None when a class has a single case
+    condition: str = ""  # what the clinician called the condition when adapting
+    inputs: str = ""  # fingerprint of the inputs that produced it (see :func:`fingerprint`)
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature; without held-out cases, :data:`UNCALIBRATED_T`."""
+        return self.reliability.temperature if self.reliability else UNCALIBRATED_T
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities ``(n, ways)`` (what every page shows)."""
+        return torch.softmax(self.classifier.logits(x) / self.temperature, dim=-1)
 
 
 def held_out_order(labels: np.ndarray) -> list[int]:
-    """Support indices taking each class in turn (first case of every class, then the second...),
-    so any prefix holds out cases of every class."""
-    per_class = [np.flatnonzero(labels == k).tolist() for k in range(int(labels.max()) + 1)]
-    rounds = max(len(c) for c in per_class)
-    return [c[r] for r in range(rounds) for c in per_class if r < len(c)]
+    """Support indices taking each class in turn (see :func:`models.calibration.held_out_order`)."""
+    return calibration_order(labels)
 
 
 def reliability(
@@ -164,7 +176,8 @@ def reliability(
     config: AdaptConfig,
     on_progress: ProgressFn | None = None,
 ) -> Reliability:
-    """Leave-one-out accuracy (the protocol of :func:`models.evaluation.leave_one_out`).
+    """Leave-one-out accuracy (the protocol of :func:`models.evaluation.leave_one_out`) and the
+    temperature fitted to the held-out logits.
 
     With prototypes the backbone is fixed, so the support set is embedded once and each fold only
     recomputes the prototypes. Finetune and MAML adapt once per fold, so they hold out at most
@@ -179,37 +192,37 @@ def reliability(
             f"leave-one-out needs at least {MIN_CASES_FOR_RELIABILITY} cases per class, "
             f"got {dict(zip(support.classes, counts, strict=True))}"
         )
-    x = torch.from_numpy(support.images)
-    y = torch.from_numpy(support.labels)
-    n = len(y)
-    held_out = held_out_order(support.labels)
-    if not config.frozen_backbone:
-        held_out = held_out[:SLOW_MODE_FOLDS]
-    embeddings = embed(model.model, x, tta=config.tta) if config.frozen_backbone else None
-    right = 0
-    for done, i in enumerate(held_out, start=1):
-        keep = torch.arange(n) != i
-        if embeddings is not None:
-            fmap = feature_map(config, domain_mean=model.domain_mean, features=embeddings)
-            mapped = fmap(embeddings)
-            head = fit_head(mapped[keep], y[keep], ways=support.ways, config=config)
-            logits = mapped[i : i + 1] @ head["head.weight"].T + head["head.bias"]
-        else:
-            fold = adapt(
-                model.model,
-                x[keep],
-                y[keep],
-                ways=support.ways,
-                config=config,
-                meta=model.meta,
-                domain_mean=model.domain_mean,
-            )
-            logits = fold.logits(x[i : i + 1])
-        right += int(logits.argmax(-1)) == int(y[i])
+
+    def on_fold(done: int, total: int) -> None:
         if on_progress is not None:
-            total = len(held_out)
             on_progress(done / total, f"checking reliability: case {done} of {total}")
-    return Reliability(right=right, cases=len(held_out), of=n)
+
+    held = held_out_logits(
+        model.model,
+        torch.from_numpy(support.images),
+        torch.from_numpy(support.labels),
+        ways=support.ways,
+        config=config,
+        meta=model.meta,
+        domain_mean=model.domain_mean,
+        max_folds=CALIBRATION.folds(config),
+        on_fold=on_fold,
+    )
+    return Reliability(
+        right=held.right,
+        cases=len(held.indices),
+        of=len(support.labels),
+        temperature=fit_temperature(held.logits, held.labels, config=CALIBRATION),
+    )
+
+
+def fingerprint(*, base_version: int, mode: str, support: SupportSet) -> str:
+    """A digest of everything an adaptation depends on: base version, mode, class names, and
+    each case's class and pixels. A result is shown and saved only while the inputs match."""
+    digest = hashlib.sha256(f"{base_version}|{mode}|{list(support.classes)}".encode())
+    digest.update(np.ascontiguousarray(support.labels).tobytes())
+    digest.update(np.ascontiguousarray(support.images).tobytes())
+    return digest.hexdigest()
 
 
 def adapt_cases(
@@ -219,9 +232,10 @@ def adapt_cases(
     mode: str,
     base_version: int,
     with_reliability: bool = True,
+    condition: str = "",
     on_progress: ProgressFn | None = None,
 ) -> Adaptation:
-    """Adapt the base model to the support set and estimate its reliability.
+    """Adapt the base model to the support set, estimate its reliability and calibrate it.
 
     Raises:
         CaseError: an unknown mode.
@@ -253,6 +267,8 @@ def adapt_cases(
         base_version=base_version,
         pipeline=model.pipeline,
         reliability=score,
+        condition=condition.strip(),
+        inputs=fingerprint(base_version=base_version, mode=mode, support=support),
     )
 
 
@@ -268,7 +284,8 @@ class Neighbour:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Class probabilities for one new case and its nearest labelled cases."""
+    """Calibrated class probabilities for one new case, the outcome, and its nearest labelled
+    cases."""
 
     name: str
     probabilities: tuple[float, ...]
@@ -279,9 +296,24 @@ class Prediction:
         """Index of the most probable class."""
         return int(np.argmax(self.probabilities))
 
+    @property
+    def uncertain(self) -> bool:
+        """Whether no class reaches the confidence threshold (then no label is given)."""
+        return (
+            int(decide(np.asarray(self.probabilities), min_confidence=CALIBRATION.min_confidence))
+            == UNCERTAIN
+        )
+
+    def outcome(self, classes: Sequence[str]) -> str:
+        """The class name, or "uncertain" when no class is confident enough."""
+        return OUTCOME_UNCERTAIN if self.uncertain else classes[self.predicted]
+
+
+OUTCOME_UNCERTAIN = "uncertain"
+
 
 def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Prediction]:
-    """Probabilities and nearest labelled cases for each readable new case.
+    """Calibrated probabilities and nearest labelled cases for each readable new case.
 
     Raises:
         CaseError: no readable case, or cases preprocessed for a different input size.
@@ -296,7 +328,7 @@ def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Predictio
             f"{expected}; upload them again"
         )
     x = torch.from_numpy(images)
-    probabilities = adaptation.classifier.predict_proba(x).numpy()
+    probabilities = adaptation.predict_proba(x).numpy()
     distances = torch.cdist(adaptation.classifier.embed(x), adaptation.support_embeddings)
     order = distances.argsort(dim=1)[:, :NEAREST].numpy()
     support = adaptation.support
@@ -319,17 +351,25 @@ def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Predictio
 
 
 def predictions_csv(classes: Sequence[str], predictions: Sequence[Prediction]) -> str:
-    """One row per case: file, predicted class, its probability, every class's probability and
-    the nearest labelled cases."""
+    """One row per case: file, outcome (a class or "uncertain"), the most likely class and its
+    calibrated probability, every class's probability and the nearest labelled cases."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
-        ["case", "predicted", "probability", *(f"p({c})" for c in classes), "nearest_cases"]
+        [
+            "case",
+            "outcome",
+            "most_likely",
+            "probability",
+            *(f"p({c})" for c in classes),
+            "nearest_cases",
+        ]
     )
     for p in predictions:
         writer.writerow(
             [
                 p.name,
+                p.outcome(classes),
                 classes[p.predicted],
                 f"{p.probabilities[p.predicted]:.4f}",
                 *(f"{v:.4f}" for v in p.probabilities),

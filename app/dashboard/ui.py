@@ -50,6 +50,17 @@ LOCAL_DATA_NOTICE = (
     "node's local registry and are never sent to the federation."
 )
 
+INTENDED_USE = (
+    "**Intended use:** decision support for trained clinicians only. fedfew suggests a class "
+    "from a few example cases; it is not a diagnosis, it has not been cleared as a medical "
+    "device, and every result must be checked by a clinician before it influences care."
+)
+
+
+def intended_use_notice() -> None:
+    """The intended-use notice every clinician page shows under its title."""
+    st.warning(INTENDED_USE, icon=":material/info:")
+
 
 def settings() -> DashboardSettings:
     """The dashboard settings; a malformed setting stops the page with its message."""

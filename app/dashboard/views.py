@@ -115,17 +115,26 @@ def gallery(
 
 
 def reliability(adaptation: clinic.Adaptation) -> None:
-    """The leave-one-out estimate in words, with a warning when it is low or not computable."""
+    """The leave-one-out estimate as an interval in words (never a green "all good"), with a
+    warning when its lower end is low or it cannot be computed."""
     score = adaptation.reliability
     if score is None:
         st.warning(
-            "Reliability could not be estimated: a class has a single case. Add at least one "
-            "more case to every class before relying on the predictions."
+            "Reliability could not be estimated and the probabilities are not calibrated: a "
+            "class has a single case. Add at least one more case to every class before relying "
+            "on the predictions."
         )
     elif score.low:
         st.warning(
-            f"{score.sentence()} That is low: add cases, check that each case is in the right "
-            "class, or try another adaptation."
+            f"{score.sentence()} The lower end is below "
+            f"{round(100 * clinic.LOW_RELIABILITY)}%: add cases, check that each case is in the "
+            "right class, or try another adaptation."
         )
     else:
-        st.success(score.sentence())
+        st.info(score.sentence())
+    st.caption(
+        "Probabilities are calibrated on the same held-out cases (temperature "
+        f"{adaptation.temperature:.2f}); a case whose most likely class stays under "
+        f"{round(100 * clinic.CALIBRATION.min_confidence)}% is reported as "
+        f'"{clinic.OUTCOME_UNCERTAIN}" instead of a label.'
+    )

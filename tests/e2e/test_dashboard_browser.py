@@ -191,7 +191,8 @@ def test_clinician_adapts_and_classifies_then_admin_checks_budget(server, site, 
     expect(page.locator('[data-testid="stImage"]')).to_have_count(SHOTS * len(classes))
 
     page.get_by_role("button", name="Adapt", exact=True).click()
-    expect(page.get_by_text("held-out cases would be right")).to_be_visible()
+    expect(page.get_by_text("would be classified right")).to_be_visible()
+    expect(page.get_by_text("Intended use").first).to_be_visible()
     page.get_by_label("Save as").fill("e2e-lesions")
     page.get_by_role("button", name="Save adapter").click()
     expect(page.get_by_text("Saved as v2 e2e-lesions")).to_be_visible()

@@ -29,6 +29,7 @@ def mode_help(mode: str) -> str:
 session = ui.require_role(ROLE_CLINICIAN)
 config = ui.settings()
 st.title("Adapt to a new condition")
+ui.intended_use_notice()
 st.caption(ui.LOCAL_DATA_NOTICE)
 
 try:

@@ -14,6 +14,7 @@ CURRENT = "current"  # the adapter made on the adapt page in this session, saved
 ui.require_role(ROLE_CLINICIAN)
 config = ui.settings()
 st.title("Classify cases")
+ui.intended_use_notice()
 st.caption(ui.LOCAL_DATA_NOTICE)
 
 current = st.session_state.get(views.ADAPTATION_KEY)
@@ -70,11 +71,18 @@ except CaseError as exc:
     ui.stop_with_error(exc)
 
 st.subheader("Predictions")
+uncertain = sum(p.uncertain for p in predictions)
+if uncertain:
+    st.info(
+        f"{uncertain} of {len(predictions)} case(s) are **{clinic.OUTCOME_UNCERTAIN}**: no class "
+        f"reaches {round(100 * clinic.CALIBRATION.min_confidence)}% calibrated probability. "
+        "Read them yourself, or ask a colleague."
+    )
 st.dataframe(
     [
         {
             "case": p.name,
-            "predicted": classes[p.predicted],
+            "outcome": p.outcome(classes),
             **{c: round(v, 3) for c, v in zip(classes, p.probabilities, strict=True)},
             "nearest labelled case": p.nearest[0].name if p.nearest else "",
         }
@@ -99,12 +107,11 @@ prediction = predictions[index]
 image = cases.cases[index].image
 left, right = st.columns(2)
 with left:
-    heat = explain.occlusion_map(
-        adaptation.classifier.predict_proba, image, target=prediction.predicted
-    )
+    heat = explain.occlusion_map(adaptation.predict_proba, image, target=prediction.predicted)
     st.image(
         explain.overlay(image, heat),
-        caption=f"{prediction.name}: regions that support {classes[prediction.predicted]}",
+        caption=f"{prediction.name}: regions that support {classes[prediction.predicted]}"
+        + (" (the most likely class, yet uncertain)" if prediction.uncertain else ""),
         width=320,
     )
 with right:

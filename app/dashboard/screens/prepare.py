@@ -13,6 +13,7 @@ PREPARED_KEY = "prepare_published"  # label of the version published in this ses
 session = ui.require_role(ROLE_CLINICIAN, ROLE_IT)
 config = ui.settings()
 st.title("Prepare for a new modality")
+ui.intended_use_notice()
 st.caption(
     "Point at studies of the new kind (no labels needed) on this hospital's disk. The model "
     f"learns what they look like; the result is a new model version, {domain_prep.LOCAL_ONLY}. "

@@ -164,6 +164,7 @@ def test_adapter_round_trip_and_classification(model, separable_images) -> None:
         [p.probabilities for p in after], [p.probabilities for p in before], atol=1e-6
     )
     assert rebuilt.reliability == adaptation.reliability
+    assert entry.metrics["temperature"] == adaptation.temperature
 
     first = before[0]
     assert sum(first.probabilities) == pytest.approx(1.0)
@@ -172,8 +173,30 @@ def test_adapter_round_trip_and_classification(model, separable_images) -> None:
     assert first.nearest[0].name in support.names
 
     rows = list(csv.reader(io.StringIO(clinic.predictions_csv(names, before))))
-    assert rows[0][:3] == ["case", "predicted", "probability"] and len(rows) == 1 + len(held_out)
-    assert rows[1][1] == names[first.predicted]
+    assert rows[0][:4] == ["case", "outcome", "most_likely", "probability"]
+    assert len(rows) == 1 + len(held_out)
+    assert rows[1][1] == first.outcome(names) and rows[1][2] == names[first.predicted]
+
+
+def test_calibrated_probabilities_and_uncertain_outcome(model, case_images) -> None:
+    # A random network on the synthetic lesions: held-out cases are mostly wrong, so the
+    # calibrated probabilities must be near uniform and no case may get a label.
+    _, version, loaded = model
+    names, cases = batches(case_images, shots=4)
+    support = clinic.build_support(names, cases)
+    adaptation = clinic.adapt_cases(loaded, support, mode="prototype", base_version=version)
+    score = adaptation.reliability
+    assert score is not None and score.low
+    assert score.sentence().startswith(f"Between {round(100 * score.interval.low)}% and")
+    queries = load_uploads(
+        [Upload(f"q{c}.png", case_images[c][-1]) for c in names], pipeline=PIPELINE
+    )
+    raw = adaptation.classifier.predict_proba(torch.from_numpy(queries.images)).numpy()
+    shown = clinic.classify_cases(adaptation, queries)
+    calibrated = np.array([p.probabilities for p in shown])
+    assert calibrated.max() < raw.max()  # the raw prototype scores claim more than they know
+    np.testing.assert_array_equal(calibrated.argmax(1), raw.argmax(1))
+    assert all(p.outcome(names) == clinic.OUTCOME_UNCERTAIN for p in shown)
 
 
 def test_loading_a_global_version_as_adapter_is_refused(model) -> None:

@@ -48,8 +48,9 @@ def test_adapt_save_classify(registry, make_app, case_images, env) -> None:
     assert captions == [f"{c}_{j}.png" for c in classes for j in range(SHOTS)]  # thumbnails
     at.button(key="adapt_run").click().run()
     assert not at.exception
-    result = texts(at, "success") + texts(at, "warning")
-    assert "held-out cases would be right" in result
+    assert "of new cases like these would be classified right" in texts(at, "warning")
+    assert not at.success  # never a green box for an estimate from a dozen cases
+    assert "Intended use" in texts(at, "warning")
     at.text_input(key="adapt_name").input("three-lesions")
     next(b for b in at.button if b.label == "Save adapter").click().run()
     assert "Saved as v2 three-lesions" in texts(at, "success")
@@ -65,7 +66,8 @@ def test_adapt_save_classify(registry, make_app, case_images, env) -> None:
     assert not at.exception
     table = at.dataframe[0].value
     assert list(table["case"]) == [n for n, _ in new_cases]
-    assert set(table["predicted"]) <= set(classes)
+    assert set(table["outcome"]) <= {*classes, "uncertain"}
+    assert "Intended use" in texts(at, "warning")
     np.testing.assert_allclose(table[classes].sum(axis=1), 1.0, atol=0.01)
     assert at.download_button(key="classify_csv").label == "Download results (CSV)"
     captions = [c for image in at.image for c in image.captions]
