@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from app.model_cli import load_sets
 from models.adaptation import ADAPT_MODES, AdaptConfig
+from models.calibration import CalibrationConfig, calibrate
 from models.episodes import EpisodeConfig
+from models.evaluation import EpisodeLogits
 from models.evaluation import evaluate as run_evaluation
 from models.imageset import ImageSet
 from models.meta import MetaConfig
@@ -30,6 +32,12 @@ from models.weights import StartedBackbone, start_backbone
 from privacy.ledger import Ledger
 from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS, get_mechanism
 from privacy.private_run import charge_private_run, run_charged_training
+
+# Keys of a `fedfew evaluate --predictions` line (one JSON object per query).
+PREDICTION_EPISODE = "episode"
+PREDICTION_QUERY = "query"
+PREDICTION_TRUE = "true"
+PREDICTION_PROBABILITIES = "probabilities"
 
 
 def _train_model(
@@ -175,12 +183,37 @@ def evaluate(
     ),
     seed: int = typer.Option(0, help="Seed of the episode draws."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    predictions: Path | None = typer.Option(
+        None,
+        help="Write one JSON line per query: episode, query, true class index and every "
+        "class's probability, calibrated on the episode's support set as the dashboard does "
+        "(needs --shots >= 2).",
+    ),
 ) -> None:
     """Few-shot accuracy (95% CI) of a model on a test set."""
+    if predictions is not None and shots < 2:
+        raise typer.BadParameter(
+            f"--predictions needs --shots >= 2 (calibration holds out one support case per "
+            f"fold and keeps the others), got {shots}"
+        )
     loaded = load_model_dir(model)
     test = load_dataset(data, loaded.pipeline)
     episode = EpisodeConfig(ways=ways, shots=shots, queries=queries)
     adapt_config = AdaptConfig(mode=adapt)
+    calibration = CalibrationConfig()
+    lines: list[str] = []
+
+    def keep_predictions(found: EpisodeLogits) -> None:
+        probabilities, _ = calibrate(found.held_out, found.query_logits, config=calibration)
+        for q, (label, row) in enumerate(zip(found.query_labels, probabilities, strict=True)):
+            record = {
+                PREDICTION_EPISODE: found.episode,
+                PREDICTION_QUERY: q,
+                PREDICTION_TRUE: int(label),
+                PREDICTION_PROBABILITIES: [round(float(p), 6) for p in row],
+            }
+            lines.append(json.dumps(record))
+
     with tqdm(total=episodes, desc=f"evaluating ({adapt})", unit="ep", disable=None) as bar:
         result = run_evaluation(
             loaded.model,
@@ -192,7 +225,11 @@ def evaluate(
             seed=seed,
             domain_mean=loaded.domain_mean,
             on_episode=lambda: bar.update(1),
+            on_logits=keep_predictions if predictions is not None else None,
         )
+    if predictions is not None:
+        predictions.parent.mkdir(parents=True, exist_ok=True)
+        predictions.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     else:

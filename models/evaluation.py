@@ -12,10 +12,22 @@ import torch
 from torch import nn
 
 from models.adaptation import AdaptConfig, adapt, embed, feature_map, fit_head
+from models.calibration import CalibrationConfig, HeldOut, held_out_logits
 from models.episodes import EpisodeConfig, sample_episode
 from models.errors import EpisodeError
 from models.imageset import ImageSet
 from models.meta import MetaConfig
+
+
+@dataclass(frozen=True)
+class EpisodeLogits:
+    """One episode's query logits with the support set's leave-one-out logits, so the caller can
+    calibrate them as the dashboard does (:mod:`models.calibration`)."""
+
+    episode: int
+    query_labels: np.ndarray  # (q,)
+    query_logits: np.ndarray  # (q, ways), uncalibrated
+    held_out: HeldOut  # leave-one-out logits of the support set
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,13 @@ def evaluate(
     seed: int = 0,
     domain_mean: torch.Tensor | None = None,
     on_episode: Callable[[], None] | None = None,
+    on_logits: Callable[[EpisodeLogits], None] | None = None,
 ) -> EvalResult:
     """Accuracy over ``episodes`` random episodes of ``data`` (classes unseen in training).
+
+    ``on_logits``, when given, receives each episode's logits and the support set's
+    leave-one-out logits (costly for modes that adapt the backbone: see
+    :meth:`CalibrationConfig.folds`).
 
     Raises:
         EpisodeError: the set cannot supply an episode of this shape.
@@ -86,6 +103,7 @@ def evaluate(
         domain_mean=domain_mean,
         embeddings=embeddings,
         on_episode=on_episode,
+        on_logits=on_logits,
     )
 
 
@@ -101,6 +119,8 @@ def evaluate_episodes(
     domain_mean: torch.Tensor | None,
     embeddings: torch.Tensor | None,
     on_episode: Callable[[], None] | None = None,
+    on_logits: Callable[[EpisodeLogits], None] | None = None,
+    calibration: CalibrationConfig = CalibrationConfig(),
 ) -> EvalResult:
     """:func:`evaluate` given the set's embeddings under a frozen backbone (``None``: the mode
     adapts the backbone per episode); benchmarks reuse one embedding for many configs.
@@ -139,6 +159,27 @@ def evaluate_episodes(
             )
             logits = classifier.logits(torch.from_numpy(data.images[ep.query]).to(device))
         accuracies[i] = (logits.argmax(-1) == qy).float().mean().item()
+        if on_logits is not None:
+            support_x = torch.from_numpy(data.images[ep.support]).to(device)
+            held = held_out_logits(
+                model,
+                support_x,
+                sy,
+                ways=episode.ways,
+                config=adapt_config,
+                meta=meta,
+                domain_mean=domain_mean,
+                embeddings=None if embeddings is None else embeddings[ep.support],
+                max_folds=calibration.folds(adapt_config),
+            )
+            on_logits(
+                EpisodeLogits(
+                    episode=i,
+                    query_labels=ep.query_labels.copy(),
+                    query_logits=logits.detach().double().cpu().numpy(),
+                    held_out=held,
+                )
+            )
         if on_episode is not None:
             on_episode()
     mean, ci = mean_ci95(accuracies)
