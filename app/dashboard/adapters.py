@@ -79,10 +79,12 @@ def save_adapter(
     """Publish the adapter in this node's registry (kind ``adapter``, parent = base version).
 
     Raises:
-        CaseError: an empty name.
+        CaseError: an empty name or condition.
     """
     if not name.strip():
         raise CaseError("give the adapter a name, for example the condition and the date")
+    if not condition.strip():
+        raise CaseError("name the condition the adapter tells apart, then adapt again")
     support = adaptation.support
     meta: dict[str, Any] = {
         "format": ADAPTER_FORMAT,

@@ -272,6 +272,32 @@ def adapt_cases(
     )
 
 
+def changed_inputs(
+    adaptation: Adaptation,
+    *,
+    base_version: int,
+    mode: str,
+    condition: str,
+    classes: Sequence[str],
+    cases: Sequence[LoadedCases],
+) -> str:
+    """What on the page differs from the inputs that produced ``adaptation``, in words ("" when
+    nothing does): a result may only be saved for exactly the inputs it came from."""
+    if base_version != adaptation.base_version:
+        return "the base model"
+    if mode != adaptation.mode:
+        return "the adaptation"
+    if condition.strip() != adaptation.condition:
+        return "the condition"
+    try:
+        support = build_support(classes, cases)
+    except CaseError:
+        return "the classes or cases"
+    if fingerprint(base_version=base_version, mode=mode, support=support) != adaptation.inputs:
+        return "the classes or cases"
+    return ""
+
+
 @dataclass(frozen=True)
 class Neighbour:
     """A labelled support case near a new case in the adapted embedding."""

@@ -211,6 +211,16 @@ class CaseShelf:
         self.shown[slot] = list(current)
         return _unique([*self.kept.get(slot, []), *current])
 
+    def all_uploads(self) -> dict[str, list[Upload]]:
+        """Every slot's uploads, kept and in the uploader (what a draft saves)."""
+        slots = sorted({*self.kept, *self.shown})
+        return {s: _unique([*self.kept.get(s, []), *self.shown.get(s, [])]) for s in slots}
+
+    def restore(self, uploads: dict[str, list[Upload]]) -> None:
+        """Keep ``uploads`` per slot (a draft taken back after a reload)."""
+        for slot, files in uploads.items():
+            self.kept[slot] = _unique([*self.kept.get(slot, []), *files])
+
     def kept_count(self, slot: str) -> int:
         """Uploads of ``slot`` kept from an earlier uploader."""
         return len(self.kept.get(slot, []))

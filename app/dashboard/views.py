@@ -4,13 +4,16 @@ and the session-scoped caches of decoded uploads and loaded models/adapters.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import streamlit as st
 
 from app.dashboard import clinic
+from app.dashboard.persistence import Draft, draft_of
 from app.dashboard.settings import MAX_UPLOAD_MB
 from app.dashboard.uploads import (
     ACCEPTED_SUFFIXES,
@@ -30,6 +33,11 @@ CASE_CACHE_KEY = "clinic_case_cache"  # decoded uploads by content hash
 CASE_SHELF_KEY = "clinic_case_shelf"  # uploads kept across page switches (uploads.CaseShelf)
 ADAPTATION_KEY = "clinic_adaptation"  # the adaptation made on the adapt page (unsaved or saved)
 ADAPTER_CACHE_KEY = "clinic_adapter_cache"  # saved adapters rebuilt for the classify page
+PREDICTIONS_KEY = "clinic_predictions"  # (adapter and cases key, predictions) last shown
+CLASSES_KEY = "adapt_classes"  # the adapt page's class names, one per line
+CONDITION_KEY = "adapt_condition"  # the adapt page's condition
+DRAFT_FIELDS = (CONDITION_KEY, CLASSES_KEY)  # text kept in the session's draft
+DRAFT_DIGEST_KEY = "clinic_draft_digest"  # digest of the draft last written
 GALLERY_COLUMNS = 8
 THUMB_PX = 72
 UPLOAD_HELP = (
@@ -49,6 +57,14 @@ def uploaded_cases(files: Sequence[Any] | None, pipeline: PipelineConfig) -> Loa
     cache = st.session_state.setdefault(CASE_CACHE_KEY, {})
     uploads = [Upload(name=f.name, data=f.getvalue()) for f in files or []]
     return load_uploads(uploads, pipeline=pipeline, cache=cache)
+
+
+def case_digests(cases: LoadedCases) -> list[str]:
+    """One digest per readable case (name and pixels), to key results by the cases."""
+    return [
+        hashlib.sha256(c.name.encode() + np.ascontiguousarray(c.image).tobytes()).hexdigest()
+        for c in cases.cases
+    ]
 
 
 def case_shelf() -> CaseShelf:
@@ -82,6 +98,33 @@ def case_uploader(label: str, *, key: str, pipeline: PipelineConfig) -> LoadedCa
     file_errors(loaded.errors)
     gallery([c.image for c in loaded.cases], loaded.names)
     return loaded
+
+
+def take_back_draft(restored_key: str) -> None:
+    """After a reload: put the session's draft (``st.session_state[restored_key]``, left there by
+    :func:`app.dashboard.ui.current_session`) back into the widgets and the case shelf."""
+    draft: Draft | None = st.session_state.pop(restored_key, None)
+    if draft is None:
+        return
+    for key, value in draft.fields.items():
+        if key in DRAFT_FIELDS:
+            st.session_state[key] = value
+    case_shelf().restore(draft.uploads)
+    st.session_state[DRAFT_DIGEST_KEY] = draft.digest()
+
+
+def keep_draft(store: Any, token: str | None) -> None:
+    """Write the condition, class names and uploads to the session's draft when they changed
+    (``store`` is a :class:`app.dashboard.persistence.SessionStore`; no token: not kept)."""
+    if not token:
+        return
+    draft = draft_of(
+        {k: st.session_state.get(k, "") for k in DRAFT_FIELDS}, case_shelf().all_uploads()
+    )
+    digest = draft.digest()
+    if st.session_state.get(DRAFT_DIGEST_KEY) != digest:
+        store.save_draft(token, draft)
+        st.session_state[DRAFT_DIGEST_KEY] = digest
 
 
 def clear_cases(*widget_keys: str) -> None:

@@ -179,6 +179,9 @@ def test_clinician_adapts_and_classifies_then_admin_checks_budget(server, site, 
     expect(page.get_by_text("stay on this hospital's machine")).to_be_visible()
 
     classes = sorted(p.name for p in site["cases"].iterdir())
+    page.get_by_label("Condition", exact=True).fill("e2e lesions")
+    page.get_by_label("Condition", exact=True).press("Enter")
+    _idle(page)
     area = page.get_by_label("Classes, one per line")
     area.fill("\n".join(classes))
     area.press("Control+Enter")
@@ -198,6 +201,12 @@ def test_clinician_adapts_and_classifies_then_admin_checks_budget(server, site, 
     expect(page.get_by_text("Saved as v2 e2e-lesions")).to_be_visible()
     _idle(page)
     _shot(page, tmp_path, "dashboard-adapt")
+
+    # A reload keeps the login, the condition, the classes and the uploaded cases.
+    page.reload()
+    expect(page.get_by_role("heading", name="Adapt to a new condition")).to_be_visible()
+    expect(page.get_by_label("Condition", exact=True)).to_have_value("e2e lesions")
+    expect(page.locator('[data-testid="stImage"]')).to_have_count(SHOTS * len(classes))
 
     page.get_by_role("link", name="Classify cases").click()
     expect(page.get_by_role("heading", name="Classify cases")).to_be_visible()

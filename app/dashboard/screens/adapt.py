@@ -17,8 +17,9 @@ MODE_HELP = {
 }
 # Widgets whose values the clinician would not want to type again after visiting another page.
 PERSIST = "session"
-CLASSES_KEY = "adapt_classes"
-CONDITION_KEY = "adapt_condition"
+CLASSES_KEY = views.CLASSES_KEY
+CONDITION_KEY = views.CONDITION_KEY
+SAVED_KEY = "adapt_saved"  # label of the adapter saved from the current result
 
 
 def mode_help(mode: str) -> str:
@@ -28,6 +29,7 @@ def mode_help(mode: str) -> str:
 
 session = ui.require_role(ROLE_CLINICIAN)
 config = ui.settings()
+views.take_back_draft(ui.DRAFT_KEY)
 st.title("Adapt to a new condition")
 ui.intended_use_notice()
 st.caption(ui.LOCAL_DATA_NOTICE)
@@ -98,6 +100,8 @@ if classes:
         help="Forget the classes, the condition and every uploaded case of this session.",
     )
 
+views.keep_draft(ui.session_store(), st.session_state.get(ui.TOKEN_KEY))
+
 note = resize_note([c for batch in cases for c in batch.cases], model.pipeline)
 if note:
     st.info(note)
@@ -105,6 +109,8 @@ if note:
 if st.button("Adapt", type="primary", key="adapt_run"):
     try:
         support = clinic.build_support(classes, cases)
+        if not condition.strip():
+            raise CaseError("name the condition first (for example pneumothorax)")
     except CaseError as exc:
         st.error(str(exc))
     else:
@@ -116,9 +122,10 @@ if st.button("Adapt", type="primary", key="adapt_run"):
             support,
             mode=mode,
             base_version=base_id,
+            condition=condition,
             on_progress=lambda fraction, text: bar.progress(fraction, text=text),
         )
-        st.session_state.pop("adapt_saved", None)
+        st.session_state.pop(SAVED_KEY, None)
 
 adaptation = st.session_state.get(views.ADAPTATION_KEY)
 if adaptation is not None:
@@ -129,26 +136,44 @@ if adaptation is not None:
     )
     base = by_id.get(adaptation.base_version)
     base_label = domain_prep.version_label(base) if base else f"v{adaptation.base_version}"
-    st.write(f"Adapted {base_label} with {adaptation.mode} to {counts}.")
+    st.write(
+        f"Adapted {base_label} with {adaptation.mode} to **{adaptation.condition}**: {counts}."
+    )
     views.reliability(adaptation)
-    with st.form("save_adapter"):
-        adapter_name = st.text_input("Save as", key="adapt_name", placeholder="e.g. ptx-2025-03")
-        save = st.form_submit_button("Save adapter")
-    if save:
-        try:
-            entry = adapters.save_adapter(
-                config.registry,
-                adaptation,
-                name=adapter_name,
-                condition=condition,
-                author=session.username,
+    changed = clinic.changed_inputs(
+        adaptation,
+        base_version=base_id,
+        mode=mode,
+        condition=condition,
+        classes=classes,
+        cases=cases,
+    )
+    if changed and not st.session_state.get(SAVED_KEY):
+        st.warning(
+            f"This result was computed before {changed} changed, so it cannot be saved. "
+            "Press Adapt again to get a result for what the page shows now."
+        )
+    elif not st.session_state.get(SAVED_KEY):
+        with st.form("save_adapter"):
+            adapter_name = st.text_input(
+                "Save as", key="adapt_name", placeholder="e.g. ptx-2025-03"
             )
-        except (FedfewError, OSError) as exc:
-            st.error(str(exc))
-        else:
-            st.session_state["adapt_saved"] = entry.label
-    if st.session_state.get("adapt_saved"):
+            save = st.form_submit_button("Save adapter")
+        if save:
+            try:
+                entry = adapters.save_adapter(
+                    config.registry,
+                    adaptation,
+                    name=adapter_name,
+                    condition=adaptation.condition,
+                    author=session.username,
+                )
+            except (FedfewError, OSError) as exc:
+                st.error(str(exc))
+            else:
+                st.session_state[SAVED_KEY] = entry.label
+    if st.session_state.get(SAVED_KEY):
         st.success(
-            f"Saved as {st.session_state['adapt_saved']} in this node's registry. Classify new "
+            f"Saved as {st.session_state[SAVED_KEY]} in this node's registry. Classify new "
             "cases with it on the Classify page."
         )

@@ -65,10 +65,18 @@ views.file_errors(cases.errors)
 note = resize_note(cases.cases, adaptation.pipeline)
 if note:
     st.info(note)
-try:
-    predictions = clinic.classify_cases(adaptation, cases)
-except CaseError as exc:
-    ui.stop_with_error(exc)
+# Predictions are kept per (adapter, cases): a rerun (a download, another case to explain)
+# shows the same result instead of computing it again.
+key = (id(adaptation), adaptation.inputs, tuple(views.case_digests(cases)))
+kept = st.session_state.get(views.PREDICTIONS_KEY)
+if kept is not None and kept[0] == key:
+    predictions = kept[1]
+else:
+    try:
+        predictions = clinic.classify_cases(adaptation, cases)
+    except CaseError as exc:
+        ui.stop_with_error(exc)
+    st.session_state[views.PREDICTIONS_KEY] = (key, predictions)
 
 st.subheader("Predictions")
 uncertain = sum(p.uncertain for p in predictions)
@@ -100,30 +108,42 @@ st.download_button(
 )
 
 st.subheader("Why")
-index = st.selectbox(
-    "Case", range(len(predictions)), format_func=lambda i: predictions[i].name, key="classify_case"
-)
-prediction = predictions[index]
-image = cases.cases[index].image
-left, right = st.columns(2)
-with left:
-    heat = explain.occlusion_map(adaptation.predict_proba, image, target=prediction.predicted)
-    st.image(
-        explain.overlay(image, heat),
-        caption=f"{prediction.name}: regions that support {classes[prediction.predicted]}"
-        + (" (the most likely class, yet uncertain)" if prediction.uncertain else ""),
-        width=320,
+
+
+@st.fragment
+def explanation() -> None:
+    """One case's evidence map, probabilities and nearest labelled cases; choosing another case
+    reruns only this part of the page."""
+    index = st.selectbox(
+        "Case",
+        range(len(predictions)),
+        format_func=lambda i: predictions[i].name,
+        key="classify_case",
     )
-with right:
-    st.bar_chart(
-        {"class": list(classes), "probability": list(prediction.probabilities)},
-        x="class",
-        y="probability",
-        height=220,
-    )
-    st.write("Nearest labelled cases:")
-    views.gallery(
-        [adaptation.support.images[n.index] for n in prediction.nearest],
-        [f"{n.label} ({n.name})" for n in prediction.nearest],
-        per_row=clinic.NEAREST,
-    )
+    prediction = predictions[index]
+    image = cases.cases[index].image
+    left, right = st.columns(2)
+    with left:
+        heat = explain.occlusion_map(adaptation.predict_proba, image, target=prediction.predicted)
+        st.image(
+            explain.overlay(image, heat),
+            caption=f"{prediction.name}: regions that support {classes[prediction.predicted]}"
+            + (" (the most likely class, yet uncertain)" if prediction.uncertain else ""),
+            width=320,
+        )
+    with right:
+        st.bar_chart(
+            {"class": list(classes), "probability": list(prediction.probabilities)},
+            x="class",
+            y="probability",
+            height=220,
+        )
+        st.write("Nearest labelled cases:")
+        views.gallery(
+            [adaptation.support.images[n.index] for n in prediction.nearest],
+            [f"{n.label} ({n.name})" for n in prediction.nearest],
+            per_row=clinic.NEAREST,
+        )
+
+
+explanation()

@@ -34,7 +34,5 @@ else:
         except AuthError as exc:
             st.error(str(exc))
         else:
-            st.session_state[ui.SESSION_KEY] = new_session(
-                user.username, (user.role,), hours=config.session_hours
-            )
+            ui.start_session(new_session(user.username, (user.role,), hours=config.session_hours))
             st.rerun()

@@ -17,7 +17,8 @@ from tests.app.dashboard.conftest import png_bytes, texts
 SHOTS = 4
 
 
-def named_classes(at: AppTest, names: list[str]) -> AppTest:
+def named_classes(at: AppTest, names: list[str], condition: str = "lesions") -> AppTest:
+    at.text_input(key="adapt_condition").input(condition)
     return at.text_area(key="adapt_classes").input("\n".join(names)).run()
 
 
@@ -162,7 +163,6 @@ def captions(at: AppTest) -> list[str]:
 
 def test_cases_survive_a_page_switch_until_cleared(registry, make_app, case_images) -> None:
     at, classes = adapt_page_with_cases(make_app, case_images, shots=2)
-    at.text_input(key="adapt_condition").input("lesions").run()
     shown = captions(at)
     assert len(shown) == 2 * len(classes)
 
@@ -193,5 +193,5 @@ def test_cases_survive_a_page_switch_until_cleared(registry, make_app, case_imag
     assert captions(at) == []
     at.switch_page("screens/classify.py").run()
     at.switch_page("screens/adapt.py").run()
-    named_classes(at, classes)
+    at.text_area(key="adapt_classes").input("\n".join(classes)).run()
     assert captions(at) == []  # nothing comes back after starting over
