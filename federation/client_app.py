@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
 from federation.errors import PlanInvalidError, PlanRefusedError
 from federation.node_config import NodeConfig
@@ -40,6 +42,34 @@ FAILURE_LOG = "node-errors.log"  # beside the node's kept replies, on the node's
 app = ClientApp()
 
 
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Route SecAgg+ stages through Flower's ``secaggplus_mod`` with this node's checks around
+    it (:mod:`federation.secure_node`); a plain round goes straight to :func:`train`.
+
+    Every failure in a stage, Flower's own included, replies a public reason code only.
+    """
+    from federation import secure_node
+
+    stage = secure_node.stage_of(msg)
+    if stage is None:
+        return call_next(msg, context)
+    config = None
+    try:
+        from flwr.client.mod import secaggplus_mod
+
+        config = NodeConfig.from_mapping(context.node_config)
+        if stage == Stage.SETUP:
+            secure_node.check_setup(config, msg)
+        elif stage == Stage.UNMASK:
+            secure_node.check_unmask(msg, context, config)
+        node_config = config
+        return secaggplus_mod(
+            msg, context, lambda m, c: secure_node.train_masked(m, c, node_config)
+        )
+    except Exception as exc:  # every failure replies a code; its text stays on the node
+        return _failed(msg, config, exc)
+
+
 def run_round(
     config: NodeConfig, plan: RoundPlan, global_state: State, *, requester: str
 ) -> NodeReply:
@@ -49,7 +79,7 @@ def run_round(
     return node_run_round(config, plan, global_state, requester=requester)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     """Check the plan, charge the ledger, train with DP, reply with the delta."""
     try:
@@ -65,6 +95,8 @@ def train(msg: Message, context: Context) -> Message:
 def _round(msg: Message, context: Context, config: NodeConfig) -> Message:
     started = time.perf_counter()
     plan = _plan(msg)
+    if plan.secagg.enabled:  # the reply of a plain message leaves the node unmasked
+        raise PlanInvalidError("the plan asks for secure aggregation but the message is plain")
     reply = run_round(
         config,
         plan,

@@ -7,6 +7,7 @@ SuperLink/SuperNode hop is skipped. The real deployment is tested in tests/e2e.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -57,11 +58,13 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Call each destination's handler in turn; collect the replies that came."""
+        """Call each destination's handler in turn with its own copy of the message (as the wire
+        would give it: Flower's SecAgg+ workflow sends one content object to every node, and
+        its mod edits what it receives); collect the replies that came."""
         replies = []
         for msg in messages:
             self.sent.append(msg)
-            reply = self.handlers[msg.metadata.dst_node_id](msg)
+            reply = self.handlers[msg.metadata.dst_node_id](copy.deepcopy(msg))
             if reply is not None:
                 replies.append(reply)
         return replies

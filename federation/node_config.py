@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.errors import NodeConfigError
+from federation.secure_aggregation import SecurePolicy
 from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS
 
 CONFIG_FILE_KEY = "config-file"
@@ -35,6 +36,7 @@ _KEYS = {
     "state-dir": "state_dir",
     "node-key": "node_key",
     "allowed-mechanisms": "allowed_mechanisms",
+    "secure-aggregation": "secure_aggregation",
 }
 _REQUIRED = ("site-id", "data", "ledger", "registry", "budget-epsilon", "budget-delta")
 
@@ -61,6 +63,9 @@ class NodeConfig:
     # DP mechanisms (privacy.mechanisms) this site runs: an explicit allow-list, so a mechanism
     # added to the code later stays off until the site's administrator allows it.
     allowed_mechanisms: tuple[str, ...] = (DEFAULT_MECHANISM,)
+    # Secure aggregation (federation.secure_aggregation.SecurePolicy): "allowed" runs rounds with
+    # or without it; "required" refuses to send a delta unmasked; "forbidden" refuses SecAgg+.
+    secure_aggregation: str = SecurePolicy.ALLOWED.value
 
     def __post_init__(self) -> None:
         if not self.site_id.strip():
@@ -83,6 +88,11 @@ class NodeConfig:
             raise NodeConfigError(
                 f"node config: allowed-mechanisms {list(self.allowed_mechanisms)!r} must name one "
                 f"or more of {', '.join(sorted(MECHANISMS))} (comma-separated)"
+            )
+        if self.secure_aggregation not in {p.value for p in SecurePolicy}:
+            raise NodeConfigError(
+                f"node config: secure-aggregation must be one of "
+                f"{', '.join(p.value for p in SecurePolicy)}, got {self.secure_aggregation!r}"
             )
         if not 0 < self.max_sample_rate <= 1:
             raise NodeConfigError(

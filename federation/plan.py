@@ -19,6 +19,7 @@ from typing import Any
 
 from federation.errors import PlanRefusedError
 from federation.node_config import NodeConfig
+from federation.secure_aggregation import SecureAggregationConfig, check_secure_policy
 from models.meta import MetaConfig
 from models.networks import BackboneConfig
 from privacy.dp_config import MechanismConfig
@@ -27,7 +28,7 @@ from privacy.mechanisms import Mechanism, get_mechanism
 
 SEPARATOR = "."  # between a component's prefix and its field in the flat form
 _SCALARS = ("federation", "round", "mechanism", "steps", "local_lr")
-_COMPONENTS = ("dp", "meta", "backbone")
+_COMPONENTS = ("dp", "meta", "backbone", "secagg")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class RoundPlan:
     dp: MechanismConfig  # noise, clip, sampling: the mechanism's own config type
     meta: MetaConfig  # the meta-learner (used by meta-learning mechanisms)
     backbone: BackboneConfig  # the network every node and the server build
+    # Secure aggregation (SecAgg+): off unless the server's run config turns it on.
+    secagg: SecureAggregationConfig = dataclasses.field(default_factory=SecureAggregationConfig)
 
     def __post_init__(self) -> None:
         if self.round < 1 or self.steps < 1:
@@ -85,7 +88,12 @@ class RoundPlan:
             unused = set(values)
             top = _take(cls, _SCALARS, values, prefix="", unused=unused)
             mechanism = get_mechanism(str(top["mechanism"]))
-            types = {"dp": mechanism.config_type, "meta": MetaConfig, "backbone": BackboneConfig}
+            types = {
+                "dp": mechanism.config_type,
+                "meta": MetaConfig,
+                "backbone": BackboneConfig,
+                "secagg": SecureAggregationConfig,
+            }
             parts = {
                 name: kind(
                     **_take(kind, _names(kind), values, prefix=name + SEPARATOR, unused=unused)
@@ -111,6 +119,9 @@ def check_policy(plan: RoundPlan, config: NodeConfig) -> None:
     Raises:
         PlanRefusedError: naming the field, the asked value and the node's limit.
     """
+    check_secure_policy(
+        plan.secagg.enabled, config.secure_aggregation, site=config.site_id, round=plan.round
+    )
     problems = []
     if plan.mechanism not in config.allowed_mechanisms:
         problems.append(

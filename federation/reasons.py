@@ -14,6 +14,7 @@ from flwr.app import Error
 
 from federation.errors import (
     BudgetRefusedError,
+    InvalidUpdateError,
     ModelMismatchError,
     NodeConfigError,
     PlanInvalidError,
@@ -36,6 +37,9 @@ class ReasonCode(StrEnum):
     LEDGER_UNUSABLE = "ledger-unusable"  # the ledger is unreadable, tampered or unsignable
     INTERNAL_ERROR = "internal-error"  # anything else: a bug, out of memory, a library error
     UNRECOGNISED = "unrecognised"  # server side only: a reply whose reason is none of these
+    # Secure rounds: the node's own delta (a DP output) was not finite, so it was not masked.
+    # Added after UNRECOGNISED so the codes above keep their numbers.
+    UPDATE_INVALID = "update-invalid"
 
     @property
     def code(self) -> int:
@@ -60,6 +64,7 @@ REASONS: tuple[tuple[type[BaseException], ReasonCode], ...] = (
     (LedgerTamperedError, ReasonCode.LEDGER_UNUSABLE),
     (LedgerSignatureError, ReasonCode.LEDGER_UNUSABLE),
     (LedgerError, ReasonCode.LEDGER_UNUSABLE),
+    (InvalidUpdateError, ReasonCode.UPDATE_INVALID),
 )
 
 

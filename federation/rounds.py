@@ -15,9 +15,11 @@ from typing import Any
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
+from federation.aggregation import apply_update
 from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from federation.errors import QuorumError
 from federation.records import State, to_arrays
+from federation.secure_server import collect_secure_round
 from federation.strategy import LOGGER_NAME, AcceptedReply, FederatedMetaStrategy
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -123,18 +125,23 @@ def run_rounds(
     wait_for_nodes(grid, count=config.min_nodes, timeout=config.node_wait)
     for server_round in range(checkpoint.round + 1, config.num_rounds + 1):
         started = time.perf_counter()
-        accepted, problems, attempts = collect_round(grid, strategy, checkpoint.state, server_round)
-        state = strategy.aggregate(checkpoint.state, accepted.values())
+        if config.secure_aggregation:
+            state, outcome = _secure_round(grid, strategy, checkpoint.state, server_round)
+        else:
+            accepted, problems, attempts = collect_round(
+                grid, strategy, checkpoint.state, server_round
+            )
+            state = strategy.aggregate(checkpoint.state, accepted.values())
+            outcome = _outcome(accepted, problems, attempts)
         collected = time.perf_counter() - started
         metrics = evaluate(state)
-        record = _record(
-            server_round,
-            attempts=attempts,
-            seconds=collected,
-            accepted=accepted,
-            problems=problems,
-            sent=to_arrays(checkpoint.state).count_bytes(),
-        )
+        record = {
+            "round": server_round,
+            "seconds": collected,
+            "bytes-sent-per-node": to_arrays(checkpoint.state).count_bytes(),
+            **outcome,
+            "metrics": {},
+        }
         record["metrics"] = metrics
         publish(state, record)
         checkpoint = Checkpoint(
@@ -164,14 +171,49 @@ def _record(
     """One round's entry of the history (saved in the checkpoint and published)."""
     return {
         "round": server_round,
-        "attempts": attempts,
         "seconds": seconds,
+        "bytes-sent-per-node": sent,
+        **_outcome(accepted, problems, attempts),
+        "metrics": {},
+    }
+
+
+def _outcome(
+    accepted: dict[int, AcceptedReply], problems: list[str], attempts: int
+) -> dict[str, Any]:
+    """What a plain round's replies add to its history entry."""
+    return {
+        "attempts": attempts,
         "sites": {r.site_id: r.report.to_dict() for r in accepted.values()},
         "bytes-received": {r.site_id: r.bytes for r in accepted.values()},
-        "bytes-sent-per-node": sent,
         "clipped": [r.site_id for r in accepted.values() if r.gate.clipped],
         "problems": problems,
-        "metrics": {},
+    }
+
+
+def _secure_round(
+    grid: Grid, strategy: FederatedMetaStrategy, state: State, server_round: int
+) -> tuple[State, dict[str, Any]]:
+    """A SecAgg+ round: the next model from the gated mean, and the history entry's part.
+
+    Under SecAgg+ the server never sees one site's delta, so there is no per-site byte count
+    and no "clipped" list: each node clipped its own delta, and whether it had to is data-
+    dependent, so it stays on the node.
+    """
+    secure = collect_secure_round(grid, strategy, state, server_round)
+    update = apply_update(state, secure.gate.mean, server_lr=strategy.config.server_lr)
+    return update, {
+        "attempts": secure.attempts,
+        "sites": {r.site_id: r.report.to_dict() for r in secure.replies.values()},
+        "bytes-received": {},
+        "clipped": [],
+        "problems": secure.problems,
+        "secure-aggregation": {
+            "contributors": secure.gate.contributors,
+            "sum-norm": secure.gate.norm,
+            "sum-bound": secure.gate.bound,
+            "bytes-received": secure.received_bytes,  # all stages, all nodes
+        },
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from federation.aggregation import AGGREGATIONS
 from federation.plan import RoundPlan
+from federation.secure_aggregation import SecureAggregationConfig
 from federation.validation import NORM_POLICIES
 from models.meta import MetaConfig
 from models.networks import BackboneConfig
@@ -61,6 +62,9 @@ class ServerConfig:
     update_norm_bound: float = 0.0  # 0: local_lr * local_steps * sqrt(#params) * 3 (Adam's reach)
     norm_policy: str = "clip"  # clip or reject deltas over the bound
     defence: str = "none"  # a key of DEFENCES
+    # SecAgg+: the server learns only the sum of the deltas (federation.secure_aggregation);
+    # off by default because every node must allow it and it excludes robust aggregation.
+    secure_aggregation: bool = False
     trim: int = 1  # values dropped per end by trimmed-mean
     byzantine: int = 1  # f assumed by Krum
     eval_data: str = "synthetic"  # public evaluation set: "synthetic" or an .npz path
@@ -88,6 +92,14 @@ class ServerConfig:
             raise ValueError(
                 f"run config defence must be one of {sorted(DEFENCES)}, got {self.defence!r}"
             )
+        if self.secure_aggregation and self.defence != "none":
+            raise ValueError(
+                f"run config secure-aggregation hides each delta, so defence {self.defence!r} "
+                '(which compares deltas) cannot run with it: set defence = "none" or turn '
+                "secure-aggregation off"
+            )
+        if self.secure_aggregation and self.min_replies < 2:
+            raise ValueError("run config secure-aggregation needs min-replies >= 2")
         if self.min_replies > self.min_nodes:
             raise ValueError("run config min-replies cannot exceed min-nodes")
         try:
@@ -100,8 +112,11 @@ class ServerConfig:
         """The aggregation rule the defence implies."""
         return AGGREGATIONS[0] if self.defence == "none" else self.defence
 
-    def round_plan(self, server_round: int) -> RoundPlan:
+    def round_plan(self, server_round: int, *, norm_bound: float | None = None) -> RoundPlan:
         """The DP plan every node is asked to run in ``server_round``.
+
+        ``norm_bound`` is the delta bound each node clips to before masking (secure rounds
+        only; the strategy knows it, since its default depends on the model's size).
 
         Raises:
             ValueError: a component rejects its value (UnknownMechanismError is one).
@@ -134,6 +149,11 @@ class ServerConfig:
                 norm=self.norm,
                 trainable=self.trainable,
             ),
+            secagg=SecureAggregationConfig(
+                enabled=self.secure_aggregation,
+                min_sites=max(2, self.min_replies),
+                norm_bound=SecureAggregationConfig.norm_bound if norm_bound is None else norm_bound,
+            ),
         )
 
     @property
@@ -157,6 +177,11 @@ class ServerConfig:
             key = _key(f.name)
             if key in run_config:
                 default = getattr(cls, f.name)
+                if isinstance(default, bool) and not isinstance(run_config[key], bool):
+                    # bool("false") is True: a flag must be a TOML boolean
+                    raise ValueError(
+                        f"run config {key} must be true or false, got {run_config[key]!r}"
+                    )
                 try:
                     kwargs[f.name] = type(default)(run_config[key])
                 except (TypeError, ValueError) as exc:

@@ -91,12 +91,18 @@ class FederatedMetaStrategy(Strategy):
             ADAM_REACH * config.local_lr * config.local_steps * math.sqrt(n_params)
         )
 
+    def round_plan(self, server_round: int) -> RoundPlan:
+        """The round's plan, with this strategy's delta bound for nodes to clip to (secure
+        rounds)."""
+        return self.config.round_plan(server_round, norm_bound=self.norm_bound)
+
     def summary(self) -> None:
         """Log the configuration."""
         logger.info(
-            "strategy: %s aggregation (defends against: %s), server lr %g, delta norm bound %.4g "
-            "(%s), quorum %d",
+            "strategy: %s aggregation%s (defends against: %s), server lr %g, delta norm bound "
+            "%.4g (%s), quorum %d",
             self.config.aggregation,
+            " of SecAgg+ sums" if self.config.secure_aggregation else "",
             self.config.defence,
             self.config.server_lr,
             self.norm_bound,
@@ -109,7 +115,7 @@ class FederatedMetaStrategy(Strategy):
     ) -> Iterable[Message]:
         """The global model and the round's DP plan, to every connected node."""
         self._current = from_arrays(arrays)
-        plan = ConfigRecord(plan_for(self.config, server_round).to_config())
+        plan = ConfigRecord(self.round_plan(server_round).to_config())
         return [
             Message(
                 content=RecordDict({MODEL: arrays, PLAN: plan}),
