@@ -16,8 +16,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from app.dashboard.clinic import Adaptation, Reliability, SupportSet, adapt_cases
+from app.dashboard.clinic import (
+    Adaptation,
+    Reliability,
+    SupportSet,
+    adapt_cases,
+    reliability_text,
+)
 from app.dashboard.errors import CaseError
+from app.dashboard.provenance import Provenance, utc_now
 from models.adaptation import AdaptConfig
 from models.errors import RegistryError
 from models.model_dir import LoadedModel
@@ -177,3 +184,31 @@ def load_adapter(registry: Path, version: int) -> tuple[Adaptation, LoadedModel]
             temperature=float(temperature),  # type: ignore[arg-type]
         )
     return adaptation, model
+
+
+UNSAVED = "unsaved adaptation of this session"
+
+
+def provenance_for(
+    registry: Path, adaptation: Adaptation, *, adapter: RegistryEntry | None, user: str
+) -> Provenance:
+    """The provenance of predictions made now by ``adaptation`` (saved as ``adapter``, or not).
+
+    A base version missing from the registry is named by its id, with an unknown privacy status.
+    """
+    try:
+        base = Registry.open(registry).get(adaptation.base_version)
+    except RegistryError:
+        base_label, privacy = f"v{adaptation.base_version}", "unknown: version not in registry"
+    else:
+        base_label, privacy = base.label, epsilon_label(base)
+    return Provenance(
+        adapter=adapter.label if adapter is not None else UNSAVED,
+        adapter_version=adapter.id if adapter is not None else None,
+        base_model=base_label,
+        base_privacy=privacy,
+        condition=adaptation.condition,
+        user=user,
+        time=utc_now(),
+        reliability=reliability_text(adaptation),
+    )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from app.dashboard.errors import CaseError
+from app.dashboard.provenance import Provenance
 from app.dashboard.uploads import LoadedCases
 from models.adaptation import ADAPT_MODES, AdaptConfig, AdaptedClassifier, adapt
 from models.calibration import (
@@ -272,6 +273,13 @@ def adapt_cases(
     )
 
 
+def reliability_text(adaptation: Adaptation) -> str:
+    """The reliability sentence, or why there is none (for exports and the audit)."""
+    if adaptation.reliability is None:
+        return "not estimated (a class has a single case); probabilities not calibrated"
+    return adaptation.reliability.sentence()
+
+
 def changed_inputs(
     adaptation: Adaptation,
     *,
@@ -376,9 +384,14 @@ def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Predictio
     ]
 
 
-def predictions_csv(classes: Sequence[str], predictions: Sequence[Prediction]) -> str:
+def predictions_csv(
+    classes: Sequence[str], predictions: Sequence[Prediction], *, provenance: Provenance
+) -> str:
     """One row per case: file, outcome (a class or "uncertain"), the most likely class and its
-    calibrated probability, every class's probability and the nearest labelled cases."""
+    calibrated probability, every class's probability, the nearest labelled cases, then the
+    provenance (adapter, version, base model and its privacy status, condition, user, time,
+    reliability, notice) on every row."""
+    origin = provenance.columns()
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
@@ -389,6 +402,7 @@ def predictions_csv(classes: Sequence[str], predictions: Sequence[Prediction]) -
             "probability",
             *(f"p({c})" for c in classes),
             "nearest_cases",
+            *origin,
         ]
     )
     for p in predictions:
@@ -400,6 +414,7 @@ def predictions_csv(classes: Sequence[str], predictions: Sequence[Prediction]) -
                 f"{p.probabilities[p.predicted]:.4f}",
                 *(f"{v:.4f}" for v in p.probabilities),
                 "; ".join(f"{n.name} ({n.label})" for n in p.nearest),
+                *origin.values(),
             ]
         )
     return out.getvalue()

@@ -43,7 +43,10 @@ ROLE_PAGES: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("classify.py", "Classify cases", ":material/radiology:"),
         PREPARE_PAGE,
     ),
-    ROLE_ADMIN: (("privacy.py", "Privacy budgets", ":material/shield_lock:"),),
+    ROLE_ADMIN: (
+        ("privacy.py", "Privacy budgets", ":material/shield_lock:"),
+        ("audit.py", "Audit log", ":material/fact_check:"),
+    ),
     ROLE_IT: (("federation.py", "Federation", ":material/hub:"), PREPARE_PAGE),
 }
 ACCOUNT_PAGE = ("account.py", "Account", ":material/person:")

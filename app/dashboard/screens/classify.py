@@ -4,14 +4,14 @@ import streamlit as st
 
 from app.dashboard import adapters, clinic, explain, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
-from app.dashboard.errors import CaseError
+from app.dashboard.provenance import ACTION_CLASSIFY, ACTION_EXPORT, AuditLog
 from app.dashboard.settings import MAX_UPLOAD_MB
 from app.dashboard.uploads import resize_note
 from models.errors import FedfewError
 
 CURRENT = "current"  # the adapter made on the adapt page in this session, saved or not
 
-ui.require_role(ROLE_CLINICIAN)
+session = ui.require_role(ROLE_CLINICIAN)
 config = ui.settings()
 st.title("Classify cases")
 ui.intended_use_notice()
@@ -67,16 +67,27 @@ if note:
     st.info(note)
 # Predictions are kept per (adapter, cases): a rerun (a download, another case to explain)
 # shows the same result instead of computing it again.
-key = (id(adaptation), adaptation.inputs, tuple(views.case_digests(cases)))
+digests = views.case_digests(cases)
+key = (id(adaptation), adaptation.inputs, tuple(digests))
 kept = st.session_state.get(views.PREDICTIONS_KEY)
+audit = AuditLog(config.users_db)
 if kept is not None and kept[0] == key:
-    predictions = kept[1]
+    predictions, origin = kept[1], kept[2]
 else:
     try:
         predictions = clinic.classify_cases(adaptation, cases)
-    except CaseError as exc:
+        origin = adapters.provenance_for(
+            config.registry, adaptation, adapter=saved.get(choice), user=session.username
+        )
+        audit.record(
+            origin,
+            action=ACTION_CLASSIFY,
+            case_digests=digests,
+            outcomes=[p.outcome(classes) for p in predictions],
+        )
+    except FedfewError as exc:  # CaseError, or an unreadable audit log
         ui.stop_with_error(exc)
-    st.session_state[views.PREDICTIONS_KEY] = (key, predictions)
+    st.session_state[views.PREDICTIONS_KEY] = (key, predictions, origin)
 
 st.subheader("Predictions")
 uncertain = sum(p.uncertain for p in predictions)
@@ -99,12 +110,23 @@ st.dataframe(
     hide_index=True,
     key="classify_table",
 )
+st.caption(
+    f"Adapter: {origin.adapter} · base model {origin.base_model} ({origin.base_privacy}) · "
+    f"condition {origin.condition or 'not named'} · classified by {origin.user} at {origin.time}"
+)
 st.download_button(
     "Download results (CSV)",
-    clinic.predictions_csv(classes, predictions),
+    clinic.predictions_csv(classes, predictions, provenance=origin),
     file_name="predictions.csv",
     mime="text/csv",
     key="classify_csv",
+    on_click=audit.record,
+    args=(origin,),
+    kwargs={
+        "action": ACTION_EXPORT,
+        "case_digests": digests,
+        "outcomes": [p.outcome(classes) for p in predictions],
+    },
 )
 
 st.subheader("Why")

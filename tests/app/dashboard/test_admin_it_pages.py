@@ -3,6 +3,7 @@ branch with roles from a claim."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from app.dashboard import settings
 from app.dashboard.auth import ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT
+from app.dashboard.provenance import ACTION_CLASSIFY, AuditLog, Provenance
 from app.dashboard.ui import SESSION_KEY
 from tests.app.dashboard.conftest import ENTRY, TIMEOUT, texts, write_ledger
 
@@ -77,6 +79,23 @@ def test_a_tampered_ledger_shows_a_warning_and_no_numbers(
     assert [m.value for m in at.metric if m.label == "Cap (epsilon)"] == ["8"]
     assert len(at.download_button) == 2
     assert not at.dataframe  # hospital-a's charges and refusals are not listed either
+
+
+def test_audit_page_lists_who_classified_what(store, env, make_app) -> None:
+    log = AuditLog(env["users"])
+    origin = Provenance("v2 lesions", 2, "v1 global", "ε 1.00 (1 site)", "lesions", "ana", "t1", "")
+    log.record(origin, action=ACTION_CLASSIFY, case_digests=["ab" * 32], outcomes=["x"])
+    other = dataclasses.replace(origin, user="bo", time="t2")
+    log.record(other, action=ACTION_CLASSIFY, case_digests=["cd" * 32] * 2, outcomes=["x", "y"])
+    assert [e.user for e in log.entries()] == ["bo", "ana"]  # newest first
+
+    at = make_app(ROLE_ADMIN).run()
+    at.switch_page("screens/audit.py").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["user"]) == ["bo", "ana"] and list(table["cases"]) == [2, 1]
+    at.text_input(key="audit_user").input("ana").run()
+    assert list(at.dataframe[0].value["user"]) == ["ana"]
 
 
 def test_privacy_page_without_ledgers(store, make_app) -> None:

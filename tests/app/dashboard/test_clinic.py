@@ -152,6 +152,8 @@ def test_adapter_round_trip_and_classification(model, separable_images) -> None:
     right = sum(p.predicted == label for p, (label, _) in zip(before, held_out, strict=True))
     assert right >= 0.8 * len(held_out), f"{right} of {len(held_out)} right"
 
+    with pytest.raises(CaseError, match="name the condition"):
+        adapters.save_adapter(registry, adaptation, name="lesions", condition=" ")
     entry = adapters.save_adapter(
         registry, adaptation, name="lesions", condition="test", author="ana"
     )
@@ -172,10 +174,18 @@ def test_adapter_round_trip_and_classification(model, separable_images) -> None:
     assert [n.distance for n in first.nearest] == sorted(n.distance for n in first.nearest)
     assert first.nearest[0].name in support.names
 
-    rows = list(csv.reader(io.StringIO(clinic.predictions_csv(names, before))))
-    assert rows[0][:4] == ["case", "outcome", "most_likely", "probability"]
-    assert len(rows) == 1 + len(held_out)
-    assert rows[1][1] == first.outcome(names) and rows[1][2] == names[first.predicted]
+    origin = adapters.provenance_for(registry, rebuilt, adapter=entry, user="ana")
+    assert origin.condition == "test" and origin.base_privacy.startswith("ε 2.50")
+    text = clinic.predictions_csv(names, before, provenance=origin)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == len(held_out)
+    assert rows[0]["outcome"] == first.outcome(names)
+    assert rows[0]["most_likely"] == names[first.predicted]
+    for row in rows:  # every row says where it came from
+        assert row["adapter"] == entry.label and row["adapter_version"] == str(entry.id)
+        assert row["base_model"] == f"v{version} global-round-2" and row["user"] == "ana"
+        assert row["condition"] == "test" and row["time"].endswith("Z")
+        assert row["reliability"].startswith("Between") and "not a diagnosis" in row["notice"]
 
 
 def test_calibrated_probabilities_and_uncertain_outcome(model, case_images) -> None:

@@ -10,6 +10,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from app.dashboard.auth import ROLE_CLINICIAN
+from app.dashboard.provenance import AuditLog
 from app.dashboard.views import ADAPTATION_KEY
 from models.registry import Registry
 from tests.app.dashboard.conftest import png_bytes, texts
@@ -71,6 +72,15 @@ def test_adapt_save_classify(registry, make_app, case_images, env) -> None:
     assert "Intended use" in texts(at, "warning")
     np.testing.assert_allclose(table[classes].sum(axis=1), 1.0, atol=0.01)
     assert at.download_button(key="classify_csv").label == "Download results (CSV)"
+    assert "Adapter: v2 three-lesions" in texts(at, "caption")
+    (logged,) = AuditLog(env["users"]).entries()  # one classification, however many reruns
+    assert (logged.user, logged.action, logged.adapter) == (
+        "clinician",
+        "classify",
+        "v2 three-lesions",
+    )
+    assert logged.cases == len(new_cases) and sum(logged.outcomes.values()) == len(new_cases)
+    assert all(name not in str(logged) for name, _ in new_cases)  # no file names in the log
     captions = [c for image in at.image for c in image.captions]
     assert any("regions that support" in c for c in captions)  # the explanation image
 

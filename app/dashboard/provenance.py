@@ -1,0 +1,184 @@
+"""Where a classification came from, carried by every export, and the audit log of who
+classified what.
+
+The audit log names cases by the SHA-256 of their pixels and file name, never by the name
+itself: file names of patient images often hold patient names or record numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from app.dashboard.errors import AccountError
+
+NOTICE = (
+    "Decision support only, not a diagnosis; not cleared as a medical device; every result "
+    "must be checked by a clinician."
+)
+ACTION_CLASSIFY = "classify"
+ACTION_EXPORT = "export"
+AUDIT_LIMIT = 500  # rows the administrator page shows, newest first
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    user TEXT NOT NULL,
+    action TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    adapter_version INTEGER,
+    base_model TEXT NOT NULL,
+    condition TEXT NOT NULL,
+    cases INTEGER NOT NULL,
+    case_digests TEXT NOT NULL,
+    outcomes TEXT NOT NULL
+)"""
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a set of predictions, written beside them wherever they go."""
+
+    adapter: str  # the registry label, or "unsaved adaptation of this session"
+    adapter_version: int | None  # registry id; None when not saved
+    base_model: str  # base version label
+    base_privacy: str  # its privacy status (epsilon and sites, or "not DP-trained")
+    condition: str
+    user: str
+    time: str
+    reliability: str  # the interval sentence (or that it could not be estimated)
+    notice: str = NOTICE
+
+    def columns(self) -> dict[str, str]:
+        """The provenance as CSV columns (every row carries them, so no row loses its origin)."""
+        row = {k: "" if v is None else str(v) for k, v in asdict(self).items()}
+        return row
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the audit log."""
+
+    time: str
+    user: str
+    action: str
+    adapter: str
+    adapter_version: int | None
+    base_model: str
+    condition: str
+    cases: int
+    case_digests: tuple[str, ...]
+    outcomes: dict[str, int]  # outcome (class or "uncertain") -> cases
+
+    def row(self) -> dict[str, object]:
+        """A table row (digests shortened to 12 hex digits, as git does)."""
+        return {
+            "time": self.time,
+            "user": self.user,
+            "action": self.action,
+            "adapter": self.adapter,
+            "version": self.adapter_version,
+            "base model": self.base_model,
+            "condition": self.condition,
+            "cases": self.cases,
+            "outcomes": ", ".join(f"{k}: {v}" for k, v in sorted(self.outcomes.items())),
+            "case digests": " ".join(d[:12] for d in self.case_digests),
+        }
+
+
+class AuditLog:
+    """Append-only log of classifications and exports (a table in the dashboard's SQLite)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, timeout=10)
+        except sqlite3.Error as exc:
+            raise AccountError(f"cannot open the audit log {self.path}: {exc}") from exc
+        try:
+            with conn:
+                conn.execute(_SCHEMA)
+                yield conn
+        except sqlite3.DatabaseError as exc:
+            raise AccountError(f"the audit log {self.path} is unreadable: {exc}") from exc
+        finally:
+            conn.close()
+
+    def record(
+        self,
+        provenance: Provenance,
+        *,
+        action: str,
+        case_digests: Sequence[str],
+        outcomes: Sequence[str],
+    ) -> AuditEntry:
+        """Append one entry: who did ``action`` with which adapter on which cases."""
+        entry = AuditEntry(
+            time=provenance.time,
+            user=provenance.user,
+            action=action,
+            adapter=provenance.adapter,
+            adapter_version=provenance.adapter_version,
+            base_model=provenance.base_model,
+            condition=provenance.condition,
+            cases=len(case_digests),
+            case_digests=tuple(case_digests),
+            outcomes=dict(Counter(outcomes)),
+        )
+        with self._connect() as conn:
+            conn.execute(
+                "INSERT INTO audit (time, user, action, adapter, adapter_version, base_model, "
+                "condition, cases, case_digests, outcomes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.time,
+                    entry.user,
+                    entry.action,
+                    entry.adapter,
+                    entry.adapter_version,
+                    entry.base_model,
+                    entry.condition,
+                    entry.cases,
+                    json.dumps(list(entry.case_digests)),
+                    json.dumps(entry.outcomes, sort_keys=True),
+                ),
+            )
+        return entry
+
+    def entries(self, *, user: str | None = None, limit: int = AUDIT_LIMIT) -> list[AuditEntry]:
+        """The newest ``limit`` entries (of ``user`` only, when given), newest first."""
+        if not self.path.is_file():
+            return []
+        query = (
+            "SELECT time, user, action, adapter, adapter_version, base_model, condition, cases, "
+            "case_digests, outcomes FROM audit"
+        )
+        args: tuple[object, ...] = ()
+        if user:
+            query += " WHERE user = ?"
+            args = (user,)
+        query += " ORDER BY id DESC LIMIT ?"
+        with self._connect() as conn:
+            rows = conn.execute(query, (*args, limit)).fetchall()
+        return [
+            AuditEntry(
+                *row[:8],
+                case_digests=tuple(json.loads(row[8])),
+                outcomes=json.loads(row[9]),
+            )
+            for row in rows
+        ]
