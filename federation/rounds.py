@@ -153,7 +153,7 @@ def run_rounds(
             "round %d done in %.1f s: %d sites accepted, %s",
             server_round,
             collected,
-            len(accepted),
+            len(record["sites"]),
             ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
         )
     return checkpoint
