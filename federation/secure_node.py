@@ -132,10 +132,13 @@ def _remember(context: Context, plan: RoundPlan) -> None:
 
 
 def check_unmask(msg: Message, context: Context, config: NodeConfig) -> None:
-    """Help unmask only a large enough sum, and per round only one set of contributors.
+    """Help unmask only a large enough sum, per round only one set of contributors, and never
+    a node listed both as contributor and as dropped (its private mask seed and its key would
+    both be revealed, and with them its update).
 
     Raises:
-        PlanRefusedError: too few contributors, or another set than the one already unmasked.
+        PlanRefusedError: too few contributors, another set than the one already unmasked, or
+            a node in both lists.
         PlanInvalidError: no masked update of this node in this run to unmask.
     """
     remembered = context.state.config_records.get(SECURE_STATE)
@@ -143,6 +146,12 @@ def check_unmask(msg: Message, context: Context, config: NodeConfig) -> None:
         raise PlanInvalidError("unmask asked, but this node sent no masked update in this run")
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     active = sorted(cast(list[int], configs[Key.ACTIVE_NODE_ID_LIST]))
+    dead = set(cast(list[int], configs[Key.DEAD_NODE_ID_LIST]))
+    if dead & set(active):  # Flower's mod does not check: both shares of a node unmask it alone
+        raise PlanRefusedError(
+            f"site {config.site_id} refuses to unmask: nodes {sorted(dead & set(active))} are "
+            "listed both as contributors and as dropped"
+        )
     min_sites = int(cast(int, remembered["min-sites"]))
     round_number = int(cast(int, remembered["round"]))
     if len(active) < min_sites:

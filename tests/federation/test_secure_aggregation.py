@@ -129,9 +129,13 @@ def test_a_node_policy_other_than_the_three_is_a_config_error(tmp_path):
         NodeConfig.from_mapping(site)
 
 
-def unmask_message(active: list[int]) -> Message:
+def unmask_message(active: list[int], dead: list[int] | None = None) -> Message:
     configs = ConfigRecord(
-        {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: []}
+        {
+            Key.STAGE: Stage.UNMASK,
+            Key.ACTIVE_NODE_ID_LIST: active,
+            Key.DEAD_NODE_ID_LIST: dead or [],
+        }
     )
     content = RecordDict({RECORD_KEY_CONFIGS: configs})
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
@@ -146,6 +150,8 @@ def test_a_node_helps_unmask_one_set_of_at_least_min_sites_contributors_per_roun
     state.config_records[SECURE_STATE] = ConfigRecord(
         {"federation": "unit", "round": 4, "min-sites": 3}
     )
+    with pytest.raises(PlanRefusedError, match=r"nodes \[2\] are listed both"):
+        check_unmask(unmask_message([1, 2, 3], dead=[2]), context, config)
     with pytest.raises(PlanRefusedError, match="2 contributors, the plan's minimum is 3"):
         check_unmask(unmask_message([1, 2]), context, config)
     check_unmask(unmask_message([3, 1, 2]), context, config)
