@@ -146,8 +146,11 @@ def server_config(
     settings: DemoSettings,
     eval_data: str,
     initial_model: Path | None = None,
+    *,
+    secure_aggregation: bool = False,
 ) -> ServerConfig:
-    """The federation's run config for the demo (from ``initial_model``, else a random start)."""
+    """The federation's run config for the demo (from ``initial_model``, else a random start;
+    ``secure_aggregation``: SecAgg+ rounds, docs/privacy.md "Secure aggregation")."""
     return ServerConfig(
         federation="fedfew-demo",
         num_rounds=settings.rounds,
@@ -163,6 +166,7 @@ def server_config(
         eval_data=eval_data,
         eval_episodes=settings.eval_episodes,
         workdir=str(workdir / "server"),
+        secure_aggregation=secure_aggregation,
     )
 
 
@@ -173,6 +177,7 @@ def run_demo(
     eval_data: str = "synthetic",
     settings: DemoSettings = DemoSettings(),
     echo: Callable[[str], None] = print,
+    secure_aggregation: bool = False,
 ) -> DemoResult:
     """Run the whole demo; see the module docstring.
 
@@ -184,7 +189,9 @@ def run_demo(
     echo(f"preparing {len(data) if data and len(data) > 1 else 3} hospitals with {what}...")
     sites = site_data(workdir, data)
     start = public_start(workdir, settings, echo)
-    config = server_config(workdir, len(sites), settings, eval_data, start)
+    config = server_config(
+        workdir, len(sites), settings, eval_data, start, secure_aggregation=secure_aggregation
+    )
     app_dir = workdir / "flower-app"
     write_app_project(app_dir, serverapp=SERVER_APP, clientapp=CLIENT_APP, config=config.to_dict())
     specs = {name: site_spec(workdir, name, path, settings) for name, path in sites.items()}

@@ -30,6 +30,12 @@ def demo(
         help="The operator's non-private pre-training steps on public synthetic classes.",
     ),
     workdir: Path = typer.Option(Path("fedfew-demo"), help="Where the demo keeps everything."),
+    secure_aggregation: bool = typer.Option(
+        False,
+        "--secure-aggregation",
+        help="Secure aggregation (Flower's SecAgg+): the server learns only the sum of the "
+        "hospitals' updates; each hospital clips its update before masking it.",
+    ),
 ) -> None:
     """Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS.
 
@@ -42,7 +48,14 @@ def demo(
         DemoSettings(), rounds=rounds, local_steps=local_steps, public_steps=public_steps
     )
     sets = [Path(p) for p in data.split(",")] if data else None
-    result = run_demo(workdir, data=sets, eval_data=eval_data, settings=settings, echo=typer.echo)
+    result = run_demo(
+        workdir,
+        data=sets,
+        eval_data=eval_data,
+        settings=settings,
+        echo=typer.echo,
+        secure_aggregation=secure_aggregation,
+    )
     for line in summary(result):
         typer.echo(line)
     hospital = next(iter(sorted(result.site_epsilon)))
