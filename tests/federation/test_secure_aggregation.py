@@ -159,3 +159,18 @@ def test_a_node_helps_unmask_one_set_of_at_least_min_sites_contributors_per_roun
     # A+B+C unmasked, then A+B+D would hand the server C - D: refused.
     with pytest.raises(PlanRefusedError, match=r"already helped unmask it over \[1, 2, 3\]"):
         check_unmask(unmask_message([1, 2, 4]), context, config)
+
+
+def test_the_demo_option_turns_on_secure_rounds_in_the_demos_run_config(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from app.demo import DemoSettings, server_config
+    from app.demo_cli import demo
+
+    config = server_config(tmp_path, 3, DemoSettings(), "synthetic", secure_aggregation=True)
+    assert config.secure_aggregation and config.round_plan(1).secagg.enabled
+    assert not server_config(tmp_path, 3, DemoSettings(), "synthetic").secure_aggregation
+    cli = typer.Typer()
+    cli.command()(demo)
+    assert "--secure-aggregation" in CliRunner().invoke(cli, ["--help"]).output
