@@ -223,7 +223,10 @@ def secure_attempt(
     )(watched, context)
     problems = list(watched.problems)
     if not collector.results:
-        problems.append(f"round {server_round}: SecAgg+ halted (too few nodes in a stage)")
+        problems.append(
+            f"SecAgg+ halted: fewer than {plan.secagg.min_sites} nodes took part in a stage; "
+            "no sum was revealed"
+        )
         return None, problems
     replies: dict[int, SecureReply] = {}
     for proxy, fitres in collector.results:
@@ -237,7 +240,7 @@ def secure_attempt(
         replies[proxy.node_id] = SecureReply(proxy.node_id, report.site, report)
     mean_arrays = parameters_to_ndarrays(collector.results[0][1].parameters)
     if len(mean_arrays) != len(state):
-        problems.append(f"round {server_round}: the unmasked sum has {len(mean_arrays)} arrays")
+        problems.append(f"the unmasked sum has {len(mean_arrays)} arrays, not {len(state)}")
         return None, problems
     try:
         gate = gate_sum(
@@ -247,7 +250,7 @@ def secure_attempt(
             secagg=plan.secagg,
         )
     except InvalidUpdateError as exc:
-        problems.append(f"round {server_round}: {exc}")
+        problems.append(str(exc))
         return None, problems
     return SecureRound(gate, replies, problems, 1, watched.received_bytes), problems
 
