@@ -33,9 +33,14 @@ SCRYPT_P = 1
 SALT_BYTES = 16  # NIST SP 800-132: at least 128 bits of salt
 HASH_BYTES = 32
 MIN_PASSWORD_CHARS = 10  # NIST SP 800-63B asks for >= 8; clinical systems commonly use 10+
-# Five wrong passwords within 15 minutes lock the account for the rest of the window.
+# Throttling is per (account, client computer), so a stranger's wrong passwords slow only the
+# stranger: a named clinician at another workstation can still log in. Five free failures per
+# pair within the hour, then each further attempt waits twice as long as the last (30 s, 1 min,
+# 2 min, ...), never more than 15 minutes; an administrator can lift it on the Users page.
 MAX_FAILURES = 5
-FAILURE_WINDOW_S = 15 * 60.0
+FAILURE_WINDOW_S = 60 * 60.0  # failures are remembered this long
+BACKOFF_BASE_S = 30.0
+BACKOFF_MAX_S = 15 * 60.0
 USERNAME_MAX_CHARS = 64
 
 _SCHEMA = (
@@ -51,6 +56,11 @@ _SCHEMA = (
         username TEXT NOT NULL,
         time REAL NOT NULL
     )""",
+)
+# Columns added after the first release: (table, column, declaration) for older databases.
+_MIGRATIONS = (
+    ("users", "disabled", "INTEGER NOT NULL DEFAULT 0"),
+    ("failed_logins", "client", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -83,6 +93,16 @@ class User:
     username: str
     role: str
     created: str
+    disabled: bool = False
+
+
+def backoff(failures: int) -> float:
+    """Seconds a client must wait after ``failures`` recent failures for one account (0 while
+    within :data:`MAX_FAILURES`, then doubling from :data:`BACKOFF_BASE_S` up to
+    :data:`BACKOFF_MAX_S`)."""
+    if failures < MAX_FAILURES:
+        return 0.0
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2.0 ** (failures - MAX_FAILURES))
 
 
 @dataclass(frozen=True)
@@ -176,6 +196,10 @@ class UserStore:
             with conn:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                for table, column, declaration in _MIGRATIONS:
+                    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                    if column not in columns:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
                 yield conn
         except sqlite3.DatabaseError as exc:
             raise AccountError(
@@ -236,40 +260,108 @@ class UserStore:
         if not self.path.is_file():
             return []
         with self._connect() as conn:
-            rows = conn.execute("SELECT username, role, created FROM users ORDER BY username")
-            return [User(*row) for row in rows.fetchall()]
+            rows = conn.execute(
+                "SELECT username, role, created, disabled FROM users ORDER BY username"
+            )
+            return [User(u, r, c, bool(d)) for u, r, c, d in rows.fetchall()]
 
-    def retry_after(self, username: str, *, now: float | None = None) -> float:
-        """Seconds until ``username`` may try again; 0 when not locked."""
+    def _require(self, conn: sqlite3.Connection, username: str) -> None:
+        if conn.execute("SELECT 1 FROM users WHERE username = ?", (username,)).fetchone() is None:
+            raise AccountError(f"no user {username!r}; `fedfew users list` shows the accounts")
+
+    def set_disabled(self, username: str, disabled: bool) -> None:
+        """Disable an account (it can no longer log in) or enable it again.
+
+        Raises:
+            AccountError: no such user.
+        """
+        with self._connect() as conn:
+            self._require(conn, username)
+            conn.execute(
+                "UPDATE users SET disabled = ? WHERE username = ?", (int(disabled), username)
+            )
+
+    def unlock(self, username: str) -> None:
+        """Forget the failed logins of ``username`` from every client (lifts the throttling)."""
+        with self._connect() as conn:
+            conn.execute("DELETE FROM failed_logins WHERE username = ?", (username,))
+
+    def reset_password(self, username: str, password: str) -> None:
+        """Give an existing account a new password (role kept; failures forgotten).
+
+        Raises:
+            AccountError: no such user, or a short password.
+        """
+        with self._connect() as conn:
+            row = conn.execute("SELECT role FROM users WHERE username = ?", (username,)).fetchone()
+        if row is None:
+            raise AccountError(f"no user {username!r}; `fedfew users list` shows the accounts")
+        self.add(username, password, role=row[0], replace=True)
+
+    def active(self, username: str) -> bool:
+        """Whether ``username`` exists and is not disabled (a resumed session still counts)."""
+        if not self.path.is_file():
+            return False
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT disabled FROM users WHERE username = ?", (username,)
+            ).fetchone()
+        return row is not None and not row[0]
+
+    def throttled_clients(self, username: str, *, now: float | None = None) -> int:
+        """How many clients must currently wait before trying ``username`` again."""
+        now = time.time() if now is None else now
+        with self._connect() as conn:
+            clients = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT client FROM failed_logins WHERE username = ?", (username,)
+                )
+            ]
+        return sum(self.retry_after(username, client=c, now=now) > 0 for c in clients)
+
+    def retry_after(self, username: str, *, client: str = "", now: float | None = None) -> float:
+        """Seconds until ``client`` may try ``username`` again; 0 when it may now."""
         now = time.time() if now is None else now
         with self._connect() as conn:
             times = [
                 row[0]
                 for row in conn.execute(
-                    "SELECT time FROM failed_logins WHERE username = ? AND time > ? ORDER BY time",
-                    (username, now - FAILURE_WINDOW_S),
+                    "SELECT time FROM failed_logins WHERE username = ? AND client = ? "
+                    "AND time > ? ORDER BY time",
+                    (username, client, now - FAILURE_WINDOW_S),
                 )
             ]
-        if len(times) < MAX_FAILURES:
+        if not times:
             return 0.0
-        return max(0.0, times[-MAX_FAILURES] + FAILURE_WINDOW_S - now)
+        return max(0.0, times[-1] + backoff(len(times)) - now)
 
-    def authenticate(self, username: str, password: str, *, now: float | None = None) -> User:
+    def authenticate(
+        self, username: str, password: str, *, client: str = "", now: float | None = None
+    ) -> User:
         """Check a password.
 
+        Args:
+            username: the account.
+            password: its password.
+            client: who is trying (the browser's IP address): failures are counted per
+                (account, client), so one client's failures never block another.
+            now: the time (tests).
+
         Raises:
-            RateLimitedError: too many recent failures for this username (checked first, so a
-                locked account cannot be probed).
-            AuthError: unknown user or wrong password (the same message for both).
+            RateLimitedError: this client failed too often for this account recently (checked
+                first, so a throttled client cannot keep probing).
+            AuthError: unknown user or wrong password (the same message for both), or a
+                disabled account (said only after the right password).
         """
         username = username.strip()
         now = time.time() if now is None else now
-        wait = self.retry_after(username, now=now)
+        wait = self.retry_after(username, client=client, now=now)
         if wait > 0:
             raise RateLimitedError(username, wait)
         with self._connect() as conn:
             row = conn.execute(
-                "SELECT role, salt, hash, kdf, created FROM users WHERE username = ?",
+                "SELECT role, salt, hash, kdf, created, disabled FROM users WHERE username = ?",
                 (username,),
             ).fetchone()
         if row is None:
@@ -277,16 +369,22 @@ class UserStore:
             hash_password(password, b"\0" * SALT_BYTES, n=self._kdf_n)
             ok = False
         else:
-            role, salt, stored, kdf, created = row
+            role, salt, stored, kdf, created, disabled = row
             ok = hmac.compare_digest(hash_password(password, salt, n=_kdf_n(kdf)), stored)
         with self._connect() as conn:
             if not ok:
                 conn.execute(
-                    "INSERT INTO failed_logins (username, time) VALUES (?, ?)", (username, now)
+                    "INSERT INTO failed_logins (username, client, time) VALUES (?, ?, ?)",
+                    (username, client, now),
                 )
             else:
-                conn.execute("DELETE FROM failed_logins WHERE username = ?", (username,))
+                conn.execute(
+                    "DELETE FROM failed_logins WHERE username = ? AND client = ?",
+                    (username, client),
+                )
             conn.execute("DELETE FROM failed_logins WHERE time < ?", (now - FAILURE_WINDOW_S,))
         if not ok:
             raise AuthError("wrong username or password")
+        if disabled:
+            raise AuthError("this account is disabled: ask an administrator to enable it")
         return User(username=username, role=role, created=created)

@@ -18,13 +18,18 @@ class AuthError(DashboardError):
 
 
 class RateLimitedError(AuthError):
-    """Too many failed logins for one account; ``retry_after_s`` says when to try again."""
+    """Too many failed logins for one account from this computer; ``retry_after_s`` says when
+    to try again."""
 
     def __init__(self, username: str, retry_after_s: float) -> None:
-        minutes = max(1, round(retry_after_s / 60))
+        wait = (
+            f"{max(1, round(retry_after_s))} seconds"
+            if retry_after_s < 90
+            else f"about {round(retry_after_s / 60)} minutes"
+        )
         super().__init__(
-            f"too many failed logins for {username!r}: try again in about {minutes} minute(s), "
-            "or ask an administrator to reset the password with `fedfew users add`"
+            f"too many failed logins for {username!r} from this computer: try again in {wait}, "
+            "or ask an administrator to unlock the account (page Users)"
         )
         self.username = username
         self.retry_after_s = retry_after_s

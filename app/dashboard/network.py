@@ -7,9 +7,10 @@ installed or not running.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,15 @@ from privacy.errors import ReportFormatError
 from privacy.site_report import HeadCheck, SitePrivacyReport
 
 NO_STATUS = "no federation status yet"
+# The server writes its status after every round (tens of seconds to minutes apart); ten
+# minutes without a write means no run is progressing, so its node count is history, not "now".
+STALE_AFTER_S = 600.0
+# Keys of the status file (federation/rounds.py write_status).
+STATUS_FEDERATION = "federation"
+STATUS_ROUND = "round"
+STATUS_NODES = "nodes-connected"
+STATUS_UPDATED = "updated"
+STATUS_ROUNDS = "rounds"
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -131,38 +141,104 @@ def check_reachable(host: str, port: int, *, timeout_s: float) -> Reachability:
     return Reachability(True, f"{host}:{port} reachable")
 
 
-def status_rows(path: Path | None) -> tuple[list[dict[str, Any]] | None, str]:
-    """The federation status file as table rows, with a one-line summary.
+def arrow_safe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with every column of mixed value types turned into text: a table column of
+    numbers and strings cannot be shown as is (Streamlit logs a traceback and guesses)."""
+    kinds: dict[str, set[type]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value is not None:
+                kinds.setdefault(key, set()).add(bool if isinstance(value, bool) else type(value))
+    mixed = {k for k, v in kinds.items() if len(v - {int, float}) > 0 and len(v) > 1}
+    mixed |= {k for k, v in kinds.items() if v & {dict, list}}
+    return [
+        {
+            k: (json.dumps(v) if isinstance(v, dict | list) else str(v))
+            if k in mixed and v is not None
+            else v
+            for k, v in row.items()
+        }
+        for row in rows
+    ]
 
-    A list of objects (e.g. nodes) gives one row each; an object gives key/value rows, with
-    lists of objects inside it (``"nodes": [...]``) expanded to one row per item.
 
-    Returns:
-        ``(None, NO_STATUS)`` when no file is configured or it does not exist yet.
+@dataclass(frozen=True)
+class FederationStatus:
+    """What the federation server last reported, and how long ago."""
+
+    federation: str
+    round: int | None
+    nodes_reported: int | None  # nodes connected when the server last wrote the file
+    updated: dt.datetime | None
+    age_s: float | None  # seconds since ``updated``; None when the file has no time
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def stale(self) -> bool:
+        """Whether the report is too old to describe the federation now."""
+        return self.age_s is None or self.age_s > STALE_AFTER_S
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def read_status(path: Path | None, *, now: dt.datetime | None = None) -> FederationStatus | None:
+    """The federation's status file, or None when none is configured or written yet.
 
     Raises:
-        RegistryError: the file exists but is not JSON (named so the page shows one message).
+        RegistryError: the file exists but is not a JSON object (one message for the page).
     """
     if path is None or not path.is_file():
-        return None, NO_STATUS
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RegistryError(f"federation status {path} is unreadable: {exc}") from exc
-    if isinstance(data, list):
-        rows = [flatten(d) if isinstance(d, dict) else {"value": d} for d in data]
-        return rows, f"{len(rows)} entries"
     if not isinstance(data, dict):
-        return [{"value": data}], "1 value"
-    rows = []
-    for key, value in data.items():
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            rows += [{"key": f"{key}[{i}]", **flatten(v)} for i, v in enumerate(value)]
-        else:
-            rows.append(
-                {
-                    "key": key,
-                    "value": json.dumps(value) if isinstance(value, dict | list) else value,
-                }
-            )
-    return rows, f"{len(data)} fields"
+        raise RegistryError(f"federation status {path} is not a JSON object")
+    now = now or dt.datetime.now(dt.UTC)
+    updated = None
+    raw = data.get(STATUS_UPDATED)
+    if isinstance(raw, str):
+        try:
+            updated = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            updated = None
+    if updated is not None and updated.tzinfo is None:
+        updated = updated.replace(tzinfo=dt.UTC)
+    rounds = data.get(STATUS_ROUNDS)
+    number = data.get(STATUS_ROUND)
+    nodes = data.get(STATUS_NODES)
+    return FederationStatus(
+        federation=str(data.get(STATUS_FEDERATION, "")),
+        round=number if isinstance(number, int) else None,
+        nodes_reported=nodes if isinstance(nodes, int) else None,
+        updated=updated,
+        age_s=(now - updated).total_seconds() if updated is not None else None,
+        rounds=[flatten(r) for r in rounds if isinstance(r, dict)]
+        if isinstance(rounds, list)
+        else [],
+    )
+
+
+def status_sentence(status: FederationStatus, *, superlink_up: bool | None) -> str:
+    """The status in words: what was reported, when, and whether it still holds."""
+    nodes = "?" if status.nodes_reported is None else str(status.nodes_reported)
+    what = f"round {status.round if status.round is not None else '?'}, {nodes} node(s) connected"
+    if status.age_s is None:
+        return f"The server reported {what}, at an unknown time: nodes connected now are unknown."
+    ago = _age(status.age_s)
+    if status.stale:
+        down = " and the SuperLink does not answer" if superlink_up is False else ""
+        return (
+            f"Last report {ago} ago ({what} then). Nothing reported for over "
+            f"{_age(STALE_AFTER_S)}{down}: no run is in progress, or it stopped. Nodes "
+            "connected now: unknown."
+        )
+    return f"Running: {what} (reported {ago} ago)."

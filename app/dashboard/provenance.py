@@ -176,9 +176,37 @@ class AuditLog:
             rows = conn.execute(query, (*args, limit)).fetchall()
         return [
             AuditEntry(
-                *row[:8],
-                case_digests=tuple(json.loads(row[8])),
-                outcomes=json.loads(row[9]),
+                time=when,
+                user=who,
+                action=action,
+                adapter=adapter,
+                adapter_version=version,
+                base_model=base,
+                condition=condition,
+                cases=cases,
+                case_digests=tuple(json.loads(digests)),
+                outcomes=json.loads(outcomes),
             )
-            for row in rows
+            for (
+                when,
+                who,
+                action,
+                adapter,
+                version,
+                base,
+                condition,
+                cases,
+                digests,
+                outcomes,
+            ) in rows
         ]
+
+    def record_export(
+        self,
+        provenance: Provenance,
+        *,
+        case_digests: Sequence[str],
+        outcomes: Sequence[str],
+    ) -> None:
+        """Record that results were downloaded (a download button's callback)."""
+        self.record(provenance, action=ACTION_EXPORT, case_digests=case_digests, outcomes=outcomes)

@@ -17,6 +17,7 @@ from app.dashboard.auth import (
     ROLE_CLINICIAN,
     ROLE_IT,
     Session,
+    UserStore,
     new_session,
     role_from_claims,
 )
@@ -46,6 +47,7 @@ ROLE_PAGES: dict[str, tuple[tuple[str, str, str], ...]] = {
     ROLE_ADMIN: (
         ("privacy.py", "Privacy budgets", ":material/shield_lock:"),
         ("audit.py", "Audit log", ":material/fact_check:"),
+        ("users.py", "Users", ":material/manage_accounts:"),
     ),
     ROLE_IT: (("federation.py", "Federation", ":material/hub:"), PREPARE_PAGE),
 }
@@ -106,6 +108,13 @@ def _oidc_session(oidc: Mapping[str, Any], hours: float) -> Session | None:
     return new_session(name, roles, hours=hours, source="oidc")
 
 
+def client_address() -> str:
+    """The browser's address as the server sees it (login throttling is per client); "unknown"
+    when there is none (a test harness, or a server that does not say)."""
+    address = st.context.ip_address
+    return address if isinstance(address, str) and address else "unknown"
+
+
 def session_store() -> SessionStore:
     """The server-side sessions and drafts (in the dashboard's SQLite file)."""
     return SessionStore(settings().users_db)
@@ -127,6 +136,13 @@ def _resume_from_url() -> Session | None:
     store = session_store()
     try:
         session = store.resume(token)
+        if (
+            session is not None
+            and session.source == "local"
+            and not UserStore(settings().users_db).active(session.username)
+        ):
+            store.end(token)  # disabled or removed since: the session ends with it
+            session = None
         draft = store.load_draft(token) if session is not None else Draft()
     except DashboardError as exc:
         stop_with_error(exc)

@@ -4,7 +4,7 @@ import streamlit as st
 
 from app.dashboard import adapters, clinic, explain, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
-from app.dashboard.provenance import ACTION_CLASSIFY, ACTION_EXPORT, AuditLog
+from app.dashboard.provenance import ACTION_CLASSIFY, AuditLog
 from app.dashboard.settings import MAX_UPLOAD_MB
 from app.dashboard.uploads import resize_note
 from models.errors import FedfewError
@@ -120,10 +120,9 @@ st.download_button(
     file_name="predictions.csv",
     mime="text/csv",
     key="classify_csv",
-    on_click=audit.record,
+    on_click=audit.record_export,
     args=(origin,),
     kwargs={
-        "action": ACTION_EXPORT,
         "case_digests": digests,
         "outcomes": [p.outcome(classes) for p in predictions],
     },

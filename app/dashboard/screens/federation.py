@@ -13,6 +13,7 @@ config = ui.settings()
 st.title("Federation")
 
 st.subheader("SuperLink")
+reach = None
 if config.superlink is None:
     st.info(
         f"No SuperLink configured (`fedfew dashboard --superlink HOST:PORT` or {ENV_SUPERLINK})."
@@ -21,19 +22,28 @@ else:
     host, port = config.superlink
     reach = network.check_reachable(host, port, timeout_s=SUPERLINK_TIMEOUT_S)
     (st.success if reach.reachable else st.error)(reach.detail)
-    st.button("Check again", key="federation_recheck")
+st.button("Check again", key="federation_recheck")
 
 st.subheader("Federation status")
 try:
-    status, summary = network.status_rows(config.federation_status)
+    status = network.read_status(config.federation_status)
 except RegistryError as exc:
+    status = None
     st.error(str(exc))
 else:
     if status is None:
-        st.info(summary.capitalize() + ".")
+        st.info(network.NO_STATUS.capitalize() + ".")
     else:
-        st.caption(f"`{config.federation_status}`: {summary}")
-        st.dataframe(status, hide_index=True, key="federation_status")
+        sentence = network.status_sentence(
+            status, superlink_up=None if reach is None else reach.reachable
+        )
+        (st.warning if status.stale else st.success)(sentence)
+        when = status.updated.strftime("%Y-%m-%d %H:%M:%S UTC") if status.updated else "unknown"
+        st.caption(f"Federation {status.federation or '?'}; last report {when}.")
+        if status.rounds:
+            st.dataframe(
+                network.arrow_safe(status.rounds), hide_index=True, key="federation_rounds"
+            )
 
 st.subheader("Model versions")
 try:
@@ -47,14 +57,16 @@ except RegistryError:
 if not entries:
     st.info("The registry is empty: no model version yet.")
     st.stop()
-st.dataframe(network.version_rows(entries), hide_index=True, key="federation_versions")
+st.dataframe(
+    network.arrow_safe(network.version_rows(entries)), hide_index=True, key="federation_versions"
+)
 series = network.metric_series(entries)
 if series:
     st.line_chart(series, x="round", y="value", color="metric", height=260)
 privacy = network.privacy_rows(entries)
 st.subheader("Privacy reports per version")
 if privacy:
-    st.dataframe(privacy, hide_index=True, key="federation_privacy")
+    st.dataframe(network.arrow_safe(privacy), hide_index=True, key="federation_privacy")
     st.caption(
         "Each reply carries the site's ledger head (head hash, rows, epsilon), signed with the "
         "node's key; the server keeps them, so `fedfew budget verify --ledger L --against "

@@ -30,7 +30,7 @@ else:
         submitted = st.form_submit_button("Log in", type="primary")
     if submitted:
         try:
-            user = store.authenticate(username, password)
+            user = store.authenticate(username, password, client=ui.client_address())
         except AuthError as exc:
             st.error(str(exc))
         else:

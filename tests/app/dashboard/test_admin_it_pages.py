@@ -6,15 +6,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from app.dashboard import settings
-from app.dashboard.auth import ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT
+from app.dashboard.auth import ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT, ROLES
+from app.dashboard.errors import AuthError
 from app.dashboard.provenance import ACTION_CLASSIFY, AuditLog, Provenance
 from app.dashboard.ui import SESSION_KEY
-from tests.app.dashboard.conftest import ENTRY, TIMEOUT, texts, write_ledger
+from tests.app.dashboard.conftest import ENTRY, PASSWORD, TIMEOUT, texts, write_ledger
 
 
 @pytest.fixture
@@ -98,6 +100,41 @@ def test_audit_page_lists_who_classified_what(store, env, make_app) -> None:
     assert list(at.dataframe[0].value["user"]) == ["ana"]
 
 
+def test_administrator_manages_accounts_in_the_browser(store, make_app) -> None:
+    for _ in range(6):
+        with pytest.raises(AuthError):
+            store.authenticate(ROLE_CLINICIAN, "wrong password!", client="stranger")
+    at = make_app(ROLE_ADMIN).run()
+    at.switch_page("screens/users.py").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["user"]) == sorted(ROLES) and set(table["status"]) == {"active"}
+    assert dict(zip(table["user"], table["throttled computers"], strict=True))[ROLE_CLINICIAN] == 1
+
+    at.selectbox(key="users_pick").set_value(ROLE_CLINICIAN).run()
+    at.button(key="users_disable").click().run()
+    assert "clinician is disabled and logged out" in texts(at, "info")
+    with pytest.raises(AuthError, match="disabled"):
+        store.authenticate(ROLE_CLINICIAN, PASSWORD)
+    at.button(key="users_enable").click().run()
+    assert store.authenticate(ROLE_CLINICIAN, PASSWORD).username == ROLE_CLINICIAN
+    at.button(key="users_unlock").click().run()
+    assert store.throttled_clients(ROLE_CLINICIAN) == 0
+
+    at.text_input(key="users_new_password").input("a new long password")
+    next(b for b in at.button if b.label == "Reset password").click().run()
+    assert "has a new password" in texts(at, "info")
+    assert store.authenticate(ROLE_CLINICIAN, "a new long password").role == ROLE_CLINICIAN
+
+    at.text_input(key="users_add_name").input("dora")
+    at.text_input(key="users_add_password").input("short")
+    next(b for b in at.button if b.label == "Add").click().run()
+    assert "Not done: password must have at least" in texts(at, "info")
+    assert not at.exception and "Error" not in texts(at, "info")  # no exception class names
+    at.selectbox(key="users_pick").set_value(ROLE_ADMIN).run()
+    assert at.button(key="users_disable").disabled  # not oneself
+
+
 def test_privacy_page_without_ledgers(store, make_app) -> None:
     at = make_app(ROLE_ADMIN).run()
     assert not at.exception
@@ -119,11 +156,32 @@ def test_federation_page(store, registry, env, make_app, monkeypatch) -> None:
     assert "verified with the site's registered key" in privacy["head-check"][0]
     assert "Unsigned ledger heads from site-b" in texts(at, "warning")
 
+    # A report from two hours ago says what it said then, not that 3 nodes are connected now.
     env["status"].parent.mkdir(parents=True)
-    env["status"].write_text(json.dumps({"round": 3, "nodes": [{"id": "a", "last_seen": "now"}]}))
+    old = datetime.now(UTC) - timedelta(hours=2)
+    rounds = [{"round": 1, "accuracy": 0.5}, {"round": 2, "accuracy": "n/a"}]  # mixed types
+    write_status(env["status"], nodes=3, updated=old, rounds=rounds)
     at.run()
-    status = at.dataframe[0].value
-    assert list(status["key"]) == ["round", "nodes[0]"] and "last_seen" in status
+    assert not at.exception
+    warning = texts(at, "warning")
+    assert "Last report 2 h 0 min ago (round 2, 3 node(s) connected then)" in warning
+    assert "the SuperLink does not answer" in warning and "connected now: unknown" in warning
+    assert list(at.dataframe[0].value["accuracy"]) == ["0.5", "n/a"]  # shown as text, no trace
+    write_status(env["status"], nodes=2, updated=datetime.now(UTC), rounds=rounds)
+    at.run()
+    assert "Running: round 2, 2 node(s) connected (reported" in texts(at, "success")
+
+
+def write_status(path: Path, *, nodes: int, updated: datetime, rounds: list[dict]) -> None:
+    """The status file as federation/rounds.py writes it."""
+    status = {
+        "federation": "test",
+        "round": 2,
+        "nodes-connected": nodes,
+        "updated": updated.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "rounds": rounds,
+    }
+    path.write_text(json.dumps(status))
 
 
 def test_federation_page_reachable_superlink_and_bad_status(store, env, make_app, monkeypatch):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from app.dashboard.auth import (
+    BACKOFF_BASE_S,
+    BACKOFF_MAX_S,
     FAILURE_WINDOW_S,
     MAX_FAILURES,
     MIN_PASSWORD_CHARS,
@@ -17,6 +19,7 @@ from app.dashboard.auth import (
     ROLE_CLINICIAN,
     ROLE_IT,
     UserStore,
+    backoff,
     hash_password,
     new_session,
     role_from_claims,
@@ -56,19 +59,66 @@ def test_authenticate(users: UserStore) -> None:
         users.authenticate("nobody", PASSWORD)
 
 
-def test_rate_limit_locks_then_releases(users: UserStore) -> None:
+def test_rate_limit_backs_off_then_releases(users: UserStore) -> None:
     users.add("ana", PASSWORD, role=ROLE_IT)
     start = time.time()
     for i in range(MAX_FAILURES):
         with pytest.raises(AuthError):
             users.authenticate("ana", "wrong password", now=start + i)
+    last = start + MAX_FAILURES - 1
     with pytest.raises(RateLimitedError) as locked:
-        users.authenticate("ana", PASSWORD, now=start + MAX_FAILURES)
-    assert 0 < locked.value.retry_after_s <= FAILURE_WINDOW_S
-    # Once the window has passed, the right password works again and clears the failures.
-    later = start + FAILURE_WINDOW_S + MAX_FAILURES
+        users.authenticate("ana", PASSWORD, now=last + 1)
+    assert locked.value.retry_after_s == pytest.approx(BACKOFF_BASE_S - 1)
+    # After the wait one more failure doubles it; the right password then works and clears.
+    with pytest.raises(AuthError):
+        users.authenticate("ana", "wrong password", now=last + BACKOFF_BASE_S)
+    assert users.retry_after("ana", now=last + BACKOFF_BASE_S) == pytest.approx(2 * BACKOFF_BASE_S)
+    later = last + 3 * BACKOFF_BASE_S
     assert users.authenticate("ana", PASSWORD, now=later).username == "ana"
     assert users.retry_after("ana", now=later) == 0
+    assert backoff(MAX_FAILURES + 20) == BACKOFF_MAX_S <= FAILURE_WINDOW_S
+
+
+def test_a_stranger_cannot_lock_out_a_named_clinician(users: UserStore) -> None:
+    users.add("ana", PASSWORD, role=ROLE_CLINICIAN)
+    for _ in range(3 * MAX_FAILURES):
+        with pytest.raises(AuthError):
+            users.authenticate("ana", "guess", client="10.0.0.66")
+    assert users.throttled_clients("ana") == 1
+    assert users.authenticate("ana", PASSWORD, client="10.0.0.12").username == "ana"
+    with pytest.raises(RateLimitedError, match="from this computer"):
+        users.authenticate("ana", PASSWORD, client="10.0.0.66")
+    users.unlock("ana")
+    assert users.authenticate("ana", PASSWORD, client="10.0.0.66").username == "ana"
+
+
+def test_disabled_account_and_password_reset(users: UserStore) -> None:
+    users.add("ana", PASSWORD, role=ROLE_CLINICIAN)
+    users.set_disabled("ana", True)
+    assert not users.active("ana") and users.users()[0].disabled
+    with pytest.raises(AuthError, match="wrong username or password"):
+        users.authenticate("ana", "wrong password")  # says nothing about the account
+    with pytest.raises(AuthError, match="disabled"):
+        users.authenticate("ana", PASSWORD)
+    users.set_disabled("ana", False)
+    users.reset_password("ana", "brand new password")
+    assert users.authenticate("ana", "brand new password").role == ROLE_CLINICIAN
+    with pytest.raises(AccountError, match="no user"):
+        users.reset_password("bob", "brand new password")
+
+
+def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE users (username TEXT PRIMARY KEY, role TEXT NOT NULL, salt BLOB NOT "
+            "NULL, hash BLOB NOT NULL, kdf TEXT NOT NULL, created TEXT NOT NULL)"
+        )
+        conn.execute("CREATE TABLE failed_logins (username TEXT NOT NULL, time REAL NOT NULL)")
+    conn.close()
+    store = UserStore(db, kdf_n=TEST_KDF_N)
+    store.add("ana", PASSWORD, role=ROLE_IT)
+    assert store.authenticate("ana", PASSWORD).username == "ana" and store.active("ana")
 
 
 def test_failures_below_the_limit_do_not_lock(users: UserStore) -> None:

@@ -149,7 +149,7 @@ def test_adapter_on_a_local_version_loads_with_its_domain_mean(
     adaptation = clinic.adapt_cases(
         model, support, mode="prototype", base_version=prepared.entry.id
     )
-    saved = adapters.save_adapter(env["registry"], adaptation, name="on-local")
+    saved = adapters.save_adapter(env["registry"], adaptation, name="on-local", condition="lesions")
     assert saved.parent == prepared.entry.id
     loaded, base = adapters.load_adapter(env["registry"], saved.id)
     assert base.domain_mean is not None
