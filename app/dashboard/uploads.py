@@ -221,6 +221,12 @@ class CaseShelf:
         for slot, files in uploads.items():
             self.kept[slot] = _unique([*self.kept.get(slot, []), *files])
 
+    def clear_prefix(self, prefix: str) -> None:
+        """Forget everything (kept and last seen) of the slots whose key starts with ``prefix``."""
+        for table in (self.kept, self.shown):
+            for slot in [s for s in table if s.startswith(prefix)]:
+                del table[slot]
+
     def kept_count(self, slot: str) -> int:
         """Uploads of ``slot`` kept from an earlier uploader."""
         return len(self.kept.get(slot, []))

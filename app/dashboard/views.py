@@ -34,6 +34,7 @@ CASE_SHELF_KEY = "clinic_case_shelf"  # uploads kept across page switches (uploa
 ADAPTATION_KEY = "clinic_adaptation"  # the adaptation made on the adapt page (unsaved or saved)
 ADAPTER_CACHE_KEY = "clinic_adapter_cache"  # saved adapters rebuilt for the classify page
 PREDICTIONS_KEY = "clinic_predictions"  # (adapter and cases key, predictions) last shown
+CLASSIFY_FILES_KEY = "classify_files"  # the classify page's uploader (a case-shelf slot)
 CLASSES_KEY = "adapt_classes"  # the adapt page's class names, one per line
 CONDITION_KEY = "adapt_condition"  # the adapt page's condition
 DRAFT_FIELDS = (CONDITION_KEY, CLASSES_KEY)  # text kept in the session's draft
@@ -50,13 +51,6 @@ UPLOAD_HELP = (
 def base_model(registry: str, version: int) -> LoadedModel:
     """A global model version, loaded once per dashboard process (adaptation never changes it)."""
     return Registry.open(Path(registry)).load_model(version)
-
-
-def uploaded_cases(files: Sequence[Any] | None, pipeline: PipelineConfig) -> LoadedCases:
-    """Decode the files of a ``st.file_uploader`` (cached in the session by content)."""
-    cache = st.session_state.setdefault(CASE_CACHE_KEY, {})
-    uploads = [Upload(name=f.name, data=f.getvalue()) for f in files or []]
-    return load_uploads(uploads, pipeline=pipeline, cache=cache)
 
 
 def case_digests(cases: LoadedCases) -> list[str]:
@@ -127,10 +121,11 @@ def keep_draft(store: Any, token: str | None) -> None:
         st.session_state[DRAFT_DIGEST_KEY] = digest
 
 
-def clear_cases(*widget_keys: str) -> None:
-    """Start over (a button's callback): forget every kept upload and empty the given text
-    widgets (class names, condition), which also removes the class uploaders."""
-    case_shelf().clear()
+def clear_cases(*widget_keys: str, prefix: str = "adapt_files_") -> None:
+    """Start over (a button's callback): forget the kept uploads of the slots named ``prefix...``
+    (the adapt page's; the classify page keeps its own) and empty the given text widgets (class
+    names, condition), which also removes the class uploaders."""
+    case_shelf().clear_prefix(prefix)
     for key in widget_keys:
         st.session_state[key] = ""
 

@@ -5,7 +5,6 @@ import streamlit as st
 from app.dashboard import adapters, clinic, explain, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.provenance import ACTION_CLASSIFY, AuditLog
-from app.dashboard.settings import MAX_UPLOAD_MB
 from app.dashboard.uploads import resize_note
 from models.errors import FedfewError
 
@@ -16,6 +15,7 @@ config = ui.settings()
 st.title("Classify cases")
 ui.intended_use_notice()
 st.caption(ui.LOCAL_DATA_NOTICE)
+views.take_back_draft(ui.DRAFT_KEY)
 
 current = st.session_state.get(views.ADAPTATION_KEY)
 try:
@@ -50,18 +50,12 @@ else:
 views.reliability(adaptation)
 classes = adaptation.support.classes
 
-files = st.file_uploader(
-    "New cases",
-    accept_multiple_files=True,
-    key="classify_files",
-    max_upload_size=MAX_UPLOAD_MB,
-    help=views.UPLOAD_HELP,
-)
-if not files:
+# Kept across page switches and reloads like the adapt page's cases (the session's draft).
+cases = views.case_uploader("New cases", key=views.CLASSIFY_FILES_KEY, pipeline=adaptation.pipeline)
+views.keep_draft(ui.session_store(), st.session_state.get(ui.TOKEN_KEY))
+if not cases.cases:
     st.info("Upload the cases to classify.")
     st.stop()
-cases = views.uploaded_cases(files, adaptation.pipeline)
-views.file_errors(cases.errors)
 note = resize_note(cases.cases, adaptation.pipeline)
 if note:
     st.info(note)

@@ -87,3 +87,9 @@ def test_choosing_another_case_does_not_classify_again(registry, make_app, case_
     assert not at.exception
     assert at.session_state[PREDICTIONS_KEY][1] is first
     assert any(c.startswith("n1.png: regions that support") for c in captions(at))
+    # The new cases stay through a page switch (and "Start over" there leaves them alone).
+    at.switch_page("screens/adapt.py").run()
+    at.button(key="adapt_clear").click().run()
+    at.switch_page("screens/classify.py").run()
+    assert not at.exception
+    assert list(at.dataframe[0].value["case"]) == [f"n{i}.png" for i in range(len(classes))]
