@@ -17,6 +17,7 @@ sent again, which is post-processing and costs nothing; a charge whose reply was
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -30,6 +31,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from federation.distributed_noise import fallback_epsilons, is_distributed
 from federation.errors import BudgetRefusedError, NodeConfigError, SiteDataError
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
@@ -186,7 +188,7 @@ def _charge(ledger: Ledger, plan: RoundPlan, *, requester: str) -> LedgerEntry:
                 round=plan.round,
                 mechanism=plan.mechanism,
                 noise_multiplier=plan.dp.noise_multiplier,
-                sensitivity_factor=plan.dp_mechanism.sensitivity,
+                sensitivity_factor=plan.sensitivity_factor,
                 sample_rate=plan.dp.sample_rate,
                 steps=plan.steps,
                 requester=requester,
@@ -199,13 +201,28 @@ def _charge(ledger: Ledger, plan: RoundPlan, *, requester: str) -> LedgerEntry:
 def _report(
     config: NodeConfig, ledger: Ledger, plan: RoundPlan, entry: LedgerEntry, *, replayed: bool
 ) -> SitePrivacyReport:
-    return SitePrivacyReport.of_charge(
+    report = SitePrivacyReport.of_charge(
         entry,
         signed_head(config, ledger),
         site=config.site_id,
         weight=config.weight,
         round=plan.round,
         replayed=replayed,
+    )
+    entries = ledger.entries()
+    if any(is_distributed(e.mechanism) for e in entries):
+        fails_round, _ = fallback_epsilons(
+            entries, entry, delta=ledger.delta, accountant=ledger.accountant
+        )
+        _, fails_spent = fallback_epsilons(
+            entries, entries[-1], delta=ledger.delta, accountant=ledger.accountant
+        )
+    else:  # per-site noise only: secure aggregation adds hiding, the guarantees coincide
+        fails_round, fails_spent = report.epsilon_round, report.epsilon_spent
+    return dataclasses.replace(
+        report,
+        epsilon_round_if_secagg_fails=fails_round,
+        epsilon_spent_if_secagg_fails=fails_spent,
     )
 
 

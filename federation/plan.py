@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from federation.distributed_noise import charge_sensitivity, is_distributed
 from federation.errors import PlanRefusedError
 from federation.node_config import NodeConfig
 from federation.secure_aggregation import SecureAggregationConfig, check_secure_policy
@@ -57,6 +58,12 @@ class RoundPlan:
             self.dp_mechanism.check_config(self.dp)
         except TypeError as exc:
             raise ValueError(f"RoundPlan.dp: {exc}") from exc
+        if is_distributed(self.mechanism) and (not self.secagg.enabled or self.steps != 1):
+            raise ValueError(
+                f"RoundPlan: {self.mechanism} needs secure aggregation and exactly 1 step per "
+                f"round (its sum is private only then), got secagg.enabled={self.secagg.enabled}"
+                f" and steps={self.steps}"
+            )
 
     @property
     def dp_mechanism(self) -> Mechanism:
@@ -64,9 +71,15 @@ class RoundPlan:
         return get_mechanism(self.mechanism)
 
     @property
+    def sensitivity_factor(self) -> float:
+        """The ledger charge's sensitivity factor: the mechanism's, over sqrt(min sites) for
+        distributed noise (federation/distributed_noise.py)."""
+        return charge_sensitivity(self.mechanism, shares=self.secagg.min_sites)
+
+    @property
     def accounted_noise_multiplier(self) -> float:
-        """Sigma as the accountant sees it (over the mechanism's sensitivity factor)."""
-        return self.dp_mechanism.accounted_noise_multiplier(self.dp.noise_multiplier)
+        """Sigma as the accountant sees it (over the charge's sensitivity factor)."""
+        return self.dp.noise_multiplier / self.sensitivity_factor
 
     def to_config(self) -> dict[str, Any]:
         """Flat mapping of scalars, the form a Flower ConfigRecord carries."""

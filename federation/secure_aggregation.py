@@ -119,6 +119,20 @@ def update_norm(delta: Mapping[str, np.ndarray]) -> float:
     return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in delta.values()))
 
 
+def check_finite(delta: Mapping[str, np.ndarray]) -> None:
+    """Raise unless every value of ``delta`` is finite.
+
+    Raises:
+        InvalidUpdateError: naming the arrays that hold NaN or infinity.
+    """
+    bad = [name for name, a in delta.items() if not np.all(np.isfinite(a))]
+    if bad:
+        raise InvalidUpdateError(
+            f"secure round: the node's delta holds non-finite values in {', '.join(bad[:5])}; "
+            "it is not masked or sent"
+        )
+
+
 def clip_before_masking(delta: Mapping[str, np.ndarray], *, norm_bound: float) -> ClippedUpdate:
     """Scale ``delta`` into the L2 ball of radius ``norm_bound`` after checking it is finite.
 
@@ -131,12 +145,7 @@ def clip_before_masking(delta: Mapping[str, np.ndarray], *, norm_bound: float) -
         raise InvalidUpdateError(
             f"secure round: the plan's norm bound must be > 0 for clipping, got {norm_bound!r}"
         )
-    bad = [name for name, a in delta.items() if not np.all(np.isfinite(a))]
-    if bad:
-        raise InvalidUpdateError(
-            f"secure round: the node's delta holds non-finite values in {', '.join(bad[:5])}; "
-            "it is not masked or sent"
-        )
+    check_finite(delta)
     norm = update_norm(delta)
     if norm <= norm_bound:
         return ClippedUpdate({k: np.array(v) for k, v in delta.items()}, norm, clipped=False)
@@ -169,9 +178,13 @@ def gate_sum(
     *,
     contributors: int,
     secagg: SecureAggregationConfig,
+    bound: float | None = None,
 ) -> SumGate:
     """Check the unmasked mean of ``contributors`` clipped updates (the only thing the server
     sees) and return it in the reference's dtypes.
+
+    ``bound`` replaces the clipped updates' bound where the updates carry unclipped noise
+    (distributed noise: :func:`federation.distributed_noise.sum_bound`).
 
     Raises:
         InvalidUpdateError: too few contributors, a missing, unexpected or reshaped array, a
@@ -194,14 +207,16 @@ def gate_sum(
     if problems:
         raise InvalidUpdateError("secure sum rejected: " + "; ".join(problems))
     values = sum(int(a.size) for a in reference.values())
-    bound = contributors * quantised_norm_bound(
-        secagg.norm_bound, values=values, quantization_range=secagg.quantization_range
-    )
+    if bound is None:
+        bound = contributors * quantised_norm_bound(
+            secagg.norm_bound, values=values, quantization_range=secagg.quantization_range
+        )
     norm = contributors * update_norm(mean)
     if not norm <= bound:
         raise InvalidUpdateError(
             f"secure sum rejected: L2 norm {norm:.6g} of the sum of {contributors} updates "
-            f"exceeds {contributors} x {bound / contributors:.6g}; a node did not clip"
+            f"exceeds {contributors} x {bound / contributors:.6g}; a node did not clip or "
+            "did not follow the plan"
         )
     typed = {k: np.asarray(mean[k]).astype(reference[k].dtype) for k in reference}
     return SumGate(typed, contributors, norm, bound)

@@ -33,12 +33,17 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+)
 from flwr.compat.common import recorddict_compat as compat
 
+from federation.distributed_noise import is_distributed, plan_ranges
 from federation.errors import PlanInvalidError, PlanRefusedError
 from federation.node_config import NodeConfig
-from federation.secure_aggregation import check_secure_policy, clip_before_masking
+from federation.secure_aggregation import check_finite, check_secure_policy, clip_before_masking
 
 if TYPE_CHECKING:
     from federation.plan import RoundPlan
@@ -114,15 +119,41 @@ def train_masked(msg: Message, context: Context, config: NodeConfig) -> Message:
         global_state,
         requester=f"flower run {context.run_id} node {context.node_id} (SecAgg+)",
     )
-    update = clip_before_masking(reply.delta, norm_bound=plan.secagg.norm_bound)
+    delta = prepare_for_masking(plan, reply.delta, context)
     _remember(context, plan)
     fitres = FitRes(
         status=Status(Code.OK, ""),
-        parameters=ndarrays_to_parameters([update.delta[name] for name in global_state]),
+        parameters=ndarrays_to_parameters([delta[name] for name in global_state]),
         num_examples=1,  # every site counts once in the sum (the weight is public anyway)
         metrics=dict(reply.report.to_dict()),
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def prepare_for_masking(plan: RoundPlan, delta: State, context: Context) -> State:
+    """The node's own checks before Flower masks its update; no plan field skips them.
+
+    Per-site noise: finite, then clipped into the plan's L2 ball. Distributed noise: finite, and
+    not scaled (the sum must stay the sum of the noisy sums), and Flower's clipping range (from
+    the server's setup message) must leave the noise's tail alone.
+
+    Raises:
+        InvalidUpdateError: a non-finite value.
+        PlanRefusedError: a SecAgg+ clipping range that would clip the distributed noise.
+    """
+    if not is_distributed(plan.mechanism):
+        return clip_before_masking(delta, norm_bound=plan.secagg.norm_bound).delta
+    check_finite(delta)
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    agreed = float(cast(float, state["clipping_range"])) if state else 0.0
+    values = sum(int(a.size) for a in delta.values())
+    needed, _ = plan_ranges(plan, contributors=plan.secagg.min_sites, values=values)
+    if agreed < needed:
+        raise PlanRefusedError(
+            f"SecAgg+ clipping range {agreed:.4g} would clip this site's distributed noise "
+            f"(needs >= {needed:.4g}); the update is not masked or sent"
+        )
+    return {k: np.array(v) for k, v in delta.items()}
 
 
 def _remember(context: Context, plan: RoundPlan) -> None:

@@ -38,6 +38,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
+from federation.distributed_noise import is_distributed, plan_ranges
 from federation.errors import InvalidUpdateError, QuorumError
 from federation.reasons import reason_of
 from federation.records import State, to_arrays
@@ -203,6 +204,13 @@ def secure_attempt(
         every problem seen (public reason codes, silences, the gate's finding).
     """
     plan = strategy.round_plan(server_round)
+    values = sum(int(a.size) for a in state.values())
+    distributed = is_distributed(plan.mechanism)
+    clipping_range = (
+        plan_ranges(plan, contributors=plan.secagg.min_sites, values=values)[0]
+        if distributed
+        else plan.secagg.norm_bound
+    )
     nodes = list(grid.get_node_ids())
     watched = _WatchedGrid(grid)
     collector = _Collector(watched, fit_instructions(state, plan.to_config()), nodes)
@@ -216,7 +224,7 @@ def secure_attempt(
         num_shares=1.0,  # every node is every node's neighbour (federations are small)
         reconstruction_threshold=plan.secagg.min_sites,
         max_weight=1.0,  # every contribution counts once: the sum, not a weighted mean
-        clipping_range=plan.secagg.norm_bound,
+        clipping_range=clipping_range,
         quantization_range=plan.secagg.quantization_range,
         modulus_range=MODULUS_RANGE,
         timeout=strategy.config.round_timeout,
@@ -242,12 +250,15 @@ def secure_attempt(
     if len(mean_arrays) != len(state):
         problems.append(f"the unmasked sum has {len(mean_arrays)} arrays, not {len(state)}")
         return None, problems
+    contributors = len(collector.results)
+    bound = plan_ranges(plan, contributors=contributors, values=values)[1] if distributed else None
     try:
         gate = gate_sum(
             dict(zip(state, mean_arrays, strict=True)),
             state,
-            contributors=len(collector.results),
+            contributors=contributors,
             secagg=plan.secagg,
+            bound=bound,
         )
     except InvalidUpdateError as exc:
         problems.append(str(exc))

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from federation.aggregation import AGGREGATIONS
+from federation.distributed_noise import DISTRIBUTED
 from federation.plan import RoundPlan
 from federation.secure_aggregation import SecureAggregationConfig
 from federation.validation import NORM_POLICIES
 from models.meta import MetaConfig
 from models.networks import BackboneConfig
-from privacy.mechanisms import DEFAULT_MECHANISM, get_mechanism
+from privacy.mechanisms import DEFAULT_MECHANISM, EPISODIC, get_mechanism
 
 # Which threat each choice answers; they exclude each other, so the config names one.
 DEFENCES = {
@@ -65,6 +66,9 @@ class ServerConfig:
     # SecAgg+: the server learns only the sum of the deltas (federation.secure_aggregation);
     # off by default because every node must allow it and it excludes robust aggregation.
     secure_aggregation: bool = False
+    # With secure-aggregation: each site adds noise-multiplier / sqrt(min sites) in ONE plain-SGD
+    # step, so the unmasked sum carries noise-multiplier (federation/distributed_noise.py).
+    distributed_noise: bool = False
     trim: int = 1  # values dropped per end by trimmed-mean
     byzantine: int = 1  # f assumed by Krum
     eval_data: str = "synthetic"  # public evaluation set: "synthetic" or an .npz path
@@ -98,6 +102,14 @@ class ServerConfig:
                 '(which compares deltas) cannot run with it: set defence = "none" or turn '
                 "secure-aggregation off"
             )
+        if self.distributed_noise and not (
+            self.secure_aggregation and self.local_steps == 1 and self.mechanism == EPISODIC
+        ):
+            raise ValueError(
+                "run config distributed-noise needs secure-aggregation = true, local-steps = 1 "
+                f"and mechanism = {EPISODIC!r} (its sum is private only then), got "
+                f"{self.secure_aggregation}, {self.local_steps}, {self.mechanism!r}"
+            )
         if self.secure_aggregation and self.min_replies < 2:
             raise ValueError("run config secure-aggregation needs min-replies >= 2")
         if self.min_replies > self.min_nodes:
@@ -121,10 +133,13 @@ class ServerConfig:
         Raises:
             ValueError: a component rejects its value (UnknownMechanismError is one).
         """
-        mechanism = get_mechanism(self.mechanism)
+        shares = max(2, self.min_replies)  # every accepted sum has at least this many sites
+        mechanism = get_mechanism(DISTRIBUTED if self.distributed_noise else self.mechanism)
+        # Under distributed noise each site adds its share; the sum of >= shares sites has sigma.
+        noise = self.noise_multiplier / math.sqrt(shares) if self.distributed_noise else None
         dp = mechanism.dp_config(
             {
-                "noise_multiplier": self.noise_multiplier,
+                "noise_multiplier": self.noise_multiplier if noise is None else noise,
                 "max_grad_norm": self.clip,
                 "sample_rate": self.sample_rate,
                 "episodes": self.episodes,
@@ -151,7 +166,7 @@ class ServerConfig:
             ),
             secagg=SecureAggregationConfig(
                 enabled=self.secure_aggregation,
-                min_sites=max(2, self.min_replies),
+                min_sites=shares,
                 norm_bound=SecureAggregationConfig.norm_bound if norm_bound is None else norm_bound,
             ),
         )

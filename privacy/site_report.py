@@ -53,7 +53,10 @@ _KEYS = {
     "public_key": "head-public-key",
     "signature": "head-signature",
     "head_check": "head-check",
+    "epsilon_round_if_secagg_fails": "epsilon-round-if-secagg-fails",
+    "epsilon_spent_if_secagg_fails": "epsilon-spent-if-secagg-fails",
 }
+NOT_REPORTED = -1.0  # a report from a node that predates the field
 _NUMBER = (int, float)
 
 
@@ -81,6 +84,10 @@ class SitePrivacyReport:
         public_key: The node's public key (OpenSSH line), "" when unsigned.
         signature: Signature over the ledger head, "" when unsigned.
         head_check: What the server found (:class:`HeadCheck`).
+        epsilon_round_if_secagg_fails: This round's epsilon if secure aggregation failed (the
+            server saw this site's update): larger than ``epsilon_round`` only under distributed
+            noise, where the site added a share of the noise (federation/distributed_noise.py).
+        epsilon_spent_if_secagg_fails: The site's total under that weaker assumption.
     """
 
     site: str
@@ -102,6 +109,8 @@ class SitePrivacyReport:
     public_key: str = UNSIGNED
     signature: str = UNSIGNED
     head_check: str = HeadCheck.UNCHECKED.value
+    epsilon_round_if_secagg_fails: float = NOT_REPORTED
+    epsilon_spent_if_secagg_fails: float = NOT_REPORTED
 
     def __post_init__(self) -> None:
         if not self.site.strip():
