@@ -21,6 +21,7 @@ ENV_SESSION_HOURS = "FEDFEW_SESSION_HOURS"  # login lifetime
 # Folders the "Prepare for a new modality" page may read unlabelled studies from (os.pathsep or
 # commas); unset: any folder the dashboard's account can read.
 ENV_DATA_ROOTS = "FEDFEW_DATA_ROOTS"
+ENV_DICOMWEB = "FEDFEW_DICOMWEB"  # the image archive's DICOMweb root URL, optional
 ENV_VARS = (
     ENV_HOME,
     ENV_REGISTRY,
@@ -30,6 +31,7 @@ ENV_VARS = (
     ENV_SUPERLINK,
     ENV_SESSION_HOURS,
     ENV_DATA_ROOTS,
+    ENV_DICOMWEB,
 )
 
 # A clinical shift: long enough not to interrupt work, short enough that a left-open browser
@@ -51,6 +53,7 @@ class DashboardSettings:
     superlink: tuple[str, int] | None
     session_hours: float = DEFAULT_SESSION_HOURS
     data_roots: tuple[Path, ...] = ()  # empty: no restriction
+    dicomweb: str | None = None  # the archive's DICOMweb root; None: no archive
 
     def __post_init__(self) -> None:
         if not self.session_hours > 0:
@@ -105,4 +108,5 @@ def load_settings(environ: dict[str, str] | None = None) -> DashboardSettings:
         superlink=parse_superlink(superlink) if superlink else None,
         session_hours=hours,
         data_roots=parse_ledgers(env.get(ENV_DATA_ROOTS, "")),
+        dicomweb=env.get(ENV_DICOMWEB) or None,
     )
