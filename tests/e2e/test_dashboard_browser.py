@@ -230,3 +230,9 @@ def test_clinician_adapts_and_classifies_then_admin_checks_budget(server, site, 
     expect(page.get_by_text("Record intact: all 4 entries")).to_be_visible()
     _idle(page)
     _shot(page, tmp_path, "dashboard-privacy")
+
+    # The clinician's classification is in the audit log (a table, so: not the empty notice).
+    page.get_by_role("link", name="Audit log").click()
+    expect(page.get_by_role("heading", name="Audit log")).to_be_visible()
+    expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(1)
+    expect(page.get_by_text("No classification recorded yet")).to_have_count(0)
