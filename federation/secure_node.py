@@ -113,13 +113,14 @@ def train_masked(msg: Message, context: Context, config: NodeConfig) -> Message:
         raise PlanInvalidError(f"secure round instructions are malformed: {exc}") from exc
     if not plan.secagg.enabled:
         raise PlanInvalidError("a SecAgg+ round whose plan does not ask for secure aggregation")
+    check_masking_range(plan, global_state, context)  # before the ledger is charged
     reply = run_round(
         config,
         plan,
         global_state,
         requester=f"flower run {context.run_id} node {context.node_id} (SecAgg+)",
     )
-    delta = prepare_for_masking(plan, reply.delta, context)
+    delta = prepare_for_masking(plan, reply.delta)
     _remember(context, plan)
     fitres = FitRes(
         status=Status(Code.OK, ""),
@@ -130,29 +131,39 @@ def train_masked(msg: Message, context: Context, config: NodeConfig) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
-def prepare_for_masking(plan: RoundPlan, delta: State, context: Context) -> State:
-    """The node's own checks before Flower masks its update; no plan field skips them.
-
-    Per-site noise: finite, then clipped into the plan's L2 ball. Distributed noise: finite, and
-    not scaled (the sum must stay the sum of the noisy sums), and Flower's clipping range (from
-    the server's setup message) must leave the noise's tail alone.
+def check_masking_range(plan: RoundPlan, global_state: State, context: Context) -> None:
+    """Under distributed noise, refuse a SecAgg+ clipping range (the server's setup message,
+    kept by Flower's mod in the node's state) that would clip the noise's tail: the clip is not
+    linear, and the sum must stay the sum of the noisy sums.
 
     Raises:
-        InvalidUpdateError: a non-finite value.
-        PlanRefusedError: a SecAgg+ clipping range that would clip the distributed noise.
+        PlanRefusedError: a range below :func:`federation.distributed_noise.plan_ranges`.
     """
     if not is_distributed(plan.mechanism):
-        return clip_before_masking(delta, norm_bound=plan.secagg.norm_bound).delta
-    check_finite(delta)
+        return  # per-site noise: the update is clipped to the range itself
     state = context.state.config_records.get(RECORD_KEY_STATE)
     agreed = float(cast(float, state["clipping_range"])) if state else 0.0
-    values = sum(int(a.size) for a in delta.values())
+    values = sum(int(a.size) for a in global_state.values())
     needed, _ = plan_ranges(plan, contributors=plan.secagg.min_sites, values=values)
     if agreed < needed:
         raise PlanRefusedError(
             f"SecAgg+ clipping range {agreed:.4g} would clip this site's distributed noise "
-            f"(needs >= {needed:.4g}); the update is not masked or sent"
+            f"(needs >= {needed:.4g}); nothing was charged or computed"
         )
+
+
+def prepare_for_masking(plan: RoundPlan, delta: State) -> State:
+    """The node's own checks before Flower masks its update; no plan field skips them.
+
+    Per-site noise: finite, then clipped into the plan's L2 ball. Distributed noise: finite and
+    not scaled (the sum must stay the sum of the noisy sums).
+
+    Raises:
+        InvalidUpdateError: a non-finite value.
+    """
+    if not is_distributed(plan.mechanism):
+        return clip_before_masking(delta, norm_bound=plan.secagg.norm_bound).delta
+    check_finite(delta)
     return {k: np.array(v) for k, v in delta.items()}
 
 

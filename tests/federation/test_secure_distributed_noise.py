@@ -17,7 +17,7 @@ from federation.linear_dp_trainer import LinearDPMetaTrainer
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan
 from federation.reasons import ReasonCode
-from federation.secure_node import prepare_for_masking
+from federation.secure_node import check_masking_range, prepare_for_masking
 from federation.secure_server import collect_secure_round
 from federation.server_app import initial_state
 from federation.strategy import FederatedMetaStrategy
@@ -98,18 +98,21 @@ def test_distributed_noise_charges_the_sum_reports_the_fallback_and_needs_the_si
     assert report.epsilon_spent_if_secagg_fails == pytest.approx(fails) and fails > holds
 
 
-def test_the_node_refuses_a_secagg_clipping_range_that_would_clip_its_noise(distributed_config):
+def test_a_distributed_update_is_not_scaled_and_a_range_that_clips_its_noise_is_refused(
+    distributed_config,
+):
     state = initial_state(distributed_config)
     plan = distributed_config.round_plan(1, norm_bound=1.0)
-    delta = {k: np.zeros_like(v) for k, v in state.items()}
     values = sum(v.size for v in state.values())
     needed, _ = plan_ranges(plan, contributors=2, values=values)
     context = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={})
     context.state.config_records[RECORD_KEY_STATE] = ConfigRecord({"clipping_range": needed / 2})
     with pytest.raises(PlanRefusedError, match="would clip this site's distributed noise"):
-        prepare_for_masking(plan, delta, context)
+        check_masking_range(plan, state, context)
     context.state.config_records[RECORD_KEY_STATE] = ConfigRecord({"clipping_range": needed})
-    assert set(prepare_for_masking(plan, delta, context)) == set(delta)
+    check_masking_range(plan, state, context)
+    noisy = {k: np.full_like(v, 3.0) for k, v in state.items()}  # far outside the clip bound
+    assert all(np.all(v == 3.0) for v in prepare_for_masking(plan, noisy).values())
 
 
 def test_the_distributed_trainers_step_is_linear_in_the_clipped_sum(tmp_path, distributed_config):
