@@ -71,6 +71,7 @@ def federated(config: ServerConfig, sites: list[dict[str, Any]], cap: float, roo
             "budget-delta": DELTA,
             "min-noise": 0.01,
             "max-sample-rate": 1.0,  # the benchmark's plan chooses q
+            "allowed-mechanisms": config.mechanism,  # and the mechanism
         }
         context = Context(
             run_id=1, node_id=0, node_config=node_config, state=RecordDict(), run_config={}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -45,8 +46,9 @@ from models.meta import MetaConfig
 from models.networks import BackboneConfig
 from models.pipeline import PipelineConfig
 from models.pretraining import write_pretrained
-from models.readers import load_dataset
+from models.readers import load_dataset, patient_id_from_provenance
 from models.training import TrainConfig, meta_train
+from privacy.mechanisms import MECHANISMS
 
 OUT = "federated_real"
 
@@ -56,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--modality", default="blood_cells_bccd", choices=SHARED_SETS)
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     p.add_argument("--subsets", nargs="+", default=["norm-affine", "all"])
+    p.add_argument("--mechanisms", nargs="+", default=["dp-episodic"], choices=sorted(MECHANISMS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--sample-rate", type=float, default=0.3)
@@ -64,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ways", type=int, default=3)
     p.add_argument("--episodes", type=int, default=200)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--augmentations", type=int, default=1, help="dp-supervised's K")
+    p.add_argument("--out", default=OUT, help="results name under bench/results/")
     return p.parse_args()
 
 
@@ -79,6 +84,17 @@ def split_modality(folder: Path, modality: str, root: Path) -> tuple[list[dict[s
         path = write_site(root / name / "data.npz", part)
         configs.append({"site-id": name, "data": str(path), "registry": str(root / name / "reg")})
     return configs, write_site(root / "held-out.npz", held_out)
+
+
+def patients_per_site(sites: list[dict[str, Any]]) -> float:
+    """Mean number of patients per site (what the operator's plan assumes)."""
+    counts = []
+    for site in sites:
+        with np.load(site["data"]) as part:
+            counts.append(
+                len(np.unique([patient_id_from_provenance(str(p)) for p in part["provenance"]]))
+            )
+    return float(np.mean(counts))
 
 
 def score(state: State, config: ServerConfig, args: argparse.Namespace) -> dict[str, float]:
@@ -146,6 +162,9 @@ def main() -> None:
         eval_data=str(held_out),
         eval_ways=args.ways,
         eval_episodes=20,  # the round loop's own evaluation; rows are scored by score()
+        # dp-supervised's public normaliser B: q times a site's patients (the operator's estimate)
+        expected_patients=max(1, round(args.sample_rate * patients_per_site(sites))),
+        augmentations=args.augmentations,
         seed=0,
     )
     rows: list[dict[str, Any]] = []
@@ -153,7 +172,7 @@ def main() -> None:
     def record(method: str, subset: str | None, epsilon: float | None, state: State) -> None:
         rows.append({"method": method, "trainable": subset, "epsilon": epsilon,
                      **score(state, base, args)})  # fmt: skip
-        write_result(OUT, config=vars(args), results=rows, device=torch.device("cpu"))
+        write_result(args.out, config=vars(args), results=rows, device=torch.device("cpu"))
         log(f"{method} {subset} eps={epsilon}: {100 * rows[-1]['accuracy']:.1f}%")
 
     record("public-start", None, None, initial_state(base))
@@ -161,16 +180,17 @@ def main() -> None:
     for subset in args.subsets:
         config = dataclasses.replace(base, trainable=subset)
         record("federated-nonprivate", subset, None, nonprivate_federated(config, sites))
-        for epsilon in args.epsilons:
-            name = f"{subset}-eps{epsilon:g}"
-            run = at_epsilon(config, epsilon, steps=fed_steps, name=name, root=root)
+        for mechanism, epsilon in itertools.product(args.mechanisms, args.epsilons):
+            name = f"{mechanism}-{subset}-eps{epsilon:g}"
+            run = at_epsilon(dataclasses.replace(config, mechanism=mechanism), epsilon,
+                             steps=fed_steps, name=name, root=root)  # fmt: skip
             result = federated(run, sites, epsilon * 1.0001, root / name)
-            record("federated-dp", subset, epsilon, result["state"])
+            record(f"federated-{mechanism}", subset, epsilon, result["state"])
     best = max(args.epsilons)
     pooled = dataclasses.replace(base, trainable=args.subsets[0])
     sigma = sigma_for(pooled, best, fed_steps * len(sites))
     record("central-dp", args.subsets[0], best, central(pooled, sites, sigma))
-    log(f"wrote bench/results/{OUT}.json")
+    log(f"wrote bench/results/{args.out}.json")
 
 
 if __name__ == "__main__":

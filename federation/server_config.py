@@ -52,6 +52,7 @@ class ServerConfig:
     max_shots: int = 5
     max_queries: int = 5
     expected_patients: int = 64  # dp-supervised: the public normaliser B (about q x site size)
+    augmentations: int = 1  # dp-supervised: augmented copies averaged per record before clipping
     local_lr: float = 1e-3  # Adam on the nodes
     meta_learner: str = "protonet"  # fastest per step under DP; see bench results
     backbone: str = "conv4"
@@ -147,6 +148,7 @@ class ServerConfig:
                 "max_shots": self.max_shots,
                 "max_queries": self.max_queries,
                 "expected_patients": self.expected_patients,
+                "augmentations": self.augmentations,
             }
         )
         return RoundPlan(

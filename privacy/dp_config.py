@@ -80,6 +80,7 @@ class DPPretrainConfig:
     sample_rate: float = 0.05  # q per patient
     expected_patients: int = 64  # B: the constant normaliser, q x (configured site size)
     chunk: int = 128  # records per vmap call: bounds memory, changes nothing else
+    augmentations: int = 1  # K: a record's gradient is the mean over K augmented copies
 
     def __post_init__(self) -> None:
         checks = {
@@ -88,6 +89,7 @@ class DPPretrainConfig:
             "sample_rate": 0 < self.sample_rate <= 1,
             "expected_patients": self.expected_patients >= 1,
             "chunk": self.chunk >= 1,
+            "augmentations": self.augmentations >= 1,
         }
         _check("DPPretrainConfig", checks, self)
 

@@ -6,6 +6,12 @@ rate q; per-record gradients of the cross-entropy of a classifier over the union
 classes (``torch.func.vmap(grad)``), summed per patient, each patient's sum clipped to C; update
 ``(sum_p clip(g_p) + N(0, sigma^2 C^2 I)) / B`` with B the configured (public) expected number of
 patients per step. One patient changes one clipped term: sensitivity C, accountant sigma.
+
+Two choices raise the signal without touching the proof. The head starts at zero, so the first
+steps move only the head and the encoder is not pushed towards a random head's classes (linear
+probing, then fine-tuning, in one run). With ``augmentations`` K > 1, each record's gradient is
+the mean over K augmented copies before the patient's sum is clipped (augmentation multiplicity,
+De et al. 2022): it still depends on that patient's records only.
 """
 
 from __future__ import annotations
@@ -36,12 +42,15 @@ __all__ = [
 
 
 class Classifier(nn.Module):
-    """Backbone plus a linear head over the union of classes (the head is discarded after)."""
+    """Backbone plus a zero-initialised linear head over the union of classes (the head is
+    discarded after; at zero, the encoder's first gradients vanish until the head has learnt)."""
 
     def __init__(self, backbone: nn.Module, n_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(int(backbone.out_features), n_classes)  # type: ignore[arg-type]
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores."""
@@ -113,20 +122,29 @@ class DPPretrainer:
         _, owner = np.unique(self.data.patients[records], return_inverse=True)
         device = next(self.model.parameters()).device
         x = torch.from_numpy(self.data.images[records])
+        copies = self.dp.augmentations if self.augment else 1
         if self.augment and len(records):
-            x = augment_batch(x, seed=augment_seed_of(key))
+            seed = augment_seed_of(key)
+            x = torch.cat([augment_batch(x, seed=(seed + k) % (2**31 - 1)) for k in range(copies)])
         return (
             x.to(device),
-            torch.from_numpy(self.data.labels[records]).to(device),
-            torch.from_numpy(owner.astype(np.int64)).to(device),
+            torch.from_numpy(np.tile(self.data.labels[records], copies)).to(device),
+            torch.from_numpy(np.tile(owner.astype(np.int64), copies)).to(device),
             len(chosen),
         )
+
+    def patient_gradients(self, key: int) -> dict[str, torch.Tensor]:
+        """Unclipped per-patient gradients of the step drawn under ``key``:
+        ``{name: (patients, *shape)}``, each record's term averaged over its augmented copies."""
+        x, y, owner, n = self.clipped_inputs(key)
+        grads = per_patient_grads(self.model, x, y, owner, n, chunk=self.dp.chunk)
+        copies = self.dp.augmentations if self.augment else 1
+        return {k: g / copies for k, g in grads.items()} if copies > 1 else grads
 
     def step(self) -> None:
         """One DP step: sample patients, per-patient gradients, clip, noise, update."""
         key = fresh_key() if self._rng is None else int(self._rng.integers(2**63))
-        x, y, owner, n = self.clipped_inputs(key)
-        grads = per_patient_grads(self.model, x, y, owner, n, chunk=self.dp.chunk)
+        grads = self.patient_gradients(key)
         for name, p in self.model.named_parameters():
             if p.requires_grad:  # frozen parameters are neither differentiated nor noised
                 p.grad_sample = grads[name]  # type: ignore[attr-defined]  # Opacus reads it

@@ -26,8 +26,8 @@ def _clipped_sum(data: ImageSet, config: DPPretrainConfig, *, key: int, init: in
     with the network's initialisation and the step key fixed."""
     torch.manual_seed(init)
     trainer = DPPretrainer(build_backbone(TINY), [data], dp=config, augment=False, seed=0)
-    x, y, owner, n = trainer.clipped_inputs(key=key)
-    grads = per_patient_grads(trainer.model, x, y, owner, n, chunk=16)
+    trainer.model.head.weight.data.normal_()  # a head that has learnt: the encoder gets gradients
+    grads = trainer.patient_gradients(key)
     optimizer = DPOptimizer(
         torch.optim.SGD(trainer.model.parameters(), lr=0.0),
         noise_multiplier=0.0,
@@ -67,6 +67,45 @@ def test_sensitivity_bound_is_attained_not_vacuous():
         for p in np.unique(data.patients)
     ]
     assert max(moves) > 0.99 * config.max_grad_norm
+
+
+def test_the_head_starts_at_zero_so_the_first_step_moves_only_the_head():
+    """A fresh random head would pull the public encoder towards random classes; at zero, the
+    encoder's first per-patient gradients vanish and the head learns first."""
+    config = DPPretrainConfig(noise_multiplier=1.0, sample_rate=1.0)
+    trainer = DPPretrainer(build_backbone(TINY), [random_set(1, n_patients=6)], dp=config, seed=0)
+    grads = trainer.patient_gradients(key=1)
+    assert all(float(g.abs().max()) == 0 for k, g in grads.items() if k.startswith("backbone."))
+    assert float(grads["head.weight"].abs().max()) > 0
+
+
+def test_augmented_copies_are_averaged_per_record_before_clipping():
+    """With K copies, a patient's term is the mean of its records' K augmented gradients: the
+    same scale as one copy (not K times larger), from that patient's records only."""
+    data = random_set(2, n_patients=6)
+    torch.manual_seed(0)
+    backbone = build_backbone(TINY)
+    one, three = (
+        DPPretrainer(
+            backbone,
+            [data],
+            dp=DPPretrainConfig(noise_multiplier=1.0, sample_rate=1.0, augmentations=k),
+            seed=0,
+        )
+        for k in (1, 3)
+    )
+    for trainer in (one, three):
+        trainer.model.head = one.model.head  # the same (non-zero) head for both
+    one.model.head.weight.data.normal_()
+    x1, _, owner1, _ = one.clipped_inputs(key=5)
+    x3, _, owner3, _ = three.clipped_inputs(key=5)
+    assert len(x3) == 3 * len(x1)
+    assert torch.equal(owner3, owner1.repeat(3))
+    g1, g3 = one.patient_gradients(key=5), three.patient_gradients(key=5)
+    norms1 = torch.stack([g.flatten(1).norm(dim=1) for g in g1.values()]).norm(dim=0)
+    norms3 = torch.stack([g.flatten(1).norm(dim=1) for g in g3.values()]).norm(dim=0)
+    assert float(norms3.max()) < 2 * float(norms1.max())  # averaged, not summed over copies
+    assert not torch.allclose(norms3, norms1)  # the copies are really different augmentations
 
 
 def test_per_patient_gradient_sums_the_patients_records():
