@@ -4,8 +4,10 @@ clinician's condition, class names and uploaded cases).
 A browser reload starts a new Streamlit session with empty state. So a login also creates a
 server-side session row, found again by a random token that the dashboard keeps in the page URL
 (``?session=...``). Only the token's SHA-256 is stored, so a copy of the database cannot be used
-to log in. The draft belongs to that session row: it is deleted at logout, and with the session
-when it expires, so uploaded images never outlive the login that brought them.
+to log in; and a session resumes only for the client address that logged in, so a URL pasted
+into a message to a colleague does not log the colleague in as its author. The draft belongs to
+that session row: it is deleted at logout, and with the session when it expires, so uploaded
+images never outlive the login that brought them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ _SCHEMA = (
         username TEXT NOT NULL,
         roles TEXT NOT NULL,
         expires_at REAL NOT NULL,
-        source TEXT NOT NULL
+        source TEXT NOT NULL,
+        client TEXT NOT NULL
     )""",
     """CREATE TABLE IF NOT EXISTS drafts (
         token_hash TEXT NOT NULL,
@@ -98,36 +101,42 @@ class SessionStore:
         finally:
             conn.close()
 
-    def create(self, session: Session) -> str:
-        """Store ``session`` and return its new token (to put in the URL)."""
+    def create(self, session: Session, *, client: str = "") -> str:
+        """Store ``session`` for ``client`` (the browser's address) and return its new token (to
+        put in the URL)."""
         token = secrets.token_urlsafe(TOKEN_BYTES)
         with self._connect() as conn:
             self._purge_expired(conn)
             conn.execute(
-                "INSERT INTO web_sessions (token_hash, username, roles, expires_at, source) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO web_sessions "
+                "(token_hash, username, roles, expires_at, source, client) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     _digest(token),
                     session.username,
                     json.dumps(list(session.roles)),
                     session.expires_at,
                     session.source,
+                    client,
                 ),
             )
         return token
 
-    def resume(self, token: str, *, now: float | None = None) -> Session | None:
-        """The live session of ``token``; None for an unknown or expired one (which is deleted
-        with its draft)."""
+    def resume(self, token: str, *, client: str = "", now: float | None = None) -> Session | None:
+        """The live session of ``token`` for ``client``; None for an unknown token, another
+        client's, or an expired one (which is deleted with its draft)."""
         now = time.time() if now is None else now
         with self._connect() as conn:
             row = conn.execute(
-                "SELECT username, roles, expires_at, source FROM web_sessions WHERE token_hash = ?",
+                "SELECT username, roles, expires_at, source, client FROM web_sessions "
+                "WHERE token_hash = ?",
                 (_digest(token),),
             ).fetchone()
             if row is None:
                 return None
-            username, roles, expires_at, source = row
+            username, roles, expires_at, source, owner = row
+            if owner != client:
+                return None
             if now >= expires_at:
                 self._delete(conn, _digest(token))
                 return None

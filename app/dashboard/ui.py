@@ -122,7 +122,7 @@ def session_store() -> SessionStore:
 
 def start_session(session: Session) -> None:
     """Log ``session`` in: kept server-side and named in the URL, so a reload finds it again."""
-    token = session_store().create(session)
+    token = session_store().create(session, client=client_address())
     st.session_state[SESSION_KEY] = session
     st.session_state[TOKEN_KEY] = token
     st.query_params[QUERY_PARAM] = token
@@ -135,7 +135,7 @@ def _resume_from_url() -> Session | None:
         return None
     store = session_store()
     try:
-        session = store.resume(token)
+        session = store.resume(token, client=client_address())
         if (
             session is not None
             and session.source == "local"

@@ -48,12 +48,14 @@ def test_reload_resumes_the_login_and_the_draft(store, registry, make_app, case_
     assert SessionStore(store.path).load_draft(token).uploads == {}
 
 
-def test_an_expired_session_is_not_resumed_and_its_draft_is_gone(store) -> None:
+def test_a_session_resumes_only_for_its_client_and_not_after_expiry(store) -> None:
     sessions = SessionStore(store.path)
-    token = sessions.create(Session(ROLE_CLINICIAN, (ROLE_CLINICIAN,), time.time() + 60))
+    session = Session(ROLE_CLINICIAN, (ROLE_CLINICIAN,), time.time() + 60)
+    token = sessions.create(session, client="10.0.0.12")
     sessions.save_draft(token, Draft({"adapt_condition": "x"}, {"s": [Upload("a.png", b"1")]}))
-    assert sessions.resume(token) is not None
-    assert sessions.resume(token, now=time.time() + 120) is None
+    assert sessions.resume(token, client="10.0.0.12") == session
+    assert sessions.resume(token, client="10.0.0.66") is None  # a URL passed to someone else
+    assert sessions.resume(token, client="10.0.0.12", now=time.time() + 120) is None
     assert sessions.load_draft(token) == Draft()
     assert sessions.resume("not-a-token") is None
 
