@@ -157,6 +157,11 @@ def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
     ]
 
 
+def _multiplicity(config: dict[str, Any]) -> str:
+    k = int(config.get("augmentations", 1))
+    return f", {k} augmented copies per record" if k > 1 else ""
+
+
 def federated_real_section(payload: dict[str, Any], source: str) -> list[str]:
     """Three hospitals on one real modality from a public start: DP against the baselines."""
     config, env, rows = payload["config"], payload["environment"], payload["results"]
@@ -174,7 +179,9 @@ def federated_real_section(payload: dict[str, Any], source: str) -> list[str]:
         "into three hospitals and a held-out quarter; public start = Conv-4 (width "
         f"{config['width']}) with {config['pretrain_steps']} supervised steps on the other four "
         f"modalities; {config['rounds']} rounds x {config['local_steps']} local steps per site, "
-        f"q {config['sample_rate']:g}, Adam lr 0.001 (dp-episodic; central DP: the three parts "
+        f"q {config['sample_rate']:g}, Adam lr 0.001 "
+        f"({', '.join(config.get('mechanisms', ['dp-episodic']))}"
+        f"{_multiplicity(config)}; central DP: the three parts "
         f"pooled, as many steps as all sites together). {config['ways']}-way 5-shot accuracy % "
         f"on the held-out patients, the same {config['episodes']} episodes for every row, 95% CI.",
         "",
@@ -190,10 +197,10 @@ def render_federation(folder: Path) -> list[str]:
         ("simulation_scale.json", simulation_section),
         ("startup_cost.json", startup_section),
         ("dp_recipe_sweep.json", dp_recipe_section),
-        ("federated_real.json", federated_real_section),
+        ("federated_real*.json", federated_real_section),  # one table per mechanism run
     )
     parts: list[str] = []
-    for name, section in sections:
-        if (folder / name).is_file():
-            parts += ["", *section(json.loads((folder / name).read_text()), name)]
+    for pattern, section in sections:
+        for path in sorted(folder.glob(pattern)):
+            parts += ["", *section(json.loads(path.read_text()), path.name)]
     return parts
