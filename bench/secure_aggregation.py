@@ -15,9 +15,9 @@ the exact mean of the same clipped updates (SecAgg+ quantisation).
 ``--accuracy-rounds R`` also compares few-shot accuracy after R rounds of distributed noise
 (each of 3 sites adds sigma/sqrt(3), ``dp-episodic-distributed``) against per-site noise (each
 adds sigma) at the same per-site epsilon (accounted sigma/2, q, one step a round), from a public
-start with DP on the norm-affine parameters. Both use the same one-step plain-SGD trainer
-(``LinearDPMetaTrainer``); the rounds are simulated without SecAgg+ (its unmasked mean differs
-from the exact mean by < 1e-6, measured above), so only the noise differs.
+start with DP on the norm-affine parameters. Both use the same one-step plain-SGD trainer (the
+``dp-episodic-distributed`` one); the rounds are simulated without SecAgg+ (its unmasked mean
+differs from the exact mean by < 1e-6, measured above), so only the noise differs.
 
 Run: ``python bench/secure_aggregation.py [--hospitals 3 10] [--repeats 2] [--threads 1]
 [--accuracy-rounds 30]``.
@@ -202,7 +202,6 @@ def main() -> None:
 def accuracy_runs(rounds: int, lr: float, progress: Progress) -> list[dict[str, Any]]:
     """Few-shot accuracy after ``rounds`` rounds, distributed vs per-site noise (3 sites)."""
     from federation.aggregation import apply_update
-    from federation.linear_dp_trainer import LinearDPMetaTrainer
     from federation.server_app import evaluate_state, public_eval_set
     from federation.sites import DEMO_MIXES, split_by_patient, write_site
     from federation.versions import model_from_state
@@ -212,6 +211,7 @@ def accuracy_runs(rounds: int, lr: float, progress: Progress) -> list[dict[str, 
     from models.readers import load_dataset
     from models.synthetic import DEMO_TRAIN_CLASSES, public_set, synthetic_arrays
     from privacy.accounting import epsilon_for
+    from privacy.mechanisms import DISTRIBUTED, MECHANISMS
 
     root = Path(tempfile.mkdtemp(prefix="fedfew-bench-secagg-accuracy-"))
     pipeline = PipelineConfig(image_size=32)
@@ -255,7 +255,9 @@ def accuracy_runs(rounds: int, lr: float, progress: Progress) -> list[dict[str, 
             deltas = []
             for data in sets:
                 model = model_from_state(state, plan)
-                LinearDPMetaTrainer(model, [data], dp=dp, meta=plan.meta, lr=lr).train(1)
+                MECHANISMS[DISTRIBUTED].build_trainer(
+                    model, [data], dp=dp, meta=plan.meta, lr=lr, seed=None
+                ).train(1)
                 trained = {k: v.detach().numpy() for k, v in model.state_dict().items()}
                 deltas.append({k: trained[k] - state[k] for k in state})
             mean = {

@@ -23,52 +23,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from privacy.accounting import epsilon_for
-from privacy.dp_config import EPISODIC_SENSITIVITY, DPConfig
 from privacy.ledger import KIND_CHARGE, LedgerEntry
-from privacy.mechanisms import MECHANISMS, Mechanism, Trainer, register_mechanism
+from privacy.mechanisms import DISTRIBUTED, MECHANISMS
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from federation.plan import RoundPlan
-    from models.imageset import ImageSet
-    from models.meta import MetaConfig
 
-DISTRIBUTED = "dp-episodic-distributed"
 # Per-coordinate tail kept inside SecAgg+'s clipping range: P(|N(0,1)| > 10) < 2e-23 per value,
 # so its clip (which is not linear) acts with probability below d * 2e-23 (added to delta).
 NOISE_TAIL = 10.0
-
-
-def _distributed_trainer(
-    model: nn.Module,
-    sets: Sequence[ImageSet],
-    *,
-    dp: Any,
-    meta: MetaConfig,
-    lr: float,
-    seed: int | None,
-) -> Trainer:
-    from federation.linear_dp_trainer import LinearDPMetaTrainer
-
-    return LinearDPMetaTrainer(model, sets, dp=dp, meta=meta, lr=lr, seed=seed)
-
-
-if DISTRIBUTED not in MECHANISMS:  # importing this module twice must not register twice
-    register_mechanism(
-        Mechanism(
-            name=DISTRIBUTED,
-            sensitivity=EPISODIC_SENSITIVITY,
-            config_type=DPConfig,
-            build_trainer=_distributed_trainer,
-            description="DP episodic meta-training with distributed noise under SecAgg+: one "
-            "plain-SGD step per round, each site adds sigma/sqrt(k) of the noise, the sum of "
-            ">= k sites carries sigma (sensitivity 2C)",
-        )
-    )
 
 
 def is_distributed(mechanism: str) -> bool:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import federation.distributed_noise  # noqa: F401  (registers dp-episodic-distributed)
 from federation.errors import NodeConfigError
 from federation.secure_aggregation import SecurePolicy
 from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS

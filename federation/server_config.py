@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from federation.aggregation import AGGREGATIONS
-from federation.distributed_noise import DISTRIBUTED
 from federation.plan import RoundPlan
 from federation.secure_aggregation import SecureAggregationConfig
 from federation.validation import NORM_POLICIES
 from models.meta import MetaConfig
 from models.networks import BackboneConfig
-from privacy.mechanisms import DEFAULT_MECHANISM, EPISODIC, get_mechanism
+from privacy.mechanisms import DEFAULT_MECHANISM, DISTRIBUTED, EPISODIC, get_mechanism
 
 # Which threat each choice answers; they exclude each other, so the config names one.
 DEFENCES = {

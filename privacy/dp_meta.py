@@ -125,8 +125,11 @@ class DPMetaTrainer:
         lr: float = 1e-3,
         augment: bool = True,
         seed: int | None = None,
+        base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
     ) -> None:
-        """``seed=None`` (production) draws keys and noise from the OS; a seed is for tests."""
+        """``seed=None`` (production) draws keys and noise from the OS; a seed is for tests.
+        ``base_optimizer`` turns the noisy mean gradient into the update (Adam; plain SGD where
+        the update must be linear in the noisy sum, as under distributed noise)."""
         self.model = model
         self.data, self.class_sets = merge_sets(sets)
         self.dp = dp
@@ -136,7 +139,7 @@ class DPMetaTrainer:
         noise_gen = torch.Generator(device=next(model.parameters()).device)
         noise_gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         self.optimizer = DPOptimizer(
-            torch.optim.Adam(model.parameters(), lr=lr),
+            base_optimizer(model.parameters(), lr=lr),
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=dp.episodes,

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 EPISODIC = "dp-episodic"
 SUPERVISED = "dp-supervised"
+DISTRIBUTED = "dp-episodic-distributed"  # federation/distributed_noise.py: its share and bounds
 DEFAULT_MECHANISM = EPISODIC  # the mechanism the accuracy-vs-epsilon benchmarks chose
 
 
@@ -156,6 +157,26 @@ def _episodic_trainer(
     return DPMetaTrainer(model, sets, dp=dp, meta=meta, lr=lr, seed=seed)
 
 
+def _distributed_trainer(
+    model: nn.Module,
+    sets: Sequence[ImageSet],
+    *,
+    dp: Any,
+    meta: MetaConfig,
+    lr: float,
+    seed: int | None,
+) -> Trainer:
+    import torch
+
+    from privacy.dp_meta import DPMetaTrainer
+
+    # Plain SGD: one step's delta is -lr (sum_e clip(g_e) + noise) / E, linear in the noisy sum,
+    # so deltas summed over sites are the sum of their noisy sums; Adam's first step is not.
+    return DPMetaTrainer(
+        model, sets, dp=dp, meta=meta, lr=lr, seed=seed, base_optimizer=torch.optim.SGD
+    )
+
+
 def _supervised_trainer(
     model: nn.Module,
     sets: Sequence[ImageSet],
@@ -189,5 +210,16 @@ register_mechanism(
         build_trainer=_supervised_trainer,
         description="DP supervised training: per-patient clipping of a classifier's "
         "gradients, sensitivity C",
+    )
+)
+register_mechanism(
+    Mechanism(
+        name=DISTRIBUTED,
+        sensitivity=EPISODIC_SENSITIVITY,
+        config_type=DPConfig,
+        build_trainer=_distributed_trainer,
+        description="DP episodic meta-training with distributed noise under SecAgg+: one "
+        "plain-SGD step per round, each site adds sigma/sqrt(k) of the noise, the sum of "
+        ">= k sites carries sigma (sensitivity 2C)",
     )
 )

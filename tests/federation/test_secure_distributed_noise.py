@@ -10,10 +10,9 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from safetensors.numpy import load_file
 
-from federation.distributed_noise import DISTRIBUTED, plan_ranges
+from federation.distributed_noise import plan_ranges
 from federation.errors import PlanRefusedError
 from federation.inprocess import InProcessGrid
-from federation.linear_dp_trainer import LinearDPMetaTrainer
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan
 from federation.reasons import ReasonCode
@@ -26,7 +25,7 @@ from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from privacy.accounting import epsilon_for
 from privacy.ledger import Ledger
-from privacy.mechanisms import EPISODIC
+from privacy.mechanisms import DISTRIBUTED, EPISODIC, MECHANISMS
 
 from .conftest import make_site
 from .test_secure_round import node
@@ -124,7 +123,9 @@ def test_the_distributed_trainers_step_is_linear_in_the_clipped_sum(tmp_path, di
     data = load_dataset(site["data"], PipelineConfig(image_size=plan.backbone.image_size))
     state = initial_state(distributed_config)
     model = model_from_state(state, plan)
-    LinearDPMetaTrainer(model, [data], dp=dp, meta=plan.meta, lr=plan.local_lr, seed=0).train(1)
+    MECHANISMS[DISTRIBUTED].build_trainer(
+        model, [data], dp=dp, meta=plan.meta, lr=plan.local_lr, seed=0
+    ).train(1)
     moved = math.sqrt(
         sum(
             float(np.sum((v.detach().numpy() - state[k]) ** 2))

@@ -10,6 +10,7 @@ from privacy.dp_config import (
 )
 from privacy.errors import UnknownMechanismError
 from privacy.mechanisms import (
+    DISTRIBUTED,
     EPISODIC,
     MECHANISMS,
     SUPERVISED,
@@ -20,10 +21,13 @@ from privacy.mechanisms import (
 )
 
 
-def test_registry_holds_both_mechanisms_with_their_sensitivities():
+def test_registry_holds_every_mechanism_with_its_sensitivity():
+    """All of them, without importing federation/: a privacy administrator's `fedfew budget`
+    must name every mechanism a ledger row can hold."""
     assert {name: m.sensitivity for name, m in MECHANISMS.items()} == {
         EPISODIC: EPISODIC_SENSITIVITY,
         SUPERVISED: SUPERVISED_SENSITIVITY,
+        DISTRIBUTED: EPISODIC_SENSITIVITY,  # the share per site is in its ledger row
     }
     assert (EPISODIC_SENSITIVITY, SUPERVISED_SENSITIVITY) == (2.0, 1.0)
     assert get_mechanism(EPISODIC).accounted_noise_multiplier(3.0) == 1.5
@@ -45,7 +49,7 @@ def test_each_mechanism_builds_its_own_config_from_shared_values():
 
 
 def test_unknown_name_is_a_typed_error_listing_the_registered_ones():
-    with pytest.raises(UnknownMechanismError, match="dp-episodic, dp-supervised"):
+    with pytest.raises(UnknownMechanismError, match="dp-episodic, dp-episodic-distributed, dp-supervised"):
         get_mechanism("dp-magic")
     assert "not a mechanism of this version" in describe("dp-episodic-protonet-federated")
     assert "2C" in describe(EPISODIC) and "per-patient" in describe(SUPERVISED)
