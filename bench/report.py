@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, RESULTS, fold_means
+from bench.report_calibration import render_calibration
 from bench.report_federation import render_federation
 from bench.report_levers import render_levers
 
@@ -326,6 +327,7 @@ def render(folder: Path = RESULTS) -> str:
             *dp_cost_section(json.loads((folder / "dp_cost.json").read_text()), "dp_cost.json"),
         ]
     parts += render_federation(folder)
+    parts += render_calibration(folder)
     if not parts:
         parts = ["No benchmark results yet: run the scripts in bench/ (see bench/README.md)."]
     return "\n".join(parts).strip() + "\n"
