@@ -13,11 +13,12 @@ import hmac
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.dashboard.database import connect
 from app.dashboard.errors import AccountError, AuthError, RateLimitedError
 
 ROLE_CLINICIAN = "clinician"
@@ -178,6 +179,14 @@ def role_from_claims(
     return tuple(r for r in ROLES if r in granted)
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns that later versions introduced to an older account database."""
+    for table, column, declaration in _MIGRATIONS:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
 class UserStore:
     """The dashboard's account database (one SQLite file)."""
 
@@ -185,29 +194,15 @@ class UserStore:
         self.path = Path(path)
         self._kdf_n = kdf_n  # tests lower it; stored per user, so verification always matches
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            conn = sqlite3.connect(self.path, timeout=10)
-        except sqlite3.Error as exc:
-            raise AccountError(f"cannot open the account database {self.path}: {exc}") from exc
-        try:
-            with conn:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                for table, column, declaration in _MIGRATIONS:
-                    columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-                    if column not in columns:
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-                yield conn
-        except sqlite3.DatabaseError as exc:
-            raise AccountError(
-                f"the account database {self.path} is unreadable: {exc}; restore it or remove "
-                "it and create the accounts again with `fedfew users add`"
-            ) from exc
-        finally:
-            conn.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connect(
+            self.path,
+            what="account database",
+            schema=_SCHEMA,
+            migrate=_migrate,
+            unreadable_hint="; restore it or remove it and create the accounts again with "
+            "`fedfew users add`",
+        )
 
     def add(self, username: str, password: str, *, role: str, replace: bool = False) -> User:
         """Create an account (``replace=True`` resets an existing one's password and role).

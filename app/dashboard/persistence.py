@@ -18,12 +18,12 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.dashboard.auth import Session
-from app.dashboard.errors import AccountError
+from app.dashboard.database import connect
 from app.dashboard.uploads import Upload
 
 TOKEN_BYTES = 32  # 256 bits: not guessable, and short enough for a URL
@@ -82,24 +82,10 @@ class SessionStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            conn = sqlite3.connect(self.path, timeout=10)
-        except sqlite3.Error as exc:
-            raise AccountError(f"cannot open the session database {self.path}: {exc}") from exc
-        try:
-            with conn:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                yield conn
-        except sqlite3.DatabaseError as exc:
-            raise AccountError(
-                f"the session database {self.path} is unreadable: {exc}; log in again"
-            ) from exc
-        finally:
-            conn.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connect(
+            self.path, what="session database", schema=_SCHEMA, unreadable_hint="; log in again"
+        )
 
     def create(self, session: Session, *, client: str = "") -> str:
         """Store ``session`` for ``client`` (the browser's address) and return its new token (to

@@ -12,11 +12,11 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from app.dashboard.errors import AccountError
+from app.dashboard.database import connect
 
 NOTICE = (
     "Decision support only, not a diagnosis; not cleared as a medical device; every result "
@@ -103,21 +103,8 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            conn = sqlite3.connect(self.path, timeout=10)
-        except sqlite3.Error as exc:
-            raise AccountError(f"cannot open the audit log {self.path}: {exc}") from exc
-        try:
-            with conn:
-                conn.execute(_SCHEMA)
-                yield conn
-        except sqlite3.DatabaseError as exc:
-            raise AccountError(f"the audit log {self.path} is unreadable: {exc}") from exc
-        finally:
-            conn.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connect(self.path, what="audit log", schema=(_SCHEMA,))
 
     def record(
         self,
