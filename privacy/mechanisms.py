@@ -14,6 +14,7 @@ their trainers when called.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -151,30 +152,17 @@ def _episodic_trainer(
     meta: MetaConfig,
     lr: float,
     seed: int | None,
-) -> Trainer:
-    from privacy.dp_meta import DPMetaTrainer
-
-    return DPMetaTrainer(model, sets, dp=dp, meta=meta, lr=lr, seed=seed)
-
-
-def _distributed_trainer(
-    model: nn.Module,
-    sets: Sequence[ImageSet],
-    *,
-    dp: Any,
-    meta: MetaConfig,
-    lr: float,
-    seed: int | None,
+    linear: bool = False,
 ) -> Trainer:
     import torch
 
     from privacy.dp_meta import DPMetaTrainer
 
-    # Plain SGD: one step's delta is -lr (sum_e clip(g_e) + noise) / E, linear in the noisy sum,
-    # so deltas summed over sites are the sum of their noisy sums; Adam's first step is not.
-    return DPMetaTrainer(
-        model, sets, dp=dp, meta=meta, lr=lr, seed=seed, base_optimizer=torch.optim.SGD
-    )
+    # linear=True (distributed noise): plain SGD, so one step's delta -lr (sum_e clip(g_e) +
+    # noise) / E is linear in the noisy sum and deltas summed over sites are the sum of their
+    # noisy sums; Adam's first step, about lr sign(g), is not.
+    base = torch.optim.SGD if linear else torch.optim.Adam
+    return DPMetaTrainer(model, sets, dp=dp, meta=meta, lr=lr, seed=seed, base_optimizer=base)
 
 
 def _supervised_trainer(
@@ -217,7 +205,7 @@ register_mechanism(
         name=DISTRIBUTED,
         sensitivity=EPISODIC_SENSITIVITY,
         config_type=DPConfig,
-        build_trainer=_distributed_trainer,
+        build_trainer=functools.partial(_episodic_trainer, linear=True),
         description="DP episodic meta-training with distributed noise under SecAgg+: one "
         "plain-SGD step per round, each site adds sigma/sqrt(k) of the noise, the sum of "
         ">= k sites carries sigma (sensitivity 2C)",
