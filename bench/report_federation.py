@@ -16,8 +16,9 @@ def federation_cost_section(payload: dict[str, Any], source: str) -> list[str]:
     """Round time split into node compute and framework overhead, bytes per node."""
     env, results = payload["environment"], payload["results"]
     imports = ", ".join(f"{t:.1f}" for t in results["cold_import_s"])
+    when = " (before the lazy imports)" if "before" in source else ""
     out = [
-        "### Federation cost (real SuperLink and 3 SuperNodes over TLS)",
+        f"### Federation cost (real SuperLink and 3 SuperNodes over TLS){when}",
         "",
         f"From `bench/results/{source}` ({env['cpu_count']} CPU cores, one torch thread per node, "
         f"{env['date']}). Overhead = round time minus the slowest node's own compute (a fresh "
@@ -46,7 +47,7 @@ def federation_cost_section(payload: dict[str, Any], source: str) -> list[str]:
         *out,
         *_table(header, rows),
         "",
-        "![federation cost](bench/results/federation_cost.png)",
+        *([] if when else ["", "![federation cost](bench/results/federation_cost.png)"]),
     ]
 
 
@@ -243,7 +244,7 @@ def secure_aggregation_section(payload: dict[str, Any], source: str) -> list[str
 def render_federation(folder: Path) -> list[str]:
     """Every federation section whose JSON is in ``folder``."""
     sections = (
-        ("federation_cost.json", federation_cost_section),
+        ("federation_cost*.json", federation_cost_section),  # after, then before
         ("federated_accuracy.json", federated_accuracy_section),
         ("simulation_scale.json", simulation_section),
         ("startup_cost.json", startup_section),
