@@ -184,7 +184,8 @@ def federated_real_section(payload: dict[str, Any], source: str) -> list[str]:
         f"({', '.join(config.get('mechanisms', ['dp-episodic']))}"
         f"{_multiplicity(config)}; central DP: the three parts "
         f"pooled, as many steps as all sites together). {config['ways']}-way 5-shot accuracy % "
-        f"on the held-out patients, the same {config['episodes']} episodes for every row, 95% CI.",
+        f"on the held-out patients, the same {config['episodes']} episodes for every row, 95% CI."
+        + (f" Note: {config['note']}." if config.get("note") else ""),
         "",
         *_table(["model", "DP touches", "epsilon per site", "accuracy"], table),
     ]
