@@ -49,7 +49,8 @@ def test_each_mechanism_builds_its_own_config_from_shared_values():
 
 
 def test_unknown_name_is_a_typed_error_listing_the_registered_ones():
-    with pytest.raises(UnknownMechanismError, match="dp-episodic, dp-episodic-distributed, dp-supervised"):
+    listed = "dp-episodic, dp-episodic-distributed, dp-supervised"
+    with pytest.raises(UnknownMechanismError, match=listed):
         get_mechanism("dp-magic")
     assert "not a mechanism of this version" in describe("dp-episodic-protonet-federated")
     assert "2C" in describe(EPISODIC) and "per-patient" in describe(SUPERVISED)
