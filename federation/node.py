@@ -211,12 +211,13 @@ def _report(
     )
     entries = ledger.entries()
     if any(is_distributed(e.mechanism) for e in entries):
-        fails_round, _ = fallback_epsilons(
+        fails_round, fails_spent = fallback_epsilons(
             entries, entry, delta=ledger.delta, accountant=ledger.accountant
         )
-        _, fails_spent = fallback_epsilons(
-            entries, entries[-1], delta=ledger.delta, accountant=ledger.accountant
-        )
+        if entries[-1].id != entry.id:  # a replayed charge: the spend is up to the ledger's end
+            _, fails_spent = fallback_epsilons(
+                entries, entries[-1], delta=ledger.delta, accountant=ledger.accountant
+            )
     else:  # per-site noise only: secure aggregation adds hiding, the guarantees coincide
         fails_round, fails_spent = report.epsilon_round, report.epsilon_spent
     return dataclasses.replace(

@@ -114,8 +114,8 @@ def run_rounds(
     if checkpoint is None:
         # Round 0 is the initial model, evaluated and published so every later round has a
         # baseline on the same public set.
-        record = _record(0, attempts=0, seconds=0.0, accepted={}, problems=[], sent=0)
-        record["metrics"] = evaluate(initial_state)
+        outcome = _outcome({}, [], attempts=0)
+        record = _record(0, seconds=0.0, sent=0, outcome=outcome, metrics=evaluate(initial_state))
         publish(initial_state, record)
         checkpoint = Checkpoint(config.federation, 0, initial_state, [record])
         save_checkpoint(folder, checkpoint)
@@ -135,14 +135,10 @@ def run_rounds(
             outcome = _outcome(accepted, problems, attempts)
         collected = time.perf_counter() - started
         metrics = evaluate(state)
-        record = {
-            "round": server_round,
-            "seconds": collected,
-            "bytes-sent-per-node": to_arrays(checkpoint.state).count_bytes(),
-            **outcome,
-            "metrics": {},
-        }
-        record["metrics"] = metrics
+        sent = to_arrays(checkpoint.state).count_bytes()
+        record = _record(
+            server_round, seconds=collected, sent=sent, outcome=outcome, metrics=metrics
+        )
         publish(state, record)
         checkpoint = Checkpoint(
             config.federation, server_round, state, [*checkpoint.history, record]
@@ -162,19 +158,18 @@ def run_rounds(
 def _record(
     server_round: int,
     *,
-    attempts: int,
     seconds: float,
-    accepted: dict[int, AcceptedReply],
-    problems: list[str],
     sent: int,
+    outcome: dict[str, Any],
+    metrics: dict[str, float],
 ) -> dict[str, Any]:
     """One round's entry of the history (saved in the checkpoint and published)."""
     return {
         "round": server_round,
         "seconds": seconds,
         "bytes-sent-per-node": sent,
-        **_outcome(accepted, problems, attempts),
-        "metrics": {},
+        **outcome,
+        "metrics": metrics,
     }
 
 
