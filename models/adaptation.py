@@ -81,6 +81,15 @@ class AdaptConfig:
         return asdict(self)
 
 
+# Called with (steps done, steps in all) after each optimisation step of an adaptation.
+StepHook = Callable[[int, int], None]
+
+
+def _step(hook: StepHook | None, done: int, total: int) -> None:
+    if hook is not None:
+        hook(done, total)
+
+
 # Mapped features have this norm, so squared distances between them are HEAD_SCALE times those of
 # unit vectors: the cosine-classifier temperature (Chen et al. 2019) for prototype logits.
 FEATURE_NORM = HEAD_SCALE**0.5
@@ -189,9 +198,11 @@ def fit_head(
     ways: int,
     config: AdaptConfig,
     unlabeled: torch.Tensor | None = None,
+    on_step: StepHook | None = None,
 ) -> Params:
     """The head of a frozen-backbone mode over mapped features (prototypes, refined with the
-    unlabelled features when configured; then logistic regression for ``linear``)."""
+    unlabelled features when configured; then logistic regression for ``linear``, reporting each
+    of its steps to ``on_step``)."""
     if config.transductive_steps and unlabeled is not None and len(unlabeled):
         head = _head_of(
             refine_prototypes(features, y, unlabeled, ways=ways, steps=config.transductive_steps)
@@ -199,12 +210,16 @@ def fit_head(
     else:
         head = prototype_head(features, y, ways)
     if config.mode == "linear" and config.linear_steps:
-        head = _logistic_regression(features, y, head, config)
+        head = _logistic_regression(features, y, head, config, on_step)
     return head
 
 
 def _logistic_regression(
-    features: torch.Tensor, y: torch.Tensor, init: Params, config: AdaptConfig
+    features: torch.Tensor,
+    y: torch.Tensor,
+    init: Params,
+    config: AdaptConfig,
+    on_step: StepHook | None = None,
 ) -> Params:
     """Adam on the support cross-entropy of a linear head, from the prototype head (scaled so its
     logits start in the softmax's useful range)."""
@@ -212,11 +227,12 @@ def _logistic_regression(
     head = {k: (v / scale).clone().requires_grad_(True) for k, v in init.items()}
     optimizer = torch.optim.Adam(head.values(), lr=config.linear_lr)
     with torch.enable_grad():
-        for _ in range(config.linear_steps):
+        for i in range(config.linear_steps):
             optimizer.zero_grad()
             logits = features @ head["head.weight"].T + head["head.bias"]
             cross_entropy(logits, y).backward()
             optimizer.step()
+            _step(on_step, i + 1, config.linear_steps)
     return {k: v.detach() for k, v in head.items()}
 
 
@@ -277,6 +293,7 @@ def adapt(
     meta: MetaConfig = MetaConfig(),
     domain_mean: torch.Tensor | None = None,
     unlabeled_x: torch.Tensor | None = None,
+    on_step: StepHook | None = None,
 ) -> AdaptedClassifier:
     """Adapt ``model`` to a support set.
 
@@ -290,6 +307,10 @@ def adapt(
         domain_mean: the domain's mean feature (from ``fedfew adapt-domain``), for centring.
         unlabeled_x: unlabelled images of the task (typically the cases to classify), used for
             centring when no domain mean is known and for transductive refinement.
+        on_step: called with (steps done, steps in all) after each optimisation step of the
+            mode (once at the end for prototypes). An exception it raises stops the adaptation
+            and propagates; nothing is returned and the base model is unchanged (a caller's
+            Cancel button raises here).
     """
     config = config or AdaptConfig()
     return ADAPT_MODES[config.mode].adapt(
@@ -301,6 +322,7 @@ def adapt(
         meta=meta,
         domain_mean=domain_mean,
         unlabeled_x=unlabeled_x,
+        on_step=on_step,
     )
 
 
@@ -314,6 +336,7 @@ def _frozen(
     meta: MetaConfig,
     domain_mean: torch.Tensor | None,
     unlabeled_x: torch.Tensor | None,
+    on_step: StepHook | None = None,
 ) -> AdaptedClassifier:
     """Prototype or linear head over the unchanged backbone's mapped features."""
     params, buffers = split_params(model)
@@ -322,7 +345,10 @@ def _frozen(
     fmap = feature_map(config, domain_mean=domain_mean, features=raw)
     mapped = fmap(raw)
     n = len(support_y)
-    head = fit_head(mapped[:n], support_y, ways=ways, config=config, unlabeled=mapped[n:])
+    head = fit_head(
+        mapped[:n], support_y, ways=ways, config=config, unlabeled=mapped[n:], on_step=on_step
+    )
+    _step(on_step, 1, 1)  # the head is fitted (prototypes take this one step)
     return AdaptedClassifier(
         model, {**params, **head}, buffers, ways=ways, config=config, features=fmap
     )
@@ -338,6 +364,7 @@ def _finetune(
     meta: MetaConfig,
     domain_mean: torch.Tensor | None,
     unlabeled_x: torch.Tensor | None,
+    on_step: StepHook | None = None,
 ) -> AdaptedClassifier:
     """A few Adam steps on the support loss over head and a private copy of the backbone
     (Guo et al. 2020: fine-tuning beats meta-learning far from the source domain)."""
@@ -353,11 +380,12 @@ def _finetune(
     optimizer = torch.optim.Adam([*work.parameters(), *head.values()], lr=config.finetune_lr)
     work.train()
     with torch.enable_grad():
-        for _ in range(config.finetune_steps):
+        for i in range(config.finetune_steps):
             optimizer.zero_grad()
             logits = fmap(work(support_x)) @ head["head.weight"].T + head["head.bias"]
             cross_entropy(logits, support_y).backward()
             optimizer.step()
+            _step(on_step, i + 1, config.finetune_steps)
     work.eval()
     params, buffers = split_params(work)
     head = {k: v.detach() for k, v in head.items()}
@@ -376,6 +404,7 @@ def _maml(
     meta: MetaConfig,
     domain_mean: torch.Tensor | None,
     unlabeled_x: torch.Tensor | None,
+    on_step: StepHook | None = None,
 ) -> AdaptedClassifier:
     """MAML's inner loop from the meta-learned weights (first order: only inference follows)."""
     params, buffers = split_params(model)
@@ -396,6 +425,7 @@ def _maml(
         )
     finally:
         model.train(was_training)
+    _step(on_step, 1, 1)  # the inner loop runs as one call (models.meta.maml_adapt)
     fast = {k: v.detach() for k, v in fast.items()}
     return AdaptedClassifier(model, fast, buffers, ways=ways, config=config, normalized_head=True)
 

@@ -128,3 +128,35 @@ def test_centring_removes_a_shared_offset_that_dominates_raw_distances():
     qx = torch.tensor([[0.8, 0.0], [0.0, 0.8]]).view(2, 2, 1, 1)
     classifier = adapt(_Offset(), sx, sy, ways=2, config=AdaptConfig(centre=True), unlabeled_x=qx)
     assert classifier.logits(qx).argmax(1).tolist() == [0, 1]
+
+
+class _Stop(Exception):
+    """Raised by a step hook, as a Cancel button's hook does."""
+
+
+@pytest.mark.parametrize("mode", sorted(ADAPT_MODES))
+def test_every_mode_reports_its_steps_and_a_raising_hook_stops_it_leaving_the_base(mode):
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(width=8, image_size=16))
+    before = copy.deepcopy(model.state_dict())
+    y = torch.arange(3).repeat_interleave(2)
+    x = _patterns()[y]
+    config = AdaptConfig(mode=mode, finetune_steps=4, linear_steps=5)
+    seen: list[tuple[int, int]] = []
+    adapt(model, x, y, ways=3, config=config, on_step=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1]  # ends at "all steps done"
+    if mode in ("finetune", "linear"):
+        steps = config.finetune_steps if mode == "finetune" else config.linear_steps
+        assert seen[:steps] == [(i, steps) for i in range(1, steps + 1)]
+
+    calls: list[int] = []
+
+    def stop_at_first(done: int, total: int) -> None:
+        calls.append(done)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        adapt(model, x, y, ways=3, config=config, on_step=stop_at_first)
+    assert calls == [1]  # stopped at the first step, not after the loop
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
