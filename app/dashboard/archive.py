@@ -1,25 +1,75 @@
-"""Cases from the hospital's image archive over DICOMweb (WADO-RS, PS3.18), with
-``dicomweb-client``: a study's instances become uploads, read by the same guard and MONAI readers
-as files from the browser.
+"""The hospital's image archive over DICOMweb (PS3.18), with ``dicomweb-client``: search studies
+(QIDO-RS), pull a study's or series' instances as uploads read by the same guard and MONAI readers
+as files from the browser (WADO-RS), and store results back (STOW-RS).
 
-Instances are named by the end of their SOP Instance UID, never by patient attributes.
-``dicomweb-client`` is optional: without it the page says how to install it.
+Patient identifiers are shown on the clinician's screen only: instances are named by the end of
+their SOP Instance UID, and the query strings that carry patient names are withheld from the log
+records of ``dicomweb-client`` and ``urllib3``. ``dicomweb-client`` is optional: without it the
+page says how to install it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
-from typing import Any
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from app.dashboard.errors import DashboardError
 from app.dashboard.uploads import Upload
 
 MAX_INSTANCES = 200  # a classification batch, not a whole CT volume per slice
+MAX_STUDIES = 50  # search results shown; a narrower search beats scrolling
 UID_CHARS = set("0123456789.")
+MAX_UID_CHARS = 64  # PS3.5 9.1
+NAME_SEPARATORS = re.compile(r"[\s^,]+")  # between the parts of a typed patient name
+# Study attributes asked for besides the default return keys (PS3.18 10.6.3.3.1).
+STUDY_FIELDS = ("NumberOfStudyRelatedInstances", "ModalitiesInStudy", "StudyDescription")
+SERIES_FIELDS = ("NumberOfSeriesRelatedInstances", "SeriesDescription", "SeriesNumber")
+# Filters apply to records logged on the logger itself, not on its children: the modules that log.
+LOGGERS_WITH_URLS = ("dicomweb_client.web", "urllib3.connectionpool")
+T = TypeVar("T")
 
 
 class ArchiveError(DashboardError):
     """The archive cannot be reached, or the study cannot be read from it."""
+
+
+class _WithholdQueries(logging.Filter):
+    """Replace query strings in log records by ``?...``: QIDO-RS queries carry patient names."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message:
+            record.msg, record.args = re.sub(r"\?[^\s\"']*", "?...", message), ()
+        return True
+
+
+_WITHHOLD = _WithholdQueries()
+
+
+def _session() -> Any:
+    """A requests session that leaves ``*`` unescaped in query strings.
+
+    Orthanc's DICOMweb plugin (1.7, Debian's) does not percent-decode query values, so a
+    wildcard sent as ``%2A`` matches nothing; ``*`` is legal as it is in a query (RFC 3986,
+    sub-delims), so servers that decode see the same value.
+    """
+    import requests
+
+    class WildcardSession(requests.Session):
+        def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
+            prepared = super().prepare_request(request)
+            url = prepared.url or ""
+            head, sep, query = url.partition("?")
+            prepared.url = head + sep + query.replace("%2A", "*")
+            return prepared
+
+    return WildcardSession()
 
 
 def _client(url: str) -> Any:
@@ -30,48 +80,252 @@ def _client(url: str) -> Any:
             "reading from the image archive needs the dicomweb-client package: ask IT to "
             "install it (pip install dicomweb-client) and restart the dashboard"
         ) from None
-    client = DICOMwebClient(url=url, chunk_size=10**6)
+    for name in LOGGERS_WITH_URLS:
+        logger = logging.getLogger(name)
+        if _WITHHOLD not in logger.filters:
+            logger.addFilter(_WITHHOLD)
+    client = DICOMwebClient(url=url, chunk_size=10**6, session=_session())
     # A clinician is waiting on the page: one attempt, and a message, rather than five retries
     # with exponential waits.
     client.set_http_retry_params(retry=False)
     return client
 
 
-def study_cases(url: str, study_uid: str) -> list[Upload]:
-    """Every instance of one study, as DICOM files in memory.
-
-    Args:
-        url: the archive's DICOMweb root, e.g. ``http://pacs:8042/dicom-web``.
-        study_uid: the Study Instance UID (digits and dots).
-
-    Raises:
-        ArchiveError: a malformed UID, an unreachable archive, an unknown study, or more than
-            :data:`MAX_INSTANCES` instances.
-    """
-    uid = study_uid.strip()
-    if not uid or not set(uid) <= UID_CHARS or len(uid) > 64:
-        raise ArchiveError(
-            f"a Study Instance UID is up to 64 digits and dots, got {study_uid!r}: copy it from "
-            "the archive viewer"
-        )
-    client = _client(url)
+@contextmanager
+def _reading(url: str) -> Iterator[None]:
+    """Turn HTTP and connection failures into one :class:`ArchiveError` that says what to do."""
     import requests  # a dependency of dicomweb-client, there once the client imports
 
     try:
-        found = client.search_for_instances(study_instance_uid=uid, limit=MAX_INSTANCES + 1)
-        if not found:
-            raise ArchiveError(f"the archive at {url} has no study {uid}")
-        if len(found) > MAX_INSTANCES:
-            raise ArchiveError(
-                f"study {uid} has more than {MAX_INSTANCES} images: pick a smaller study or series"
-            )
-        datasets = client.retrieve_study(uid)
+        yield
     except requests.RequestException as exc:
         reason = getattr(getattr(exc, "response", None), "status_code", None)
         detail = f"HTTP {reason}" if reason else "no answer"
         raise ArchiveError(
             f"the image archive at {url} could not be read ({detail}): check the address with IT"
         ) from exc
+
+
+def _call(url: str, action: Callable[[Any], T]) -> T:
+    client = _client(url)
+    with _reading(url):
+        return action(client)
+
+
+def check_uid(uid: str, *, what: str = "Study Instance UID") -> str:
+    """The UID without surrounding blanks.
+
+    Raises:
+        ArchiveError: empty, longer than 64 characters, or not digits and dots.
+    """
+    value = uid.strip()
+    if not value or not set(value) <= UID_CHARS or len(value) > MAX_UID_CHARS:
+        raise ArchiveError(
+            f"a {what} is up to {MAX_UID_CHARS} digits and dots, got {uid!r}: copy it from "
+            "the archive viewer"
+        )
+    return value
+
+
+def _value(item: dict[str, Any], keyword: str) -> Any:
+    """The first value of a DICOM JSON attribute (PS3.18 F.2), or None."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    values = item.get(f"{tag:08X}", {}).get("Value") if tag is not None else None
+    if not values:
+        return None
+    first = values[0]
+    return first.get("Alphabetic", "") if isinstance(first, dict) else first
+
+
+def _values(item: dict[str, Any], keyword: str) -> list[Any]:
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    return list(item.get(f"{tag:08X}", {}).get("Value") or []) if tag is not None else []
+
+
+def _date(value: Any) -> str:
+    text = str(value or "")
+    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else text
+
+
+@dataclass(frozen=True)
+class StudyQuery:
+    """What the clinician searches the archive for; empty fields match everything."""
+
+    patient: str = ""  # a patient's name (any part, any case) or their ID
+    accession: str = ""
+    modality: str = ""  # a DICOM modality code: CR, DX, CT, MR, ...
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+
+    def filters(self) -> list[dict[str, str]]:
+        """QIDO-RS search filters: one set per way of matching the patient (name, ID).
+
+        Raises:
+            ArchiveError: no criterion at all, or a date range that ends before it starts.
+        """
+        if not any((self.patient.strip(), self.accession.strip(), self.modality.strip())) and (
+            self.date_from is None and self.date_to is None
+        ):
+            raise ArchiveError(
+                "give a patient, an accession number, a modality or a date range: the whole "
+                "archive is too much to list"
+            )
+        if self.date_from and self.date_to and self.date_from > self.date_to:
+            raise ArchiveError(
+                f"the date range ends ({self.date_to}) before it starts ({self.date_from})"
+            )
+        common: dict[str, str] = {}
+        if self.accession.strip():
+            common["AccessionNumber"] = self.accession.strip()
+        if self.modality.strip():
+            common["ModalitiesInStudy"] = self.modality.strip().upper()
+        if self.date_from or self.date_to:
+            start = self.date_from.strftime("%Y%m%d") if self.date_from else ""
+            end = self.date_to.strftime("%Y%m%d") if self.date_to else ""
+            common["StudyDate"] = f"{start}-{end}"  # PS3.4 C.2.2.2.5 range matching
+        patient = self.patient.strip()
+        if not patient:
+            return [common]
+        # Names are matched as wildcards over their parts, in order ("doe jane" finds
+        # Doe^Jane), which Orthanc matches without regard to case; IDs exactly.
+        words = [w for w in NAME_SEPARATORS.split(patient) if w]
+        name = "*" + "*".join(words) + "*"
+        return [{**common, "PatientName": name}, {**common, "PatientID": patient}]
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """One study found in the archive, as the result table shows it."""
+
+    study_uid: str
+    date: str
+    patient_name: str
+    patient_id: str
+    modalities: tuple[str, ...]
+    description: str
+    images: int
+    accession: str
+
+    def row(self) -> dict[str, object]:
+        """A row of the result table (on screen only: it names the patient)."""
+        return {
+            "date": self.date,
+            "patient": self.patient_name.replace("^", " ").strip(),
+            "patient ID": self.patient_id,
+            "modality": ", ".join(self.modalities),
+            "description": self.description,
+            "images": self.images,
+            "accession": self.accession,
+        }
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """One series of a study."""
+
+    series_uid: str
+    number: int | None
+    modality: str
+    description: str
+    images: int
+
+    def label(self) -> str:
+        """How the series is offered in a list."""
+        number = f"series {self.number}" if self.number is not None else "series"
+        text = f"{number}: {self.modality} {self.description}".strip()
+        return f"{text} ({self.images} image(s))"
+
+
+def search_studies(url: str, *, query: StudyQuery, limit: int = MAX_STUDIES) -> list[StudySummary]:
+    """The studies matching ``query``, newest first.
+
+    Raises:
+        ArchiveError: an empty or inconsistent query, or an unreachable archive.
+    """
+    filters = query.filters()
+
+    def search(client: Any) -> list[dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for search_filters in filters:
+            for item in client.search_for_studies(
+                search_filters=search_filters, fields=list(STUDY_FIELDS), limit=limit
+            ):
+                found.setdefault(str(_value(item, "StudyInstanceUID")), item)
+        return list(found.values())
+
+    studies = [
+        StudySummary(
+            study_uid=str(_value(item, "StudyInstanceUID")),
+            date=_date(_value(item, "StudyDate")),
+            patient_name=str(_value(item, "PatientName") or ""),
+            patient_id=str(_value(item, "PatientID") or ""),
+            modalities=tuple(str(m) for m in _values(item, "ModalitiesInStudy")),
+            description=str(_value(item, "StudyDescription") or ""),
+            images=int(_value(item, "NumberOfStudyRelatedInstances") or 0),
+            accession=str(_value(item, "AccessionNumber") or ""),
+        )
+        for item in _call(url, search)
+    ]
+    return sorted(studies, key=lambda s: (s.date, s.study_uid), reverse=True)[:limit]
+
+
+def study_series(url: str, *, study_uid: str) -> list[SeriesSummary]:
+    """The series of one study, in series-number order.
+
+    Raises:
+        ArchiveError: a malformed UID or an unreachable archive.
+    """
+    uid = check_uid(study_uid)
+    items = _call(
+        url,
+        lambda c: c.search_for_series(study_instance_uid=uid, fields=list(SERIES_FIELDS)),
+    )
+    series = []
+    for item in items:
+        number = _value(item, "SeriesNumber")
+        series.append(
+            SeriesSummary(
+                series_uid=str(_value(item, "SeriesInstanceUID")),
+                number=int(number) if number is not None else None,
+                modality=str(_value(item, "Modality") or ""),
+                description=str(_value(item, "SeriesDescription") or ""),
+                images=int(_value(item, "NumberOfSeriesRelatedInstances") or 0),
+            )
+        )
+    return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.series_uid))
+
+
+def study_cases(url: str, study_uid: str, *, series_uid: str | None = None) -> list[Upload]:
+    """Every instance of one study (or of one of its series), as DICOM files in memory.
+
+    Args:
+        url: the archive's DICOMweb root, e.g. ``http://pacs:8042/dicom-web``.
+        study_uid: the Study Instance UID (digits and dots).
+        series_uid: only this series of the study; None: the whole study.
+
+    Raises:
+        ArchiveError: a malformed UID, an unreachable archive, an unknown study or series, or
+            more than :data:`MAX_INSTANCES` instances.
+    """
+    uid = check_uid(study_uid)
+    series = check_uid(series_uid, what="Series Instance UID") if series_uid else None
+    client = _client(url)
+    where = f"study {uid}" + (f" series {series}" if series else "")
+    with _reading(url):
+        found = client.search_for_instances(
+            study_instance_uid=uid, series_instance_uid=series, limit=MAX_INSTANCES + 1
+        )
+        if not found:
+            raise ArchiveError(f"the archive at {url} has no {where}")
+        if len(found) > MAX_INSTANCES:
+            raise ArchiveError(
+                f"{where} has more than {MAX_INSTANCES} images: pick a smaller study or series"
+            )
+        datasets = client.retrieve_series(uid, series) if series else client.retrieve_study(uid)
     uploads = []
     for ds in datasets:
         buffer = io.BytesIO()
@@ -79,3 +333,13 @@ def study_cases(url: str, study_uid: str) -> list[Upload]:
         name = f"archive-{str(ds.get('SOPInstanceUID', ''))[-12:] or len(uploads)}.dcm"
         uploads.append(Upload(name=name, data=buffer.getvalue()))
     return uploads
+
+
+def store_instances(url: str, datasets: list[Any]) -> None:
+    """Store DICOM datasets (reports, captures) in the archive with STOW-RS.
+
+    Raises:
+        ArchiveError: an unreachable archive, or one that refuses an instance.
+    """
+    if datasets:
+        _call(url, lambda c: c.store_instances(datasets))

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.dashboard import adapters, clinic, domain_prep, ui, views
+from app.dashboard import adapters, archive_view, clinic, domain_prep, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.errors import CaseError
 from app.dashboard.uploads import resize_note
@@ -87,6 +87,11 @@ if len(classes) < clinic.MIN_CLASSES:
         "appearance and the finding)."
     )
 
+archive_view.archive_panel(
+    config.dicomweb,
+    key="adapt_archive",
+    targets={f"the cases of {name}": f"adapt_files_{i}" for i, name in enumerate(classes)},
+)
 cases = [
     views.case_uploader(f"Cases of **{name}**", key=f"adapt_files_{i}", pipeline=model.pipeline)
     for i, name in enumerate(classes)

@@ -2,9 +2,8 @@
 
 import streamlit as st
 
-from app.dashboard import adapters, archive, clinic, explain, ui, views
+from app.dashboard import adapters, archive_view, clinic, explain, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
-from app.dashboard.errors import DashboardError
 from app.dashboard.provenance import ACTION_CLASSIFY, AuditLog
 from app.dashboard.uploads import resize_note
 from models.errors import FedfewError
@@ -51,20 +50,9 @@ else:
 views.reliability(adaptation)
 classes = adaptation.support.classes
 
-if config.dicomweb:
-    with st.expander("From the image archive (DICOMweb)"):
-        with st.form("classify_archive"):
-            study = st.text_input("Study Instance UID", key="classify_study")
-            fetch = st.form_submit_button("Fetch the study")
-        if fetch:
-            try:
-                with st.spinner("Reading the study from the archive..."):
-                    fetched = archive.study_cases(config.dicomweb, study)
-            except DashboardError as exc:
-                st.error(str(exc))
-            else:
-                views.case_shelf().restore({views.CLASSIFY_FILES_KEY: fetched})
-                st.success(f"{len(fetched)} image(s) of the study added to the new cases.")
+archive_view.archive_panel(
+    config.dicomweb, key="classify_archive", targets={"the new cases": views.CLASSIFY_FILES_KEY}
+)
 # Kept across page switches and reloads like the adapt page's cases (the session's draft).
 cases = views.case_uploader("New cases", key=views.CLASSIFY_FILES_KEY, pipeline=adaptation.pipeline)
 views.keep_draft(ui.session_store(), st.session_state.get(ui.TOKEN_KEY))
@@ -135,6 +123,14 @@ st.download_button(
         "case_digests": digests,
         "outcomes": [p.outcome(classes) for p in predictions],
     },
+)
+archive_view.write_back_panel(
+    config.dicomweb,
+    key="classify_write_back",
+    classes=classes,
+    predictions=predictions,
+    provenance=origin,
+    uploads=views.case_shelf().all_uploads().get(views.CLASSIFY_FILES_KEY, []),
 )
 
 st.subheader("Why")

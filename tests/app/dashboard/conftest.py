@@ -195,3 +195,7 @@ def make_app(store: UserStore) -> Iterator[Callable[..., AppTest]]:
 def texts(at: AppTest, kind: str) -> str:
     """All values of one element kind (error, warning, info, success, markdown...) joined."""
     return "\n".join(str(e.value) for e in getattr(at, kind))
+
+
+# The image archive (a real Orthanc on 127.0.0.1), shared with the browser test (tests/e2e).
+from tests.app.dashboard.orthanc import orthanc_archive  # noqa: E402, F401

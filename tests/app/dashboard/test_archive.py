@@ -1,123 +1,140 @@
-"""Cases from a real Orthanc with its DICOMweb plugin (apt: orthanc orthanc-dicomweb), read with
-dicomweb-client: the archive module, then the classify page fetching a study."""
+"""The image archive against a real Orthanc with its DICOMweb plugin (tests/app/dashboard/
+orthanc.py): search, pull a study or series, write a result back as a structured report and read
+it back; then the adapt and classify pages doing the same through their archive panels."""
 
 from __future__ import annotations
 
-import io
-import json
-import shutil
-import socket
-import subprocess
-import time
-import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
+import datetime as dt
+import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from app.dashboard import archive, settings
+from app.dashboard.auth import ROLE_CLINICIAN
+from app.dashboard.provenance import NOTICE, Provenance
+from app.dashboard.structured_report import classification_report, read_report, source_dataset
 from app.dashboard.uploads import load_uploads
 from models.pipeline import PipelineConfig
-from tests.app.dashboard.test_clinic_pages import adapt_page_with_cases
+from tests.app.dashboard.conftest import texts
+from tests.app.dashboard.orthanc import OrthancArchive, dicom_bytes, free_port
+from tests.app.dashboard.test_clinic_pages import adapt_page_with_cases, named_classes
 
-ORTHANC = shutil.which("Orthanc")
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed")
-if ORTHANC is None or not PLUGIN.is_file():
-    pytest.skip(
-        "no Orthanc with the DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)",
-        allow_module_level=True,
-    )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass(frozen=True)
+class Studies:
+    """The two synthetic studies stored for this module (patients are made up)."""
 
-
-def _dicom(pixels: np.ndarray, study: str) -> bytes:
-    """A synthetic secondary-capture instance (no patient) of ``study``."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        SecondaryCaptureImageStorage,
-        meta.MediaStorageSOPInstanceUID,
-    )
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
-    ds.Modality, ds.PatientID = "OT", "synthetic"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = pixels.astype(np.uint8).tobytes()
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    url: str
+    chest: str  # Doe^Jane, 2024-01-05: a CR series of 2 images and a DX series of 1
+    chest_cr: str  # its CR series
+    head: str  # Smith^John, 2024-03-01: one CT image, 16-bit, with a window in the file
+    tag: str  # makes the patient IDs and accession numbers unique to this module
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """Orthanc on 127.0.0.1 holding one synthetic study of 3 images; yields (DICOMweb root,
-    study UID)."""
+def studies(orthanc_archive: OrthancArchive) -> Studies:
     from pydicom.uid import generate_uid
 
-    root = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {
-        "Name": "fedfew-test",
-        "HttpPort": port,
-        "DicomPort": _free_port(),
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [str(PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = (root / "orthanc.log").open("w")
-    process = subprocess.Popen(
-        [str(ORTHANC), str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+    tag = generate_uid()[-6:]
+    rng = np.random.default_rng(0)
+    chest, cr, dx, head = (generate_uid() for _ in range(4))
+    common = {"patient_name": "Doe^Jane", "patient_id": f"PA-{tag}", "accession": f"A{tag}"}
+    for series, modality in ((cr, "CR"), (cr, "CR"), (dx, "DX")):
+        orthanc_archive.store(
+            dicom_bytes(
+                rng.integers(0, 255, (40, 40)).astype(np.uint8),
+                study=chest,
+                series=series,
+                modality=modality,
+                study_date="20240105",
+                description="Chest PA",
+                **common,
+            )
+        )
+    orthanc_archive.store(
+        dicom_bytes(
+            rng.integers(0, 4095, (24, 32)).astype(np.uint16),
+            study=head,
+            series=generate_uid(),
+            patient_name="Smith^John",
+            patient_id=f"PB-{tag}",
+            accession=f"B{tag}",
+            modality="CT",
+            study_date="20240301",
+            description="Head",
+            window=(1000.0, 400.0),
+        )
     )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/system", timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"Orthanc did not start: {(root / 'orthanc.log').read_text()}")
-                time.sleep(0.2)
-        study = generate_uid()
-        rng = np.random.default_rng(0)
-        for _ in range(3):  # what a modality sends: files stored through the REST API
-            data = _dicom(rng.integers(0, 255, (40, 40)), study)
-            request = urllib.request.Request(f"{base}/instances", data=data, method="POST")
-            urllib.request.urlopen(request, timeout=10).close()
-        yield f"{base}/dicom-web", study
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-        log.close()
+    return Studies(url=orthanc_archive.dicomweb, chest=chest, chest_cr=cr, head=head, tag=tag)
 
 
-def test_a_study_becomes_cases(orthanc) -> None:
-    url, study = orthanc
-    uploads = archive.study_cases(url, study)
+def _found(studies: Studies, **query: object) -> set[str]:
+    """Which of this module's studies a search finds (the archive may hold others)."""
+    found = archive.search_studies(studies.url, query=archive.StudyQuery(**query))
+    return {s.study_uid for s in found} & {studies.chest, studies.head}
+
+
+def test_a_study_becomes_cases(studies: Studies) -> None:
+    uploads = archive.study_cases(studies.url, studies.chest)
     assert len(uploads) == 3 and all(u.name.startswith("archive-") for u in uploads)
     cases = load_uploads(uploads, pipeline=PipelineConfig(image_size=32))
     assert not cases.errors and cases.images.shape == (3, 3, 32, 32)
     assert {c.original_shape for c in cases.cases} == {(40, 40)}
+
+
+def test_one_series_becomes_cases(studies: Studies) -> None:
+    series = archive.study_series(studies.url, study_uid=studies.chest)
+    assert [(s.modality, s.images) for s in series] == [("CR", 2), ("DX", 1)] or [
+        (s.modality, s.images) for s in series
+    ] == [("DX", 1), ("CR", 2)]
+    uploads = archive.study_cases(studies.url, studies.chest, series_uid=studies.chest_cr)
+    assert len(uploads) == 2
+    assert {source_dataset(u.data).Modality for u in uploads} == {"CR"}
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"patient": "doe jane"}, {"chest"}),  # any case, parts in order
+        ({"patient": "JANE"}, {"chest"}),
+        ({"patient": "PB-{tag}"}, {"head"}),  # an ID
+        ({"accession": "B{tag}"}, {"head"}),
+        ({"patient": "doe", "modality": "dx"}, {"chest"}),
+        ({"patient": "doe", "modality": "CT"}, set()),
+        ({"date_from": dt.date(2024, 1, 1), "date_to": dt.date(2024, 2, 1)}, {"chest"}),
+        ({"date_from": dt.date(2024, 2, 1)}, {"head"}),
+        ({"date_to": dt.date(2024, 12, 31)}, {"chest", "head"}),
+    ],
+)
+def test_search_finds_studies(studies: Studies, query: dict, expected: set[str]) -> None:
+    query = {k: v.format(tag=studies.tag) if isinstance(v, str) else v for k, v in query.items()}
+    assert _found(studies, **query) == {getattr(studies, name) for name in expected}
+
+
+def test_search_results_describe_the_study(studies: Studies) -> None:
+    (found,) = archive.search_studies(
+        studies.url, query=archive.StudyQuery(accession=f"A{studies.tag}")
+    )
+    assert found.row() == {
+        "date": "2024-01-05",
+        "patient": "Doe Jane",
+        "patient ID": f"PA-{studies.tag}",
+        "modality": "CR, DX",
+        "description": "Chest PA",
+        "images": 3,
+        "accession": f"A{studies.tag}",
+    }
+
+
+def test_patient_names_stay_out_of_the_log(studies: Studies, caplog) -> None:
+    with caplog.at_level(logging.DEBUG):
+        assert _found(studies, patient="Smith") == {studies.head}
+    assert "GET" in caplog.text  # the requests were logged...
+    assert "smith" not in caplog.text.lower()  # ...without the name they searched for
 
 
 @pytest.mark.parametrize(
@@ -126,28 +143,137 @@ def test_a_study_becomes_cases(orthanc) -> None:
         ("bad-uid", "digits and dots"),
         ("unknown", "has no study 1.2.3.4"),
         ("unreachable", "could not be read"),
+        ("empty-query", "give a patient"),
+        ("backwards-dates", "ends (2024-01-01) before it starts"),
     ],
 )
-def test_archive_problems_are_messages(orthanc, which: str, message: str) -> None:
-    url, study = orthanc
-    args = {
-        "bad-uid": (url, "1.2.x"),
-        "unknown": (url, "1.2.3.4"),
-        "unreachable": (f"http://127.0.0.1:{_free_port()}/dicom-web", study),
-    }[which]
-    with pytest.raises(archive.ArchiveError, match=message) as error:
-        archive.study_cases(*args)
+def test_archive_problems_are_messages(studies: Studies, which: str, message: str) -> None:
+    url = studies.url
+    calls = {
+        "bad-uid": lambda: archive.study_cases(url, "1.2.x"),
+        "unknown": lambda: archive.study_cases(url, "1.2.3.4"),
+        "unreachable": lambda: archive.study_cases(
+            f"http://127.0.0.1:{free_port()}/dicom-web", studies.chest
+        ),
+        "empty-query": lambda: archive.search_studies(url, query=archive.StudyQuery()),
+        "backwards-dates": lambda: archive.search_studies(
+            url,
+            query=archive.StudyQuery(date_from=dt.date(2024, 2, 1), date_to=dt.date(2024, 1, 1)),
+        ),
+    }
+    with pytest.raises(archive.ArchiveError) as error:
+        calls[which]()
+    assert message in str(error.value)
     assert "Error" not in str(error.value)  # no exception class names shown
 
 
-def test_classify_page_fetches_a_study(orthanc, registry, make_app, case_images, monkeypatch):
-    url, study = orthanc
-    monkeypatch.setenv(settings.ENV_DICOMWEB, url)
+def _reports(url: str, study: str) -> list:
+    """The structured reports stored in ``study``, read back over WADO-RS."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=url)
+    found = client.search_for_series(study_instance_uid=study, search_filters={"Modality": "SR"})
+    return [
+        ds
+        for item in found
+        for ds in client.retrieve_series(study, item["0020000E"]["Value"][0])
+    ]
+
+
+def test_a_result_is_written_back_and_read_back(studies: Studies) -> None:
+    upload = archive.study_cases(studies.url, studies.head)[0]
+    source = source_dataset(upload.data)
+    origin = Provenance(
+        adapter="v3 head-ct",
+        adapter_version=3,
+        base_model="v1 global-round-2",
+        base_privacy="ε 2.50 (highest of 2 sites)",
+        condition="bleed",
+        user="clinician",
+        time="2026-01-02T03:04:05Z",
+        reliability="between 48% and 100% on 5 held-out cases",
+    )
+    report = classification_report(
+        source,
+        outcome="uncertain",
+        classes=("normal", "bleed"),
+        probabilities=(0.55, 0.45),
+        provenance=origin,
+    )
+    archive.store_instances(studies.url, [report])
+
+    (stored,) = _reports(studies.url, studies.head)
+    assert stored.StudyInstanceUID == studies.head and stored.PatientID == source.PatientID
+    content = read_report(stored)
+    assert content.outcome == "uncertain"
+    assert content.probabilities == {"normal": 0.55, "bleed": 0.45}
+    assert content.source_instance_uid == source.SOPInstanceUID
+    assert content.provenance == {
+        "adapter": "v3 head-ct",
+        "adapter_version": "3",
+        "base_model": "v1 global-round-2",
+        "base_privacy": "ε 2.50 (highest of 2 sites)",
+        "condition": "bleed",
+        "user": "clinician",
+        "time": "2026-01-02T03:04:05Z",
+        "reliability": "between 48% and 100% on 5 held-out cases",
+        "notice": NOTICE,
+    }
+
+
+def _search(at, *, key: str, **fields: str) -> None:
+    for name, value in fields.items():
+        at.text_input(key=f"{key}_{name}").input(value)
+    next(b for b in at.button if b.label == "Search the archive").click().run()
+
+
+def _pull(at, *, key: str, target: str | None = None) -> None:
+    if target is not None:
+        at.selectbox(key=f"{key}_target").set_value(target)
+    at.button(key=f"{key}_pull").click().run()
+
+
+def test_adapt_page_pulls_a_series_as_a_class(
+    studies, registry, make_app, case_images, monkeypatch
+) -> None:
+    monkeypatch.setenv(settings.ENV_DICOMWEB, studies.url)
+    at = make_app(ROLE_CLINICIAN).run()
+    named_classes(at, ["normal", "finding"])
+    _search(at, key="adapt_archive", patient="doe")
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["accession"]).count(f"A{studies.tag}") == 1
+    index = list(table["accession"]).index(f"A{studies.tag}")
+    at.selectbox(key="adapt_archive_study").set_value(index).run()
+    series = at.selectbox(key=f"adapt_archive_series_{studies.chest}")
+    assert len(series.options) == 3  # the whole study, CR, DX
+    series.select_index(next(i for i, o in enumerate(series.options) if ": CR " in o))
+    _pull(at, key="adapt_archive", target="the cases of finding")
+    assert not at.exception
+    assert "2 image(s) added to the cases of finding" in texts(at, "success")
+    captions = [c for image in at.image for c in image.captions]
+    gallery = [c for c in captions if c.startswith("archive-") and c.endswith(".dcm")]
+    viewer = [c for c in captions if "pixels, window" in c]
+    assert len(gallery) == 2 and len(viewer) == 1  # the class's thumbnails, and the viewer
+    assert viewer[0].startswith(gallery[0]) and "40x40 pixels" in viewer[0]
+
+
+def test_classify_page_pulls_classifies_and_writes_back(
+    studies, registry, make_app, case_images, monkeypatch
+) -> None:
+    monkeypatch.setenv(settings.ENV_DICOMWEB, studies.url)
     at, _ = adapt_page_with_cases(make_app, case_images, shots=2)
     at.button(key="adapt_run").click().run()
     at.switch_page("screens/classify.py").run()
-    at.text_input(key="classify_study").input(study)
-    next(b for b in at.button if b.label == "Fetch the study").click().run()
+    _search(at, key="classify_archive", accession=f"A{studies.tag}")
+    _pull(at, key="classify_archive")
     assert not at.exception
-    table = at.dataframe[0].value
+    table = next(d.value for d in at.dataframe if "outcome" in d.value.columns)
     assert len(table) == 3 and all(name.startswith("archive-") for name in table["case"])
+    before = {r.SOPInstanceUID for r in _reports(studies.url, studies.chest)}
+    next(b for b in at.button if b.label == "Write the results to the archive").click().run()
+    assert "3 structured report(s) stored" in texts(at, "success")
+    new = [r for r in _reports(studies.url, studies.chest) if r.SOPInstanceUID not in before]
+    assert len(new) == 3
+    written = sorted((read_report(r).outcome, read_report(r).provenance["user"]) for r in new)
+    assert written == sorted((outcome, ROLE_CLINICIAN) for outcome in table["outcome"])

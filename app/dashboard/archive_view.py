@@ -1,0 +1,306 @@
+"""Streamlit panels of the image archive: search studies and pull a study or series into the
+page's cases (adapt: a class's labelled cases; classify: the new cases), view a pulled image with
+window/level and zoom, and write classification results back as structured reports.
+
+The logic is in :mod:`app.dashboard.archive`, :mod:`app.dashboard.viewer` and
+:mod:`app.dashboard.structured_report`; patient identifiers appear on the screen only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import streamlit as st
+
+from app.dashboard import archive, views
+from app.dashboard.errors import DashboardError
+from app.dashboard.provenance import Provenance
+from app.dashboard.structured_report import (
+    ReportError,
+    classification_report,
+    source_dataset,
+)
+from app.dashboard.uploads import Upload
+from app.dashboard.viewer import ZOOMS, Window, apply_window, read_image, zoom_crop
+
+PANEL_TITLE = "From the image archive (DICOMweb)"
+SEARCH_LABEL = "Search the archive"
+PULL_LABEL = "Pull the images"
+WRITE_LABEL = "Write the results to the archive"
+MODALITIES = ("", "CR", "DX", "CT", "MR", "US", "MG", "NM", "PT", "XA", "OT")  # "" : any
+EARLIEST_DATE = dt.date(1900, 1, 1)  # the date pickers' default floor is only ten years back
+# Suffixes of the session-state keys of one panel (the page passes the prefix).
+STUDIES = "_studies"  # the last search's results
+SERIES = "_series"  # series per study UID, fetched once
+PULLED = "_pulled"  # uploads pulled by this panel, for the viewer
+WRITTEN = "_written"  # identity of the results last written back
+
+
+class ClassifiedCase(Protocol):
+    """What the write-back needs of a prediction (``app.dashboard`` predictions have it)."""
+
+    name: str
+    probabilities: tuple[float, ...]
+
+    def outcome(self, classes: Sequence[str]) -> str:
+        """The class name, or "uncertain"."""
+        ...
+
+
+def _study_label(study: archive.StudySummary) -> str:
+    parts = [study.date, ", ".join(study.modalities), study.description, study.accession]
+    return " · ".join(p for p in parts if p) + f" ({study.images} image(s))"
+
+
+def _search_form(url: str, *, key: str) -> None:
+    with st.form(f"{key}_search"):
+        patient, accession, modality = st.columns([2, 1, 1])
+        query_patient = patient.text_input("Patient (name or ID)", key=f"{key}_patient")
+        query_accession = accession.text_input("Accession number", key=f"{key}_accession")
+        query_modality = modality.selectbox(
+            "Modality",
+            MODALITIES,
+            format_func=lambda m: m or "any",
+            key=f"{key}_modality",
+        )
+        start, end = st.columns(2)
+        date_from = start.date_input(
+            "Study date from", value=None, min_value=EARLIEST_DATE, key=f"{key}_from"
+        )
+        date_to = end.date_input(
+            "Study date to", value=None, min_value=EARLIEST_DATE, key=f"{key}_to"
+        )
+        submitted = st.form_submit_button(SEARCH_LABEL)
+    if submitted:
+        query = archive.StudyQuery(
+            patient=query_patient,
+            accession=query_accession,
+            modality=query_modality,
+            date_from=date_from,
+            date_to=date_to,
+        )
+        try:
+            with st.spinner("Searching the archive..."):
+                st.session_state[key + STUDIES] = archive.search_studies(url, query=query)
+        except DashboardError as exc:
+            st.error(str(exc))
+        st.session_state[key + SERIES] = {}
+
+
+def _series_of(url: str, *, key: str, study: archive.StudySummary) -> list[archive.SeriesSummary]:
+    known: dict[str, list[archive.SeriesSummary]] = st.session_state.setdefault(key + SERIES, {})
+    if study.study_uid not in known:
+        known[study.study_uid] = archive.study_series(url, study_uid=study.study_uid)
+    return known[study.study_uid]
+
+
+def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> None:
+    """Search the archive and pull a study or one of its series into the page's cases.
+
+    Args:
+        url: the archive's DICOMweb root; None: no archive, nothing is shown.
+        key: prefix of this panel's widget and session-state keys (one per page).
+        targets: where pulled images may go, as label -> case-shelf slot (the uploader's key);
+            empty: the panel says to name the classes first.
+    """
+    if not url:
+        return
+    studies: list[archive.StudySummary] | None = st.session_state.get(key + STUDIES)
+    with st.expander(PANEL_TITLE, expanded=studies is not None):
+        _search_form(url, key=key)
+        studies = st.session_state.get(key + STUDIES)
+        if studies is None:
+            return
+        if not studies:
+            st.info("No study matches: widen the search (part of a name, a longer date range).")
+            return
+        st.dataframe([s.row() for s in studies], hide_index=True, key=f"{key}_table")
+        index = st.selectbox(
+            "Study",
+            range(len(studies)),
+            format_func=lambda i: _study_label(studies[i]),
+            key=f"{key}_study",
+        )
+        study = studies[index]
+        try:
+            series = _series_of(url, key=key, study=study)
+        except DashboardError as exc:
+            st.error(str(exc))
+            return
+        choice = st.selectbox(
+            "Series",
+            [None, *series],
+            format_func=lambda s: "all series of the study" if s is None else s.label(),
+            key=f"{key}_series_{study.study_uid}",
+        )
+        if not targets:
+            st.info("Name the classes first; then pull each class's cases.")
+            return
+        target = st.selectbox("Add the images to", list(targets), key=f"{key}_target")
+        if st.button(PULL_LABEL, key=f"{key}_pull"):
+            _pull(
+                url,
+                key=key,
+                study=study,
+                series=choice,
+                slot=targets[target],
+                target=target,
+            )
+    image_viewer(st.session_state.get(key + PULLED, []), key=f"{key}_viewer")
+
+
+def _pull(
+    url: str,
+    *,
+    key: str,
+    study: archive.StudySummary,
+    series: archive.SeriesSummary | None,
+    slot: str,
+    target: str,
+) -> None:
+    try:
+        with st.spinner("Reading the images from the archive..."):
+            uploads = archive.study_cases(
+                url, study.study_uid, series_uid=series.series_uid if series else None
+            )
+    except DashboardError as exc:
+        st.error(str(exc))
+        return
+    views.case_shelf().restore({slot: uploads})
+    pulled = st.session_state.setdefault(key + PULLED, [])
+    pulled.extend(u for u in uploads if u not in pulled)
+    st.success(f"{len(uploads)} image(s) added to {target}.")
+
+
+def image_viewer(uploads: Sequence[Upload], *, key: str) -> None:
+    """One image at native resolution, with window/level (centre and width, starting from the
+    file's WindowCenter/WindowWidth or its pixel range) and zoom; only this part reruns when a
+    slider moves."""
+    if not uploads:
+        return
+
+    @st.fragment
+    def view() -> None:
+        st.markdown("**Viewer**")
+        index = st.selectbox(
+            "Image", range(len(uploads)), format_func=lambda i: uploads[i].name, key=f"{key}_image"
+        )
+        try:
+            image = read_image(uploads[index].data)
+        except DashboardError as exc:
+            st.warning(str(exc))
+            return
+        low, high = image.value_range
+        span = max(high - low, 1.0)
+        default = image.window
+        level, width, zoom = st.columns(3)
+        center = level.slider(
+            "Window centre (level)",
+            min_value=min(low - span, default.center),
+            max_value=max(high + span, default.center),
+            value=default.center,
+            key=f"{key}_center_{index}",
+        )
+        wide = width.slider(
+            "Window width",
+            min_value=1.0,
+            max_value=max(2.0 * span, default.width),
+            value=default.width,
+            key=f"{key}_width_{index}",
+        )
+        factor = zoom.select_slider("Zoom", options=ZOOMS, key=f"{key}_zoom_{index}")
+        focus = (0.5, 0.5)
+        if factor > 1:
+            down, across = st.columns(2)
+            focus = (
+                down.slider("Look at: top to bottom", 0.0, 1.0, 0.5, key=f"{key}_y_{index}"),
+                across.slider("Look at: left to right", 0.0, 1.0, 0.5, key=f"{key}_x_{index}"),
+            )
+        grey = apply_window(image.pixels, window=Window(center, wide), invert=image.invert)
+        picture = zoom_crop(grey, zoom=factor, center=focus)
+        rows, columns = image.pixels.shape[:2]
+        st.image(
+            picture,
+            width=int(picture.shape[1]),
+            caption=f"{uploads[index].name}: {columns}x{rows} pixels, window {center:g}/{wide:g}, "
+            f"zoom {factor}x",
+        )
+
+    view()
+
+
+def write_back_panel(
+    url: str | None,
+    *,
+    key: str,
+    classes: Sequence[str],
+    predictions: Sequence[ClassifiedCase],
+    provenance: Provenance,
+    uploads: Sequence[Upload],
+) -> None:
+    """Offer to store each archive case's result as a structured report in its study.
+
+    Args:
+        url: the archive's DICOMweb root; None: nothing is shown.
+        key: prefix of the panel's widget and session-state keys.
+        classes: the adapter's classes.
+        predictions: one per classified case.
+        provenance: what produced the predictions (carried by every report).
+        uploads: the files classified, matched to predictions by name; cases that are not DICOM
+            images with study, series and instance UIDs are left out.
+    """
+    if not url:
+        return
+    by_name: dict[str, Upload] = {}
+    for upload in uploads:
+        by_name.setdefault(upload.name, upload)
+    sources = []
+    for prediction in predictions:
+        upload = by_name.get(prediction.name)
+        if upload is None:
+            continue
+        try:
+            sources.append((prediction, source_dataset(upload.data)))
+        except ReportError:
+            continue  # a PNG or JPEG from the browser: nothing in the archive to refer to
+    if not sources:
+        return
+    st.subheader("Write back to the archive")
+    identity = (provenance, tuple(p.name for p, _ in sources))
+    if st.session_state.get(key + WRITTEN) == identity:
+        st.success(
+            f"{len(sources)} structured report(s) stored in the archive beside their images."
+        )
+        return
+    st.caption(
+        "Each DICOM case's outcome, calibrated probabilities and provenance are stored as a "
+        "DICOM structured report in the case's study, marked as not verified."
+    )
+    if st.button(WRITE_LABEL, key=f"{key}_write"):
+        try:
+            from pydicom.uid import generate_uid
+
+            series_uid = generate_uid()
+            reports = [
+                classification_report(
+                    source,
+                    outcome=prediction.outcome(classes),
+                    classes=classes,
+                    probabilities=prediction.probabilities,
+                    provenance=provenance,
+                    series_uid=series_uid,
+                    instance_number=number,
+                )
+                for number, (prediction, source) in enumerate(sources, start=1)
+            ]
+            with st.spinner("Storing the reports in the archive..."):
+                archive.store_instances(url, reports)
+        except DashboardError as exc:
+            st.error(str(exc))
+        else:
+            st.session_state[key + WRITTEN] = identity
+            st.success(
+                f"{len(reports)} structured report(s) stored in the archive beside their images."
+            )
