@@ -6,9 +6,7 @@ Saving and loading adapters is in :mod:`app.dashboard.adapters`.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,14 +14,11 @@ import numpy as np
 import torch
 
 from app.dashboard.errors import CaseError
-from app.dashboard.provenance import Provenance
 from app.dashboard.uploads import LoadedCases
 from models.adaptation import ADAPT_MODES, AdaptConfig, AdaptedClassifier, adapt
 from models.calibration import (
-    UNCERTAIN,
     CalibrationConfig,
     Interval,
-    decide,
     fit_temperature,
     held_out_logits,
     reliability_sentence,
@@ -42,7 +37,6 @@ CALIBRATION = CalibrationConfig()  # temperature grid, prior, and the "uncertain
 # flattened by this temperature so no case reaches the "uncertain" threshold on raw scores alone.
 UNCALIBRATED_T = CALIBRATION.t_max
 SLOW_MODE_FOLDS = CALIBRATION.slow_mode_folds  # folds of finetune and MAML (seconds each)
-NEAREST = 3  # labelled cases shown beside each prediction
 ProgressFn = Callable[[float, str], None]
 
 
@@ -238,14 +232,22 @@ def adapt_cases(
 ) -> Adaptation:
     """Adapt the base model to the support set, estimate its reliability and calibrate it.
 
+    ``on_progress`` is called with (fraction done, what is happening) after every step of the
+    adaptation and every fold of the reliability check. An exception it raises (a Cancel button)
+    stops the work and propagates: nothing is returned and the base model is unchanged.
+
     Raises:
         CaseError: an unknown mode.
     """
     if mode not in ADAPT_MODES:
         raise CaseError(f"adaptation must be one of {', '.join(ADAPT_MODES)}, got {mode!r}")
     config = AdaptConfig(mode=mode)
-    if on_progress is not None:
-        on_progress(0.0, f"adapting ({mode})")
+    report: ProgressFn = on_progress or (lambda fraction, text: None)
+    checked = with_reliability and min(support.counts()) >= MIN_CASES_FOR_RELIABILITY
+    limit = CALIBRATION.folds(config) or len(support.labels)
+    folds = min(limit, len(support.labels)) if checked else 0
+    share = 1 / (1 + folds)  # each fold of the reliability check costs about one adaptation
+    report(0.0, f"adapting ({mode})")
     classifier = adapt(
         model.model,
         torch.from_numpy(support.images),
@@ -254,12 +256,19 @@ def adapt_cases(
         config=config,
         meta=model.meta,
         domain_mean=model.domain_mean,
+        on_step=lambda done, total: report(
+            share * done / total, f"adapting ({mode}): step {done} of {total}"
+        ),
     )
     score = None
-    if with_reliability and min(support.counts()) >= MIN_CASES_FOR_RELIABILITY:
-        score = reliability(model, support, config=config, on_progress=on_progress)
-    if on_progress is not None:
-        on_progress(1.0, "done")
+    if checked:
+        score = reliability(
+            model,
+            support,
+            config=config,
+            on_progress=lambda fraction, text: report(share + (1 - share) * fraction, text),
+        )
+    report(1.0, "done")
     return Adaptation(
         classifier=classifier,
         support=support,
@@ -304,117 +313,3 @@ def changed_inputs(
     if fingerprint(base_version=base_version, mode=mode, support=support) != adaptation.inputs:
         return "the classes or cases"
     return ""
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    """A labelled support case near a new case in the adapted embedding."""
-
-    index: int
-    name: str
-    label: str
-    distance: float
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Calibrated class probabilities for one new case, the outcome, and its nearest labelled
-    cases."""
-
-    name: str
-    probabilities: tuple[float, ...]
-    nearest: tuple[Neighbour, ...]
-
-    @property
-    def predicted(self) -> int:
-        """Index of the most probable class."""
-        return int(np.argmax(self.probabilities))
-
-    @property
-    def uncertain(self) -> bool:
-        """Whether no class reaches the confidence threshold (then no label is given)."""
-        return (
-            int(decide(np.asarray(self.probabilities), min_confidence=CALIBRATION.min_confidence))
-            == UNCERTAIN
-        )
-
-    def outcome(self, classes: Sequence[str]) -> str:
-        """The class name, or "uncertain" when no class is confident enough."""
-        return OUTCOME_UNCERTAIN if self.uncertain else classes[self.predicted]
-
-
-OUTCOME_UNCERTAIN = "uncertain"
-
-
-def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Prediction]:
-    """Calibrated probabilities and nearest labelled cases for each readable new case.
-
-    Raises:
-        CaseError: no readable case, or cases preprocessed for a different input size.
-    """
-    if not cases.cases:
-        raise CaseError("no readable case to classify: upload PNG, JPEG, DICOM or NIfTI files")
-    images = cases.images
-    expected = adaptation.support.images.shape[1:]
-    if images.shape[1:] != expected:
-        raise CaseError(
-            f"cases were prepared as {images.shape[1:]} but this adapter's model takes "
-            f"{expected}; upload them again"
-        )
-    x = torch.from_numpy(images)
-    probabilities = adaptation.predict_proba(x).numpy()
-    distances = torch.cdist(adaptation.classifier.embed(x), adaptation.support_embeddings)
-    order = distances.argsort(dim=1)[:, :NEAREST].numpy()
-    support = adaptation.support
-    return [
-        Prediction(
-            name=name,
-            probabilities=tuple(float(p) for p in probs),
-            nearest=tuple(
-                Neighbour(
-                    index=int(j),
-                    name=support.names[j],
-                    label=support.classes[support.labels[j]],
-                    distance=float(distances[i, j]),
-                )
-                for j in order[i]
-            ),
-        )
-        for i, (name, probs) in enumerate(zip(cases.names, probabilities, strict=True))
-    ]
-
-
-def predictions_csv(
-    classes: Sequence[str], predictions: Sequence[Prediction], *, provenance: Provenance
-) -> str:
-    """One row per case: file, outcome (a class or "uncertain"), the most likely class and its
-    calibrated probability, every class's probability, the nearest labelled cases, then the
-    provenance (adapter, version, base model and its privacy status, condition, user, time,
-    reliability, notice) on every row."""
-    origin = provenance.columns()
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(
-        [
-            "case",
-            "outcome",
-            "most_likely",
-            "probability",
-            *(f"p({c})" for c in classes),
-            "nearest_cases",
-            *origin,
-        ]
-    )
-    for p in predictions:
-        writer.writerow(
-            [
-                p.name,
-                p.outcome(classes),
-                classes[p.predicted],
-                f"{p.probabilities[p.predicted]:.4f}",
-                *(f"{v:.4f}" for v in p.probabilities),
-                "; ".join(f"{n.name} ({n.label})" for n in p.nearest),
-                *origin.values(),
-            ]
-        )
-    return out.getvalue()

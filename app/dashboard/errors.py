@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from models.errors import FedfewError
 
 
@@ -46,3 +48,35 @@ class CaseError(DashboardError):
 class SourceError(DashboardError):
     """The unlabelled studies named for preparing a model (folder, CSV manifest, npz) cannot be
     used: missing, outside the allowed folders, or of an unknown kind."""
+
+
+class AdaptationCancelled(DashboardError):
+    """The clinician pressed Cancel: raised inside a running adaptation to unwind it before any
+    result exists (app.dashboard.jobs)."""
+
+
+# An exception class name as Python prints it ("UnidentifiedImageError: ", "sqlite3.OperationalError:
+# ", "KeyError"), which lower layers sometimes quote in their messages.
+_CLASS_NAME = re.compile(
+    r"\b(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Warning|Interrupt|Exit)\b(?::\s*)?"
+)
+TRACEBACK = "Traceback (most recent call last)"
+NO_DETAILS = "something went wrong; the details are in the dashboard's log: tell IT if it recurs"
+
+
+def user_message(error: BaseException | str) -> str:
+    """What a user is shown for ``error``: its message, without any exception class name or
+    traceback (those go to the log only). Every message the pages show passes through here."""
+    text = str(error)
+    if TRACEBACK in text:
+        text = text.split(TRACEBACK, 1)[0]
+    text = _CLASS_NAME.sub("", text).strip(" :")
+    return text or NO_DETAILS
+
+
+def unexpected_failure(what: str) -> str:
+    """The message for a bug (an exception no layer raised on purpose) while doing ``what``."""
+    return (
+        f"The {what} failed unexpectedly and nothing was changed. Try again; if it fails again, "
+        "tell IT (the details are in the dashboard's log)."
+    )

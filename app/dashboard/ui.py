@@ -21,7 +21,7 @@ from app.dashboard.auth import (
     new_session,
     role_from_claims,
 )
-from app.dashboard.errors import DashboardError
+from app.dashboard.errors import DashboardError, user_message
 from app.dashboard.persistence import QUERY_PARAM, Draft, SessionStore
 from app.dashboard.settings import DashboardSettings, load_settings
 
@@ -78,9 +78,14 @@ def settings() -> DashboardSettings:
         stop_with_error(exc)
 
 
+def show_error(exc: Exception | str) -> None:
+    """Show one clear message (never an exception class name or traceback)."""
+    st.error(user_message(exc))
+
+
 def stop_with_error(exc: Exception | str) -> NoReturn:
     """Show one clear message and end this run of the page (no traceback)."""
-    st.error(str(exc))
+    show_error(exc)
     st.stop()
 
 

@@ -5,14 +5,16 @@ and the session-scoped caches of decoded uploads and loaded models/adapters.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import streamlit as st
 
-from app.dashboard import clinic
+from app.dashboard import clinic, predictions
+from app.dashboard.errors import user_message
+from app.dashboard.jobs import Job
 from app.dashboard.persistence import Draft, draft_of
 from app.dashboard.settings import MAX_UPLOAD_MB
 from app.dashboard.uploads import (
@@ -33,12 +35,16 @@ CASE_CACHE_KEY = "clinic_case_cache"  # decoded uploads by content hash
 CASE_SHELF_KEY = "clinic_case_shelf"  # uploads kept across page switches (uploads.CaseShelf)
 ADAPTATION_KEY = "clinic_adaptation"  # the adaptation made on the adapt page (unsaved or saved)
 ADAPTER_CACHE_KEY = "clinic_adapter_cache"  # saved adapters rebuilt for the classify page
+ADAPT_JOB_KEY = "clinic_adapt_job"  # the adaptation running in the background (jobs.Job)
+ADAPT_NOTICE_KEY = "clinic_adapt_notice"  # (cancelled?, message) of a run that left no result
 PREDICTIONS_KEY = "clinic_predictions"  # (adapter and cases key, predictions) last shown
 CLASSIFY_FILES_KEY = "classify_files"  # the classify page's uploader (a case-shelf slot)
 CLASSES_KEY = "adapt_classes"  # the adapt page's class names, one per line
 CONDITION_KEY = "adapt_condition"  # the adapt page's condition
 DRAFT_FIELDS = (CONDITION_KEY, CLASSES_KEY)  # text kept in the session's draft
 DRAFT_DIGEST_KEY = "clinic_draft_digest"  # digest of the draft last written
+ProgressFn = Callable[[float, str], None]
+POLL_S = 0.5  # how often a running job's progress bar is redrawn
 GALLERY_COLUMNS = 8
 THUMB_PX = 72
 UPLOAD_HELP = (
@@ -133,7 +139,7 @@ def clear_cases(*widget_keys: str, prefix: str = "adapt_files_") -> None:
 def file_errors(errors: Sequence[UnreadableImageError]) -> None:
     """One warning listing every file that could not be used and why."""
     if errors:
-        lines = "\n".join(f"- **{e.path}**: {e.reason}" for e in errors)
+        lines = "\n".join(f"- **{e.path}**: {user_message(e.reason)}" for e in errors)
         st.warning(f"{len(errors)} file(s) could not be used and were left out:\n{lines}")
 
 
@@ -174,5 +180,24 @@ def reliability(adaptation: clinic.Adaptation) -> None:
         "Probabilities are calibrated on the same held-out cases (temperature "
         f"{adaptation.temperature:.2f}); a case whose most likely class stays under "
         f"{round(100 * clinic.CALIBRATION.min_confidence)}% is reported as "
-        f'"{clinic.OUTCOME_UNCERTAIN}" instead of a label.'
+        f'"{predictions.OUTCOME_UNCERTAIN}" instead of a label.'
     )
+
+
+@st.fragment(run_every=POLL_S)
+def job_progress(job: Job[Any], *, cancel_key: str) -> None:
+    """A running job's progress bar and Cancel button, redrawn every :data:`POLL_S` seconds
+    without rerunning the page; when the job has ended, the whole page reruns to show how."""
+    if not job.running:
+        st.rerun()
+    fraction, text = job.progress()
+    st.progress(fraction, text=f"{text} ({round(100 * fraction)}%)")
+    st.button(
+        "Cancel",
+        key=cancel_key,
+        on_click=job.cancel,
+        disabled=job.cancelling,
+        help="Stop at the next step; nothing is kept from a cancelled run.",
+    )
+    if job.cancelling:
+        st.caption("Stopping at the next step...")

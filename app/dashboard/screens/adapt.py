@@ -1,30 +1,30 @@
 """Clinician: adapt a base model to a new condition from a few labelled cases, and save it."""
 
+from typing import Literal
+
 import streamlit as st
 
-from app.dashboard import adapters, archive_view, clinic, domain_prep, ui, views
+from app.dashboard import adapters, archive_view, clinic, domain_prep, modes, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
-from app.dashboard.errors import CaseError
+from app.dashboard.errors import CaseError, DashboardError, user_message
+from app.dashboard.jobs import Job
+from app.dashboard.timings import TimingLog
 from app.dashboard.uploads import resize_note
 from models.adaptation import ADAPT_MODES
 from models.errors import FedfewError, RegistryError
 
-MODE_HELP = {
-    "prototype": "prototype: instant; the most robust choice",
-    "linear": "linear: under a second; can separate classes that prototypes mix up",
-    "finetune": "finetune: a few seconds; can help when the cases look unlike the training data",
-    "maml": "maml: for base models meta-trained with MAML",
-}
 # Widgets whose values the clinician would not want to type again after visiting another page.
-PERSIST = "session"
+PERSIST: Literal["session"] = "session"
 CLASSES_KEY = views.CLASSES_KEY
 CONDITION_KEY = views.CONDITION_KEY
+MODE_KEY = "adapt_mode"
 SAVED_KEY = "adapt_saved"  # label of the adapter saved from the current result
-
-
-def mode_help(mode: str) -> str:
-    """Plain words for a mode (the registry's description for a mode new to this page)."""
-    return MODE_HELP.get(mode, f"{mode}: {ADAPT_MODES[mode].description}")
+JOB_KEY = views.ADAPT_JOB_KEY
+JOB_NOTICE_KEY = views.ADAPT_NOTICE_KEY
+# A run of a mode that trains (finetune, MAML) that ends within this long is shown at once; a
+# longer one gets a progress bar and Cancel.
+IN_PAGE_WAIT_S = 1.5
+CANCELLED = "Adaptation cancelled: nothing was changed. Press Adapt to start again."
 
 
 session = ui.require_role(ROLE_CLINICIAN)
@@ -61,14 +61,30 @@ try:
     model = views.base_model(str(config.registry), base_id)
 except FedfewError as exc:
     ui.stop_with_error(exc)
+timings = TimingLog(config.users_db)
+offered = modes.offered_modes(model)
+if st.session_state.get(MODE_KEY) not in offered:  # a mode the previous base model offered
+    st.session_state.pop(MODE_KEY, None)
+try:
+    measured = [f"time {timings.sentence(m)}" for m in offered]
+except DashboardError as exc:
+    measured = [f"time not known: {user_message(exc)}" for _ in offered]
 mode = st.radio(
     "Adaptation",
-    ADAPT_MODES,
-    format_func=mode_help,
-    key="adapt_mode",
+    offered,
+    format_func=modes.mode_help,
+    captions=measured,
+    key=MODE_KEY,
     horizontal=True,
     persist_state=PERSIST,
 )
+skipped = modes.unsupported_modes(model)
+if skipped:
+    st.caption(
+        "Not offered for this base model: "
+        + "; ".join(f"**{name}**, because {why}" for name, why in skipped.items())
+        + "."
+    )
 st.info(domain_prep.base_model_note(by_id[base_id], domain_mean=model.domain_mean, mode=mode))
 
 condition = st.text_input(
@@ -111,29 +127,79 @@ note = resize_note([c for batch in cases for c in batch.cases], model.pipeline)
 if note:
     st.info(note)
 
-if st.button("Adapt", type="primary", key="adapt_run"):
-    try:
-        support = clinic.build_support(classes, cases)
-        if not condition.strip():
-            raise CaseError("name the condition first (for example pneumothorax)")
-    except CaseError as exc:
-        st.error(str(exc))
-    else:
-        for warning in clinic.support_warnings(support):
-            st.warning(warning)
-        bar = st.progress(0.0, text="adapting")
-        st.session_state[views.ADAPTATION_KEY] = clinic.adapt_cases(
+
+def start(support: clinic.SupportSet) -> Job[clinic.Adaptation]:
+    """Adapt in the background (the page shows progress and Cancel while it runs)."""
+
+    def work(progress: views.ProgressFn) -> clinic.Adaptation:
+        return clinic.adapt_cases(
             model,
             support,
             mode=mode,
             base_version=base_id,
             condition=condition,
-            on_progress=lambda fraction, text: bar.progress(fraction, text=text),
+            on_progress=progress,
         )
-        st.session_state.pop(SAVED_KEY, None)
+
+    return Job(work, what=f"adaptation ({mode})")
+
+
+def finish(job: Job[clinic.Adaptation]) -> None:
+    """Take a finished run's result (and record its time), or say why there is none."""
+    st.session_state.pop(JOB_KEY, None)
+    if job.result is None:
+        st.session_state[JOB_NOTICE_KEY] = (
+            job.cancelled,
+            CANCELLED if job.cancelled else job.error,
+        )
+        return
+    st.session_state[views.ADAPTATION_KEY] = job.result
+    st.session_state.pop(SAVED_KEY, None)
+    try:
+        timings.record(
+            job.result.mode, cases=len(job.result.support.labels), seconds=job.seconds or 0.0
+        )
+    except DashboardError as exc:  # the result stands; only its time is not kept
+        st.warning(f"The time of this run could not be recorded: {user_message(exc)}")
+
+
+job = st.session_state.get(JOB_KEY)
+with_cases = sum(len(batch.cases) for batch in cases)
+if classes and with_cases:
+    try:
+        st.caption(
+            f"**{mode}** with {with_cases} cases: {timings.sentence(mode, cases=with_cases)}."
+        )
+    except DashboardError as exc:
+        st.caption(f"Time of {mode} not known: {user_message(exc)}")
+if st.button("Adapt", type="primary", key="adapt_run", disabled=job is not None):
+    st.session_state.pop(JOB_NOTICE_KEY, None)
+    try:
+        support = clinic.build_support(classes, cases)
+        if not condition.strip():
+            raise CaseError("name the condition first (for example pneumothorax)")
+        problem = modes.cases_problem(mode, support.counts(), support.classes)
+        if problem:
+            raise CaseError(problem)
+    except CaseError as exc:
+        ui.show_error(exc)
+    else:
+        for warning in clinic.support_warnings(support):
+            st.warning(warning)
+        job = st.session_state[JOB_KEY] = start(support)
+        # Frozen-backbone modes are one embedding pass: the page waits for them.
+        job.wait(None if ADAPT_MODES[mode].frozen_backbone else IN_PAGE_WAIT_S)
+if job is not None and not job.running:
+    finish(job)
+    job = None
+if job is not None:
+    views.job_progress(job, cancel_key="adapt_cancel")
+if JOB_NOTICE_KEY in st.session_state:
+    cancelled, text = st.session_state[JOB_NOTICE_KEY]
+    (st.info if cancelled else ui.show_error)(text)
 
 adaptation = st.session_state.get(views.ADAPTATION_KEY)
-if adaptation is not None:
+if adaptation is not None and job is None:
     st.subheader("Result")
     counts = ", ".join(
         f"{c}: {n}"
@@ -174,7 +240,7 @@ if adaptation is not None:
                     author=session.username,
                 )
             except (FedfewError, OSError) as exc:
-                st.error(str(exc))
+                ui.show_error(exc)
             else:
                 st.session_state[SAVED_KEY] = entry.label
     if st.session_state.get(SAVED_KEY):

@@ -4,8 +4,15 @@ import streamlit as st
 
 from app.dashboard import adapters, archive_view, clinic, explain, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
+from app.dashboard.predictions import (
+    NEAREST,
+    OUTCOME_UNCERTAIN,
+    OUTCOME_UNUSUAL,
+    classify_cases,
+    predictions_csv,
+)
 from app.dashboard.provenance import ACTION_CLASSIFY, AuditLog
-from app.dashboard.uploads import resize_note
+from app.dashboard.uploads import resize_note, thumbnail
 from models.errors import FedfewError
 
 CURRENT = "current"  # the adapter made on the adapt page in this session, saved or not
@@ -17,7 +24,7 @@ ui.intended_use_notice()
 st.caption(ui.LOCAL_DATA_NOTICE)
 views.take_back_draft(ui.DRAFT_KEY)
 
-current = st.session_state.get(views.ADAPTATION_KEY)
+current: clinic.Adaptation | None = st.session_state.get(views.ADAPTATION_KEY)
 try:
     saved = {e.id: e for e in adapters.saved_adapters(config.registry)}
 except FedfewError as exc:
@@ -28,18 +35,22 @@ if not options:
     st.stop()
 
 
-def describe(option: object) -> str:
-    if option == CURRENT:
-        return f"this session's adaptation ({', '.join(current.support.classes)})"
-    entry = saved[option]
-    return f"{entry.label} · {', '.join(entry.info.get('classes', []))}"
+def describe(option: int | str) -> str:
+    if isinstance(option, int):
+        entry = saved[option]
+        return f"{entry.label} · {', '.join(entry.info.get('classes', []))}"
+    shown = current.support.classes if current is not None else ()
+    return f"this session's adaptation ({', '.join(shown)})"
 
 
-choice = st.selectbox("Adapter", options, format_func=describe, key="classify_adapter")
-if choice == CURRENT:
+choice: int | str = st.selectbox("Adapter", options, format_func=describe, key="classify_adapter")
+adaptation: clinic.Adaptation
+if not isinstance(choice, int):
+    if current is None:  # CURRENT is offered only with an adaptation of this session
+        st.stop()
     adaptation = current
 else:
-    cache = st.session_state.setdefault(views.ADAPTER_CACHE_KEY, {})
+    cache: dict[int, clinic.Adaptation] = st.session_state.setdefault(views.ADAPTER_CACHE_KEY, {})
     if choice not in cache:
         try:
             with st.spinner("Loading the adapter..."):
@@ -72,9 +83,12 @@ if kept is not None and kept[0] == key:
     predictions, origin = kept[1], kept[2]
 else:
     try:
-        predictions = clinic.classify_cases(adaptation, cases)
+        predictions = classify_cases(adaptation, cases)
         origin = adapters.provenance_for(
-            config.registry, adaptation, adapter=saved.get(choice), user=session.username
+            config.registry,
+            adaptation,
+            adapter=saved.get(choice) if isinstance(choice, int) else None,
+            user=session.username,
         )
         audit.record(
             origin,
@@ -87,10 +101,20 @@ else:
     st.session_state[views.PREDICTIONS_KEY] = (key, predictions, origin)
 
 st.subheader("Predictions")
-uncertain = sum(p.uncertain for p in predictions)
+unusual = [p.name for p in predictions if p.unusual]
+if unusual:
+    st.warning(
+        f"{len(unusual)} of {len(predictions)} case(s) are an **{OUTCOME_UNUSUAL}**: they look "
+        "unlike every labelled case of this adapter (as noise, a photograph or a study of another "
+        "modality would), so they are not classified: "
+        + ", ".join(unusual[:10])
+        + (", ..." if len(unusual) > 10 else "")
+        + ". Check that they are the kind of study the adapter was made for."
+    )
+uncertain = sum(p.uncertain and not p.unusual for p in predictions)
 if uncertain:
     st.info(
-        f"{uncertain} of {len(predictions)} case(s) are **{clinic.OUTCOME_UNCERTAIN}**: no class "
+        f"{uncertain} of {len(predictions)} case(s) are **{OUTCOME_UNCERTAIN}**: no class "
         f"reaches {round(100 * clinic.CALIBRATION.min_confidence)}% calibrated probability. "
         "Read them yourself, or ask a colleague."
     )
@@ -99,7 +123,10 @@ st.dataframe(
         {
             "case": p.name,
             "outcome": p.outcome(classes),
-            **{c: round(v, 3) for c, v in zip(classes, p.probabilities, strict=True)},
+            **{
+                c: None if p.unusual else round(v, 3)
+                for c, v in zip(classes, p.probabilities, strict=True)
+            },
             "nearest labelled case": p.nearest[0].name if p.nearest else "",
         }
         for p in predictions
@@ -113,7 +140,7 @@ st.caption(
 )
 st.download_button(
     "Download results (CSV)",
-    clinic.predictions_csv(classes, predictions, provenance=origin),
+    predictions_csv(classes, predictions, provenance=origin),
     file_name="predictions.csv",
     mime="text/csv",
     key="classify_csv",
@@ -149,6 +176,21 @@ def explanation() -> None:
     prediction = predictions[index]
     image = cases.cases[index].image
     left, right = st.columns(2)
+    if prediction.unusual:
+        left.image(
+            thumbnail(image),
+            caption=f"{prediction.name}: {OUTCOME_UNUSUAL}, unlike every labelled case "
+            f"({prediction.ood_score:.1f} times their usual distance); not classified",
+            width=320,
+        )
+        with right:
+            st.write("Nearest labelled cases:")
+            views.gallery(
+                [adaptation.support.images[n.index] for n in prediction.nearest],
+                [f"{n.label} ({n.name})" for n in prediction.nearest],
+                per_row=NEAREST,
+            )
+        return
     with left:
         heat = explain.occlusion_map(adaptation.predict_proba, image, target=prediction.predicted)
         st.image(
@@ -168,7 +210,7 @@ def explanation() -> None:
         views.gallery(
             [adaptation.support.images[n.index] for n in prediction.nearest],
             [f"{n.label} ({n.name})" for n in prediction.nearest],
-            per_row=clinic.NEAREST,
+            per_row=NEAREST,
         )
 
 

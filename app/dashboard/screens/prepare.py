@@ -72,16 +72,20 @@ if st.button("Prepare", type="primary", key="prepare_run"):
     try:
         source = domain_prep.resolve_source(source_text, roots=config.data_roots)
         bar = st.progress(0.0, text="starting")
+
+        def show(fraction: float, text: str) -> None:
+            bar.progress(fraction, text=text)
+
         prepared = domain_prep.prepare_model(
             config.registry,
             base_version=base_id,
             source=source,
             config=DomainConfig(method=method, minutes=float(minutes)),
             author=session.username,
-            on_progress=lambda fraction, text: bar.progress(fraction, text=text),
+            on_progress=show,
         )
     except (FedfewError, FloatingPointError) as exc:  # SourceError, RegistryError, divergence
-        st.error(str(exc))
+        ui.show_error(exc)
     else:
         skipped = f"; {prepared.skipped} unreadable files left out" if prepared.skipped else ""
         st.session_state[PREPARED_KEY] = (

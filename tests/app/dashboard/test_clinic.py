@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.dashboard import adapters, clinic, explain
+from app.dashboard import adapters, clinic, explain, predictions
 from app.dashboard.errors import CaseError
 from app.dashboard.uploads import LoadedCase, LoadedCases, Upload, load_uploads, resize_note
 from models.adaptation import AdaptConfig
@@ -147,7 +147,7 @@ def test_adapter_round_trip_and_classification(model, separable_images) -> None:
     queries = load_uploads(
         [Upload(f"q{i}.png", data) for i, (_, data) in enumerate(held_out)], pipeline=PIPELINE
     )
-    before = clinic.classify_cases(adaptation, queries)
+    before = predictions.classify_cases(adaptation, queries)
     # The synthetic classes are separable: most held-out cases (6 per class) must be right.
     right = sum(p.predicted == label for p, (label, _) in zip(before, held_out, strict=True))
     assert right >= 0.8 * len(held_out), f"{right} of {len(held_out)} right"
@@ -161,7 +161,7 @@ def test_adapter_round_trip_and_classification(model, separable_images) -> None:
     assert entry.metrics["loo_cases"] == 12 and entry.info["classes"] == names
     assert [e.id for e in adapters.saved_adapters(registry)] == [entry.id]
     rebuilt, _ = adapters.load_adapter(registry, entry.id)
-    after = clinic.classify_cases(rebuilt, queries)
+    after = predictions.classify_cases(rebuilt, queries)
     np.testing.assert_allclose(
         [p.probabilities for p in after], [p.probabilities for p in before], atol=1e-6
     )
@@ -170,13 +170,13 @@ def test_adapter_round_trip_and_classification(model, separable_images) -> None:
 
     first = before[0]
     assert sum(first.probabilities) == pytest.approx(1.0)
-    assert len(first.nearest) == clinic.NEAREST
+    assert len(first.nearest) == predictions.NEAREST
     assert [n.distance for n in first.nearest] == sorted(n.distance for n in first.nearest)
     assert first.nearest[0].name in support.names
 
     origin = adapters.provenance_for(registry, rebuilt, adapter=entry, user="ana")
     assert origin.condition == "test" and origin.base_privacy.startswith("ε 2.50")
-    text = clinic.predictions_csv(names, before, provenance=origin)
+    text = predictions.predictions_csv(names, before, provenance=origin)
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == len(held_out)
     assert rows[0]["outcome"] == first.outcome(names)
@@ -202,11 +202,11 @@ def test_calibrated_probabilities_and_uncertain_outcome(model, case_images) -> N
         [Upload(f"q{c}.png", case_images[c][-1]) for c in names], pipeline=PIPELINE
     )
     raw = adaptation.classifier.predict_proba(torch.from_numpy(queries.images)).numpy()
-    shown = clinic.classify_cases(adaptation, queries)
+    shown = predictions.classify_cases(adaptation, queries)
     calibrated = np.array([p.probabilities for p in shown])
     assert calibrated.max() < raw.max()  # the raw prototype scores claim more than they know
     np.testing.assert_array_equal(calibrated.argmax(1), raw.argmax(1))
-    assert all(p.outcome(names) == clinic.OUTCOME_UNCERTAIN for p in shown)
+    assert all(p.outcome(names) == predictions.OUTCOME_UNCERTAIN for p in shown)
 
 
 def test_loading_a_global_version_as_adapter_is_refused(model) -> None:

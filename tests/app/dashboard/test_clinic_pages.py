@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.provenance import AuditLog
-from app.dashboard.views import ADAPTATION_KEY
+from app.dashboard.views import ADAPT_JOB_KEY, ADAPTATION_KEY
 from models.registry import Registry
 from tests.app.dashboard.conftest import png_bytes, texts
 
@@ -26,6 +26,15 @@ def named_classes(at: AppTest, names: list[str], condition: str = "lesions") -> 
 def upload(at: AppTest, key: str, files: list[tuple[str, bytes]]) -> AppTest:
     at.file_uploader(key=key).set_value([(name, data, "image/png") for name, data in files])
     return at.run()
+
+
+def finish_adapting(at: AppTest) -> AppTest:
+    """Wait for an adaptation running in the background (finetune) to end, as the page's
+    progress bar does, then rerun the page to show how it ended."""
+    if ADAPT_JOB_KEY in at.session_state:
+        at.session_state[ADAPT_JOB_KEY].wait(120)
+        at.run()
+    return at
 
 
 def adapt_page_with_cases(make_app, case_images, shots: int = SHOTS) -> tuple[AppTest, list[str]]:
@@ -88,7 +97,7 @@ def test_adapt_save_classify(registry, make_app, case_images, env) -> None:
 def test_unsaved_adaptation_classifies_too(registry, make_app, case_images) -> None:
     at, classes = adapt_page_with_cases(make_app, case_images, shots=2)
     at.radio(key="adapt_mode").set_value("finetune")
-    at.button(key="adapt_run").click().run()
+    finish_adapting(at.button(key="adapt_run").click().run())
     assert at.session_state[ADAPTATION_KEY].mode == "finetune"
     at.switch_page("screens/classify.py").run()
     upload(at, "classify_files", [("new.png", case_images[classes[0]][-1])])

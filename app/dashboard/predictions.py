@@ -1,0 +1,161 @@
+"""Classifying new cases with an adaptation: first check that each case is like the labelled
+cases at all (:mod:`models.ood`), then calibrated probabilities, the outcome (a class,
+"uncertain", or "unusual image" for a flagged case, which gets no label) and the nearest labelled
+cases; and the CSV export of all that with its provenance.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.dashboard.clinic import CALIBRATION, Adaptation
+from app.dashboard.errors import CaseError
+from app.dashboard.provenance import Provenance
+from app.dashboard.uploads import LoadedCases
+from models.calibration import UNCERTAIN, decide
+from models.ood import OODConfig, ood_scores, reference_of, unusual
+
+NEAREST = 3  # labelled cases shown beside each prediction
+OOD = OODConfig()  # distance and threshold measured in bench/results/ood.json
+OUTCOME_UNCERTAIN = "uncertain"
+OUTCOME_UNUSUAL = "unusual image"
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A labelled support case near a new case in the adapted embedding."""
+
+    index: int
+    name: str
+    label: str
+    distance: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One new case: how far it lies from the labelled cases, its calibrated class
+    probabilities, the outcome, and its nearest labelled cases."""
+
+    name: str
+    probabilities: tuple[float, ...]
+    nearest: tuple[Neighbour, ...]
+    ood_score: float = 0.0  # nearest labelled case / the labelled cases' spread (models.ood)
+
+    @property
+    def unusual(self) -> bool:
+        """Whether the case lies too far from every labelled case to be given a label."""
+        return bool(unusual(torch.tensor([self.ood_score]), config=OOD)[0])
+
+    @property
+    def predicted(self) -> int:
+        """Index of the most probable class."""
+        return int(np.argmax(self.probabilities))
+
+    @property
+    def uncertain(self) -> bool:
+        """Whether no class reaches the confidence threshold (then no label is given)."""
+        return (
+            int(decide(np.asarray(self.probabilities), min_confidence=CALIBRATION.min_confidence))
+            == UNCERTAIN
+        )
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the page gives this case a class: neither unusual nor uncertain."""
+        return not (self.unusual or self.uncertain)
+
+    def outcome(self, classes: Sequence[str]) -> str:
+        """The class name, "unusual image" for a case unlike the labelled ones, or "uncertain"
+        when no class is confident enough."""
+        if self.unusual:
+            return OUTCOME_UNUSUAL
+        return OUTCOME_UNCERTAIN if self.uncertain else classes[self.predicted]
+
+
+def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Prediction]:
+    """Out-of-distribution scores, calibrated probabilities and nearest labelled cases for each
+    readable new case.
+
+    Raises:
+        CaseError: no readable case, or cases preprocessed for a different input size.
+    """
+    if not cases.cases:
+        raise CaseError("no readable case to classify: upload PNG, JPEG, DICOM or NIfTI files")
+    images = cases.images
+    expected = adaptation.support.images.shape[1:]
+    if images.shape[1:] != expected:
+        raise CaseError(
+            f"cases were prepared as {images.shape[1:]} but this adapter's model takes "
+            f"{expected}; upload them again"
+        )
+    x = torch.from_numpy(images)
+    features = adaptation.classifier.embed(x)
+    reference = reference_of(adaptation.support_embeddings, config=OOD)
+    scores = ood_scores(reference, features).tolist()
+    probabilities = adaptation.predict_proba(x).numpy()
+    distances = torch.cdist(features, adaptation.support_embeddings)
+    order = distances.argsort(dim=1)[:, :NEAREST].numpy()
+    support = adaptation.support
+    return [
+        Prediction(
+            name=name,
+            probabilities=tuple(float(p) for p in probs),
+            nearest=tuple(
+                Neighbour(
+                    index=int(j),
+                    name=support.names[j],
+                    label=support.classes[support.labels[j]],
+                    distance=float(distances[i, j]),
+                )
+                for j in order[i]
+            ),
+            ood_score=float(scores[i]),
+        )
+        for i, (name, probs) in enumerate(zip(cases.names, probabilities, strict=True))
+    ]
+
+
+def predictions_csv(
+    classes: Sequence[str], predictions: Sequence[Prediction], *, provenance: Provenance
+) -> str:
+    """One row per case: file, outcome (a class, "uncertain" or "unusual image"), the most likely
+    class and its calibrated probability (empty for an unusual image: it is not classified),
+    every class's probability, the out-of-distribution score, the nearest labelled cases, then
+    the provenance (adapter, version, base model and its privacy status, condition, user, time,
+    reliability, notice) on every row."""
+    origin = provenance.columns()
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(
+        [
+            "case",
+            "outcome",
+            "most_likely",
+            "probability",
+            *(f"p({c})" for c in classes),
+            "unusual_score",
+            "nearest_cases",
+            *origin,
+        ]
+    )
+    for p in predictions:
+        shown = not p.unusual
+        writer.writerow(
+            [
+                p.name,
+                p.outcome(classes),
+                classes[p.predicted] if shown else "",
+                f"{p.probabilities[p.predicted]:.4f}" if shown else "",
+                *(f"{v:.4f}" if shown else "" for v in p.probabilities),
+                f"{p.ood_score:.2f}",
+                "; ".join(f"{n.name} ({n.label})" for n in p.nearest),
+                *origin.values(),
+            ]
+        )
+    return out.getvalue()
