@@ -55,8 +55,8 @@ class AdaptationCancelled(DashboardError):
     result exists (app.dashboard.jobs)."""
 
 
-# An exception class name as Python prints it ("UnidentifiedImageError: ", "sqlite3.OperationalError:
-# ", "KeyError"), which lower layers sometimes quote in their messages.
+# An exception class name as Python prints it ("UnidentifiedImageError: ", "KeyError",
+# "sqlite3.OperationalError: "), which lower layers sometimes quote in their messages.
 _CLASS_NAME = re.compile(
     r"\b(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Warning|Interrupt|Exit)\b(?::\s*)?"
 )
