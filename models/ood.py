@@ -13,8 +13,15 @@ of another modality. Before a case is classified, its embedding is compared with
   dashboard's reference set is a dozen labelled cases, not a training set.
 * **Distance** (registry ``OOD_DISTANCES``): Euclidean on the raw features, or on unit-length
   features (cosine); the benchmark ``bench/ood.py`` measures both.
-* **Threshold.** A case is flagged when its score exceeds :attr:`OODConfig.threshold`, chosen in
-  ``bench/results/ood.json`` as the score that at most 5% of in-distribution cases exceed.
+* **Two views.** The network's features miss what a random or lightly trained network does not
+  encode, and pure noise often lands among textured tissue there. So the same score is also
+  computed on five pixel statistics of the image (:func:`image_statistics`: brightness, contrast,
+  colourfulness and the correlation of neighbouring pixels, near 1 for any photographed anatomy
+  and near 0 for noise), each scaled by its spread in the support set.
+* **Threshold.** A case is flagged when either view's score exceeds its threshold
+  (:class:`OODConfig`), chosen in ``bench/results/ood.json`` so that at most 5% of
+  in-distribution cases are flagged by either. :func:`unusual_scores` returns the larger of the
+  two scores, each divided by its threshold: above 1 means flagged.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 MIN_REFERENCE = 2  # a spread needs two support cases
+FLAG_AT = 1.0  # unusual_scores above this are flagged (each view's score over its threshold)
 
 
 def _euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,14 +57,16 @@ class OODConfig:
 
     distance: str = "euclidean"  # see bench/results/ood.json for both distances' rates
     threshold: float = 2.0  # placeholder until bench/ood.py has run; see the module docstring
+    pixel_threshold: float = 3.0  # placeholder until bench/ood.py has run
 
     def __post_init__(self) -> None:
         if self.distance not in OOD_DISTANCES:
             raise ValueError(
                 f"OODConfig.distance must be one of {sorted(OOD_DISTANCES)}, got {self.distance!r}"
             )
-        if not self.threshold > 0:
-            raise ValueError(f"OODConfig.threshold must be > 0, got {self.threshold}")
+        for name in ("threshold", "pixel_threshold"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"OODConfig.{name} must be > 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, object]:
         """JSON-able form, saved with benchmark results."""
@@ -99,6 +109,64 @@ def ood_scores(reference: OODReference, features: torch.Tensor) -> torch.Tensor:
     return distances.min(dim=1).values / reference.spread
 
 
-def unusual(scores: torch.Tensor, *, config: OODConfig = OODConfig()) -> torch.Tensor:
-    """Which cases are flagged (boolean ``(m,)``): score above the threshold."""
-    return scores > config.threshold
+STAT_FLOOR = 0.02  # a statistic constant over the support set is scaled as if it varied this much
+
+
+def image_statistics(images: torch.Tensor) -> torch.Tensor:
+    """Five statistics per pipeline output ``(n, C, S, S)`` in [0, 1]: mean and standard deviation
+    of the grey image, colourfulness (mean spread across channels), and the correlation of
+    horizontally and of vertically neighbouring grey pixels."""
+    grey = images.mean(dim=1)
+    flat = grey.flatten(1)
+    colour = (
+        images.std(dim=1, unbiased=False).flatten(1).mean(1)
+        if images.shape[1] > 1
+        else (torch.zeros(len(images)))
+    )
+
+    def neighbours(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.flatten(1), b.flatten(1)
+        a = a - a.mean(1, keepdim=True)
+        b = b - b.mean(1, keepdim=True)
+        return (a * b).mean(1) / (a.std(1, unbiased=False) * b.std(1, unbiased=False)).clamp_min(
+            1e-8
+        )
+
+    across = neighbours(grey[:, :, :-1], grey[:, :, 1:])
+    down = neighbours(grey[:, :-1, :], grey[:, 1:, :])
+    return torch.stack([flat.mean(1), flat.std(1, unbiased=False), colour, across, down], dim=1)
+
+
+def pixel_view(
+    support_images: torch.Tensor, case_images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support's and the cases' :func:`image_statistics`, each statistic divided by its
+    standard deviation over the support (at least :data:`STAT_FLOOR`)."""
+    support, cases = image_statistics(support_images), image_statistics(case_images)
+    scale = support.std(0, unbiased=False).clamp_min(STAT_FLOOR)
+    return support / scale, cases / scale
+
+
+def unusual_scores(
+    *,
+    support_features: torch.Tensor,
+    case_features: torch.Tensor,
+    support_images: torch.Tensor,
+    case_images: torch.Tensor,
+    config: OODConfig = OODConfig(),
+) -> torch.Tensor:
+    """Each case's larger view score over its threshold ``(m,)``: above :data:`FLAG_AT` means
+    flagged.
+
+    Args:
+        support_features: the support set's network features ``(n, d)``.
+        case_features: the new cases' features ``(m, d)``, from the same network.
+        support_images: the support's pipeline outputs ``(n, C, S, S)``.
+        case_images: the new cases' pipeline outputs ``(m, C, S, S)``.
+        config: distance and thresholds.
+    """
+    features = ood_scores(reference_of(support_features, config=config), case_features)
+    support_stats, case_stats = pixel_view(support_images, case_images)
+    euclidean = OODConfig(distance="euclidean")
+    pixels = ood_scores(reference_of(support_stats, config=euclidean), case_stats)
+    return torch.maximum(features / config.threshold, pixels / config.pixel_threshold)

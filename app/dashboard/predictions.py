@@ -19,7 +19,7 @@ from app.dashboard.errors import CaseError
 from app.dashboard.provenance import Provenance
 from app.dashboard.uploads import LoadedCases
 from models.calibration import UNCERTAIN, decide
-from models.ood import OODConfig, ood_scores, reference_of, unusual
+from models.ood import FLAG_AT, OODConfig, unusual_scores
 
 NEAREST = 3  # labelled cases shown beside each prediction
 OOD = OODConfig()  # distance and threshold measured in bench/results/ood.json
@@ -45,12 +45,13 @@ class Prediction:
     name: str
     probabilities: tuple[float, ...]
     nearest: tuple[Neighbour, ...]
-    ood_score: float = 0.0  # nearest labelled case / the labelled cases' spread (models.ood)
+    # How unlike the labelled cases it is (models.ood.unusual_scores): above 1, flagged.
+    ood_score: float = 0.0
 
     @property
     def unusual(self) -> bool:
         """Whether the case lies too far from every labelled case to be given a label."""
-        return bool(unusual(torch.tensor([self.ood_score]), config=OOD)[0])
+        return self.ood_score > FLAG_AT
 
     @property
     def predicted(self) -> int:
@@ -96,8 +97,13 @@ def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Predictio
         )
     x = torch.from_numpy(images)
     features = adaptation.classifier.embed(x)
-    reference = reference_of(adaptation.support_embeddings, config=OOD)
-    scores = ood_scores(reference, features).tolist()
+    scores = unusual_scores(
+        support_features=adaptation.support_embeddings,
+        case_features=features,
+        support_images=torch.from_numpy(adaptation.support.images),
+        case_images=x,
+        config=OOD,
+    ).tolist()
     probabilities = adaptation.predict_proba(x).numpy()
     distances = torch.cdist(features, adaptation.support_embeddings)
     order = distances.argsort(dim=1)[:, :NEAREST].numpy()

@@ -7,6 +7,7 @@ Uploads are written to a private temporary folder only for as long as the reader
 from __future__ import annotations
 
 import hashlib
+import math
 import tempfile
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from models.pipeline import PipelineConfig
 from models.readers import load_files
 
 ACCEPTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")  # what the page says
+# A case reduced by more than this per side loses detail a reader would see: the page says so.
+HUGE_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -140,22 +143,35 @@ def load_uploads(
 
 
 def resize_note(cases: Sequence[LoadedCase], pipeline: PipelineConfig) -> str | None:
-    """A sentence for the user when the cases differ in size or channels, else None."""
+    """Sentences for the user when cases are much larger than the model's input (how much was
+    lost in the reduction) or differ in size or channels; None when there is nothing to say."""
+    side = pipeline.image_size
+    notes = []
+    huge = [c for c in cases if max(c.original_shape[:2]) > HUGE_FACTOR * side]
+    if huge:
+        largest = max(huge, key=lambda c: c.original_shape[0] * c.original_shape[1])
+        height, width = largest.original_shape[:2]
+        notes.append(
+            f"{len(huge)} case(s) are much larger than the model's input (the largest, "
+            f"{largest.name}, is {height}x{width} pixels): each was reduced to {side}x{side} "
+            f"pixels, so detail smaller than about {math.ceil(max(height, width) / side)} of "
+            "its pixels is not seen by the model. Crop to the region of interest if fine "
+            "detail matters."
+        )
     sizes = {c.original_shape[:2] for c in cases}
     channels = {c.original_shape[2] if len(c.original_shape) > 2 else 1 for c in cases}
-    if len(sizes) <= 1 and len(channels) <= 1:
-        return None
-    parts = []
-    if len(sizes) > 1:
-        shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:4])
-        parts.append(f"sizes differ ({shown}{', ...' if len(sizes) > 4 else ''})")
-    if len(channels) > 1:
-        parts.append(f"channel counts differ ({', '.join(str(c) for c in sorted(channels))})")
-    side = pipeline.image_size
-    return (
-        f"The cases' {' and '.join(parts)}: that is fine. Every case is resized to {side}x{side} "
-        f"pixels and given {pipeline.channels} channels before the model sees it."
-    )
+    if len(sizes) > 1 or len(channels) > 1:
+        parts = []
+        if len(sizes) > 1:
+            shown = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:4])
+            parts.append(f"sizes differ ({shown}{', ...' if len(sizes) > 4 else ''})")
+        if len(channels) > 1:
+            parts.append(f"channel counts differ ({', '.join(str(c) for c in sorted(channels))})")
+        notes.append(
+            f"The cases' {' and '.join(parts)}: that is fine. Every case is resized to "
+            f"{side}x{side} pixels and given {pipeline.channels} channels before the model sees it."
+        )
+    return " ".join(notes) or None
 
 
 def thumbnail(image: np.ndarray) -> np.ndarray:

@@ -180,7 +180,7 @@ def explanation() -> None:
         left.image(
             thumbnail(image),
             caption=f"{prediction.name}: {OUTCOME_UNUSUAL}, unlike every labelled case "
-            f"({prediction.ood_score:.1f} times their usual distance); not classified",
+            f"({prediction.ood_score:.1f} times the limit for flagging); not classified",
             width=320,
         )
         with right:

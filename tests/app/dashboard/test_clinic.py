@@ -95,6 +95,17 @@ def test_resize_note_only_when_cases_differ() -> None:
     assert "resized to 32x32" in resize_note(mixed, PIPELINE)
 
 
+def test_resize_note_says_what_a_huge_case_loses_even_when_all_are_alike() -> None:
+    image = np.zeros((3, SIZE, SIZE), np.float32)
+    huge = [LoadedCase("scan.png", image, (3000, 2000)), LoadedCase("b", image, (3000, 2000))]
+    note = resize_note(huge, PIPELINE)
+    assert note is not None
+    assert "2 case(s) are much larger" in note and "scan.png, is 3000x2000" in note
+    assert "reduced to 32x32" in note and "about 94 of its pixels" in note  # ceil(3000 / 32)
+    just_large = [LoadedCase("a", image, (4 * SIZE, 4 * SIZE))] * 2  # not beyond HUGE_FACTOR
+    assert resize_note(just_large, PIPELINE) is None
+
+
 def test_support_checks() -> None:
     one = LoadedCases(cases=[LoadedCase("a", np.zeros((3, SIZE, SIZE), np.float32), (32, 32))])
     with pytest.raises(CaseError, match="at least 2 classes"):
