@@ -36,6 +36,7 @@ STUDIES = "_studies"  # the last search's results
 SERIES = "_series"  # series per study UID, fetched once
 PULLED = "_pulled"  # uploads pulled by this panel, for the viewer
 WRITTEN = "_written"  # identity of the results last written back
+MESSAGE = "_message"  # (succeeded, text) of the last pull, shown once
 
 
 class ClassifiedCase(Protocol):
@@ -129,7 +130,7 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
         except DashboardError as exc:
             st.error(str(exc))
             return
-        choice = st.selectbox(
+        st.selectbox(
             "Series",
             [None, *series],
             format_func=lambda s: "all series of the study" if s is None else s.label(),
@@ -138,40 +139,55 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
         if not targets:
             st.info("Name the classes first; then pull each class's cases.")
             return
-        target = st.selectbox("Add the images to", list(targets), key=f"{key}_target")
-        if st.button(PULL_LABEL, key=f"{key}_pull"):
-            _pull(
-                url,
-                key=key,
-                study=study,
-                series=choice,
-                slot=targets[target],
-                target=target,
-            )
+        names = list(targets)
+        if st.session_state.get(f"{key}_target") not in names:
+            st.session_state[f"{key}_target"] = _first_without_cases(targets)
+        st.selectbox("Add the images to", names, key=f"{key}_target")
+        st.button(
+            PULL_LABEL,
+            key=f"{key}_pull",
+            on_click=_pull,
+            args=(url,),
+            kwargs={"key": key, "studies": studies, "targets": dict(targets)},
+        )
+        outcome = st.session_state.pop(key + MESSAGE, None)
+        if outcome is not None:
+            (st.success if outcome[0] else st.error)(outcome[1])
     image_viewer(st.session_state.get(key + PULLED, []), key=f"{key}_viewer")
+
+
+def _first_without_cases(targets: Mapping[str, str]) -> str:
+    """The first target whose slot holds no case yet (else the first)."""
+    shelf = views.case_shelf().all_uploads()
+    return next((n for n, slot in targets.items() if not shelf.get(slot)), next(iter(targets)))
 
 
 def _pull(
     url: str,
     *,
     key: str,
-    study: archive.StudySummary,
-    series: archive.SeriesSummary | None,
-    slot: str,
-    target: str,
+    studies: list[archive.StudySummary],
+    targets: dict[str, str],
 ) -> None:
+    """The Pull button's callback. It runs before the page, so the pulled cases show in this
+    run and the target can move on to the next class without cases; it reads the study, series
+    and target from their widgets' state (what the clinician sees now)."""
+    state = st.session_state
+    study = studies[state[f"{key}_study"]]
+    series = state.get(f"{key}_series_{study.study_uid}")
+    target = state[f"{key}_target"]
     try:
-        with st.spinner("Reading the images from the archive..."):
-            uploads = archive.study_cases(
-                url, study.study_uid, series_uid=series.series_uid if series else None
-            )
+        uploads = archive.study_cases(
+            url, study.study_uid, series_uid=series.series_uid if series else None
+        )
     except DashboardError as exc:
-        st.error(str(exc))
+        state[key + MESSAGE] = (False, str(exc))
         return
-    views.case_shelf().restore({slot: uploads})
-    pulled = st.session_state.setdefault(key + PULLED, [])
+    views.case_shelf().restore({targets[target]: uploads})
+    pulled = state.setdefault(key + PULLED, [])
     pulled.extend(u for u in uploads if u not in pulled)
-    st.success(f"{len(uploads)} image(s) added to {target}.")
+    state[key + MESSAGE] = (True, f"{len(uploads)} image(s) added to {target}.")
+    state[f"{key}_target"] = _first_without_cases(targets)
 
 
 def image_viewer(uploads: Sequence[Upload], *, key: str) -> None:

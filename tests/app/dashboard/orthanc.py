@@ -46,7 +46,8 @@ def dicom_bytes(
     window: tuple[float, float] | None = None,
 ) -> bytes:
     """A synthetic secondary-capture instance of ``study``/``series``: 8-bit pixels when
-    ``pixels`` is uint8, else 16-bit (12 stored); ``window`` is (centre, width) when given."""
+    ``pixels`` is uint8 (grey, or RGB when (H, W, 3)), else 16-bit grey (12 stored); ``window``
+    is (centre, width) when given."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -63,7 +64,10 @@ def dicom_bytes(
     ds.AccessionNumber, ds.StudyDate, ds.StudyDescription = accession, study_date, description
     ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, 1
     ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    if pixels.ndim == 3:  # colour, (H, W, 3) uint8
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    else:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     bits = 8 if pixels.dtype == np.uint8 else 16
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, min(bits, 12), min(bits, 12) - 1
     ds.PixelRepresentation = 0

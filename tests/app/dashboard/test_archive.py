@@ -174,9 +174,7 @@ def _reports(url: str, study: str) -> list:
     client = DICOMwebClient(url=url)
     found = client.search_for_series(study_instance_uid=study, search_filters={"Modality": "SR"})
     return [
-        ds
-        for item in found
-        for ds in client.retrieve_series(study, item["0020000E"]["Value"][0])
+        ds for item in found for ds in client.retrieve_series(study, item["0020000E"]["Value"][0])
     ]
 
 
