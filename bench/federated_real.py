@@ -53,8 +53,9 @@ from privacy.mechanisms import MECHANISMS
 OUT = "federated_real"
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+    """The run's options (shared with bench/mia_federated.py, which trains the same rows)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--modality", default="blood_cells_bccd", choices=SHARED_SETS)
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     p.add_argument("--subsets", nargs="+", default=["norm-affine", "all"])
@@ -69,7 +70,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--augmentations", type=int, default=1, help="dp-supervised's K")
     p.add_argument("--out", default=OUT, help="results name under bench/results/")
-    return p.parse_args()
+    return p
 
 
 def split_modality(folder: Path, modality: str, root: Path) -> tuple[list[dict[str, Any]], Path]:
@@ -133,11 +134,9 @@ def nonprivate_federated(config: ServerConfig, sites: list[dict[str, Any]]) -> S
     return state
 
 
-def main() -> None:
-    args = parse_args()
-    set_threads(args.threads)
-    set_task_identity()
-    log = Progress()
+def setup(args: argparse.Namespace, log: Progress) -> tuple[list[dict[str, Any]], ServerConfig]:
+    """The three hospitals' parts (written under a temporary folder) and the base run config:
+    a public start pre-trained on the other four modalities, evaluated on the held-out part."""
     folder = require_shared_data()
     root = Path(tempfile.mkdtemp(prefix="fedfew-bench-fedreal-"))
     sites, held_out = split_modality(folder, args.modality, root)
@@ -166,7 +165,18 @@ def main() -> None:
         expected_patients=max(1, round(args.sample_rate * patients_per_site(sites))),
         augmentations=args.augmentations,
         seed=0,
+        workdir=str(root / "server"),
     )
+    return sites, base
+
+
+def main() -> None:
+    args = parser().parse_args()
+    set_threads(args.threads)
+    set_task_identity()
+    log = Progress()
+    sites, base = setup(args, log)
+    root = Path(base.workdir).parent
     rows: list[dict[str, Any]] = []
 
     def record(method: str, subset: str | None, epsilon: float | None, state: State) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+from models.calibration import wilson_interval
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -242,6 +245,45 @@ def secure_aggregation_section(payload: dict[str, Any], source: str) -> list[str
     return lines
 
 
+def _auc_ci95(auc: float, members: int, others: int) -> float:
+    """Half-width of the 95% CI of a ROC AUC (Hanley and McNeil 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (members - 1) * (q1 - auc * auc)
+           + (others - 1) * (q2 - auc * auc)) / (members * others)  # fmt: skip
+    return 1.96 * math.sqrt(max(var, 0.0))
+
+
+def mia_federated_section(payload: dict[str, Any], source: str) -> list[str]:
+    """Membership inference against federated models that learned, with and without DP."""
+    config, env, rows = payload["config"], payload["environment"], payload["results"]
+    table = []
+    for r in rows:
+        eps = "inf" if r["method"] == "federated-nonprivate" else "-"
+        eps = eps if r["epsilon"] is None else f"{r['epsilon']:g}"
+        tpr = wilson_interval(round(r["tpr_at_low_fpr"] * r["members"]), r["members"])
+        table.append([
+            r["method"], eps, f"{100 * r['accuracy']:.1f}", r["attack"],
+            f"{r['auc']:.3f} ± {_auc_ci95(r['auc'], r['members'], r['non_members']):.3f}",
+            f"{100 * r['tpr_at_low_fpr']:.1f} ({100 * tpr.low:.1f}-{100 * tpr.high:.1f})",
+        ])  # fmt: skip
+    first = rows[0]
+    return [
+        "### Membership inference against federated models that learned",
+        "",
+        f"From `bench/results/{source}` ({env['date']}): the models of the "
+        f"`{config['modality']}` federation above ({config['rounds']} rounds x "
+        f"{config['local_steps']} local steps, q {config['sample_rate']:g}). Members: "
+        f"{first['members']} of hospital 1's patients; non-members: {first['non_members']} "
+        "held-out patients no site holds; the attacker's prototypes come from other held-out "
+        "patients. One score per patient (`privacy.audit.record_scores`, averaged over the "
+        "patient's images). `calibrated` subtracts the public start's score (difficulty "
+        f"calibration, Watson et al. 2022). TPR at {100 * first['low_fpr']:.1f}% FPR, "
+        "Wilson 95% interval; AUC ± 95% CI (Hanley-McNeil).",
+        "",
+        *_table(["model", "epsilon per site", "accuracy %", "attack", "AUC", "TPR %"], table),
+    ]
+
+
 def render_federation(folder: Path) -> list[str]:
     """Every federation section whose JSON is in ``folder``."""
     sections = (
@@ -252,6 +294,7 @@ def render_federation(folder: Path) -> list[str]:
         ("dp_recipe_sweep.json", dp_recipe_section),
         ("federated_real*.json", federated_real_section),  # one table per mechanism run
         ("secure_aggregation.json", secure_aggregation_section),
+        ("mia_federated.json", mia_federated_section),
     )
     parts: list[str] = []
     for pattern, section in sections:
