@@ -5,6 +5,7 @@ and the session-scoped caches of decoded uploads and loaded models/adapters.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ from app.dashboard.uploads import (
     load_uploads,
     thumbnail,
 )
-from models.errors import UnreadableImageError
+from models.errors import FedfewError, ModelDirError, UnreadableImageError
 from models.model_dir import LoadedModel
 from models.pipeline import PipelineConfig
 from models.registry import Registry
 
+LOG = logging.getLogger(__name__)
 # Session-state keys of the clinician pages (widget keys are the pages' own, prefixed alike).
 CASE_CACHE_KEY = "clinic_case_cache"  # decoded uploads by content hash
 CASE_SHELF_KEY = "clinic_case_shelf"  # uploads kept across page switches (uploads.CaseShelf)
@@ -55,8 +57,22 @@ UPLOAD_HELP = (
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model...")
 def base_model(registry: str, version: int) -> LoadedModel:
-    """A global model version, loaded once per dashboard process (adaptation never changes it)."""
-    return Registry.open(Path(registry)).load_model(version)
+    """A global model version, loaded once per dashboard process (adaptation never changes it).
+
+    Raises:
+        FedfewError: the version is missing or its files cannot be loaded (a damaged file that a
+            loader reports with an error of its own is turned into :class:`ModelDirError`).
+    """
+    try:
+        return Registry.open(Path(registry)).load_model(version)
+    except FedfewError:
+        raise
+    except Exception as exc:  # e.g. safetensors' own error for a damaged weights file
+        LOG.exception("model version %s cannot be loaded", version)
+        raise ModelDirError(
+            f"model version {version} cannot be loaded: its files are damaged. Choose another "
+            "version, or ask IT to check this node's registry."
+        ) from exc
 
 
 def case_digests(cases: LoadedCases) -> list[str]:

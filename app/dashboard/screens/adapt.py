@@ -164,6 +164,9 @@ def finish(job: Job[clinic.Adaptation]) -> None:
 
 
 job = st.session_state.get(JOB_KEY)
+if job is not None and not job.running:  # ended since the last run (its progress bar reran)
+    finish(job)
+    job = None
 with_cases = sum(len(batch.cases) for batch in cases)
 if classes and with_cases:
     try:
@@ -188,10 +191,9 @@ if st.button("Adapt", type="primary", key="adapt_run", disabled=job is not None)
             st.warning(warning)
         job = st.session_state[JOB_KEY] = start(support)
         # Frozen-backbone modes are one embedding pass: the page waits for them.
-        job.wait(None if ADAPT_MODES[mode].frozen_backbone else IN_PAGE_WAIT_S)
-if job is not None and not job.running:
-    finish(job)
-    job = None
+        if job.wait(None if ADAPT_MODES[mode].frozen_backbone else IN_PAGE_WAIT_S):
+            finish(job)
+            job = None
 if job is not None:
     views.job_progress(job, cancel_key="adapt_cancel")
 if JOB_NOTICE_KEY in st.session_state:

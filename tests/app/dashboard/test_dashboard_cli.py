@@ -95,7 +95,7 @@ def test_dashboard_passes_settings_and_upload_cap(tmp_path: Path, monkeypatch) -
     flags = dict(zip(cmd[5::2], cmd[6::2], strict=True))
     assert flags["--server.maxUploadSize"] == str(settings.MAX_UPLOAD_MB)
     assert flags["--server.port"] == "8600" and flags["--server.address"] == "127.0.0.1"
-    assert flags["--client.showErrorDetails"] == "type"
+    assert flags["--client.showErrorDetails"] == "none"  # no exception class name, no trace
     loaded = settings.load_settings(env)
     assert loaded.ledgers == (tmp_path / "a.db", tmp_path / "b.db")
     assert loaded.superlink == ("10.0.0.5", 9092) and loaded.registry == tmp_path / "reg"
