@@ -132,8 +132,8 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
             return
         st.selectbox(
             "Series",
-            [None, *series],
-            format_func=lambda s: "all series of the study" if s is None else s.label(),
+            range(len(series) + 1),  # 0: the whole study (an index: None would show as empty)
+            format_func=lambda i: series[i - 1].label() if i else "all series of the study",
             key=f"{key}_series_{study.study_uid}",
         )
         if not targets:
@@ -174,7 +174,8 @@ def _pull(
     and target from their widgets' state (what the clinician sees now)."""
     state = st.session_state
     study = studies[state[f"{key}_study"]]
-    series = state.get(f"{key}_series_{study.study_uid}")
+    choice = state.get(f"{key}_series_{study.study_uid}") or 0
+    series = state[key + SERIES][study.study_uid][choice - 1] if choice else None
     target = state[f"{key}_target"]
     try:
         uploads = archive.study_cases(
@@ -237,11 +238,11 @@ def image_viewer(uploads: Sequence[Upload], *, key: str) -> None:
         grey = apply_window(image.pixels, window=Window(center, wide), invert=image.invert)
         picture = zoom_crop(grey, zoom=factor, center=focus)
         rows, columns = image.pixels.shape[:2]
-        st.image(
-            picture,
-            width=int(picture.shape[1]),
-            caption=f"{uploads[index].name}: {columns}x{rows} pixels, window {center:g}/{wide:g}, "
-            f"zoom {factor}x",
+        st.image(picture, width=int(picture.shape[1]))  # one stored pixel per screen pixel
+        # Below the image rather than its caption, which wraps to the width of a small image.
+        st.caption(
+            f"{uploads[index].name}: {columns}x{rows} pixels, window {center:g}/{wide:g}, "
+            f"zoom {factor}x"
         )
 
     view()

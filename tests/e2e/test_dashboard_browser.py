@@ -213,12 +213,18 @@ def page(tmp_path: Path) -> Iterator[object]:
 
 
 def _small_png(source: Path, target: Path) -> None:
-    """``source`` shrunk to :data:`SCREENSHOT_WIDTH` and reduced to a palette, halved again
-    until it is under :data:`SCREENSHOT_BYTES`."""
-    from PIL import Image
+    """``source`` without the empty page below the content, shrunk to :data:`SCREENSHOT_WIDTH`
+    and reduced to a palette, shrunk further until it is under :data:`SCREENSHOT_BYTES`."""
+    from PIL import Image, ImageChops
 
     with Image.open(source) as image:
         picture = image.convert("RGB")
+    # Cut the empty page below the content (the viewport is tall so nothing needs scrolling).
+    inner = picture.crop((8, 0, picture.width - 8, picture.height))  # not the border lines
+    corner = inner.getpixel((inner.width - 1, inner.height - 1))
+    content = ImageChops.difference(inner, Image.new("RGB", inner.size, corner)).getbbox()
+    if content is not None:
+        picture = picture.crop((0, 0, picture.width, min(picture.height, content[3] + 24)))
     width = min(SCREENSHOT_WIDTH, picture.width)
     while True:
         height = round(picture.height * width / picture.width)

@@ -250,10 +250,11 @@ def test_adapt_page_pulls_a_series_as_a_class(
     assert not at.exception
     assert "2 image(s) added to the cases of finding" in texts(at, "success")
     captions = [c for image in at.image for c in image.captions]
-    gallery = [c for c in captions if c.startswith("archive-") and c.endswith(".dcm")]
-    viewer = [c for c in captions if "pixels, window" in c]
+    gallery = [c for c in captions if c.startswith("archive-")]
+    viewer = [str(c.value) for c in at.caption if "pixels, window" in str(c.value)]
     assert len(gallery) == 2 and len(viewer) == 1  # the class's thumbnails, and the viewer
     assert viewer[0].startswith(gallery[0]) and "40x40 pixels" in viewer[0]
+    assert len(at.image) == len(gallery) + 1  # the viewer's image
 
 
 def test_classify_page_pulls_classifies_and_writes_back(
