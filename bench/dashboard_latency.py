@@ -8,7 +8,8 @@ CPU with 2 threads (a clinician's machine). Each repeat times, with ``app.dashbo
   files are uploaded, before the click; reported apart and included in ``total``);
 - ``adapt``: ``clinic.adapt_cases`` including the leave-one-out reliability;
 - ``decode_new``: the 20 new uploads;
-- ``classify``: ``clinic.classify_cases`` (probabilities and nearest labelled cases) and the CSV;
+- ``classify``: ``predictions.classify_cases`` (the out-of-distribution check, probabilities and
+  nearest labelled cases) and the CSV with its provenance;
 - ``explain``: one occlusion map and overlay (the page explains one case at a time).
 
 Goal (DESIGN.md): p50 of ``total`` <= 1 s with prototype adaptation.
@@ -35,7 +36,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.dashboard import clinic, explain
+from app.dashboard import adapters, clinic, explain, predictions
 from app.dashboard.uploads import Upload, load_uploads
 from bench.common import RESULTS, Progress, write_result
 from models.adaptation import ADAPT_MODES
@@ -94,7 +95,7 @@ def publish_model(registry: Path) -> int:
     return Registry.open(registry, create=True).publish(write, kind="global", name="bench").id
 
 
-def one_run(model: Any, version: int, mode: str, seed: int) -> dict[str, float]:
+def one_run(model: Any, version: int, mode: str, seed: int, registry: Path) -> dict[str, float]:
     """Seconds per phase of one click-to-predictions run (fresh upload cache)."""
     names, support_uploads, new_uploads = make_uploads(seed)
     times: dict[str, float] = {}
@@ -110,13 +111,14 @@ def one_run(model: Any, version: int, mode: str, seed: int) -> dict[str, float]:
     new = load_uploads(new_uploads, pipeline=model.pipeline)
     times["decode_new"] = time.perf_counter() - t
     t = time.perf_counter()
-    predictions = clinic.classify_cases(adaptation, new)
-    clinic.predictions_csv(support.classes, predictions)
+    shown = predictions.classify_cases(adaptation, new)
+    origin = adapters.provenance_for(registry, adaptation, adapter=None, user="bench")
+    predictions.predictions_csv(support.classes, shown, provenance=origin)
     times["classify"] = time.perf_counter() - t
     t = time.perf_counter()
     first = new.cases[0].image
     heat = explain.occlusion_map(
-        adaptation.classifier.predict_proba, first, target=predictions[0].predicted
+        adaptation.classifier.predict_proba, first, target=shown[0].predicted
     )
     explain.overlay(first, heat)
     times["explain"] = time.perf_counter() - t
@@ -124,17 +126,25 @@ def one_run(model: Any, version: int, mode: str, seed: int) -> dict[str, float]:
     # CPU seconds of this process (all threads): unlike wall time, barely moved by other jobs on
     # a shared machine; on an idle 2-core machine the wall time lies between cpu/2 and cpu.
     times["total_cpu"] = time.process_time() - cpu_start
-    if len(predictions) != NEW_CASES:
-        raise RuntimeError(f"expected {NEW_CASES} predictions, got {len(predictions)}")
+    if len(shown) != NEW_CASES:
+        raise RuntimeError(f"expected {NEW_CASES} predictions, got {len(shown)}")
     times["reliability"] = adaptation.reliability.accuracy if adaptation.reliability else -1.0
     return times
 
 
 def measure(
-    model: Any, version: int, mode: str, *, repeats: int, warmup: int, log: Progress
+    model: Any,
+    version: int,
+    mode: str,
+    *,
+    repeats: int,
+    warmup: int,
+    log: Progress,
+    registry: Path,
 ) -> dict[str, Any]:
     """p50/p90 of every phase and of the total over ``repeats`` runs (after ``warmup`` runs)."""
-    runs = [one_run(model, version, mode, seed) for seed in range(repeats + warmup)][warmup:]
+    seeds = range(repeats + warmup)
+    runs = [one_run(model, version, mode, seed, registry) for seed in seeds][warmup:]
     summary: dict[str, Any] = {"mode": mode, "repeats": repeats, "runs": runs}
     for phase in (*PHASES, "total", "total_cpu"):
         values = [r[phase] for r in runs]
@@ -212,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                 repeats=args.finetune_repeats if mode in SLOW_MODES else args.repeats,
                 warmup=FINETUNE_WARMUP if mode in SLOW_MODES else WARMUP,
                 log=log,
+                registry=registry,
             )
             for mode in args.modes
         ]

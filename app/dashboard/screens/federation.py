@@ -5,6 +5,7 @@ import streamlit as st
 
 from app.dashboard import network, ui
 from app.dashboard.auth import ROLE_IT
+from app.dashboard.errors import user_message
 from app.dashboard.settings import ENV_SUPERLINK, SUPERLINK_TIMEOUT_S
 from models.errors import RegistryError
 
@@ -21,7 +22,7 @@ if config.superlink is None:
 else:
     host, port = config.superlink
     reach = network.check_reachable(host, port, timeout_s=SUPERLINK_TIMEOUT_S)
-    (st.success if reach.reachable else st.error)(reach.detail)
+    (st.success if reach.reachable else st.error)(user_message(reach.detail))
 st.button("Check again", key="federation_recheck")
 
 st.subheader("Federation status")
@@ -29,7 +30,7 @@ try:
     status = network.read_status(config.federation_status)
 except RegistryError as exc:
     status = None
-    st.error(str(exc))
+    ui.show_error(exc)
 else:
     if status is None:
         st.info(network.NO_STATUS.capitalize() + ".")

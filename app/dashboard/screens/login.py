@@ -32,7 +32,7 @@ else:
         try:
             user = store.authenticate(username, password, client=ui.client_address())
         except AuthError as exc:
-            st.error(str(exc))
+            ui.show_error(exc)
         else:
             ui.start_session(new_session(user.username, (user.role,), hours=config.session_hours))
             st.rerun()

@@ -4,6 +4,7 @@ import streamlit as st
 
 from app.dashboard import budgets, ui
 from app.dashboard.auth import ROLE_ADMIN
+from app.dashboard.errors import user_message
 from app.dashboard.settings import ENV_LEDGERS
 from models.errors import FedfewError
 
@@ -21,10 +22,10 @@ if not config.ledgers:
 
 found = budgets.read_budgets(config.ledgers)
 for problem in (b for b in found if isinstance(b, budgets.LedgerProblem)):
-    st.error(f"{problem.path}: {problem.message}")
+    st.error(f"{problem.path}: {user_message(problem.message)}")
 for tampered in (b for b in found if isinstance(b, budgets.TamperedLedger)):
     # No number from this file: not the spend, not the cap, not even the site name it claims.
-    st.error(f"**Ledger `{tampered.path}`.** {tampered.message}", icon="🚨")
+    st.error(f"**Ledger `{tampered.path}`.** {user_message(tampered.message)}", icon="🚨")
 sites = [b for b in found if isinstance(b, budgets.SiteBudget)]
 if not sites:
     st.stop()
@@ -66,15 +67,15 @@ for i, site in enumerate(sites):
         try:
             verified[str(site.path)] = budgets.verify_ledger(site.path)
         except FedfewError as exc:
-            st.error(str(exc))
+            ui.show_error(exc)
     outcome = verified.get(str(site.path))
     if outcome is not None:
-        (st.success if outcome.intact else st.error)(outcome.message)
+        (st.success if outcome.intact else st.error)(user_message(outcome.message))
     for column, suffix in ((html, ".html"), (csv, ".csv")):
         try:
             data = budgets.report_bytes(site.path, suffix=suffix)
         except FedfewError as exc:
-            st.error(str(exc))
+            ui.show_error(exc)
             continue
         column.download_button(
             f"Budget report ({suffix[1:].upper()})",

@@ -7,7 +7,7 @@ import streamlit as st
 
 from app.dashboard import ui
 from app.dashboard.auth import MIN_PASSWORD_CHARS, ROLE_ADMIN, ROLES, UserStore
-from app.dashboard.errors import DashboardError
+from app.dashboard.errors import DashboardError, user_message
 
 DONE_KEY = "users_done"  # the last action's confirmation, shown once
 
@@ -30,7 +30,7 @@ def act(action: Callable[[], object], message: str) -> None:
     try:
         action()
     except DashboardError as exc:
-        done(f"Not done: {exc}")
+        done(f"Not done: {user_message(exc)}")
     else:
         done(message)
 
