@@ -339,7 +339,15 @@ def store_instances(url: str, datasets: list[Any]) -> None:
     """Store DICOM datasets (reports, captures) in the archive with STOW-RS.
 
     Raises:
-        ArchiveError: an unreachable archive, or one that refuses an instance.
+        ArchiveError: an unreachable archive, or one that refuses an instance (an HTTP error, or
+            a Failed SOP Sequence in its reply, PS3.18 10.5.3).
     """
-    if datasets:
-        _call(url, lambda c: c.store_instances(datasets))
+    if not datasets:
+        return
+    reply = _call(url, lambda c: c.store_instances(datasets))
+    failed = len(reply.get("FailedSOPSequence", None) or [])
+    if failed:
+        raise ArchiveError(
+            f"the image archive at {url} refused {failed} of {len(datasets)} instance(s): ask IT "
+            "whether it accepts structured reports (SR) over STOW-RS"
+        )

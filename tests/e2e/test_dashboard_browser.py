@@ -2,8 +2,9 @@
 ledger and accounts made here, fed from a real Orthanc (tests/app/dashboard/orthanc.py). A
 clinician pulls labelled cases from the archive, adapts, saves, pulls new cases, classifies,
 exports, writes the results back, switches pages and finds the work still there; an administrator
-checks the budget and the audit log and unlocks a throttled account. Screenshots go to the test's
-temp dir, and also (shrunk to under 200 KB) to docs/screenshots/ when FEDFEW_SCREENSHOTS=1.
+checks the budget and the audit log and unlocks a throttled account. With FEDFEW_SCREENSHOTS=1 it
+takes screenshots into docs/screenshots/ (shrunk to under 200 KB; FEDFEW_SCREENSHOTS_TMP=1: only
+into the test's temp dir).
 """
 
 from __future__ import annotations
@@ -236,7 +237,11 @@ def _small_png(source: Path, target: Path) -> None:
 
 
 def _shot(page, tmp_path: Path, name: str, *, part=None) -> None:
-    """Screenshot the whole page, or only ``part`` (a locator)."""
+    """Screenshot the whole page, or only ``part`` (a locator), when FEDFEW_SCREENSHOTS is 1 or
+    FEDFEW_SCREENSHOTS_TMP is 1 (then only to the test's temp dir); the seven took about 12 s
+    here, so the suite's run skips them."""
+    if "1" not in (os.environ.get("FEDFEW_SCREENSHOTS"), os.environ.get("FEDFEW_SCREENSHOTS_TMP")):
+        return
     path = tmp_path / f"{name}.png"
     if part is None:
         page.screenshot(path=str(path), full_page=True)
