@@ -243,6 +243,11 @@ class SeriesSummary:
 def search_studies(url: str, *, query: StudyQuery, limit: int = MAX_STUDIES) -> list[StudySummary]:
     """The studies matching ``query``, newest first.
 
+    Args:
+        url: the archive's DICOMweb root.
+        query: what to look for; a patient is looked up by name and by ID.
+        limit: the most studies returned (per way of matching the patient, then overall).
+
     Raises:
         ArchiveError: an empty or inconsistent query, or an unreachable archive.
     """
@@ -276,6 +281,10 @@ def search_studies(url: str, *, query: StudyQuery, limit: int = MAX_STUDIES) -> 
 def study_series(url: str, *, study_uid: str) -> list[SeriesSummary]:
     """The series of one study, in series-number order.
 
+    Args:
+        url: the archive's DICOMweb root.
+        study_uid: the Study Instance UID.
+
     Raises:
         ArchiveError: a malformed UID or an unreachable archive.
     """
@@ -299,7 +308,7 @@ def study_series(url: str, *, study_uid: str) -> list[SeriesSummary]:
     return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.series_uid))
 
 
-def study_cases(url: str, study_uid: str, *, series_uid: str | None = None) -> list[Upload]:
+def study_cases(url: str, *, study_uid: str, series_uid: str | None = None) -> list[Upload]:
     """Every instance of one study (or of one of its series), as DICOM files in memory.
 
     Args:
@@ -335,8 +344,12 @@ def study_cases(url: str, study_uid: str, *, series_uid: str | None = None) -> l
     return uploads
 
 
-def store_instances(url: str, datasets: list[Any]) -> None:
+def store_instances(url: str, *, datasets: list[Any]) -> None:
     """Store DICOM datasets (reports, captures) in the archive with STOW-RS.
+
+    Args:
+        url: the archive's DICOMweb root.
+        datasets: complete instances (pydicom datasets with file meta information).
 
     Raises:
         ArchiveError: an unreachable archive, or one that refuses an instance (an HTTP error, or

@@ -179,7 +179,9 @@ def _pull(
     target = state[f"{key}_target"]
     try:
         uploads = archive.study_cases(
-            url, study.study_uid, series_uid=series.series_uid if series else None
+            url,
+            study_uid=study.study_uid,
+            series_uid=series.series_uid if series else None,
         )
     except DashboardError as exc:
         state[key + MESSAGE] = (False, str(exc))
@@ -313,7 +315,7 @@ def write_back_panel(
                 for number, (prediction, source) in enumerate(sources, start=1)
             ]
             with st.spinner("Storing the reports in the archive..."):
-                archive.store_instances(url, reports)
+                archive.store_instances(url, datasets=reports)
         except DashboardError as exc:
             st.error(str(exc))
         else:

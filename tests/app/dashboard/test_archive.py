@@ -79,7 +79,7 @@ def _found(studies: Studies, **query: object) -> set[str]:
 
 
 def test_a_study_becomes_cases(studies: Studies) -> None:
-    uploads = archive.study_cases(studies.url, studies.chest)
+    uploads = archive.study_cases(studies.url, study_uid=studies.chest)
     assert len(uploads) == 3 and all(u.name.startswith("archive-") for u in uploads)
     cases = load_uploads(uploads, pipeline=PipelineConfig(image_size=32))
     assert not cases.errors and cases.images.shape == (3, 3, 32, 32)
@@ -91,7 +91,7 @@ def test_one_series_becomes_cases(studies: Studies) -> None:
     assert [(s.modality, s.images) for s in series] == [("CR", 2), ("DX", 1)] or [
         (s.modality, s.images) for s in series
     ] == [("DX", 1), ("CR", 2)]
-    uploads = archive.study_cases(studies.url, studies.chest, series_uid=studies.chest_cr)
+    uploads = archive.study_cases(studies.url, study_uid=studies.chest, series_uid=studies.chest_cr)
     assert len(uploads) == 2
     assert {source_dataset(u.data).Modality for u in uploads} == {"CR"}
 
@@ -150,10 +150,10 @@ def test_patient_names_stay_out_of_the_log(studies: Studies, caplog) -> None:
 def test_archive_problems_are_messages(studies: Studies, which: str, message: str) -> None:
     url = studies.url
     calls = {
-        "bad-uid": lambda: archive.study_cases(url, "1.2.x"),
-        "unknown": lambda: archive.study_cases(url, "1.2.3.4"),
+        "bad-uid": lambda: archive.study_cases(url, study_uid="1.2.x"),
+        "unknown": lambda: archive.study_cases(url, study_uid="1.2.3.4"),
         "unreachable": lambda: archive.study_cases(
-            f"http://127.0.0.1:{free_port()}/dicom-web", studies.chest
+            f"http://127.0.0.1:{free_port()}/dicom-web", study_uid=studies.chest
         ),
         "empty-query": lambda: archive.search_studies(url, query=archive.StudyQuery()),
         "backwards-dates": lambda: archive.search_studies(
@@ -179,7 +179,7 @@ def _reports(url: str, study: str) -> list:
 
 
 def test_a_result_is_written_back_and_read_back(studies: Studies) -> None:
-    upload = archive.study_cases(studies.url, studies.head)[0]
+    upload = archive.study_cases(studies.url, study_uid=studies.head)[0]
     source = source_dataset(upload.data)
     origin = Provenance(
         adapter="v3 head-ct",
@@ -198,7 +198,7 @@ def test_a_result_is_written_back_and_read_back(studies: Studies) -> None:
         probabilities=(0.55, 0.45),
         provenance=origin,
     )
-    archive.store_instances(studies.url, [report])
+    archive.store_instances(studies.url, datasets=[report])
 
     (stored,) = _reports(studies.url, studies.head)
     assert stored.StudyInstanceUID == studies.head and stored.PatientID == source.PatientID
