@@ -255,6 +255,12 @@ def test_adapt_page_pulls_a_series_as_a_class(
     assert len(gallery) == 2 and len(viewer) == 1  # the class's thumbnails, and the viewer
     assert viewer[0].startswith(gallery[0]) and "40x40 pixels" in viewer[0]
     assert len(at.image) == len(gallery) + 1  # the viewer's image
+    at.slider(key="adapt_archive_viewer_width_0").set_value(10.0).run()
+    at.select_slider(key="adapt_archive_viewer_zoom_0").set_value(4).run()
+    assert not at.exception
+    (viewer,) = [str(c.value) for c in at.caption if "pixels, window" in str(c.value)]
+    assert "/10, zoom 4x" in viewer
+    assert len(at.slider) == 4  # centre, width, and where to look when zoomed
 
 
 def test_classify_page_pulls_classifies_and_writes_back(
