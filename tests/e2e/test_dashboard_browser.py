@@ -53,6 +53,7 @@ SHOTS = 4
 NEW_CASES = 3
 THROTTLED = "nurse"  # an account a stranger's wrong passwords have throttled
 NEW_ACCESSION = "E2E-NEW"  # the study of new cases to classify
+PATIENT_ID = "E2E-0001"  # the made-up patient of every archive study here
 SCREENSHOT_BYTES = 200_000  # the README's images stay small
 SCREENSHOT_WIDTH = 1100  # px, after shrinking
 
@@ -121,7 +122,7 @@ def _archive_studies(archive: OrthancArchive, cases: Path) -> dict[str, str]:
                     study=new_study if is_new else study,
                     series=new_series if is_new else series,
                     patient_name="E2E^Synthetic",
-                    patient_id="E2E-0001",
+                    patient_id=PATIENT_ID,
                     accession=NEW_ACCESSION if is_new else f"E2E-{folder.name}",
                     study_date="20240110" if is_new else f"202401{day:02d}",
                     description="New cases" if is_new else f"Cases of {folder.name}",
@@ -387,6 +388,10 @@ def test_clinician_from_archive_to_export_then_admin_unlocks(
     expect(page.get_by_text(f"{THROTTLED} may log in again from every computer")).to_be_visible()
     users = UserStore(site["root"] / "users.sqlite", kdf_n=TEST_KDF_N)
     assert users.throttled_clients(THROTTLED) == 0
+
+    # The patient's name and ID were on the clinician's screen, never in the server's log.
+    log = (site["root"] / "server.log").read_text().lower()
+    assert "synthetic" not in log and PATIENT_ID.lower() not in log
     _idle(page)
     _shot(page, tmp_path, "dashboard-users", part=page.get_by_test_id("stMain"))
 
