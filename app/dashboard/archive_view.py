@@ -16,7 +16,7 @@ import streamlit as st
 
 from app.dashboard import archive, views
 from app.dashboard.errors import DashboardError
-from app.dashboard.provenance import Provenance
+from app.dashboard.provenance import AuditLog, Provenance
 from app.dashboard.structured_report import (
     ReportError,
     classification_report,
@@ -24,11 +24,13 @@ from app.dashboard.structured_report import (
 )
 from app.dashboard.uploads import Upload
 from app.dashboard.viewer import ZOOMS, Window, apply_window, read_image, zoom_crop
+from models.errors import FedfewError
 
 PANEL_TITLE = "From the image archive (DICOMweb)"
 SEARCH_LABEL = "Search the archive"
 PULL_LABEL = "Pull the images"
 WRITE_LABEL = "Write the results to the archive"
+ACTION_WRITE_BACK = "write-back"  # the audit log's action for reports stored in the archive
 MODALITIES = ("", "CR", "DX", "CT", "MR", "US", "MG", "NM", "PT", "XA", "OT")  # "" : any
 EARLIEST_DATE = dt.date(1900, 1, 1)  # the date pickers' default floor is only ten years back
 # Suffixes of the session-state keys of one panel (the page passes the prefix).
@@ -258,6 +260,8 @@ def write_back_panel(
     predictions: Sequence[ClassifiedCase],
     provenance: Provenance,
     uploads: Sequence[Upload],
+    audit: AuditLog | None = None,
+    case_digests: Sequence[str] = (),
 ) -> None:
     """Offer to store each archive case's result as a structured report in its study.
 
@@ -269,14 +273,19 @@ def write_back_panel(
         provenance: what produced the predictions (carried by every report).
         uploads: the files classified, matched to predictions by name; cases that are not DICOM
             images with study, series and instance UIDs are left out.
+        audit: where to record the write-back (action :data:`ACTION_WRITE_BACK`); None: not
+            recorded.
+        case_digests: the cases' digests for the audit log, in the order of ``predictions``.
     """
     if not url:
         return
     by_name: dict[str, Upload] = {}
     for upload in uploads:
         by_name.setdefault(upload.name, upload)
-    sources = []
-    for prediction in predictions:
+    matched = len(case_digests) == len(predictions)
+    digests = list(case_digests) if matched else [""] * len(predictions)
+    sources, written_digests = [], []
+    for prediction, digest in zip(predictions, digests, strict=True):
         upload = by_name.get(prediction.name)
         if upload is None:
             continue
@@ -284,6 +293,7 @@ def write_back_panel(
             sources.append((prediction, source_dataset(upload.data)))
         except ReportError:
             continue  # a PNG or JPEG from the browser: nothing in the archive to refer to
+        written_digests.append(digest)
     if not sources:
         return
     st.subheader("Write back to the archive")
@@ -323,3 +333,13 @@ def write_back_panel(
             st.success(
                 f"{len(reports)} structured report(s) stored in the archive beside their images."
             )
+            if audit is not None:
+                try:
+                    audit.record(
+                        provenance,
+                        action=ACTION_WRITE_BACK,
+                        case_digests=written_digests,
+                        outcomes=[p.outcome(classes) for p, _ in sources],
+                    )
+                except FedfewError as exc:
+                    st.error(f"The reports are stored, but the audit log was not written: {exc}")

@@ -158,6 +158,8 @@ archive_view.write_back_panel(
     predictions=predictions,
     provenance=origin,
     uploads=views.case_shelf().all_uploads().get(views.CLASSIFY_FILES_KEY, []),
+    audit=audit,
+    case_digests=digests,
 )
 
 st.subheader("Why")

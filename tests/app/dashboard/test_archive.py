@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from app.dashboard import archive, settings
+from app.dashboard.archive_view import ACTION_WRITE_BACK
 from app.dashboard.auth import ROLE_CLINICIAN
-from app.dashboard.provenance import NOTICE, Provenance
+from app.dashboard.provenance import ACTION_CLASSIFY, NOTICE, AuditLog, Provenance
 from app.dashboard.structured_report import classification_report, read_report, source_dataset
 from app.dashboard.uploads import load_uploads
 from models.pipeline import PipelineConfig
@@ -264,7 +265,7 @@ def test_adapt_page_pulls_a_series_as_a_class(
 
 
 def test_classify_page_pulls_classifies_and_writes_back(
-    studies, registry, make_app, case_images, monkeypatch
+    studies, registry, make_app, case_images, monkeypatch, env
 ) -> None:
     monkeypatch.setenv(settings.ENV_DICOMWEB, studies.url)
     at, _ = adapt_page_with_cases(make_app, case_images, shots=2)
@@ -282,3 +283,6 @@ def test_classify_page_pulls_classifies_and_writes_back(
     assert len(new) == 3
     written = sorted((read_report(r).outcome, read_report(r).provenance["user"]) for r in new)
     assert written == sorted((outcome, ROLE_CLINICIAN) for outcome in table["outcome"])
+    write_back, classified = AuditLog(env["users"]).entries()[:2]
+    assert (write_back.action, classified.action) == (ACTION_WRITE_BACK, ACTION_CLASSIFY)
+    assert write_back.case_digests == classified.case_digests and write_back.cases == 3
