@@ -165,9 +165,12 @@ class StudyQuery:
         """QIDO-RS search filters: one set per way of matching the patient (name, ID).
 
         Raises:
-            ArchiveError: no criterion at all, or a date range that ends before it starts.
+            ArchiveError: no criterion at all (a patient of only separators and wildcards is
+                none), or a date range that ends before it starts.
         """
-        if not any((self.patient.strip(), self.accession.strip(), self.modality.strip())) and (
+        words = [w for w in NAME_SEPARATORS.split(self.patient.strip()) if w.strip("*?")]
+        patient = self.patient.strip() if words else ""
+        if not any((patient, self.accession.strip(), self.modality.strip())) and (
             self.date_from is None and self.date_to is None
         ):
             raise ArchiveError(
@@ -187,12 +190,10 @@ class StudyQuery:
             start = self.date_from.strftime("%Y%m%d") if self.date_from else ""
             end = self.date_to.strftime("%Y%m%d") if self.date_to else ""
             common["StudyDate"] = f"{start}-{end}"  # PS3.4 C.2.2.2.5 range matching
-        patient = self.patient.strip()
         if not patient:
             return [common]
         # Names are matched as wildcards over their parts, in order ("doe jane" finds
         # Doe^Jane), which Orthanc matches without regard to case; IDs exactly.
-        words = [w for w in NAME_SEPARATORS.split(patient) if w]
         name = "*" + "*".join(words) + "*"
         return [{**common, "PatientName": name}, {**common, "PatientID": patient}]
 

@@ -145,6 +145,7 @@ def test_patient_names_stay_out_of_the_log(studies: Studies, caplog) -> None:
         ("unknown", "has no study 1.2.3.4"),
         ("unreachable", "could not be read"),
         ("empty-query", "give a patient"),
+        ("wildcard-only", "give a patient"),
         ("backwards-dates", "ends (2024-01-01) before it starts"),
     ],
 )
@@ -157,6 +158,9 @@ def test_archive_problems_are_messages(studies: Studies, which: str, message: st
             f"http://127.0.0.1:{free_port()}/dicom-web", study_uid=studies.chest
         ),
         "empty-query": lambda: archive.search_studies(url, query=archive.StudyQuery()),
+        "wildcard-only": lambda: archive.search_studies(
+            url, query=archive.StudyQuery(patient=" ^ * ")
+        ),
         "backwards-dates": lambda: archive.search_studies(
             url,
             query=archive.StudyQuery(date_from=dt.date(2024, 2, 1), date_to=dt.date(2024, 1, 1)),
