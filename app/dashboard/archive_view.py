@@ -39,6 +39,10 @@ SERIES = "_series"  # series per study UID, fetched once
 PULLED = "_pulled"  # uploads pulled by this panel, for the viewer
 WRITTEN = "_written"  # identity of the results last written back
 MESSAGE = "_message"  # (succeeded, text) of the last pull, shown once
+# Suffixes of the widgets that the Pull callback reads as well as the panel.
+STUDY = "_study"  # index of the chosen study in the results
+SERIES_OF = "_series_"  # + study UID: index of the chosen series (0: the whole study)
+TARGET = "_target"  # where the pulled images go
 
 
 class ClassifiedCase(Protocol):
@@ -124,7 +128,7 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
             "Study",
             range(len(studies)),
             format_func=lambda i: _study_label(studies[i]),
-            key=f"{key}_study",
+            key=key + STUDY,
         )
         study = studies[index]
         try:
@@ -136,15 +140,15 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
             "Series",
             range(len(series) + 1),  # 0: the whole study (an index: None would show as empty)
             format_func=lambda i: series[i - 1].label() if i else "all series of the study",
-            key=f"{key}_series_{study.study_uid}",
+            key=key + SERIES_OF + study.study_uid,
         )
         if not targets:
             st.info("Name the classes first; then pull each class's cases.")
             return
         names = list(targets)
-        if st.session_state.get(f"{key}_target") not in names:
-            st.session_state[f"{key}_target"] = _first_without_cases(targets)
-        st.selectbox("Add the images to", names, key=f"{key}_target")
+        if st.session_state.get(key + TARGET) not in names:
+            st.session_state[key + TARGET] = _first_without_cases(targets)
+        st.selectbox("Add the images to", names, key=key + TARGET)
         st.button(
             PULL_LABEL,
             key=f"{key}_pull",
@@ -175,10 +179,10 @@ def _pull(
     run and the target can move on to the next class without cases; it reads the study, series
     and target from their widgets' state (what the clinician sees now)."""
     state = st.session_state
-    study = studies[state[f"{key}_study"]]
-    choice = state.get(f"{key}_series_{study.study_uid}") or 0
+    study = studies[state[key + STUDY]]
+    choice = state.get(key + SERIES_OF + study.study_uid) or 0
     series = state[key + SERIES][study.study_uid][choice - 1] if choice else None
-    target = state[f"{key}_target"]
+    target = state[key + TARGET]
     try:
         uploads = archive.study_cases(
             url,
@@ -192,7 +196,7 @@ def _pull(
     pulled = state.setdefault(key + PULLED, [])
     pulled.extend(u for u in uploads if u not in pulled)
     state[key + MESSAGE] = (True, f"{len(uploads)} image(s) added to {target}.")
-    state[f"{key}_target"] = _first_without_cases(targets)
+    state[key + TARGET] = _first_without_cases(targets)
 
 
 def image_viewer(uploads: Sequence[Upload], *, key: str) -> None:
