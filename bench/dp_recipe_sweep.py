@@ -2,16 +2,18 @@
 
 The demo's setting: three synthetic hospitals (``federation/sites.py``: different class mixes,
 disjoint patients, ``--per-class`` images per class, two per patient), a Conv-4 (width 32) public
-start pre-trained with ProtoNet on the 8 public synthetic classes (``models.synthetic.public_set``),
-and 5-way 5-shot accuracy on the 8 unseen classes (the same 100 episodes for every row). Each
+start pre-trained with ProtoNet on the 8 public synthetic classes (``models.synthetic.public_set``,
+imaged in ``--public-modality``), and 5-way 5-shot accuracy on the 8 unseen classes (the same
+100 episodes for every row). Each
 recipe runs ``rounds`` rounds of FedAvg over the three sites, in process and without the ledger
 (the calibrated sigma is given), so the rows isolate the learning: mechanism (``episodic``:
 ``privacy.dp_meta``; ``supervised``: ``privacy.dp_pretrain``; ``nonprivate``: ordinary ProtoNet
 steps), parameter subset, sampling rate, steps, learning rate and sigma. A sigma near 0 separates
 what clipping and sampling cost from what the noise costs.
 
-Run: ``python bench/dp_recipe_sweep.py --public-steps 50 episodic:all:0.3:10:0.001:2.83``
-(recipe = mechanism:subset:q:steps-per-round:lr:sigma[:episodes]).
+Run: ``python bench/dp_recipe_sweep.py --public-steps 100 episodic:norm-affine:0.2:10:0.1:2.22:16``
+(recipe = mechanism:subset:q:steps-per-round:lr:sigma[:episodes]); bench/report.py gives each
+DP row the epsilon per site its steps spend.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig, preprocess_arrays
 from models.pretraining import PRETRAIN_OBJECTIVES
 from models.readers import patient_id_from_provenance
-from models.synthetic import DEMO_TRAIN_CLASSES, demo_sets, public_set, synthetic_arrays
+from models.synthetic import (
+    DEMO_TRAIN_CLASSES,
+    PUBLIC_MODALITIES,
+    demo_sets,
+    public_set,
+    synthetic_arrays,
+)
 from models.training import TrainConfig, meta_train
 from privacy.dp_config import DPConfig, DPPretrainConfig
 from privacy.dp_meta import DPMetaTrainer
@@ -90,8 +98,9 @@ def parse_recipe(text: str) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipes", nargs="+", type=parse_recipe)
-    p.add_argument("--public-steps", type=int, default=50)
-    p.add_argument("--per-class", type=int, default=40)
+    p.add_argument("--public-steps", type=int, default=100)
+    p.add_argument("--public-modality", default="inverted", choices=sorted(PUBLIC_MODALITIES))
+    p.add_argument("--per-class", type=int, default=160)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--out", default="dp_recipe_sweep")
@@ -110,8 +119,8 @@ def main() -> None:
     backbone = BackboneConfig(width=args.width)
     torch.manual_seed(0)
     model = build_backbone(backbone)
-    PRETRAIN_OBJECTIVES["protonet"].train(model, [public_set(config=pipeline)],
-                                          steps=args.public_steps, seed=0)  # fmt: skip
+    public = public_set(config=pipeline, modality=args.public_modality)
+    PRETRAIN_OBJECTIVES["protonet"].train(model, [public], steps=args.public_steps, seed=0)
     start: State = {k: v.clone() for k, v in model.state_dict().items()}
     round0 = score(model)
     log(f"public start ({args.public_steps} steps): {100 * round0:.1f}%")

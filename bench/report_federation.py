@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from models.calibration import wilson_interval
+from privacy.accounting import epsilon_for
+from privacy.mechanisms import EPISODIC, SUPERVISED, get_mechanism
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -130,32 +132,44 @@ def startup_section(payload: dict[str, Any], source: str) -> list[str]:
     ]
 
 
+def _recipe_epsilon(row: dict[str, Any], rounds: int) -> float | None:
+    """Epsilon per site (delta 1e-5, RDP) that a sweep row's DP steps spend; None if non-private."""
+    names = {"episodic": EPISODIC, "supervised": SUPERVISED}
+    if row["mechanism"] not in names:
+        return None
+    sigma = get_mechanism(names[row["mechanism"]]).accounted_noise_multiplier(row["sigma"])
+    return epsilon_for([(sigma, row["q"], row["steps"] * rounds)], delta=1e-5, accountant="rdp")
+
+
 def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
     """Accuracy by round of each DP recipe on the demo's hospitals, from one public start."""
     config, env, rows = payload["config"], payload["environment"], payload["results"]
+    rounds = len(rows[0]["accuracy_by_round"]) - 1
     table = []
     for r in rows:
-        noise = "none" if r["mechanism"] == "nonprivate" else f"{r['sigma']:g}"
-        accuracies = r["accuracy_by_round"]
+        private = r["mechanism"] != "nonprivate"
+        epsilon = _recipe_epsilon(r, rounds)
         table.append([
-            r["mechanism"], r["subset"], "-" if r["mechanism"] == "nonprivate" else f"{r['q']:g}",
-            noise, f"{r['lr']:g}", *(f"{100 * a:.1f}" for a in accuracies),
-            f"{100 * (accuracies[-1] - accuracies[0]):+.1f}",
+            r["mechanism"], r["subset"], f"{r['q']:g}" if private else "-",
+            f"{r['sigma']:g}" if private else "none", str(r["episodes"]) if private else "-",
+            "inf" if epsilon is None else (f"{epsilon:.2f}" if epsilon < 1000 else "huge"),
+            f"{r['lr']:g}", *(f"{100 * a:.1f}" for a in r["accuracy_by_round"]),
+            f"{100 * (r['accuracy_by_round'][-1] - r['accuracy_by_round'][0]):+.1f}",
         ])  # fmt: skip
-    rounds = len(rows[0]["accuracy_by_round"]) - 1
-    header = ["mechanism", "trains", "q", "sigma", "lr", "round 0"]
+    header = ["mechanism", "trains", "q", "sigma", "episodes", "epsilon", "lr", "round 0"]
     header += [f"round {i}" for i in range(1, rounds + 1)] + ["gain"]
+    modality = config.get("public_modality", "same")
     return [
-        "### DP recipes on the demo's hospitals, from a public start",
+        f"### DP recipes on the demo's hospitals, from a public start ({modality} modality)",
         "",
         f"From `bench/results/{source}` ({env['date']}): three synthetic hospitals "
         f"({config['per_class']} images per class, 2 per patient), a Conv-4 (width "
         f"{config['width']}) public start from {config['public_steps']} ProtoNet steps on the 8 "
-        f"public classes, then {rounds} FedAvg rounds of each recipe ({rows[0]['steps']} local "
-        "steps per site per round); 5-way 5-shot accuracy % on the 8 unseen classes, the same "
-        "100 episodes for every cell (95% CI about +/- 2 points). sigma is as applied to C; "
-        "2.83 spends epsilon 7.5 per site over the 30 steps at q 0.3 (dp-episodic, delta 1e-5); "
-        "0.001 is clipping and sampling without meaningful noise.",
+        f"public classes imaged in the {modality} modality, then {rounds} FedAvg rounds of each "
+        f"recipe ({rows[0]['steps']} local steps per site per round); 5-way 5-shot accuracy % on "
+        "the 8 unseen classes, the same 100 episodes for every cell (95% CI about +/- 2 points). "
+        "sigma is as applied to C; epsilon is per site at delta 1e-5; sigma 0.001 is clipping "
+        "and sampling without meaningful noise.",
         "",
         *_table(header, table),
     ]
@@ -291,7 +305,7 @@ def render_federation(folder: Path) -> list[str]:
         ("federated_accuracy.json", federated_accuracy_section),
         ("simulation_scale.json", simulation_section),
         ("startup_cost.json", startup_section),
-        ("dp_recipe_sweep.json", dp_recipe_section),
+        ("dp_recipe_sweep*.json", dp_recipe_section),
         ("federated_real*.json", federated_real_section),  # one table per mechanism run
         ("secure_aggregation.json", secure_aggregation_section),
         ("mia_federated.json", mia_federated_section),

@@ -9,6 +9,7 @@ contrast and noise (per image), so a few-shot learner must learn shape and textu
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,10 @@ def synthetic_imageset(*, config: PipelineConfig = PipelineConfig(), **kwargs: A
         config: preprocessing parameters.
         **kwargs: passed to :func:`synthetic_arrays`.
     """
-    arrays = synthetic_arrays(**kwargs)
+    return _imageset(synthetic_arrays(**kwargs), config)
+
+
+def _imageset(arrays: dict[str, np.ndarray], config: PipelineConfig) -> ImageSet:
     return ImageSet(
         images=preprocess_arrays(arrays["images"], config),
         labels=arrays["labels"],
@@ -224,6 +228,14 @@ DEMO_TRAIN_CLASSES = 16  # classes 0-15 train; 16-23 are never seen in training
 # and they are drawn with their own seed, so they share no patient with the demo's hospitals.
 PUBLIC_CLASSES = range(DEMO_CLASSES, MAX_CLASSES)
 PUBLIC_SEED = 1
+# How the public classes are imaged. "same": like the hospitals' images. "inverted": another
+# modality, contrast inverted (as T2- against T1-weighted MRI), the usual situation of a public
+# start, which comes from other modalities (bench/federated_real.py): it then has something to
+# learn from the hospitals' images.
+PUBLIC_MODALITIES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "same": lambda images: images,
+    "inverted": lambda images: 255 - images,
+}
 
 
 def demo_sets(
@@ -238,10 +250,20 @@ def demo_sets(
     return train, unseen
 
 
-def public_set(*, config: PipelineConfig = PipelineConfig(), per_class: int = 40) -> ImageSet:
+def public_set(
+    *, config: PipelineConfig = PipelineConfig(), per_class: int = 40, modality: str = "same"
+) -> ImageSet:
     """The demo's stand-in for public data: synthetic classes that no hospital holds and that the
-    demo never evaluates on (:data:`PUBLIC_CLASSES`)."""
-    data = synthetic_imageset(
-        config=config, n_classes=MAX_CLASSES, per_class=per_class, seed=PUBLIC_SEED
-    )
+    demo never evaluates on (:data:`PUBLIC_CLASSES`), imaged as :data:`PUBLIC_MODALITIES` says.
+
+    Raises:
+        ValueError: an unknown ``modality``.
+    """
+    if modality not in PUBLIC_MODALITIES:
+        raise ValueError(
+            f"public modality must be one of {sorted(PUBLIC_MODALITIES)}, got {modality!r}"
+        )
+    arrays = synthetic_arrays(n_classes=MAX_CLASSES, per_class=per_class, seed=PUBLIC_SEED)
+    arrays["images"] = PUBLIC_MODALITIES[modality](arrays["images"])
+    data = _imageset(arrays, config)
     return data.subset_classes(np.array(PUBLIC_CLASSES), name="synthetic-public")

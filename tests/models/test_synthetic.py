@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from models.readers import load_npz, patient_id_from_provenance
-from models.synthetic import MAX_CLASSES, synthetic_arrays, synthetic_imageset, write_synthetic_npz
+from models.synthetic import (
+    MAX_CLASSES,
+    class_names,
+    public_set,
+    synthetic_arrays,
+    synthetic_imageset,
+    write_synthetic_npz,
+)
 
 
 def test_layout_matches_the_shared_npz_files() -> None:
@@ -62,3 +69,13 @@ def test_npz_round_trip_and_imageset(tmp_path: Path) -> None:
     np.testing.assert_allclose(data.images, direct.images)
     assert data.patients.tolist() == direct.patients.tolist()
     assert direct.classes[0].startswith("synthetic_") and direct.name == "synthetic"
+
+
+def test_the_public_stand_in_can_come_from_another_modality() -> None:
+    same = public_set(per_class=4)
+    inverted = public_set(per_class=4, modality="inverted")
+    assert same.classes == inverted.classes and set(same.classes).isdisjoint(class_names(24))
+    np.testing.assert_array_equal(same.patients, inverted.patients)
+    np.testing.assert_allclose(inverted.images, 1.0 - same.images, atol=1e-4)
+    with pytest.raises(ValueError, match="public modality"):
+        public_set(per_class=4, modality="ultrasound")
