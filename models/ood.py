@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 MIN_REFERENCE = 2  # a spread needs two support cases
@@ -118,26 +119,23 @@ STAT_FLOOR = 0.02  # a statistic constant over the support set is scaled as if i
 def image_statistics(images: torch.Tensor) -> torch.Tensor:
     """Five statistics per pipeline output ``(n, C, S, S)`` in [0, 1]: mean and standard deviation
     of the grey image, colourfulness (mean spread across channels), and the correlation of
-    horizontally and of vertically neighbouring grey pixels."""
-    grey = images.mean(dim=1)
-    flat = grey.flatten(1)
-    colour = (
-        images.std(dim=1, unbiased=False).flatten(1).mean(1)
-        if images.shape[1] > 1
-        else (torch.zeros(len(images)))
-    )
+    horizontally and of vertically neighbouring grey pixels.
 
-    def neighbours(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a, b = a.flatten(1), b.flatten(1)
-        a = a - a.mean(1, keepdim=True)
-        b = b - b.mean(1, keepdim=True)
-        return (a * b).mean(1) / (a.std(1, unbiased=False) * b.std(1, unbiased=False)).clamp_min(
-            1e-8
-        )
+    Computed with numpy: a few small reductions, which torch's thread pool only slows down."""
+    arr = images.detach().cpu().numpy().astype(np.float64, copy=False)
+    grey = arr.mean(axis=1)
+    flat = grey.reshape(len(arr), -1)
+    colour = arr.std(axis=1).reshape(len(arr), -1).mean(axis=1)
+
+    def neighbours(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a = a.reshape(len(a), -1) - a.reshape(len(a), -1).mean(axis=1, keepdims=True)
+        b = b.reshape(len(b), -1) - b.reshape(len(b), -1).mean(axis=1, keepdims=True)
+        return (a * b).mean(axis=1) / np.maximum(a.std(axis=1) * b.std(axis=1), 1e-8)
 
     across = neighbours(grey[:, :, :-1], grey[:, :, 1:])
     down = neighbours(grey[:, :-1, :], grey[:, 1:, :])
-    return torch.stack([flat.mean(1), flat.std(1, unbiased=False), colour, across, down], dim=1)
+    stats = np.stack([flat.mean(axis=1), flat.std(axis=1), colour, across, down], axis=1)
+    return torch.from_numpy(stats.astype(np.float32))
 
 
 def pixel_view(
