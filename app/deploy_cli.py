@@ -92,8 +92,26 @@ def node_init(
     node_port: int = typer.Option(
         DEFAULT_NODE_PORT, "--node-port", help="This SuperNode's local Runtime API port."
     ),
+    allowed_mechanisms: str | None = typer.Option(
+        None,
+        "--allowed-mechanisms",
+        help="DP mechanisms this site runs, comma-separated (default: dp-episodic only).",
+    ),
+    max_sample_rate: float | None = typer.Option(
+        None, "--max-sample-rate", help="Largest sampling rate q a plan may use (default 0.2)."
+    ),
+    secure_aggregation: str | None = typer.Option(
+        None,
+        "--secure-aggregation",
+        help="allowed (default) | required | forbidden: secure aggregation of this site's updates.",
+    ),
 ) -> None:
     """Write a site's node.toml and key pair, check its data, and print what to register."""
+    given = {
+        "allowed-mechanisms": allowed_mechanisms,
+        "max-sample-rate": max_sample_rate,
+        "secure-aggregation": secure_aggregation,
+    }
     made = init_node(
         out,
         site=site,
@@ -104,6 +122,7 @@ def node_init(
         budget_delta=budget_delta,
         port=node_port,
         state_dir=state,
+        policy={key: value for key, value in given.items() if value is not None},
     )
     node_file = made.node_file
     summary = made.data

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -61,12 +61,14 @@ class SiteSpec:
         budget_epsilon: The site's total epsilon cap.
         budget_delta: Delta of every charge.
         state_dir: Folder of its ledger, registry and logs (`--state`; default beside node.toml).
+        policy: Its DP policy where it departs from the defaults (`--allowed-mechanisms`, ...).
     """
 
     data: Path
     budget_epsilon: float
     budget_delta: float = DEFAULT_BUDGET_DELTA
     state_dir: Path | None = None
+    policy: Mapping[str, ConfigValue] = field(default_factory=dict)
 
 
 class LocalFederation:
@@ -290,6 +292,7 @@ class LocalFederation:
             budget_delta=spec.budget_delta,
             port=free_port(HOST),
             state_dir=spec.state_dir,
+            policy=spec.policy,
         ).node_file
 
     def _register(self, node_file: NodeFile) -> int:

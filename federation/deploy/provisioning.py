@@ -58,6 +58,15 @@ LEDGER_FILE = "ledger.db"
 REGISTRY_DIR = "registry"
 REPLIES_DIR = "node-state"
 DEFAULT_BUDGET_DELTA = 1e-5  # below 1/n for any site under 100,000 patients
+# The [node] keys of the site's DP policy that `node init` may set (federation/node_config.py
+# gives each one's default and meaning); the rest of [node] is made by `node init` itself.
+POLICY_KEYS = (
+    "allowed-mechanisms",
+    "max-sample-rate",
+    "min-noise",
+    "max-steps-per-round",
+    "secure-aggregation",
+)
 DEFAULT_NODE_PORT = 9094  # flower-supernode's own default Runtime API port
 
 
@@ -237,6 +246,7 @@ def init_node(
     budget_delta: float = DEFAULT_BUDGET_DELTA,
     port: int = DEFAULT_NODE_PORT,
     state_dir: Path | None = None,
+    policy: Mapping[str, ConfigValue] | None = None,
     now: dt.datetime | None = None,
 ) -> NodeInit:
     """Provision a site: check everything first, then create the ledger, key pair and node.toml.
@@ -251,6 +261,7 @@ def init_node(
         budget_delta: Delta of every charge; must be below 1 / (patients in the set).
         port: The SuperNode's Runtime API port.
         state_dir: Folder of the ledger, registry and replies (default `out_dir/state`).
+        policy: The site's DP policy where it departs from the defaults (:data:`POLICY_KEYS`).
         now: Time for certificate checks (tests).
 
     Returns:
@@ -263,6 +274,12 @@ def init_node(
         ProvisioningError: a bad site name or address, or `out_dir` already holds a node.
     """
     check_site_name(site)
+    unknown = sorted(set(policy or {}) - set(POLICY_KEYS))
+    if unknown:
+        raise ProvisioningError(
+            f"{', '.join(unknown)} is not a policy key `node init` sets; it sets "
+            f"{', '.join(POLICY_KEYS)}"
+        )
     if budget_epsilon is None:
         raise NodeConfigError(
             "no privacy cap given: pass --budget-epsilon E, the total epsilon this site allows "
@@ -297,6 +314,7 @@ def init_node(
         "budget-delta": float(budget_delta),
         # The SuperNode's private key: the ClientApp signs each ledger head with it.
         "node-key": str(key_path),
+        **(policy or {}),
     }
     open_ledger(NodeConfig.from_mapping(node_values))  # fixes the cap, or finds it differs
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@ register command `node init` prints."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from typer.testing import CliRunner
 from app.cli import app as fedfew_app
 from federation.deploy.certificates import make_ca
 from federation.errors import NodeConfigError, ProvisioningError
+from federation.node_config import CONFIG_FILE_KEY, NodeConfig
 from models.synthetic import write_synthetic_npz
 
 
@@ -58,3 +61,20 @@ def test_server_register_with_a_bad_key_names_what_to_give(tmp_path):
     result = invoke(["server", "register", "--config", config, "nope.pub", "--name", "x"])
     assert isinstance(result.exception, FileNotFoundError)
     assert "neither a file nor a key line" in str(result.exception)
+
+
+def test_node_init_writes_the_sites_policy_as_installed_and_refuses_a_bad_one(node_args, tmp_path):
+    fedfew = Path(sys.executable).parent / "fedfew"
+    policy = ["--allowed-mechanisms", "dp-episodic,dp-supervised", "--max-sample-rate", "0.3",
+              "--budget-epsilon", "8", "--secure-aggregation"]  # fmt: skip
+    argv = [str(a) for a in (fedfew, *node_args, *policy, "required")]
+
+    made = subprocess.run(argv, capture_output=True, text=True, timeout=240, check=False)
+    refused = invoke([*node_args[:-1], tmp_path / "b", *policy, "sometimes"])
+
+    assert made.returncode == 0, made.stderr
+    node = NodeConfig.from_mapping({CONFIG_FILE_KEY: str(tmp_path / "a" / "node.toml")})
+    assert node.allowed_mechanisms == ("dp-episodic", "dp-supervised")
+    assert node.max_sample_rate == 0.3 and node.secure_aggregation == "required"
+    assert isinstance(refused.exception, NodeConfigError)
+    assert "secure-aggregation" in str(refused.exception) and not (tmp_path / "b").exists()

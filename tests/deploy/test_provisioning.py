@@ -296,3 +296,15 @@ def test_node_init_gives_the_clientapp_the_node_key_and_rotation_keeps_it_valid(
     assert node_file.node.node_key == node_file.connection.key  # signs the ledger heads
     rotate_node_key(path)
     assert read_node_file(path).node.node_key.is_file()  # the new key, at the same path
+
+
+def test_node_init_writes_only_the_policy_keys_it_knows(tmp_path, ca, data):
+    with pytest.raises(ProvisioningError, match="budget-epsilon is not a policy key"):
+        provision(tmp_path, ca, data, policy={"budget-epsilon": 80.0})
+    with pytest.raises(NodeConfigError, match="max-sample-rate"):
+        provision(tmp_path, ca, data, policy={"max-sample-rate": 1.5})
+    assert not (tmp_path / "node").exists()
+
+    node = read_node_file(provision(tmp_path, ca, data, policy={"min-noise": 1.2})).node
+
+    assert node.min_noise == 1.2 and node.max_sample_rate == NodeConfig.max_sample_rate
