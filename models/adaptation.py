@@ -15,8 +15,10 @@ An adapted classifier is three stages, each a lever measured in ``bench/new_moda
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 
 import torch
@@ -85,9 +87,26 @@ class AdaptConfig:
 StepHook = Callable[[int, int], None]
 
 
+# A hook for every adaptation started inside :func:`step_hook`'s block, in this thread or task.
+_BLOCK_HOOK: ContextVar[StepHook | None] = ContextVar("adaptation_step_hook", default=None)
+
+
+@contextlib.contextmanager
+def step_hook(hook: StepHook) -> Iterator[None]:
+    """Report the steps of every adaptation run inside the block to ``hook`` (also those started
+    by other functions, such as the leave-one-out folds of ``models.calibration``), so a caller
+    can show progress and stop them; an exception the hook raises propagates."""
+    token = _BLOCK_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _BLOCK_HOOK.reset(token)
+
+
 def _step(hook: StepHook | None, done: int, total: int) -> None:
-    if hook is not None:
-        hook(done, total)
+    for h in (hook, _BLOCK_HOOK.get()):
+        if h is not None:
+            h(done, total)
 
 
 # Mapped features have this norm, so squared distances between them are HEAD_SCALE times those of

@@ -15,7 +15,7 @@ import torch
 
 from app.dashboard.errors import CaseError
 from app.dashboard.uploads import LoadedCases
-from models.adaptation import ADAPT_MODES, AdaptConfig, AdaptedClassifier, adapt
+from models.adaptation import ADAPT_MODES, AdaptConfig, AdaptedClassifier, adapt, step_hook
 from models.calibration import (
     CalibrationConfig,
     Interval,
@@ -262,12 +262,22 @@ def adapt_cases(
     )
     score = None
     if checked:
-        score = reliability(
-            model,
-            support,
-            config=config,
-            on_progress=lambda fraction, text: report(share + (1 - share) * fraction, text),
-        )
+        folds_done = [0.0]  # fraction of the folds finished
+
+        def after_fold(fraction: float, text: str) -> None:
+            folds_done[0] = fraction
+            report(share + (1 - share) * fraction, text)
+
+        def in_fold(step: int, steps: int) -> None:  # a fold's own steps: progress and Cancel
+            case = round(folds_done[0] * folds) + 1
+            within = min(folds_done[0] + step / steps / folds, 1.0)
+            report(
+                share + (1 - share) * within,
+                f"checking reliability: case {case} of {folds}, step {step} of {steps}",
+            )
+
+        with step_hook(in_fold):
+            score = reliability(model, support, config=config, on_progress=after_fold)
     report(1.0, "done")
     return Adaptation(
         classifier=classifier,

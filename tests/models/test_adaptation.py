@@ -160,3 +160,15 @@ def test_every_mode_reports_its_steps_and_a_raising_hook_stops_it_leaving_the_ba
     assert calls == [1]  # stopped at the first step, not after the loop
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_a_step_hook_block_hears_adaptations_started_by_other_functions():
+    from models.adaptation import step_hook
+
+    model = build_backbone(BackboneConfig(width=8, image_size=16))
+    y = torch.arange(3).repeat_interleave(2)
+    heard: list[tuple[int, int]] = []
+    with step_hook(lambda d, t: heard.append((d, t))):
+        adapt(model, _patterns()[y], y, ways=3, config=AdaptConfig(mode="linear", linear_steps=3))
+    adapt(model, _patterns()[y], y, ways=3, config=AdaptConfig(mode="linear", linear_steps=3))
+    assert heard == [(1, 3), (2, 3), (3, 3), (1, 1)]  # only inside the block

@@ -166,3 +166,26 @@ def test_progress_covers_the_adaptation_then_the_reliability_folds() -> None:
     assert [t for _, t in seen[2:6]] == [
         f"checking reliability: case {i} of 4" for i in range(1, 5)
     ]
+
+
+class _Stop(Exception):
+    """Raised by a progress callback, as a Cancel button's does."""
+
+
+def test_cancel_reaches_the_steps_of_the_reliability_folds() -> None:
+    seen: list[str] = []
+
+    def progress(fraction: float, text: str) -> None:
+        seen.append(text)
+        if text == "checking reliability: case 1 of 4, step 2 of 25":
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        clinic.adapt_cases(
+            loaded(), support(per_class=2), mode="finetune", base_version=1, on_progress=progress
+        )
+    assert "adapting (finetune): step 25 of 25" in seen  # the adaptation itself finished
+    assert seen[-2:] == [
+        "checking reliability: case 1 of 4, step 1 of 25",
+        "checking reliability: case 1 of 4, step 2 of 25",
+    ]  # stopped inside the first fold, not after it
