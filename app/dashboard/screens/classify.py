@@ -104,7 +104,7 @@ st.subheader("Predictions")
 unusual = [p.name for p in predictions if p.unusual]
 if unusual:
     st.warning(
-        f"{len(unusual)} of {len(predictions)} case(s) are an **{OUTCOME_UNUSUAL}**: they look "
+        f"{len(unusual)} of {len(predictions)} case(s) flagged as **{OUTCOME_UNUSUAL}**: they look "
         "unlike every labelled case of this adapter (as noise, a photograph or a study of another "
         "modality would), so they are not classified: "
         + ", ".join(unusual[:10])

@@ -102,7 +102,7 @@ def test_huge_images_get_a_note_on_both_pages_and_unusual_images_no_label(
     assert table.loc[["noise.png"], list(classes)].isna().all(axis=None)  # no probabilities
     assert table.loc["usual.png", "outcome"] != OUTCOME_UNUSUAL
     warning = texts(at, "warning")
-    assert f"are an **{OUTCOME_UNUSUAL}**" in warning and "noise.png" in warning
+    assert f"flagged as **{OUTCOME_UNUSUAL}**" in warning and "noise.png" in warning
     assert "usual.png" not in warning
 
 
