@@ -122,8 +122,8 @@ def show(
         f"{summary['worst_epsilon']:.4f} ({summary['worst_accountant']}); "
         f"{summary['charges']} charges, {summary['refusals']} refusals"
     )
-    columns = ("id", "kind", "round", "mechanism", "accounted_noise_multiplier", "sample_rate")
-    columns += ("steps", "epsilon_before", "epsilon_after", "requester")
+    columns: tuple[str, ...] = ("id", "kind", "round", "mechanism", "accounted_noise_multiplier")
+    columns += ("sample_rate", "steps", "epsilon_before", "epsilon_after", "requester")
     typer.echo("  ".join(f"{c:>12}" if c != "mechanism" else f"{c:<14}" for c in columns))
     for entry in summary["history"]:
         cells = []

@@ -336,7 +336,7 @@ def study_cases(url: str, *, study_uid: str, series_uid: str | None = None) -> l
                 f"{where} has more than {MAX_INSTANCES} images: pick a smaller study or series"
             )
         datasets = client.retrieve_series(uid, series) if series else client.retrieve_study(uid)
-    uploads = []
+    uploads: list[Upload] = []
     for ds in datasets:
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)

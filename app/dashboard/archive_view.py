@@ -290,11 +290,11 @@ def write_back_panel(
     digests = list(case_digests) if matched else [""] * len(predictions)
     sources, written_digests = [], []
     for prediction, digest in zip(predictions, digests, strict=True):
-        upload = by_name.get(prediction.name)
-        if upload is None:
+        found = by_name.get(prediction.name)
+        if found is None:
             continue
         try:
-            sources.append((prediction, source_dataset(upload.data)))
+            sources.append((prediction, source_dataset(found.data)))
         except ReportError:
             continue  # a PNG or JPEG from the browser: nothing in the archive to refer to
         written_digests.append(digest)
