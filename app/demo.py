@@ -45,14 +45,22 @@ class DemoSettings:
     rounds: int = 3  # enough to see the model and every ledger move
     local_steps: int = 10  # DP steps per hospital per round
     width: int = 32  # Conv-4 filters; 64 costs 5x the time per step on CPU
+    # About 640 patients per hospital: DP's signal grows with the patients per step, its noise
+    # does not (40 images per class, about 110 patients, left the model where it started).
+    images_per_class: int = 240
     public_objective: str = "protonet"  # the operator's pre-training on public classes
     public_steps: int = 100  # non-private steps on public data, before any hospital is asked
+    public_modality: str = "inverted"  # public data from another modality (models/synthetic.py)
     trainable: str = "norm-affine"  # what DP touches: the public encoder's convolutions stay
-    local_lr: float = 0.01  # Adam on the nodes (bench/dp_recipe_sweep.py, norm-affine rows)
+    # The recipe, from bench/dp_recipe_sweep.py (inverted-modality rows): each of E episodes is
+    # clipped to C, so more episodes per step carry more signal against the same noise; q stays
+    # within the nodes' default max-sample-rate.
+    local_lr: float = 0.05  # Adam on the nodes; 0.1 gained less
+    episodes: int = 32
+    sample_rate: float = 0.18
+    noise_multiplier: float = 2.1  # sigma on C: accounted 1.05 at sensitivity 2C; eps 7.5
     budget_epsilon: float = 8.0  # each hospital's cap
     budget_delta: float = 1e-5
-    noise_multiplier: float = 2.0  # sigma on C: accounted sigma 1.0 at sensitivity 2C
-    sample_rate: float = 0.1
     eval_episodes: int = 200  # public-set episodes per evaluation
     timeout: float = 900.0  # the whole `flwr run`
 
@@ -87,11 +95,17 @@ def prepare_workdir(workdir: Path) -> Path:
     return workdir
 
 
-def site_data(workdir: Path, data: Sequence[Path] | None) -> dict[str, Path]:
-    """Each hospital's training set: the synthetic demo split, one given set per hospital, or one
-    given set split by patient across the three hospitals."""
+def site_data(
+    workdir: Path,
+    data: Sequence[Path] | None,
+    *,
+    images_per_class: int = DemoSettings.images_per_class,
+) -> dict[str, Path]:
+    """Each hospital's training set: the synthetic demo split (``images_per_class`` of each
+    training class, two per patient), one given set per hospital, or one given set split by
+    patient across the three hospitals."""
     if not data:
-        arrays = synthetic_arrays(n_classes=DEMO_TRAIN_CLASSES, per_class=40, seed=0)
+        arrays = synthetic_arrays(n_classes=DEMO_TRAIN_CLASSES, per_class=images_per_class, seed=0)
         parts = split_by_patient(arrays, DEMO_MIXES)
     elif len(data) == 1:
         with np.load(data[0]) as loaded:
@@ -123,10 +137,11 @@ def public_start(workdir: Path, settings: DemoSettings, echo: Callable[[str], No
         The model directory the federation starts from (``WORKDIR/public-start``).
     """
     pipeline = PipelineConfig()
-    public = public_set(config=pipeline)
+    public = public_set(config=pipeline, modality=settings.public_modality)
     echo(
         f"operator's step (not private, no hospital data): pre-training the starting model on "
-        f"{len(public.classes)} public synthetic classes, {settings.public_steps} steps..."
+        f"{len(public.classes)} public synthetic classes ({settings.public_modality} contrast "
+        f"against the hospitals' images), {settings.public_steps} steps..."
     )
     started = time.perf_counter()
     out = write_pretrained(
@@ -161,6 +176,7 @@ def server_config(
         initial_model=str(initial_model or ""),
         trainable=settings.trainable,
         local_lr=settings.local_lr,
+        episodes=settings.episodes,
         noise_multiplier=settings.noise_multiplier,
         sample_rate=settings.sample_rate,
         eval_data=eval_data,
@@ -187,7 +203,7 @@ def run_demo(
     workdir = prepare_workdir(workdir)
     what = "synthetic data (not real patients)" if not data else "the given sets"
     echo(f"preparing {len(data) if data and len(data) > 1 else 3} hospitals with {what}...")
-    sites = site_data(workdir, data)
+    sites = site_data(workdir, data, images_per_class=settings.images_per_class)
     start = public_start(workdir, settings, echo)
     config = server_config(
         workdir, len(sites), settings, eval_data, start, secure_aggregation=secure_aggregation
