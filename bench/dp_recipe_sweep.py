@@ -29,6 +29,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.demo import DemoSettings
 from bench.common import Progress, set_threads, write_result
 from federation.sites import DEMO_MIXES, split_by_patient
 from models.episodes import EpisodeConfig
@@ -99,8 +100,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipes", nargs="+", type=parse_recipe)
     p.add_argument("--public-steps", type=int, default=100)
-    p.add_argument("--public-modality", default="inverted", choices=sorted(PUBLIC_MODALITIES))
-    p.add_argument("--per-class", type=int, default=160)
+    demo = DemoSettings()
+    p.add_argument(
+        "--public-modality", default=demo.public_modality, choices=sorted(PUBLIC_MODALITIES)
+    )
+    p.add_argument("--per-class", type=int, default=demo.images_per_class)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--out", default="dp_recipe_sweep")
