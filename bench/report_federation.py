@@ -152,11 +152,12 @@ def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
         table.append([
             r["mechanism"], r["subset"], f"{r['q']:g}" if private else "-",
             f"{r['sigma']:g}" if private else "none", str(r["episodes"]) if private else "-",
+            str(r["steps"]),
             "inf" if epsilon is None else (f"{epsilon:.2f}" if epsilon < 1000 else "huge"),
             f"{r['lr']:g}", *(f"{100 * a:.1f}" for a in r["accuracy_by_round"]),
             f"{100 * (r['accuracy_by_round'][-1] - r['accuracy_by_round'][0]):+.1f}",
         ])  # fmt: skip
-    header = ["mechanism", "trains", "q", "sigma", "episodes", "epsilon", "lr", "round 0"]
+    header = ["mechanism", "trains", "q", "sigma", "episodes", "steps", "epsilon", "lr", "round 0"]
     header += [f"round {i}" for i in range(1, rounds + 1)] + ["gain"]
     modality = config.get("public_modality", "same")
     return [
@@ -166,7 +167,7 @@ def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
         f"({config['per_class']} images per class, 2 per patient), a Conv-4 (width "
         f"{config['width']}) public start from {config['public_steps']} ProtoNet steps on the 8 "
         f"public classes imaged in the {modality} modality, then {rounds} FedAvg rounds of each "
-        f"recipe ({rows[0]['steps']} local steps per site per round); 5-way 5-shot accuracy % on "
+        "recipe (`steps`: local steps per site per round); 5-way 5-shot accuracy % on "
         "the 8 unseen classes, the same 100 episodes for every cell (95% CI about +/- 2 points). "
         "sigma is as applied to C; epsilon is per site at delta 1e-5; sigma 0.001 is clipping "
         "and sampling without meaningful noise.",
