@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 from flwr.app import Context, RecordDict
 
 from bench.common import RESULTS, Progress, set_threads, write_result
-from federation.client_app import train as client_train
+from federation.client_app import app as client_app
 from federation.inprocess import InProcessGrid, set_task_identity
 from federation.records import State
 from federation.rounds import run_rounds
@@ -76,7 +76,7 @@ def federated(config: ServerConfig, sites: list[dict[str, Any]], cap: float, roo
         context = Context(
             run_id=1, node_id=0, node_config=node_config, state=RecordDict(), run_config={}
         )
-        return lambda msg: client_train(msg, context)
+        return lambda msg: client_app(msg, context)
 
     grid = InProcessGrid({i + 1: handler(s) for i, s in enumerate(sites)})
     eval_set = public_eval_set(config)

@@ -45,7 +45,7 @@ from flwr.app import Context, Message, RecordDict
 from safetensors.numpy import load_file
 
 from bench.common import RESULTS, Progress, set_threads, write_result
-from federation.client_app import secure_aggregation_mod, train
+from federation.client_app import app as client_app
 from federation.inprocess import InProcessGrid, set_task_identity
 from federation.node_config import NodeConfig
 from federation.rounds import collect_round
@@ -91,7 +91,7 @@ def metered(node_config: dict[str, Any], node_id: int, meter: NodeMeter) -> Call
         stage = stage_of(msg) or "train"
         meter.bytes_in += content_bytes(msg.content)
         started = time.perf_counter()
-        reply = secure_aggregation_mod(msg, context, train)
+        reply = client_app(msg, context)
         seconds = time.perf_counter() - started
         meter.seconds_by_stage[stage] = meter.seconds_by_stage.get(stage, 0.0) + seconds
         if not reply.has_error():

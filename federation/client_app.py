@@ -28,7 +28,19 @@ from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from federation.errors import PlanInvalidError, PlanRefusedError
 from federation.node_config import NodeConfig
 from federation.reasons import ReasonCode, error_for, reason_for
-from federation.records import DELTA, MODEL, PLAN, REPORT, from_arrays, from_config, to_arrays
+from federation.records import (
+    DELTA,
+    FINAL_MODEL,
+    MODEL,
+    PLAN,
+    PUBLISHED,
+    PUBLISHED_METRICS,
+    PUBLISHED_PRIVACY,
+    REPORT,
+    from_arrays,
+    from_config,
+    to_arrays,
+)
 from federation.records import to_config as config_record
 
 if TYPE_CHECKING:
@@ -90,6 +102,28 @@ def train(msg: Message, context: Context) -> Message:
         return _round(msg, context, config)
     except Exception as exc:
         return _failed(msg, config, exc)
+
+
+@app.query(FINAL_MODEL)
+def keep_final_model(msg: Message, context: Context) -> Message:
+    """Keep the federation's final model for this hospital's clinicians; reply an empty
+    acknowledgement (nothing computed from the site's data, nothing charged)."""
+    config = None
+    try:
+        config = NodeConfig.from_mapping(context.node_config)
+        from federation import node
+
+        published = from_config(msg.content.config_records[PUBLISHED])
+        node.keep_final_model(
+            config,
+            _plan(msg),
+            from_arrays(msg.content.array_records[MODEL]),
+            privacy=json.loads(str(published[PUBLISHED_PRIVACY])),
+            metrics=json.loads(str(published[PUBLISHED_METRICS])),
+        )
+    except Exception as exc:  # every failure replies a code; its text stays on the node
+        return _failed(msg, config, exc)
+    return Message(RecordDict(), reply_to=msg)
 
 
 def _round(msg: Message, context: Context, config: NodeConfig) -> Message:

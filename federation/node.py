@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
@@ -38,7 +39,7 @@ from federation.plan import RoundPlan, check_policy
 from federation.versions import model_from_state, publish_state, state_digest
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
-from models.registry import Registry
+from models.registry import Registry, RegistryEntry
 from privacy.errors import BudgetExhaustedError
 from privacy.ledger import KIND_CHARGE, ChargeRequest, Ledger, LedgerEntry
 from privacy.ledger_head import LedgerHead, load_signing_key, read_head, sign_head
@@ -154,6 +155,30 @@ def _run_locked(
     delta = {k: (trained[k] - global_state[k]).astype(global_state[k].dtype) for k in trained}
     _write_reply(replies / f"round-{plan.round}-charge-{entry.id}.safetensors", delta, replay_key)
     return NodeReply(delta, _report(config, ledger, plan, entry, replayed=False))
+
+
+def keep_final_model(
+    config: NodeConfig,
+    plan: RoundPlan,
+    state: State,
+    *,
+    privacy: dict[str, Any],
+    metrics: dict[str, Any],
+) -> RegistryEntry:
+    """Keep the federation's model after its last round (``plan.round``) in this node's registry,
+    beside the versions it received for each round, with the privacy reports and metrics the
+    server published for it; nothing is trained or charged, and keeping the same model again
+    returns the entry it already has."""
+    return publish_state(
+        Registry.open(config.registry, create=True),
+        state,
+        plan,
+        name=f"{plan.federation} global after round {plan.round} (final)",
+        extra={"federation": plan.federation, "final-after-round": plan.round},
+        info={"federation": plan.federation, "round": plan.round},
+        privacy=privacy,
+        metrics=metrics,
+    )
 
 
 @contextmanager

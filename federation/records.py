@@ -11,6 +11,14 @@ MODEL = "model"  # ArrayRecord: global model (server -> node)
 DELTA = "delta"  # ArrayRecord: the node's model delta (node -> server)
 PLAN = "plan"  # ConfigRecord: the round's DP plan
 REPORT = "report"  # ConfigRecord: the node's accounted privacy report
+# The query action that hands the final model to the nodes (`query.final_model` messages): every
+# round's model reaches them as the next round's input, the last one only this way.
+FINAL_MODEL = "final_model"
+# ConfigRecord of that message: the final version's public record as the server published it
+# (each site's privacy report, the evaluation metrics), JSON under these keys.
+PUBLISHED = "published"
+PUBLISHED_PRIVACY = "privacy-json"
+PUBLISHED_METRICS = "metrics-json"
 
 State = dict[str, np.ndarray]
 

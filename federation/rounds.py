@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from federation.aggregation import apply_update
 from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from federation.errors import QuorumError
+from federation.reasons import reason_of
 from federation.records import State, to_arrays
 from federation.secure_server import collect_secure_round
 from federation.strategy import LOGGER_NAME, AcceptedReply, FederatedMetaStrategy
@@ -152,7 +153,36 @@ def run_rounds(
             len(record["sites"]),
             ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
         )
+    deliver_final(grid, strategy, checkpoint)
     return checkpoint
+
+
+def deliver_final(grid: Grid, strategy: FederatedMetaStrategy, checkpoint: Checkpoint) -> list[int]:
+    """Hand the final model to every connected node, which keeps it for its clinicians.
+
+    A node missing it still has every earlier version; delivery is repeated (and is idempotent
+    on the node) when a finished federation is resumed.
+
+    Returns:
+        The nodes that confirmed they keep it.
+    """
+    arrays = to_arrays(checkpoint.state)
+    messages = strategy.configure_final(checkpoint.round, arrays, checkpoint.history[-1], grid)
+    replies = list(grid.send_and_receive(messages, timeout=strategy.config.round_timeout))
+    kept = [m.metadata.src_node_id for m in replies if not m.has_error()]
+    for reply in replies:
+        if reply.has_error():  # the public reason code only, as for round replies
+            logger.warning(
+                "%s did not keep the final model: %s",
+                strategy.site_name(reply.metadata.src_node_id),
+                reason_of(reply.error).value,
+            )
+    missing = {m.metadata.dst_node_id for m in messages} - {m.metadata.src_node_id for m in replies}
+    for node in sorted(missing):
+        logger.warning("%s did not answer the final model's delivery", strategy.site_name(node))
+    logger.info("final model (round %d) kept by %d of %d nodes", checkpoint.round, len(kept),
+                len(messages))  # fmt: skip
+    return kept
 
 
 def _record(

@@ -4,11 +4,13 @@ deltas are aggregated with public site weights and a server learning rate."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -20,8 +22,12 @@ from federation.plan import RoundPlan
 from federation.reasons import reason_of
 from federation.records import (
     DELTA,
+    FINAL_MODEL,
     MODEL,
     PLAN,
+    PUBLISHED,
+    PUBLISHED_METRICS,
+    PUBLISHED_PRIVACY,
     REPORT,
     State,
     from_arrays,
@@ -125,6 +131,30 @@ class FederatedMetaStrategy(Strategy):
             for node_id in grid.get_node_ids()
         ]
 
+    def configure_final(
+        self, server_round: int, arrays: ArrayRecord, record: dict[str, Any], grid: Grid
+    ) -> list[Message]:
+        """The final model (after ``server_round``), with that round's plan (which says how to
+        build it) and its published record (each site's privacy report and the metrics), to
+        every connected node: nothing to train, nothing to charge."""
+        plan = ConfigRecord(self.round_plan(server_round).to_config())
+        published = ConfigRecord({
+            PUBLISHED_PRIVACY: json.dumps(record["sites"]),
+            PUBLISHED_METRICS: json.dumps(record["metrics"]),
+        })  # fmt: skip
+        return [
+            Message(
+                content=RecordDict({MODEL: arrays, PLAN: plan, PUBLISHED: published}),
+                message_type=f"{MessageType.QUERY}.{FINAL_MODEL}",
+                dst_node_id=node_id,
+            )
+            for node_id in grid.get_node_ids()
+        ]
+
+    def site_name(self, node: int) -> str:
+        """A node as the logs name it: its id, and its site once a reply has said it."""
+        return f"node {node}" + (f" ({self._sites[node]})" if node in self._sites else "")
+
     def gate(self, replies: Iterable[Message]) -> tuple[dict[int, AcceptedReply], list[str]]:
         """Run every reply through the validation gate.
 
@@ -135,7 +165,7 @@ class FederatedMetaStrategy(Strategy):
         problems: list[str] = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            name = f"node {node}" + (f" ({self._sites[node]})" if node in self._sites else "")
+            name = self.site_name(node)
             if msg.has_error():
                 # The public reason code only: whatever text the reply holds is never kept.
                 problems.append(f"{name} refused or failed: {reason_of(msg.error).value}")

@@ -54,6 +54,8 @@ def epsilon_label(entry: RegistryEntry) -> str:
         reports = site_reports(entry)
     except ReportFormatError:
         return "privacy report unreadable: ask IT to check this version"
+    if not reports and entry.info.get("round", 0) > 0:  # a federated round's output
+        return "trained with DP by the federation; this copy has no privacy report (ask IT)"
     if not reports:
         return "no privacy report (not trained with differential privacy)"
     worst = max(r.epsilon_spent for r in reports.values())

@@ -21,6 +21,7 @@ from federation.deploy.local_deployment import LocalFederation, SiteSpec
 from federation.deploy.processes import group_exists
 from federation.deploy.services import NODE_ID_FILE
 from federation.server_config import ServerConfig
+from federation.versions import DIGEST_KEY
 from models.registry import Registry
 from models.synthetic import write_synthetic_npz
 from privacy.ledger import Ledger
@@ -103,9 +104,10 @@ def test_two_rounds_three_nodes_with_one_out_of_budget_and_an_unregistered_node(
     assert charged_rounds(tmp_path, "hospital-c") == [1]
     refusals = [e for e in ledger(tmp_path, "hospital-c").entries() if e.kind == "refusal"]
     assert [e.round for e in refusals] == [2]  # quorum met by a and b: no retry
-    for site in nodes:  # each node kept the global models it received
-        registry = Registry.open(tmp_path / site / "state" / "registry")
-        assert len(registry.entries(kind="global")) >= 1
+    final = versions[-1].info[DIGEST_KEY]
+    for site in nodes:  # each node kept the models it received and the final one, uncharged
+        kept = Registry.open(tmp_path / site / "state" / "registry").entries(kind="global")
+        assert kept[-1].info[DIGEST_KEY] == final and kept[-1].info["round"] == 2
     for process in processes:  # every process the deployment started is gone
         assert not group_exists(process.pid)
 

@@ -8,6 +8,7 @@ import pytest
 from flwr.app import Message
 
 from federation.checkpoint import load_checkpoint
+from federation.client_app import app as client_app
 from federation.client_app import train
 from federation.errors import QuorumError
 from federation.inprocess import InProcessGrid
@@ -15,6 +16,7 @@ from federation.records import DELTA, from_arrays, to_arrays
 from federation.rounds import run_rounds
 from federation.server_app import evaluate_state, public_eval_set, publish_version
 from federation.strategy import REGISTERED_KEYS, FederatedMetaStrategy
+from federation.versions import DIGEST_KEY
 from models.registry import Registry
 from privacy.ledger import Ledger
 from privacy.ledger_head import check_against_record
@@ -25,7 +27,7 @@ from .test_client_app import context
 
 
 def node(site):
-    return lambda msg: train(msg, context(site))
+    return lambda msg: client_app(msg, context(site))  # routed by message type, as Flower does
 
 
 def run(config, state, grid):
@@ -57,6 +59,24 @@ def test_two_rounds_publish_a_version_each_with_every_sites_report(
     accuracy = [k for k in first if k.startswith("accuracy-")]
     assert accuracy and any(last[k] != first[k] for k in accuracy), (first, last)
     for site in sites:
+        assert [e.round for e in Ledger.open(site["ledger"]).entries()] == [1, 2]
+
+
+def test_every_node_keeps_the_final_model_without_a_charge_and_a_resume_adds_no_copy(
+    tmp_path, server_config, global_state
+):
+    sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
+    grid = InProcessGrid({1: node(sites[0]), 2: node(sites[1])})
+    final = run(server_config, global_state, grid)
+    run(server_config, global_state, grid)  # a finished federation, resumed: delivers again
+
+    published = Registry.open(server_config.root / "registry").latest()
+    assert [m.metadata.message_type for m in grid.sent[-2:]] == ["query.final_model"] * 2
+    for site in sites:
+        kept = Registry.open(site["registry"]).entries(kind="global")
+        assert [e.info["round"] for e in kept] == [0, 1, 2]  # received before 1, 2; final
+        assert kept[-1].info[DIGEST_KEY] == published.info[DIGEST_KEY] and final.round == 2
+        assert kept[-1].privacy == published.privacy and kept[-1].metrics == published.metrics
         assert [e.round for e in Ledger.open(site["ledger"]).entries()] == [1, 2]
 
 

@@ -10,7 +10,8 @@ from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from safetensors.numpy import load_file
 
-from federation.client_app import secure_aggregation_mod, train
+from federation.client_app import app as client_app
+from federation.client_app import train
 from federation.errors import InvalidUpdateError
 from federation.inprocess import InProcessGrid
 from federation.node_config import NodeConfig
@@ -41,7 +42,7 @@ def node(site: dict, node_id: int, *, drop_masked_in_attempts: tuple[int, ...] =
 
     def handle(msg: Message) -> Message | None:
         stage = stage_of(msg)  # before the mod: Flower's mod pops the stage from the message
-        reply = secure_aggregation_mod(msg, context, train)
+        reply = client_app(msg, context)  # the mod, then the handler of the message's type
         if stage == "collect_masked_vectors":
             seen["masked"] += 1
             if seen["masked"] in drop_masked_in_attempts:

@@ -235,7 +235,11 @@ def test_epsilon_label(tmp_path: Path) -> None:
     unreadable, empty, two, one = adapters.base_models(registry)
     assert adapters.epsilon_label(one) == "ε 3.00 (1 site)"
     assert adapters.epsilon_label(two) == "ε 2.00 (highest of 2 sites)"
-    assert "no privacy report" in adapters.epsilon_label(empty)
+    # A round's output with no report is a copy a node received (the server publishes every
+    # round with its sites' reports): DP-trained, not "not trained with DP".
+    assert "trained with DP by the federation; this copy has no privacy report" in (
+        adapters.epsilon_label(empty)
+    )
     assert "unreadable" in adapters.epsilon_label(unreadable)
 
 
