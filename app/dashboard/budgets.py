@@ -154,6 +154,30 @@ def epsilon_rows(budgets: Sequence[SiteBudget]) -> list[dict[str, Any]]:
     return rows
 
 
+def cap_rows(budgets: Sequence[SiteBudget]) -> list[dict[str, Any]]:
+    """Each charged site's cap as a flat line over the rounds of :func:`epsilon_rows`."""
+    rounds = [e.round for b in budgets for e in b.charges]
+    if not rounds:
+        return []
+    return [
+        {"charge": 0, "round": r, "site": f"{b.site} cap", "epsilon": b.cap}
+        for b in budgets
+        if b.charges
+        for r in (min(rounds), max(rounds))
+    ]
+
+
+def rounds_left(budget: SiteBudget) -> int | None:
+    """How many more rounds the site can pay for if each costs what its latest round cost: a
+    forecast (under RDP composition later rounds cost a little less than earlier ones, so it
+    errs low). None before the first charge."""
+    if not budget.charges:
+        return None
+    latest = budget.charges[-1].round
+    spend = sum(e.epsilon_after - e.epsilon_before for e in budget.charges if e.round == latest)
+    return int(budget.remaining // spend) if spend > 0 else None
+
+
 @dataclass(frozen=True)
 class Verification:
     """Outcome of checking a ledger's hash chain."""

@@ -9,6 +9,7 @@ from app.dashboard.settings import ENV_LEDGERS
 from models.errors import FedfewError
 
 VERIFY_KEY = "privacy_verified"  # path -> Verification of the last check
+ALERT_PERCENT = 80  # default alert: a site near its cap has few rounds left to plan
 
 ui.require_role(ROLE_ADMIN)
 config = ui.settings()
@@ -33,21 +34,44 @@ if not sites:
 st.subheader("Epsilon over rounds")
 rows = budgets.epsilon_rows(sites)
 if rows:
-    st.line_chart(rows, x="round", y="epsilon", color="site", height=260)
+    st.line_chart(rows + budgets.cap_rows(sites), x="round", y="epsilon", color="site", height=260)
     st.caption(
         "Cumulative epsilon after each charge, by federated round (several charges in one "
-        "round draw a vertical step); each site's cap is shown below."
+        "round draw a vertical step); the flat lines are the sites' caps."
     )
 else:
     st.info("No charge recorded yet: no site has spent any of its budget.")
+alert = st.number_input(
+    "Alert when a site has spent this share of its cap (%)",
+    min_value=10,
+    max_value=100,
+    value=ALERT_PERCENT,
+    step=5,
+    key="privacy_alert",
+)
+for site in sites:
+    if 100 * site.fraction_spent >= alert:
+        more = budgets.rounds_left(site)
+        outlook = "" if more is None else f"; about {more} more round(s) at its latest spend"
+        st.warning(
+            f"Site {site.site} has spent {100 * site.fraction_spent:.0f}% of its cap "
+            f"(alert at {alert:.0f}%){outlook}.",
+            icon="⚠️",
+        )
 
 verified = st.session_state.setdefault(VERIFY_KEY, {})
 for i, site in enumerate(sites):
     st.subheader(f"Site {site.site}")
-    cap, spent, left = st.columns(3)
+    cap, spent, left, forecast = st.columns(4)
     cap.metric("Cap (epsilon)", f"{site.cap:.3g}")
     spent.metric("Spent", f"{site.spent:.3f}")
     left.metric("Remaining", f"{site.remaining:.3f}")
+    rounds = budgets.rounds_left(site)
+    forecast.metric(
+        "Rounds left (forecast)",
+        "-" if rounds is None else str(rounds),
+        help="The remaining epsilon over what the site's latest round cost.",
+    )
     st.progress(site.fraction_spent, text=f"{100 * site.fraction_spent:.0f}% of the cap spent")
     st.caption(f"delta {site.delta:.3g}, {site.accountant} accountant, ledger `{site.path}`")
     if site.charges:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.dashboard import settings
+from app.dashboard import budgets, settings
 from app.dashboard.auth import ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT, ROLES
 from app.dashboard.errors import AuthError
 from app.dashboard.provenance import ACTION_CLASSIFY, AuditLog, Provenance
@@ -46,6 +46,27 @@ def test_privacy_page_shows_each_site(store, ledgers, make_app) -> None:
     assert len(at.get("vega_lite_chart")) == 1  # epsilon over rounds
     labels = {b.label for b in at.download_button}
     assert labels == {"Budget report (HTML)", "Budget report (CSV)"}
+
+
+def test_privacy_page_draws_caps_forecasts_rounds_left_and_alerts_at_the_threshold(
+    store, ledgers, make_app
+) -> None:
+    busy = budgets.read_budget(ledgers[0])
+    assert isinstance(busy, budgets.SiteBudget)
+    latest = busy.charges[-1].epsilon_after - busy.charges[-1].epsilon_before
+    expected = int(busy.remaining // latest)
+
+    caps = budgets.cap_rows([busy])
+    at = make_app(ROLE_ADMIN).run()
+    forecasts = [m.value for m in at.metric if m.label == "Rounds left (forecast)"]
+    quiet = not at.warning
+    at.number_input(key="privacy_alert").set_value(10).run()
+
+    assert {(r["site"], r["epsilon"]) for r in caps} == {("hospital-a cap", busy.cap)}
+    assert [r["round"] for r in caps] == [0, 2] and forecasts == [str(expected), "-"]
+    assert quiet and 100 * busy.fraction_spent >= 10
+    assert f"about {expected} more round(s)" in texts(at, "warning")
+    assert "hospital-b" not in texts(at, "warning")  # nothing spent: no alert
 
 
 def test_verify_button_checks_the_hash_chain(store, ledgers, make_app) -> None:
