@@ -40,7 +40,7 @@ MARKER = ".fedfew-demo"  # a folder holding it was made by the demo and may be r
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's defaults: fit in under 5 minutes on 2 CPU cores (see README)."""
+    """The demo's defaults: minutes on 2 CPU cores (README shows a measured run)."""
 
     rounds: int = 3  # enough to see the model and every ledger move
     local_steps: int = 10  # DP steps per hospital per round
