@@ -25,6 +25,10 @@ from federation.strategy import LOGGER_NAME, AcceptedReply, FederatedMetaStrateg
 
 logger = logging.getLogger(LOGGER_NAME)
 
+# Keeping a model takes a node seconds; a finished federation does not wait a round's deadline
+# for a node that went away (it keeps the earlier versions, and a resume delivers again).
+DELIVERY_TIMEOUT_S = 120.0
+
 Evaluate = Callable[[State], dict[str, float]]
 Publish = Callable[[State, dict[str, Any]], object]
 
@@ -168,7 +172,8 @@ def deliver_final(grid: Grid, strategy: FederatedMetaStrategy, checkpoint: Check
     """
     arrays = to_arrays(checkpoint.state)
     messages = strategy.configure_final(checkpoint.round, arrays, checkpoint.history[-1], grid)
-    replies = list(grid.send_and_receive(messages, timeout=strategy.config.round_timeout))
+    timeout = min(strategy.config.round_timeout, DELIVERY_TIMEOUT_S)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
     kept = [m.metadata.src_node_id for m in replies if not m.has_error()]
     for reply in replies:
         if reply.has_error():  # the public reason code only, as for round replies
