@@ -7,12 +7,16 @@ stepped with is sigma over the mechanism's sensitivity factor (``privacy.mechani
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 # L2 sensitivity of each mechanism's clipped sum, in units of the clip C (proofs: docs/privacy.md).
 EPISODIC_SENSITIVITY = 2.0  # one patient moves one episode's clipped gradient: ||a - b|| <= 2C
 SUPERVISED_SENSITIVITY = 1.0  # one patient adds or removes one clipped per-patient gradient
+# One patient adds or removes one (K, d+1) contribution of Frobenius norm <= sqrt(2) C.
+PROTOTYPE_SENSITIVITY = math.sqrt(2.0)
+CLASS_SEPARATOR = ","  # between class names in a run config's vocabulary string
 
 
 class MechanismConfig(Protocol):
@@ -96,3 +100,42 @@ class DPPretrainConfig:
     def to_dict(self) -> dict[str, object]:
         """JSON-able form."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class DPPrototypeConfig:
+    """Noise, clip and class vocabulary of the one-shot DP prototype release (``dp-prototypes``).
+
+    The vocabulary is public: the federation names the conditions it releases prototypes for, and
+    its order is the row order of the release. Sampling is not part of this mechanism: every
+    patient is in its single step, so ``sample_rate`` must be 1.
+    """
+
+    noise_multiplier: float  # sigma as applied to C; the accountant sees sigma / sqrt(2)
+    max_grad_norm: float = 1.0  # C: a patient's contribution has Frobenius norm <= sqrt(2) C
+    sample_rate: float = 1.0  # q: one step over every patient (no subsampling); must be 1
+    classes: tuple[str, ...] = ()  # the public class vocabulary, one release row per class
+
+    def __post_init__(self) -> None:
+        checks = {
+            "noise_multiplier": self.noise_multiplier > 0,
+            "max_grad_norm": self.max_grad_norm > 0,
+            "sample_rate": self.sample_rate == 1.0,
+        }
+        _check("DPPrototypeConfig", checks, self)
+        names = [str(c) for c in self.classes]
+        bad = [c for c in names if not c.strip() or c.strip() != c or CLASS_SEPARATOR in c]
+        if not names or bad or len(set(names)) != len(names):
+            raise ValueError(
+                f"DPPrototypeConfig.classes must name one or more distinct classes (no empty "
+                f"names, no {CLASS_SEPARATOR!r}), got {self.classes!r}"
+            )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form."""
+        return {**asdict(self), "classes": list(self.classes)}
+
+
+def parse_classes(text: str) -> tuple[str, ...]:
+    """A vocabulary written as one string, ``"nevus,melanoma"``, as a tuple of names."""
+    return tuple(c.strip() for c in text.split(CLASS_SEPARATOR) if c.strip())

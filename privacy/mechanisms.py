@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from privacy.dp_config import (
     EPISODIC_SENSITIVITY,
+    PROTOTYPE_SENSITIVITY,
     SUPERVISED_SENSITIVITY,
     DPConfig,
     DPPretrainConfig,
+    DPPrototypeConfig,
     MechanismConfig,
 )
 from privacy.errors import UnknownMechanismError
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 EPISODIC = "dp-episodic"
 SUPERVISED = "dp-supervised"
 DISTRIBUTED = "dp-episodic-distributed"  # federation/distributed_noise.py: its share and bounds
+PROTOTYPES = "dp-prototypes"  # one-shot release of noisy class sums (privacy/dp_prototypes.py)
 DEFAULT_MECHANISM = EPISODIC  # the mechanism the accuracy-vs-epsilon benchmarks chose
 
 
@@ -73,6 +76,12 @@ class Mechanism:
     config_type: type  # its DP config dataclass (a MechanismConfig)
     build_trainer: TrainerBuilder
     description: str  # one line for ledgers, reports and dashboards
+    # One step over every patient (q = 1): a plan for it asks exactly 1 step, and the sampling
+    # limit of a node's policy does not apply (listing it in allowed-mechanisms accepts q = 1).
+    one_shot: bool = False
+    # What leaves the node: False, the model delta; True, the arrays ``train`` returns (a
+    # release the server sums; the global model's weights are left as they are).
+    releases_arrays: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or self.name.strip() != self.name:
@@ -180,6 +189,21 @@ def _supervised_trainer(
     return DPPretrainer(model, sets, dp=dp, lr=lr, seed=seed)
 
 
+def _prototype_release(
+    model: nn.Module,
+    sets: Sequence[ImageSet],
+    *,
+    dp: Any,
+    meta: MetaConfig,
+    lr: float,
+    seed: int | None,
+) -> Trainer:
+    from privacy.dp_prototypes import DPPrototypeRelease
+
+    del meta, lr  # nothing is trained: the frozen encoder only embeds
+    return DPPrototypeRelease(model, sets, dp=dp, seed=seed)
+
+
 register_mechanism(
     Mechanism(
         name=EPISODIC,
@@ -209,5 +233,17 @@ register_mechanism(
         description="DP episodic meta-training with distributed noise under SecAgg+: one "
         "plain-SGD step per round, each site adds sigma/sqrt(k) of the noise, the sum of "
         ">= k sites carries sigma (sensitivity 2C)",
+    )
+)
+register_mechanism(
+    Mechanism(
+        name=PROTOTYPES,
+        sensitivity=PROTOTYPE_SENSITIVITY,
+        config_type=DPPrototypeConfig,
+        build_trainer=_prototype_release,
+        description="DP prototype release, one shot: per-patient normalised class sums of "
+        "frozen-encoder features, sensitivity sqrt(2)C",
+        one_shot=True,
+        releases_arrays=True,
     )
 )

@@ -4,15 +4,18 @@ import pytest
 
 from privacy.dp_config import (
     EPISODIC_SENSITIVITY,
+    PROTOTYPE_SENSITIVITY,
     SUPERVISED_SENSITIVITY,
     DPConfig,
     DPPretrainConfig,
+    DPPrototypeConfig,
 )
 from privacy.errors import UnknownMechanismError
 from privacy.mechanisms import (
     DISTRIBUTED,
     EPISODIC,
     MECHANISMS,
+    PROTOTYPES,
     SUPERVISED,
     Mechanism,
     describe,
@@ -28,7 +31,10 @@ def test_registry_holds_every_mechanism_with_its_sensitivity():
         EPISODIC: EPISODIC_SENSITIVITY,
         SUPERVISED: SUPERVISED_SENSITIVITY,
         DISTRIBUTED: EPISODIC_SENSITIVITY,  # the share per site is in its ledger row
+        PROTOTYPES: PROTOTYPE_SENSITIVITY,
     }
+    assert pytest.approx(2**0.5) == PROTOTYPE_SENSITIVITY
+    assert get_mechanism(PROTOTYPES).accounted_noise_multiplier(2**0.5) == pytest.approx(1.0)
     assert (EPISODIC_SENSITIVITY, SUPERVISED_SENSITIVITY) == (2.0, 1.0)
     assert get_mechanism(EPISODIC).accounted_noise_multiplier(3.0) == 1.5
     assert get_mechanism(SUPERVISED).noise_for(1.5) == 1.5
@@ -44,12 +50,16 @@ def test_each_mechanism_builds_its_own_config_from_shared_values():
     assert supervised == DPPretrainConfig(
         noise_multiplier=2.0, max_grad_norm=0.5, expected_patients=9
     )
+    prototypes = get_mechanism(PROTOTYPES).dp_config({**values, "classes": ("a", "b")})
+    assert prototypes == DPPrototypeConfig(
+        noise_multiplier=2.0, max_grad_norm=0.5, sample_rate=1.0, classes=("a", "b")
+    )
     with pytest.raises(TypeError, match="takes a DPPretrainConfig"):
         get_mechanism(SUPERVISED).check_config(episodic)
 
 
 def test_unknown_name_is_a_typed_error_listing_the_registered_ones():
-    listed = "dp-episodic, dp-episodic-distributed, dp-supervised"
+    listed = "dp-episodic, dp-episodic-distributed, dp-prototypes, dp-supervised"
     with pytest.raises(UnknownMechanismError, match=listed):
         get_mechanism("dp-magic")
     assert "not a mechanism of this version" in describe("dp-episodic-protonet-federated")
