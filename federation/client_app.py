@@ -36,6 +36,7 @@ from federation.records import (
     PUBLISHED,
     PUBLISHED_METRICS,
     PUBLISHED_PRIVACY,
+    RELEASE,
     REPORT,
     from_arrays,
     from_config,
@@ -139,7 +140,11 @@ def _round(msg: Message, context: Context, config: NodeConfig) -> Message:
     )
     _log_compute_time(config, plan.round, time.perf_counter() - started)
     report = config_record(reply.report.to_dict())
-    return Message(RecordDict({DELTA: to_arrays(reply.delta), REPORT: report}), reply_to=msg)
+    if plan.dp_mechanism.releases_arrays:  # a one-shot release leaves instead of a delta
+        content = RecordDict({RELEASE: to_arrays(reply.release), REPORT: report})
+    else:
+        content = RecordDict({DELTA: to_arrays(reply.delta), REPORT: report})
+    return Message(content, reply_to=msg)
 
 
 def _failed(msg: Message, config: NodeConfig | None, exc: Exception) -> Message:

@@ -1,5 +1,6 @@
 """One round at a hospital node, without Flower: check the plan, charge the ledger, train with DP,
-reply with the model delta and accounted numbers only.
+reply with the model delta and accounted numbers only (or, for a mechanism that releases its own
+arrays, dp-prototypes, that release instead of a delta).
 
 Privacy of what leaves the node (docs/privacy.md, "Federation"): the delta is
 ``theta_local - theta_global`` where ``theta_global`` is public and ``theta_local`` is Adam
@@ -48,12 +49,18 @@ from privacy.site_report import SitePrivacyReport
 State = dict[str, np.ndarray]
 
 
+OUTPUT_KEY = "output"  # a kept reply's metadata: which of the two it holds
+OUTPUT_DELTA, OUTPUT_RELEASE = "delta", "release"
+
+
 @dataclass(frozen=True)
 class NodeReply:
-    """What the node sends back: the delta and accounted, data-independent numbers."""
+    """What the node sends back: the delta (or, for a mechanism that releases arrays, the
+    release and an empty delta) and accounted, data-independent numbers."""
 
     delta: State
     report: SitePrivacyReport
+    release: State = dataclasses.field(default_factory=dict)  # dp-prototypes: its class sums
 
 
 def open_ledger(config: NodeConfig) -> Ledger:
@@ -127,9 +134,12 @@ def _run_locked(
     for entry in charges:
         kept = replies / f"round-{plan.round}-charge-{entry.id}.safetensors"
         if kept.is_file():
-            delta, meta = _read_reply(kept)
+            arrays, meta = _read_reply(kept)
             if meta.get("replay-key") == replay_key:
-                return NodeReply(delta, _report(config, ledger, plan, entry, replayed=True))
+                report = _report(config, ledger, plan, entry, replayed=True)
+                if meta.get(OUTPUT_KEY) == OUTPUT_RELEASE:
+                    return NodeReply({}, report, release=arrays)
+                return NodeReply(arrays, report)
     unused = [e for e in charges if not any(replies.glob(f"round-{plan.round}-charge-{e.id}.*"))]
     entry = unused[0] if unused else _charge(ledger, plan, requester=requester)
     publish_state(  # the node keeps every global model it received
@@ -150,11 +160,23 @@ def _run_locked(
     trainer = plan.dp_mechanism.build_trainer(
         model, [data], dp=plan.dp, meta=plan.meta, lr=plan.local_lr, seed=seed
     )
-    trainer.train(entry.steps)
+    output = trainer.train(entry.steps)
+    kept = replies / f"round-{plan.round}-charge-{entry.id}.safetensors"
+    if plan.dp_mechanism.releases_arrays:  # the release alone leaves the node, not the model
+        release = _release_of(output, plan)
+        _write_reply(kept, release, replay_key, output=OUTPUT_RELEASE)
+        return NodeReply({}, _report(config, ledger, plan, entry, replayed=False), release=release)
     trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     delta = {k: (trained[k] - global_state[k]).astype(global_state[k].dtype) for k in trained}
-    _write_reply(replies / f"round-{plan.round}-charge-{entry.id}.safetensors", delta, replay_key)
+    _write_reply(kept, delta, replay_key, output=OUTPUT_DELTA)
     return NodeReply(delta, _report(config, ledger, plan, entry, replayed=False))
+
+
+def _release_of(output: object, plan: RoundPlan) -> State:
+    """The arrays a releasing mechanism's ``train`` returned (a bug if it returned other)."""
+    if not isinstance(output, dict) or not all(isinstance(v, np.ndarray) for v in output.values()):
+        raise TypeError(f"{plan.mechanism}'s trainer must return its release as numpy arrays")
+    return {str(k): np.ascontiguousarray(v) for k, v in output.items()}
 
 
 def keep_final_model(
@@ -258,11 +280,11 @@ def signed_head(config: NodeConfig, ledger: Ledger) -> LedgerHead:
     return sign_head(head, load_signing_key(config.node_key)) if config.node_key else head
 
 
-def _write_reply(path: Path, delta: State, replay_key: str) -> None:
+def _write_reply(path: Path, arrays: State, replay_key: str, *, output: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    save_file(delta, tmp, metadata={"replay-key": replay_key})
+    save_file(arrays, tmp, metadata={"replay-key": replay_key, OUTPUT_KEY: output})
     os.replace(tmp, path)
 
 

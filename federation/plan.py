@@ -58,6 +58,16 @@ class RoundPlan:
             self.dp_mechanism.check_config(self.dp)
         except TypeError as exc:
             raise ValueError(f"RoundPlan.dp: {exc}") from exc
+        if self.dp_mechanism.one_shot and self.steps != 1:
+            raise ValueError(
+                f"RoundPlan: {self.mechanism} is a one-shot release: steps must be 1, "
+                f"got {self.steps}"
+            )
+        if self.dp_mechanism.releases_arrays and self.secagg.enabled:
+            raise ValueError(
+                f"RoundPlan: {self.mechanism} releases its own arrays, which secure aggregation "
+                "does not carry yet: turn secure-aggregation off"
+            )
         if is_distributed(self.mechanism) and (not self.secagg.enabled or self.steps != 1):
             raise ValueError(
                 f"RoundPlan: {self.mechanism} needs secure aggregation and exactly 1 step per "
@@ -151,7 +161,9 @@ def check_policy(plan: RoundPlan, config: NodeConfig) -> None:
             f"{plan.steps} steps exceed this node's maximum of "
             f"{config.max_steps_per_round} per round"
         )
-    if plan.dp.sample_rate > config.max_sample_rate:
+    # A one-shot mechanism has q = 1 by construction (one step over every patient): allowing it
+    # accepts that; min-noise and the cap bound its spend, as for every charge.
+    if plan.dp.sample_rate > config.max_sample_rate and not plan.dp_mechanism.one_shot:
         problems.append(
             f"sample rate {plan.dp.sample_rate:.3g} exceeds this node's maximum "
             f"{config.max_sample_rate:.3g}"

@@ -9,6 +9,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 MODEL = "model"  # ArrayRecord: global model (server -> node)
 DELTA = "delta"  # ArrayRecord: the node's model delta (node -> server)
+# ArrayRecord: a one-shot release instead of a delta (node -> server), for a mechanism whose
+# output is its own arrays (privacy.mechanisms: releases_arrays; dp-prototypes' class sums).
+RELEASE = "release"
 PLAN = "plan"  # ConfigRecord: the round's DP plan
 REPORT = "report"  # ConfigRecord: the node's accounted privacy report
 # The query action that hands the final model to the nodes (`query.final_model` messages): every

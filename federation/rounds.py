@@ -138,6 +138,10 @@ def run_rounds(
             )
             state = strategy.aggregate(checkpoint.state, accepted.values())
             outcome = _outcome(accepted, problems, attempts)
+            release = strategy.prototypes_of(server_round)
+            if release is not None:  # public: the plan's vocabulary and the sites summed
+                outcome["prototypes"] = {"classes": list(release.classes),
+                                         "sites": list(release.sites)}  # fmt: skip
         collected = time.perf_counter() - started
         metrics = evaluate(state)
         sent = to_arrays(checkpoint.state).count_bytes()

@@ -28,6 +28,7 @@ from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.registry import Registry, RegistryEntry
 from models.synthetic import demo_sets
+from privacy.prototype_release import PrototypeRelease
 
 logger = logging.getLogger(LOGGER_NAME)
 EVAL_SHOTS = (1, 5)
@@ -87,9 +88,15 @@ def evaluate_state(state: State, config: ServerConfig, data: ImageSet) -> dict[s
 
 
 def publish_version(
-    registry: Registry, state: State, record: dict[str, Any], config: ServerConfig
+    registry: Registry,
+    state: State,
+    record: dict[str, Any],
+    config: ServerConfig,
+    *,
+    prototypes: PrototypeRelease | None = None,
 ) -> RegistryEntry:
-    """Register the round's global model with every site's privacy report (once per round)."""
+    """Register the round's global model with every site's privacy report (once per round),
+    and the round's prototype release beside it when the round made one."""
     return publish_state(
         registry,
         state,
@@ -110,6 +117,7 @@ def publish_version(
             "clipped": record["clipped"],
             "config": config.to_dict(),
         },
+        prototypes=prototypes,
     )
 
 
@@ -133,7 +141,9 @@ def serve(grid: Grid, config: ServerConfig) -> None:
         strategy,
         initial_state=state,
         evaluate=lambda s: evaluate_state(s, config, eval_set),
-        publish=lambda s, record: publish_version(registry, s, record, config),
+        publish=lambda s, record: publish_version(
+            registry, s, record, config, prototypes=strategy.prototypes_of(record["round"])
+        ),
     )
     logger.info("federation %s finished at round %d", config.federation, final.round)
 

@@ -19,6 +19,7 @@ from federation.secure_aggregation import SecureAggregationConfig
 from federation.validation import NORM_POLICIES
 from models.meta import MetaConfig
 from models.networks import BackboneConfig
+from privacy.dp_config import parse_classes
 from privacy.mechanisms import DEFAULT_MECHANISM, DISTRIBUTED, EPISODIC, get_mechanism
 
 # Which threat each choice answers; they exclude each other, so the config names one.
@@ -52,6 +53,12 @@ class ServerConfig:
     max_queries: int = 5
     expected_patients: int = 64  # dp-supervised: the public normaliser B (about q x site size)
     augmentations: int = 1  # dp-supervised: augmented copies averaged per record before clipping
+    # dp-prototypes: the public class vocabulary, comma-separated ("nevus,melanoma"); its
+    # order is the row order of every release. local-steps and sample-rate are then 1.
+    prototype_classes: str = ""
+    # dp-prototypes: the federation's public upper bound on one site's patients; a release
+    # longer than it allows (sqrt(2) C per patient plus noise) is rejected by the gate.
+    max_site_patients: int = 100_000
     local_lr: float = 1e-3  # Adam on the nodes
     meta_learner: str = "protonet"  # fastest per step under DP; see bench results
     backbone: str = "conv4"
@@ -81,6 +88,7 @@ class ServerConfig:
         positive = [
             "num_rounds", "min_replies", "min_nodes", "node_wait", "round_timeout", "server_lr",
             "noise_multiplier", "clip", "local_steps", "episodes", "local_lr", "eval_episodes",
+            "max_site_patients",
         ]  # fmt: skip
         for name in positive:
             value = getattr(self, name)
@@ -137,11 +145,14 @@ class ServerConfig:
         mechanism = get_mechanism(DISTRIBUTED if self.distributed_noise else self.mechanism)
         # Under distributed noise each site adds its share; the sum of >= shares sites has sigma.
         noise = self.noise_multiplier / math.sqrt(shares) if self.distributed_noise else None
+        # A one-shot release runs one step over every patient, whatever the iterated settings.
+        one_shot = mechanism.one_shot
         dp = mechanism.dp_config(
             {
                 "noise_multiplier": self.noise_multiplier if noise is None else noise,
                 "max_grad_norm": self.clip,
-                "sample_rate": self.sample_rate,
+                "sample_rate": 1.0 if one_shot else self.sample_rate,
+                "classes": parse_classes(self.prototype_classes),
                 "episodes": self.episodes,
                 "ways": self.ways,
                 "max_shots": self.max_shots,
@@ -154,7 +165,7 @@ class ServerConfig:
             federation=self.federation,
             round=server_round,
             mechanism=mechanism.name,
-            steps=self.local_steps,
+            steps=1 if one_shot else self.local_steps,
             local_lr=self.local_lr,
             dp=dp,
             meta=MetaConfig(learner=self.meta_learner),

@@ -1,5 +1,9 @@
 """Federated meta-learning as a Flower strategy: every reply passes the validation gate, then the
-deltas are aggregated with public site weights and a server learning rate."""
+deltas are aggregated with public site weights and a server learning rate.
+
+A round of a mechanism that releases arrays (dp-prototypes) is not averaged: the sites' releases
+are summed into the federation's release, kept for the round's published version, and the
+global weights stay as they are."""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from federation.records import (
     PUBLISHED,
     PUBLISHED_METRICS,
     PUBLISHED_PRIVACY,
+    RELEASE,
     REPORT,
     State,
     from_arrays,
@@ -35,9 +40,11 @@ from federation.records import (
     to_arrays,
 )
 from federation.server_config import ServerConfig
-from federation.validation import GateResult, validate_update
+from federation.validation import GateResult, validate_release, validate_update
+from privacy.dp_config import DPPrototypeConfig
 from privacy.errors import LedgerSignatureError, ReportFormatError
 from privacy.ledger_head import verify_signature
+from privacy.prototype_release import SUMS, PrototypeRelease
 from privacy.site_report import HeadCheck, SitePrivacyReport
 
 # A child of Flower's logger: `flwr run --stream` shows what the ServerApp logs through it.
@@ -96,6 +103,39 @@ class FederatedMetaStrategy(Strategy):
         self.norm_bound = config.update_norm_bound or (
             ADAM_REACH * config.local_lr * config.local_steps * math.sqrt(n_params)
         )
+        self._round = 0  # the round being configured (releases are kept under it)
+        self._prototypes: dict[int, PrototypeRelease] = {}  # round -> the summed release
+        self._feature_width: int | None = None  # d of the global model's embedding
+
+    @property
+    def releases(self) -> bool:
+        """Whether this federation's mechanism releases arrays (summed, not averaged)."""
+        return self.round_plan(1).dp_mechanism.releases_arrays
+
+    def prototypes_of(self, server_round: int) -> PrototypeRelease | None:
+        """The release the sites' replies summed to in ``server_round``, if one was made."""
+        return self._prototypes.get(server_round)
+
+    def release_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The arrays a site's release must hold: ``{SUMS: (K, d+1)}``."""
+        dp = self.round_plan(1).dp
+        if not isinstance(dp, DPPrototypeConfig):
+            raise TypeError(f"no release shape for {type(dp).__name__}")
+        if self._feature_width is None:
+            from federation.versions import model_from_state  # torch: server side only
+
+            model = model_from_state(self.reference, self.round_plan(1))
+            self._feature_width = int(model.out_features)  # type: ignore[arg-type]
+        return {SUMS: (len(dp.classes), self._feature_width + 1)}
+
+    def release_bound(self) -> float:
+        """The longest release the gate accepts: ``sqrt(2) C`` per patient for the public
+        maximum of patients per site, plus four times the noise's expected norm."""
+        plan = self.round_plan(1)
+        entries = math.prod(self.release_shapes()[SUMS])
+        signal = plan.dp_mechanism.sensitivity * plan.dp.max_grad_norm
+        noise = plan.dp.noise_multiplier * plan.dp.max_grad_norm * math.sqrt(entries)
+        return signal * self.config.max_site_patients + 4 * noise
 
     def round_plan(self, server_round: int) -> RoundPlan:
         """The round's plan, with this strategy's delta bound for nodes to clip to (secure
@@ -121,6 +161,7 @@ class FederatedMetaStrategy(Strategy):
     ) -> Iterable[Message]:
         """The global model and the round's DP plan, to every connected node."""
         self._current = from_arrays(arrays)
+        self._round = server_round
         plan = ConfigRecord(self.round_plan(server_round).to_config())
         return [
             Message(
@@ -190,25 +231,46 @@ class FederatedMetaStrategy(Strategy):
 
     def _check(self, node: int, msg: Message) -> AcceptedReply:
         content = msg.content
-        if DELTA not in content.array_records or REPORT not in content.config_records:
-            raise InvalidUpdateError(f"update rejected: reply lacks {DELTA!r} or {REPORT!r}")
+        arrays = RELEASE if self.releases else DELTA
+        if arrays not in content.array_records or REPORT not in content.config_records:
+            raise InvalidUpdateError(f"update rejected: reply lacks {arrays!r} or {REPORT!r}")
         try:
             report = SitePrivacyReport.from_dict(from_config(content.config_records[REPORT]))
             report = check_head(report, keys_dir=self.keys_dir)
         except (ReportFormatError, LedgerSignatureError) as exc:
             raise InvalidUpdateError(f"update rejected: {exc}") from exc
-        record = content.array_records[DELTA]
-        gate = validate_update(
-            from_arrays(record),
-            self.reference,
-            norm_bound=self.norm_bound,
-            policy=self.config.norm_policy,
-        )
+        record = content.array_records[arrays]
+        if self.releases:
+            gate = validate_release(
+                from_arrays(record), self.release_shapes(), norm_bound=self.release_bound()
+            )
+        else:
+            gate = validate_update(
+                from_arrays(record),
+                self.reference,
+                norm_bound=self.norm_bound,
+                policy=self.config.norm_policy,
+            )
         return AcceptedReply(node, report.site, report.weight, report, gate, record.count_bytes())
 
     def aggregate(self, state: State, accepted: Iterable[AcceptedReply]) -> State:
-        """The next global model from the accepted deltas."""
+        """The next global model from the accepted deltas; for a releasing mechanism, ``state``
+        itself, and the sum of the releases is kept for the round (:meth:`prototypes_of`)."""
         replies = list(accepted)
+        if self.releases:
+            plan = self.round_plan(self._round or 1)
+            if not isinstance(plan.dp, DPPrototypeConfig):
+                raise TypeError(f"no release to sum for {type(plan.dp).__name__}")
+            # Sum, not a weighted mean: the sum of the sites' S is the federation's S (the
+            # noise variances add); site weights do not apply.
+            self._prototypes[self._round] = PrototypeRelease.summed(
+                [r.gate.delta[SUMS] for r in replies],
+                classes=plan.dp.classes,
+                clip=plan.dp.max_grad_norm,
+                noise_multiplier=plan.dp.noise_multiplier,
+                sites=sorted(r.site_id for r in replies),
+            )
+            return state
         update = aggregate(
             [r.gate.delta for r in replies],
             [r.weight for r in replies],

@@ -3,7 +3,8 @@
 Flower's strategies check no values: a NaN or 1e6-scaled update flows straight into FedAvg. Here a
 reply must carry exactly the expected names, shapes and dtypes, only finite values, and a delta
 whose global L2 norm is within a bound; an over-long delta is clipped to the bound or rejected, as
-configured, and the outcome is recorded.
+configured, and the outcome is recorded. A one-shot release (dp-prototypes) is checked the same
+way against the shape the plan implies, and rejected, never clipped, when it is too long.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ NORM_POLICIES = ("clip", "reject")
 class GateResult:
     """A reply that passed, with what the gate did to it."""
 
-    delta: dict[str, np.ndarray]
+    delta: dict[str, np.ndarray]  # the reply's arrays: a model delta, or a release
     norm: float  # L2 norm of the delta as received
     clipped: bool  # True when it was scaled down to the bound
 
@@ -84,3 +85,24 @@ def validate_update(
     scale = norm_bound / norm
     clipped = {k: (v * scale).astype(v.dtype) for k, v in arrays.items()}
     return GateResult(clipped, norm, clipped=True)
+
+
+def validate_release(
+    release: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    norm_bound: float,
+) -> GateResult:
+    """Check one node's one-shot release (names, shapes, float32, finite, norm bound).
+
+    A release is summed as it is, so a too-long one is rejected rather than scaled: scaling
+    would change what it means (a class's noisy patient mass).
+
+    Raises:
+        InvalidUpdateError: naming every problem found.
+    """
+    reference = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+    try:
+        return validate_update(release, reference, norm_bound=norm_bound, policy="reject")
+    except InvalidUpdateError as exc:
+        raise InvalidUpdateError(str(exc).replace("update rejected", "release rejected")) from exc

@@ -17,8 +17,10 @@ from models.model_dir import save_model_dir
 from models.networks import build_backbone
 from models.pipeline import PipelineConfig
 from models.registry import Registry, RegistryEntry
+from privacy.prototype_release import PROTOTYPES_FILE, PrototypeRelease
 
 DIGEST_KEY = "model-sha256"  # registry info key naming a version's state
+PROTOTYPES_DIGEST_KEY = "prototypes-sha256"  # ... and the prototype release kept with it
 
 
 def state_digest(state: Mapping[str, np.ndarray]) -> str:
@@ -58,11 +60,20 @@ def publish_state(
     info: dict[str, Any],
     metrics: dict[str, Any] | None = None,
     privacy: dict[str, Any] | None = None,
+    prototypes: PrototypeRelease | None = None,
 ) -> RegistryEntry:
-    """Register ``state`` as a global model directory, unless the registry already holds it."""
+    """Register ``state`` as a global model directory, unless the registry already holds it.
+
+    ``prototypes`` (a dp-prototypes round's summed release) is kept beside the weights as
+    ``prototypes.safetensors``; the same weights with another release are a new version.
+    """
     digest = state_digest(state)
+    released = prototypes.digest() if prototypes is not None else None
     for entry in registry.entries(kind="global"):
-        if entry.info.get(DIGEST_KEY) == digest:
+        if (
+            entry.info.get(DIGEST_KEY) == digest
+            and entry.info.get(PROTOTYPES_DIGEST_KEY) == released
+        ):
             return entry
     model = model_from_state(state, plan)
 
@@ -75,12 +86,15 @@ def publish_state(
             meta=plan.meta,
             extra=extra,
         )
+        if prototypes is not None:
+            prototypes.save(folder / PROTOTYPES_FILE)
 
+    kept = {PROTOTYPES_DIGEST_KEY: released} if released is not None else {}
     return registry.publish(
         write,
         kind="global",
         name=name,
         metrics=metrics,
         privacy=privacy,
-        info={**info, DIGEST_KEY: digest},
+        info={**info, DIGEST_KEY: digest, **kept},
     )

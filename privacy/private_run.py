@@ -62,7 +62,17 @@ def plan_private_run(
     accountant: str,
 ) -> MechanismConfig:
     """The DP config whose noise makes ``steps`` steps spend ``target_epsilon`` at the ledger's
-    delta (calibrated on the accounted multiplier, then scaled by the mechanism's sensitivity)."""
+    delta (calibrated on the accounted multiplier, then scaled by the mechanism's sensitivity).
+
+    Raises:
+        ValueError: the mechanism releases arrays rather than training a model (dp-prototypes
+            runs in a federated round, where the server keeps its release).
+    """
+    if mechanism.releases_arrays:
+        raise ValueError(
+            f"{mechanism.name} releases class sums, it trains no model: run it in a federated "
+            f"round (server run config mechanism = {mechanism.name!r})"
+        )
     mechanism.check_config(dp)
     accounted = calibrate_noise_multiplier(
         target_epsilon=target_epsilon,
