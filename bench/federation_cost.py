@@ -10,18 +10,26 @@ with TLS and node keys; this project's ServerApp and ClientApp run with `flwr ru
 - framework overhead: round time minus the slowest node's compute (process start of a fresh
   `flwr-clientapp` with its imports, serialisation, transport).
 
-Settings: the demo's (Conv-4 width 32, 10 local steps), a larger model (width 64), and longer
-rounds (40 local steps) to show how overhead amortises. Run: ``python bench/federation_cost.py``.
+Settings: the demo's (``app.demo.DemoSettings``, every field that shapes a node's work: width,
+local steps, episodes, sample rate, learning rate, sigma, images per class, the operator's public
+start and the parameters DP trains), and the same with a larger model (width 64) or longer rounds
+(40 local steps) to show how overhead amortises. Evaluation runs after a round's replies are in,
+so fewer evaluation episodes than the demo's change the run's wall time, not the round time.
+Run: ``python bench/federation_cost.py --settings demo``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +38,30 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.demo import DemoSettings, server_config, site_data, site_spec
+from app.demo import DemoSettings, public_start, server_config, site_data, site_spec
 from bench.common import RESULTS, Progress, write_result
 from federation.checkpoint import load_checkpoint
 from federation.deploy.flower_project import write_app_project
 from federation.deploy.local_deployment import LocalFederation
 from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
+from federation.errors import DeploymentError
 from federation.node_config import NodeConfig
 
-SETTINGS = {
-    "demo (width 32, 10 steps)": {"width": 32, "local_steps": 10},
-    "larger model (width 64, 10 steps)": {"width": 64, "local_steps": 10},
-    "longer rounds (width 32, 40 steps)": {"width": 32, "local_steps": 40},
+# Changes to the demo's settings; every other field is DemoSettings' own.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "demo": {},
+    "larger-model": {"width": 64},
+    "longer-rounds": {"local_steps": 40},
 }
+
+
+def label(name: str, settings: DemoSettings) -> str:
+    """The row label: the setting and what shapes a node's work."""
+    return (
+        f"{name} (width {settings.width}, {settings.local_steps} steps x {settings.episodes} "
+        f"episodes, q {settings.sample_rate:g}, {settings.images_per_class} images per class, "
+        f"public start, DP on {settings.trainable})"
+    )
 
 
 def cold_import_seconds(repeats: int = 3) -> list[float]:
@@ -57,18 +76,48 @@ def cold_import_seconds(repeats: int = 3) -> list[float]:
     return times
 
 
-def measure(name: str, changes: dict[str, Any], rounds: int, root: Path) -> list[dict[str, Any]]:
-    """Run one setting on a fresh deployment; one row per round."""
-    settings = DemoSettings(rounds=rounds, eval_episodes=20, **changes)
-    sites = site_data(root, None)
-    config = server_config(root, len(sites), settings, "synthetic")
-    specs = {site: site_spec(root, site, path, settings) for site, path in sites.items()}
-    app_dir = root / "flower-app"
-    write_app_project(app_dir, serverapp=SERVER_APP, clientapp=CLIENT_APP, config=config.to_dict())
-    threads = {"OMP_NUM_THREADS": "1"}
-    deployment = LocalFederation(root / "deployment", sites=specs, env=threads)
-    with deployment as federation:
-        run = federation.run(app_dir, timeout=3600).check()
+def measure(
+    name: str,
+    settings: DemoSettings,
+    root: Path,
+    echo: Callable[[str], None],
+    *,
+    initial_model: Path | None = None,
+    attempts: int = 3,
+) -> list[dict[str, Any]]:
+    """Run one setting on a fresh deployment as `fedfew demo` sets it up; one row per round.
+
+    ``initial_model``: a public start written earlier for these settings (else the operator's
+    step runs here, as in the demo). A deployment that fails to start (another job on this
+    machine taking a port between the check and the bind) is retried in a fresh folder.
+    """
+    sites = site_data(root, None, images_per_class=settings.images_per_class)
+    start = initial_model or public_start(root, settings, echo)
+    for attempt in range(1, attempts + 1):
+        work = root / f"attempt-{attempt}"
+        config = server_config(work, len(sites), settings, "synthetic", start)
+        specs = {site: site_spec(work, site, path, settings) for site, path in sites.items()}
+        app_dir = work / "flower-app"
+        write_app_project(
+            app_dir, serverapp=SERVER_APP, clientapp=CLIENT_APP, config=config.to_dict()
+        )
+        # The demo's thread split: the hospitals share this machine's cores.
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(specs)))}
+        deployment = LocalFederation(
+            work / "deployment", sites=specs, env=threads, federation=config.federation
+        )
+        try:
+            deployment.start()
+        except DeploymentError as exc:
+            if attempt == attempts:
+                raise
+            echo(f"deployment did not start (attempt {attempt}): {str(exc).splitlines()[0]}")
+            continue
+        try:
+            run = deployment.run(app_dir, timeout=3600).check()
+        finally:
+            deployment.stop()
+        break
     checkpoint = load_checkpoint(config.root / "checkpoint", federation=config.federation)
     if checkpoint is None:
         raise RuntimeError(f"{name}: no checkpoint after the run")
@@ -80,7 +129,7 @@ def measure(name: str, changes: dict[str, Any], rounds: int, root: Path) -> list
         slowest = max(node_seconds.values())
         rows.append(
             {
-                "setting": name,
+                "setting": label(name, settings),
                 "round": r,
                 "round_s": record["seconds"],
                 "node_compute_s": node_seconds,
@@ -105,47 +154,88 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--eval-episodes", type=int, default=20, help="after each round")
+    parser.add_argument("--out", default="federation_cost", help="result name in bench/results")
+    parser.add_argument(
+        "--initial-model", type=Path, help="a public start written earlier for these settings"
+    )
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from --out's JSON")
     args = parser.parse_args()
+    if args.replot:
+        _plot(json.loads((RESULTS / f"{args.out}.json").read_text())["results"]["rounds"], args.out)
+        return
     progress = Progress()
     imports = cold_import_seconds()
     progress(f"cold import of the ClientApp: {', '.join(f'{t:.1f}' for t in imports)} s")
     rows: list[dict[str, Any]] = []
+    resolved: dict[str, dict[str, Any]] = {}
+    threads = max(1, (os.cpu_count() or 1) // 3)  # what measure() gives each of 3 nodes
     for name in args.settings:
+        settings = dataclasses.replace(
+            DemoSettings(), rounds=args.rounds, eval_episodes=args.eval_episodes, **SETTINGS[name]
+        )
+        resolved[name] = dataclasses.asdict(settings)
         root = Path(tempfile.mkdtemp(prefix="fedfew-bench-cost-"))
-        rows += measure(name, SETTINGS[name], args.rounds, root)
+        rows += measure(name, settings, root, progress, initial_model=args.initial_model)
         for row in rows[-args.rounds :]:
             progress(
                 f"{name} round {row['round']}: {row['round_s']:.1f} s, slowest node "
                 f"{row['slowest_node_s']:.1f} s, overhead {100 * row['overhead_fraction']:.0f}%"
             )
         write_result(
-            "federation_cost",
-            config=vars(args) | {"settings": SETTINGS, "nodes": 3, "omp_threads_per_node": 1},
+            args.out,
+            config=vars(args) | {"settings": resolved, "nodes": 3, "omp_threads_per_node": threads},
             results={"cold_import_s": imports, "rounds": rows},
             device=torch.device("cpu"),
         )
-    _plot(rows)
+    _plot(rows, args.out)
 
 
-def _plot(rows: list[dict[str, Any]]) -> None:
+# Earlier runs kept beside the new one, drawn under it for comparison (their demo rows).
+EARLIER = {
+    "federation_cost_old_settings.json": "demo before the recipe change (8 episodes, 40/class)",
+    "federation_cost_before.json": "demo before the lazy imports (8 episodes, 40/class, DP on all)",
+}
+
+
+def _plot(rows: list[dict[str, Any]], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(r["setting"] for r in rows))
-    compute = [sum(r["slowest_node_s"] for r in rows if r["setting"] == n) for n in names]
-    overhead = [sum(r["overhead_s"] for r in rows if r["setting"] == n) for n in names]
-    count = [sum(1 for r in rows if r["setting"] == n) for n in names]
-    compute = [c / k for c, k in zip(compute, count, strict=True)]
-    overhead = [o / k for o, k in zip(overhead, count, strict=True)]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.barh(names, compute, label="slowest node compute")
-    ax.barh(names, overhead, left=compute, label="framework overhead")
-    ax.set_xlabel("seconds per round (mean)")
-    ax.legend(loc="lower right")
+    bars = _mean_bars(rows)
+    for source, text in EARLIER.items():
+        path = RESULTS / source
+        if path.is_file():
+            earlier = json.loads(path.read_text())["results"]["rounds"]
+            demo = [r for r in earlier if r["setting"].startswith("demo")]
+            bars += [(text, c, o) for _, c, o in _mean_bars(demo)]
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.8 * len(bars)))
+    labels = [textwrap.fill(b[0], 48) for b in bars]
+    compute = [b[1] for b in bars]
+    overhead = [b[2] for b in bars]
+    ax.barh(labels, compute, label="slowest node compute")
+    ax.barh(labels, overhead, left=compute, label="framework overhead")
+    for y, (c, o) in enumerate(zip(compute, overhead, strict=True)):
+        ax.text(c + o, y, f" {100 * o / (c + o):.0f}%", va="center")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.15 * max(c + o for c, o in zip(compute, overhead, strict=True)))
+    ax.set_xlabel("seconds per round (mean of the rounds); label: overhead share of the round")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 / (1 + 0.3 * len(bars))), ncol=2)
     fig.tight_layout()
-    fig.savefig(RESULTS / "federation_cost.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+
+
+def _mean_bars(rows: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
+    """(setting, mean slowest-node compute, mean overhead) per setting, in order."""
+    bars = []
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == setting]
+        compute = sum(r["slowest_node_s"] for r in mine) / len(mine)
+        overhead = sum(r["overhead_s"] for r in mine) / len(mine)
+        bars.append((setting, compute, overhead))
+    return bars
 
 
 if __name__ == "__main__":

@@ -17,11 +17,24 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+# Earlier federation-cost runs kept beside the current one (bench/federation_cost.py plots them).
+_COST_RUNS = {
+    "federation_cost_before.json": (
+        " (before the lazy imports; the demo's settings then: 8 episodes per step, q 0.1, "
+        "40 images per class, random start, DP on all parameters)"
+    ),
+    "federation_cost_old_settings.json": (
+        " (after the lazy imports, the demo's settings before its DP recipe changed: "
+        "8 episodes per step, q 0.1, 40 images per class; random start, DP on norm-affine)"
+    ),
+}
+
+
 def federation_cost_section(payload: dict[str, Any], source: str) -> list[str]:
     """Round time split into node compute and framework overhead, bytes per node."""
     env, results = payload["environment"], payload["results"]
     imports = ", ".join(f"{t:.1f}" for t in results["cold_import_s"])
-    when = " (before the lazy imports)" if "before" in source else ""
+    when = _COST_RUNS.get(source, "")
     out = [
         f"### Federation cost (real SuperLink and 3 SuperNodes over TLS){when}",
         "",
@@ -141,10 +154,24 @@ def _recipe_epsilon(row: dict[str, Any], rounds: int) -> float | None:
     return epsilon_for([(sigma, row["q"], row["steps"] * rounds)], delta=1e-5, accountant="rdp")
 
 
+def _averaging(row: dict[str, Any]) -> str:
+    a = row.get("averaging") or {"mode": "none"}
+    return f"ema {a['decay']:g}" if a["mode"] == "ema" else a["mode"]
+
+
+def _gain(row: dict[str, Any], key: str) -> str:
+    """A paired gain in points with its 95% CI, or the plain difference of the means."""
+    gain = row.get(key)
+    if key == "gain_vs_start" and gain is None:
+        return f"{100 * (row['accuracy_by_round'][-1] - row['accuracy_by_round'][0]):+.1f}"
+    return "-" if gain is None else f"{100 * gain['mean']:+.1f} ± {100 * gain['ci95']:.1f}"
+
+
 def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
     """Accuracy by round of each DP recipe on the demo's hospitals, from one public start."""
     config, env, rows = payload["config"], payload["environment"], payload["results"]
     rounds = len(rows[0]["accuracy_by_round"]) - 1
+    averaged = any("averaging" in r for r in rows)
     table = []
     for r in rows:
         private = r["mechanism"] != "nonprivate"
@@ -154,14 +181,27 @@ def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
             f"{r['sigma']:g}" if private else "none", str(r["episodes"]) if private else "-",
             str(r["steps"]),
             "inf" if epsilon is None else (f"{epsilon:.2f}" if epsilon < 1000 else "huge"),
-            f"{r['lr']:g}", *(f"{100 * a:.1f}" for a in r["accuracy_by_round"]),
-            f"{100 * (r['accuracy_by_round'][-1] - r['accuracy_by_round'][0]):+.1f}",
+            f"{r['lr']:g}", *([_averaging(r), str(r.get("seed", 0))] if averaged else []),
+            *(f"{100 * a:.1f}" for a in r["accuracy_by_round"]),
+            _gain(r, "gain_vs_start"), *([_gain(r, "gain_vs_baseline")] if averaged else []),
         ])  # fmt: skip
-    header = ["mechanism", "trains", "q", "sigma", "episodes", "steps", "epsilon", "lr", "round 0"]
-    header += [f"round {i}" for i in range(1, rounds + 1)] + ["gain"]
+    header = ["mechanism", "trains", "q", "sigma", "episodes", "steps", "epsilon", "lr"]
+    header += ["averaging", "seed"] if averaged else []
+    header += ["round 0"] + [f"round {i}" for i in range(1, rounds + 1)] + ["gain"]
+    header += ["vs last iterate"] if averaged else []
     modality = config.get("public_modality", "same")
+    note = (
+        " `averaging`: what each site's local steps leave in its model (the last iterate, an "
+        "exponential moving average of the iterates, or the mean of the last half; "
+        "post-processing, no privacy cost); `gain` and `vs last iterate` (the same seed's "
+        "`none` row) are paired over the 100 episodes at the last round, with 95% CIs that "
+        "cover the evaluation episodes, not the training's randomness."
+        if averaged
+        else ""
+    )
     return [
-        f"### DP recipes on the demo's hospitals, from a public start ({modality} modality)",
+        f"### DP recipes on the demo's hospitals, from a public start ({modality} modality"
+        + (", averaging each site's local iterates)" if averaged else ")"),
         "",
         f"From `bench/results/{source}` ({env['date']}): three synthetic hospitals "
         f"({config['per_class']} images per class, 2 per patient), a Conv-4 (width "
@@ -170,7 +210,7 @@ def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
         "recipe (`steps`: local steps per site per round); 5-way 5-shot accuracy % on "
         "the 8 unseen classes, the same 100 episodes for every cell (95% CI about +/- 2 points). "
         "sigma is as applied to C; epsilon is per site at delta 1e-5; sigma 0.001 is clipping "
-        "and sampling without meaningful noise.",
+        "and sampling without meaningful noise." + note,
         "",
         *_table(header, table),
     ]
