@@ -1,17 +1,29 @@
-"""DP episodic meta-training: sensitivity, sampling, per-episode gradients, and the private run."""
+"""DP episodic meta-training: sensitivity, sampling, per-episode gradients, the private run, and
+averaging of its iterates."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from scipy import stats
 
+from models.freezing import frozen_parameters, trainable_parameters
 from models.imageset import ImageSet
 from models.meta import EpisodeBatch, MetaConfig, MetaLearner, split_params
 from models.networks import BackboneConfig, build_backbone
-from privacy.dp_meta import DPConfig, DPMetaTrainer, pack, per_episode_grads
+from privacy.dp_meta import (
+    DPConfig,
+    DPMetaTrainer,
+    IterateAveraging,
+    iterate_weights,
+    pack,
+    per_episode_grads,
+)
 from privacy.mechanisms import EPISODIC, MECHANISMS
 from privacy.sampling import assign_patients, draw_plan, poisson_sample
 from tests.privacy.patients import random_set, without
@@ -200,3 +212,85 @@ def test_production_noise_is_not_reproducible():
         DPMetaTrainer(model, [data], dp=config, meta=MetaConfig(), augment=False).train(1)
         outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(outs[0], outs[1])
+
+
+def _averaging_run(averaging: IterateAveraging, steps: int):
+    """A seeded tiny run (DP on norm-affine only): the iterates seen by ``on_step``, the final
+    parameters, the frozen ones before, the noise draws and the accountant's steps."""
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(width=8, image_size=16, trainable="norm-affine"))
+    dp = DPConfig(
+        noise_multiplier=1.0, sample_rate=0.5, episodes=2, ways=2, max_shots=2, max_queries=2
+    )
+    trainer = DPMetaTrainer(
+        model, [random_set(3, 30)], dp=dp, meta=MetaConfig(), lr=0.05, seed=7, averaging=averaging
+    )
+    accountant = RDPAccountant()
+    trainer.optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(dp.sample_rate))
+    noise_draws = []
+    add_noise = trainer.optimizer.add_noise
+    trainer.optimizer.add_noise = lambda: (noise_draws.append(1), add_noise())[1]  # type: ignore[method-assign]
+    frozen = {k: v.detach().clone() for k, v in frozen_parameters(model).items()}
+    iterates: list[dict[str, torch.Tensor]] = []
+
+    def record(_: int) -> None:
+        iterates.append({k: v.detach().clone() for k, v in trainable_parameters(model).items()})
+
+    trainer.train(steps, on_step=record)
+    final = {k: v.detach().clone() for k, v in model.named_parameters()}
+    accounted = sum(n for _, _, n in accountant.history)
+    return iterates, final, frozen, len(noise_draws), accounted
+
+
+@pytest.mark.parametrize(
+    "averaging", [IterateAveraging("ema", decay=0.9), IterateAveraging("tail")], ids=str
+)
+def test_averaging_leaves_the_average_of_the_recorded_iterates(averaging):
+    steps = 5
+    iterates, final, frozen, noise_draws, accounted = _averaging_run(averaging, steps)
+
+    if averaging.mode == "ema":  # the recursion, independent of iterate_weights
+        expected = dict(iterates[0])
+        for it in iterates[1:]:
+            expected = {
+                k: averaging.decay * expected[k] + (1 - averaging.decay) * it[k] for k in it
+            }
+    else:
+        tail = iterates[steps - math.ceil(steps / 2) :]
+        expected = {k: torch.stack([it[k] for it in tail]).mean(0) for k in iterates[0]}
+    for name, value in expected.items():
+        torch.testing.assert_close(final[name], value, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(final[name], iterates[-1][name])  # the average, not the last
+    for name, value in frozen.items():
+        assert torch.equal(final[name], value)
+    assert noise_draws == steps and accounted == steps  # averaging is free post-processing
+
+
+def test_averaging_off_keeps_the_last_iterate_and_the_same_trajectory():
+    steps = 4
+    plain, plain_final, _, plain_draws, plain_accounted = _averaging_run(IterateAveraging(), steps)
+    averaged, _, _, draws, accounted = _averaging_run(IterateAveraging("ema", 0.5), steps)
+
+    for name, value in plain[-1].items():
+        assert torch.equal(plain_final[name], value)
+    for a, b in zip(plain, averaged, strict=True):  # the average never feeds back into training
+        for name in a:
+            assert torch.equal(a[name], b[name])
+    assert plain_draws == draws == steps and plain_accounted == accounted == steps
+
+
+@settings(max_examples=30, deadline=None)
+@given(steps=st.integers(1, 40), decay=st.floats(0.0, 0.99), mode=st.sampled_from(["ema", "tail"]))
+def test_iterate_weights_are_a_convex_combination(steps, decay, mode):
+    weights = iterate_weights(IterateAveraging(mode, decay=decay), steps)
+
+    assert len(weights) == steps and (weights >= 0).all()
+    assert math.isclose(weights.sum(), 1.0, rel_tol=1e-9)
+    if mode == "tail":
+        assert np.count_nonzero(weights) == math.ceil(steps / 2)
+
+
+@pytest.mark.parametrize("bad", [{"mode": "swa"}, {"mode": "ema", "decay": 1.0}])
+def test_averaging_config_names_a_bad_field(bad):
+    with pytest.raises(ValueError, match="IterateAveraging"):
+        IterateAveraging(**bad)
