@@ -212,3 +212,17 @@ def test_a_replayed_round_sends_the_same_release_without_a_second_charge(
     # Only the release and the accounted report leave the node: no delta, no counts.
     assert set(first.content.array_records) == {RELEASE}
     assert set(first.content.config_records) == {REPORT}
+
+
+def test_the_sampling_limit_does_not_apply_to_a_one_shot_release_but_min_noise_does(
+    tmp_path, config
+):
+    node_config = NodeConfig.from_mapping(site(tmp_path, "a", seed=0))
+    assert node_config.max_sample_rate < 1.0
+    check_policy(config.round_plan(1), node_config)  # q = 1 accepted for dp-prototypes
+    episodic = dataclasses.replace(config, mechanism=EPISODIC, sample_rate=1.0)
+    with pytest.raises(PlanRefusedError, match="sample rate 1 exceeds"):
+        check_policy(episodic.round_plan(1), node_config)
+    quiet = dataclasses.replace(config, noise_multiplier=1.0)  # accounted 0.71 < 0.8
+    with pytest.raises(PlanRefusedError, match="below this node's minimum"):
+        check_policy(quiet.round_plan(1), node_config)
