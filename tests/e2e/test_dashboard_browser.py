@@ -47,8 +47,8 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-START_TIMEOUT_S = 90  # the server imports torch and MONAI before it answers
-STEP_TIMEOUT_MS = 60_000  # one page action on a busy 2-core machine
+START_TIMEOUT_S = 180  # the server imports torch and MONAI before it answers
+STEP_TIMEOUT_MS = 120_000  # one page action on a 2-core machine busy with other tests
 SHOTS = 4
 NEW_CASES = 3
 THROTTLED = "nurse"  # an account a stranger's wrong passwords have throttled

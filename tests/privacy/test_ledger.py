@@ -152,7 +152,7 @@ def test_create_validates(tmp_path: Path, kwargs: dict[str, object]) -> None:
 
 # -- concurrency and crashes ------------------------------------------------------------------
 
-WRITERS, CHARGES = 16, 100
+WRITERS, CHARGES = 8, 60  # every writer overlaps the others for most of its charges
 PAIRS = [(1.6, 0.002), (2.4, 0.004), (3.0, 0.001)]
 
 
