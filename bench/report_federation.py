@@ -339,6 +339,43 @@ def mia_federated_section(payload: dict[str, Any], source: str) -> list[str]:
     ]
 
 
+def dp_prototypes_section(payload: dict[str, Any], source: str) -> list[str]:
+    """The one-shot DP prototype release against a site's own few shots."""
+    config, env, rows = payload["config"], payload["environment"], payload["results"]
+    alone = {"nonprivate-prototypes": "prototypes alone", "dp-prototypes": "prototypes alone"}
+    local = next(r for r in rows if r["method"] == "local-5shot")
+    rows = [r for r in rows if r is not local]
+    releases = list(dict.fromkeys(r["release"] for r in rows))
+    methods = list(dict.fromkeys(alone.get(r["method"], r["method"]) for r in rows))
+    cells = {(r["release"], alone.get(r["method"], r["method"])): r for r in rows}
+
+    def cell(release: str, method: str) -> str:
+        r = cells.get((release, method))
+        return "-" if r is None else f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f}"
+
+    def label(release: str) -> str:
+        r = next(r for r in rows if r["release"] == release)
+        eps = r["epsilon_per_site"]
+        return "no noise" if eps is None else f"epsilon {eps:g} (sigma {r['sigma']:.2f})"
+
+    table = [[label(rel), *(cell(rel, m) for m in methods)] for rel in releases]
+    return [
+        "### DP prototype release (`dp-prototypes`, one shot)",
+        "",
+        f"From `bench/results/{source}` ({env['date']}): `{config['modality']}` split by patient "
+        f"over three sites; each releases its patients' normalised class sums of the public "
+        f"start's features once (sensitivity sqrt(2) C, q 1, one step). "
+        f"{len(config['classes'])}-way, {config['shots']} shots and {config['queries']} "
+        f"held-out queries per class, {config['episodes']} episodes over {config['draws']} "
+        "noise draws; nearest prototype by cosine after centring on the site's own mean. "
+        f"A site's own {config['shots']} shots alone: {100 * local['accuracy']:.1f} ± "
+        f"{100 * local['ci95']:.1f}. `blended`: its shots and the released prototype weighted "
+        "equally; `blended-by-mass`: weighted by the released count. 95% CIs.",
+        "",
+        *_table(["release (per site)", *methods], table),
+    ]
+
+
 def render_federation(folder: Path) -> list[str]:
     """Every federation section whose JSON is in ``folder``."""
     sections = (
@@ -350,6 +387,7 @@ def render_federation(folder: Path) -> list[str]:
         ("federated_real*.json", federated_real_section),  # one table per mechanism run
         ("secure_aggregation.json", secure_aggregation_section),
         ("mia_federated.json", mia_federated_section),
+        ("dp_prototypes.json", dp_prototypes_section),
     )
     parts: list[str] = []
     for pattern, section in sections:
