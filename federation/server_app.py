@@ -13,6 +13,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from federation.checkpoint import Checkpoint
 from federation.errors import ModelMismatchError
 from federation.records import State
 from federation.rounds import run_rounds
@@ -132,11 +133,17 @@ def _start_label(record: dict[str, Any], config: ServerConfig) -> str:
 def serve(grid: Grid, config: ServerConfig) -> None:
     """Run (or resume) the federation described by ``config`` on ``grid``."""
     config.root.mkdir(parents=True, exist_ok=True)
+    final = run_federation(grid, config, initial_state(config))
+    logger.info("federation %s finished at round %d", config.federation, final.round)
+
+
+def run_federation(grid: Grid, config: ServerConfig, state: State) -> Checkpoint:
+    """The rounds from ``state`` (round 0), each version published to the server's registry;
+    returns the final checkpoint."""
     registry = Registry.open(config.root / "registry", create=True)
     eval_set = public_eval_set(config)
-    state = initial_state(config)
     strategy = FederatedMetaStrategy(config, state)
-    final = run_rounds(
+    return run_rounds(
         grid,
         strategy,
         initial_state=state,
@@ -145,7 +152,6 @@ def serve(grid: Grid, config: ServerConfig) -> None:
             registry, s, record, config, prototypes=strategy.prototypes_of(record["round"])
         ),
     )
-    logger.info("federation %s finished at round %d", config.federation, final.round)
 
 
 @app.main()

@@ -17,10 +17,8 @@ from federation.inprocess import InProcessGrid
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
 from federation.records import RELEASE, REPORT, from_arrays, to_arrays
-from federation.rounds import run_rounds
-from federation.server_app import evaluate_state, public_eval_set, publish_version
+from federation.server_app import run_federation
 from federation.server_config import ServerConfig
-from federation.strategy import FederatedMetaStrategy
 from federation.versions import DIGEST_KEY, PROTOTYPES_DIGEST_KEY, model_from_state
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
@@ -61,18 +59,7 @@ def node(site_config):
 
 
 def run(config, state, grid):
-    registry = Registry.open(config.root / "registry", create=True)
-    eval_set = public_eval_set(config)
-    strategy = FederatedMetaStrategy(config, state)
-    final = run_rounds(
-        grid,
-        strategy,
-        initial_state=state,
-        evaluate=lambda s: evaluate_state(s, config, eval_set),
-        publish=lambda s, record: publish_version(
-            registry, s, record, config, prototypes=strategy.prototypes_of(record["round"])
-        ),
-    )
+    final = run_federation(grid, config, state)
     return final, Registry.open(config.root / "registry").entries(kind="global")
 
 

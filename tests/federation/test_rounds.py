@@ -13,9 +13,8 @@ from federation.client_app import train
 from federation.errors import QuorumError
 from federation.inprocess import InProcessGrid
 from federation.records import DELTA, from_arrays, to_arrays
-from federation.rounds import run_rounds
-from federation.server_app import evaluate_state, public_eval_set, publish_version
-from federation.strategy import REGISTERED_KEYS, FederatedMetaStrategy
+from federation.server_app import run_federation
+from federation.strategy import REGISTERED_KEYS
 from federation.versions import DIGEST_KEY
 from models.registry import Registry
 from privacy.ledger import Ledger
@@ -30,23 +29,13 @@ def node(site):
     return lambda msg: client_app(msg, context(site))  # routed by message type, as Flower does
 
 
-def run(config, state, grid):
-    registry = Registry.open(config.root / "registry", create=True)
-    eval_set = public_eval_set(config)
-    return run_rounds(
-        grid,
-        FederatedMetaStrategy(config, state),
-        initial_state=state,
-        evaluate=lambda s: evaluate_state(s, config, eval_set),
-        publish=lambda s, record: publish_version(registry, s, record, config),
-    )
-
-
 def test_two_rounds_publish_a_version_each_with_every_sites_report(
     tmp_path, server_config, global_state
 ):
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
-    final = run(server_config, global_state, InProcessGrid({1: node(sites[0]), 2: node(sites[1])}))
+    final = run_federation(
+        InProcessGrid({1: node(sites[0]), 2: node(sites[1])}), server_config, global_state
+    )
     assert final.round == 2
     versions = Registry.open(server_config.root / "registry").entries(kind="global")
     assert [v.info["round"] for v in versions] == [0, 1, 2]
@@ -67,8 +56,10 @@ def test_every_node_keeps_the_final_model_without_a_charge_and_a_resume_adds_no_
 ):
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
     grid = InProcessGrid({1: node(sites[0]), 2: node(sites[1])})
-    final = run(server_config, global_state, grid)
-    run(server_config, global_state, grid)  # a finished federation, resumed: delivers again
+    final = run_federation(grid, server_config, global_state)
+    run_federation(
+        grid, server_config, global_state
+    )  # a finished federation, resumed: delivers again
 
     published = Registry.open(server_config.root / "registry").latest()
     assert [m.metadata.message_type for m in grid.sent[-2:]] == ["query.final_model"] * 2
@@ -86,7 +77,7 @@ def test_a_dead_node_is_retried_and_the_round_completes_on_quorum(
     config = dataclasses.replace(server_config, min_replies=2, min_nodes=2, num_rounds=1)
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("abc")]
     grid = InProcessGrid({1: node(sites[0]), 2: node(sites[1]), 3: lambda msg: None})
-    final = run(config, global_state, grid)
+    final = run_federation(grid, config, global_state)
     assert final.round == 1 and set(final.history[1]["sites"]) == {"a", "b"}
     assert final.history[1]["attempts"] == 1
     assert any("no reply" in p for p in final.history[1]["problems"])
@@ -100,7 +91,7 @@ def test_no_quorum_stops_cleanly_with_the_last_good_checkpoint(
     refused = make_site(tmp_path, "b", cap=0.1)
     grid = InProcessGrid({1: node(site), 2: node(refused)})
     with pytest.raises(QuorumError, match="round 1: 1 valid replies after 2 attempts"):
-        run(config, global_state, grid)
+        run_federation(grid, config, global_state)
     kept = load_checkpoint(config.root / "checkpoint", federation=config.federation)
     assert kept is not None and kept.round == 0
     sent_to_a = [m for m in grid.sent if m.metadata.dst_node_id == 1]
@@ -120,7 +111,7 @@ def test_poisoned_and_nan_replies_are_gated(tmp_path, server_config, global_stat
         reply.content.array_records[DELTA] = to_arrays(delta)
         return reply
 
-    final = run(config, global_state, InProcessGrid({1: node(good), 2: poisoned}))
+    final = run_federation(InProcessGrid({1: node(good), 2: poisoned}), config, global_state)
     assert set(final.history[1]["sites"]) == {"a"}
     assert any("non-finite" in p for p in final.history[1]["problems"])
 
@@ -130,10 +121,12 @@ def test_a_restarted_server_resumes_without_charging_a_site_twice(
 ):
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
     one_round = dataclasses.replace(server_config, num_rounds=1)
-    run(one_round, global_state, InProcessGrid({1: node(sites[0]), 2: node(sites[1])}))
+    run_federation(InProcessGrid({1: node(sites[0]), 2: node(sites[1])}), one_round, global_state)
     # The server dies after round 1; a new ServerApp process starts from a fresh model.
     other_start = {k: v + 1 for k, v in global_state.items()}
-    final = run(server_config, other_start, InProcessGrid({1: node(sites[0]), 2: node(sites[1])}))
+    final = run_federation(
+        InProcessGrid({1: node(sites[0]), 2: node(sites[1])}), server_config, other_start
+    )
     assert final.round == 2 and [r["round"] for r in final.history] == [0, 1, 2]
     for site in sites:
         assert [e.round for e in Ledger.open(site["ledger"]).entries()] == [1, 2]
@@ -150,7 +143,7 @@ def test_the_server_records_each_sites_signed_head_per_round_and_checks_it(
     shutil.copy(tmp_path / "a-key.pub", keys / "a.pub")  # the operator registered a's key
     shutil.copy(tmp_path / "b-key.pub", keys / "c.pub")  # ... and someone else's key as c's
     handlers = {i + 1: node(site) for i, site in enumerate(sites)}
-    final = run(server_config, global_state, InProcessGrid(handlers))
+    final = run_federation(InProcessGrid(handlers), server_config, global_state)
     assert final.round == 2
     versions = Registry.open(server_config.root / "registry").entries(kind="global")
     checks = {s: r["head-check"] for s, r in versions[-1].privacy.items()}
