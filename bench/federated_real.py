@@ -134,21 +134,28 @@ def nonprivate_federated(config: ServerConfig, sites: list[dict[str, Any]]) -> S
     return state
 
 
-def setup(args: argparse.Namespace, log: Progress) -> tuple[list[dict[str, Any]], ServerConfig]:
+def setup(
+    args: argparse.Namespace, log: Progress, *, start: Path | None = None
+) -> tuple[list[dict[str, Any]], ServerConfig]:
     """The three hospitals' parts (written under a temporary folder) and the base run config:
-    a public start pre-trained on the other four modalities, evaluated on the held-out part."""
+    a public start pre-trained on the other four modalities, evaluated on the held-out part.
+    ``start``: an earlier run's public start for the same modality and options (the caller
+    checks it), reused instead of pre-training again."""
     folder = require_shared_data()
     root = Path(tempfile.mkdtemp(prefix="fedfew-bench-fedreal-"))
     sites, held_out = split_modality(folder, args.modality, root)
-    public = [s for name, s in load_sets(folder, log).items() if name != args.modality]
-    log(f"public start: supervised pre-training on {[s.name for s in public]}")
-    start = write_pretrained(
-        root / "public-start",
-        public,
-        objective="supervised",
-        backbone=BackboneConfig(width=args.width),
-        steps=args.pretrain_steps,
-    )
+    if start is None:
+        public = [s for name, s in load_sets(folder, log).items() if name != args.modality]
+        log(f"public start: supervised pre-training on {[s.name for s in public]}")
+        start = write_pretrained(
+            root / "public-start",
+            public,
+            objective="supervised",
+            backbone=BackboneConfig(width=args.width),
+            steps=args.pretrain_steps,
+        )
+    else:
+        log(f"public start: reusing {start}")
     base = ServerConfig(
         federation="bench-real",
         num_rounds=args.rounds,
