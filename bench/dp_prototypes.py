@@ -94,7 +94,12 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(modality="brain_mri", out=OUT, episodes=300, ways=0)
     # --ways (federated_real's option): 0 scores every class with site 1's shots (the brain_mri
     # file); N > 0 scores federated_real's N-way episodes of the held-out patients
-    p.add_argument("--shots", type=int, default=5, help="labelled images per class (site 1; --ways: and the episode)")
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=5,
+        help="labelled images per class (site 1; --ways: and the episode)",
+    )
     p.add_argument("--queries", type=int, default=10, help="held-out queries per class")
     p.add_argument("--draws", type=int, default=20, help="independent noise draws per epsilon")
     p.add_argument("--clip", type=float, default=1.0, help="C (only sigma C / signal matters)")
