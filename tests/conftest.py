@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 
 LONGEST_FIRST = (
-    "tests/e2e/test_federation.py",  # three federations of real processes: about 14 min loaded
-    "tests/e2e/test_egress.py",
+    "tests/e2e/test_federation.py",  # three federations of real processes: about 16 min loaded
+    "tests/privacy/test_audit.py",  # trains 310 episodic steps on CPU: about 10 min loaded
     "tests/e2e/test_runbook.py",
     "tests/e2e/test_secure_aggregation.py",
+    "tests/e2e/test_egress.py",
     "tests/e2e/test_dashboard_browser.py",
     "tests/e2e/test_local_deployment.py",
 )
