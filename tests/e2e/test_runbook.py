@@ -33,10 +33,10 @@ SITES = ("hospital-a", "hospital-b")
 INTRUDER = "hospital-c"  # provisioned, never registered
 TINY_RUN = (
     "federation='runbook' num-rounds=1 local-steps=2 episodes=2 width=8 image-size=32 "
-    "eval-episodes=5 min-nodes=2 min-replies=2 node-wait=120 round-timeout=120 max-retries=0"
+    "eval-episodes=5 min-nodes=2 min-replies=2 node-wait=120 round-timeout=240 max-retries=0"
 )
 STARTUP_S = 120.0  # a cold `fedfew` imports torch and Flower: 10-20 s on a loaded 2-core box
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 600
 
 
 def fedfew() -> list[str]:
