@@ -106,11 +106,8 @@ class FederatedMetaStrategy(Strategy):
         self._round = 0  # the round being configured (releases are kept under it)
         self._prototypes: dict[int, PrototypeRelease] = {}  # round -> the summed release
         self._feature_width: int | None = None  # d of the global model's embedding
-
-    @property
-    def releases(self) -> bool:
-        """Whether this federation's mechanism releases arrays (summed, not averaged)."""
-        return self.round_plan(1).dp_mechanism.releases_arrays
+        # Whether this federation's mechanism releases arrays (summed, not averaged).
+        self.releases = self.round_plan(1).dp_mechanism.releases_arrays
 
     def prototypes_of(self, server_round: int) -> PrototypeRelease | None:
         """The release the sites' replies summed to in ``server_round``, if one was made."""
