@@ -12,7 +12,7 @@ steps), parameter subset, sampling rate, steps, learning rate and sigma. A sigma
 what clipping and sampling cost from what the noise costs.
 
 Run: ``python bench/dp_recipe_sweep.py --public-steps 100 episodic:norm-affine:0.2:10:0.1:2.22:16``
-(recipe = mechanism:subset:q:steps-per-round:lr:sigma[:episodes]); bench/report.py gives each
+(recipe = mechanism:subset:q:steps-per-round:lr:sigma[:episodes[:caps]]); bench/report.py gives each
 DP row the epsilon per site its steps spend.
 
 ``--averaging none ema:0.9 tail`` runs every episodic recipe once per way of averaging each site's
@@ -90,7 +90,9 @@ def local_steps(
     """One site's local steps of the recipe, in place (``averaging``: episodic recipes only)."""
     q, sigma, lr, steps = recipe["q"], recipe["sigma"], recipe["lr"], recipe["steps"]
     if recipe["mechanism"] == "episodic":
-        dp = DPConfig(noise_multiplier=sigma, sample_rate=q, episodes=recipe["episodes"])
+        caps = recipe["caps"]
+        dp = DPConfig(noise_multiplier=sigma, sample_rate=q, episodes=recipe["episodes"],
+                      max_shots=caps, max_queries=caps)  # fmt: skip
         DPMetaTrainer(
             model, [site], dp=dp, meta=MetaConfig(), lr=lr, seed=seed, averaging=averaging
         ).train(steps)
@@ -106,11 +108,14 @@ def local_steps(
 
 
 def parse_recipe(text: str) -> dict[str, Any]:
-    """``mechanism:subset:q:steps:lr:sigma[:episodes]``."""
+    """``mechanism:subset:q:steps:lr:sigma[:episodes[:caps]]`` (caps: episodic records kept per
+    class and role in an episode, ``DPConfig.max_shots`` and ``max_queries``)."""
     mechanism, subset, q, steps, lr, sigma, *rest = text.split(":")
     episodes = int(rest[0]) if rest else 8
+    caps = int(rest[1]) if len(rest) > 1 else DPConfig.max_shots
     return {"mechanism": mechanism, "subset": subset, "q": float(q), "steps": int(steps),
-            "lr": float(lr), "sigma": float(sigma), "episodes": episodes}  # fmt: skip
+            "lr": float(lr), "sigma": float(sigma), "episodes": episodes,
+            "caps": caps}  # fmt: skip
 
 
 def parse_averaging(text: str) -> IterateAveraging:
@@ -139,7 +144,8 @@ def main() -> None:
     p.add_argument("--out", default="dp_recipe_sweep")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--averaging", nargs="+", type=parse_averaging, default=[IterateAveraging()])
-    p.add_argument("--seeds", type=int, default=1, help="training seeds per row (0, 1, ...)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per row")
+    p.add_argument("--first-seed", type=int, default=0, help="the first training seed")
     p.add_argument(
         "--initial-model",
         type=Path,
@@ -186,7 +192,7 @@ def main() -> None:
     log(f"public start: {100 * np.mean(round0):.1f}%")
     rows: list[dict[str, Any]] = []
     config = vars(args) | {"averaging": [a.to_dict() for a in args.averaging]}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for recipe in args.recipes:
             baseline: list[float] | None = None
             for averaging in args.averaging:
