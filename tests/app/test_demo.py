@@ -78,6 +78,7 @@ def test_the_public_start_is_the_federations_round_0_and_dp_touches_norm_affine_
     assert any("not private, no hospital data" in line for line in lines)
     config = server_config(tmp_path, 3, settings, "synthetic", start)
     assert config.initial_model == str(start) and config.trainable == "norm-affine"
+    assert config.max_shots == config.max_queries == settings.max_records
     state = initial_state(config)
     saved = loaded.model.state_dict()
     assert all(np.array_equal(state[k], saved[k].numpy()) for k in saved)
