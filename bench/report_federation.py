@@ -171,7 +171,8 @@ def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
     """Accuracy by round of each DP recipe on the demo's hospitals, from one public start."""
     config, env, rows = payload["config"], payload["environment"], payload["results"]
     rounds = len(rows[0]["accuracy_by_round"]) - 1
-    averaged = any("averaging" in r for r in rows)
+    averaged = any(_averaging(r) != "none" for r in rows)
+    sized = any("per_class" in r for r in rows)  # rows differ in data size and episode caps
     table = []
     for r in rows:
         private = r["mechanism"] != "nonprivate"
@@ -180,13 +181,17 @@ def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
             r["mechanism"], r["subset"], f"{r['q']:g}" if private else "-",
             f"{r['sigma']:g}" if private else "none", str(r["episodes"]) if private else "-",
             str(r["steps"]),
+            *([str(r["per_class"]), str(r.get("caps", 5))] if sized else []),
             "inf" if epsilon is None else (f"{epsilon:.2f}" if epsilon < 1000 else "huge"),
-            f"{r['lr']:g}", *([_averaging(r), str(r.get("seed", 0))] if averaged else []),
+            f"{r['lr']:g}", *([_averaging(r)] if averaged else []),
+            *([str(r.get("seed", 0))] if averaged or sized else []),
             *(f"{100 * a:.1f}" for a in r["accuracy_by_round"]),
             _gain(r, "gain_vs_start"), *([_gain(r, "gain_vs_baseline")] if averaged else []),
         ])  # fmt: skip
-    header = ["mechanism", "trains", "q", "sigma", "episodes", "steps", "epsilon", "lr"]
-    header += ["averaging", "seed"] if averaged else []
+    header = ["mechanism", "trains", "q", "sigma", "episodes", "steps"]
+    header += ["images per class", "records per class and role"] if sized else []
+    header += ["epsilon", "lr"] + (["averaging"] if averaged else [])
+    header += ["seed"] if averaged or sized else []
     header += ["round 0"] + [f"round {i}" for i in range(1, rounds + 1)] + ["gain"]
     header += ["vs last iterate"] if averaged else []
     modality = config.get("public_modality", "same")
@@ -199,18 +204,27 @@ def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
         if averaged
         else ""
     )
+    if sized:
+        note += (
+            " `images per class`: the size of the hospitals' data (2 images per patient); "
+            "`records per class and role`: the support and query records an episode keeps per "
+            "class (every episode is padded to it); `seed`: the training seed."
+        )
+    size = "the row's" if sized else config["per_class"]
+    topics = [f"{modality} modality"]
+    topics += ["averaging each site's local iterates"] if averaged else []
+    topics += ["hospitals of different sizes"] if sized else []
     return [
-        f"### DP recipes on the demo's hospitals, from a public start ({modality} modality"
-        + (", averaging each site's local iterates)" if averaged else ")"),
+        f"### DP recipes on the demo's hospitals, from a public start ({', '.join(topics)})",
         "",
         f"From `bench/results/{source}` ({env['date']}): three synthetic hospitals "
-        f"({config['per_class']} images per class, 2 per patient), a Conv-4 (width "
+        f"({size} images per class, 2 per patient), a Conv-4 (width "
         f"{config['width']}) public start from {config['public_steps']} ProtoNet steps on the 8 "
         f"public classes imaged in the {modality} modality, then {rounds} FedAvg rounds of each "
         "recipe (`steps`: local steps per site per round); 5-way 5-shot accuracy % on "
         "the 8 unseen classes, the same 100 episodes for every cell (95% CI about +/- 2 points). "
-        "sigma is as applied to C; epsilon is per site at delta 1e-5; sigma 0.001 is clipping "
-        "and sampling without meaningful noise." + note,
+        "sigma is as applied to C; epsilon is per site at delta 1e-5; sigma 0.001 or 0.01 is "
+        "clipping and sampling without meaningful noise." + note,
         "",
         *_table(header, table),
     ]
