@@ -19,6 +19,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # Earlier federation-cost runs kept beside the current one (bench/federation_cost.py plots them).
 _COST_RUNS = {
+    "federation_cost_240_per_class.json": (
+        " (the demo's settings before its hospitals grew: 32 episodes per step of up to 5 "
+        "records per class and role, 240 images per class)"
+    ),
     "federation_cost_before.json": (
         " (before the lazy imports; the demo's settings then: 8 episodes per step, q 0.1, "
         "40 images per class, random start, DP on all parameters)"
