@@ -53,9 +53,10 @@ class DemoSettings:
     public_steps: int = 100  # non-private steps on public data, before any hospital is asked
     public_modality: str = "inverted"  # public data from another modality (models/synthetic.py)
     trainable: str = "norm-affine"  # what DP touches: the public encoder's convolutions stay
-    # The recipe, from bench/dp_recipe_sweep.py (inverted-modality rows): each of E episodes is
-    # clipped to C, so more episodes per step carry more signal against the same noise; q stays
-    # within the nodes' default max-sample-rate.
+    # The recipe, from bench/dp_recipe_sweep.py (inverted-modality rows and
+    # dp_recipe_sweep_patients.json): each filled episode is clipped to C, so more filled
+    # episodes per step carry more signal against the same noise; q stays within the nodes'
+    # default max-sample-rate.
     local_lr: float = 0.05  # Adam on the nodes; 0.1 gained less
     # An episode whose sampled patients leave it without a support and a query pair adds no
     # gradient; 48 episodes fill about 40 at 800 images per class (32 filled 11 at 240).

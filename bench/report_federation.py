@@ -185,7 +185,7 @@ def dp_recipe_section(payload: dict[str, Any], source: str) -> list[str]:
             r["mechanism"], r["subset"], f"{r['q']:g}" if private else "-",
             f"{r['sigma']:g}" if private else "none", str(r["episodes"]) if private else "-",
             str(r["steps"]),
-            *([str(r["per_class"]), str(r.get("caps", 5))] if sized else []),
+            *([str(r["per_class"]), str(r["caps"])] if sized else []),
             "inf" if epsilon is None else (f"{epsilon:.2f}" if epsilon < 1000 else "huge"),
             f"{r['lr']:g}", *([_averaging(r)] if averaged else []),
             *([str(r.get("seed", 0))] if averaged or sized else []),
