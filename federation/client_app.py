@@ -36,6 +36,7 @@ from federation.records import (
     PUBLISHED,
     PUBLISHED_METRICS,
     PUBLISHED_PRIVACY,
+    PUBLISHED_PROTOTYPES,
     RELEASE,
     REPORT,
     from_arrays,
@@ -47,6 +48,7 @@ from federation.records import to_config as config_record
 if TYPE_CHECKING:
     from federation.node import NodeReply, State
     from federation.plan import RoundPlan
+    from privacy.prototype_release import PrototypeRelease
 
 # Not a child of Flower's logger: the node's log stays on the node.
 logger = logging.getLogger("fedfew.node")
@@ -121,6 +123,7 @@ def keep_final_model(msg: Message, context: Context) -> Message:
             from_arrays(msg.content.array_records[MODEL]),
             privacy=json.loads(str(published[PUBLISHED_PRIVACY])),
             metrics=json.loads(str(published[PUBLISHED_METRICS])),
+            prototypes=_release(msg, published),
         )
     except Exception as exc:  # every failure replies a code; its text stays on the node
         return _failed(msg, config, exc)
@@ -145,6 +148,18 @@ def _round(msg: Message, context: Context, config: NodeConfig) -> Message:
     else:
         content = RecordDict({DELTA: to_arrays(reply.delta), REPORT: report})
     return Message(content, reply_to=msg)
+
+
+def _release(msg: Message, published: dict[str, object]) -> PrototypeRelease | None:
+    """The final round's prototype release, when the server sent one with the model."""
+    if PUBLISHED_PROTOTYPES not in published:
+        return None
+    from privacy.prototype_release import SUMS, PrototypeRelease
+
+    if RELEASE not in msg.content.array_records:
+        raise PlanInvalidError("the final model names a prototype release but carries none")
+    sums = from_arrays(msg.content.array_records[RELEASE])[SUMS]
+    return PrototypeRelease.from_metadata(sums, json.loads(str(published[PUBLISHED_PROTOTYPES])))
 
 
 def _failed(msg: Message, config: NodeConfig | None, exc: Exception) -> Message:

@@ -44,6 +44,7 @@ from models.registry import Registry, RegistryEntry
 from privacy.errors import BudgetExhaustedError
 from privacy.ledger import KIND_CHARGE, ChargeRequest, Ledger, LedgerEntry
 from privacy.ledger_head import LedgerHead, load_signing_key, read_head, sign_head
+from privacy.prototype_release import PrototypeRelease
 from privacy.site_report import SitePrivacyReport
 
 State = dict[str, np.ndarray]
@@ -186,11 +187,13 @@ def keep_final_model(
     *,
     privacy: dict[str, Any],
     metrics: dict[str, Any],
+    prototypes: PrototypeRelease | None = None,
 ) -> RegistryEntry:
     """Keep the federation's model after its last round (``plan.round``) in this node's registry,
     beside the versions it received for each round, with the privacy reports and metrics the
-    server published for it; nothing is trained or charged, and keeping the same model again
-    returns the entry it already has."""
+    server published for it and the last round's prototype release if it made one (kept as
+    ``prototypes.safetensors`` in the version's folder); nothing is trained or charged, and
+    keeping the same model again returns the entry it already has."""
     return publish_state(
         Registry.open(config.registry, create=True),
         state,
@@ -200,6 +203,7 @@ def keep_final_model(
         info={"federation": plan.federation, "round": plan.round},
         privacy=privacy,
         metrics=metrics,
+        prototypes=prototypes,
     )
 
 

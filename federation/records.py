@@ -22,6 +22,9 @@ FINAL_MODEL = "final_model"
 PUBLISHED = "published"
 PUBLISHED_PRIVACY = "privacy-json"
 PUBLISHED_METRICS = "metrics-json"
+# ... and, when the final round made a prototype release, its public metadata (JSON); the
+# release's sums travel beside the model under RELEASE.
+PUBLISHED_PROTOTYPES = "prototypes-json"
 
 State = dict[str, np.ndarray]
 

@@ -29,7 +29,7 @@ from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.registry import Registry, RegistryEntry
 from models.synthetic import demo_sets
-from privacy.prototype_release import PrototypeRelease
+from privacy.prototype_release import PROTOTYPES_FILE, PrototypeRelease
 
 logger = logging.getLogger(LOGGER_NAME)
 EVAL_SHOTS = (1, 5)
@@ -143,6 +143,11 @@ def run_federation(grid: Grid, config: ServerConfig, state: State) -> Checkpoint
     registry = Registry.open(config.root / "registry", create=True)
     eval_set = public_eval_set(config)
     strategy = FederatedMetaStrategy(config, state)
+    for entry in registry.entries(kind="global"):  # a resumed server's earlier releases
+        if (entry.path / PROTOTYPES_FILE).exists():
+            strategy.restore_release(
+                entry.info["round"], PrototypeRelease.load(entry.path / PROTOTYPES_FILE)
+            )
     return run_rounds(
         grid,
         strategy,

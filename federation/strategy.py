@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -32,6 +40,7 @@ from federation.records import (
     PUBLISHED,
     PUBLISHED_METRICS,
     PUBLISHED_PRIVACY,
+    PUBLISHED_PROTOTYPES,
     RELEASE,
     REPORT,
     State,
@@ -113,6 +122,10 @@ class FederatedMetaStrategy(Strategy):
         """The release the sites' replies summed to in ``server_round``, if one was made."""
         return self._prototypes.get(server_round)
 
+    def restore_release(self, server_round: int, release: PrototypeRelease) -> None:
+        """Take back a release an earlier run of this federation kept (a resumed server)."""
+        self._prototypes[server_round] = release
+
     def release_shapes(self) -> dict[str, tuple[int, ...]]:
         """The arrays a site's release must hold: ``{SUMS: (K, d+1)}``."""
         dp = self.round_plan(1).dp
@@ -173,16 +186,22 @@ class FederatedMetaStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, record: dict[str, Any], grid: Grid
     ) -> list[Message]:
         """The final model (after ``server_round``), with that round's plan (which says how to
-        build it) and its published record (each site's privacy report and the metrics), to
-        every connected node: nothing to train, nothing to charge."""
+        build it), its published record (each site's privacy report and the metrics) and, when
+        that round made one, its prototype release, to every connected node: nothing to train,
+        nothing to charge."""
         plan = ConfigRecord(self.round_plan(server_round).to_config())
-        published = ConfigRecord({
+        published: dict[str, ConfigRecordValues] = {
             PUBLISHED_PRIVACY: json.dumps(record["sites"]),
             PUBLISHED_METRICS: json.dumps(record["metrics"]),
-        })  # fmt: skip
+        }
+        content: dict[str, ArrayRecord | ConfigRecord] = {MODEL: arrays, PLAN: plan}
+        release = self.prototypes_of(server_round)
+        if release is not None:  # public: DP sums and the plan's vocabulary
+            published[PUBLISHED_PROTOTYPES] = json.dumps(release.metadata())
+            content[RELEASE] = to_arrays({SUMS: release.sums})
         return [
             Message(
-                content=RecordDict({MODEL: arrays, PLAN: plan, PUBLISHED: published}),
+                content=RecordDict({**content, PUBLISHED: ConfigRecord(published)}),
                 message_type=f"{MessageType.QUERY}.{FINAL_MODEL}",
                 dst_node_id=node_id,
             )

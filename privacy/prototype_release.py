@@ -114,9 +114,14 @@ class PrototypeRelease:
         with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
             sums = f.get_tensor(SUMS)
+        return cls.from_metadata(sums, meta)
+
+    @classmethod
+    def from_metadata(cls, sums: np.ndarray, meta: dict[str, str]) -> PrototypeRelease:
+        """The release from its sums and :meth:`metadata` (as a file or a message carries them)."""
         return cls(
             classes=tuple(json.loads(meta["classes"])),
-            sums=sums,
+            sums=np.asarray(sums, dtype=np.float64),
             clip=float(meta["clip"]),
             noise_multiplier=float(meta["noise-multiplier"]),
             sites=tuple(json.loads(meta["sites"])),

@@ -16,7 +16,7 @@ from federation.errors import PlanRefusedError
 from federation.inprocess import InProcessGrid
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
-from federation.records import RELEASE, REPORT, from_arrays, to_arrays
+from federation.records import FINAL_MODEL, RELEASE, REPORT, from_arrays, to_arrays
 from federation.server_app import run_federation
 from federation.server_config import ServerConfig
 from federation.versions import DIGEST_KEY, PROTOTYPES_DIGEST_KEY, model_from_state
@@ -113,6 +113,38 @@ def test_three_sites_release_once_and_the_server_keeps_the_summed_prototypes(
     assert float(noiseless[:2, -1].min()) > 0 and float(noiseless[2].abs().max()) == 0.0
     noise = release.sums - noiseless.numpy()
     assert np.std(noise) == pytest.approx(math.sqrt(3) * SIGMA * 0.5, rel=0.3)
+    for s in sites:  # each hospital keeps the final model with the release, for its clinicians
+        np.testing.assert_array_equal(final_release(s).sums, release.sums)
+
+
+def final_release(site_config) -> PrototypeRelease:
+    """The release kept with the final model in a node's own registry (one final version)."""
+    kept = Registry.open(Path(str(site_config["registry"]))).entries(kind="global")
+    (final,) = [v for v in kept if "final" in v.name]
+    return PrototypeRelease.load(final.path / PROTOTYPES_FILE)
+
+
+def test_a_node_that_missed_the_final_model_gets_it_with_the_release_from_a_resumed_server(
+    tmp_path, config, global_state
+):
+    sites = [site(tmp_path, s, seed=i) for i, s in enumerate("abc")]
+    handlers = {i + 1: node(s) for i, s in enumerate(sites)}
+    answer_c = handlers[3]
+    handlers[3] = lambda msg: (
+        None if msg.metadata.message_type.endswith(FINAL_MODEL) else answer_c(msg)
+    )
+    run(config, global_state, InProcessGrid(handlers))
+    released = final_release(sites[0])
+    with pytest.raises(ValueError):  # hospital c went silent before keeping the final model
+        final_release(sites[2])
+
+    handlers[3] = answer_c
+    final, versions = run(config, global_state, InProcessGrid(handlers))  # a restarted server
+
+    assert final.round == 1 and [v.info["round"] for v in versions] == [0, 1]
+    assert final_release(sites[2]).digest() == released.digest()
+    for s in sites:  # nothing charged again
+        assert len(Ledger.open(s["ledger"]).entries()) == 1
 
 
 def test_a_node_that_does_not_allow_prototypes_refuses_before_any_charge(
