@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from typing import Any
+from uuid import uuid4
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -30,6 +31,7 @@ class InProcessGrid(Grid):
     def __init__(self, handlers: dict[int, Handler]) -> None:
         self.handlers = handlers
         self.sent: list[Message] = []
+        self._replies: dict[str, Message] = {}  # pushed message id -> its reply, until pulled
 
     def set_run(self, run_id: int) -> None:  # type: ignore[override]
         """Not needed in process."""
@@ -48,23 +50,30 @@ class InProcessGrid(Grid):
         return list(self.handlers)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Not needed in process (use send_and_receive)."""
-        raise NotImplementedError("use send_and_receive")
+        """Give each message an id (as Flower's in-memory grid does) and answer it at once; the
+        replies wait for :meth:`pull_messages`."""
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            reply = self._answer(msg)
+            if reply is not None:
+                self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Not needed in process (use send_and_receive)."""
-        raise NotImplementedError("use send_and_receive")
+        """The replies to ``message_ids`` that came (each handed out once)."""
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Call each destination's handler in turn with its own copy of the message (as the wire
-        would give it: Flower's SecAgg+ workflow sends one content object to every node, and
-        its mod edits what it receives); collect the replies that came."""
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            reply = self.handlers[msg.metadata.dst_node_id](copy.deepcopy(msg))
-            if reply is not None:
-                replies.append(reply)
-        return replies
+        """Answer each message in turn; collect the replies that came."""
+        return [reply for msg in messages if (reply := self._answer(msg)) is not None]
+
+    def _answer(self, msg: Message) -> Message | None:
+        """The destination's handler on its own copy of the message (as the wire would give it:
+        Flower's SecAgg+ workflow sends one content object to every node, and its mod edits
+        what it receives)."""
+        self.sent.append(msg)
+        return self.handlers[msg.metadata.dst_node_id](copy.deepcopy(msg))

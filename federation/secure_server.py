@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 
 from federation.distributed_noise import is_distributed, plan_ranges
 from federation.errors import InvalidUpdateError, QuorumError
+from federation.exchange import DelegatingGrid
 from federation.reasons import reason_of
 from federation.records import State, to_arrays
 from federation.secure_aggregation import MODULUS_RANGE, SumGate, gate_sum
@@ -124,39 +125,14 @@ class _Collector(LegacyStrategy):
         return None
 
 
-class _WatchedGrid(Grid):
+class _WatchedGrid(DelegatingGrid):
     """Delegates to ``grid``; records error replies (reason codes) and silent nodes."""
 
     def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.problems: list[str] = []
         self.stage = 0
         self.received_bytes = 0
-
-    def set_run(self, run_id: int) -> None:  # type: ignore[override]
-        """Delegated."""
-        self.grid.set_run(run_id)  # type: ignore[arg-type]
-
-    @property
-    def run(self) -> Any:
-        """Delegated."""
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        """Delegated."""
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegated."""
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegated."""
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegated."""
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from federation.checkpoint import Checkpoint
 from federation.errors import ModelMismatchError
+from federation.exchange import PollingGrid
 from federation.records import State
 from federation.rounds import run_rounds
 from federation.server_config import ServerConfig
@@ -162,4 +163,4 @@ def run_federation(grid: Grid, config: ServerConfig, state: State) -> Checkpoint
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Flower's entry point: the run config says what to run."""
-    serve(grid, ServerConfig.from_run_config(context.run_config))
+    serve(PollingGrid(grid), ServerConfig.from_run_config(context.run_config))
