@@ -193,6 +193,7 @@ def main() -> None:
 
 # Earlier runs kept beside the new one, drawn under it for comparison (their demo rows).
 EARLIER = {
+    "federation_cost_3s_poll.json": "demo, the server pulling replies every 3 s (Flower's default)",
     "federation_cost_240_per_class.json": "demo at 240/class (32 episodes, 5 records per role)",
     "federation_cost_old_settings.json": "demo before the recipe change (8 episodes, 40/class)",
     "federation_cost_before.json": "demo before the lazy imports (8 episodes, 40/class, DP on all)",

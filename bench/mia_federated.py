@@ -51,29 +51,43 @@ MAX_FPR = 0.01
 
 
 def attack_sets(
-    base: ServerConfig, member_site: str, seed: int
+    base: ServerConfig, member_sites: list[str], seed: int, reference_share: float
 ) -> tuple[ImageSet, np.ndarray, np.ndarray, ImageSet]:
-    """The attacked pool (hospital 1's and non-member patients, as many of each), whether each
-    pool record is a member, each record's patient, and the attacker's reference set."""
+    """The attacked pool (the member sites' patients and held-out non-members), whether each
+    pool record is a member, each record's patient, and the attacker's reference set.
+
+    ``reference_share`` of the held-out patients build the attacker's prototypes; the rest are
+    the non-members. Members are drawn from the member sites' patients, as many as there are
+    non-members when one site is attacked, all of them otherwise (a larger pool).
+    """
     pipeline = PipelineConfig(image_size=base.image_size)
     held_out = load_dataset(base.eval_data, pipeline)
-    site = load_dataset(member_site, pipeline)
-    if site.classes != held_out.classes:
-        raise ValueError("the member site and the held-out part must share their classes")
+    sites = [load_dataset(path, pipeline) for path in member_sites]
+    if any(site.classes != held_out.classes for site in sites):
+        raise ValueError("the member sites and the held-out part must share their classes")
     rng = np.random.default_rng(seed)
     outside = rng.permutation(np.unique(held_out.patients))
-    reference_ids, other_ids = outside[: len(outside) // 2], outside[len(outside) // 2 :]
-    member_ids = rng.choice(np.unique(site.patients), size=len(other_ids), replace=False)
-    members = subset(site, np.isin(site.patients, member_ids))
+    cut = int(reference_share * len(outside))
+    reference_ids, other_ids = outside[:cut], outside[cut:]
+    member_parts = []
+    for index, site in enumerate(sites):
+        # patient ids are per site: prefix them so two sites' patients never merge
+        prefixed = np.char.add(f"m{index}:", site.patients.astype(str))
+        site = dataclasses.replace(site, patients=prefixed)
+        ids = np.unique(site.patients)
+        if len(sites) == 1:
+            ids = rng.choice(ids, size=min(len(ids), len(other_ids)), replace=False)
+        member_parts.append(subset(site, np.isin(site.patients, ids)))
     others = subset(held_out, np.isin(held_out.patients, other_ids))
+    parts = [*member_parts, others]
     pool = ImageSet(
-        images=np.concatenate([members.images, others.images]),
-        labels=np.concatenate([members.labels, others.labels]),
-        classes=site.classes,
-        patients=np.concatenate([members.patients, others.patients]),
+        images=np.concatenate([p.images for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        classes=held_out.classes,
+        patients=np.concatenate([p.patients.astype(str) for p in parts]),
         name="audit-pool",
     )
-    is_member = np.arange(len(pool)) < len(members)
+    is_member = np.arange(len(pool)) < len(pool) - len(others)
     reference = subset(held_out, np.isin(held_out.patients, reference_ids))
     return pool, is_member, pool.patients, reference
 
@@ -98,14 +112,30 @@ def main() -> None:
         out="mia_federated",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="the attacker's split of patients")
+    p.add_argument(
+        "--members",
+        choices=["site-1", "all-sites"],
+        default="site-1",
+        help="whose patients are the members: hospital 1's, or every site's",
+    )
+    p.add_argument(
+        "--reference-share",
+        type=float,
+        default=0.5,
+        help="share of the held-out patients that build the attacker's prototypes",
+    )
     args = p.parse_args()
     set_threads(args.threads)
     set_task_identity()
     log = Progress()
     sites, base = setup(args, log)
     root = Path(base.workdir).parent
-    pool, is_member, patients, reference = attack_sets(base, sites[0]["data"], args.seed)
-    log(f"pool: {len(np.unique(patients))} patients, half of them hospital 1's; "
+    attacked = sites[:1] if args.members == "site-1" else sites
+    pool, is_member, patients, reference = attack_sets(
+        base, [s["data"] for s in attacked], args.seed, args.reference_share
+    )
+    log(f"pool: {len(np.unique(patients[is_member]))} members ({args.members}), "
+        f"{len(np.unique(patients[~is_member]))} non-members; "
         f"reference: {len(np.unique(reference.patients))} patients")  # fmt: skip
     plan = base.round_plan(1)
 

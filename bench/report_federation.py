@@ -19,6 +19,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # Earlier federation-cost runs kept beside the current one (bench/federation_cost.py plots them).
 _COST_RUNS = {
+    "federation_cost_3s_poll.json": (
+        " (the demo's settings, before the server pulled replies every 0.25 s: Flower's 3 s poll)"
+    ),
     "federation_cost_240_per_class.json": (
         " (the demo's settings before its hospitals grew: 32 episodes per step of up to 5 "
         "records per class and role, 240 images per class)"
@@ -342,13 +345,18 @@ def mia_federated_section(payload: dict[str, Any], source: str) -> list[str]:
             f"{100 * r['tpr_at_low_fpr']:.1f} ({100 * tpr.low:.1f}-{100 * tpr.high:.1f})",
         ])  # fmt: skip
     first = rows[0]
+    members = (
+        f"all {first['members']} patients of the three sites"
+        if config.get("members") == "all-sites"
+        else f"{first['members']} of hospital 1's patients"
+    )
     return [
         "### Membership inference against federated models that learned",
         "",
         f"From `bench/results/{source}` ({env['date']}): the models of the "
         f"`{config['modality']}` federation above ({config['rounds']} rounds x "
         f"{config['local_steps']} local steps, q {config['sample_rate']:g}). Members: "
-        f"{first['members']} of hospital 1's patients; non-members: {first['non_members']} "
+        f"{members}; non-members: {first['non_members']} "
         "held-out patients no site holds; the attacker's prototypes come from other held-out "
         "patients. One score per patient (`privacy.audit.record_scores`, averaged over the "
         "patient's images). `calibrated` subtracts the public start's score (difficulty "
@@ -494,7 +502,7 @@ def render_federation(folder: Path) -> list[str]:
         ("dp_recipe_sweep*.json", dp_recipe_section),
         ("federated_real*.json", federated_real_section),  # one table per mechanism run
         ("secure_aggregation.json", secure_aggregation_section),
-        ("mia_federated.json", mia_federated_section),
+        ("mia_federated*.json", mia_federated_section),
         ("dp_prototypes*.json", dp_prototypes_section),  # brain_mri 4-way, then per modality
     )
     parts: list[str] = []
