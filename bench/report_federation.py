@@ -374,6 +374,11 @@ def _pct(r: dict[str, Any]) -> str:
     return f"{100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f}"
 
 
+def _above_or_below(difference: float) -> str:
+    """``difference`` (a fraction) as "2.0 above" or "2.0 below", in points."""
+    return f"{100 * abs(difference):.1f} {'above' if difference > 0 else 'below'}"
+
+
 def dp_prototypes_section(payload: dict[str, Any], source: str) -> list[str]:
     """The one-shot DP prototype release against a site's own few shots (every class), or on
     federated_real's N-way episodes beside its rows (``--ways N``)."""
@@ -476,7 +481,7 @@ def dp_prototypes_section(payload: dict[str, Any], source: str) -> list[str]:
             best = max(nonprivate, key=lambda r: r["accuracy"])
             gaps = [
                 f"`{m}` {100 * (r['accuracy'] - mine):+.1f} points against the public start, "
-                f"{100 * (best['accuracy'] - r['accuracy']):.1f} below non-private federated "
+                f"{_above_or_below(r['accuracy'] - best['accuracy'])} non-private federated "
                 f"training ({best['trainable']})"
                 for m in ("dp-prototypes", "blended", "blended-by-mass")
                 for r in rows
