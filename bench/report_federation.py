@@ -118,6 +118,33 @@ def simulation_section(payload: dict[str, Any], source: str) -> list[str]:
     ]
 
 
+def reply_latency_section(payload: dict[str, Any], source: str) -> list[str]:
+    """Seconds per exchange through Flower's grid and through the ServerApp's PollingGrid."""
+    config, env, summary = payload["config"], payload["environment"], payload["results"]["summary"]
+    names = {"flower": "Flower's grid (pulls every 3 s)", "polling": "PollingGrid (every 0.25 s)"}
+    table = [
+        [names[g], str(summary[g]["n"]), f"{summary[g]['mean']:.2f} ± {summary[g]['ci95']:.2f}",
+         f"{summary[g]['median']:.2f}"]
+        for g in ("flower", "polling")
+    ]  # fmt: skip
+    saved = summary["saved"]
+    return [
+        "### Reply latency: Flower's grid against PollingGrid",
+        "",
+        f"From `bench/results/{source}` ({env['cpu_count']} CPU cores, {env['date']}): a real "
+        f"SuperLink and {config['nodes']} SuperNodes over TLS; every node answers a query at "
+        "once, so an exchange's seconds are the framework's (the SuperNode's pull, a fresh "
+        "ClientApp process, the reply's push, the server's pull). The two grids alternate in the "
+        f"same run, {config['exchanges']} exchanges each. Mean ± 95% CI.",
+        "",
+        *_table(["grid", "exchanges", "seconds (mean)", "median"], table),
+        "",
+        f"Saved per exchange (paired): {saved['mean']:.2f} ± {saved['ci95']:.2f} s.",
+        "",
+        "![reply latency](bench/results/reply_latency.png)",
+    ]
+
+
 def startup_section(payload: dict[str, Any], source: str) -> list[str]:
     """Start-up seconds of the CLI and of a ClientApp, before and after the lazy imports."""
     results, env = payload["results"], payload["environment"]
@@ -504,6 +531,7 @@ def render_federation(folder: Path) -> list[str]:
         ("federated_accuracy.json", federated_accuracy_section),
         ("simulation_scale.json", simulation_section),
         ("startup_cost.json", startup_section),
+        ("reply_latency.json", reply_latency_section),
         ("dp_recipe_sweep*.json", dp_recipe_section),
         ("federated_real*.json", federated_real_section),  # one table per mechanism run
         ("secure_aggregation.json", secure_aggregation_section),
