@@ -145,10 +145,8 @@ def run_federation(grid: Grid, config: ServerConfig, state: State) -> Checkpoint
     eval_set = public_eval_set(config)
     strategy = FederatedMetaStrategy(config, state)
     for entry in registry.entries(kind="global"):  # a resumed server's earlier releases
-        if (entry.path / PROTOTYPES_FILE).exists():
-            strategy.restore_release(
-                entry.info["round"], PrototypeRelease.load(entry.path / PROTOTYPES_FILE)
-            )
+        if (kept := entry.path / PROTOTYPES_FILE).exists():
+            strategy.restore_release(entry.info["round"], PrototypeRelease.load(kept))
     return run_rounds(
         grid,
         strategy,
