@@ -105,7 +105,6 @@ class FederatedMetaStrategy(Strategy):
     def __init__(self, config: ServerConfig, reference: State) -> None:
         self.config = config
         self.reference = reference
-        self._current = reference  # the global model of the round being configured
         self._sites: dict[int, str] = {}  # node id -> site, from accepted replies (for logs)
         self.keys_dir = config.root / REGISTERED_KEYS
         n_params = sum(a.size for a in reference.values())
@@ -170,7 +169,6 @@ class FederatedMetaStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The global model and the round's DP plan, to every connected node."""
-        self._current = from_arrays(arrays)
         self._round = server_round
         plan = ConfigRecord(self.round_plan(server_round).to_config())
         return [
@@ -299,12 +297,15 @@ class FederatedMetaStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's hook: gate, then aggregate when the quorum is met (else nothing)."""
-        accepted, problems = self.gate(replies)
-        metrics = MetricRecord({"accepted": len(accepted), "rejected": len(problems)})
-        if len(accepted) < self.config.min_replies:
-            return None, metrics
-        return to_arrays(self.aggregate(self._current, accepted.values())), metrics
+        """Not used: Flower's ``Strategy.start`` is never called, the round loop
+        (:mod:`federation.rounds`) gates with :meth:`gate` and aggregates with :meth:`aggregate`.
+
+        Raises:
+            NotImplementedError: always (Flower's abstract hook must exist).
+        """
+        raise NotImplementedError(
+            "FederatedMetaStrategy runs under federation.rounds.run_rounds, not Strategy.start"
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

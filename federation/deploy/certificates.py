@@ -20,7 +20,6 @@ import datetime as dt
 import ipaddress
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -174,47 +173,6 @@ def make_node_keypair(out_dir: Path, name: str) -> tuple[Path, Path]:
     )
     public_path.write_bytes(public_line + f" {name}\n".encode())
     return private_path, public_path
-
-
-@dataclass(frozen=True)
-class DeploymentCredentials:
-    """Every file a deployment needs: CA, SuperLink certificate, one key pair per node.
-
-    Attributes:
-        ca_cert: The CA certificate (SuperLink `--ssl-ca-certfile`, nodes and CLI trust it).
-        ca_key: The CA private key (keep it off the SuperLink host in production).
-        server_cert: The SuperLink's certificate (`--ssl-certfile`).
-        server_key: The SuperLink's private key (`--ssl-keyfile`).
-        node_keys: Node name -> (OpenSSH private key, OpenSSH public key).
-    """
-
-    ca_cert: Path
-    ca_key: Path
-    server_cert: Path
-    server_key: Path
-    node_keys: dict[str, tuple[Path, Path]]
-
-
-def make_deployment_credentials(
-    out_dir: Path, *, hosts: Sequence[str], nodes: Sequence[str]
-) -> DeploymentCredentials:
-    """Create a CA, the SuperLink's certificate for `hosts` and a key pair per node.
-
-    Args:
-        out_dir: Folder that receives `certs/` and `keys/`.
-        hosts: Every address the SuperLink is reached at (SANs of its certificate).
-        nodes: Node names; each gets `keys/<name>` and `keys/<name>.pub`.
-
-    Returns:
-        The paths of everything written.
-    """
-    certs = Path(out_dir) / "certs"
-    ca_cert, ca_key = make_ca(certs)
-    server_cert, server_key = make_server_certificate(
-        certs, ca_cert=ca_cert, ca_key=ca_key, hosts=hosts
-    )
-    node_keys = {name: make_node_keypair(Path(out_dir) / "keys", name) for name in nodes}
-    return DeploymentCredentials(ca_cert, ca_key, server_cert, server_key, node_keys)
 
 
 def check_certificate(path: Path, *, ca: Path, now: dt.datetime | None = None) -> x509.Certificate:

@@ -221,10 +221,6 @@ class LocalFederation:
         """SIGKILL the node `name` and its children at once, as a crash of its host would."""
         self.node_process(name).kill()
 
-    def stop_node(self, name: str) -> None:
-        """Stop the node `name` gracefully (SIGTERM, then SIGKILL after a grace period)."""
-        self.node_process(name).stop()
-
     def node_process(self, name: str) -> ManagedProcess:
         """Return the latest process of a node.
 
