@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from federation.deploy.flower_project import RunResult, write_app_project
 from federation.deploy.local_deployment import LocalFederation, SiteSpec
 from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.errors import DeploymentError
+from federation.rounds import SECURE_AGGREGATION as SECURE_RECORD_KEY
 from federation.server_config import ServerConfig
 from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
 from models.networks import BackboneConfig
@@ -82,6 +83,9 @@ class DemoResult:
     start: RegistryEntry  # round 0: the public start, evaluated like every round
     site_epsilon: dict[str, float]
     site_cap: dict[str, float]
+    superlink: str = ""  # HOST:PORT the SuperLink listened on (for the dashboard's check)
+    # The rounds as the server recorded them (its status file's history, round 0 first).
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -234,8 +238,13 @@ def run_demo(
             f"SuperLink on 127.0.0.1:{federation.port}; nodes registered and connected: "
             + ", ".join(f"{n} (id {i})" for n, i in federation.node_ids.items())
         )
-        echo(f"running {settings.rounds} rounds of DP federated meta-training with `flwr run`...")
+        secure = " under secure aggregation (SecAgg+)" if secure_aggregation else ""
+        echo(
+            f"running {settings.rounds} rounds of DP federated meta-training{secure} with "
+            "`flwr run`..."
+        )
         run = _run_with_progress(federation, app_dir, config, settings.timeout, echo)
+        superlink = f"127.0.0.1:{federation.port}"
     run.check()
     registry = Registry.open(config.root / "registry")
     ledgers = {
@@ -249,6 +258,8 @@ def run_demo(
         start=registry.entries(kind="global")[0],
         site_epsilon={name: ledger.epsilon_spent() for name, ledger in ledgers.items()},
         site_cap={name: ledger.cap_epsilon for name, ledger in ledgers.items()},
+        superlink=superlink,
+        rounds=_read_rounds(config.root / "status.json"),
     )
 
 
@@ -321,5 +332,37 @@ def summary(result: DemoResult) -> list[str]:
                 f"{100 * value:.1f}% +/- {100 * ci:.1f} (public start {100 * start:.1f}%, "
                 f"DP rounds {100 * (value - start):+.1f} points)"
             )
+    lines.append(secure_aggregation_line(result.rounds))
     lines.append(f"federated run took {result.run.wall_s:.0f} s; every process is stopped")
     return lines
+
+
+def secure_aggregation_line(rounds: Sequence[dict[str, Any]]) -> str:
+    """Whether the rounds ran under secure aggregation, as the server recorded each round (a
+    SecAgg+ round's record holds its unmasked sum's contributors)."""
+    trained = [r for r in rounds if r.get("round", 0) > 0]
+    secure = [r for r in trained if SECURE_RECORD_KEY in r]
+    if not secure:
+        return (
+            f"secure aggregation: off; the server saw each hospital's DP update in all "
+            f"{len(trained)} rounds"
+        )
+    contributors = sorted({int(r[SECURE_RECORD_KEY]["contributors"]) for r in secure})
+    return (
+        f"secure aggregation (SecAgg+): {len(secure)} of {len(trained)} rounds ran under it; "
+        f"the server saw only the sum of {' or '.join(map(str, contributors))} hospitals' "
+        "updates, never one hospital's update"
+    )
+
+
+def dashboard_command(result: DemoResult) -> str:
+    """The command that opens one hospital's dashboard on what the demo left behind."""
+    hospital = next(iter(sorted(result.site_epsilon)))
+    superlink = f"--superlink {result.superlink} " if result.superlink else ""
+    return (
+        "open the dashboard of a hospital: fedfew dashboard "
+        f"--registry {result.workdir / hospital / 'registry'} "
+        f"--ledger {result.workdir / hospital / 'ledger.db'} "
+        f"--federation-status {result.workdir / 'server' / 'status.json'} "
+        f"{superlink}(create a user first: fedfew users add --role clinician)"
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from app.demo import DemoSettings, run_demo, summary
+from app.demo import DemoSettings, dashboard_command, run_demo, summary
 
 
 def demo(
@@ -58,11 +58,4 @@ def demo(
     )
     for line in summary(result):
         typer.echo(line)
-    hospital = next(iter(sorted(result.site_epsilon)))
-    typer.echo(
-        "open the dashboard of a hospital: fedfew dashboard "
-        f"--registry {result.workdir / hospital / 'registry'} "
-        f"--ledger {result.workdir / hospital / 'ledger.db'} "
-        f"--federation-status {result.workdir / 'server' / 'status.json'} "
-        "(create a user first: fedfew users add --role clinician)"
-    )
+    typer.echo(dashboard_command(result))

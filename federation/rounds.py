@@ -28,6 +28,8 @@ logger = logging.getLogger(LOGGER_NAME)
 # Keeping a model takes a node seconds; a finished federation does not wait a round's deadline
 # for a node that went away (it keeps the earlier versions, and a resume delivers again).
 DELIVERY_TIMEOUT_S = 120.0
+# A round record's key for what a SecAgg+ round's gate found (absent in a plain round's record).
+SECURE_AGGREGATION = "secure-aggregation"
 
 Evaluate = Callable[[State], dict[str, float]]
 Publish = Callable[[State, dict[str, Any]], object]
@@ -242,7 +244,7 @@ def _secure_round(
         "bytes-received": {},
         "clipped": [],
         "problems": secure.problems,
-        "secure-aggregation": {
+        SECURE_AGGREGATION: {
             "contributors": secure.gate.contributors,
             "sum-norm": secure.gate.norm,
             "sum-bound": secure.gate.bound,
