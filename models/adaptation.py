@@ -51,6 +51,7 @@ class AdaptConfig:
     finetune_lr: float = 1e-3  # Adam step for head and backbone; larger forgets the features
     linear_steps: int = 100  # logistic-regression steps of the linear head on cached features
     linear_lr: float = 0.01  # Adam step of the linear head (features are unit length)
+    ridge_penalty: float = 1.0  # ridge's lambda on unit-length features; support-size scale
     batch_limit: int = 256  # images per forward pass when embedding, bounds memory
 
     def __post_init__(self) -> None:
@@ -62,7 +63,7 @@ class AdaptConfig:
         for name in counts:
             if getattr(self, name) < 0:
                 raise ValueError(f"AdaptConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("finetune_lr", "linear_lr"):
+        for name in ("finetune_lr", "linear_lr", "ridge_penalty"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"AdaptConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.batch_limit < 1:
@@ -116,18 +117,32 @@ FEATURE_NORM = HEAD_SCALE**0.5
 
 @dataclass(frozen=True)
 class FeatureMap:
-    """What happens to backbone features before the head: centring, then L2 normalisation."""
+    """What happens to backbone features before the head: centring, then L2 normalisation of
+    each part (a multi-scale embedding concatenates parts of different scales; each is normalised
+    on its own, so no depth dominates, and the whole has norm :data:`FEATURE_NORM`)."""
 
     mean: torch.Tensor | None = None  # the domain's mean feature; None: no centring
     normalise: bool = False
+    parts: tuple[int, ...] = ()  # sizes of the concatenated parts; (): one part
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """Map features ``(n, d)``."""
         if self.mean is not None:
             features = features - self.mean
         if self.normalise:
-            features = FEATURE_NORM * features / features.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            pieces = features.split(list(self.parts), dim=-1) if self.parts else (features,)
+            scale = FEATURE_NORM / len(pieces) ** 0.5
+            features = torch.cat(
+                [scale * p / p.norm(dim=-1, keepdim=True).clamp_min(1e-6) for p in pieces], dim=-1
+            )
         return features
+
+
+def feature_parts(model: nn.Module) -> tuple[int, ...]:
+    """The sizes of the parts of ``model``'s embedding (multi-scale backbones declare
+    ``feature_parts``; any other embedding is one part)."""
+    parts = getattr(model, "feature_parts", ())
+    return tuple(int(p) for p in parts) if len(parts) > 1 else ()
 
 
 def flip_views(images: torch.Tensor) -> list[torch.Tensor]:
@@ -170,13 +185,15 @@ def feature_map(
     *,
     domain_mean: torch.Tensor | None,
     features: torch.Tensor,
+    parts: tuple[int, ...] = (),
 ) -> FeatureMap:
     """The feature map of ``config``: centred on ``domain_mean`` when known, else on the mean of
-    ``features`` (the images at hand), then normalised; identity when centring is off."""
+    ``features`` (the images at hand), then each of ``parts`` normalised; identity when centring
+    is off."""
     if not config.centre:
         return FeatureMap()
     mean = domain_mean if domain_mean is not None else features.mean(0)
-    return FeatureMap(mean=mean.to(features.dtype), normalise=True)
+    return FeatureMap(mean=mean.to(features.dtype), normalise=True, parts=parts)
 
 
 def prototype_head(embeddings: torch.Tensor, y: torch.Tensor, ways: int) -> Params:
@@ -230,7 +247,26 @@ def fit_head(
         head = prototype_head(features, y, ways)
     if config.mode == "linear" and config.linear_steps:
         head = _logistic_regression(features, y, head, config, on_step)
+    elif config.mode == "ridge":
+        head = ridge_head(features, y, ways=ways, penalty=config.ridge_penalty)
     return head
+
+
+def ridge_head(features: torch.Tensor, y: torch.Tensor, *, ways: int, penalty: float) -> Params:
+    """Ridge regression of one-hot labels on the features, in closed form (the dual: an
+    ``n x n`` solve, instant for a support set): ``W = Y^T (X X^T + lambda I)^-1 X`` on unit-scale
+    features, logits scaled by :data:`HEAD_SCALE` to the prototype head's range. Least squares
+    is the linear probe that needs no step size or step count to tune (Mehta et al. 2023 find it
+    also the better one under DP at small epsilon)."""
+    x = features.double() / FEATURE_NORM
+    onehot = label_mask(y, ways, x.dtype)
+    gram = x @ x.T + penalty * torch.eye(len(x), dtype=x.dtype, device=x.device)
+    weight = torch.linalg.solve(gram, onehot).T @ x  # (ways, d)
+    scale = HEAD_SCALE / FEATURE_NORM  # logits of unit-scale features, times HEAD_SCALE
+    return {
+        "head.weight": (scale * weight).to(features.dtype),
+        "head.bias": torch.zeros(ways, dtype=features.dtype, device=features.device),
+    }
 
 
 def _logistic_regression(
@@ -361,7 +397,7 @@ def _frozen(
     params, buffers = split_params(model)
     both = support_x if unlabeled_x is None else torch.cat([support_x, unlabeled_x])
     raw = embed(model, both, tta=config.tta, batch_limit=config.batch_limit)
-    fmap = feature_map(config, domain_mean=domain_mean, features=raw)
+    fmap = feature_map(config, domain_mean=domain_mean, features=raw, parts=feature_parts(model))
     mapped = fmap(raw)
     n = len(support_y)
     head = fit_head(
@@ -390,7 +426,7 @@ def _finetune(
     work = copy.deepcopy(model)
     both = support_x if unlabeled_x is None else torch.cat([support_x, unlabeled_x])
     raw = embed(work, both, tta=config.tta, batch_limit=config.batch_limit)
-    fmap = feature_map(config, domain_mean=domain_mean, features=raw)
+    fmap = feature_map(config, domain_mean=domain_mean, features=raw, parts=feature_parts(work))
     init = prototype_head(fmap(raw[: len(support_y)]), support_y, ways)
     # Distances of raw embeddings are large; scaling the prototype head keeps the softmax away
     # from saturation so the first steps have useful gradients.
@@ -463,6 +499,7 @@ class AdaptMode:
 ADAPT_MODES: dict[str, AdaptMode] = {
     "prototype": AdaptMode(_frozen, True, True, "class means of the features (instant)"),
     "linear": AdaptMode(_frozen, True, True, "logistic regression on the features"),
+    "ridge": AdaptMode(_frozen, True, True, "least squares on the features (instant)"),
     "finetune": AdaptMode(_finetune, False, True, "fine-tunes head and network (seconds)"),
     "maml": AdaptMode(_maml, False, False, "MAML's inner loop (for MAML-trained models)"),
 }

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.adaptation import AdaptConfig, adapt, embed, feature_map, fit_head
+from models.adaptation import AdaptConfig, adapt, embed, feature_map, feature_parts, fit_head
 from models.meta import MetaConfig
 
 UNCERTAIN = -1  # the outcome index of a case no class is confident enough for
@@ -149,7 +149,10 @@ def held_out_logits(
     if config.frozen_backbone:
         if embeddings is None:
             embeddings = embed(model, support_x, tta=config.tta, batch_limit=config.batch_limit)
-        mapped = feature_map(config, domain_mean=domain_mean, features=embeddings)(embeddings)
+        fmap = feature_map(
+            config, domain_mean=domain_mean, features=embeddings, parts=feature_parts(model)
+        )
+        mapped = fmap(embeddings)
     rows = []
     for done, i in enumerate(order, start=1):
         keep = torch.arange(n) != i

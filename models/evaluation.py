@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.adaptation import AdaptConfig, adapt, embed, feature_map, fit_head
+from models.adaptation import AdaptConfig, adapt, embed, feature_map, feature_parts, fit_head
 from models.calibration import CalibrationConfig, HeldOut, held_out_logits
 from models.episodes import EpisodeConfig, sample_episode
 from models.errors import EpisodeError
@@ -139,7 +139,9 @@ def evaluate_episodes(
         qy = torch.from_numpy(ep.query_labels).to(device)
         if embeddings is not None:
             raw = embeddings[np.concatenate([ep.support, ep.query])]
-            fmap = feature_map(adapt_config, domain_mean=domain_mean, features=raw)
+            fmap = feature_map(
+                adapt_config, domain_mean=domain_mean, features=raw, parts=feature_parts(model)
+            )
             mapped = fmap(raw)
             n = len(ep.support)
             head = fit_head(

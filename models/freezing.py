@@ -45,6 +45,10 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
     never update and no example's output depends on another's. Same state-dict keys as
     ``nn.BatchNorm2d``, so public weights load unchanged."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.training = False  # from birth: a module is built in train mode without train()
+
     def train(self, mode: bool = True) -> FrozenBatchNorm2d:
         """Stay in eval mode whatever ``mode`` says."""
         return super().train(False)

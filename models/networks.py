@@ -12,9 +12,12 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from models.freezing import PARAMETER_SUBSETS, apply_freezing
-from models.public_backbones import BATCHNORM_BACKBONES, PUBLIC_BACKBONES
+from models.public_backbones import BATCHNORM_BACKBONES, MULTI_SCALE_BACKBONES, PUBLIC_BACKBONES
 
 NORMS = ("group", "batch")  # "batch" only for public weights with BatchNorm statistics (frozen)
+# What the embedding is: the last layer's pooled features, or (multi-scale backbones) those of
+# intermediate blocks too, concatenated (each part centred and normalised on its own).
+FEATURES = ("head", "multi-scale")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class BackboneConfig:
     groups: int = 8  # GroupNorm groups: 8 divides every width used here
     norm: str = "group"  # GroupNorm trains from scratch; "batch" keeps public statistics frozen
     trainable: str = "all"  # parameter subset that trains (models/freezing.PARAMETER_SUBSETS)
+    features: str = "head"  # the embedding: the head's pooled features, or "multi-scale"
 
     def __post_init__(self) -> None:
         if self.name not in BACKBONES:
@@ -48,6 +52,13 @@ class BackboneConfig:
             raise ValueError(
                 f"BackboneConfig.norm must be one of {NORMS} ('batch' only for "
                 f"{sorted(BATCHNORM_BACKBONES)}), got {self.norm!r} for {self.name!r}"
+            )
+        if self.features not in FEATURES or (
+            self.features == "multi-scale" and self.name not in MULTI_SCALE_BACKBONES
+        ):
+            raise ValueError(
+                f"BackboneConfig.features must be one of {FEATURES} ('multi-scale' only for "
+                f"{sorted(MULTI_SCALE_BACKBONES)}), got {self.features!r} for {self.name!r}"
             )
         if self.trainable not in PARAMETER_SUBSETS:
             raise ValueError(

@@ -28,7 +28,6 @@ from monai.transforms import (
     LoadImage,
     MapTransform,
     Resize,
-    Resized,
     ScaleIntensityRangePercentilesd,
     Transform,
 )
@@ -51,7 +50,30 @@ __all__ = [
 ]
 
 IMAGE_KEY = "image"  # the one dictionary key every transform of the pipeline works on
-RESIZE_MODE = "area"  # anti-aliased when shrinking (the common case: scans are larger than 64 px)
+RESIZE_MODE = "area"  # anti-aliased when shrinking (scans are larger than a model's input)
+# Enlarging (64-px sets to a public encoder's 224 px): smooth, not the blocks area/nearest give.
+UPSAMPLE_MODE = "bilinear"
+
+
+def resize_mode(height: int, width: int, size: int) -> str:
+    """The interpolation for resizing an ``height x width`` image to ``size x size``."""
+    return UPSAMPLE_MODE if max(height, width) < size else RESIZE_MODE
+
+
+class ResizeSided(MapTransform):
+    """Resize to ``size x size``, averaging areas when shrinking and bilinear when enlarging."""
+
+    def __init__(self, keys: KeysCollection, size: int, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.size = size
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            h, w = d[key].shape[-2:]
+            mode = resize_mode(h, w, self.size)
+            d[key] = Resize((self.size, self.size), mode=mode)(d[key])
+        return d
 
 
 @dataclass(frozen=True)
@@ -296,7 +318,7 @@ def build_transforms(
             b_max=1.0,
             clip=True,
         ),
-        Resized(k, spatial_size=(config.image_size, config.image_size), mode=RESIZE_MODE),
+        ResizeSided(k, config.image_size),
     ]
     if train:
         steps += random_transforms(k)
@@ -347,7 +369,7 @@ def preprocess_arrays(images: np.ndarray, config: PipelineConfig) -> np.ndarray:
     scaled = torch.where(
         span > 0, scaled, rows - lo
     )  # MONAI's (warned) result for a constant image
-    resize = Resize((size, size), mode=RESIZE_MODE)
+    resize = Resize((size, size), mode=resize_mode(h, w, size))
     flat = scaled.reshape(n * c, h, w)
     chunk = max(1, 4096 // max(1, c)) * c  # whole images per chunk bounds the memory of interpolate
     out = torch.cat([torch.as_tensor(resize(flat[i : i + chunk])) for i in range(0, n * c, chunk)])

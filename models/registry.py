@@ -30,7 +30,10 @@ KIND_ADAPTER = "adapter"  # a clinician's support set for one condition (stays a
 # A hospital's own preparation of a version for a modality (unlabelled local images, no DP):
 # it stays in the node's registry and is never offered to the federation.
 KIND_LOCAL = "local"
-KINDS = (KIND_GLOBAL, KIND_ADAPTER, KIND_LOCAL)
+# The public encoder as installed (models/public_start.py): the base model of a hospital whose
+# federation has published nothing yet; no patient's data went into it.
+KIND_PUBLIC = "public"
+KINDS = (KIND_GLOBAL, KIND_ADAPTER, KIND_LOCAL, KIND_PUBLIC)
 INDEX = "registry.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (

@@ -229,7 +229,9 @@ class StartedBackbone:
     weights: WeightsRecord | None = None
 
 
-def start_backbone(config: BackboneConfig, *, weights: Path | None = None) -> StartedBackbone:
+def start_backbone(
+    config: BackboneConfig, *, weights: Path | None = None, strict: bool = False
+) -> StartedBackbone:
     """Build the backbone ``config`` names and, given a local weights file, load it.
 
     A file with BatchNorm statistics switches a public backbone to ``norm="batch"`` (the
@@ -237,8 +239,8 @@ def start_backbone(config: BackboneConfig, *, weights: Path | None = None) -> St
     model (``save_model_dir(..., backbone=started.config, weights=started.weights)``).
 
     Raises:
-        WeightsError: as :func:`load_weights`, or BatchNorm statistics for a backbone that has
-            no BatchNorm form (conv4, resnet12, vit_tiny).
+        WeightsError: as :func:`load_weights` (``strict`` as there), or BatchNorm statistics for
+            a backbone that has no BatchNorm form (conv4, resnet12, vit_tiny).
     """
     if weights is not None and config.norm != "batch" and has_batchnorm_statistics(weights):
         if config.name not in BATCHNORM_BACKBONES:
@@ -248,5 +250,5 @@ def start_backbone(config: BackboneConfig, *, weights: Path | None = None) -> St
             )
         config = replace(config, norm="batch")
     model = build_backbone(config)
-    record = load_weights(model, weights) if weights is not None else None
+    record = load_weights(model, weights, strict=strict) if weights is not None else None
     return StartedBackbone(model=model, config=config, weights=record)

