@@ -23,7 +23,11 @@ from app.dashboard.errors import DashboardError
 from app.dashboard.uploads import Upload
 
 MAX_INSTANCES = 200  # a classification batch, not a whole CT volume per slice
-MAX_STUDIES = 50  # search results shown; a narrower search beats scrolling
+MAX_STUDIES = 1000  # studies one search fetches (in pages); beyond this, a narrower search
+QUERY_PAGE = 100  # studies per QIDO-RS request (limit/offset paging, PS3.18 8.3.4.4)
+# Series that hold no image (structured reports, key objects, presentation states): a pull
+# leaves them out, so results written back are not pulled again as cases.
+NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "DOC", "RWV", "SEG", "REG", "PLAN"})
 UID_CHARS = set("0123456789.")
 MAX_UID_CHARS = 64  # PS3.5 9.1
 NAME_SEPARATORS = re.compile(r"[\s^,]+")  # between the parts of a typed patient name
@@ -234,6 +238,11 @@ class SeriesSummary:
     description: str
     images: int
 
+    @property
+    def is_image(self) -> bool:
+        """Whether the series holds images (not reports, key objects or presentation states)."""
+        return self.modality.upper() not in NON_IMAGE_MODALITIES
+
     def label(self) -> str:
         """How the series is offered in a list."""
         number = f"series {self.number}" if self.number is not None else "series"
@@ -241,28 +250,54 @@ class SeriesSummary:
         return f"{text} ({self.images} image(s))"
 
 
-def search_studies(url: str, *, query: StudyQuery, limit: int = MAX_STUDIES) -> list[StudySummary]:
-    """The studies matching ``query``, newest first.
+@dataclass(frozen=True)
+class StudySearch:
+    """What a search found: every matching study, newest first, and whether that is all."""
+
+    studies: list[StudySummary]
+    complete: bool  # False: more than ``MAX_STUDIES`` matched and only that many were fetched
+
+
+def search_studies(url: str, *, query: StudyQuery, limit: int = MAX_STUDIES) -> StudySearch:
+    """The studies matching ``query``, newest first; the archive is read page by page (QIDO-RS
+    ``limit``/``offset``), so no match is cut silently: beyond ``limit`` the result says so.
 
     Args:
         url: the archive's DICOMweb root.
         query: what to look for; a patient is looked up by name and by ID.
-        limit: the most studies returned (per way of matching the patient, then overall).
+        limit: the most studies fetched per way of matching the patient.
 
     Raises:
         ArchiveError: an empty or inconsistent query, or an unreachable archive.
     """
     filters = query.filters()
 
-    def search(client: Any) -> list[dict[str, Any]]:
+    def search(client: Any) -> tuple[list[dict[str, Any]], bool]:
         found: dict[str, dict[str, Any]] = {}
+        complete = True
         for search_filters in filters:
-            for item in client.search_for_studies(
-                search_filters=search_filters, fields=list(STUDY_FIELDS), limit=limit
-            ):
-                found.setdefault(str(_value(item, "StudyInstanceUID")), item)
-        return list(found.values())
 
+            def page(offset: int, size: int, where: dict[str, str] = search_filters) -> list[Any]:
+                return list(
+                    client.search_for_studies(
+                        search_filters=where, fields=list(STUDY_FIELDS), limit=size, offset=offset
+                    )
+                )
+
+            offset = 0
+            while offset < limit:
+                size = min(QUERY_PAGE, limit - offset)
+                items = page(offset, size)
+                for item in items:
+                    found.setdefault(str(_value(item, "StudyInstanceUID")), item)
+                offset += len(items)
+                if len(items) < size:  # the last page
+                    break
+            else:
+                complete = complete and not page(offset, 1)  # one more beyond the limit?
+        return list(found.values()), complete
+
+    items, complete = _call(url, search)
     studies = [
         StudySummary(
             study_uid=str(_value(item, "StudyInstanceUID")),
@@ -274,9 +309,10 @@ def search_studies(url: str, *, query: StudyQuery, limit: int = MAX_STUDIES) -> 
             images=int(_value(item, "NumberOfStudyRelatedInstances") or 0),
             accession=str(_value(item, "AccessionNumber") or ""),
         )
-        for item in _call(url, search)
+        for item in items
     ]
-    return sorted(studies, key=lambda s: (s.date, s.study_uid), reverse=True)[:limit]
+    ordered = sorted(studies, key=lambda s: (s.date, s.study_uid), reverse=True)
+    return StudySearch(studies=ordered, complete=complete)
 
 
 def study_series(url: str, *, study_uid: str) -> list[SeriesSummary]:
@@ -309,8 +345,45 @@ def study_series(url: str, *, study_uid: str) -> list[SeriesSummary]:
     return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.series_uid))
 
 
+def case_name(ds: Any) -> str:
+    """What the archive calls an instance, for the screen and the CSV: accession number,
+    patient, series and image number, e.g. ``A123 · Doe Jane · series 2 image 5.dcm`` (the
+    ``.dcm`` tells the readers its format). Never logged: it names the patient."""
+    accession = str(ds.get("AccessionNumber", "") or "").strip() or "no accession"
+    patient = str(ds.get("PatientName", "") or "").replace("^", " ").strip()
+    patient = " ".join(patient.split()) or str(ds.get("PatientID", "") or "").strip()
+    series, image = ds.get("SeriesNumber"), ds.get("InstanceNumber")
+    where = " ".join(
+        part
+        for part in (
+            f"series {series}" if series not in (None, "") else "",
+            f"image {image}" if image not in (None, "") else "",
+        )
+        if part
+    )
+    parts = [accession, patient or "unnamed patient", where or "image"]
+    return " · ".join(parts) + ".dcm"
+
+
+def _named(datasets: list[Any]) -> list[Upload]:
+    """Each dataset as a DICOM file named by :func:`case_name`; names that two instances would
+    share get the end of their SOP Instance UID, so every case keeps its own name."""
+    names = [case_name(ds) for ds in datasets]
+    uploads = []
+    for ds, name in zip(datasets, names, strict=True):
+        if names.count(name) > 1:
+            tail = str(ds.get("SOPInstanceUID", ""))[-6:]
+            name = f"{name.removesuffix('.dcm')} ({tail}).dcm"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        uploads.append(Upload(name=name, data=buffer.getvalue()))
+    return uploads
+
+
 def study_cases(url: str, *, study_uid: str, series_uid: str | None = None) -> list[Upload]:
-    """Every instance of one study (or of one of its series), as DICOM files in memory.
+    """Every image of one study (or of one of its series), as DICOM files in memory named by
+    :func:`case_name`. Series without images (structured reports, such as results written back,
+    key objects, presentation states) are left out.
 
     Args:
         url: the archive's DICOMweb root, e.g. ``http://pacs:8042/dicom-web``.
@@ -318,31 +391,31 @@ def study_cases(url: str, *, study_uid: str, series_uid: str | None = None) -> l
         series_uid: only this series of the study; None: the whole study.
 
     Raises:
-        ArchiveError: a malformed UID, an unreachable archive, an unknown study or series, or
-            more than :data:`MAX_INSTANCES` instances.
+        ArchiveError: a malformed UID, an unreachable archive, an unknown study or series, a
+            series or study without images, or more than :data:`MAX_INSTANCES` images.
     """
     uid = check_uid(study_uid)
     series = check_uid(series_uid, what="Series Instance UID") if series_uid else None
-    client = _client(url)
     where = f"study {uid}" + (f" series {series}" if series else "")
-    with _reading(url):
-        found = client.search_for_instances(
-            study_instance_uid=uid, series_instance_uid=series, limit=MAX_INSTANCES + 1
+    known = study_series(url, study_uid=uid)
+    if series is not None:
+        known = [s for s in known if s.series_uid == series]
+    if not known:
+        raise ArchiveError(f"the archive at {url} has no {where}")
+    chosen = [s for s in known if s.is_image]
+    if not chosen:
+        raise ArchiveError(
+            f"{where} holds no images (only {', '.join(sorted({s.modality for s in known}))} "
+            "objects, such as reports): pick another study or series"
         )
-        if not found:
-            raise ArchiveError(f"the archive at {url} has no {where}")
-        if len(found) > MAX_INSTANCES:
-            raise ArchiveError(
-                f"{where} has more than {MAX_INSTANCES} images: pick a smaller study or series"
-            )
-        datasets = client.retrieve_series(uid, series) if series else client.retrieve_study(uid)
-    uploads: list[Upload] = []
-    for ds in datasets:
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        name = f"archive-{str(ds.get('SOPInstanceUID', ''))[-12:] or len(uploads)}.dcm"
-        uploads.append(Upload(name=name, data=buffer.getvalue()))
-    return uploads
+    if sum(s.images for s in chosen) > MAX_INSTANCES:
+        raise ArchiveError(
+            f"{where} has more than {MAX_INSTANCES} images: pick a smaller study or series"
+        )
+    client = _client(url)
+    with _reading(url):
+        datasets = [ds for s in chosen for ds in client.retrieve_series(uid, s.series_uid)]
+    return _named([ds for ds in datasets if "PixelData" in ds])
 
 
 def store_instances(url: str, *, datasets: list[Any]) -> None:

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import streamlit as st
 
-from app.dashboard import archive, views
+from app.dashboard import archive, preferences, ui, views
 from app.dashboard.errors import DashboardError
 from app.dashboard.provenance import AuditLog, Provenance
 from app.dashboard.structured_report import (
@@ -33,16 +33,19 @@ WRITE_LABEL = "Write the results to the archive"
 ACTION_WRITE_BACK = "write-back"  # the audit log's action for reports stored in the archive
 MODALITIES = ("", "CR", "DX", "CT", "MR", "US", "MG", "NM", "PT", "XA", "OT")  # "" : any
 EARLIEST_DATE = dt.date(1900, 1, 1)  # the date pickers' default floor is only ten years back
+PAGE_SIZE = 50  # studies per page of results; the pages cover every study found
 # Suffixes of the session-state keys of one panel (the page passes the prefix).
-STUDIES = "_studies"  # the last search's results
+STUDIES = "_studies"  # the last search's result (archive.StudySearch)
+SEARCHES = "_searches"  # searches made: each search's study list is a new widget
 SERIES = "_series"  # series per study UID, fetched once
 PULLED = "_pulled"  # uploads pulled by this panel, for the viewer
 WRITTEN = "_written"  # identity of the results last written back
 MESSAGE = "_message"  # (succeeded, text) of the last pull, shown once
 # Suffixes of the widgets that the Pull callback reads as well as the panel.
-STUDY = "_study"  # index of the chosen study in the results
-SERIES_OF = "_series_"  # + study UID: index of the chosen series (0: the whole study)
-TARGET = "_target"  # where the pulled images go
+RESULTS_PAGE = "_page"  # + search number: which page of results is shown
+STUDY = "_study"  # + search number and page: the chosen study's UID
+SERIES_OF = "_series_"  # + study UID: the chosen series' UID ("": the whole study)
+TARGET = "_target"  # where the pulled images go (remembered per user)
 
 
 class ClassifiedCase(Protocol):
@@ -50,6 +53,11 @@ class ClassifiedCase(Protocol):
 
     name: str
     probabilities: tuple[float, ...]
+
+    @property
+    def unusual(self) -> bool:
+        """Whether the case was too unlike the labelled cases to be classified."""
+        ...
 
     def outcome(self, classes: Sequence[str]) -> str:
         """The class name, or "uncertain"."""
@@ -88,6 +96,10 @@ def _search_form(url: str, *, key: str) -> None:
             date_from=date_from,
             date_to=date_to,
         )
+        # A new search is new widgets: a study list keyed as the last one would keep showing
+        # (and send back) the last search's choice.
+        st.session_state[key + SEARCHES] = st.session_state.get(key + SEARCHES, 0) + 1
+        st.session_state.pop(key + STUDIES, None)
         try:
             with st.spinner("Searching the archive..."):
                 st.session_state[key + STUDIES] = archive.search_studies(url, query=query)
@@ -97,10 +109,38 @@ def _search_form(url: str, *, key: str) -> None:
 
 
 def _series_of(url: str, *, key: str, study: archive.StudySummary) -> list[archive.SeriesSummary]:
+    """The study's image series (reports and other non-image series are not offered)."""
     known: dict[str, list[archive.SeriesSummary]] = st.session_state.setdefault(key + SERIES, {})
     if study.study_uid not in known:
-        known[study.study_uid] = archive.study_series(url, study_uid=study.study_uid)
+        found = archive.study_series(url, study_uid=study.study_uid)
+        known[study.study_uid] = [s for s in found if s.is_image]
     return known[study.study_uid]
+
+
+def _page_of(found: archive.StudySearch, *, key: str) -> list[archive.StudySummary]:
+    """The page of results the clinician chose (a page picker when there is more than one)."""
+    studies = found.studies
+    if not found.complete:
+        st.warning(
+            f"More than {archive.MAX_STUDIES} studies match: the {len(studies)} shown are those "
+            "the archive returned first, newest first, and others are missing. Narrow the "
+            "search (a modality, a date range, part of a name)."
+        )
+    pages = max(1, -(-len(studies) // PAGE_SIZE))
+    if pages == 1:
+        st.caption(f"{len(studies)} study(ies) found, newest first.")
+        return studies
+    number = st.session_state.get(key + SEARCHES, 0)
+    page = st.selectbox(
+        "Results",
+        range(pages),
+        format_func=lambda i: (
+            f"studies {i * PAGE_SIZE + 1}-{min((i + 1) * PAGE_SIZE, len(studies))} of "
+            f"{len(studies)}, newest first"
+        ),
+        key=f"{key}{RESULTS_PAGE}{number}",
+    )
+    return studies[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
 
 
 def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> None:
@@ -110,51 +150,71 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
         url: the archive's DICOMweb root; None: no archive, nothing is shown.
         key: prefix of this panel's widget and session-state keys (one per page).
         targets: where pulled images may go, as label -> case-shelf slot (the uploader's key);
-            empty: the panel says to name the classes first.
+            empty: the panel says to name the classes first. The chosen target is the user's
+            remembered choice and changes only when the user changes it.
     """
     if not url:
         return
-    studies: list[archive.StudySummary] | None = st.session_state.get(key + STUDIES)
-    with st.expander(PANEL_TITLE, expanded=studies is not None):
+    found: archive.StudySearch | None = st.session_state.get(key + STUDIES)
+    with st.expander(PANEL_TITLE, expanded=found is not None):
         _search_form(url, key=key)
-        studies = st.session_state.get(key + STUDIES)
-        if studies is None:
+        found = st.session_state.get(key + STUDIES)
+        if found is None:
             return
-        if not studies:
+        if not found.studies:
             st.info("No study matches: widen the search (part of a name, a longer date range).")
             return
-        st.dataframe([s.row() for s in studies], hide_index=True, key=f"{key}_table")
-        index = st.selectbox(
+        shown = _page_of(found, key=key)
+        st.dataframe([s.row() for s in shown], hide_index=True, key=f"{key}_table")
+        by_uid = {s.study_uid: s for s in shown}
+        number = st.session_state.get(key + SEARCHES, 0)
+        page = st.session_state.get(f"{key}{RESULTS_PAGE}{number}", 0)
+        study_key = f"{key}{STUDY}{number}_{page}"
+        uid = st.selectbox(
             "Study",
-            range(len(studies)),
-            format_func=lambda i: _study_label(studies[i]),
-            key=key + STUDY,
+            list(by_uid),
+            format_func=lambda u: _study_label(by_uid[u]) if u in by_uid else str(u),
+            key=study_key,
         )
-        study = studies[index]
+        study = by_uid[uid]
         try:
-            series = _series_of(url, key=key, study=study)
+            series = {s.series_uid: s for s in _series_of(url, key=key, study=study)}
         except DashboardError as exc:
             st.error(str(exc))
             return
         st.selectbox(
             "Series",
-            range(len(series) + 1),  # 0: the whole study (an index: None would show as empty)
-            format_func=lambda i: series[i - 1].label() if i else "all series of the study",
+            ["", *series],  # "": the whole study
+            format_func=lambda u: series[u].label() if u in series else "all series of the study",
             key=key + SERIES_OF + study.study_uid,
         )
         if not targets:
             st.info("Name the classes first; then pull each class's cases.")
             return
         names = list(targets)
-        if st.session_state.get(key + TARGET) not in names:
-            st.session_state[key + TARGET] = _first_without_cases(targets)
-        st.selectbox("Add the images to", names, key=key + TARGET)
+        remembered = f"{preferences.PULL_TARGET}:{key}"  # one remembered target per panel
+        only = names[0] if len(names) == 1 else None  # several: the clinician picks one
+        held = ui.recall_choice(key + TARGET, remembered, names, fallback=only)
+        st.selectbox(
+            "Add the images to",
+            names,
+            index=0 if held else None,
+            placeholder="Choose where the images go",
+            key=key + TARGET,
+            on_change=ui.remember_choice,
+            args=(key + TARGET, remembered),
+        )
         st.button(
             PULL_LABEL,
             key=f"{key}_pull",
             on_click=_pull,
             args=(url,),
-            kwargs={"key": key, "studies": studies, "targets": dict(targets)},
+            kwargs={
+                "key": key,
+                "study_key": study_key,
+                "studies": by_uid,
+                "targets": dict(targets),
+            },
         )
         outcome = st.session_state.pop(key + MESSAGE, None)
         if outcome is not None:
@@ -162,33 +222,29 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
     image_viewer(st.session_state.get(key + PULLED, []), key=f"{key}_viewer")
 
 
-def _first_without_cases(targets: Mapping[str, str]) -> str:
-    """The first target whose slot holds no case yet (else the first)."""
-    shelf = views.case_shelf().all_uploads()
-    return next((n for n, slot in targets.items() if not shelf.get(slot)), next(iter(targets)))
-
-
 def _pull(
     url: str,
     *,
     key: str,
-    studies: list[archive.StudySummary],
+    study_key: str,
+    studies: Mapping[str, archive.StudySummary],
     targets: dict[str, str],
 ) -> None:
     """The Pull button's callback. It runs before the page, so the pulled cases show in this
-    run and the target can move on to the next class without cases; it reads the study, series
-    and target from their widgets' state (what the clinician sees now)."""
+    run; it reads the study, series and target from their widgets' state (what the clinician
+    sees now) and leaves the target where the clinician put it."""
     state = st.session_state
-    study = studies[state[key + STUDY]]
-    choice = state.get(key + SERIES_OF + study.study_uid) or 0
-    series = state[key + SERIES][study.study_uid][choice - 1] if choice else None
-    target = state[key + TARGET]
+    study = studies.get(state.get(study_key))  # type: ignore[arg-type]
+    target = state.get(key + TARGET)
+    if study is None:
+        state[key + MESSAGE] = (False, "Choose a study in the list, then pull its images.")
+        return
+    if target not in targets:
+        state[key + MESSAGE] = (False, "Choose where the images go, then pull them.")
+        return
+    series = state.get(key + SERIES_OF + study.study_uid) or None
     try:
-        uploads = archive.study_cases(
-            url,
-            study_uid=study.study_uid,
-            series_uid=series.series_uid if series else None,
-        )
+        uploads = archive.study_cases(url, study_uid=study.study_uid, series_uid=series)
     except DashboardError as exc:
         state[key + MESSAGE] = (False, str(exc))
         return
@@ -196,7 +252,6 @@ def _pull(
     pulled = state.setdefault(key + PULLED, [])
     pulled.extend(u for u in uploads if u not in pulled)
     state[key + MESSAGE] = (True, f"{len(uploads)} image(s) added to {target}.")
-    state[key + TARGET] = _first_without_cases(targets)
 
 
 def image_viewer(uploads: Sequence[Upload], *, key: str) -> None:
@@ -321,7 +376,8 @@ def write_back_panel(
                     source,
                     outcome=prediction.outcome(classes),
                     classes=classes,
-                    probabilities=prediction.probabilities,
+                    # An unusual image is not classified: no probabilities, as on the screen.
+                    probabilities=None if prediction.unusual else prediction.probabilities,
                     provenance=provenance,
                     series_uid=series_uid,
                     instance_number=number,

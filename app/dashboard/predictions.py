@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 from app.dashboard.clinic import CALIBRATION, Adaptation
 from app.dashboard.errors import CaseError
 from app.dashboard.provenance import Provenance
-from app.dashboard.uploads import LoadedCases
+from app.dashboard.uploads import CaseIdentity, LoadedCases
 from models.calibration import UNCERTAIN, decide
 from models.ood import FLAG_AT, OODConfig, unusual_scores
 
@@ -47,6 +47,7 @@ class Prediction:
     nearest: tuple[Neighbour, ...]
     # How unlike the labelled cases it is (models.ood.unusual_scores): above 1, flagged.
     ood_score: float = 0.0
+    identity: CaseIdentity = field(default_factory=CaseIdentity)  # an archive case's names
 
     @property
     def unusual(self) -> bool:
@@ -110,7 +111,7 @@ def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Predictio
     support = adaptation.support
     return [
         Prediction(
-            name=name,
+            name=case.name,
             probabilities=tuple(float(p) for p in probs),
             nearest=tuple(
                 Neighbour(
@@ -122,15 +123,17 @@ def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Predictio
                 for j in order[i]
             ),
             ood_score=float(scores[i]),
+            identity=case.identity,
         )
-        for i, (name, probs) in enumerate(zip(cases.names, probabilities, strict=True))
+        for i, (case, probs) in enumerate(zip(cases.cases, probabilities, strict=True))
     ]
 
 
 def predictions_csv(
     classes: Sequence[str], predictions: Sequence[Prediction], *, provenance: Provenance
 ) -> str:
-    """One row per case: file, outcome (a class, "uncertain" or "unusual image"), the most likely
+    """One row per case: file, the archive's accession number, patient and patient ID (empty for
+    files that are not DICOM), outcome (a class, "uncertain" or "unusual image"), the most likely
     class and its calibrated probability (empty for an unusual image: it is not classified),
     every class's probability, the out-of-distribution score, the nearest labelled cases, then
     the provenance (adapter, version, base model and its privacy status, condition, user, time,
@@ -141,6 +144,9 @@ def predictions_csv(
     writer.writerow(
         [
             "case",
+            "accession",
+            "patient",
+            "patient_id",
             "outcome",
             "most_likely",
             "probability",
@@ -155,6 +161,9 @@ def predictions_csv(
         writer.writerow(
             [
                 p.name,
+                p.identity.accession,
+                p.identity.patient,
+                p.identity.patient_id,
                 p.outcome(classes),
                 classes[p.predicted] if shown else "",
                 f"{p.probabilities[p.predicted]:.4f}" if shown else "",

@@ -92,7 +92,7 @@ def classification_report(
     *,
     outcome: str,
     classes: Sequence[str],
-    probabilities: Sequence[float],
+    probabilities: Sequence[float] | None,
     provenance: Provenance,
     series_uid: str | None = None,
     instance_number: int = 1,
@@ -101,9 +101,12 @@ def classification_report(
 
     Args:
         source: the classified image's dataset (its header is enough).
-        outcome: the class name, or "uncertain" when no class was confident enough.
+        outcome: the class name, "uncertain" when no class was confident enough, or "unusual
+            image" for a case unlike the labelled ones.
         classes: the adapter's classes, in order.
-        probabilities: the calibrated probability of each class.
+        probabilities: the calibrated probability of each class; None for a case that was not
+            classified (an unusual image): the report then holds no probabilities, as the
+            screen shows none.
         provenance: adapter, version, base model and privacy status, condition, user, time,
             reliability and the intended-use notice, as every export carries them.
         series_uid: the reports' series (one per batch written back); None: a new one.
@@ -116,7 +119,7 @@ def classification_report(
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    if len(classes) != len(probabilities):
+    if probabilities is not None and len(classes) != len(probabilities):
         raise ReportError(
             f"{len(classes)} classes but {len(probabilities)} probabilities: classify again"
         )
@@ -137,7 +140,8 @@ def classification_report(
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         ),
     ]
-    for index, (name, p) in enumerate(zip(classes, probabilities, strict=True)):
+    shown = () if probabilities is None else zip(classes, probabilities, strict=True)
+    for index, (name, p) in enumerate(shown):
         items.append(
             hd.sr.NumContentItem(
                 name=_code(PROBABILITY_CODE.format(index=index), f"Probability: {name}"),

@@ -249,3 +249,53 @@ def remaining_time(session: Session) -> str:
     """How long until the session expires, e.g. ``7 h 59 min``."""
     minutes = max(0, int((session.expires_at - time.time()) // 60))
     return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _preferences() -> Any:
+    from app.dashboard.preferences import Preferences
+
+    return Preferences(settings().users_db)
+
+
+def _username() -> str | None:
+    session: Session | None = st.session_state.get(SESSION_KEY)
+    return session.username if session is not None else None
+
+
+def recall_choice(key: str, name: str, options: Sequence[Any], *, fallback: Any = None) -> bool:
+    """Before the selectbox ``key`` is drawn: when it holds no valid option (first visit, a
+    page switch, a reload), put back the user's remembered choice ``name`` (else ``fallback``,
+    which may be None: nothing chosen). Returns whether the widget now holds an option (pass
+    ``index=0`` then, else ``index=None``).
+
+    A remembered choice that is no longer offered (a version deleted) is not replaced by
+    another: the fallback applies, which is the page's documented default, never "the newest".
+    """
+    from app.dashboard.preferences import chosen
+
+    if key in st.session_state and st.session_state[key] in options:
+        return True
+    user = _username()
+    try:
+        stored = _preferences().get(user, name) if user else None
+    except DashboardError:
+        stored = None  # unreadable: the page still works, with its default
+    value = chosen(options, stored, fallback=lambda: fallback)
+    if value is None:
+        st.session_state.pop(key, None)
+        return False
+    st.session_state[key] = value
+    return True
+
+
+def remember_choice(key: str, name: str) -> None:
+    """A selectbox's ``on_change``: remember the user's new choice (a failure to store it is
+    shown, and the choice still holds for this session)."""
+    user = _username()
+    value = st.session_state.get(key)
+    if not user or value is None:
+        return
+    try:
+        _preferences().set(user, name, str(value))
+    except DashboardError as exc:
+        st.session_state[NOTICE_KEY] = f"Your choice could not be remembered: {user_message(exc)}"

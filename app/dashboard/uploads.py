@@ -34,12 +34,23 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class CaseIdentity:
+    """Whose study a DICOM case is, as the archive names it (empty for other files). Shown on
+    the screen and written to the CSV; never logged."""
+
+    accession: str = ""
+    patient: str = ""  # the patient's name, parts separated by spaces
+    patient_id: str = ""
+
+
+@dataclass(frozen=True)
 class LoadedCase:
     """One readable case: its pipeline output ``(C, S, S)`` and what the file was before it."""
 
     name: str
     image: np.ndarray
     original_shape: tuple[int, ...]  # (H, W) or (H, W, C) as stored in the file
+    identity: CaseIdentity = CaseIdentity()
 
 
 @dataclass
@@ -65,8 +76,9 @@ def _cache_key(upload: Upload, pipeline: PipelineConfig, guard: GuardConfig) -> 
     return f"{digest}:{upload.name}:{sorted(pipeline.to_dict().items())}:{guard.max_file_bytes}"
 
 
-def _original_shape(path: Path) -> tuple[int, ...]:
-    """Height, width (and channels) as stored, read from the header only."""
+def _header(path: Path) -> tuple[tuple[int, ...], CaseIdentity]:
+    """Height, width (and channels) as stored, and whose study it is (DICOM only), read from
+    the header only."""
     suffix = file_suffix(path)
     if suffix in (".png", ".jpg", ".jpeg"):
         from PIL import Image
@@ -74,17 +86,23 @@ def _original_shape(path: Path) -> tuple[int, ...]:
         with Image.open(path) as img:
             width, height = img.size
             bands = len(img.getbands())
-        return (height, width) if bands == 1 else (height, width, bands)
+        return ((height, width) if bands == 1 else (height, width, bands)), CaseIdentity()
     if suffix == ".dcm":
         import pydicom
 
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         rows, cols = int(ds.Rows), int(ds.Columns)
-        return (rows, cols) if samples == 1 else (rows, cols, samples)
+        identity = CaseIdentity(
+            accession=str(ds.get("AccessionNumber", "") or "").strip(),
+            patient=" ".join(str(ds.get("PatientName", "") or "").replace("^", " ").split()),
+            patient_id=str(ds.get("PatientID", "") or "").strip(),
+        )
+        return ((rows, cols) if samples == 1 else (rows, cols, samples)), identity
     import nibabel as nib
 
-    return tuple(int(s) for s in nib.load(path).shape)  # type: ignore[attr-defined]
+    shape = tuple(int(s) for s in nib.load(path).shape)  # type: ignore[attr-defined]
+    return shape, CaseIdentity()
 
 
 def load_uploads(
@@ -123,10 +141,12 @@ def load_uploads(
             for (_, upload), path in zip(todo, paths, strict=True):
                 key = _cache_key(upload, pipeline, guard)
                 if str(path) in loaded:
+                    shape, identity = _header(path)
                     cache[key] = LoadedCase(
                         name=upload.name,
                         image=loaded[str(path)],
-                        original_shape=_original_shape(path),
+                        original_shape=shape,
+                        identity=identity,
                     )
                 else:
                     # Decoder messages quote the temporary path: name the user's file instead.

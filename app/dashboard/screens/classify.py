@@ -122,6 +122,8 @@ st.dataframe(
     [
         {
             "case": p.name,
+            "accession": p.identity.accession,
+            "patient": p.identity.patient,
             "outcome": p.outcome(classes),
             **{
                 c: None if p.unusual else round(v, 3)

@@ -198,4 +198,4 @@ def texts(at: AppTest, kind: str) -> str:
 
 
 # The image archive (a real Orthanc on 127.0.0.1), shared with the browser test (tests/e2e).
-from tests.app.dashboard.orthanc import orthanc_archive  # noqa: E402, F401
+from tests.app.dashboard.orthanc import orthanc_archive, studies  # noqa: E402, F401

@@ -135,3 +135,52 @@ def orthanc_archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthan
         process.kill()  # a throwaway database: no need to wait ~2 s for a clean shutdown
         process.wait(timeout=15)
         log.close()
+
+
+@dataclass(frozen=True)
+class Studies:
+    """The two synthetic studies stored for this module (patients are made up)."""
+
+    url: str
+    chest: str  # Doe^Jane, 2024-01-05: a CR series of 2 images and a DX series of 1
+    chest_cr: str  # its CR series
+    head: str  # Smith^John, 2024-03-01: one CT image, 16-bit, with a window in the file
+    tag: str  # makes the patient IDs and accession numbers unique to this module
+
+
+@pytest.fixture(scope="module")
+def studies(orthanc_archive: OrthancArchive) -> Studies:
+    """Two synthetic studies of made-up patients, stored once per test module."""
+    from pydicom.uid import generate_uid
+
+    tag = generate_uid()[-6:]
+    rng = np.random.default_rng(0)
+    chest, cr, dx, head = (generate_uid() for _ in range(4))
+    common = {"patient_name": "Doe^Jane", "patient_id": f"PA-{tag}", "accession": f"A{tag}"}
+    for series, modality in ((cr, "CR"), (cr, "CR"), (dx, "DX")):
+        orthanc_archive.store(
+            dicom_bytes(
+                rng.integers(0, 255, (40, 40)).astype(np.uint8),
+                study=chest,
+                series=series,
+                modality=modality,
+                study_date="20240105",
+                description="Chest PA",
+                **common,
+            )
+        )
+    orthanc_archive.store(
+        dicom_bytes(
+            rng.integers(0, 4095, (24, 32)).astype(np.uint16),
+            study=head,
+            series=generate_uid(),
+            patient_name="Smith^John",
+            patient_id=f"PB-{tag}",
+            accession=f"B{tag}",
+            modality="CT",
+            study_date="20240301",
+            description="Head",
+            window=(1000.0, 400.0),
+        )
+    )
+    return Studies(url=orthanc_archive.dicomweb, chest=chest, chest_cr=cr, head=head, tag=tag)

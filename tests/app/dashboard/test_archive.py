@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 
 from app.dashboard import archive, settings
@@ -16,75 +14,38 @@ from app.dashboard.archive_view import ACTION_WRITE_BACK
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.provenance import ACTION_CLASSIFY, NOTICE, AuditLog, Provenance
 from app.dashboard.structured_report import classification_report, read_report, source_dataset
-from app.dashboard.uploads import load_uploads
+from app.dashboard.uploads import CaseIdentity, load_uploads
 from models.pipeline import PipelineConfig
 from tests.app.dashboard.conftest import texts
-from tests.app.dashboard.orthanc import OrthancArchive, dicom_bytes, free_port
+from tests.app.dashboard.orthanc import Studies, free_port
 from tests.app.dashboard.test_clinic_pages import adapt_page_with_cases, named_classes
 
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed")
 
 
-@dataclass(frozen=True)
-class Studies:
-    """The two synthetic studies stored for this module (patients are made up)."""
-
-    url: str
-    chest: str  # Doe^Jane, 2024-01-05: a CR series of 2 images and a DX series of 1
-    chest_cr: str  # its CR series
-    head: str  # Smith^John, 2024-03-01: one CT image, 16-bit, with a window in the file
-    tag: str  # makes the patient IDs and accession numbers unique to this module
-
-
-@pytest.fixture(scope="module")
-def studies(orthanc_archive: OrthancArchive) -> Studies:
-    from pydicom.uid import generate_uid
-
-    tag = generate_uid()[-6:]
-    rng = np.random.default_rng(0)
-    chest, cr, dx, head = (generate_uid() for _ in range(4))
-    common = {"patient_name": "Doe^Jane", "patient_id": f"PA-{tag}", "accession": f"A{tag}"}
-    for series, modality in ((cr, "CR"), (cr, "CR"), (dx, "DX")):
-        orthanc_archive.store(
-            dicom_bytes(
-                rng.integers(0, 255, (40, 40)).astype(np.uint8),
-                study=chest,
-                series=series,
-                modality=modality,
-                study_date="20240105",
-                description="Chest PA",
-                **common,
-            )
-        )
-    orthanc_archive.store(
-        dicom_bytes(
-            rng.integers(0, 4095, (24, 32)).astype(np.uint16),
-            study=head,
-            series=generate_uid(),
-            patient_name="Smith^John",
-            patient_id=f"PB-{tag}",
-            accession=f"B{tag}",
-            modality="CT",
-            study_date="20240301",
-            description="Head",
-            window=(1000.0, 400.0),
-        )
-    )
-    return Studies(url=orthanc_archive.dicomweb, chest=chest, chest_cr=cr, head=head, tag=tag)
-
-
 def _found(studies: Studies, **query: object) -> set[str]:
     """Which of this module's studies a search finds (the archive may hold others)."""
     found = archive.search_studies(studies.url, query=archive.StudyQuery(**query))
-    return {s.study_uid for s in found} & {studies.chest, studies.head}
+    assert found.complete
+    return {s.study_uid for s in found.studies} & {studies.chest, studies.head}
 
 
 def test_a_study_becomes_cases(studies: Studies) -> None:
     uploads = archive.study_cases(studies.url, study_uid=studies.chest)
-    assert len(uploads) == 3 and all(u.name.startswith("archive-") for u in uploads)
+    # Named as the archive names them (accession, patient, series, image); the three share
+    # series and image numbers here, so each also gets the end of its instance UID.
+    assert len({u.name for u in uploads}) == 3
+    assert all(
+        u.name.startswith(f"A{studies.tag} · Doe Jane · series 1 image 1 (") for u in uploads
+    )
     cases = load_uploads(uploads, pipeline=PipelineConfig(image_size=32))
     assert not cases.errors and cases.images.shape == (3, 3, 32, 32)
     assert {c.original_shape for c in cases.cases} == {(40, 40)}
+    assert {c.identity for c in cases.cases} == {
+        CaseIdentity(
+            accession=f"A{studies.tag}", patient="Doe Jane", patient_id=f"PA-{studies.tag}"
+        )
+    }
 
 
 def test_one_series_becomes_cases(studies: Studies) -> None:
@@ -119,7 +80,7 @@ def test_search_finds_studies(studies: Studies, query: dict, expected: set[str])
 def test_search_results_describe_the_study(studies: Studies) -> None:
     (found,) = archive.search_studies(
         studies.url, query=archive.StudyQuery(accession=f"A{studies.tag}")
-    )
+    ).studies
     assert found.row() == {
         "date": "2024-01-05",
         "patient": "Doe Jane",
@@ -230,6 +191,11 @@ def _search(at, *, key: str, **fields: str) -> None:
     next(b for b in at.button if b.label == "Search the archive").click().run()
 
 
+def study_box(at, *, key: str):
+    """The Study list of the panel's latest search (a new widget per search and page)."""
+    return next(s for s in at.selectbox if s.label == "Study" and s.key.startswith(key))
+
+
 def _pull(at, *, key: str, target: str | None = None) -> None:
     if target is not None:
         at.selectbox(key=f"{key}_target").set_value(target)
@@ -246,16 +212,16 @@ def test_adapt_page_pulls_a_series_as_a_class(
     assert not at.exception
     table = at.dataframe[0].value
     assert list(table["accession"]).count(f"A{studies.tag}") == 1
-    index = list(table["accession"]).index(f"A{studies.tag}")
-    at.selectbox(key="adapt_archive_study").set_value(index).run()
+    study_box(at, key="adapt_archive").set_value(studies.chest).run()
     series = at.selectbox(key=f"adapt_archive_series_{studies.chest}")
     assert len(series.options) == 3  # the whole study, CR, DX
-    series.select_index(next(i for i, o in enumerate(series.options) if ": CR " in o))
+    assert any(": CR " in o for o in series.options)
+    series.set_value(studies.chest_cr)
     _pull(at, key="adapt_archive", target="the cases of finding")
     assert not at.exception
     assert "2 image(s) added to the cases of finding" in texts(at, "success")
     captions = [c for image in at.image for c in image.captions]
-    gallery = [c for c in captions if c.startswith("archive-")]
+    gallery = [c for c in captions if c.startswith(f"A{studies.tag} · Doe Jane")]
     viewer = [str(c.value) for c in at.caption if "pixels, window" in str(c.value)]
     assert len(gallery) == 2 and len(viewer) == 1  # the class's thumbnails, and the viewer
     assert viewer[0].startswith(gallery[0]) and "40x40 pixels" in viewer[0]
@@ -279,7 +245,8 @@ def test_classify_page_pulls_classifies_and_writes_back(
     _pull(at, key="classify_archive")
     assert not at.exception
     table = next(d.value for d in at.dataframe if "outcome" in d.value.columns)
-    assert len(table) == 3 and all(name.startswith("archive-") for name in table["case"])
+    assert len(table) == 3 and set(table["accession"]) == {f"A{studies.tag}"}
+    assert set(table["patient"]) == {"Doe Jane"}
     before = {r.SOPInstanceUID for r in _reports(studies.url, studies.chest)}
     next(b for b in at.button if b.label == "Write the results to the archive").click().run()
     assert "3 structured report(s) stored" in texts(at, "success")
