@@ -26,6 +26,7 @@ from enum import StrEnum
 import numpy as np
 
 from federation.errors import InvalidUpdateError, PlanRefusedError
+from federation.validation import update_norm, validate_update
 
 State = dict[str, np.ndarray]
 
@@ -114,11 +115,6 @@ def check_secure_policy(enabled: bool, policy: str, *, site: str, round: int) ->
         )
 
 
-def update_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """Global L2 norm over every array (float64 accumulation)."""
-    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in delta.values()))
-
-
 def check_finite(delta: Mapping[str, np.ndarray]) -> None:
     """Raise unless every value of ``delta`` is finite.
 
@@ -181,31 +177,26 @@ def gate_sum(
     bound: float | None = None,
 ) -> SumGate:
     """Check the unmasked mean of ``contributors`` clipped updates (the only thing the server
-    sees) and return it in the reference's dtypes.
+    sees) with the gate every reply passes (:func:`federation.validation.validate_update`),
+    and return it in the reference's dtypes.
 
-    ``bound`` replaces the clipped updates' bound where the updates carry unclipped noise
-    (distributed noise: :func:`federation.distributed_noise.sum_bound`).
+    SecAgg+ dequantises to float64: a floating array is compared in the model's dtype, so the
+    dtype check refuses only what is not a dequantised sum (an integer array, say).
+    ``bound`` replaces the clipped updates' bound where the updates carry unclipped noise (the
+    mechanism's :meth:`~privacy.mechanisms.Mechanism.secure_ranges`).
 
     Raises:
-        InvalidUpdateError: too few contributors, a missing, unexpected or reshaped array, a
-            non-finite value, or a sum longer than ``contributors`` quantised updates can be.
+        InvalidUpdateError: too few contributors, a missing, unexpected, reshaped or non-float
+            array, a non-finite value, or a sum longer than ``contributors`` quantised updates
+            can be.
     """
-    problems: list[str] = []
-    if contributors < secagg.min_sites:
-        problems.append(f"{contributors} contributors, the plan's minimum is {secagg.min_sites}")
-    missing, unexpected = sorted(set(reference) - set(mean)), sorted(set(mean) - set(reference))
-    if missing:
-        problems.append(f"missing {', '.join(missing[:5])}")
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:5])}")
-    for name in sorted(set(mean) & set(reference)):
-        got = np.asarray(mean[name])
-        if got.shape != reference[name].shape:
-            problems.append(f"{name} has shape {got.shape}, expected {reference[name].shape}")
-        elif not np.all(np.isfinite(got)):
-            problems.append(f"{name} holds {int(np.sum(~np.isfinite(got)))} non-finite values")
-    if problems:
-        raise InvalidUpdateError("secure sum rejected: " + "; ".join(problems))
+    few = (
+        [f"{contributors} contributors, the plan's minimum is {secagg.min_sites}"]
+        if contributors < secagg.min_sites
+        else []
+    )
+    typed = {name: _in_dtype_of(a, reference.get(name)) for name, a in mean.items()}
+    gate = validate_update(typed, reference, norm_bound=None, what="secure sum", problems=few)
     values = sum(int(a.size) for a in reference.values())
     if bound is None:
         bound = contributors * quantised_norm_bound(
@@ -218,5 +209,14 @@ def gate_sum(
             f"exceeds {contributors} x {bound / contributors:.6g}; a node did not clip or "
             "did not follow the plan"
         )
-    typed = {k: np.asarray(mean[k]).astype(reference[k].dtype) for k in reference}
-    return SumGate(typed, contributors, norm, bound)
+    return SumGate(gate.delta, contributors, norm, bound)
+
+
+def _in_dtype_of(array: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+    """A floating ``array`` in the floating dtype of ``reference``; anything else as it is."""
+    got = np.asarray(array)
+    if reference is None or not (
+        np.issubdtype(got.dtype, np.floating) and np.issubdtype(reference.dtype, np.floating)
+    ):
+        return got
+    return got.astype(reference.dtype)

@@ -10,7 +10,7 @@ way against the shape the plan implies, and rejected, never clipped, when it is 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,16 +38,22 @@ def validate_update(
     delta: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray],
     *,
-    norm_bound: float,
+    norm_bound: float | None,
     policy: str = "clip",
+    what: str = "update",
+    problems: Sequence[str] = (),
 ) -> GateResult:
-    """Check one node's delta against the global model's layout.
+    """Check one node's delta against the global model's layout: the one gate of every reply,
+    plain or secure (:func:`federation.secure_aggregation.gate_sum` runs it on a sum).
 
     Args:
         delta: The reply's arrays by name.
         reference: The global model's arrays (names, shapes and dtypes to match).
-        norm_bound: Largest accepted L2 norm of the whole delta.
+        norm_bound: Largest accepted L2 norm of the whole delta; ``None``: no bound here (the
+            caller bounds a sum of several updates itself).
         policy: ``"clip"`` scales a longer delta down to ``norm_bound``; ``"reject"`` refuses it.
+        what: What the arrays are, in the error message (``"update"``, ``"release"``, ...).
+        problems: Problems the caller already found, reported with these in one error.
 
     Raises:
         InvalidUpdateError: naming every problem found (missing or unexpected names, wrong shape
@@ -55,8 +61,28 @@ def validate_update(
     """
     if policy not in NORM_POLICIES:
         raise ValueError(f"policy must be one of {NORM_POLICIES}, got {policy!r}")
-    if not (math.isfinite(norm_bound) and norm_bound > 0):
+    if norm_bound is not None and not (math.isfinite(norm_bound) and norm_bound > 0):
         raise ValueError(f"norm_bound must be a finite number > 0, got {norm_bound!r}")
+    found = [*problems, *_layout_problems(delta, reference)]
+    if found:
+        raise InvalidUpdateError(f"{what} rejected: " + "; ".join(found))
+    arrays = {k: np.asarray(v) for k, v in delta.items()}
+    norm = update_norm(arrays)
+    if norm_bound is None or norm <= norm_bound:
+        return GateResult(arrays, norm, clipped=False)
+    if policy == "reject":
+        raise InvalidUpdateError(
+            f"{what} rejected: L2 norm {norm:.4g} exceeds the bound {norm_bound:.4g}"
+        )
+    scale = norm_bound / norm
+    clipped = {k: (v * scale).astype(v.dtype) for k, v in arrays.items()}
+    return GateResult(clipped, norm, clipped=True)
+
+
+def _layout_problems(
+    delta: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> list[str]:
+    """Missing or unexpected names, wrong shapes or dtypes, non-finite values."""
     problems: list[str] = []
     missing = sorted(set(reference) - set(delta))
     unexpected = sorted(set(delta) - set(reference))
@@ -72,19 +98,7 @@ def validate_update(
             problems.append(f"{name} has dtype {got.dtype}, expected {want.dtype}")
         elif not np.all(np.isfinite(got)):
             problems.append(f"{name} holds {int(np.sum(~np.isfinite(got)))} non-finite values")
-    if problems:
-        raise InvalidUpdateError("update rejected: " + "; ".join(problems))
-    arrays = {k: np.asarray(v) for k, v in delta.items()}
-    norm = update_norm(arrays)
-    if norm <= norm_bound:
-        return GateResult(arrays, norm, clipped=False)
-    if policy == "reject":
-        raise InvalidUpdateError(
-            f"update rejected: L2 norm {norm:.4g} exceeds the bound {norm_bound:.4g}"
-        )
-    scale = norm_bound / norm
-    clipped = {k: (v * scale).astype(v.dtype) for k, v in arrays.items()}
-    return GateResult(clipped, norm, clipped=True)
+    return problems
 
 
 def validate_release(
@@ -102,7 +116,6 @@ def validate_release(
         InvalidUpdateError: naming every problem found.
     """
     reference = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
-    try:
-        return validate_update(release, reference, norm_bound=norm_bound, policy="reject")
-    except InvalidUpdateError as exc:
-        raise InvalidUpdateError(str(exc).replace("update rejected", "release rejected")) from exc
+    return validate_update(
+        release, reference, norm_bound=norm_bound, policy="reject", what="release"
+    )

@@ -105,6 +105,17 @@ def test_the_gate_names_every_problem_of_a_sum():
         assert part in text
 
 
+def test_the_gate_on_a_sum_checks_dtypes_as_the_plain_gate_does():
+    reference = update()
+    clipped = [clip_before_masking(update(5.0), norm_bound=1.0).delta for _ in range(2)]
+    mean = {k: np.mean([c[k].astype(np.float64) for c in clipped], axis=0) for k in reference}
+    quantised = {**mean, "b": np.zeros(5, dtype=np.int64)}  # a sum never dequantised
+    with pytest.raises(InvalidUpdateError, match="secure sum rejected: b has dtype int64"):
+        gate_sum(quantised, reference, contributors=2, secagg=secagg())
+    gate = gate_sum(mean, reference, contributors=2, secagg=secagg())  # float64: dequantised
+    np.testing.assert_array_equal(gate.mean["b"], mean["b"].astype(np.float32))
+
+
 def test_the_plan_carries_the_secure_component_through_its_flat_form():
     config = ServerConfig(secure_aggregation=True, min_replies=3, min_nodes=3)
     plan = config.round_plan(2, norm_bound=0.25)
