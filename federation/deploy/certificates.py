@@ -192,23 +192,46 @@ def check_certificate(path: Path, *, ca: Path, now: dt.datetime | None = None) -
     """
     certificate = _load_certificate(Path(path))
     authority = _load_certificate(Path(ca))
-    moment = now or dt.datetime.now(dt.UTC)
-    if moment > certificate.not_valid_after_utc:
-        raise CertificateError(
-            f"certificate {path} expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
-            "issue a new one with make_server_certificate and restart the SuperLink"
-        )
-    if moment < certificate.not_valid_before_utc:
-        raise CertificateError(
-            f"certificate {path} is not valid before "
-            f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: check this machine's clock"
-        )
+    check_validity(certificate, path, now=now)
     if certificate.issuer != authority.subject or not _signed_by(certificate, authority):
         raise CertificateError(
             f"certificate {path} is not signed by the CA in {ca}: issue it with this CA's key, "
             "or give nodes the CA that issued it"
         )
     return certificate
+
+
+def check_validity(
+    certificate: x509.Certificate,
+    path: Path,
+    *,
+    now: dt.datetime | None = None,
+    what: str = "certificate",
+    renew: str = "issue a new one with make_server_certificate and restart the SuperLink",
+) -> None:
+    """Refuse a certificate outside its validity period: the one expiry check of the project.
+
+    Args:
+        certificate: The parsed certificate.
+        path: Its file, named in the message.
+        now: The time to check validity at (default: now, UTC).
+        what: What the certificate is, in the message ("CA certificate", ...).
+        renew: What to do about an expired one, in the message.
+
+    Raises:
+        CertificateError: expired (with ``renew``) or not yet valid (check the clock).
+    """
+    moment = now or dt.datetime.now(dt.UTC)
+    if moment > certificate.not_valid_after_utc:
+        raise CertificateError(
+            f"{what} {path} expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
+            f"{renew}"
+        )
+    if moment < certificate.not_valid_before_utc:
+        raise CertificateError(
+            f"{what} {path} is not valid before "
+            f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: check this machine's clock"
+        )
 
 
 def _load_certificate(path: Path) -> x509.Certificate:

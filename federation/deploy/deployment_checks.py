@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from cryptography import x509
 
-from federation.deploy.certificates import check_certificate
+from federation.deploy.certificates import check_certificate, check_validity
 from federation.errors import CertificateError, ProvisioningError
 from models.errors import DataError, UnreadableImageError
 from models.readers import load_dataset, load_manifest
@@ -89,12 +89,14 @@ def check_ca_certificate(path: Path, *, now: dt.datetime | None = None) -> x509.
             "starts with '-----BEGIN CERTIFICATE-----'"
         ) from err
     moment = now or dt.datetime.now(dt.UTC)
-    if moment > certificate.not_valid_after_utc:
-        raise CertificateError(
-            f"CA certificate {path} expired on {certificate.not_valid_after_utc:%Y-%m-%d} UTC: "
-            "ask the federation operator for the current ca.crt (after a new `fedfew server "
-            "init`) and rerun `fedfew node init`"
-        )
+    check_validity(
+        certificate,
+        path,
+        now=moment,
+        what="CA certificate",
+        renew="ask the federation operator for the current ca.crt (after a new `fedfew server "
+        "init`) and rerun `fedfew node init`",
+    )
     try:
         is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:

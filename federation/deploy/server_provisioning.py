@@ -34,6 +34,7 @@ from federation.deploy.certificates import (
     CA_KEY_FILE,
     DEFAULT_VALIDITY_DAYS,
     check_certificate,
+    check_validity,
     make_ca,
     make_server_certificate,
 )
@@ -224,10 +225,10 @@ def check_server_file(path: Path, *, now: dt.datetime | None = None) -> ServerFi
         "start the SuperLink again"
     )
     moment = now or dt.datetime.now(dt.UTC)
-    expires = _not_valid_after(server.server_cert)
-    if expires is not None and moment > expires:
-        raise CertificateError(
-            f"server certificate {server.server_cert} expired on {expires:%Y-%m-%d} UTC: {renew}"
+    issued = _readable_certificate(server.server_cert)
+    if issued is not None:  # an unreadable one: check_certificate says why
+        check_validity(
+            issued, server.server_cert, now=moment, what="server certificate", renew=renew
         )
     try:
         check_certificate(server.server_cert, ca=server.ca_cert, now=moment)
@@ -378,10 +379,10 @@ def flwr_json(server: ServerFile, arguments: Sequence[str]) -> dict[str, object]
         ) from err
 
 
-def _not_valid_after(path: Path) -> dt.datetime | None:
-    """A certificate's expiry, or None if it cannot be read (check_certificate says why)."""
+def _readable_certificate(path: Path) -> x509.Certificate | None:
+    """The certificate in ``path``, or None if it cannot be read (check_certificate says why)."""
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+        return x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError):
         return None
 
