@@ -13,9 +13,9 @@ import typer
 from models.errors import FedfewError
 from privacy.accounting import worst_epsilon
 from privacy.errors import LedgerRecordMismatchError, LedgerTamperedError
-from privacy.ledger import KIND_CHARGE, Ledger
+from privacy.ledger import Ledger
 from privacy.ledger_head import check_against_record
-from privacy.report import write_report
+from privacy.report import budget_of, write_report
 from privacy.site_report import recorded_heads
 
 budget_app = typer.Typer(
@@ -86,20 +86,19 @@ def init(
 def budget_summary(ledger: Ledger) -> dict[str, Any]:
     """The ``budget show --json`` object (the keys are a contract other parts rely on)."""
     entries = ledger.entries()
-    history = ledger.history()
-    spent = ledger.epsilon_spent()
-    worst, worst_name = worst_epsilon(history, delta=ledger.delta)
+    budget = budget_of(ledger, entries)
+    worst, worst_name = worst_epsilon(ledger.history(), delta=ledger.delta)
     return {
         "site": ledger.site,
-        "cap_epsilon": ledger.cap_epsilon,
+        "cap_epsilon": budget.cap,
         "delta": ledger.delta,
         "accountant": ledger.accountant,
-        "epsilon_spent": spent,
-        "epsilon_remaining": max(ledger.cap_epsilon - spent, 0.0),
+        "epsilon_spent": budget.spent,
+        "epsilon_remaining": budget.remaining,
         "worst_epsilon": worst,
         "worst_accountant": worst_name,
-        "charges": sum(e.kind == KIND_CHARGE for e in entries),
-        "refusals": sum(e.kind != KIND_CHARGE for e in entries),
+        "charges": budget.charges,
+        "refusals": budget.refusals,
         "history": [e.as_dict() for e in entries],
     }
 

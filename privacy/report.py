@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import html
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from privacy.errors import LedgerTamperedError
@@ -19,6 +21,28 @@ td,th{border:1px solid #bbb;padding:2px 6px;text-align:left}
 tr.refusal{background:#fde2e2}
 .bad{color:#b00;font-weight:bold}.ok{color:#070;font-weight:bold}
 """
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A ledger's spend against its cap: the one place spent and remaining are computed."""
+
+    cap: float  # the site's epsilon cap
+    spent: float  # epsilon of every charge composed (the ledger's accountant and delta)
+    charges: int  # rows that charged
+    refusals: int  # rows that refused a charge (budget exhausted)
+
+    @property
+    def remaining(self) -> float:
+        """Epsilon left under the cap (0 once the spend has reached it)."""
+        return max(self.cap - self.spent, 0.0)
+
+
+def budget_of(ledger: Ledger, entries: Sequence[LedgerEntry] | None = None) -> Budget:
+    """``ledger``'s budget (``entries``: its rows when the caller has read them already)."""
+    rows = ledger.entries() if entries is None else entries
+    charges = sum(e.kind == KIND_CHARGE for e in rows)
+    return Budget(ledger.cap_epsilon, ledger.epsilon_spent(), charges, len(rows) - charges)
 
 
 def _verification(ledger: Ledger) -> tuple[bool, str]:
@@ -63,18 +87,18 @@ def _svg(entries: list[LedgerEntry], cap: float) -> str:
 
 def _html(ledger: Ledger) -> str:
     entries = ledger.entries()
-    spent = ledger.epsilon_spent()
+    budget = budget_of(ledger, entries)
     intact, status = _verification(ledger)
     esc = html.escape
     summary = [
         ("site", ledger.site),
-        ("cap epsilon", f"{ledger.cap_epsilon:.6g}"),
+        ("cap epsilon", f"{budget.cap:.6g}"),
         ("delta", f"{ledger.delta:.3g}"),
         ("accountant", ledger.accountant),
-        ("epsilon spent", f"{spent:.6g}"),
-        ("epsilon remaining", f"{max(ledger.cap_epsilon - spent, 0.0):.6g}"),
-        ("charges", str(sum(e.kind == KIND_CHARGE for e in entries))),
-        ("refusals", str(sum(e.kind != KIND_CHARGE for e in entries))),
+        ("epsilon spent", f"{budget.spent:.6g}"),
+        ("epsilon remaining", f"{budget.remaining:.6g}"),
+        ("charges", str(budget.charges)),
+        ("refusals", str(budget.refusals)),
         ("head hash", ledger.head_hash()),
         ("generated", dt.datetime.now(dt.UTC).isoformat()),
     ]
