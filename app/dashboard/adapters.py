@@ -9,6 +9,7 @@ adaptation is deterministic, and the registry's versions never change).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from app.dashboard.provenance import Provenance, utc_now
 from models.adaptation import AdaptConfig
 from models.errors import RegistryError
 from models.model_dir import LoadedModel
-from models.registry import KIND_GLOBAL, KIND_LOCAL, Registry, RegistryEntry
+from models.public_start import ensure_public_base
+from models.registry import KIND_GLOBAL, KIND_LOCAL, KIND_PUBLIC, Registry, RegistryEntry
 from privacy.errors import ReportFormatError
 from privacy.site_report import SitePrivacyReport
 
@@ -63,16 +65,46 @@ def epsilon_label(entry: RegistryEntry) -> str:
     return f"ε {worst:.2f}" + (f" (highest of {sites} sites)" if sites > 1 else f" ({sites} site)")
 
 
-def base_models(registry: Path, *, local: bool = True) -> list[RegistryEntry]:
-    """Model versions to adapt from, newest first: the federation's global versions and, unless
-    ``local`` is false, this hospital's local versions prepared for a modality.
+def base_models(registry: Path, *, local: bool = True, public: bool = True) -> list[RegistryEntry]:
+    """Model versions to adapt from, newest first: the federation's global versions, unless
+    ``public`` is false the public encoder (:data:`KIND_PUBLIC`), and unless ``local`` is false
+    this hospital's local versions prepared for a modality.
 
     Raises:
         RegistryError: no registry at ``registry``.
     """
-    kinds = (KIND_GLOBAL, KIND_LOCAL) if local else (KIND_GLOBAL,)
+    kinds = (KIND_GLOBAL,) + ((KIND_PUBLIC,) if public else ()) + ((KIND_LOCAL,) if local else ())
     found = [e for e in Registry.open(registry).entries() if e.kind in kinds]
     return list(reversed(found))
+
+
+def default_base(models: Sequence[RegistryEntry]) -> int | None:
+    """The base model offered when the user has chosen none: the newest federated version,
+    else the public encoder; never "the newest whoever made it" (a local version one user
+    prepared for their modality is chosen only by choosing it). None: nothing to offer."""
+    for kind in (KIND_GLOBAL, KIND_PUBLIC):
+        newest = max((e.id for e in models if e.kind == kind), default=None)
+        if newest is not None:
+            return newest
+    return None
+
+
+def ensure_base(registry: Path) -> list[RegistryEntry]:
+    """The base models of ``registry``, registering the public encoder first when it holds none
+    at all (a hospital whose federation has published nothing yet).
+
+    Raises:
+        WeightsError: the public encoder's weights are not installed (the message says how).
+        RegistryError: the registry cannot be created or read.
+    """
+    try:
+        models = base_models(registry)
+    except RegistryError:
+        models = []
+    if models:
+        return models
+    ensure_public_base(registry)
+    return base_models(registry)
 
 
 def saved_adapters(registry: Path) -> list[RegistryEntry]:

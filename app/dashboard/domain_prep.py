@@ -29,13 +29,14 @@ from models.domain import (
     save_prepared,
 )
 from models.errors import DataError
-from models.registry import KIND_LOCAL, Registry, RegistryEntry
+from models.registry import KIND_LOCAL, KIND_PUBLIC, Registry, RegistryEntry
 
 # Registry info keys of a local version, written here and read by the adapt page.
 INFO_DOMAIN = "domain"  # models.domain.domain_record: method, images, digest, source...
 INFO_LOCAL_ONLY = "local_only"
 INFO_AUTHOR = "author"
 LOCAL_ONLY = "local only: derived from this hospital's unlabelled images; never shared"
+PUBLIC_NOTE = "public ImageNet encoder, trained on no patient's data (no privacy budget spent)"
 SOURCE_SUFFIXES = (".npz", ".csv")  # besides folders (models.domain.load_unlabeled)
 LOAD_SHARE = 0.1  # share of the progress bar for reading the studies
 SAVE_AT = 0.95  # where training ends on the progress bar and saving begins
@@ -180,6 +181,8 @@ def version_label(entry: RegistryEntry) -> str:
     """How a base-model choice reads, e.g. ``v3 global-round-2 · ε 2.50 (highest of 2 sites)`` or
     ``v7 · prepared for chest-ct (contrastive, 812 images) · local, from v3``."""
     record = preparation(entry)
+    if entry.kind == KIND_PUBLIC:
+        return f"{entry.label} · {PUBLIC_NOTE}"
     if record is None:
         return f"{entry.label} · {epsilon_label(entry)}"
     return (
@@ -199,7 +202,9 @@ def base_model_note(entry: RegistryEntry, *, domain_mean: torch.Tensor | None, m
     """One paragraph for the adapt page: which version and which domain preparation it uses,
     and whether centring on domain statistics is active."""
     record = preparation(entry)
-    if record is None:
+    if entry.kind == KIND_PUBLIC:
+        used = f"Using {entry.label}: {PUBLIC_NOTE}."
+    elif record is None:
         used = f"Using {entry.label}, a federated model version, without a domain preparation."
     else:
         used = (

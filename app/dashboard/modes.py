@@ -24,6 +24,8 @@ MODE_HELP: dict[str, str] = {
     "prototype": "prototype: the average of each class's cases; the most robust choice",
     "linear": "linear: a linear classifier on the features; can separate classes that "
     "prototypes mix up",
+    "ridge": "ridge: a least-squares classifier on the features; instant, and steady with "
+    "few cases",
     "finetune": "finetune: also adjusts the network itself; can help when the cases look unlike "
     "the training data",
     "maml": "maml: the few learning steps a MAML-trained model was trained to take",

@@ -4,20 +4,30 @@ from typing import Literal
 
 import streamlit as st
 
-from app.dashboard import adapters, archive_view, clinic, domain_prep, modes, ui, views
+from app.dashboard import (
+    adapters,
+    archive_view,
+    clinic,
+    domain_prep,
+    modes,
+    preferences,
+    ui,
+    views,
+)
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.errors import CaseError, DashboardError, user_message
 from app.dashboard.jobs import Job
 from app.dashboard.timings import TimingLog
 from app.dashboard.uploads import resize_note
 from models.adaptation import ADAPT_MODES
-from models.errors import FedfewError, RegistryError
+from models.errors import FedfewError
 
 # Widgets whose values the clinician would not want to type again after visiting another page.
 PERSIST: Literal["session"] = "session"
 CLASSES_KEY = views.CLASSES_KEY
 CONDITION_KEY = views.CONDITION_KEY
 MODE_KEY = "adapt_mode"
+BASE_KEY = "adapt_base"
 SAVED_KEY = "adapt_saved"  # label of the adapter saved from the current result
 JOB_KEY = views.ADAPT_JOB_KEY
 JOB_NOTICE_KEY = views.ADAPT_NOTICE_KEY
@@ -35,28 +45,37 @@ ui.intended_use_notice()
 st.caption(ui.LOCAL_DATA_NOTICE)
 
 try:
-    models = adapters.base_models(config.registry)
-except RegistryError:
-    models = []
-if not models:
-    st.warning(
-        f"No model yet: this node's registry (`{config.registry}`) holds no global model. "
-        "Run `fedfew demo` to try the dashboard on synthetic data, or wait for the federation "
-        "to deliver a model."
+    with st.spinner("Setting up the public base model (first use of this node)..."):
+        models = adapters.ensure_base(config.registry)
+except FedfewError as exc:
+    ui.stop_with_error(
+        f"No base model: this node's registry (`{config.registry}`) holds none, and the public "
+        f"one could not be set up ({user_message(exc)}). Ask IT, or run `fedfew demo` to try "
+        "the dashboard on synthetic data."
     )
-    st.stop()
 
 by_id = {e.id: e for e in models}
+held = ui.recall_choice(
+    BASE_KEY, preferences.BASE_MODEL, list(by_id), fallback=adapters.default_base(models)
+)
 base_id = st.selectbox(
     "Base model",
     list(by_id),
+    index=0 if held else None,
+    placeholder="Choose the base model",
     format_func=lambda v: domain_prep.version_label(by_id[v]),
-    key="adapt_base",
+    key=BASE_KEY,
     persist_state=PERSIST,
-    help="Versions of the federated model on this machine, newest first, with the privacy "
-    "budget (epsilon) the sites spent on it, and this hospital's local versions prepared for a "
-    "modality (page 'Prepare for a new modality').",
+    on_change=ui.remember_choice,
+    args=(BASE_KEY, preferences.BASE_MODEL),
+    help="Your choice stays until you change it. Offered: versions of the federated model on "
+    "this machine, newest first, with the privacy budget (epsilon) the sites spent on it; the "
+    "public ImageNet encoder (trained on no patient's data); and this hospital's local "
+    "versions prepared for a modality (page 'Prepare for a new modality').",
 )
+if base_id is None:
+    st.info("Choose the base model to adapt.")
+    st.stop()
 try:
     model = views.base_model(str(config.registry), base_id)
 except FedfewError as exc:

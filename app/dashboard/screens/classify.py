@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.dashboard import adapters, archive_view, clinic, explain, ui, views
+from app.dashboard import adapters, archive_view, clinic, explain, preferences, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.predictions import (
     NEAREST,
@@ -16,6 +16,7 @@ from app.dashboard.uploads import resize_note, thumbnail
 from models.errors import FedfewError
 
 CURRENT = "current"  # the adapter made on the adapt page in this session, saved or not
+ADAPTER_KEY = "classify_adapter"
 
 session = ui.require_role(ROLE_CLINICIAN)
 config = ui.settings()
@@ -43,7 +44,28 @@ def describe(option: int | str) -> str:
     return f"this session's adaptation ({', '.join(shown)})"
 
 
-choice: int | str = st.selectbox("Adapter", options, format_func=describe, key="classify_adapter")
+# The user's own choice, kept until they change it; without one, this session's adaptation, or
+# nothing: never the newest adapter, whoever made it.
+held = ui.recall_choice(
+    ADAPTER_KEY,
+    preferences.ADAPTER,
+    options,
+    fallback=CURRENT if current is not None else None,
+)
+choice: int | str | None = st.selectbox(
+    "Adapter",
+    options,
+    index=0 if held else None,
+    placeholder="Choose the adapter to classify with",
+    format_func=describe,
+    key=ADAPTER_KEY,
+    on_change=ui.remember_choice,
+    args=(ADAPTER_KEY, preferences.ADAPTER),
+    help="Your choice stays until you change it.",
+)
+if choice is None:
+    st.info("Choose the adapter to classify with.")
+    st.stop()
 adaptation: clinic.Adaptation
 if not isinstance(choice, int):
     if current is None:  # CURRENT is offered only with an adaptation of this session

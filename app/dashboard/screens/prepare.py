@@ -21,7 +21,7 @@ st.caption(
 )
 
 try:
-    models = adapters.base_models(config.registry, local=False)
+    models = adapters.base_models(config.registry, local=False, public=False)
 except RegistryError:
     models = []
 if not models:

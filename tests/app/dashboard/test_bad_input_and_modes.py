@@ -40,9 +40,9 @@ def test_modes_show_measured_times_and_a_long_run_can_be_cancelled(
 ) -> None:
     at, _ = adapt_page_with_cases(make_app, case_images, shots=2)
     radio = at.radio(key="adapt_mode")
-    assert [o.split(":")[0] for o in radio.options] == ["prototype", "linear", "finetune"]
+    assert [o.split(":")[0] for o in radio.options] == ["prototype", "linear", "ridge", "finetune"]
     assert "**maml**, because this base model was trained with protonet" in texts(at, "caption")
-    assert list(radio.proto.captions) == [f"time {NOT_MEASURED}"] * 3
+    assert list(radio.proto.captions) == [f"time {NOT_MEASURED}"] * 4
     at.button(key="adapt_run").click().run()
     assert at.session_state[ADAPTATION_KEY].mode == "prototype"
     at.run()  # the mode captions are drawn before the run that adapts: the next run shows it

@@ -167,15 +167,6 @@ def test_mixed_sizes_and_channels_are_resized_with_a_note(registry, make_app) ->
     assert "resized to 32x32" in note and "sizes differ" in note and "channel counts differ" in note
 
 
-def test_no_registry_tells_how_to_get_a_model(env, store, make_app) -> None:
-    at = make_app(ROLE_CLINICIAN).run()
-    assert not at.exception
-    assert "No model yet" in texts(at, "warning") and "fedfew demo" in texts(at, "warning")
-    at.switch_page("screens/classify.py").run()
-    assert not at.exception
-    assert "No adapter yet" in texts(at, "info")
-
-
 def captions(at: AppTest) -> list[str]:
     return [c for image in at.image for c in image.captions]
 
