@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from app.dashboard.adapters import epsilon_label
@@ -23,12 +24,15 @@ from app.dashboard.errors import SourceError
 from models.adaptation import AdaptConfig
 from models.domain import (
     DomainConfig,
+    UnlabeledImages,
     adapt_domain,
     domain_record,
     load_unlabeled,
     save_prepared,
 )
-from models.errors import DataError
+from models.errors import DataError, UnreadableImageError
+from models.guard import check_file
+from models.pipeline import PipelineConfig, preprocess_arrays
 from models.registry import KIND_LOCAL, KIND_PUBLIC, Registry, RegistryEntry
 
 # Registry info keys of a local version, written here and read by the adapt page.
@@ -37,7 +41,13 @@ INFO_LOCAL_ONLY = "local_only"
 INFO_AUTHOR = "author"
 LOCAL_ONLY = "local only: derived from this hospital's unlabelled images; never shared"
 PUBLIC_NOTE = "public ImageNet encoder, trained on no patient's data (no privacy budget spent)"
-SOURCE_SUFFIXES = (".npz", ".csv")  # besides folders (models.domain.load_unlabeled)
+SOURCE_SUFFIXES = (".npz", ".csv")
+NPZ_IMAGE_KEYS = (
+    "images",
+    "train_images",
+    "val_images",
+    "test_images",
+)  # labels not needed  # besides folders (models.domain.load_unlabeled)
 LOAD_SHARE = 0.1  # share of the progress bar for reading the studies
 SAVE_AT = 0.95  # where training ends on the progress bar and saving begins
 
@@ -84,6 +94,43 @@ def resolve_source(text: str, *, roots: Sequence[Path] = ()) -> Path:
     return path
 
 
+def read_studies(source: Path, pipeline: PipelineConfig) -> UnlabeledImages:
+    """The unlabelled studies at ``source`` through the base model's pipeline. An ``.npz`` needs
+    only images (key ``images``, or MedMNIST's ``train_images``/``val_images``/``test_images``):
+    labels are never needed, and never read.
+
+    Raises:
+        DataError: nothing readable (the message names the file and the keys it has).
+    """
+    if source.suffix.lower() != ".npz":
+        return load_unlabeled(source, pipeline)
+    try:
+        check_file(source)  # zip validity and the declared array sizes, before reading
+        data = np.load(source, allow_pickle=False)
+    except (OSError, ValueError, UnreadableImageError) as exc:
+        raise DataError(f"{source.name}: not a readable .npz file ({exc})") from exc
+    with data:
+        keys = [k for k in NPZ_IMAGE_KEYS if k in data.files]
+        if not keys:
+            raise DataError(
+                f"{source.name}: no images (a key {' or '.join(NPZ_IMAGE_KEYS)}); keys present: "
+                f"{', '.join(sorted(data.files)) or 'none'}"
+            )
+        images = np.concatenate([data[k] for k in keys])
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        raise DataError(
+            f"{source.name}: images must be (N, H, W) or (N, H, W, C) with C in 1/3/4, got "
+            f"shape {images.shape}"
+        )
+    if images.dtype.kind not in "biuf" or not np.isfinite(images).all():
+        raise DataError(f"{source.name}: images must be finite numbers (dtype {images.dtype})")
+    if len(images) == 0:
+        raise DataError(f"{source.name}: no images in the file")
+    return UnlabeledImages(
+        images=preprocess_arrays(images, pipeline), source=source.name, skipped=0
+    )
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A published local version and what went into it."""
@@ -116,7 +163,7 @@ def prepare_model(
     loaded = reg.load_model(base_version)
     report(0.0, "reading the studies")
     try:
-        unlabeled = load_unlabeled(source, loaded.pipeline)
+        unlabeled = read_studies(source, loaded.pipeline)
     except DataError as exc:
         raise SourceError(f"cannot use these studies: {exc}") from exc
     report(LOAD_SHARE, f"preparing ({config.method}) on {len(unlabeled.images)} studies")

@@ -79,6 +79,25 @@ def test_statistics_preparation_publishes_a_local_version(registry, make_app, en
     assert [e.id for e in reg.entries(kind="global")] == [registry]
 
 
+def test_an_npz_of_images_only_is_prepared(registry, make_app, env, studies, tmp_path) -> None:
+    """Issue 24, item 3: an unlabelled .npz was refused for its missing 'labels'."""
+    with np.load(studies) as data:
+        images = data["images"]
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, images=images)  # no labels, no classes
+    at = make_app(ROLE_IT).run()
+    at.switch_page("screens/prepare.py").run()
+    prepare(at, str(unlabelled))
+    assert not at.exception and not at.error, texts(at, "error")
+    [local] = local_versions(env["registry"])
+    assert local.info[domain_prep.INFO_DOMAIN]["images"] == len(images)
+    np.savez(tmp_path / "no-images.npz", labels=np.zeros(3, dtype=np.int64))
+    prepare(at, str(tmp_path / "no-images.npz"))
+    assert "no images (a key images or" in texts(at, "error") and "keys present: labels" in (
+        texts(at, "error")
+    )
+
+
 def test_adapt_page_offers_and_names_the_local_version(registry, make_app, env, studies) -> None:
     prepared = domain_prep.prepare_model(
         env["registry"],
