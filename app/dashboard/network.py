@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ STATUS_ROUND = "round"
 STATUS_NODES = "nodes-connected"
 STATUS_UPDATED = "updated"
 STATUS_ROUNDS = "rounds"
+ROUND_METRICS = "metrics."  # a round record's evaluation metrics, flattened
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -66,20 +68,47 @@ def version_rows(entries: list[RegistryEntry]) -> list[dict[str, Any]]:
     return rows
 
 
-def metric_series(entries: list[RegistryEntry]) -> list[dict[str, Any]]:
-    """Numeric metrics of global versions as (version, round, metric, value) rows for a chart.
-
-    The round is the version's ``info.round`` when the federation recorded one, else the id.
+def metric_series(
+    entries: list[RegistryEntry],
+    *,
+    rounds: Sequence[dict[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """The model's evaluation metrics per round as (round, metric, value) rows for a chart: from
+    the federation's status file (``rounds``, flattened records with ``metrics.<name>``), else
+    from the global versions in this node's registry (``info.round``). Bookkeeping numbers
+    (seconds, bytes, attempts) are not metrics of the model and are left out.
     """
-    rows = []
-    for e in entries:
-        if e.kind != "global":
+    points: dict[tuple[int, str], float] = {}
+    for record in rounds:
+        number = record.get("round")
+        if not isinstance(number, int) or isinstance(number, bool):
             continue
-        round_no = e.info.get("round", e.id)
+        for key, value in record.items():
+            if key.startswith(ROUND_METRICS) and _number(value):
+                points[(number, key.removeprefix(ROUND_METRICS))] = float(value)
+    for e in entries:
+        number = e.info.get("round")
+        if e.kind != "global" or not isinstance(number, int) or isinstance(number, bool):
+            continue
         for name, value in flatten(e.metrics).items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                rows.append({"version": e.id, "round": round_no, "metric": name, "value": value})
-    return rows
+            if _number(value):
+                points.setdefault((number, name), float(value))
+    return [
+        {"round": number, "metric": name, "value": value}
+        for (number, name), value in sorted(points.items())
+    ]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def chartable(series: list[dict[str, Any]]) -> bool:
+    """Whether a line chart says anything: some metric has values from two rounds or more."""
+    rounds: dict[str, set[int]] = {}
+    for row in series:
+        rounds.setdefault(row["metric"], set()).add(row["round"])
+    return any(len(r) > 1 for r in rounds.values())
 
 
 UNSIGNED = (

@@ -61,9 +61,28 @@ if not entries:
 st.dataframe(
     network.arrow_safe(network.version_rows(entries)), hide_index=True, key="federation_versions"
 )
-series = network.metric_series(entries)
-if series:
-    st.line_chart(series, x="round", y="value", color="metric", height=260)
+series = network.metric_series(entries, rounds=status.rounds if status is not None else [])
+if network.chartable(series):
+    st.subheader("Model quality per round")
+    import altair as alt
+
+    chart = (
+        alt.Chart(alt.Data(values=series))
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("round:O", title="round"),  # whole rounds, not a continuous axis
+            y=alt.Y("value:Q", title=None),
+            color=alt.Color("metric:N", title="metric"),
+        )
+        .properties(height=260)
+    )
+    st.altair_chart(chart, key="federation_quality")
+elif series:
+    st.caption(
+        "Model quality, one round so far: "
+        + ", ".join(f"{r['metric']} {r['value']:.3g} (round {r['round']})" for r in series)
+        + ". A chart appears once there are two rounds."
+    )
 privacy = network.privacy_rows(entries)
 st.subheader("Privacy reports per version")
 if privacy:

@@ -256,3 +256,33 @@ def test_oidc_login_button_when_logged_out(env) -> None:
     at.run()
     assert not at.exception
     assert at.button[0].label == "Log in with your hospital account"
+
+
+def test_model_quality_is_charted_per_round(store, registry, env, make_app) -> None:
+    """Issue 24, item 4: the chart had one point per line (the registry's one version) while
+    the rounds' metrics sat in the status file."""
+    at = make_app(ROLE_IT).run()
+    assert not at.get("arrow_vega_lite_chart") and not at.get("vega_lite_chart")
+    assert "one round so far: accuracy 0.61 (round 2), loss 1.2 (round 2)" in texts(at, "caption")
+    env["status"].parent.mkdir(parents=True)
+    rounds = [
+        {"round": r, "seconds": 20.0 + r, "metrics": {"accuracy": 0.4 + r / 10, "loss": 2.0 - r}}
+        for r in range(3)
+    ]
+    write_status(env["status"], nodes=2, updated=datetime.now(UTC), rounds=rounds)
+    at.run()
+    assert not at.exception
+    (chart,) = at.get("arrow_vega_lite_chart") or at.get("vega_lite_chart")
+    spec = json.loads(chart.proto.spec)
+    import pyarrow as pa
+
+    points = pa.ipc.open_stream(chart.proto.data.data).read_all().to_pylist()
+    assert spec["encoding"]["x"]["type"] == "ordinal"  # whole rounds on the axis
+    assert sorted((p["round"], p["metric"], round(p["value"], 3)) for p in points) == [
+        (0, "accuracy", 0.4),
+        (0, "loss", 2.0),
+        (1, "accuracy", 0.5),
+        (1, "loss", 1.0),
+        (2, "accuracy", 0.6),  # the status file's round 2 wins over the registry's copy
+        (2, "loss", 0.0),
+    ]
