@@ -171,3 +171,35 @@ def unusual_scores(
     euclidean = OODConfig(distance="euclidean")
     pixels = ood_scores(reference_of(support_stats, config=euclidean), case_stats)
     return torch.maximum(features / config.threshold, pixels / config.pixel_threshold)
+
+
+def support_outlier_scores(
+    *,
+    support_features: torch.Tensor,
+    support_images: torch.Tensor,
+    config: OODConfig = OODConfig(),
+) -> torch.Tensor:
+    """Each labelled case's :func:`unusual_scores` against the *other* labelled cases, ``(n,)``
+    (above :data:`FLAG_AT`: it looks unlike all of them, as a photograph filed as a lesion or a
+    study of another modality would). Zeros when fewer than ``MIN_REFERENCE + 1`` cases: the
+    others give no spread to compare with.
+
+    The same score and thresholds as for new cases, left out one at a time (the leave-one-out
+    protocol of the reliability estimate): a case cannot vouch for itself.
+    """
+    n = len(support_features)
+    if n < MIN_REFERENCE + 1:
+        return torch.zeros(n)
+    scores = []
+    for i in range(n):
+        others = torch.tensor([j for j in range(n) if j != i])
+        scores.append(
+            unusual_scores(
+                support_features=support_features[others],
+                case_features=support_features[i : i + 1],
+                support_images=support_images[others],
+                case_images=support_images[i : i + 1],
+                config=config,
+            )[0]
+        )
+    return torch.stack(scores)

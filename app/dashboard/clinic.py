@@ -26,6 +26,7 @@ from models.calibration import (
 )
 from models.calibration import held_out_order as calibration_order
 from models.model_dir import LoadedModel
+from models.ood import FLAG_AT, support_outlier_scores
 from models.pipeline import PipelineConfig
 
 MIN_CLASSES = 2  # one class is not a classification
@@ -148,6 +149,9 @@ class Adaptation:
     reliability: Reliability | None  # None when a class has a single case
     condition: str = ""  # what the clinician called the condition when adapting
     inputs: str = ""  # fingerprint of the inputs that produced it (see :func:`fingerprint`)
+    # Labelled cases that look unlike all the others (models.ood.support_outlier_scores): a
+    # photograph or another modality's study filed in a class. The clinician checks them.
+    suspect: tuple[str, ...] = ()
 
     @property
     def temperature(self) -> float:
@@ -279,16 +283,25 @@ def adapt_cases(
         with step_hook(in_fold):
             score = reliability(model, support, config=config, on_progress=after_fold)
     report(1.0, "done")
+    embeddings = classifier.embed(torch.from_numpy(support.images))
+    outliers = support_outlier_scores(
+        support_features=embeddings, support_images=torch.from_numpy(support.images)
+    )
     return Adaptation(
         classifier=classifier,
         support=support,
-        support_embeddings=classifier.embed(torch.from_numpy(support.images)),
+        support_embeddings=embeddings,
         mode=mode,
         base_version=base_version,
         pipeline=model.pipeline,
         reliability=score,
         condition=condition.strip(),
         inputs=fingerprint(base_version=base_version, mode=mode, support=support),
+        suspect=tuple(
+            name
+            for name, score in zip(support.names, outliers.tolist(), strict=True)
+            if score > FLAG_AT
+        ),
     )
 
 

@@ -232,6 +232,15 @@ if adaptation is not None and job is None:
         f"Adapted {base_label} with {adaptation.mode} to **{adaptation.condition}**: {counts}."
     )
     views.reliability(adaptation)
+    if adaptation.suspect:
+        st.warning(
+            f"{len(adaptation.suspect)} labelled case(s) look unlike all the other labelled "
+            "cases (as a photograph, a drawing or a study of another modality would): "
+            + ", ".join(f"**{name}**" for name in adaptation.suspect)
+            + ". Check that each is a study of the kind this condition is about and in the "
+            "right class. Remove any that is not and press Adapt again; the adapter can be "
+            "saved with them only once you confirm they are right."
+        )
     changed = clinic.changed_inputs(
         adaptation,
         base_version=base_id,
@@ -250,8 +259,17 @@ if adaptation is not None and job is None:
             adapter_name = st.text_input(
                 "Save as", key="adapt_name", placeholder="e.g. ptx-2025-03"
             )
+            confirmed = not adaptation.suspect or st.checkbox(
+                "I checked the labelled cases named above: they are right",
+                key="adapt_confirm_suspect",
+            )
             save = st.form_submit_button("Save adapter")
-        if save:
+        if save and not confirmed:
+            st.error(
+                "Not saved: check the labelled cases named above first (remove any that does "
+                "not belong and adapt again, or confirm that they are right)."
+            )
+        elif save:
             try:
                 entry = adapters.save_adapter(
                     config.registry,

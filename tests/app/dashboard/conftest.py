@@ -77,6 +77,14 @@ DEFAULT_PRIVACY = {
 }
 
 
+def photograph_bytes() -> bytes:
+    """A portrait photograph (matplotlib's sample ``grace_hopper.jpg``, a dependency): what a
+    clinician might pick by mistake as a labelled case."""
+    import matplotlib
+
+    return (Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").read_bytes()
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """Encode an (H, W) or (H, W, 3) uint8 array as PNG."""
     out = io.BytesIO()

@@ -13,7 +13,11 @@ import pytest
 from app.dashboard import archive, settings
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.provenance import Provenance
-from app.dashboard.structured_report import classification_report, source_dataset
+from app.dashboard.structured_report import (
+    classification_report,
+    read_report,
+    source_dataset,
+)
 from tests.app.dashboard.conftest import texts
 from tests.app.dashboard.orthanc import OrthancArchive, Studies, dicom_bytes
 from tests.app.dashboard.test_archive import _search, study_box
@@ -157,6 +161,8 @@ def test_reports_written_back_are_not_pulled_as_images(studies: Studies) -> None
         probabilities=None,
         provenance=origin,
     )
+    content = read_report(report)  # what the screen shows: no probabilities for this case
+    assert (content.outcome, content.probabilities) == ("unusual image", {})
     archive.store_instances(studies.url, datasets=[report])
     series = archive.study_series(studies.url, study_uid=studies.head)
     assert {s.modality for s in series} == {"CT", "SR"}

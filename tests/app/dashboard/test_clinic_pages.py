@@ -13,7 +13,7 @@ from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.provenance import AuditLog
 from app.dashboard.views import ADAPT_JOB_KEY, ADAPTATION_KEY
 from models.registry import Registry
-from tests.app.dashboard.conftest import png_bytes, texts
+from tests.app.dashboard.conftest import photograph_bytes, png_bytes, texts
 
 SHOTS = 4
 
@@ -205,3 +205,33 @@ def test_cases_survive_a_page_switch_until_cleared(registry, make_app, case_imag
     at.switch_page("screens/adapt.py").run()
     at.text_area(key="adapt_classes").input("\n".join(classes)).run()
     assert captions(at) == []  # nothing comes back after starting over
+
+
+def test_a_photograph_among_the_labelled_cases_is_named_and_must_be_confirmed(
+    registry, make_app, case_images, env
+) -> None:
+    """Issue 24, item 9: a portrait photograph was accepted as a labelled lesion unremarked."""
+    at, classes = adapt_page_with_cases(make_app, case_images)
+    at.button(key="adapt_run").click().run()
+    assert at.session_state[ADAPTATION_KEY].suspect == ()  # like cases: nothing to check
+    assert "look unlike all the other labelled cases" not in texts(at, "warning")
+    files = [(f"{classes[0]}_{j}.png", d) for j, d in enumerate(case_images[classes[0]][:SHOTS])]
+    at.file_uploader(key="adapt_files_0").set_value(
+        [
+            *((n, d, "image/png") for n, d in files),
+            ("portrait.jpg", photograph_bytes(), "image/jpeg"),
+        ]
+    )
+    at.run()
+    at.button(key="adapt_run").click().run()
+    assert not at.exception
+    assert at.session_state[ADAPTATION_KEY].suspect == ("portrait.jpg",)
+    assert "1 labelled case(s) look unlike all the other labelled cases" in texts(at, "warning")
+    assert "**portrait.jpg**" in texts(at, "warning")
+    at.text_input(key="adapt_name").input("with-a-photo")
+    next(b for b in at.button if b.label == "Save adapter").click().run()
+    assert "Not saved: check the labelled cases" in texts(at, "error")
+    assert Registry.open(env["registry"]).entries(kind="adapter") == []
+    at.checkbox(key="adapt_confirm_suspect").check()
+    next(b for b in at.button if b.label == "Save adapter").click().run()
+    assert "Saved as" in texts(at, "success")
