@@ -33,7 +33,6 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from federation.distributed_noise import fallback_epsilons, is_distributed
 from federation.errors import BudgetRefusedError, NodeConfigError, SiteDataError
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
@@ -41,6 +40,7 @@ from federation.versions import model_from_state, publish_state, state_digest
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.registry import Registry, RegistryEntry
+from privacy.distributed_noise import fallback_epsilons, has_noise_shares
 from privacy.errors import BudgetExhaustedError
 from privacy.ledger import KIND_CHARGE, ChargeRequest, Ledger, LedgerEntry
 from privacy.ledger_head import LedgerHead, load_signing_key, read_head, sign_head
@@ -261,7 +261,7 @@ def _report(
         replayed=replayed,
     )
     entries = ledger.entries()
-    if any(is_distributed(e.mechanism) for e in entries):
+    if any(has_noise_shares(e) for e in entries):
         fails_round, fails_spent = fallback_epsilons(
             entries, entry, delta=ledger.delta, accountant=ledger.accountant
         )

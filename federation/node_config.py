@@ -10,35 +10,19 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from federation.errors import NodeConfigError
 from federation.secure_aggregation import SecurePolicy
+from models.run_config import key_of, read_fields, required_names
 from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS
 
 CONFIG_FILE_KEY = "config-file"
 
-# kebab-case key -> field name; the one place where Flower's node-config keys are spelled.
-_KEYS = {
-    "site-id": "site_id",
-    "data": "data",
-    "ledger": "ledger",
-    "registry": "registry",
-    "budget-epsilon": "budget_epsilon",
-    "budget-delta": "budget_delta",
-    "min-noise": "min_noise",
-    "max-steps-per-round": "max_steps_per_round",
-    "max-sample-rate": "max_sample_rate",
-    "weight": "weight",
-    "accountant": "accountant",
-    "state-dir": "state_dir",
-    "node-key": "node_key",
-    "allowed-mechanisms": "allowed_mechanisms",
-    "secure-aggregation": "secure_aggregation",
-}
-_REQUIRED = ("site-id", "data", "ledger", "registry", "budget-epsilon", "budget-delta")
+OWNER = "node config"  # what this configuration is called in its error messages
+_LISTS = ("allowed_mechanisms",)  # list fields; --node-config gives them as "a,b"
 
 
 @dataclass(frozen=True)
@@ -116,23 +100,17 @@ class NodeConfig:
         if CONFIG_FILE_KEY in values:
             merged.update(_read_toml(Path(str(values[CONFIG_FILE_KEY]))))
         merged.update({k: v for k, v in values.items() if k != CONFIG_FILE_KEY})
-        unknown = sorted(set(merged) - set(_KEYS))
-        if unknown:
-            raise NodeConfigError(
-                f"node config: unknown key(s) {', '.join(unknown)}; known: {', '.join(_KEYS)}"
-            )
-        missing = [k for k in _REQUIRED if k not in merged]
+        missing = [key_of(n) for n in required_names(cls) if key_of(n) not in merged]
         if missing:
             raise NodeConfigError(
-                f"node config: missing {', '.join(missing)}; set them with --node-config "
+                f"{OWNER}: missing {', '.join(missing)}; set them with --node-config "
                 f"or in the TOML file named by {CONFIG_FILE_KEY} (see `fedfew node init`)"
             )
-        types = {f.name: f.type for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in merged.items():
-            name = _KEYS[key]
-            kwargs[name] = _convert(key, value, str(types[name]))
-        return cls(**kwargs)
+        for name in _LISTS:  # --node-config gives a list as one comma-separated string
+            value = merged.get(key_of(name))
+            if isinstance(value, str):
+                merged[key_of(name)] = [v.strip() for v in value.split(",") if v.strip()]
+        return cls(**read_fields(cls, merged, owner=OWNER, error=NodeConfigError))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -143,21 +121,3 @@ def _read_toml(path: Path) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise NodeConfigError(f"node config file {path}: [node] must be a table")
     return table
-
-
-def _convert(key: str, value: Any, type_name: str) -> Any:
-    try:
-        if type_name.startswith("tuple"):  # a TOML list, or "a,b" from --node-config
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(item).strip() for item in items if str(item).strip())
-        if "Path" in type_name:
-            return Path(str(value)).expanduser()
-        if type_name == "float":
-            return float(value)
-        if type_name == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise NodeConfigError(f"node config: {key} must be a {type_name}, got {value!r}") from exc

@@ -11,23 +11,22 @@ Every field is public configuration: none is derived from any site's data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
-import typing
 from dataclasses import dataclass
 from typing import Any
 
-from federation.distributed_noise import charge_sensitivity, is_distributed
 from federation.errors import PlanRefusedError
 from federation.node_config import NodeConfig
 from federation.secure_aggregation import SecureAggregationConfig, check_secure_policy
 from models.meta import MetaConfig
 from models.networks import BackboneConfig
+from models.run_config import SEPARATOR, flatten, read_fields, reject_unknown
 from privacy.dp_config import MechanismConfig
 from privacy.errors import UnknownMechanismError
 from privacy.mechanisms import Mechanism, get_mechanism
 
-SEPARATOR = "."  # between a component's prefix and its field in the flat form
 _SCALARS = ("federation", "round", "mechanism", "steps", "local_lr")
 _COMPONENTS = ("dp", "meta", "backbone", "secagg")
 
@@ -58,22 +57,9 @@ class RoundPlan:
             self.dp_mechanism.check_config(self.dp)
         except TypeError as exc:
             raise ValueError(f"RoundPlan.dp: {exc}") from exc
-        if self.dp_mechanism.one_shot and self.steps != 1:
-            raise ValueError(
-                f"RoundPlan: {self.mechanism} is a one-shot release: steps must be 1, "
-                f"got {self.steps}"
-            )
-        if self.dp_mechanism.releases_arrays and self.secagg.enabled:
-            raise ValueError(
-                f"RoundPlan: {self.mechanism} releases its own arrays, which secure aggregation "
-                "does not carry yet: turn secure-aggregation off"
-            )
-        if is_distributed(self.mechanism) and (not self.secagg.enabled or self.steps != 1):
-            raise ValueError(
-                f"RoundPlan: {self.mechanism} needs secure aggregation and exactly 1 step per "
-                f"round (its sum is private only then), got secagg.enabled={self.secagg.enabled}"
-                f" and steps={self.steps}"
-            )
+        problems = self.dp_mechanism.plan_problems(steps=self.steps, secure=self.secagg.enabled)
+        if problems:
+            raise ValueError("RoundPlan: " + "; ".join(problems))
 
     @property
     def dp_mechanism(self) -> Mechanism:
@@ -82,21 +68,33 @@ class RoundPlan:
 
     @property
     def sensitivity_factor(self) -> float:
-        """The ledger charge's sensitivity factor: the mechanism's, over sqrt(min sites) for
-        distributed noise (federation/distributed_noise.py)."""
-        return charge_sensitivity(self.mechanism, shares=self.secagg.min_sites)
+        """The ledger charge's sensitivity factor (the mechanism's, over sqrt(min sites) for
+        distributed noise: privacy/distributed_noise.py)."""
+        return self.dp_mechanism.charge_sensitivity(shares=self.secagg.min_sites)
 
     @property
     def accounted_noise_multiplier(self) -> float:
         """Sigma as the accountant sees it (over the charge's sensitivity factor)."""
         return self.dp.noise_multiplier / self.sensitivity_factor
 
+    def secure_ranges(self, *, contributors: int, values: int) -> tuple[float, float | None]:
+        """SecAgg+'s clipping range for one update of ``values`` values, and the bound on the
+        sum of ``contributors`` of them (``None``: the gate's own, from the clip to
+        ``secagg.norm_bound``); the mechanism says which (:meth:`Mechanism.secure_ranges`)."""
+        return self.dp_mechanism.secure_ranges(
+            lr=self.local_lr,
+            dp=self.dp,
+            norm_bound=self.secagg.norm_bound,
+            quantization_range=self.secagg.quantization_range,
+            contributors=contributors,
+            values=values,
+        )
+
     def to_config(self) -> dict[str, Any]:
         """Flat mapping of scalars, the form a Flower ConfigRecord carries."""
-        flat = _flatten(self, _SCALARS, prefix="")
+        flat = flatten(self, names=_SCALARS)
         for name in _COMPONENTS:
-            component = getattr(self, name)
-            flat.update(_flatten(component, _names(type(component)), prefix=name + SEPARATOR))
+            flat.update(flatten(getattr(self, name), prefix=name + SEPARATOR))
         return flat
 
     @classmethod
@@ -109,7 +107,10 @@ class RoundPlan:
         """
         try:
             unused = set(values)
-            top = _take(cls, _SCALARS, values, prefix="", unused=unused)
+            read = functools.partial(
+                read_fields, values=values, owner="plan", unused=unused, complete=True
+            )
+            top = read(cls, names=_SCALARS)
             mechanism = get_mechanism(str(top["mechanism"]))
             types = {
                 "dp": mechanism.config_type,
@@ -118,13 +119,9 @@ class RoundPlan:
                 "secagg": SecureAggregationConfig,
             }
             parts = {
-                name: kind(
-                    **_take(kind, _names(kind), values, prefix=name + SEPARATOR, unused=unused)
-                )
-                for name, kind in types.items()
+                name: kind(**read(kind, prefix=name + SEPARATOR)) for name, kind in types.items()
             }
-            if unused:
-                raise PlanRefusedError(f"plan has unknown key(s) {', '.join(sorted(unused))}")
+            reject_unknown(unused, owner="plan", known=set(values) - unused)
             return cls(**top, **parts)
         except UnknownMechanismError as exc:
             raise PlanRefusedError(f"plan names an unknown mechanism: {exc}") from exc
@@ -172,52 +169,3 @@ def check_policy(plan: RoundPlan, config: NodeConfig) -> None:
         raise PlanRefusedError(
             f"site {config.site_id} refuses round {plan.round}: " + "; ".join(problems)
         )
-
-
-def _names(kind: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(kind))
-
-
-def _key(prefix: str, name: str) -> str:
-    return prefix + name.replace("_", "-")
-
-
-def _flatten(obj: object, names: tuple[str, ...], *, prefix: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(type(obj))
-    flat: dict[str, Any] = {}
-    for name in names:
-        value = getattr(obj, name)
-        if hints[name] is float and not isinstance(value, bool):
-            value = float(value)  # 2 and 2.0 must give one digest
-        elif isinstance(value, tuple):
-            value = list(value)  # a ConfigRecord holds lists, not tuples
-        flat[_key(prefix, name)] = value
-    return flat
-
-
-def _take(
-    kind: type, names: tuple[str, ...], values: dict[str, Any], *, prefix: str, unused: set[str]
-) -> dict[str, Any]:
-    """The fields ``names`` of ``kind`` from the flat form, type-checked; marks their keys used."""
-    hints = typing.get_type_hints(kind)
-    taken: dict[str, Any] = {}
-    for name in names:
-        key = _key(prefix, name)
-        if key not in values:
-            raise PlanRefusedError(f"plan is missing {key}")
-        unused.discard(key)
-        taken[name] = _typed(key, values[key], hints[name])
-    return taken
-
-
-def _typed(key: str, value: Any, hint: Any) -> Any:
-    """``value`` as the field type ``hint``; a value of another type is a malformed plan."""
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool):
-        if type(value) is not hint:
-            raise TypeError(f"{key} must be {hint.__name__}, got {value!r}")
-        return value
-    if typing.get_origin(hint) is tuple and isinstance(value, list):
-        return tuple(value)
-    return value

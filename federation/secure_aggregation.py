@@ -183,7 +183,7 @@ def gate_sum(
     SecAgg+ dequantises to float64: a floating array is compared in the model's dtype, so the
     dtype check refuses only what is not a dequantised sum (an integer array, say).
     ``bound`` replaces the clipped updates' bound where the updates carry unclipped noise (the
-    mechanism's :meth:`~privacy.mechanisms.Mechanism.secure_ranges`).
+    plan's :meth:`~federation.plan.RoundPlan.secure_ranges`).
 
     Raises:
         InvalidUpdateError: too few contributors, a missing, unexpected, reshaped or non-float

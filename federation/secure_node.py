@@ -40,7 +40,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from federation.distributed_noise import is_distributed, plan_ranges
 from federation.errors import PlanInvalidError, PlanRefusedError
 from federation.node_config import NodeConfig
 from federation.secure_aggregation import check_finite, check_secure_policy, clip_before_masking
@@ -137,14 +136,14 @@ def check_masking_range(plan: RoundPlan, global_state: State, context: Context) 
     linear, and the sum must stay the sum of the noisy sums.
 
     Raises:
-        PlanRefusedError: a range below :func:`federation.distributed_noise.plan_ranges`.
+        PlanRefusedError: a range below the plan's :meth:`~federation.plan.RoundPlan.secure_ranges`.
     """
-    if not is_distributed(plan.mechanism):
+    if plan.dp_mechanism.clips_before_masking:
         return  # per-site noise: the update is clipped to the range itself
     state = context.state.config_records.get(RECORD_KEY_STATE)
     agreed = float(cast(float, state["clipping_range"])) if state else 0.0
     values = sum(int(a.size) for a in global_state.values())
-    needed, _ = plan_ranges(plan, contributors=plan.secagg.min_sites, values=values)
+    needed, _ = plan.secure_ranges(contributors=plan.secagg.min_sites, values=values)
     if agreed < needed:
         raise PlanRefusedError(
             f"SecAgg+ clipping range {agreed:.4g} would clip this site's distributed noise "
@@ -161,7 +160,7 @@ def prepare_for_masking(plan: RoundPlan, delta: State) -> State:
     Raises:
         InvalidUpdateError: a non-finite value.
     """
-    if not is_distributed(plan.mechanism):
+    if plan.dp_mechanism.clips_before_masking:
         return clip_before_masking(delta, norm_bound=plan.secagg.norm_bound).delta
     check_finite(delta)
     return {k: np.array(v) for k, v in delta.items()}

@@ -38,7 +38,6 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from federation.distributed_noise import is_distributed, plan_ranges
 from federation.errors import InvalidUpdateError, QuorumError
 from federation.exchange import DelegatingGrid
 from federation.reasons import reason_of
@@ -181,12 +180,7 @@ def secure_attempt(
     """
     plan = strategy.round_plan(server_round)
     values = sum(int(a.size) for a in state.values())
-    distributed = is_distributed(plan.mechanism)
-    clipping_range = (
-        plan_ranges(plan, contributors=plan.secagg.min_sites, values=values)[0]
-        if distributed
-        else plan.secagg.norm_bound
-    )
+    clipping_range, _ = plan.secure_ranges(contributors=plan.secagg.min_sites, values=values)
     nodes = list(grid.get_node_ids())
     watched = _WatchedGrid(grid)
     collector = _Collector(watched, fit_instructions(state, plan.to_config()), nodes)
@@ -227,7 +221,7 @@ def secure_attempt(
         problems.append(f"the unmasked sum has {len(mean_arrays)} arrays, not {len(state)}")
         return None, problems
     contributors = len(collector.results)
-    bound = plan_ranges(plan, contributors=contributors, values=values)[1] if distributed else None
+    _, bound = plan.secure_ranges(contributors=contributors, values=values)
     try:
         gate = gate_sum(
             dict(zip(state, mean_arrays, strict=True)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,11 @@ from federation.secure_aggregation import SecureAggregationConfig
 from federation.validation import NORM_POLICIES
 from models.meta import MetaConfig
 from models.networks import BackboneConfig
-from privacy.dp_config import parse_classes
-from privacy.mechanisms import DEFAULT_MECHANISM, DISTRIBUTED, EPISODIC, get_mechanism
+from models.run_config import flatten, key_of, read_fields
+from privacy.dp_config import DEFAULT_SAMPLE_RATE, parse_classes
+from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS, get_mechanism
 
+OWNER = "run config"  # what the server's configuration is called in its error messages
 # Which threat each choice answers; they exclude each other, so the config names one.
 DEFENCES = {
     "none": "honest-but-curious server: every delta is already DP at its site",
@@ -45,7 +47,7 @@ class ServerConfig:
     mechanism: str = DEFAULT_MECHANISM  # a privacy.mechanisms name; each node must allow it
     noise_multiplier: float = 2.0  # sigma applied to C (accounted sigma 1.0 at sensitivity 2C)
     clip: float = 1.0  # C, per-episode (or per-patient) gradient clip
-    sample_rate: float = 0.1  # q, per-patient Poisson rate at every site
+    sample_rate: float = DEFAULT_SAMPLE_RATE  # q, per-patient Poisson rate at every site
     local_steps: int = 10  # DP steps per node per round
     episodes: int = 8  # episodes per DP step
     ways: int = 3  # classes per training episode
@@ -74,7 +76,7 @@ class ServerConfig:
     # off by default because every node must allow it and it excludes robust aggregation.
     secure_aggregation: bool = False
     # With secure-aggregation: each site adds noise-multiplier / sqrt(min sites) in ONE plain-SGD
-    # step, so the unmasked sum carries noise-multiplier (federation/distributed_noise.py).
+    # step, so the unmasked sum carries noise-multiplier (privacy/distributed_noise.py).
     distributed_noise: bool = False
     trim: int = 1  # values dropped per end by trimmed-mean
     byzantine: int = 1  # f assumed by Krum
@@ -93,7 +95,7 @@ class ServerConfig:
         for name in positive:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"run config {_key(name)} must be > 0, got {value!r}")
+                raise ValueError(f"run config {key_of(name)} must be > 0, got {value!r}")
         if self.max_retries < 0 or self.update_norm_bound < 0:
             raise ValueError("run config max-retries and update-norm-bound must be >= 0")
         if not 0 < self.sample_rate <= 1:
@@ -110,13 +112,14 @@ class ServerConfig:
                 '(which compares deltas) cannot run with it: set defence = "none" or turn '
                 "secure-aggregation off"
             )
+        variants = sorted(n for n, m in MECHANISMS.items() if m.distributed_variant)
         if self.distributed_noise and not (
-            self.secure_aggregation and self.local_steps == 1 and self.mechanism == EPISODIC
+            self.secure_aggregation and self.local_steps == 1 and self.mechanism in variants
         ):
             raise ValueError(
                 "run config distributed-noise needs secure-aggregation = true, local-steps = 1 "
-                f"and mechanism = {EPISODIC!r} (its sum is private only then), got "
-                f"{self.secure_aggregation}, {self.local_steps}, {self.mechanism!r}"
+                f"and mechanism = {' or '.join(map(repr, variants))} (its sum is private only "
+                f"then), got {self.secure_aggregation}, {self.local_steps}, {self.mechanism!r}"
             )
         if self.secure_aggregation and self.min_replies < 2:
             raise ValueError("run config secure-aggregation needs min-replies >= 2")
@@ -142,14 +145,14 @@ class ServerConfig:
             ValueError: a component rejects its value (UnknownMechanismError is one).
         """
         shares = max(2, self.min_replies)  # every accepted sum has at least this many sites
-        mechanism = get_mechanism(DISTRIBUTED if self.distributed_noise else self.mechanism)
-        # Under distributed noise each site adds its share; the sum of >= shares sites has sigma.
-        noise = self.noise_multiplier / math.sqrt(shares) if self.distributed_noise else None
+        mechanism = get_mechanism(self.mechanism)
+        if self.distributed_noise:  # each site adds its share; the sum of >= shares has sigma
+            mechanism = get_mechanism(mechanism.distributed_variant)
         # A one-shot release runs one step over every patient, whatever the iterated settings.
         one_shot = mechanism.one_shot
         dp = mechanism.dp_config(
             {
-                "noise_multiplier": self.noise_multiplier if noise is None else noise,
+                "noise_multiplier": mechanism.site_noise(self.noise_multiplier, shares=shares),
                 "max_grad_norm": self.clip,
                 "sample_rate": 1.0 if one_shot else self.sample_rate,
                 "classes": parse_classes(self.prototype_classes),
@@ -190,34 +193,14 @@ class ServerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case mapping (what `--run-config` takes), saved with every published model."""
-        return {_key(k): v for k, v in asdict(self).items()}
+        return flatten(self)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
-        """Read the kebab-case keys this app knows; others are ignored (Flower adds its own).
+        """Read the kebab-case run config (Flower's: the app's keys with their overrides).
 
         Raises:
-            ValueError: a value of the wrong type or out of range, naming the key.
+            ValueError: an unknown key, a value of the wrong type (``num-rounds = 2.7``, the
+                string ``"5"``) or out of range, naming the key.
         """
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            key = _key(f.name)
-            if key in run_config:
-                default = getattr(cls, f.name)
-                if isinstance(default, bool) and not isinstance(run_config[key], bool):
-                    # bool("false") is True: a flag must be a TOML boolean
-                    raise ValueError(
-                        f"run config {key} must be true or false, got {run_config[key]!r}"
-                    )
-                try:
-                    kwargs[f.name] = type(default)(run_config[key])
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(
-                        f"run config {key} must be {type(default).__name__}, "
-                        f"got {run_config[key]!r}"
-                    ) from exc
-        return cls(**kwargs)
-
-
-def _key(name: str) -> str:
-    return name.replace("_", "-")
+        return cls(**read_fields(cls, run_config, owner=OWNER))

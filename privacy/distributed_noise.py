@@ -1,6 +1,7 @@
 """Distributed noise under secure aggregation: each site adds only its share of the Gaussian noise,
 so that the sum the server unmasks carries the calibrated noise (docs/privacy.md, "Distributed
-noise").
+noise"). The accounting of it, and the bounds SecAgg+ needs, live here; the mechanism that uses
+it (``dp-episodic-distributed``, :mod:`privacy.mechanisms`) says so with ``distributed=True``.
 
 The mechanism ``dp-episodic-distributed`` is one DP episodic step per round with a *linear*
 update: site ``j`` sends ``u_j = -lr (sum_e clip(g_e) + N(0, s^2 C^2 I)) / E`` with
@@ -23,30 +24,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from privacy.accounting import epsilon_for
 from privacy.ledger import KIND_CHARGE, LedgerEntry
-from privacy.mechanisms import DISTRIBUTED, MECHANISMS
-
-if TYPE_CHECKING:
-    from federation.plan import RoundPlan
+from privacy.mechanisms import MECHANISMS
 
 # Per-coordinate tail kept inside SecAgg+'s clipping range: P(|N(0,1)| > 10) < 2e-23 per value,
 # so its clip (which is not linear) acts with probability below d * 2e-23 (added to delta).
 NOISE_TAIL = 10.0
-
-
-def is_distributed(mechanism: str) -> bool:
-    """Whether a plan or ledger row names the distributed-noise mechanism."""
-    return mechanism == DISTRIBUTED
-
-
-def charge_sensitivity(mechanism: str, *, shares: int) -> float:
-    """The ledger's ``sensitivity_factor`` for a charge: the mechanism's sensitivity, over
-    ``sqrt(shares)`` for distributed noise (the sum carries ``shares`` noise shares)."""
-    sensitivity = MECHANISMS[mechanism].sensitivity
-    return sensitivity / math.sqrt(shares) if is_distributed(mechanism) else sensitivity
 
 
 def coordinate_range(*, lr: float, clip: float, share: float, episodes: int) -> float:
@@ -67,14 +52,23 @@ def sum_bound(
     return contributors * lr * clip + std * (math.sqrt(values) + NOISE_TAIL)
 
 
-def plan_ranges(plan: RoundPlan, *, contributors: int, values: int) -> tuple[float, float]:
-    """SecAgg+'s clipping range for a distributed-noise plan, and the bound on the sum of
+def secure_ranges(
+    *,
+    lr: float,
+    clip: float,
+    share: float,
+    episodes: int,
+    quantization_range: int,
+    contributors: int,
+    values: int,
+) -> tuple[float, float]:
+    """SecAgg+'s clipping range for a distributed-noise update, and the bound on the sum of
     ``contributors`` updates of ``values`` values (with SecAgg+'s rounding, 2c/Q a value)."""
-    share, episodes = plan.dp.noise_multiplier, int(getattr(plan.dp, "episodes", 1))
-    kwargs = {"lr": plan.local_lr, "clip": plan.dp.max_grad_norm, "share": share}
-    c = coordinate_range(**kwargs, episodes=episodes)
-    rounding = contributors * math.sqrt(values) * 2.0 * c / plan.secagg.quantization_range
-    total = sum_bound(contributors=contributors, values=values, episodes=episodes, **kwargs)
+    c = coordinate_range(lr=lr, clip=clip, share=share, episodes=episodes)
+    rounding = contributors * math.sqrt(values) * 2.0 * c / quantization_range
+    total = sum_bound(
+        contributors=contributors, lr=lr, clip=clip, share=share, episodes=episodes, values=values
+    )
     return c, total + rounding
 
 
@@ -94,9 +88,16 @@ def fallback_epsilons(
         if row.kind != KIND_CHARGE or row.id > entry.id:
             continue
         sigma = row.accounted_noise_multiplier
-        if is_distributed(row.mechanism):
-            sigma = row.noise_multiplier / MECHANISMS[DISTRIBUTED].sensitivity
+        if has_noise_shares(row):
+            sigma = MECHANISMS[row.mechanism].accounted_noise_multiplier(row.noise_multiplier)
         history.append((sigma, row.sample_rate, row.steps))
     after = epsilon_for(history, delta=delta, accountant=accountant)
     before = epsilon_for(history[:-1], delta=delta, accountant=accountant)
     return after - before, after
+
+
+def has_noise_shares(row: LedgerEntry) -> bool:
+    """Whether a ledger row charged a mechanism whose sites add shares of the noise (a row of a
+    mechanism this version no longer has is accounted as the ledger accounts it)."""
+    mechanism = MECHANISMS.get(row.mechanism)
+    return mechanism is not None and mechanism.distributed

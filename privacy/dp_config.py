@@ -17,6 +17,10 @@ SUPERVISED_SENSITIVITY = 1.0  # one patient adds or removes one clipped per-pati
 # One patient adds or removes one (K, d+1) contribution of Frobenius norm <= sqrt(2) C.
 PROTOTYPE_SENSITIVITY = math.sqrt(2.0)
 CLASS_SEPARATOR = ","  # between class names in a run config's vocabulary string
+# q, each patient's chance to join a step, wherever a sampled mechanism is configured (a
+# mechanism's config, the server's run config): small enough for a good amplification by
+# subsampling, large enough for a signal at a few hundred patients per site.
+DEFAULT_SAMPLE_RATE = 0.1
 
 
 class MechanismConfig(Protocol):
@@ -50,7 +54,7 @@ class DPConfig:
 
     noise_multiplier: float  # sigma as applied to C; the accountant sees sigma / 2
     max_grad_norm: float = 1.0  # C; with Adam only the signal-to-noise ratio matters
-    sample_rate: float = 0.1  # q: each patient joins a step with this probability
+    sample_rate: float = DEFAULT_SAMPLE_RATE  # q: each patient joins a step with this probability
     episodes: int = 8  # E: constant normaliser and vmap width; 8 fits CPU memory at 64x64
     ways: int = 3  # N: classes per planned episode (the shared sets have 3-8 classes)
     max_shots: int = 5  # support records kept per class per episode (fixed tensor shapes)
@@ -81,7 +85,7 @@ class DPPretrainConfig:
 
     noise_multiplier: float  # sigma as applied to C (= the accounted multiplier: sensitivity C)
     max_grad_norm: float = 1.0  # C
-    sample_rate: float = 0.05  # q per patient
+    sample_rate: float = DEFAULT_SAMPLE_RATE  # q per patient
     expected_patients: int = 64  # B: the constant normaliser, q x (configured site size)
     chunk: int = 128  # records per vmap call: bounds memory, changes nothing else
     augmentations: int = 1  # K: a record's gradient is the mean over K augmented copies

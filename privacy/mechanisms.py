@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 EPISODIC = "dp-episodic"
 SUPERVISED = "dp-supervised"
-DISTRIBUTED = "dp-episodic-distributed"  # federation/distributed_noise.py: its share and bounds
+DISTRIBUTED = "dp-episodic-distributed"  # privacy/distributed_noise.py: its share and bounds
 PROTOTYPES = "dp-prototypes"  # one-shot release of noisy class sums (privacy/dp_prototypes.py)
 DEFAULT_MECHANISM = EPISODIC  # the mechanism the accuracy-vs-epsilon benchmarks chose
 
@@ -82,6 +83,14 @@ class Mechanism:
     # What leaves the node: False, the model delta; True, the arrays ``train`` returns (a
     # release the server sums; the global model's weights are left as they are).
     releases_arrays: bool = False
+    # Distributed noise (privacy/distributed_noise.py): each site adds a 1/sqrt(k) share of the
+    # noise and only the SecAgg+ sum of >= k sites carries all of it. Such a mechanism runs only
+    # under secure aggregation, one linear step per round, and its update is not clipped before
+    # masking (the sum must stay the sum of the noisy sums).
+    distributed: bool = False
+    # The registered mechanism that runs this one with distributed noise ("": none), what a run
+    # config's distributed-noise = true switches to.
+    distributed_variant: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or self.name.strip() != self.name:
@@ -97,13 +106,86 @@ class Mechanism:
         """The sigma (as applied to C) that gives ``accounted_noise_multiplier``."""
         return accounted_noise_multiplier * self.sensitivity
 
+    @property
+    def clips_before_masking(self) -> bool:
+        """Whether a site clips its update to the plan's bound before SecAgg+ masks it (every
+        mechanism but a distributed-noise one, whose sum must stay the sum of noisy sums)."""
+        return not self.distributed
+
+    def charge_sensitivity(self, *, shares: int) -> float:
+        """The ledger's ``sensitivity_factor`` of a charge: the sensitivity, over
+        ``sqrt(shares)`` for distributed noise (the sum carries ``shares`` noise shares)."""
+        return self.sensitivity / math.sqrt(shares) if self.distributed else self.sensitivity
+
+    def site_noise(self, noise_multiplier: float, *, shares: int) -> float:
+        """The sigma each site adds for a sum that carries ``noise_multiplier``: all of it, or
+        its ``1/sqrt(shares)`` share under distributed noise."""
+        return noise_multiplier / math.sqrt(shares) if self.distributed else noise_multiplier
+
+    def plan_problems(self, *, steps: int, secure: bool) -> list[str]:
+        """What is wrong with running this mechanism ``steps`` steps a round, with or without
+        secure aggregation (an empty list: nothing)."""
+        problems = []
+        if self.one_shot and steps != 1:
+            problems.append(f"{self.name} is a one-shot release: steps must be 1, got {steps}")
+        if self.releases_arrays and secure:
+            problems.append(
+                f"{self.name} releases its own arrays, which secure aggregation does not carry "
+                "yet: turn secure-aggregation off"
+            )
+        if self.distributed and (not secure or steps != 1):
+            problems.append(
+                f"{self.name} needs secure aggregation and exactly 1 step per round (its sum is "
+                f"private only then), got secagg.enabled={secure} and steps={steps}"
+            )
+        return problems
+
+    def secure_ranges(
+        self,
+        *,
+        lr: float,
+        dp: MechanismConfig,
+        norm_bound: float,
+        quantization_range: int,
+        contributors: int,
+        values: int,
+    ) -> tuple[float, float | None]:
+        """SecAgg+'s clipping range for one update, and the bound on the sum of
+        ``contributors`` updates of ``values`` values: ``(norm_bound, None)`` (each site clips
+        its update to the plan's bound, the gate bounds the sum by it), or under distributed
+        noise the ranges of :func:`privacy.distributed_noise.secure_ranges`."""
+        if not self.distributed:
+            return norm_bound, None
+        from privacy.distributed_noise import secure_ranges
+
+        return secure_ranges(
+            lr=lr,
+            clip=dp.max_grad_norm,
+            share=dp.noise_multiplier,
+            episodes=int(getattr(dp, "episodes", 1)),
+            quantization_range=quantization_range,
+            contributors=contributors,
+            values=values,
+        )
+
     def dp_config(self, values: Mapping[str, Any]) -> MechanismConfig:
-        """This mechanism's DP config from the values it knows; others are ignored.
+        """This mechanism's DP config from a run's DP values.
+
+        ``values`` may hold the fields of other registered mechanisms' configs too (one run
+        config serves whichever mechanism it names): those are left to them. A key that no
+        registered mechanism's config has is a mistake, and an error.
 
         Raises:
-            ValueError: a value is out of range (naming the field).
+            ValueError: a key no DP config has, or a value out of range (naming the field).
         """
         known = {f.name for f in dataclasses.fields(self.config_type)}
+        everyone = {f.name for m in _REGISTRY.values() for f in dataclasses.fields(m.config_type)}
+        unknown = sorted(set(values) - everyone - known)
+        if unknown:
+            raise ValueError(
+                f"DP config: unknown key(s) {', '.join(unknown)}; the registered mechanisms' "
+                f"configs have {', '.join(sorted(everyone | known))}"
+            )
         config: MechanismConfig = self.config_type(
             **{k: v for k, v in values.items() if k in known}
         )
@@ -212,6 +294,7 @@ register_mechanism(
         build_trainer=_episodic_trainer,
         description="DP episodic meta-training: per-episode clipping, one patient in one "
         "episode, sensitivity 2C",
+        distributed_variant=DISTRIBUTED,
     )
 )
 register_mechanism(
@@ -233,6 +316,7 @@ register_mechanism(
         description="DP episodic meta-training with distributed noise under SecAgg+: one "
         "plain-SGD step per round, each site adds sigma/sqrt(k) of the noise, the sum of "
         ">= k sites carries sigma (sensitivity 2C)",
+        distributed=True,
     )
 )
 register_mechanism(

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from models.errors import RegistryError
 from models.registry import Registry
+from models.run_config import flatten, key_of, read_fields
 from privacy.errors import LedgerError, ReportFormatError
 from privacy.ledger import LedgerEntry
 from privacy.ledger_head import UNSIGNED, LedgerHead, RecordedHead
@@ -32,32 +33,14 @@ class HeadCheck(StrEnum):
     CARRIED_KEY = "carried-key"  # verified with the key it carries (no registered key on file)
 
 
-# field name -> kebab-case key, the one place the report's keys are spelled.
+# The keys that are not the field's kebab-case name (every other key is; models/run_config.py).
 _KEYS = {
     "site": "site-id",
-    "weight": "weight",
-    "round": "round",
-    "replayed": "replayed",
-    "ledger_entry": "ledger-entry",
-    "epsilon_round": "epsilon-round",
-    "epsilon_spent": "epsilon-spent",
-    "epsilon_cap": "epsilon-cap",
-    "delta": "delta",
-    "accountant": "accountant",
-    "mechanism": "mechanism",
-    "noise_multiplier": "noise-multiplier",
-    "sample_rate": "sample-rate",
-    "steps": "steps",
-    "head_hash": "head-hash",
-    "head_entries": "head-entries",
     "public_key": "head-public-key",
     "signature": "head-signature",
-    "head_check": "head-check",
-    "epsilon_round_if_secagg_fails": "epsilon-round-if-secagg-fails",
-    "epsilon_spent_if_secagg_fails": "epsilon-spent-if-secagg-fails",
 }
 NOT_REPORTED = -1.0  # a report from a node that predates the field
-_NUMBER = (int, float)
+_OWNER = "privacy report"
 
 
 @dataclass(frozen=True)
@@ -86,7 +69,7 @@ class SitePrivacyReport:
         head_check: What the server found (:class:`HeadCheck`).
         epsilon_round_if_secagg_fails: This round's epsilon if secure aggregation failed (the
             server saw this site's update): larger than ``epsilon_round`` only under distributed
-            noise, where the site added a share of the noise (federation/distributed_noise.py).
+            noise, where the site added a share of the noise (privacy/distributed_noise.py).
         epsilon_spent_if_secagg_fails: The site's total under that weaker assumption.
     """
 
@@ -120,7 +103,7 @@ class SitePrivacyReport:
         for name in ("epsilon_round", "epsilon_spent", "epsilon_cap"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ReportFormatError(f"privacy report: {_KEYS[name]} is {value!r}")
+                raise ReportFormatError(f"privacy report: {key_of(name)} is {value!r}")
         if self.head_check not in {c.value for c in HeadCheck}:
             raise ReportFormatError(f"privacy report: unknown head-check {self.head_check!r}")
 
@@ -146,7 +129,7 @@ class SitePrivacyReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat kebab-case mapping: what a Flower ConfigRecord and the registry's JSON hold."""
-        return {key: getattr(self, name) for name, key in _KEYS.items()}
+        return flatten(self, keys=_KEYS)
 
     @classmethod
     def of_charge(
@@ -188,30 +171,8 @@ class SitePrivacyReport:
         Raises:
             ReportFormatError: a key is missing or unknown, or a value has the wrong type.
         """
-        unknown = sorted(set(values) - set(_KEYS.values()))
-        if unknown:
-            raise ReportFormatError(f"privacy report: unknown key(s) {', '.join(unknown)}")
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            key = _KEYS[f.name]
-            if key not in values:
-                if f.default is not MISSING:  # a field with a default is optional
-                    continue
-                raise ReportFormatError(f"privacy report lacks {key!r}")
-            kwargs[f.name] = _typed(key, values[key], str(f.type))
+        kwargs = read_fields(cls, values, owner=_OWNER, keys=_KEYS, error=ReportFormatError)
         return cls(**kwargs)
-
-
-def _typed(key: str, value: Any, type_name: str) -> Any:
-    ok = {
-        "str": isinstance(value, str),
-        "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, _NUMBER) and not isinstance(value, bool),
-    }[type_name]
-    if not ok:
-        raise ReportFormatError(f"privacy report: {key} must be a {type_name}, got {value!r}")
-    return float(value) if type_name == "float" else value
 
 
 def recorded_heads(source: Path, *, site: str) -> list[RecordedHead]:

@@ -10,7 +10,6 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from safetensors.numpy import load_file
 
-from federation.distributed_noise import plan_ranges
 from federation.errors import PlanRefusedError
 from federation.inprocess import InProcessGrid
 from federation.node_config import NodeConfig
@@ -103,7 +102,7 @@ def test_a_distributed_update_is_not_scaled_and_a_range_that_clips_its_noise_is_
     state = initial_state(distributed_config)
     plan = distributed_config.round_plan(1, norm_bound=1.0)
     values = sum(v.size for v in state.values())
-    needed, _ = plan_ranges(plan, contributors=2, values=values)
+    needed, _ = plan.secure_ranges(contributors=2, values=values)
     context = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={})
     context.state.config_records[RECORD_KEY_STATE] = ConfigRecord({"clipping_range": needed / 2})
     with pytest.raises(PlanRefusedError, match="would clip this site's distributed noise"):

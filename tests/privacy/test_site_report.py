@@ -42,11 +42,11 @@ def test_the_flat_form_round_trips_and_is_what_a_config_record_carries(ledger, t
 def test_a_report_with_a_missing_unknown_or_mistyped_key_is_refused(ledger):
     charge(ledger, 1)
     flat = report_for(ledger, 1, read_head(ledger)).to_dict()
-    with pytest.raises(ReportFormatError, match="lacks 'epsilon-spent'"):
+    with pytest.raises(ReportFormatError, match="privacy report: missing epsilon-spent"):
         SitePrivacyReport.from_dict({k: v for k, v in flat.items() if k != "epsilon-spent"})
-    with pytest.raises(ReportFormatError, match="unknown key"):
+    with pytest.raises(ReportFormatError, match="unknown key.* epsilon_spent;"):
         SitePrivacyReport.from_dict({**flat, "epsilon_spent": 1.0})
-    with pytest.raises(ReportFormatError, match="steps must be a int"):
+    with pytest.raises(ReportFormatError, match="privacy report: steps must be int, got '20'"):
         SitePrivacyReport.from_dict({**flat, "steps": "20"})
     with pytest.raises(ReportFormatError, match="head-check"):
         SitePrivacyReport.from_dict({**flat, "head-check": "trust-me"})
