@@ -10,15 +10,13 @@ also on Ctrl-C or failure.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,7 +24,7 @@ from federation.deploy.flower_project import RunResult, write_app_project
 from federation.deploy.local_deployment import LocalFederation, SiteSpec
 from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.errors import DeploymentError
-from federation.rounds import SECURE_AGGREGATION as SECURE_RECORD_KEY
+from federation.rounds import STATUS_FILE
 from federation.server_config import ServerConfig
 from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
 from models.networks import BackboneConfig
@@ -34,7 +32,9 @@ from models.pipeline import PipelineConfig
 from models.pretraining import write_pretrained
 from models.registry import Registry, RegistryEntry
 from models.synthetic import DEMO_TRAIN_CLASSES, public_set, synthetic_arrays
+from privacy.errors import ReportFormatError
 from privacy.ledger import Ledger
+from privacy.round_record import FederationStatus, RoundRecord
 
 MARKER = ".fedfew-demo"  # a folder holding it was made by the demo and may be replaced by it
 
@@ -85,7 +85,7 @@ class DemoResult:
     site_cap: dict[str, float]
     superlink: str = ""  # HOST:PORT the SuperLink listened on (for the dashboard's check)
     # The rounds as the server recorded them (its status file's history, round 0 first).
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    rounds: tuple[RoundRecord, ...] = ()
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -259,7 +259,7 @@ def run_demo(
         site_epsilon={name: ledger.epsilon_spent() for name, ledger in ledgers.items()},
         site_cap={name: ledger.cap_epsilon for name, ledger in ledgers.items()},
         superlink=superlink,
-        rounds=_read_rounds(config.root / "status.json"),
+        rounds=_read_rounds(config.root / STATUS_FILE),
     )
 
 
@@ -282,7 +282,7 @@ def _run_with_progress(
     thread = threading.Thread(target=target, name="flwr-run", daemon=True)
     thread.start()
     shown = 0
-    status = config.root / "status.json"
+    status = config.root / STATUS_FILE
     while thread.is_alive():
         thread.join(timeout=2.0)
         rounds = _read_rounds(status)
@@ -298,23 +298,22 @@ def _run_with_progress(
     return run
 
 
-def _read_rounds(path: Path) -> list[dict[str, Any]]:
+def _read_rounds(path: Path) -> tuple[RoundRecord, ...]:
     try:
-        return list(json.loads(path.read_text())["rounds"])
-    except (OSError, ValueError, KeyError):
-        return []  # not written yet (or being replaced): the next poll reads it
+        return FederationStatus.read(path).rounds
+    except (OSError, ReportFormatError):
+        return ()  # not written yet (or being replaced): the next poll reads it
 
 
-def _round_line(record: dict[str, Any], total: int) -> str:
-    accuracy = {k: v for k, v in record["metrics"].items() if k.startswith("accuracy-")}
+def _round_line(record: RoundRecord, total: int) -> str:
+    accuracy = {k: v for k, v in record.metrics.items() if k.startswith("accuracy-")}
     spent = ", ".join(
-        f"{site} eps {report['epsilon-spent']:.2f}"
-        for site, report in sorted(record["sites"].items())
+        f"{site} eps {report.epsilon_spent:.2f}" for site, report in sorted(record.sites.items())
     )
     shown = ", ".join(f"{k.removeprefix('accuracy-')} {100 * v:.1f}%" for k, v in accuracy.items())
-    if record["round"] == 0:
+    if record.round == 0:
         return f"  public start (round 0): {shown}"
-    return f"  round {record['round']}/{total} ({record['seconds']:.0f} s): {shown}; {spent}"
+    return f"  round {record.round}/{total} ({record.seconds:.0f} s): {shown}; {spent}"
 
 
 def summary(result: DemoResult) -> list[str]:
@@ -337,17 +336,17 @@ def summary(result: DemoResult) -> list[str]:
     return lines
 
 
-def secure_aggregation_line(rounds: Sequence[dict[str, Any]]) -> str:
+def secure_aggregation_line(rounds: Sequence[RoundRecord]) -> str:
     """Whether the rounds ran under secure aggregation, as the server recorded each round (a
-    SecAgg+ round's record holds its unmasked sum's contributors)."""
-    trained = [r for r in rounds if r.get("round", 0) > 0]
-    secure = [r for r in trained if SECURE_RECORD_KEY in r]
+    SecAgg+ round's record holds what the gate found in its unmasked sum)."""
+    trained = [r for r in rounds if r.round > 0]
+    secure = [r.secure_aggregation for r in trained if r.secure_aggregation is not None]
     if not secure:
         return (
             f"secure aggregation: off; the server saw each hospital's DP update in all "
             f"{len(trained)} rounds"
         )
-    contributors = sorted({int(r[SECURE_RECORD_KEY]["contributors"]) for r in secure})
+    contributors = sorted({s.contributors for s in secure})
     return (
         f"secure aggregation (SecAgg+): {len(secure)} of {len(trained)} rounds ran under it; "
         f"the server saw only the sum of {' or '.join(map(str, contributors))} hospitals' "
@@ -363,6 +362,6 @@ def dashboard_command(result: DemoResult) -> str:
         "open the dashboard of a hospital: fedfew dashboard "
         f"--registry {result.workdir / hospital / 'registry'} "
         f"--ledger {result.workdir / hospital / 'ledger.db'} "
-        f"--federation-status {result.workdir / 'server' / 'status.json'} "
+        f"--federation-status {result.workdir / 'server' / STATUS_FILE} "
         f"{superlink}(create a user first: fedfew users add --role clinician)"
     )

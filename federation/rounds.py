@@ -4,13 +4,11 @@ hooks do the per-round work."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
@@ -22,17 +20,23 @@ from federation.reasons import reason_of
 from federation.records import State, to_arrays
 from federation.secure_server import collect_secure_round
 from federation.strategy import LOGGER_NAME, AcceptedReply, FederatedMetaStrategy
+from privacy.round_record import (
+    TIME_FORMAT,
+    FederationStatus,
+    PrototypeSummary,
+    RoundRecord,
+    SecureSum,
+)
 
 logger = logging.getLogger(LOGGER_NAME)
 
 # Keeping a model takes a node seconds; a finished federation does not wait a round's deadline
 # for a node that went away (it keeps the earlier versions, and a resume delivers again).
 DELIVERY_TIMEOUT_S = 120.0
-# A round record's key for what a SecAgg+ round's gate found (absent in a plain round's record).
-SECURE_AGGREGATION = "secure-aggregation"
+STATUS_FILE = "status.json"  # in the server's work directory
 
 Evaluate = Callable[[State], dict[str, float]]
-Publish = Callable[[State, dict[str, Any]], object]
+Publish = Callable[[State, RoundRecord], object]
 
 
 def wait_for_nodes(grid: Grid, *, count: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -121,10 +125,11 @@ def run_rounds(
     if checkpoint is None:
         # Round 0 is the initial model, evaluated and published so every later round has a
         # baseline on the same public set.
-        outcome = _outcome({}, [], attempts=0)
-        record = _record(0, seconds=0.0, sent=0, outcome=outcome, metrics=evaluate(initial_state))
+        record = RoundRecord(
+            0, seconds=0.0, bytes_sent_per_node=0, attempts=0, metrics=evaluate(initial_state)
+        )
         publish(initial_state, record)
-        checkpoint = Checkpoint(config.federation, 0, initial_state, [record])
+        checkpoint = Checkpoint(config.federation, 0, initial_state, [record.to_dict()])
         save_checkpoint(folder, checkpoint)
     else:
         logger.info("resuming federation %s after round %d", config.federation, checkpoint.round)
@@ -142,25 +147,29 @@ def run_rounds(
             outcome = _outcome(accepted, problems, attempts)
             release = strategy.prototypes_of(server_round)
             if release is not None:  # public: the plan's vocabulary and the sites summed
-                outcome["prototypes"] = {"classes": list(release.classes),
-                                         "sites": list(release.sites)}  # fmt: skip
+                outcome = dataclasses.replace(
+                    outcome, prototypes=PrototypeSummary(release.classes, tuple(release.sites))
+                )
         collected = time.perf_counter() - started
         metrics = evaluate(state)
-        sent = to_arrays(checkpoint.state).count_bytes()
-        record = _record(
-            server_round, seconds=collected, sent=sent, outcome=outcome, metrics=metrics
+        record = dataclasses.replace(
+            outcome,
+            round=server_round,
+            seconds=collected,
+            bytes_sent_per_node=to_arrays(checkpoint.state).count_bytes(),
+            metrics=metrics,
         )
         publish(state, record)
         checkpoint = Checkpoint(
-            config.federation, server_round, state, [*checkpoint.history, record]
+            config.federation, server_round, state, [*checkpoint.history, record.to_dict()]
         )
         save_checkpoint(folder, checkpoint)
-        write_status(config.root / "status.json", checkpoint, grid)
+        write_status(config.root / STATUS_FILE, checkpoint, grid)
         logger.info(
             "round %d done in %.1f s: %d sites accepted, %s",
             server_round,
             collected,
-            len(record["sites"]),
+            len(record.sites),
             ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()),
         )
     deliver_final(grid, strategy, checkpoint)
@@ -177,7 +186,8 @@ def deliver_final(grid: Grid, strategy: FederatedMetaStrategy, checkpoint: Check
         The nodes that confirmed they keep it.
     """
     arrays = to_arrays(checkpoint.state)
-    messages = strategy.configure_final(checkpoint.round, arrays, checkpoint.history[-1], grid)
+    last = RoundRecord.from_dict(checkpoint.history[-1])
+    messages = strategy.configure_final(checkpoint.round, arrays, last, grid)
     timeout = min(strategy.config.round_timeout, DELIVERY_TIMEOUT_S)
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     kept = [m.metadata.src_node_id for m in replies if not m.has_error()]
@@ -196,41 +206,25 @@ def deliver_final(grid: Grid, strategy: FederatedMetaStrategy, checkpoint: Check
     return kept
 
 
-def _record(
-    server_round: int,
-    *,
-    seconds: float,
-    sent: int,
-    outcome: dict[str, Any],
-    metrics: dict[str, float],
-) -> dict[str, Any]:
-    """One round's entry of the history (saved in the checkpoint and published)."""
-    return {
-        "round": server_round,
-        "seconds": seconds,
-        "bytes-sent-per-node": sent,
-        **outcome,
-        "metrics": metrics,
-    }
-
-
-def _outcome(
-    accepted: dict[int, AcceptedReply], problems: list[str], attempts: int
-) -> dict[str, Any]:
-    """What a plain round's replies add to its history entry."""
-    return {
-        "attempts": attempts,
-        "sites": {r.site_id: r.report.to_dict() for r in accepted.values()},
-        "bytes-received": {r.site_id: r.bytes for r in accepted.values()},
-        "clipped": [r.site_id for r in accepted.values() if r.gate.clipped],
-        "problems": problems,
-    }
+def _outcome(accepted: dict[int, AcceptedReply], problems: list[str], attempts: int) -> RoundRecord:
+    """What a plain round's replies make of its record (round, time and metrics come after)."""
+    return RoundRecord(
+        0,
+        seconds=0.0,
+        bytes_sent_per_node=0,
+        attempts=attempts,
+        sites={r.site_id: r.report for r in accepted.values()},
+        bytes_received={r.site_id: r.bytes for r in accepted.values()},
+        clipped=tuple(r.site_id for r in accepted.values() if r.gate.clipped),
+        problems=tuple(problems),
+    )
 
 
 def _secure_round(
     grid: Grid, strategy: FederatedMetaStrategy, state: State, server_round: int
-) -> tuple[State, dict[str, Any]]:
-    """A SecAgg+ round: the next model from the gated mean, and the history entry's part.
+) -> tuple[State, RoundRecord]:
+    """A SecAgg+ round: the next model from the gated mean, and what its replies make of its
+    record (round, time and metrics come after).
 
     Under SecAgg+ the server never sees one site's delta, so there is no per-site byte count
     and no "clipped" list: each node clipped its own delta, and whether it had to is data-
@@ -238,30 +232,28 @@ def _secure_round(
     """
     secure = collect_secure_round(grid, strategy, state, server_round)
     update = apply_update(state, secure.gate.mean, server_lr=strategy.config.server_lr)
-    return update, {
-        "attempts": secure.attempts,
-        "sites": {r.site_id: r.report.to_dict() for r in secure.replies.values()},
-        "bytes-received": {},
-        "clipped": [],
-        "problems": secure.problems,
-        SECURE_AGGREGATION: {
-            "contributors": secure.gate.contributors,
-            "sum-norm": secure.gate.norm,
-            "sum-bound": secure.gate.bound,
-            "bytes-received": secure.received_bytes,  # all stages, all nodes
-        },
-    }
+    return update, RoundRecord(
+        0,
+        seconds=0.0,
+        bytes_sent_per_node=0,
+        attempts=secure.attempts,
+        sites={r.site_id: r.report for r in secure.replies.values()},
+        problems=tuple(secure.problems),
+        secure_aggregation=SecureSum(
+            contributors=secure.gate.contributors,
+            sum_norm=secure.gate.norm,
+            sum_bound=secure.gate.bound,
+            bytes_received=secure.received_bytes,  # all stages, all nodes
+        ),
+    )
 
 
 def write_status(path: Path, checkpoint: Checkpoint, grid: Grid) -> None:
-    """The federation's status for the IT page (atomic replace)."""
-    status = {
-        "federation": checkpoint.federation,
-        "round": checkpoint.round,
-        "nodes-connected": len(list(grid.get_node_ids())),
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rounds": checkpoint.history,
-    }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(status, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    """The federation's status for the IT page and the demo (atomic replace)."""
+    FederationStatus(
+        federation=checkpoint.federation,
+        round=checkpoint.round,
+        nodes_connected=len(list(grid.get_node_ids())),
+        updated=time.strftime(TIME_FORMAT, time.gmtime()),
+        rounds=tuple(RoundRecord.from_dict(r) for r in checkpoint.history),
+    ).write(path)

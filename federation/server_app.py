@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import secrets
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import Context
@@ -31,6 +30,7 @@ from models.readers import load_dataset
 from models.registry import Registry, RegistryEntry
 from models.synthetic import demo_sets
 from privacy.prototype_release import PROTOTYPES_FILE, PrototypeRelease
+from privacy.round_record import RoundRecord
 
 logger = logging.getLogger(LOGGER_NAME)
 EVAL_SHOTS = (1, 5)
@@ -92,7 +92,7 @@ def evaluate_state(state: State, config: ServerConfig, data: ImageSet) -> dict[s
 def publish_version(
     registry: Registry,
     state: State,
-    record: dict[str, Any],
+    record: RoundRecord,
     config: ServerConfig,
     *,
     prototypes: PrototypeRelease | None = None,
@@ -103,28 +103,28 @@ def publish_version(
         registry,
         state,
         plan_for(config, 1),  # backbone and meta-learner are the same in every round
-        name=f"{config.federation} round {record['round']}" + _start_label(record, config),
+        name=f"{config.federation} round {record.round}" + _start_label(record, config),
         # Round 0 (a random or public start) was trained on no hospital's data: not DP-trained.
         extra={
             "federation": config.to_dict(),
-            "round": record["round"],
-            "private": record["round"] > 0,
+            "round": record.round,
+            "private": record.round > 0,
         },
-        metrics=record["metrics"],
-        privacy=record["sites"],
+        metrics=record.metrics,
+        privacy={site: report.to_dict() for site, report in record.sites.items()},
         info={
             "federation": config.federation,
-            "round": record["round"],
-            "problems": record["problems"],
-            "clipped": record["clipped"],
+            "round": record.round,
+            "problems": list(record.problems),
+            "clipped": list(record.clipped),
             "config": config.to_dict(),
         },
         prototypes=prototypes,
     )
 
 
-def _start_label(record: dict[str, Any], config: ServerConfig) -> str:
-    if record["round"] != 0:
+def _start_label(record: RoundRecord, config: ServerConfig) -> str:
+    if record.round != 0:
         return ""
     if config.initial_model:
         return f" (public start {Path(config.initial_model).name})"
@@ -153,7 +153,7 @@ def run_federation(grid: Grid, config: ServerConfig, state: State) -> Checkpoint
         initial_state=state,
         evaluate=lambda s: evaluate_state(s, config, eval_set),
         publish=lambda s, record: publish_version(
-            registry, s, record, config, prototypes=strategy.prototypes_of(record["round"])
+            registry, s, record, config, prototypes=strategy.prototypes_of(record.round)
         ),
     )
 

@@ -14,7 +14,6 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from flwr.app import (
     ArrayRecord,
@@ -54,6 +53,7 @@ from privacy.dp_config import DPPrototypeConfig
 from privacy.errors import LedgerSignatureError, ReportFormatError
 from privacy.ledger_head import verify_signature
 from privacy.prototype_release import SUMS, PrototypeRelease
+from privacy.round_record import RoundRecord
 from privacy.site_report import HeadCheck, SitePrivacyReport
 
 # A child of Flower's logger: `flwr run --stream` shows what the ServerApp logs through it.
@@ -181,7 +181,7 @@ class FederatedMetaStrategy(Strategy):
         ]
 
     def configure_final(
-        self, server_round: int, arrays: ArrayRecord, record: dict[str, Any], grid: Grid
+        self, server_round: int, arrays: ArrayRecord, record: RoundRecord, grid: Grid
     ) -> list[Message]:
         """The final model (after ``server_round``), with that round's plan (which says how to
         build it), its published record (each site's privacy report and the metrics) and, when
@@ -189,8 +189,8 @@ class FederatedMetaStrategy(Strategy):
         nothing to charge."""
         plan = ConfigRecord(self.round_plan(server_round).to_config())
         published: dict[str, ConfigRecordValues] = {
-            PUBLISHED_PRIVACY: json.dumps(record["sites"]),
-            PUBLISHED_METRICS: json.dumps(record["metrics"]),
+            PUBLISHED_PRIVACY: json.dumps({k: r.to_dict() for k, r in record.sites.items()}),
+            PUBLISHED_METRICS: json.dumps(record.metrics),
         }
         content: dict[str, ArrayRecord | ConfigRecord] = {MODEL: arrays, PLAN: plan}
         release = self.prototypes_of(server_round)

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 import app.demo_cli
 from app.demo import DemoResult, dashboard_command, summary
 from federation.deploy.flower_project import RunResult
-from federation.rounds import SECURE_AGGREGATION
 from models.registry import Registry
+from privacy.round_record import RoundRecord, SecureSum
 
 SUPERLINK = "127.0.0.1:40123"
 
@@ -27,12 +27,17 @@ def _result(tmp_path: Path, *, secure: bool) -> DemoResult:
         name="r2",
         metrics={**metrics, "accuracy-5way-5shot": 0.6},
     )
-    rounds: list[dict[str, object]] = [{"round": 0}]
-    for number in (1, 2):
-        record: dict[str, object] = {"round": number}
-        if secure:
-            record[SECURE_AGGREGATION] = {"contributors": 3, "sum-norm": 0.1, "sum-bound": 1.0}
-        rounds.append(record)
+    secure_sum = SecureSum(contributors=3, sum_norm=0.1, sum_bound=1.0, bytes_received=10)
+    rounds = tuple(
+        RoundRecord(
+            number,
+            seconds=1.0,
+            bytes_sent_per_node=1,
+            attempts=1,
+            secure_aggregation=secure_sum if secure and number > 0 else None,
+        )
+        for number in (0, 1, 2)
+    )
     return DemoResult(
         workdir=tmp_path,
         run=RunResult(0, "", 1, "finished:completed", "", 12.0),

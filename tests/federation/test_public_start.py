@@ -18,6 +18,7 @@ from models.model_dir import load_model_dir, save_model_dir
 from models.networks import build_backbone
 from models.pipeline import PipelineConfig
 from models.registry import Registry
+from privacy.round_record import RoundRecord
 
 from .conftest import make_site
 
@@ -73,7 +74,7 @@ def test_round_0_is_published_as_the_public_start_and_not_as_dp_trained(tmp_path
     write_start(tmp_path / "start", server_config)
     config = dataclasses.replace(server_config, initial_model=str(tmp_path / "start"))
     registry = Registry.open(tmp_path / "registry", create=True)
-    record = {"round": 0, "metrics": {}, "sites": {}, "problems": [], "clipped": []}
+    record = RoundRecord(0, seconds=0.0, bytes_sent_per_node=0, attempts=0)
     entry = publish_version(registry, initial_state(config), record, config)
     assert entry.name.endswith("(public start start)")
     assert load_model_dir(entry.path).config["private"] is False
