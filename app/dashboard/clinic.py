@@ -305,6 +305,27 @@ def adapt_cases(
     )
 
 
+CANNOT_SEPARATE = (
+    "The model cannot tell these classes apart from these cases: checked on each labelled case "
+    "in turn, it was right no more often than guessing, so every new case would come out about "
+    'equally likely for each class ("uncertain"). What would help: more cases of each class, '
+    "cases that show the difference clearly, or another base model (one prepared for this "
+    "modality, or the public encoder)."
+)
+
+
+def separates(adaptation: Adaptation) -> bool:
+    """Whether the held-out checks show the model telling the classes apart. False when the
+    calibration temperature reached its cap (every calibrated probability is then about
+    1/classes) or the held-out accuracy is no better than guessing; True when there was no check
+    (a class with one case: the page says so separately)."""
+    score = adaptation.reliability
+    if score is None:
+        return True
+    capped = score.temperature >= CALIBRATION.t_max * (1 - 1e-9)
+    return not (capped or score.accuracy <= 1 / adaptation.support.ways)
+
+
 def reliability_text(adaptation: Adaptation) -> str:
     """The reliability sentence, or why there is none (for exports and the audit)."""
     if adaptation.reliability is None:

@@ -40,6 +40,16 @@ INFO_DOMAIN = "domain"  # models.domain.domain_record: method, images, digest, s
 INFO_LOCAL_ONLY = "local_only"
 INFO_AUTHOR = "author"
 LOCAL_ONLY = "local only: derived from this hospital's unlabelled images; never shared"
+# What the adapt page says about a version's domain statistics (no jargon: issue 24, item 11).
+CENTRE_ACTIVE = (
+    "Cases are compared after removing what these studies look like on average at this "
+    "hospital (learnt from the unlabelled studies), so the common look of the scanner and "
+    "modality does not hide the differences between classes."
+)
+CENTRE_UNUSED = (
+    "This version knows what these studies look like on average at this hospital, but the "
+    "{mode} adaptation does not use it."
+)
 PUBLIC_NOTE = "public ImageNet encoder, trained on no patient's data (no privacy budget spent)"
 SOURCE_SUFFIXES = (".npz", ".csv")
 NPZ_IMAGE_KEYS = (
@@ -260,12 +270,9 @@ def base_model_note(entry: RegistryEntry, *, domain_mean: torch.Tensor | None, m
             f"({record.get('method')}, {record.get('steps_taken')} training steps); {LOCAL_ONLY}."
         )
     if centring_active(mode, domain_mean=domain_mean):
-        centre = "Centring on the modality's statistics: active."
+        centre = CENTRE_ACTIVE
     elif domain_mean is not None:
-        centre = (
-            "Centring on the modality's statistics: not active (this version has them, but "
-            f"{mode} adaptation does not centre features)."
-        )
+        centre = CENTRE_UNUSED.format(mode=mode)
     else:
-        centre = "Centring on the modality's statistics: not active (this version has none)."
+        return used  # nothing prepared: nothing more to say
     return f"{used} {centre}"

@@ -178,6 +178,8 @@ def reliability(adaptation: clinic.Adaptation) -> None:
     """The leave-one-out estimate as an interval in words (never a green "all good"), with a
     warning when its lower end is low or it cannot be computed."""
     score = adaptation.reliability
+    if not clinic.separates(adaptation):
+        st.error(clinic.CANNOT_SEPARATE)
     if score is None:
         st.warning(
             "Reliability could not be estimated and the probabilities are not calibrated: a "
@@ -193,9 +195,9 @@ def reliability(adaptation: clinic.Adaptation) -> None:
     else:
         st.info(score.sentence())
     st.caption(
-        "Probabilities are calibrated on the same held-out cases (temperature "
-        f"{adaptation.temperature:.2f}); a case whose most likely class stays under "
-        f"{round(100 * clinic.CALIBRATION.min_confidence)}% is reported as "
+        "Probabilities are adjusted to how often the model was right on those same checks, so "
+        "they claim no more confidence than the checks showed; a case whose most likely class "
+        f"stays under {round(100 * clinic.CALIBRATION.min_confidence)}% is reported as "
         f'"{predictions.OUTCOME_UNCERTAIN}" instead of a label.'
     )
 

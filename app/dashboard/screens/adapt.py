@@ -9,6 +9,7 @@ from app.dashboard import (
     archive_view,
     clinic,
     domain_prep,
+    model_card,
     modes,
     preferences,
     ui,
@@ -76,6 +77,15 @@ base_id = st.selectbox(
 if base_id is None:
     st.info("Choose the base model to adapt.")
     st.stop()
+base_entry = by_id[base_id]
+with st.expander("About this base model: what it is, what it learnt from, how well it did"):
+    st.markdown(
+        model_card.model_card(
+            base_entry,
+            privacy=adapters.epsilon_label(base_entry),
+            base=by_id.get(base_entry.parent) if base_entry.parent is not None else None,
+        ).markdown()
+    )
 try:
     model = views.base_model(str(config.registry), base_id)
 except FedfewError as exc:

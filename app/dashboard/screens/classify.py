@@ -81,6 +81,8 @@ else:
             ui.stop_with_error(exc)
     adaptation = cache[choice]
 views.reliability(adaptation)
+if not clinic.separates(adaptation):  # every case would be "uncertain": say why once, instead
+    st.stop()
 classes = adaptation.support.classes
 
 archive_view.archive_panel(

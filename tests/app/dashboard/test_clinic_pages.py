@@ -235,3 +235,23 @@ def test_a_photograph_among_the_labelled_cases_is_named_and_must_be_confirmed(
     at.checkbox(key="adapt_confirm_suspect").check()
     next(b for b in at.button if b.label == "Save adapter").click().run()
     assert "Saved as" in texts(at, "success")
+
+
+def test_classes_the_model_cannot_tell_apart_are_said_in_plain_words(
+    registry, make_app, case_images
+) -> None:
+    """Issue 24, item 11: when calibration finds the classes inseparable, the pages say so and
+    what would help, instead of a table of "uncertain" rows."""
+    at = make_app(ROLE_CLINICIAN).run()
+    same = case_images[sorted(case_images)[0]][:2]  # the same two images in every class
+    named_classes(at, ["a", "b", "c"])
+    for i in range(3):
+        upload(at, f"adapt_files_{i}", [(f"same_{j}.png", d) for j, d in enumerate(same)])
+    at.button(key="adapt_run").click().run()
+    assert not at.exception
+    assert "cannot tell these classes apart" in texts(at, "error")
+    assert "more cases of each class" in texts(at, "error")
+    assert "temperature" not in texts(at, "caption")  # no jargon
+    at.switch_page("screens/classify.py").run()
+    assert "cannot tell these classes apart" in texts(at, "error")
+    assert not at.dataframe and not at.file_uploader  # nothing to classify with it

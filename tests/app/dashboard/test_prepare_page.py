@@ -116,10 +116,10 @@ def test_adapt_page_offers_and_names_the_local_version(registry, make_app, env, 
     at.selectbox(key="adapt_base").set_value(prepared.entry.id).run()
     note = texts(at, "info")
     assert f"Using v{prepared.entry.id}: v{registry} prepared on this hospital's 12" in note
-    assert "Centring on the modality's statistics: active." in note
+    assert domain_prep.CENTRE_ACTIVE in note and "Centring" not in note  # in plain words
     at.selectbox(key="adapt_base").set_value(registry).run()
     assert "without a domain preparation" in texts(at, "info")
-    assert "not active (this version has none)" in texts(at, "info")
+    assert "on average at this hospital" not in texts(at, "info")
 
 
 def test_centring_note_matches_what_adaptation_does(registry, env, studies) -> None:
