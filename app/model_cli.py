@@ -17,12 +17,15 @@ from models.domain import (
     save_prepared,
 )
 from models.errors import DataError
+from models.freezing import is_fully_frozen
 from models.imageset import ImageSet
 from models.model_dir import load_model_dir
 from models.networks import BACKBONES, BackboneConfig
 from models.pipeline import PipelineConfig
 from models.pretraining import PRETRAIN_OBJECTIVES, write_pretrained
 from models.readers import load_dataset
+
+STATISTICS = "statistics"  # the domain's mean feature only: all a frozen encoder can take
 
 
 def load_sets(spec: str, pipeline: PipelineConfig) -> list[ImageSet]:
@@ -96,8 +99,11 @@ def adapt_domain_command(
         ..., help="The modality's unlabelled images: .npz, a folder, or a CSV with a path column."
     ),
     out: Path = typer.Option(..., help="Model directory to write (a local model version)."),
-    method: str = typer.Option(
-        DomainConfig.method, help=f"Preparation: {' | '.join(DOMAIN_METHODS)}."
+    method: str | None = typer.Option(
+        None,
+        help=f"Preparation: {' | '.join(DOMAIN_METHODS)} (default: statistics for a frozen "
+        f"encoder such as the public start, which has nothing to train; else "
+        f"{DomainConfig.method}).",
     ),
     minutes: float = typer.Option(DomainConfig.minutes, help="Wall-clock budget of training."),
     seed: int = typer.Option(0, help="Seed of batches and augmentation."),
@@ -108,17 +114,21 @@ def adapt_domain_command(
     the result is a local model version that must pass through a DP mechanism before anything
     derived from it is shared (docs/privacy.md, "Local domain adaptation").
     """
-    if method not in DOMAIN_METHODS:
+    if method is not None and method not in DOMAIN_METHODS:
         raise typer.BadParameter(
             f"unknown method {method!r}: use one of {', '.join(DOMAIN_METHODS)}"
         )
-    config = DomainConfig(method=method, minutes=minutes, seed=seed)
     loaded = load_model_dir(model)
+    if method is None:
+        method = STATISTICS if is_fully_frozen(loaded.model) else DomainConfig.method
+    config = DomainConfig(method=method, minutes=minutes, seed=seed)
     images = load_unlabeled(unlabeled, loaded.pipeline)
     if images.skipped:
         typer.echo(f"{images.skipped} unreadable images left out", err=True)
     with tqdm(
-        total=config.steps, desc=f"preparing for the modality ({method})", unit="step"
+        total=None if method == STATISTICS else config.steps,
+        desc=f"preparing for the modality ({method})",
+        unit="step",
     ) as bar:
 
         def on_step(_step: int, loss: float) -> None:

@@ -26,12 +26,23 @@ from models.meta import MetaConfig
 from models.model_dir import load_model_dir, save_model_dir
 from models.networks import BACKBONES, BackboneConfig
 from models.pipeline import PipelineConfig
+from models.public_start import (
+    PUBLIC_ENCODER,
+    PUBLIC_PIPELINE,
+    PUBLIC_WEIGHTS_NAME,
+    START_KEY,
+    start_public_encoder,
+)
+from models.public_weights import PUBLIC_WEIGHTS, resolve_weights
 from models.readers import load_dataset
 from models.training import TrainConfig, meta_train
 from models.weights import StartedBackbone, start_backbone
 from privacy.ledger import Ledger
 from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS, get_mechanism
 from privacy.private_run import charge_private_run, run_charged_training
+
+DP_BACKBONE = "conv4"  # what --epsilon trains by default: the DP mechanisms train parameters
+NATIVE_SIDES = {PUBLIC_ENCODER.name: PUBLIC_ENCODER.image_size}  # else the 64-px pipeline
 
 # Keys of a `fedfew evaluate --predictions` line (one JSON object per query).
 PREDICTION_EPISODE = "episode"
@@ -67,11 +78,17 @@ def train(
     meta_learner: str = typer.Option("protonet", help="protonet | maml | fomaml"),
     steps: int = typer.Option(TrainConfig.steps, help="Optimiser steps."),
     seed: int = typer.Option(0, help="Seed for initialisation, episodes and augmentation."),
-    backbone: str = typer.Option("conv4", help=f"Backbone: {' | '.join(BACKBONES)}."),
-    weights: Path | None = typer.Option(
+    backbone: str | None = typer.Option(
         None,
-        help="Public weights to start from (.safetensors or a torch state dict); "
-        "its SHA-256 is recorded in the model directory.",
+        help=f"Backbone: {' | '.join(BACKBONES)}. Default: the public start (ImageNet "
+        "EfficientNet-Lite0, frozen: nothing trains, it beats every trained network on new "
+        "modalities); with --epsilon, conv4 (the DP mechanisms train a network's parameters).",
+    ),
+    weights: str | None = typer.Option(
+        None,
+        help=f"Public weights to start from: a file (.safetensors or a torch state dict) or "
+        f"a named set shipped in a package ({' | '.join(PUBLIC_WEIGHTS)}); its SHA-256 is "
+        "recorded in the model directory.",
     ),
     ways: int = typer.Option(
         5, help="Classes per training episode (capped by each set's classes)."
@@ -101,9 +118,13 @@ def train(
     if (epsilon is None) != (ledger is None):
         raise typer.BadParameter("--epsilon and --ledger go together (DP training needs both)")
     dp_mechanism = get_mechanism(mechanism)  # an unknown name fails before any file is read
-    pipeline = PipelineConfig()
-    backbone_config = BackboneConfig(name=backbone, image_size=pipeline.image_size)
     meta = MetaConfig(learner=meta_learner)
+    if backbone is None and epsilon is None and weights is None:
+        _write_public_start(data, out, meta=meta)
+        return
+    pipeline = PipelineConfig(image_size=NATIVE_SIDES.get(backbone or DP_BACKBONE, 64))
+    backbone_config = BackboneConfig(name=backbone or DP_BACKBONE, image_size=pipeline.image_size)
+    weights_file = resolve_weights(weights)
     config = TrainConfig(
         steps=steps, seed=seed, episode=EpisodeConfig(ways=ways, shots=shots, queries=queries)
     )
@@ -112,7 +133,7 @@ def train(
     extra: dict[str, object] = {"train": config.to_dict(), "data": [s.name for s in sets]}
     if site_ledger is not None and epsilon is not None:
         torch.manual_seed(seed)
-        started = start_backbone(backbone_config, weights=weights)  # a bad file fails uncharged
+        started = start_backbone(backbone_config, weights=weights_file)  # fails uncharged
         model = started.model
         planned, entry = charge_private_run(
             dp_mechanism,
@@ -151,7 +172,7 @@ def train(
         )
     else:
         started, losses = _train_model(
-            sets, backbone=backbone_config, config=config, meta=meta, weights=weights
+            sets, backbone=backbone_config, config=config, meta=meta, weights=weights_file
         )
         model = started.model
         extra["final_loss"] = float(np.mean(losses[-50:]))
@@ -167,6 +188,28 @@ def train(
         weights=started.weights,
     )
     typer.echo(f"model written to {out} ({summary})")
+
+
+def _write_public_start(data: str, out: Path, *, meta: MetaConfig) -> None:
+    """The default recipe: the frozen public encoder, as installed. The sets are read (a bad
+    file fails as in training) and named in the model directory, but nothing trains: measured in
+    bench/results/new_modality_encoder.json, the frozen encoder with multi-scale features and
+    a ridge head beats every network this project trained on them."""
+    sets = load_sets(data, PipelineConfig())
+    started = start_public_encoder()
+    save_model_dir(
+        out,
+        started.model,
+        backbone=started.config,
+        pipeline=PUBLIC_PIPELINE,
+        meta=meta,
+        extra={"data": [s.name for s in sets], "private": False, START_KEY: PUBLIC_WEIGHTS_NAME},
+        weights=started.weights,
+    )
+    typer.echo(
+        f"model written to {out} (the public start: ImageNet EfficientNet-Lite0, frozen, "
+        f"{PUBLIC_ENCODER.image_size} px, {PUBLIC_ENCODER.features} features; nothing trained)"
+    )
 
 
 def evaluate(

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from models.feature_cache import cache_for
+from models.freezing import is_fully_frozen
 from models.meta import (
     HEAD_SCALE,
     MetaConfig,
@@ -161,11 +163,43 @@ def embed(
     tta: bool = False,
     batch_limit: int = 256,
 ) -> torch.Tensor:
-    """Backbone features ``(n, d)`` of ``images``, in chunks, averaged over flips when ``tta``."""
+    """Backbone features ``(n, d)`` of ``images``, in chunks, averaged over flips when ``tta``.
+
+    A frozen backbone run on its own weights embeds each image once: its features are kept in
+    the model's :mod:`models.feature_cache` and served again to later calls.
+    """
+    if _own_frozen_weights(model, params):
+        return cache_for(model).features(
+            model,
+            images,
+            lambda missing: _embed(model, missing, None, tta=tta, batch_limit=batch_limit),
+            variant="tta" if tta else "",
+        )
+    weights = None if params is None else (params, buffers or {})
+    return _embed(model, images, weights, tta=tta, batch_limit=batch_limit)
+
+
+def _own_frozen_weights(model: nn.Module, params: Params | None) -> bool:
+    """Whether ``model`` is frozen and ``params`` (if any) are its own tensors."""
+    if not is_fully_frozen(model):
+        return False
+    own = dict(model.named_parameters())
+    return params is None or all(
+        k in own and v.data_ptr() == own[k].data_ptr() for k, v in params.items()
+    )
+
+
+def _embed(
+    model: nn.Module,
+    images: torch.Tensor,
+    weights: tuple[Params, Params] | None,
+    *,
+    tta: bool,
+    batch_limit: int,
+) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        weights = None if params is None else (params, buffers or {})
         chunks = []
         for i in range(0, len(images), batch_limit):
             batch = images[i : i + batch_limit]

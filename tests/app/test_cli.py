@@ -38,6 +38,8 @@ def test_train_then_evaluate_beats_chance_on_unseen_classes(synthetic_split, tmp
         str(train),
         "--out",
         str(model),
+        "--backbone",
+        "conv4",
         "--steps",
         "25",
         "--ways",

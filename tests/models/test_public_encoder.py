@@ -132,3 +132,34 @@ def test_public_start_registers_once_and_loads(tmp_path: Path) -> None:
     assert loaded.backbone == PUBLIC_ENCODER and loaded.pipeline.image_size == 224
     assert loaded.config["weights"]["sha256"] == PUBLIC_WEIGHTS["imagenet"].sha256
     assert save_public_start(tmp_path / "copy").is_dir()
+
+
+def test_a_frozen_encoder_embeds_each_image_once(encoder: torch.nn.Module) -> None:
+    from models.adaptation import embed
+
+    calls: list[int] = []
+    hook = encoder.register_forward_pre_hook(lambda _m, args: calls.append(len(args[0])))
+    try:
+        images = torch.rand(5, 3, 64, 64)
+        first = embed(encoder, images)
+        again = embed(encoder, torch.cat([images[:3], torch.rand(2, 3, 64, 64)]))
+        assert calls == [5, 2]  # only the two new images went through the network
+        assert torch.equal(again[:3], first[:3])
+        reference = encoder(images[:1])
+        assert torch.allclose(first[:1], reference, atol=1e-5)
+    finally:
+        hook.remove()
+
+
+def test_changed_weights_are_never_served_stale_features() -> None:
+    from models.adaptation import embed
+
+    model = build_backbone(dataclasses.replace(PUBLIC_ENCODER, features="head"))
+    images = torch.rand(2, 3, 32, 32)
+    before = embed(model, images)
+    with torch.no_grad():
+        model._conv_head.weight.mul_(2.0)  # new weights loaded into the same module
+    after = embed(model, images)
+    assert not torch.equal(before, after)
+    with torch.no_grad():
+        assert torch.equal(after, model(images))
