@@ -24,6 +24,16 @@ NOTICE = (
 )
 ACTION_CLASSIFY = "classify"
 ACTION_EXPORT = "export"
+# Account events (no adapter, no case): who logged in or failed to, and what administrators did.
+ACTION_LOGIN = "login"
+ACTION_LOGIN_FAILED = "login failed"
+ACTION_LOCKED = "login throttled"  # a client's failures made it wait (see auth.UserStore)
+ACTION_LOGOUT = "logout"
+ACTION_ACCOUNT_ADDED = "account added"
+ACTION_DISABLED = "account disabled"
+ACTION_ENABLED = "account enabled"
+ACTION_UNLOCKED = "account unlocked"
+ACTION_PASSWORD_RESET = "password reset"
 AUDIT_LIMIT = 500  # rows the administrator page shows, newest first
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS audit (
@@ -37,8 +47,16 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS audit (
     condition TEXT NOT NULL,
     cases INTEGER NOT NULL,
     case_digests TEXT NOT NULL,
-    outcomes TEXT NOT NULL
+    outcomes TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
 )"""
+
+
+def _add_detail(conn: sqlite3.Connection) -> None:
+    """Audit logs written before account events had no ``detail`` column."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
+    if "detail" not in columns:
+        conn.execute("ALTER TABLE audit ADD COLUMN detail TEXT NOT NULL DEFAULT ''")
 
 
 def utc_now() -> str:
@@ -80,6 +98,7 @@ class AuditEntry:
     cases: int
     case_digests: tuple[str, ...]
     outcomes: dict[str, int]  # outcome (class or "uncertain") -> cases
+    detail: str = ""  # an account event's account and circumstances
 
     def row(self) -> dict[str, object]:
         """A table row (digests shortened to 12 hex digits, as git does)."""
@@ -94,6 +113,7 @@ class AuditEntry:
             "cases": self.cases,
             "outcomes": ", ".join(f"{k}: {v}" for k, v in sorted(self.outcomes.items())),
             "case digests": " ".join(d[:12] for d in self.case_digests),
+            "detail": self.detail,
         }
 
 
@@ -104,7 +124,7 @@ class AuditLog:
         self.path = Path(path)
 
     def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        return connect(self.path, what="audit log", schema=(_SCHEMA,))
+        return connect(self.path, what="audit log", schema=(_SCHEMA,), migrate=_add_detail)
 
     def record(
         self,
@@ -152,7 +172,7 @@ class AuditLog:
             return []
         query = (
             "SELECT time, user, action, adapter, adapter_version, base_model, condition, cases, "
-            "case_digests, outcomes FROM audit"
+            "case_digests, outcomes, detail FROM audit"
         )
         args: tuple[object, ...] = ()
         if user:
@@ -173,6 +193,7 @@ class AuditLog:
                 cases=cases,
                 case_digests=tuple(json.loads(digests)),
                 outcomes=json.loads(outcomes),
+                detail=detail,
             )
             for (
                 when,
@@ -185,8 +206,35 @@ class AuditLog:
                 cases,
                 digests,
                 outcomes,
+                detail,
             ) in rows
         ]
+
+    def record_event(self, *, user: str, action: str, detail: str = "") -> AuditEntry:
+        """Append one account event (a login, a failed login, an administrator's change):
+        ``user`` did ``action``; ``detail`` names the account acted on and the circumstances
+        (never a patient identifier)."""
+        entry = AuditEntry(
+            time=utc_now(),
+            user=user,
+            action=action,
+            adapter="",
+            adapter_version=None,
+            base_model="",
+            condition="",
+            cases=0,
+            case_digests=(),
+            outcomes={},
+            detail=detail,
+        )
+        with self._connect() as conn:
+            conn.execute(
+                "INSERT INTO audit (time, user, action, adapter, adapter_version, base_model, "
+                "condition, cases, case_digests, outcomes, detail) "
+                "VALUES (?, ?, ?, '', NULL, '', '', 0, '[]', '{}', ?)",
+                (entry.time, user, action, detail),
+            )
+        return entry
 
     def record_export(
         self,

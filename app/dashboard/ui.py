@@ -299,3 +299,15 @@ def remember_choice(key: str, name: str) -> None:
         _preferences().set(user, name, str(value))
     except DashboardError as exc:
         st.session_state[NOTICE_KEY] = f"Your choice could not be remembered: {user_message(exc)}"
+
+
+def audit_event(action: str, *, detail: str = "", user: str | None = None) -> None:
+    """Record an account event (``provenance.ACTION_LOGIN``...) in the audit log, as ``user``
+    (default: who is logged in); a log that cannot be written is said on the page."""
+    from app.dashboard.provenance import AuditLog
+
+    who = user if user is not None else (_username() or "")
+    try:
+        AuditLog(settings().users_db).record_event(user=who, action=action, detail=detail)
+    except DashboardError as exc:
+        st.error(f"The audit log could not be written: {user_message(exc)}")

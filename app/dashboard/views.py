@@ -40,6 +40,7 @@ ADAPTER_CACHE_KEY = "clinic_adapter_cache"  # saved adapters rebuilt for the cla
 ADAPT_JOB_KEY = "clinic_adapt_job"  # the adaptation running in the background (jobs.Job)
 ADAPT_NOTICE_KEY = "clinic_adapt_notice"  # (cancelled?, message) of a run that left no result
 PREDICTIONS_KEY = "clinic_predictions"  # (adapter and cases key, predictions) last shown
+AUDITED_KEY = "clinic_audited"  # (adapter, its inputs) -> digests of cases already audited
 CLASSIFY_FILES_KEY = "classify_files"  # the classify page's uploader (a case-shelf slot)
 CLASSES_KEY = "adapt_classes"  # the adapt page's class names, one per line
 CONDITION_KEY = "adapt_condition"  # the adapt page's condition

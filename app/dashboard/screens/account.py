@@ -3,6 +3,7 @@
 import streamlit as st
 
 from app.dashboard import ui
+from app.dashboard.provenance import ACTION_LOGOUT
 
 session = ui.current_session()
 if session is None:
@@ -13,5 +14,6 @@ st.caption(f"The session ends in {ui.remaining_time(session)}.")
 if not session.roles:
     st.warning("This account has no dashboard role, so no page is open to it.")
 if st.button("Log out", key="logout"):
+    ui.audit_event(ACTION_LOGOUT)
     ui.end_session(notice="You are logged out.")
     st.rerun()

@@ -114,12 +114,21 @@ else:
             adapter=saved.get(choice) if isinstance(choice, int) else None,
             user=session.username,
         )
-        audit.record(
-            origin,
-            action=ACTION_CLASSIFY,
-            case_digests=digests,
-            outcomes=[p.outcome(classes) for p in predictions],
+        # One audit row per classification the user asked for: a pull that adds cases records
+        # the new ones only, not the whole batch again.
+        audited: dict[tuple[object, str], set[str]] = st.session_state.setdefault(
+            views.AUDITED_KEY, {}
         )
+        seen = audited.setdefault((choice, adaptation.inputs), set())
+        new = [(d, p) for d, p in zip(digests, predictions, strict=True) if d not in seen]
+        if new:
+            audit.record(
+                origin,
+                action=ACTION_CLASSIFY,
+                case_digests=[d for d, _ in new],
+                outcomes=[p.outcome(classes) for _, p in new],
+            )
+            seen.update(d for d, _ in new)
     except FedfewError as exc:  # CaseError, or an unreadable audit log
         ui.stop_with_error(exc)
     st.session_state[views.PREDICTIONS_KEY] = (key, predictions, origin)

@@ -5,7 +5,8 @@ import streamlit as st
 
 from app.dashboard import ui
 from app.dashboard.auth import UserStore, new_session
-from app.dashboard.errors import AuthError
+from app.dashboard.errors import AuthError, RateLimitedError
+from app.dashboard.provenance import ACTION_LOCKED, ACTION_LOGIN, ACTION_LOGIN_FAILED
 
 st.title("fedfew dashboard")
 ui.show_notice()
@@ -29,10 +30,23 @@ else:
         password = st.text_input("Password", type="password", key="login_password")
         submitted = st.form_submit_button("Log in", type="primary")
     if submitted:
+        client = ui.client_address()
         try:
-            user = store.authenticate(username, password, client=ui.client_address())
+            user = store.authenticate(username, password, client=client)
+        except RateLimitedError as exc:
+            ui.audit_event(
+                ACTION_LOGIN_FAILED, user=username.strip(), detail=f"refused, throttled: {client}"
+            )
+            ui.show_error(exc)
         except AuthError as exc:
+            ui.audit_event(ACTION_LOGIN_FAILED, user=username.strip(), detail=f"{exc}: {client}")
+            wait = store.retry_after(username.strip(), client=client)
+            if wait > 0:  # this failure made the client wait: the account is locked for it
+                ui.audit_event(
+                    ACTION_LOCKED, user=username.strip(), detail=f"{client} waits {wait:.0f} s"
+                )
             ui.show_error(exc)
         else:
+            ui.audit_event(ACTION_LOGIN, user=user.username, detail=f"from {client}")
             ui.start_session(new_session(user.username, (user.role,), hours=config.session_hours))
             st.rerun()

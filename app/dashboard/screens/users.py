@@ -8,6 +8,13 @@ import streamlit as st
 from app.dashboard import ui
 from app.dashboard.auth import MIN_PASSWORD_CHARS, ROLE_ADMIN, ROLES, UserStore
 from app.dashboard.errors import DashboardError, user_message
+from app.dashboard.provenance import (
+    ACTION_ACCOUNT_ADDED,
+    ACTION_DISABLED,
+    ACTION_ENABLED,
+    ACTION_PASSWORD_RESET,
+    ACTION_UNLOCKED,
+)
 
 DONE_KEY = "users_done"  # the last action's confirmation, shown once
 
@@ -25,14 +32,17 @@ def done(message: str) -> None:
     st.session_state[DONE_KEY] = message
 
 
-def act(action: Callable[[], object], message: str) -> None:
-    """Run a store action from a button; show its message, or the error in words."""
+def act(action: Callable[[], object], message: str, event: str = "", account: str = "") -> None:
+    """Run a store action from a button; show its message, or the error in words; a change
+    that was made is recorded in the audit log as ``event`` on ``account``."""
     try:
         action()
     except DashboardError as exc:
         done(f"Not done: {user_message(exc)}")
     else:
         done(message)
+        if event:
+            ui.audit_event(event, detail=f"account {account}")
 
 
 def disable_and_log_out(username: str) -> None:
@@ -73,7 +83,12 @@ if names:
             "Enable",
             key="users_enable",
             on_click=act,
-            args=(lambda: store.set_disabled(name, False), f"{name} is enabled."),
+            args=(
+                lambda: store.set_disabled(name, False),
+                f"{name} is enabled.",
+                ACTION_ENABLED,
+                name,
+            ),
         )
     else:
         disable.button(
@@ -81,13 +96,23 @@ if names:
             key="users_disable",
             disabled=name == session.username,  # an administrator cannot lock themself out
             on_click=act,
-            args=(lambda: disable_and_log_out(name), f"{name} is disabled and logged out."),
+            args=(
+                lambda: disable_and_log_out(name),
+                f"{name} is disabled and logged out.",
+                ACTION_DISABLED,
+                name,
+            ),
         )
     unlock.button(
         "Unlock",
         key="users_unlock",
         on_click=act,
-        args=(lambda: store.unlock(name), f"{name} may log in again from every computer."),
+        args=(
+            lambda: store.unlock(name),
+            f"{name} may log in again from every computer.",
+            ACTION_UNLOCKED,
+            name,
+        ),
     )
     with st.form("users_reset", clear_on_submit=True):
         new_password = st.text_input("New password", type="password", key="users_new_password")
@@ -95,6 +120,8 @@ if names:
             act(
                 lambda: store.reset_password(name, new_password),
                 f"{name} has a new password; tell them through a separate channel.",
+                ACTION_PASSWORD_RESET,
+                name,
             )
             st.rerun()
 
@@ -109,5 +136,10 @@ with st.form("users_add", clear_on_submit=True):
         help=f"At least {MIN_PASSWORD_CHARS} characters.",
     )
     if st.form_submit_button("Add"):
-        act(lambda: store.add(username, password, role=role), f"{username.strip()} added.")
+        act(
+            lambda: store.add(username, password, role=role),
+            f"{username.strip()} added.",
+            ACTION_ACCOUNT_ADDED,
+            f"{username.strip()} ({role})",
+        )
         st.rerun()
