@@ -29,7 +29,6 @@ from federation.errors import PlanInvalidError, PlanRefusedError
 from federation.node_config import NodeConfig
 from federation.reasons import ReasonCode, error_for, reason_for
 from federation.records import (
-    DELTA,
     FINAL_MODEL,
     MODEL,
     PLAN,
@@ -143,10 +142,8 @@ def _round(msg: Message, context: Context, config: NodeConfig) -> Message:
     )
     _log_compute_time(config, plan.round, time.perf_counter() - started)
     report = config_record(reply.report.to_dict())
-    if plan.dp_mechanism.releases_arrays:  # a one-shot release leaves instead of a delta
-        content = RecordDict({RELEASE: to_arrays(reply.release), REPORT: report})
-    else:
-        content = RecordDict({DELTA: to_arrays(reply.delta), REPORT: report})
+    # The mechanism's output under its own key: DELTA, or RELEASE for a one-shot release.
+    content = RecordDict({reply.output: to_arrays(reply.arrays), REPORT: report})
     return Message(content, reply_to=msg)
 
 

@@ -44,24 +44,34 @@ from privacy.distributed_noise import fallback_epsilons, has_noise_shares
 from privacy.errors import BudgetExhaustedError
 from privacy.ledger import KIND_CHARGE, ChargeRequest, Ledger, LedgerEntry
 from privacy.ledger_head import LedgerHead, load_signing_key, read_head, sign_head
+from privacy.mechanisms import OUTPUT_DELTA, OUTPUT_RELEASE
 from privacy.prototype_release import PrototypeRelease
 from privacy.site_report import SitePrivacyReport
 
 State = dict[str, np.ndarray]
 
 
-OUTPUT_KEY = "output"  # a kept reply's metadata: which of the two it holds
-OUTPUT_DELTA, OUTPUT_RELEASE = "delta", "release"
+OUTPUT_KEY = "output"  # a kept reply's metadata: the mechanism's kind of output
 
 
 @dataclass(frozen=True)
 class NodeReply:
-    """What the node sends back: the delta (or, for a mechanism that releases arrays, the
-    release and an empty delta) and accounted, data-independent numbers."""
+    """What the node sends back: the mechanism's output (the model delta, or for a mechanism
+    that releases arrays, its release) and accounted, data-independent numbers."""
 
-    delta: State
+    arrays: State  # what leaves the node
     report: SitePrivacyReport
-    release: State = dataclasses.field(default_factory=dict)  # dp-prototypes: its class sums
+    output: str = OUTPUT_DELTA  # which of them (Mechanism.output): also the reply's record key
+
+    @property
+    def delta(self) -> State:
+        """The model delta ({} for a release)."""
+        return self.arrays if self.output == OUTPUT_DELTA else {}
+
+    @property
+    def release(self) -> State:
+        """The release ({} for a delta): dp-prototypes' class sums."""
+        return self.arrays if self.output == OUTPUT_RELEASE else {}
 
 
 def open_ledger(config: NodeConfig) -> Ledger:
@@ -138,9 +148,7 @@ def _run_locked(
             arrays, meta = _read_reply(kept)
             if meta.get("replay-key") == replay_key:
                 report = _report(config, ledger, plan, entry, replayed=True)
-                if meta.get(OUTPUT_KEY) == OUTPUT_RELEASE:
-                    return NodeReply({}, report, release=arrays)
-                return NodeReply(arrays, report)
+                return NodeReply(arrays, report, meta.get(OUTPUT_KEY, OUTPUT_DELTA))
     unused = [e for e in charges if not any(replies.glob(f"round-{plan.round}-charge-{e.id}.*"))]
     entry = unused[0] if unused else _charge(ledger, plan, requester=requester)
     publish_state(  # the node keeps every global model it received
@@ -162,22 +170,13 @@ def _run_locked(
         model, [data], dp=plan.dp, meta=plan.meta, lr=plan.local_lr, seed=seed
     )
     output = trainer.train(entry.steps)
-    kept = replies / f"round-{plan.round}-charge-{entry.id}.safetensors"
-    if plan.dp_mechanism.releases_arrays:  # the release alone leaves the node, not the model
-        release = _release_of(output, plan)
-        _write_reply(kept, release, replay_key, output=OUTPUT_RELEASE)
-        return NodeReply({}, _report(config, ledger, plan, entry, replayed=False), release=release)
+    mechanism = plan.dp_mechanism
     trained = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    delta = {k: (trained[k] - global_state[k]).astype(global_state[k].dtype) for k in trained}
-    _write_reply(kept, delta, replay_key, output=OUTPUT_DELTA)
-    return NodeReply(delta, _report(config, ledger, plan, entry, replayed=False))
-
-
-def _release_of(output: object, plan: RoundPlan) -> State:
-    """The arrays a releasing mechanism's ``train`` returned (a bug if it returned other)."""
-    if not isinstance(output, dict) or not all(isinstance(v, np.ndarray) for v in output.values()):
-        raise TypeError(f"{plan.mechanism}'s trainer must return its release as numpy arrays")
-    return {str(k): np.ascontiguousarray(v) for k, v in output.items()}
+    arrays = mechanism.reply_arrays(output, model=trained, start=global_state)
+    kept = replies / f"round-{plan.round}-charge-{entry.id}.safetensors"
+    _write_reply(kept, arrays, replay_key, output=mechanism.output)
+    report = _report(config, ledger, plan, entry, replayed=False)
+    return NodeReply(arrays, report, mechanism.output)
 
 
 def keep_final_model(

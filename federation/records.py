@@ -7,11 +7,14 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from privacy.mechanisms import OUTPUT_DELTA, OUTPUT_RELEASE
+
 MODEL = "model"  # ArrayRecord: global model (server -> node)
-DELTA = "delta"  # ArrayRecord: the node's model delta (node -> server)
-# ArrayRecord: a one-shot release instead of a delta (node -> server), for a mechanism whose
-# output is its own arrays (privacy.mechanisms: releases_arrays; dp-prototypes' class sums).
-RELEASE = "release"
+# ArrayRecord of a reply (node -> server), under the name of the mechanism's kind of output
+# (privacy.mechanisms Mechanism.output): the node's model delta, or a one-shot release instead of
+# a delta for a mechanism whose output is its own arrays (dp-prototypes' class sums).
+DELTA = OUTPUT_DELTA
+RELEASE = OUTPUT_RELEASE
 PLAN = "plan"  # ConfigRecord: the round's DP plan
 REPORT = "report"  # ConfigRecord: the node's accounted privacy report
 # The query action that hands the final model to the nodes (`query.final_model` messages): every

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from federation.errors import InvalidUpdateError
 from federation.plan import RoundPlan
 from federation.reasons import reason_of
 from federation.records import (
-    DELTA,
     FINAL_MODEL,
     MODEL,
     PLAN,
@@ -52,6 +51,7 @@ from federation.validation import GateResult, validate_release, validate_update
 from privacy.dp_config import DPPrototypeConfig
 from privacy.errors import LedgerSignatureError, ReportFormatError
 from privacy.ledger_head import verify_signature
+from privacy.mechanisms import OUTPUT_DELTA, OUTPUT_RELEASE
 from privacy.prototype_release import SUMS, PrototypeRelease
 from privacy.round_record import RoundRecord
 from privacy.site_report import HeadCheck, SitePrivacyReport
@@ -114,8 +114,18 @@ class FederatedMetaStrategy(Strategy):
         self._round = 0  # the round being configured (releases are kept under it)
         self._prototypes: dict[int, PrototypeRelease] = {}  # round -> the summed release
         self._feature_width: int | None = None  # d of the global model's embedding
-        # Whether this federation's mechanism releases arrays (summed, not averaged).
-        self.releases = self.round_plan(1).dp_mechanism.releases_arrays
+        # What the federation's mechanism outputs, and so how a reply is gated and how the
+        # accepted replies are combined (a delta: clipped or rejected, then averaged; a
+        # release: rejected when too long, then summed).
+        self.output = self.round_plan(1).dp_mechanism.output
+        self._gates: dict[str, Callable[[State], GateResult]] = {
+            OUTPUT_DELTA: self._gate_delta,
+            OUTPUT_RELEASE: self._gate_release,
+        }
+        self._combine: dict[str, Callable[[State, list[AcceptedReply]], State]] = {
+            OUTPUT_DELTA: self._average_deltas,
+            OUTPUT_RELEASE: self._sum_releases,
+        }
 
     def prototypes_of(self, server_round: int) -> PrototypeRelease | None:
         """The release the sites' replies summed to in ``server_round``, if one was made."""
@@ -245,46 +255,31 @@ class FederatedMetaStrategy(Strategy):
 
     def _check(self, node: int, msg: Message) -> AcceptedReply:
         content = msg.content
-        arrays = RELEASE if self.releases else DELTA
-        if arrays not in content.array_records or REPORT not in content.config_records:
-            raise InvalidUpdateError(f"update rejected: reply lacks {arrays!r} or {REPORT!r}")
+        if self.output not in content.array_records or REPORT not in content.config_records:
+            raise InvalidUpdateError(f"update rejected: reply lacks {self.output!r} or {REPORT!r}")
         try:
             report = SitePrivacyReport.from_dict(from_config(content.config_records[REPORT]))
             report = check_head(report, keys_dir=self.keys_dir)
         except (ReportFormatError, LedgerSignatureError) as exc:
             raise InvalidUpdateError(f"update rejected: {exc}") from exc
-        record = content.array_records[arrays]
-        if self.releases:
-            gate = validate_release(
-                from_arrays(record), self.release_shapes(), norm_bound=self.release_bound()
-            )
-        else:
-            gate = validate_update(
-                from_arrays(record),
-                self.reference,
-                norm_bound=self.norm_bound,
-                policy=self.config.norm_policy,
-            )
+        record = content.array_records[self.output]
+        gate = self._gates[self.output](from_arrays(record))
         return AcceptedReply(node, report.site, report.weight, report, gate, record.count_bytes())
+
+    def _gate_delta(self, delta: State) -> GateResult:
+        return validate_update(
+            delta, self.reference, norm_bound=self.norm_bound, policy=self.config.norm_policy
+        )
+
+    def _gate_release(self, release: State) -> GateResult:
+        return validate_release(release, self.release_shapes(), norm_bound=self.release_bound())
 
     def aggregate(self, state: State, accepted: Iterable[AcceptedReply]) -> State:
         """The next global model from the accepted deltas; for a releasing mechanism, ``state``
         itself, and the sum of the releases is kept for the round (:meth:`prototypes_of`)."""
-        replies = list(accepted)
-        if self.releases:
-            plan = self.round_plan(self._round or 1)
-            if not isinstance(plan.dp, DPPrototypeConfig):
-                raise TypeError(f"no release to sum for {type(plan.dp).__name__}")
-            # Sum, not a weighted mean: the sum of the sites' S is the federation's S (the
-            # noise variances add); site weights do not apply.
-            self._prototypes[self._round] = PrototypeRelease.summed(
-                [r.gate.delta[SUMS] for r in replies],
-                classes=plan.dp.classes,
-                clip=plan.dp.max_grad_norm,
-                noise_multiplier=plan.dp.noise_multiplier,
-                sites=sorted(r.site_id for r in replies),
-            )
-            return state
+        return self._combine[self.output](state, list(accepted))
+
+    def _average_deltas(self, state: State, replies: list[AcceptedReply]) -> State:
         update = aggregate(
             [r.gate.delta for r in replies],
             [r.weight for r in replies],
@@ -293,6 +288,21 @@ class FederatedMetaStrategy(Strategy):
             byzantine=self.config.byzantine,
         )
         return apply_update(state, update, server_lr=self.config.server_lr)
+
+    def _sum_releases(self, state: State, replies: list[AcceptedReply]) -> State:
+        plan = self.round_plan(self._round or 1)
+        if not isinstance(plan.dp, DPPrototypeConfig):
+            raise TypeError(f"no release to sum for {type(plan.dp).__name__}")
+        # Sum, not a weighted mean: the sum of the sites' S is the federation's S (the noise
+        # variances add); site weights do not apply.
+        self._prototypes[self._round] = PrototypeRelease.summed(
+            [r.gate.delta[SUMS] for r in replies],
+            classes=plan.dp.classes,
+            clip=plan.dp.max_grad_norm,
+            noise_multiplier=plan.dp.noise_multiplier,
+            sites=sorted(r.site_id for r in replies),
+        )
+        return state
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from privacy.dp_config import (
     EPISODIC_SENSITIVITY,
     PROTOTYPE_SENSITIVITY,
@@ -43,6 +45,9 @@ SUPERVISED = "dp-supervised"
 DISTRIBUTED = "dp-episodic-distributed"  # privacy/distributed_noise.py: its share and bounds
 PROTOTYPES = "dp-prototypes"  # one-shot release of noisy class sums (privacy/dp_prototypes.py)
 DEFAULT_MECHANISM = EPISODIC  # the mechanism the accuracy-vs-epsilon benchmarks chose
+# What leaves a node, by a mechanism's kind of output (also the reply's record key):
+OUTPUT_DELTA = "delta"  # theta_local - theta_global: post-processing of the DP steps
+OUTPUT_RELEASE = "release"  # the arrays the trainer returns (a one-shot release)
 
 
 class Trainer(Protocol):
@@ -105,6 +110,32 @@ class Mechanism:
     def noise_for(self, accounted_noise_multiplier: float) -> float:
         """The sigma (as applied to C) that gives ``accounted_noise_multiplier``."""
         return accounted_noise_multiplier * self.sensitivity
+
+    @property
+    def output(self) -> str:
+        """What leaves the node: :data:`OUTPUT_RELEASE` or :data:`OUTPUT_DELTA`."""
+        return OUTPUT_RELEASE if self.releases_arrays else OUTPUT_DELTA
+
+    def reply_arrays(
+        self,
+        trained: object,
+        *,
+        model: Mapping[str, np.ndarray],
+        start: Mapping[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """What leaves the node after the trainer ran: the arrays ``train`` returned (a
+        release), or the delta ``model - start`` in ``start``'s dtypes.
+
+        Raises:
+            TypeError: a releasing trainer returned something other than numpy arrays (a bug).
+        """
+        if not self.releases_arrays:
+            return {k: (model[k] - start[k]).astype(start[k].dtype) for k in model}
+        if not isinstance(trained, dict) or not all(
+            isinstance(v, np.ndarray) for v in trained.values()
+        ):
+            raise TypeError(f"{self.name}'s trainer must return its release as numpy arrays")
+        return {str(k): np.ascontiguousarray(v) for k, v in trained.items()}
 
     @property
     def clips_before_masking(self) -> bool:

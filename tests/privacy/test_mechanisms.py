@@ -1,5 +1,6 @@
 """The DP mechanism registry: names, sensitivities, configs, errors."""
 
+import numpy as np
 import pytest
 
 from privacy.dp_config import (
@@ -15,6 +16,8 @@ from privacy.mechanisms import (
     DISTRIBUTED,
     EPISODIC,
     MECHANISMS,
+    OUTPUT_DELTA,
+    OUTPUT_RELEASE,
     PROTOTYPES,
     SUPERVISED,
     Mechanism,
@@ -80,3 +83,16 @@ def test_a_name_cannot_be_registered_twice():
     assert MECHANISMS[EPISODIC].sensitivity == 2.0
     with pytest.raises(TypeError):
         MECHANISMS[EPISODIC] = MECHANISMS[SUPERVISED]  # type: ignore[index]  # read-only view
+
+
+def test_a_mechanism_says_what_leaves_the_node_and_makes_it():
+    start = {"w": np.zeros(3, np.float32)}
+    model = {"w": np.array([1.0, 2.0, 3.0], np.float64)}
+    episodic, prototypes = get_mechanism(EPISODIC), get_mechanism(PROTOTYPES)
+    assert (episodic.output, prototypes.output) == (OUTPUT_DELTA, OUTPUT_RELEASE)
+    delta = episodic.reply_arrays(None, model=model, start=start)
+    assert delta["w"].dtype == np.float32 and delta["w"].tolist() == [1.0, 2.0, 3.0]
+    sums = {"sums": np.ones((2, 3), np.float32)}
+    assert prototypes.reply_arrays(sums, model=model, start=start)["sums"].shape == (2, 3)
+    with pytest.raises(TypeError, match="must return its release as numpy arrays"):
+        prototypes.reply_arrays([1.0], model=model, start=start)
