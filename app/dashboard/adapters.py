@@ -131,6 +131,7 @@ def save_adapter(
         "format": ADAPTER_FORMAT,
         "classes": list(support.classes),
         "case_names": list(support.names),
+        "case_modalities": list(support.modalities),
         "mode": adaptation.mode,
         "base_version": adaptation.base_version,
         "adapt_config": AdaptConfig(mode=adaptation.mode).to_dict(),
@@ -192,6 +193,7 @@ def load_adapter(registry: Path, version: int) -> tuple[Adaptation, LoadedModel]
         labels=tensors[LABELS_KEY].numpy(),
         classes=tuple(meta["classes"]),
         names=tuple(meta["case_names"]),
+        modalities=tuple(meta.get("case_modalities", ())),
     )
     right, cases = entry.metrics.get("loo_right"), entry.metrics.get("loo_cases")
     temperature = entry.metrics.get("temperature")

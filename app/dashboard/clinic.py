@@ -49,6 +49,8 @@ class SupportSet:
     labels: np.ndarray  # (n,) int64 in 0..ways-1
     classes: tuple[str, ...]
     names: tuple[str, ...]
+    # Each case's DICOM modality ("" for other files; empty for adapters saved before it).
+    modalities: tuple[str, ...] = ()
 
     @property
     def ways(self) -> int:
@@ -88,6 +90,7 @@ def build_support(classes: Sequence[str], cases: Sequence[LoadedCases]) -> Suppo
         ),
         classes=tuple(names),
         names=tuple(n for c in cases for n in c.names),
+        modalities=tuple(m for c in cases for m in c.modalities),
     )
 
 

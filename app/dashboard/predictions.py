@@ -17,7 +17,7 @@ import torch
 from app.dashboard.clinic import CALIBRATION, Adaptation
 from app.dashboard.errors import CaseError
 from app.dashboard.provenance import Provenance
-from app.dashboard.uploads import CaseIdentity, LoadedCases
+from app.dashboard.uploads import CaseIdentity, LoadedCase, LoadedCases
 from models.calibration import UNCERTAIN, decide
 from models.ood import FLAG_AT, OODConfig, unusual_scores
 
@@ -48,11 +48,24 @@ class Prediction:
     # How unlike the labelled cases it is (models.ood.unusual_scores): above 1, flagged.
     ood_score: float = 0.0
     identity: CaseIdentity = field(default_factory=CaseIdentity)  # an archive case's names
+    # The labelled cases' modalities when this DICOM case is of none of them ("" otherwise).
+    other_modality_of: tuple[str, ...] = ()
 
     @property
     def unusual(self) -> bool:
-        """Whether the case lies too far from every labelled case to be given a label."""
-        return self.ood_score > FLAG_AT
+        """Whether the case is not to be given a label: it lies too far from every labelled
+        case, or it is a study of another modality than all of them."""
+        return self.ood_score > FLAG_AT or bool(self.other_modality_of)
+
+    @property
+    def unusual_reason(self) -> str:
+        """Why the case is flagged, in words ("" when it is not)."""
+        if self.other_modality_of:
+            return (
+                f"a {self.identity.modality} study; the labelled cases are "
+                f"{', '.join(self.other_modality_of)}"
+            )
+        return "unlike every labelled case" if self.unusual else ""
 
     @property
     def predicted(self) -> int:
@@ -106,6 +119,13 @@ def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Predictio
         config=OOD,
     ).tolist()
     probabilities = adaptation.predict_proba(x).numpy()
+    known = tuple(sorted({m for m in adaptation.support.modalities if m}))
+
+    def other(case: LoadedCase) -> tuple[str, ...]:
+        """The labelled cases' modalities, when this DICOM case is of none of them."""
+        modality = case.identity.modality
+        return known if modality and known and modality not in known else ()
+
     distances = torch.cdist(features, adaptation.support_embeddings)
     order = distances.argsort(dim=1)[:, :NEAREST].numpy()
     support = adaptation.support
@@ -124,6 +144,7 @@ def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Predictio
             ),
             ood_score=float(scores[i]),
             identity=case.identity,
+            other_modality_of=other(case),
         )
         for i, (case, probs) in enumerate(zip(cases.cases, probabilities, strict=True))
     ]
@@ -152,6 +173,7 @@ def predictions_csv(
             "probability",
             *(f"p({c})" for c in classes),
             "unusual_score",
+            "unusual_reason",
             "nearest_cases",
             *origin,
         ]
@@ -169,6 +191,7 @@ def predictions_csv(
                 f"{p.probabilities[p.predicted]:.4f}" if shown else "",
                 *(f"{v:.4f}" if shown else "" for v in p.probabilities),
                 f"{p.ood_score:.2f}",
+                p.unusual_reason,
                 "; ".join(f"{n.name} ({n.label})" for n in p.nearest),
                 *origin.values(),
             ]

@@ -41,6 +41,7 @@ class CaseIdentity:
     accession: str = ""
     patient: str = ""  # the patient's name, parts separated by spaces
     patient_id: str = ""
+    modality: str = ""  # the DICOM Modality (CR, US, ...): a case of another is not compared
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class LoadedCases:
         """File names of the readable cases."""
         return [c.name for c in self.cases]
 
+    @property
+    def modalities(self) -> list[str]:
+        """Each readable case's DICOM modality ("" for other files)."""
+        return [c.identity.modality for c in self.cases]
+
 
 def _cache_key(upload: Upload, pipeline: PipelineConfig, guard: GuardConfig) -> str:
     digest = hashlib.sha256(upload.data).hexdigest()
@@ -97,6 +103,7 @@ def _header(path: Path) -> tuple[tuple[int, ...], CaseIdentity]:
             accession=str(ds.get("AccessionNumber", "") or "").strip(),
             patient=" ".join(str(ds.get("PatientName", "") or "").replace("^", " ").split()),
             patient_id=str(ds.get("PatientID", "") or "").strip(),
+            modality=str(ds.get("Modality", "") or "").strip().upper(),
         )
         return ((rows, cols) if samples == 1 else (rows, cols, samples)), identity
     import nibabel as nib

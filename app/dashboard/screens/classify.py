@@ -134,14 +134,14 @@ else:
     st.session_state[views.PREDICTIONS_KEY] = (key, predictions, origin)
 
 st.subheader("Predictions")
-unusual = [p.name for p in predictions if p.unusual]
+unusual = [p for p in predictions if p.unusual]
 if unusual:
     st.warning(
-        f"{len(unusual)} of {len(predictions)} case(s) flagged as **{OUTCOME_UNUSUAL}**: they look "
-        "unlike every labelled case of this adapter (as noise, a photograph or a study of another "
-        "modality would), so they are not classified: "
-        + ", ".join(unusual[:10])
-        + (", ..." if len(unusual) > 10 else "")
+        f"{len(unusual)} of {len(predictions)} case(s) flagged as **{OUTCOME_UNUSUAL}**: they are "
+        "studies of another modality than the labelled cases, or look unlike every labelled "
+        "case of this adapter (as noise or a photograph would), so they are not classified: "
+        + "; ".join(f"{p.name} ({p.unusual_reason})" for p in unusual[:10])
+        + ("; ..." if len(unusual) > 10 else "")
         + ". Check that they are the kind of study the adapter was made for."
     )
 uncertain = sum(p.uncertain and not p.unusual for p in predictions)
