@@ -51,4 +51,3 @@ def test_a_registered_toy_mechanism_runs_a_federated_round_unchanged(
         (entry,) = Ledger.open(site["ledger"]).entries()
         assert (entry.mechanism, entry.sensitivity_factor) == (NAME, 1.0)
         assert entry.accounted_noise_multiplier == 2.0  # sigma over the toy's sensitivity C
-

@@ -5,31 +5,18 @@ import pytest
 
 from privacy.accounting import epsilon_for
 from privacy.errors import BudgetExhaustedError
-from privacy.ledger import ChargeRequest, Ledger
+from privacy.ledger import Ledger
 from privacy.report import budget_of
 
 DELTA = 1e-5
 
 
-def request(steps: int) -> ChargeRequest:
-    return ChargeRequest(
-        run_id="run",
-        round=1,
-        mechanism="dp-episodic",
-        noise_multiplier=2.0,
-        sensitivity_factor=2.0,
-        sample_rate=0.1,
-        steps=steps,
-        requester="test",
-    )
-
-
-def test_the_budget_counts_charges_and_refusals_and_the_remaining_epsilon(tmp_path):
+def test_the_budget_counts_charges_and_refusals_and_the_remaining_epsilon(tmp_path, charge_request):
     one = epsilon_for([(1.0, 0.1, 10)], delta=DELTA, accountant="rdp")
     ledger = Ledger.create(tmp_path / "l.db", site="a", cap_epsilon=one * 1.5, delta=DELTA)
-    ledger.charge(request(10))
+    ledger.charge(charge_request(steps=10))
     with pytest.raises(BudgetExhaustedError):
-        ledger.charge(request(1000))
+        ledger.charge(charge_request(steps=1000))
     budget = budget_of(ledger)
     assert (budget.charges, budget.refusals) == (1, 1)
     assert budget.spent == pytest.approx(one)

@@ -10,27 +10,16 @@ import pytest
 
 from app.dashboard import network
 from privacy.errors import ReportFormatError
-from privacy.ledger import ChargeRequest, Ledger
+from privacy.ledger import Ledger
 from privacy.ledger_head import read_head
 from privacy.round_record import FederationStatus, PrototypeSummary, RoundRecord, SecureSum
 from privacy.site_report import SitePrivacyReport
 
 
 @pytest.fixture
-def report(tmp_path) -> SitePrivacyReport:
+def report(tmp_path, charge_request) -> SitePrivacyReport:
     ledger = Ledger.create(tmp_path / "a.db", site="a", cap_epsilon=50.0, delta=1e-5)
-    entry = ledger.charge(
-        ChargeRequest(
-            run_id="f",
-            round=1,
-            mechanism="dp-episodic",
-            noise_multiplier=2.0,
-            sensitivity_factor=2.0,
-            sample_rate=0.1,
-            steps=3,
-            requester="test",
-        )
-    )
+    entry = ledger.charge(charge_request(run_id="f", steps=3))
     head = read_head(ledger)
     return SitePrivacyReport.of_charge(entry, head, site="a", weight=1.0, round=1, replayed=False)
 

@@ -44,7 +44,7 @@ def test_a_report_with_a_missing_unknown_or_mistyped_key_is_refused(ledger):
     flat = report_for(ledger, 1, read_head(ledger)).to_dict()
     with pytest.raises(ReportFormatError, match="privacy report: missing epsilon-spent"):
         SitePrivacyReport.from_dict({k: v for k, v in flat.items() if k != "epsilon-spent"})
-    with pytest.raises(ReportFormatError, match="unknown key.* epsilon_spent;"):
+    with pytest.raises(ReportFormatError, match=r"unknown key.* epsilon_spent;"):
         SitePrivacyReport.from_dict({**flat, "epsilon_spent": 1.0})
     with pytest.raises(ReportFormatError, match="privacy report: steps must be int, got '20'"):
         SitePrivacyReport.from_dict({**flat, "steps": "20"})
