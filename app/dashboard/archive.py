@@ -2,24 +2,29 @@
 (QIDO-RS), pull a study's or series' instances as uploads read by the same guard and MONAI readers
 as files from the browser (WADO-RS), and store results back (STOW-RS).
 
-Patient identifiers are shown on the clinician's screen only: instances are named by the end of
-their SOP Instance UID, and the query strings that carry patient names are withheld from the log
-records of ``dicomweb-client`` and ``urllib3``. ``dicomweb-client`` is optional: without it the
-page says how to install it.
+Patient identifiers are shown on the clinician's screen and in the CSV only, never logged:
+instances are named as the archive names them (:func:`case_name`), and the client
+(:mod:`app.dashboard.archive_client`) withholds the query strings that carry patient names from
+the HTTP libraries' log records.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import io
-import logging
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from app.dashboard.errors import DashboardError
+from app.dashboard.archive_client import (
+    ArchiveError,
+    call,
+    check_uid,
+    client,
+    reading,
+    value,
+    values,
+)
 from app.dashboard.uploads import Upload
 
 MAX_INSTANCES = 200  # a classification batch, not a whole CT volume per slice
@@ -28,126 +33,10 @@ QUERY_PAGE = 100  # studies per QIDO-RS request (limit/offset paging, PS3.18 8.3
 # Series that hold no image (structured reports, key objects, presentation states): a pull
 # leaves them out, so results written back are not pulled again as cases.
 NON_IMAGE_MODALITIES = frozenset({"SR", "KO", "PR", "DOC", "RWV", "SEG", "REG", "PLAN"})
-UID_CHARS = set("0123456789.")
-MAX_UID_CHARS = 64  # PS3.5 9.1
 NAME_SEPARATORS = re.compile(r"[\s^,]+")  # between the parts of a typed patient name
 # Study attributes asked for besides the default return keys (PS3.18 10.6.3.3.1).
 STUDY_FIELDS = ("NumberOfStudyRelatedInstances", "ModalitiesInStudy", "StudyDescription")
 SERIES_FIELDS = ("NumberOfSeriesRelatedInstances", "SeriesDescription", "SeriesNumber")
-# Filters apply to records logged on the logger itself, not on its children: the modules that log.
-LOGGERS_WITH_URLS = ("dicomweb_client.web", "urllib3.connectionpool")
-T = TypeVar("T")
-
-
-class ArchiveError(DashboardError):
-    """The archive cannot be reached, or the study cannot be read from it."""
-
-
-class _WithholdQueries(logging.Filter):
-    """Replace query strings in log records by ``?...``: QIDO-RS queries carry patient names."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "?" in message:
-            record.msg, record.args = re.sub(r"\?[^\s\"']*", "?...", message), ()
-        return True
-
-
-_WITHHOLD = _WithholdQueries()
-
-
-def _session() -> Any:
-    """A requests session that leaves ``*`` unescaped in query strings.
-
-    Orthanc's DICOMweb plugin (1.7, Debian's) does not percent-decode query values, so a
-    wildcard sent as ``%2A`` matches nothing; ``*`` is legal as it is in a query (RFC 3986,
-    sub-delims), so servers that decode see the same value.
-    """
-    import requests
-
-    class WildcardSession(requests.Session):
-        def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
-            prepared = super().prepare_request(request)
-            url = prepared.url or ""
-            head, sep, query = url.partition("?")
-            prepared.url = head + sep + query.replace("%2A", "*")
-            return prepared
-
-    return WildcardSession()
-
-
-def _client(url: str) -> Any:
-    try:
-        from dicomweb_client.api import DICOMwebClient
-    except ImportError:
-        raise ArchiveError(
-            "reading from the image archive needs the dicomweb-client package: ask IT to "
-            "install it (pip install dicomweb-client) and restart the dashboard"
-        ) from None
-    for name in LOGGERS_WITH_URLS:
-        logger = logging.getLogger(name)
-        if _WITHHOLD not in logger.filters:
-            logger.addFilter(_WITHHOLD)
-    client = DICOMwebClient(url=url, chunk_size=10**6, session=_session())
-    # A clinician is waiting on the page: one attempt, and a message, rather than five retries
-    # with exponential waits.
-    client.set_http_retry_params(retry=False)
-    return client
-
-
-@contextmanager
-def _reading(url: str) -> Iterator[None]:
-    """Turn HTTP and connection failures into one :class:`ArchiveError` that says what to do."""
-    import requests  # a dependency of dicomweb-client, there once the client imports
-
-    try:
-        yield
-    except requests.RequestException as exc:
-        reason = getattr(getattr(exc, "response", None), "status_code", None)
-        detail = f"HTTP {reason}" if reason else "no answer"
-        raise ArchiveError(
-            f"the image archive at {url} could not be read ({detail}): check the address with IT"
-        ) from exc
-
-
-def _call(url: str, action: Callable[[Any], T]) -> T:
-    client = _client(url)
-    with _reading(url):
-        return action(client)
-
-
-def check_uid(uid: str, *, what: str = "Study Instance UID") -> str:
-    """The UID without surrounding blanks.
-
-    Raises:
-        ArchiveError: empty, longer than 64 characters, or not digits and dots.
-    """
-    value = uid.strip()
-    if not value or not set(value) <= UID_CHARS or len(value) > MAX_UID_CHARS:
-        raise ArchiveError(
-            f"a {what} is up to {MAX_UID_CHARS} digits and dots, got {uid!r}: copy it from "
-            "the archive viewer"
-        )
-    return value
-
-
-def _value(item: dict[str, Any], keyword: str) -> Any:
-    """The first value of a DICOM JSON attribute (PS3.18 F.2), or None."""
-    from pydicom.datadict import tag_for_keyword
-
-    tag = tag_for_keyword(keyword)
-    values = item.get(f"{tag:08X}", {}).get("Value") if tag is not None else None
-    if not values:
-        return None
-    first = values[0]
-    return first.get("Alphabetic", "") if isinstance(first, dict) else first
-
-
-def _values(item: dict[str, Any], keyword: str) -> list[Any]:
-    from pydicom.datadict import tag_for_keyword
-
-    tag = tag_for_keyword(keyword)
-    return list(item.get(f"{tag:08X}", {}).get("Value") or []) if tag is not None else []
 
 
 def _date(value: Any) -> str:
@@ -272,14 +161,14 @@ def search_studies(url: str, *, query: StudyQuery, limit: int = MAX_STUDIES) -> 
     """
     filters = query.filters()
 
-    def search(client: Any) -> tuple[list[dict[str, Any]], bool]:
+    def search(web: Any) -> tuple[list[dict[str, Any]], bool]:
         found: dict[str, dict[str, Any]] = {}
         complete = True
         for search_filters in filters:
 
             def page(offset: int, size: int, where: dict[str, str] = search_filters) -> list[Any]:
                 return list(
-                    client.search_for_studies(
+                    web.search_for_studies(
                         search_filters=where, fields=list(STUDY_FIELDS), limit=size, offset=offset
                     )
                 )
@@ -289,7 +178,7 @@ def search_studies(url: str, *, query: StudyQuery, limit: int = MAX_STUDIES) -> 
                 size = min(QUERY_PAGE, limit - offset)
                 items = page(offset, size)
                 for item in items:
-                    found.setdefault(str(_value(item, "StudyInstanceUID")), item)
+                    found.setdefault(str(value(item, "StudyInstanceUID")), item)
                 offset += len(items)
                 if len(items) < size:  # the last page
                     break
@@ -297,17 +186,17 @@ def search_studies(url: str, *, query: StudyQuery, limit: int = MAX_STUDIES) -> 
                 complete = complete and not page(offset, 1)  # one more beyond the limit?
         return list(found.values()), complete
 
-    items, complete = _call(url, search)
+    items, complete = call(url, search)
     studies = [
         StudySummary(
-            study_uid=str(_value(item, "StudyInstanceUID")),
-            date=_date(_value(item, "StudyDate")),
-            patient_name=str(_value(item, "PatientName") or ""),
-            patient_id=str(_value(item, "PatientID") or ""),
-            modalities=tuple(str(m) for m in _values(item, "ModalitiesInStudy")),
-            description=str(_value(item, "StudyDescription") or ""),
-            images=int(_value(item, "NumberOfStudyRelatedInstances") or 0),
-            accession=str(_value(item, "AccessionNumber") or ""),
+            study_uid=str(value(item, "StudyInstanceUID")),
+            date=_date(value(item, "StudyDate")),
+            patient_name=str(value(item, "PatientName") or ""),
+            patient_id=str(value(item, "PatientID") or ""),
+            modalities=tuple(str(m) for m in values(item, "ModalitiesInStudy")),
+            description=str(value(item, "StudyDescription") or ""),
+            images=int(value(item, "NumberOfStudyRelatedInstances") or 0),
+            accession=str(value(item, "AccessionNumber") or ""),
         )
         for item in items
     ]
@@ -326,20 +215,20 @@ def study_series(url: str, *, study_uid: str) -> list[SeriesSummary]:
         ArchiveError: a malformed UID or an unreachable archive.
     """
     uid = check_uid(study_uid)
-    items = _call(
+    items = call(
         url,
         lambda c: c.search_for_series(study_instance_uid=uid, fields=list(SERIES_FIELDS)),
     )
     series = []
     for item in items:
-        number = _value(item, "SeriesNumber")
+        number = value(item, "SeriesNumber")
         series.append(
             SeriesSummary(
-                series_uid=str(_value(item, "SeriesInstanceUID")),
+                series_uid=str(value(item, "SeriesInstanceUID")),
                 number=int(number) if number is not None else None,
-                modality=str(_value(item, "Modality") or ""),
-                description=str(_value(item, "SeriesDescription") or ""),
-                images=int(_value(item, "NumberOfSeriesRelatedInstances") or 0),
+                modality=str(value(item, "Modality") or ""),
+                description=str(value(item, "SeriesDescription") or ""),
+                images=int(value(item, "NumberOfSeriesRelatedInstances") or 0),
             )
         )
     return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.series_uid))
@@ -412,9 +301,9 @@ def study_cases(url: str, *, study_uid: str, series_uid: str | None = None) -> l
         raise ArchiveError(
             f"{where} has more than {MAX_INSTANCES} images: pick a smaller study or series"
         )
-    client = _client(url)
-    with _reading(url):
-        datasets = [ds for s in chosen for ds in client.retrieve_series(uid, s.series_uid)]
+    web = client(url)
+    with reading(url):
+        datasets = [ds for s in chosen for ds in web.retrieve_series(uid, s.series_uid)]
     return _named([ds for ds in datasets if "PixelData" in ds])
 
 
@@ -431,7 +320,7 @@ def store_instances(url: str, *, datasets: list[Any]) -> None:
     """
     if not datasets:
         return
-    reply = _call(url, lambda c: c.store_instances(datasets))
+    reply = call(url, lambda c: c.store_instances(datasets))
     failed = len(reply.get("FailedSOPSequence", None) or [])
     if failed:
         raise ArchiveError(

@@ -2,7 +2,16 @@
 
 import streamlit as st
 
-from app.dashboard import adapters, archive_view, clinic, explain, preferences, ui, views
+from app.dashboard import (
+    adapters,
+    archive_view,
+    clinic,
+    explain,
+    preferences,
+    ui,
+    views,
+    write_back,
+)
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.predictions import (
     NEAREST,
@@ -186,7 +195,7 @@ st.download_button(
         "outcomes": [p.outcome(classes) for p in predictions],
     },
 )
-archive_view.write_back_panel(
+write_back.write_back_panel(
     config.dicomweb,
     key="classify_write_back",
     classes=classes,

@@ -10,11 +10,11 @@ import logging
 import pytest
 
 from app.dashboard import archive, settings
-from app.dashboard.archive_view import ACTION_WRITE_BACK
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.provenance import ACTION_CLASSIFY, NOTICE, AuditLog, Provenance
 from app.dashboard.structured_report import classification_report, read_report, source_dataset
 from app.dashboard.uploads import CaseIdentity, load_uploads
+from app.dashboard.write_back import ACTION_WRITE_BACK
 from models.pipeline import PipelineConfig
 from tests.app.dashboard.conftest import texts
 from tests.app.dashboard.orthanc import Studies, free_port
@@ -43,8 +43,12 @@ def test_a_study_becomes_cases(studies: Studies) -> None:
     assert {c.original_shape for c in cases.cases} == {(40, 40)}
     assert {c.identity for c in cases.cases} == {
         CaseIdentity(
-            accession=f"A{studies.tag}", patient="Doe Jane", patient_id=f"PA-{studies.tag}"
+            accession=f"A{studies.tag}",
+            patient="Doe Jane",
+            patient_id=f"PA-{studies.tag}",
+            modality=modality,
         )
+        for modality in ("CR", "DX")
     }
 
 
