@@ -7,9 +7,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from federation.client_app import app as client_app
 from federation.inprocess import set_task_identity
+from federation.records import MODEL, PLAN, to_arrays, to_config
+from federation.secure_node import stage_of
 from federation.server_app import initial_state
 from federation.server_config import ServerConfig
 from models.synthetic import write_synthetic_npz
@@ -81,3 +85,38 @@ def write_key(path: Path) -> Path:
     )
     path.with_name(path.name + ".pub").write_bytes(public)
     return path
+
+
+def message(state, plan) -> Message:
+    """The train message a server sends a node: the global model and the round's plan."""
+    content = RecordDict({MODEL: to_arrays(state), PLAN: to_config(plan.to_config())})
+    return Message(content, dst_node_id=3, message_type=MessageType.TRAIN)
+
+
+def context(node_config) -> Context:
+    """The Context a SuperNode with ``node_config`` gives the ClientApp."""
+    return Context(run_id=7, node_id=3, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def node(site):
+    """A plain node: the ClientApp, routed by message type as Flower does."""
+    return lambda msg: client_app(msg, context(site))
+
+
+def secure_node(site: dict, node_id: int, *, drop_masked_in_attempts: tuple[int, ...] = ()):
+    """A node: the ClientApp's train path (mod + handler) with the Context a SuperNode keeps
+    for the run. ``drop_masked_in_attempts``: the masked-vectors stages (1st, 2nd, ...) whose
+    reply is lost after the node trained, as when it dies before sending."""
+    kept = Context(run_id=7, node_id=node_id, node_config=site, state=RecordDict(), run_config={})
+    seen = {"masked": 0}
+
+    def handle(msg: Message) -> Message | None:
+        stage = stage_of(msg)  # before the mod: Flower's mod pops the stage from the message
+        reply = client_app(msg, kept)  # the mod, then the handler of the message's type
+        if stage == "collect_masked_vectors":
+            seen["masked"] += 1
+            if seen["masked"] in drop_masked_in_attempts:
+                return None
+        return reply
+
+    return handle

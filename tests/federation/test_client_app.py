@@ -5,20 +5,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, MessageType, RecordDict
 
 from federation.client_app import train
 from federation.errors import NodeConfigError
 from federation.node_config import NodeConfig
 from federation.records import (
     DELTA,
-    MODEL,
-    PLAN,
     REPORT,
     from_arrays,
     from_config,
-    to_arrays,
-    to_config,
 )
 from federation.strategy import plan_for
 from models.registry import Registry
@@ -26,16 +21,7 @@ from privacy.ledger import Ledger
 from privacy.ledger_head import verify_signature
 from privacy.site_report import SitePrivacyReport
 
-from .conftest import make_site, write_key
-
-
-def message(state, plan) -> Message:
-    content = RecordDict({MODEL: to_arrays(state), PLAN: to_config(plan.to_config())})
-    return Message(content, dst_node_id=3, message_type=MessageType.TRAIN)
-
-
-def context(node_config) -> Context:
-    return Context(run_id=7, node_id=3, node_config=node_config, state=RecordDict(), run_config={})
+from .conftest import context, make_site, message, write_key
 
 
 def test_a_round_charges_the_ledger_keeps_the_model_and_replies_with_accounted_values_only(

@@ -29,8 +29,7 @@ from privacy.ledger import Ledger
 from privacy.mechanisms import EPISODIC, PROTOTYPES
 from privacy.prototype_release import PROTOTYPES_FILE, SUMS, PrototypeRelease
 
-from .conftest import make_site
-from .test_client_app import context, message
+from .conftest import context, make_site, message
 
 VOCABULARY = ("synthetic_disc_bright", "synthetic_ring_dark", "not_at_any_site")
 SIGMA = 2.0  # accounted sigma 2 / sqrt(2) = 1.41, above the nodes' default minimum 0.8

@@ -25,8 +25,7 @@ from federation.strategy import FederatedMetaStrategy, plan_for
 from models.errors import DataError, UnreadableImageError
 from privacy.errors import LedgerError, LedgerTamperedError
 
-from .conftest import make_site
-from .test_client_app import context, message
+from .conftest import context, make_site, message
 
 MARKER = "MARKER-patient-0042"
 

@@ -8,7 +8,6 @@ import pytest
 from flwr.app import Message
 
 from federation.checkpoint import load_checkpoint
-from federation.client_app import app as client_app
 from federation.client_app import train
 from federation.errors import QuorumError
 from federation.inprocess import InProcessGrid
@@ -21,12 +20,7 @@ from privacy.ledger import Ledger
 from privacy.ledger_head import check_against_record
 from privacy.site_report import recorded_heads
 
-from .conftest import make_site, write_key
-from .test_client_app import context
-
-
-def node(site):
-    return lambda msg: client_app(msg, context(site))  # routed by message type, as Flower does
+from .conftest import context, make_site, node, write_key
 
 
 def test_two_rounds_publish_a_version_each_with_every_sites_report(

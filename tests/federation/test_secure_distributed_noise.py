@@ -26,8 +26,7 @@ from privacy.accounting import epsilon_for
 from privacy.ledger import Ledger
 from privacy.mechanisms import DISTRIBUTED, EPISODIC, MECHANISMS
 
-from .conftest import make_site
-from .test_secure_round import node
+from .conftest import make_site, secure_node
 
 ALLOW = f"{EPISODIC},{DISTRIBUTED}"
 
@@ -72,7 +71,7 @@ def test_distributed_noise_charges_the_sum_reports_the_fallback_and_needs_the_si
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("abc")]
     for site in sites[:2]:  # c keeps the default allow-list: per-site noise only
         site["allowed-mechanisms"] = ALLOW
-    grid = InProcessGrid({i + 1: node(s, i + 1) for i, s in enumerate(sites)})
+    grid = InProcessGrid({i + 1: secure_node(s, i + 1) for i, s in enumerate(sites)})
     strategy = FederatedMetaStrategy(distributed_config, state)
     result = collect_secure_round(grid, strategy, state, 1)
     assert result.gate.contributors == 2

@@ -10,46 +10,23 @@ from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from safetensors.numpy import load_file
 
-from federation.client_app import app as client_app
 from federation.client_app import train
 from federation.errors import InvalidUpdateError
 from federation.inprocess import InProcessGrid
 from federation.node_config import NodeConfig
 from federation.reasons import ReasonCode
 from federation.secure_aggregation import clip_before_masking, update_norm
-from federation.secure_node import fit_instructions, stage_of, train_masked
+from federation.secure_node import fit_instructions, train_masked
 from federation.secure_server import collect_secure_round
 from federation.strategy import FederatedMetaStrategy
 from privacy.ledger import Ledger
 
-from .conftest import make_site
-from .test_client_app import message
+from .conftest import make_site, message, secure_node
 
 
 @pytest.fixture
 def secure_config(server_config):
     return dataclasses.replace(server_config, secure_aggregation=True, num_rounds=1)
-
-
-def node(site: dict, node_id: int, *, drop_masked_in_attempts: tuple[int, ...] = ()):
-    """A node: the ClientApp's train path (mod + handler) with the Context a SuperNode keeps
-    for the run. ``drop_masked_in_attempts``: the masked-vectors stages (1st, 2nd, ...) whose
-    reply is lost after the node trained, as when it dies before sending."""
-    context = Context(
-        run_id=7, node_id=node_id, node_config=site, state=RecordDict(), run_config={}
-    )
-    seen = {"masked": 0}
-
-    def handle(msg: Message) -> Message | None:
-        stage = stage_of(msg)  # before the mod: Flower's mod pops the stage from the message
-        reply = client_app(msg, context)  # the mod, then the handler of the message's type
-        if stage == "collect_masked_vectors":
-            seen["masked"] += 1
-            if seen["masked"] in drop_masked_in_attempts:
-                return None
-        return reply
-
-    return handle
 
 
 def kept_update(site: dict, bound: float) -> dict[str, np.ndarray]:
@@ -69,10 +46,10 @@ def test_the_server_gets_the_sum_without_a_forbidding_node_and_a_dropped_nodes_m
     sites[2]["secure-aggregation"] = "forbidden"
     grid = InProcessGrid(
         {
-            1: node(sites[0], 1),
-            2: node(sites[1], 2),
-            3: node(sites[2], 3),
-            4: node(sites[3], 4, drop_masked_in_attempts=(1,)),  # trained, then died
+            1: secure_node(sites[0], 1),
+            2: secure_node(sites[1], 2),
+            3: secure_node(sites[2], 3),
+            4: secure_node(sites[3], 4, drop_masked_in_attempts=(1,)),  # trained, then died
         }
     )
     strategy = FederatedMetaStrategy(secure_config, global_state)
@@ -95,7 +72,9 @@ def test_below_the_threshold_the_round_fails_and_its_retry_charges_nobody_twice(
 ):
     config = dataclasses.replace(secure_config, min_nodes=2, min_replies=2, max_retries=1)
     sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
-    grid = InProcessGrid({1: node(sites[0], 1), 2: node(sites[1], 2, drop_masked_in_attempts=(1,))})
+    grid = InProcessGrid(
+        {1: secure_node(sites[0], 1), 2: secure_node(sites[1], 2, drop_masked_in_attempts=(1,))}
+    )
     strategy = FederatedMetaStrategy(config, global_state)
     result = collect_secure_round(grid, strategy, global_state, 1)
     assert result.attempts == 2 and result.gate.contributors == 2

@@ -15,8 +15,7 @@ from privacy import mechanisms
 from privacy.ledger import Ledger
 from privacy.mechanisms import register_mechanism
 
-from .conftest import make_site
-from .test_rounds import node
+from .conftest import make_site, node
 from .toy_mechanism import NAME, TOY, ToyConfig
 
 
