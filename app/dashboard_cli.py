@@ -17,10 +17,12 @@ import typer
 from app.dashboard.auth import ROLES, UserStore
 from app.dashboard.errors import DashboardError
 from app.dashboard.settings import (
+    ENV_DICOMWEB,
     ENV_FEDERATION_STATUS,
     ENV_LEDGERS,
     ENV_REGISTRY,
     ENV_SESSION_HOURS,
+    ENV_SITE_NAME,
     ENV_SUPERLINK,
     ENV_USERS_DB,
     load_settings,
@@ -39,7 +41,11 @@ users_app = typer.Typer(
 )
 
 UsersDbOption = typer.Option(
-    None, "--db", help=f"Account database (default: ${ENV_USERS_DB} or ~/.fedfew/dashboard.sqlite)."
+    None,
+    "--users-db",
+    "--db",  # the name it had first
+    help=f"Account database (default: ${ENV_USERS_DB} or ~/.fedfew/dashboard.sqlite); the "
+    "same option as `fedfew dashboard --users-db`.",
 )
 
 
@@ -153,6 +159,12 @@ def dashboard(
     session_hours: float | None = typer.Option(
         None, "--session-hours", help="Login lifetime (default 8)."
     ),
+    dicomweb: str | None = typer.Option(
+        None, "--dicomweb", help=f"The image archive's DICOMweb root URL (${ENV_DICOMWEB})."
+    ),
+    site_name: str | None = typer.Option(
+        None, "--site-name", help=f"The hospital's name, shown on the login page ({ENV_SITE_NAME})."
+    ),
 ) -> None:
     """Start the dashboard (Streamlit) for clinicians, administrators and IT."""
     env = dict(os.environ)
@@ -163,6 +175,8 @@ def dashboard(
         ENV_FEDERATION_STATUS: federation_status,
         ENV_SUPERLINK: superlink,
         ENV_SESSION_HOURS: session_hours,
+        ENV_DICOMWEB: dicomweb,
+        ENV_SITE_NAME: site_name,
     }
     env.update({k: str(v) for k, v in values.items() if v is not None})
     try:
@@ -174,7 +188,8 @@ def dashboard(
     if not UserStore(settings.users_db).users():
         typer.echo(
             f"no dashboard account yet in {settings.users_db}: create one with "
-            "`fedfew users add --role clinician` (or administrator, it)",
+            f"`fedfew users add --role clinician --users-db {settings.users_db}` (or "
+            "administrator, it)",
             err=True,
         )
     typer.echo(f"dashboard on http://{host}:{port} (registry {settings.registry})")

@@ -86,9 +86,11 @@ class StudyQuery:
         if not patient:
             return [common]
         # Names are matched as wildcards over their parts, in order ("doe jane" finds
-        # Doe^Jane), which Orthanc matches without regard to case; IDs exactly.
+        # Doe^Jane), which Orthanc matches without regard to case; IDs by any part ("0042"
+        # finds PAT-00421), as typed when the clinician gives wildcards.
         name = "*" + "*".join(words) + "*"
-        return [{**common, "PatientName": name}, {**common, "PatientID": patient}]
+        known = patient if set(patient) & set("*?") else f"*{patient}*"
+        return [{**common, "PatientName": name}, {**common, "PatientID": known}]
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,11 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
         outcome = st.session_state.pop(key + MESSAGE, None)
         if outcome is not None:
             (st.success if outcome[0] else st.error)(outcome[1])
-    image_viewer(st.session_state.get(key + PULLED, []), key=f"{key}_viewer")
+    # Only what is still among the page's cases: "Clear kept cases" also clears the viewer.
+    held = {u for slot in views.case_shelf().all_uploads().values() for u in slot}
+    pulled = [u for u in st.session_state.get(key + PULLED, []) if u in held]
+    st.session_state[key + PULLED] = pulled
+    image_viewer(pulled, key=f"{key}_viewer")
 
 
 def _pull(

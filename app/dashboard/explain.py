@@ -102,3 +102,14 @@ def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = OVERLAY_ALPHA
     weight = alpha * np.clip(heat, 0.0, 1.0)[..., None]
     mixed = (1.0 - weight) * grey[..., None] + weight * colour
     return np.round(mixed * 255).astype(np.uint8)
+
+
+def colour_scale(*, width: int = 256, height: int = 12) -> np.ndarray:
+    """The overlay's colour scale as an 8-bit ``(height, width, 3)`` strip, from no evidence
+    (left, the plain grey image) to the strongest evidence on the case (right)."""
+    from matplotlib import colormaps
+
+    ramp = np.linspace(0.0, 1.0, width)
+    colour = colormaps[COLORMAP](ramp)[..., :3]
+    mixed = (1.0 - OVERLAY_ALPHA * ramp[:, None]) * 0.5 + OVERLAY_ALPHA * ramp[:, None] * colour
+    return np.round(np.repeat(mixed[None], height, axis=0) * 255).astype(np.uint8)

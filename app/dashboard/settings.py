@@ -22,6 +22,7 @@ ENV_SESSION_HOURS = "FEDFEW_SESSION_HOURS"  # login lifetime
 # commas); unset: any folder the dashboard's account can read.
 ENV_DATA_ROOTS = "FEDFEW_DATA_ROOTS"
 ENV_DICOMWEB = "FEDFEW_DICOMWEB"  # the image archive's DICOMweb root URL, optional
+ENV_SITE_NAME = "FEDFEW_SITE_NAME"  # the hospital's name, on the login page
 ENV_VARS = (
     ENV_HOME,
     ENV_REGISTRY,
@@ -32,6 +33,7 @@ ENV_VARS = (
     ENV_SESSION_HOURS,
     ENV_DATA_ROOTS,
     ENV_DICOMWEB,
+    ENV_SITE_NAME,
 )
 
 # A clinical shift: long enough not to interrupt work, short enough that a left-open browser
@@ -54,6 +56,7 @@ class DashboardSettings:
     session_hours: float = DEFAULT_SESSION_HOURS
     data_roots: tuple[Path, ...] = ()  # empty: no restriction
     dicomweb: str | None = None  # the archive's DICOMweb root; None: no archive
+    site_name: str = ""  # the hospital's name ("": the login page names no site)
 
     def __post_init__(self) -> None:
         if not self.session_hours > 0:
@@ -109,4 +112,5 @@ def load_settings(environ: dict[str, str] | None = None) -> DashboardSettings:
         session_hours=hours,
         data_roots=parse_ledgers(env.get(ENV_DATA_ROOTS, "")),
         dicomweb=env.get(ENV_DICOMWEB) or None,
+        site_name=(env.get(ENV_SITE_NAME) or "").strip(),
     )

@@ -210,7 +210,8 @@ def job_progress(job: Job[Any], *, cancel_key: str) -> None:
     if not job.running:
         st.rerun()
     fraction, text = job.progress()
-    st.progress(fraction, text=f"{text} ({round(100 * fraction)}%)")
+    # The whole run's share first: a step count of one part ("step 16 of 25") is not the run's.
+    st.progress(fraction, text=f"{round(100 * fraction)}% of the run done · now {text}")
     st.button(
         "Cancel",
         key=cancel_key,

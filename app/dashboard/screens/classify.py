@@ -245,6 +245,11 @@ def explanation() -> None:
             + (" (the most likely class, yet uncertain)" if prediction.uncertain else ""),
             width=320,
         )
+        st.image(explain.colour_scale(width=320), width=320)
+        st.caption(
+            "Colour scale: left, no effect on the result (the plain image); right, the regions "
+            "whose hiding lowers the probability of this class the most on this case."
+        )
     with right:
         st.bar_chart(
             {"class": list(classes), "probability": list(prediction.probabilities)},

@@ -8,9 +8,10 @@ from app.dashboard.auth import UserStore, new_session
 from app.dashboard.errors import AuthError, RateLimitedError
 from app.dashboard.provenance import ACTION_LOCKED, ACTION_LOGIN, ACTION_LOGIN_FAILED
 
-st.title("fedfew dashboard")
-ui.show_notice()
 config = ui.settings()
+st.title(f"fedfew dashboard · {config.site_name}" if config.site_name else "fedfew dashboard")
+ui.show_notice()
+ui.intended_use_notice()
 store = UserStore(config.users_db)
 oidc = ui.oidc_settings()
 

@@ -68,6 +68,8 @@ def test_one_series_becomes_cases(studies: Studies) -> None:
         ({"patient": "doe jane"}, {"chest"}),  # any case, parts in order
         ({"patient": "JANE"}, {"chest"}),
         ({"patient": "PB-{tag}"}, {"head"}),  # an ID
+        ({"patient": "B-{tag}"}, {"head"}),  # part of an ID
+        ({"patient": "{tag}"}, {"chest", "head"}),
         ({"accession": "B{tag}"}, {"head"}),
         ({"patient": "doe", "modality": "dx"}, {"chest"}),
         ({"patient": "doe", "modality": "CT"}, set()),
@@ -261,3 +263,16 @@ def test_classify_page_pulls_classifies_and_writes_back(
     write_back, classified = AuditLog(env["users"]).entries()[:2]
     assert (write_back.action, classified.action) == (ACTION_WRITE_BACK, ACTION_CLASSIFY)
     assert write_back.case_digests == classified.case_digests and write_back.cases == 3
+
+
+def test_clearing_the_cases_clears_the_viewer(studies, registry, make_app, monkeypatch) -> None:
+    """Issue 24, item 15: the viewer kept the last image after "Clear kept cases"."""
+    monkeypatch.setenv(settings.ENV_DICOMWEB, studies.url)
+    at = make_app(ROLE_CLINICIAN).run()
+    named_classes(at, ["normal", "finding"])
+    _search(at, key="adapt_archive", accession=f"B{studies.tag}")
+    _pull(at, key="adapt_archive", target="the cases of finding")
+    assert [c for c in at.caption if "pixels, window" in str(c.value)]
+    at.button(key="adapt_files_1_clear").click().run()
+    assert not at.exception
+    assert not [c for c in at.caption if "pixels, window" in str(c.value)]

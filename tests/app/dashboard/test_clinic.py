@@ -258,3 +258,10 @@ def test_occlusion_map_finds_the_evidence() -> None:
     assert picture.shape == (SIZE, SIZE, 3) and picture.dtype == np.uint8
     with pytest.raises(ValueError, match="must be"):
         explain.occlusion_map(predict_proba, image[0], target=1)
+
+
+def test_the_overlay_has_a_colour_scale() -> None:
+    strip = explain.colour_scale(width=100, height=8)
+    assert strip.shape == (8, 100, 3) and strip.dtype == np.uint8
+    assert np.all(strip[:, 0] == 128)  # left: no evidence, the plain (mid-grey) image
+    assert not np.array_equal(strip[:, -1], strip[:, 0])  # right: the strongest colour

@@ -87,9 +87,15 @@ def test_dashboard_passes_settings_and_upload_cap(tmp_path: Path, monkeypatch) -
         str(tmp_path / "u.sqlite"),
         "--superlink",
         "10.0.0.5:9092",
+        "--dicomweb",
+        "http://pacs:8042/dicom-web",
+        "--site-name",
+        "St Elsewhere",
     )
     assert result.exit_code == 0, result.output
-    assert "fedfew users add --role clinician" in result.output  # first run: how to get an account
+    # First run: how to get an account, in the same database (one option name for both).
+    hint = f"fedfew users add --role clinician --users-db {tmp_path / 'u.sqlite'}"
+    assert hint in " ".join(result.output.split())
     ((cmd, env),) = calls
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("app/dashboard/main.py")
     flags = dict(zip(cmd[5::2], cmd[6::2], strict=True))
@@ -99,6 +105,13 @@ def test_dashboard_passes_settings_and_upload_cap(tmp_path: Path, monkeypatch) -
     loaded = settings.load_settings(env)
     assert loaded.ledgers == (tmp_path / "a.db", tmp_path / "b.db")
     assert loaded.superlink == ("10.0.0.5", 9092) and loaded.registry == tmp_path / "reg"
+    assert loaded.dicomweb == "http://pacs:8042/dicom-web" and loaded.site_name == "St Elsewhere"
+    added = invoke(
+        "users", "add", "--role", "it", "--users-db", str(tmp_path / "u.sqlite"),
+        stdin=f"ian\n{PASSWORD}\n{PASSWORD}\n",
+    )  # fmt: skip
+    assert added.exit_code == 0, added.output
+    assert UserStore(tmp_path / "u.sqlite").authenticate("ian", PASSWORD).role == "it"
 
 
 def test_dashboard_refuses_a_bad_superlink(monkeypatch) -> None:

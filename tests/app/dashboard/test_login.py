@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app.dashboard.auth import MAX_FAILURES, ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT, Session
+from app.dashboard.settings import ENV_SITE_NAME
 from app.dashboard.ui import SESSION_KEY
 from tests.app.dashboard.conftest import ENTRY, PASSWORD, TIMEOUT, texts
 
@@ -100,3 +101,11 @@ def test_page_opened_directly_checks_the_role(store, page: str) -> None:
     at.run()
     assert not at.exception
     assert "your account does not have it" in texts(at, "error")
+
+
+def test_login_page_names_the_site_and_the_intended_use(store, make_app, monkeypatch) -> None:
+    """Issue 24, item 15."""
+    monkeypatch.setenv(ENV_SITE_NAME, "St Elsewhere")
+    at = make_app().run()
+    assert at.title[0].value == "fedfew dashboard · St Elsewhere"
+    assert "Intended use" in texts(at, "warning") and "not a diagnosis" in texts(at, "warning")
