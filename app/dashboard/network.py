@@ -200,7 +200,8 @@ class FederationStatus:
     nodes_reported: int | None  # nodes connected when the server last wrote the file
     updated: dt.datetime | None
     age_s: float | None  # seconds since ``updated``; None when the file has no time
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # flattened, for a table
+    records: list[dict[str, Any]] = field(default_factory=list)  # as written, for summaries
 
     @property
     def stale(self) -> bool:
@@ -253,6 +254,7 @@ def read_status(path: Path | None, *, now: dt.datetime | None = None) -> Federat
         rounds=[flatten(r) for r in rounds if isinstance(r, dict)]
         if isinstance(rounds, list)
         else [],
+        records=[r for r in rounds if isinstance(r, dict)] if isinstance(rounds, list) else [],
     )
 
 
@@ -271,3 +273,61 @@ def status_sentence(status: FederationStatus, *, superlink_up: bool | None) -> s
             "connected now: unknown."
         )
     return f"Running: {what} (reported {ago} ago)."
+
+
+def _spans(numbers: Sequence[int]) -> str:
+    """``[1, 2, 3, 5]`` as ``"1-3, 5"``."""
+    parts: list[str] = []
+    ordered = sorted(set(numbers))
+    start = prev = ordered[0] if ordered else 0
+    for n in [*ordered[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else str(start))
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
+
+
+def node_summaries(status: FederationStatus) -> list[str]:
+    """What each site did, in words, from the server's round records: the rounds it took part
+    in and missed, the last one (and how long ago the server reported), whether its update was
+    clipped, the epsilon its last report says it has spent; then the problems the server
+    recorded (silent or refused nodes), per round."""
+    taken: dict[str, list[int]] = {}
+    clipped: dict[str, list[int]] = {}
+    spent: dict[str, float] = {}
+    problems: list[str] = []
+    rounds: list[int] = []
+    for record in status.records:
+        number = record.get("round")
+        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+            continue  # round 0 is the starting model: no site takes part
+        rounds.append(number)
+        sites = record.get("sites")
+        for site, report in sites.items() if isinstance(sites, dict) else ():
+            taken.setdefault(str(site), []).append(number)
+            value = report.get("epsilon_spent") if isinstance(report, dict) else None
+            if _number(value):
+                spent[str(site)] = float(value)
+        for site in record.get("clipped") or ():
+            clipped.setdefault(str(site), []).append(number)
+        problems += [f"round {number}: {p}" for p in record.get("problems") or ()]
+    last = max(rounds, default=None)
+    ago = f", reported {_age(status.age_s)} ago" if status.age_s is not None else ""
+    lines = []
+    for site, numbers in sorted(taken.items()):
+        missed = [n for n in rounds if n > min(numbers) and n not in numbers]
+        text = f"**{site}**: took part in round(s) {_spans(numbers)}"
+        text += f"; missed {_spans(missed)}" if missed else ""
+        text += f"; last seen in round {max(numbers)}" + (
+            f" (the latest{ago})" if max(numbers) == last else f" (the latest is {last})"
+        )
+        if site in clipped:
+            text += f"; its update was clipped to the bound in round(s) {_spans(clipped[site])}"
+        if site in spent:
+            text += f"; its last report says ε {spent[site]:.2f} spent"
+        lines.append(text + ".")
+    lines += [f"Problem in {p}." for p in problems]
+    return lines

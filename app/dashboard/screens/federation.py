@@ -41,10 +41,14 @@ else:
         (st.warning if status.stale else st.success)(sentence)
         when = status.updated.strftime("%Y-%m-%d %H:%M:%S UTC") if status.updated else "unknown"
         st.caption(f"Federation {status.federation or '?'}; last report {when}.")
+        summaries = network.node_summaries(status)
+        if summaries:
+            st.markdown("**What each site did**\n\n" + "\n".join(f"- {x}" for x in summaries))
         if status.rounds:
-            st.dataframe(
-                network.arrow_safe(status.rounds), hide_index=True, key="federation_rounds"
-            )
+            with st.expander("Round records, as the server wrote them"):
+                st.dataframe(
+                    network.arrow_safe(status.rounds), hide_index=True, key="federation_rounds"
+                )
 
 st.subheader("Model versions")
 try:

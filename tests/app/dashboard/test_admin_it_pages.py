@@ -286,3 +286,36 @@ def test_model_quality_is_charted_per_round(store, registry, env, make_app) -> N
         (2, "accuracy", 0.6),  # the status file's round 2 wins over the registry's copy
         (2, "loss", 0.0),
     ]
+
+
+def test_what_each_site_did_in_words(store, registry, env, make_app) -> None:
+    """Issue 24, item 14: the rounds were a raw flattened table."""
+    report = {"epsilon_spent": 1.5}
+    rounds = [
+        {"round": 0, "sites": {}, "problems": [], "clipped": []},
+        {"round": 1, "sites": {"site-a": report, "site-b": report}, "problems": []},
+        {
+            "round": 2,
+            "sites": {"site-a": {"epsilon_spent": 2.0}},
+            "problems": ["node 7: no reply within 600 s"],
+            "clipped": ["site-a"],
+        },
+        {"round": 3, "sites": {"site-a": {"epsilon_spent": 2.5}}, "problems": []},
+    ]
+    env["status"].parent.mkdir(parents=True)
+    write_status(env["status"], nodes=1, updated=datetime.now(UTC), rounds=rounds)
+    at = make_app(ROLE_IT).run()
+    assert not at.exception
+    text = "\n".join(str(m.value) for m in at.markdown)
+    assert "**site-a**: took part in round(s) 1-3; last seen in round 3 (the latest, reported" in (
+        text
+    )
+    assert (
+        "ago); its update was clipped to the bound in round(s) 2; its last report says ε 2.50 "
+        "spent." in text
+    )
+    assert (
+        "**site-b**: took part in round(s) 1; missed 2-3; last seen in round 1 (the latest is "
+        "3); its last report says ε 1.50 spent." in text
+    )
+    assert "Problem in round 2: node 7: no reply within 600 s." in text
