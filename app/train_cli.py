@@ -27,6 +27,7 @@ from models.model_dir import load_model_dir, save_model_dir
 from models.networks import BACKBONES, BackboneConfig
 from models.pipeline import PipelineConfig
 from models.public_start import (
+    NATIVE_SIDES,
     PUBLIC_ENCODER,
     PUBLIC_PIPELINE,
     PUBLIC_WEIGHTS_NAME,
@@ -42,7 +43,6 @@ from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS, get_mechanism
 from privacy.private_run import charge_private_run, run_charged_training
 
 DP_BACKBONE = "conv4"  # what --epsilon trains by default: the DP mechanisms train parameters
-NATIVE_SIDES = {PUBLIC_ENCODER.name: PUBLIC_ENCODER.image_size}  # else the 64-px pipeline
 
 # Keys of a `fedfew evaluate --predictions` line (one JSON object per query).
 PREDICTION_EPISODE = "episode"
@@ -122,8 +122,10 @@ def train(
     if backbone is None and epsilon is None and weights is None:
         _write_public_start(data, out, meta=meta)
         return
-    pipeline = PipelineConfig(image_size=NATIVE_SIDES.get(backbone or DP_BACKBONE, 64))
-    backbone_config = BackboneConfig(name=backbone or DP_BACKBONE, image_size=pipeline.image_size)
+    named_set = PUBLIC_WEIGHTS.get(weights or "")
+    name = backbone or (named_set.backbone if named_set else DP_BACKBONE)
+    pipeline = PipelineConfig(image_size=NATIVE_SIDES.get(name, PipelineConfig.image_size))
+    backbone_config = BackboneConfig(name=name, image_size=pipeline.image_size)
     weights_file = resolve_weights(weights)
     config = TrainConfig(
         steps=steps, seed=seed, episode=EpisodeConfig(ways=ways, shots=shots, queries=queries)

@@ -44,6 +44,7 @@ from models.meta import MetaConfig
 from models.model_dir import save_model_dir
 from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
+from models.public_start import PUBLIC_ENCODER, ensure_public_base
 from models.registry import Registry
 from models.synthetic import synthetic_arrays
 
@@ -77,8 +78,11 @@ def make_uploads(seed: int) -> tuple[list[str], list[list[Upload]], list[Upload]
     return names, support, new
 
 
-def publish_model(registry: Path) -> int:
-    """A randomly initialised Conv-4 as global version 1 (latency does not depend on training)."""
+def publish_model(registry: Path, base: str = "conv4") -> int:
+    """The base model as version 1: a randomly initialised Conv-4 (latency does not depend on
+    training), or the public start (ImageNet EfficientNet-Lite0 at 224 px, frozen)."""
+    if base == "public":
+        return ensure_public_base(registry).id
     torch.manual_seed(0)
     backbone = BackboneConfig()
     pipeline = PipelineConfig(image_size=backbone.image_size)
@@ -202,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed prototype runs")
     p.add_argument("--finetune-repeats", type=int, default=3, help="timed finetune runs (slow)")
     p.add_argument("--name", default="dashboard_latency")
+    p.add_argument("--base", choices=("conv4", "public"), default="conv4", help="base model")
     p.add_argument(
         "--modes", nargs="+", default=["prototype", "linear", "finetune"], choices=ADAPT_MODES
     )
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     log = Progress()
     with tempfile.TemporaryDirectory(prefix="fedfew-bench-") as folder:
         registry = Path(folder) / "registry"
-        version = publish_model(registry)
+        version = publish_model(registry, args.base)
         model = Registry.open(registry).load_model(version)  # once per dashboard process
         load_before = os.getloadavg()
         log(f"dashboard latency on cpu ({THREADS} threads), load average {load_before[0]:.1f}")
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         "upload_side": UPLOAD_SIDE,
         "threads": THREADS,
         "warmup_runs": {"fast modes": WARMUP, "slow modes": FINETUNE_WARMUP},
-        "backbone": BackboneConfig().to_dict(),
+        "backbone": (PUBLIC_ENCODER if args.base == "public" else BackboneConfig()).to_dict(),
         "slow_mode_folds": clinic.SLOW_MODE_FOLDS,
         "goal_p50_s": GOAL_P50_S,
         "data": "models.synthetic.synthetic_arrays PNG uploads",

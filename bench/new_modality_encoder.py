@@ -38,7 +38,12 @@ from bench.common import SHARED_SETS, Progress, require_shared_data, set_threads
 from bench.new_condition import HELD_OUT
 from bench.new_modality import split_by_patient
 from models.adaptation import AdaptConfig
-from models.calibration import CalibrationConfig, calibrate, decide
+from models.calibration import (
+    CalibrationConfig,
+    calibrate,
+    decide,
+    expected_calibration_error,
+)
 from models.episodes import EpisodeConfig
 from models.evaluation import EpisodeLogits, embed_all, evaluate_episodes
 from models.imageset import ImageSet
@@ -136,11 +141,18 @@ def score(
     adapt_config, domain = LEVERS[lever]
     calibration = CalibrationConfig()
     confident: list[float] = []
+    confident_right: list[float] = []
+    calibrated: list[np.ndarray] = []
+    truth: list[np.ndarray] = []
 
     def keep(found: EpisodeLogits) -> None:
         probabilities, _ = calibrate(found.held_out, found.query_logits, config=calibration)
         decisions = decide(probabilities, min_confidence=calibration.min_confidence)
         confident.append(float((decisions >= 0).mean()))
+        right = decisions == found.query_labels
+        confident_right.append(float(right.sum() / max(1, (decisions >= 0).sum())))
+        calibrated.append(probabilities)
+        truth.append(found.query_labels)
 
     common: dict[str, Any] = {
         "episode": EpisodeConfig(ways=config.ways, shots=shots, queries=config.queries),
@@ -173,6 +185,12 @@ def score(
         "ci95": result.ci95,
         "episodes": config.episodes,
         "confident_share": float(np.mean(confident)) if confident else None,
+        "confident_accuracy": float(np.mean(confident_right)) if confident else None,
+        "ece": (
+            expected_calibration_error(np.concatenate(calibrated), np.concatenate(truth))
+            if calibrated
+            else None
+        ),
         "seconds_per_episode": seconds / config.episodes,
     }
 
@@ -275,11 +293,14 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     np.mean([m["accuracy"] - pixel[(m["fold"], shots)] for m in members])
                 ),
                 "per_fold": {m["fold"]: m["accuracy"] for m in members},
-                "confident_share": (
-                    float(np.mean([m["confident_share"] for m in members]))
-                    if members[0]["confident_share"] is not None
-                    else None
-                ),
+                **{
+                    key: (
+                        float(np.mean([m[key] for m in members]))
+                        if members[0][key] is not None
+                        else None
+                    )
+                    for key in ("confident_share", "confident_accuracy", "ece")
+                },
                 "head_ms_per_episode": 1000
                 * float(np.mean([m["seconds_per_episode"] for m in members])),
             }
@@ -358,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         log(
             f"{r['shots']}-shot {r['encoder']:>16} {r['lever']:>14}: "
             f"{100 * r['accuracy']:.1f} +/- {100 * r['ci95']:.1f} "
-            f"(gain {100 * r['gain_vs_pixel']:+.1f}; confident {r['confident_share']})"
+            f"(gain {100 * r['gain_vs_pixel']:+.1f}; confident {r['confident_share']}, "
+            f"ECE {r['ece']})"
         )
 
 

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.common import REPO, RESULTS, fold_means
 from bench.report_calibration import render_calibration
+from bench.report_encoder import render_encoder
 from bench.report_federation import render_federation
 from bench.report_levers import render_levers
 
@@ -305,7 +306,7 @@ def steps_section(folder: Path) -> list[str]:
 
 def render(folder: Path = RESULTS) -> str:
     """The markdown of every result present in ``folder``."""
-    parts: list[str] = render_levers(folder)
+    parts: list[str] = [*render_encoder(folder), "", *render_levers(folder)]
     for source in ("cross_domain.json", "cross_domain_quick.json"):
         if (folder / source).is_file():
             parts += cross_domain_section(json.loads((folder / source).read_text()), source)

@@ -29,6 +29,8 @@ PUBLIC_ENCODER = BackboneConfig(
     features="multi-scale",  # blocks 10 and 15 and the head (bench/new_modality_encoder.py)
 )
 PUBLIC_PIPELINE = PipelineConfig(image_size=PUBLIC_INPUT_SIDE)
+# Backbones with a native input side; the others take the 64-px pipeline of the shared sets.
+NATIVE_SIDES = {PUBLIC_ENCODER.name: PUBLIC_INPUT_SIDE}
 PUBLIC_NAME = "public-efficientnet-lite0-imagenet"  # its name in a node's registry
 START_KEY = "public_start"  # config.json key naming the weight set a model started from
 

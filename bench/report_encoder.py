@@ -1,0 +1,92 @@
+"""Markdown of the public encoder's benchmarks (bench/new_modality_encoder.py): one table per task,
+every number from its JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TASKS = {
+    "new_modality_encoder.json": "A modality it never saw (leave one modality out)",
+    "new_condition_encoder.json": "New conditions in a known modality (three held out each)",
+}
+
+
+def _pct(value: float | None, ci: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}" + (f" ± {100 * ci:.1f}" if ci is not None else "")
+
+
+def _signed(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def encoder_section(payload: dict[str, Any], source: str, title: str) -> list[str]:
+    """A table of every (encoder, lever) row: the 5-shot and 1-shot means over the folds with
+    95% CIs, the gain over pixels, each fold, the confident share, ECE and the head's time."""
+    config, env, results = payload["config"], payload["environment"], payload["results"]
+    summary = results["summary"]
+    shots = sorted({r["shots"] for r in summary})
+    main, low = max(shots), min(shots)
+    by_key = {(r["encoder"], r["lever"], r["shots"]): r for r in summary}
+    folds = list(config["folds"])
+    out = [
+        f"### Public encoder: {title}",
+        "",
+        f"From `bench/results/{source}` ({env['device_name']}, torch {env['torch']}, "
+        f"{env['date']}): {config['ways']}-way, {config['queries']} queries per class, "
+        f"{config['episodes']} episodes per fold, the same episodes for every row; each "
+        f"modality split by patient into an unlabelled pool (its mean centres the `-domain` "
+        f"rows, as `fedfew adapt-domain` statistics do) and an evaluation half. Confident share "
+        f"and ECE after the dashboard's calibration, over the first "
+        f"{config['calibrated_episodes']} episodes of each fold. Accuracy % with 95% CI.",
+        "",
+        f"| encoder / head | {main}-shot | gain vs pixels | "
+        + " | ".join(folds)
+        + f" | {low}-shot | confident | ECE | head ms |",
+        "|" + "---|" * (len(folds) + 7),
+    ]
+    for r in [r for r in summary if r["shots"] == main]:
+        one = by_key.get((r["encoder"], r["lever"], low))
+        cells = [
+            f"{r['encoder']} / {r['lever']}",
+            _pct(r["accuracy"], r["ci95"]),
+            _signed(r["gain_vs_pixel"]),
+            *(_pct(r["per_fold"].get(f)) for f in folds),
+            _pct(one["accuracy"], one["ci95"]) if one else "n/a",
+            _pct(r["confident_share"]),
+            f"{r['ece']:.3f}" if r["ece"] is not None else "n/a",
+            f"{r['head_ms_per_episode']:.1f}",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    rows = results["rows"]
+    sides = sorted(
+        {
+            (r["encoder"].split("@")[1], r["encoder_ms_per_image"])
+            for r in rows
+            if "@" in r["encoder"]
+        }
+    )
+    if sides:
+        per_side: dict[str, list[float]] = {}
+        for side, ms in sides:
+            per_side.setdefault(side, []).append(ms)
+        out += [
+            "",
+            "Encoder cost per image (embedded once, then cached), mean over the modalities: "
+            + "; ".join(f"{s} px {sum(v) / len(v):.0f} ms" for s, v in per_side.items())
+            + " (measured while other jobs shared the 2 cores).",
+        ]
+    return out
+
+
+def render_encoder(folder: Path) -> list[str]:
+    """Sections for every encoder result present in ``folder``."""
+    parts: list[str] = []
+    for source, title in TASKS.items():
+        path = folder / source
+        if path.is_file():
+            parts += ["", *encoder_section(json.loads(path.read_text()), source, title)]
+    return parts
