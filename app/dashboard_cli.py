@@ -17,6 +17,7 @@ import typer
 from app.dashboard.auth import ROLES, UserStore
 from app.dashboard.errors import DashboardError
 from app.dashboard.settings import (
+    ENV_DATA_ROOTS,
     ENV_DICOMWEB,
     ENV_FEDERATION_STATUS,
     ENV_LEDGERS,
@@ -162,6 +163,12 @@ def dashboard(
     dicomweb: str | None = typer.Option(
         None, "--dicomweb", help=f"The image archive's DICOMweb root URL (${ENV_DICOMWEB})."
     ),
+    data_root: list[Path] | None = typer.Option(
+        None,
+        "--data-root",
+        help=f"A folder the Prepare page may read studies from; repeat for several "
+        f"({ENV_DATA_ROOTS}). None: only the image archive and uploads.",
+    ),
     site_name: str | None = typer.Option(
         None, "--site-name", help=f"The hospital's name, shown on the login page ({ENV_SITE_NAME})."
     ),
@@ -176,6 +183,7 @@ def dashboard(
         ENV_SUPERLINK: superlink,
         ENV_SESSION_HOURS: session_hours,
         ENV_DICOMWEB: dicomweb,
+        ENV_DATA_ROOTS: os.pathsep.join(str(p) for p in data_root) if data_root else None,
         ENV_SITE_NAME: site_name,
     }
     env.update({k: str(v) for k, v in values.items() if v is not None})

@@ -116,7 +116,9 @@ def _page_of(found: archive.StudySearch, *, key: str) -> list[archive.StudySumma
     return studies[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
 
 
-def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> None:
+def archive_panel(
+    url: str | None, *, key: str, targets: Mapping[str, str], pull_all: bool = False
+) -> None:
     """Search the archive and pull a study or one of its series into the page's cases.
 
     Args:
@@ -125,6 +127,8 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
         targets: where pulled images may go, as label -> case-shelf slot (the uploader's key);
             empty: the panel says to name the classes first. The chosen target is the user's
             remembered choice and changes only when the user changes it.
+        pull_all: also offer to pull every study found (unlabelled studies to prepare a
+            model from), up to :data:`archive.MAX_INSTANCES` images.
     """
     if not url:
         return
@@ -189,6 +193,14 @@ def archive_panel(url: str | None, *, key: str, targets: Mapping[str, str]) -> N
                 "targets": dict(targets),
             },
         )
+        if pull_all:
+            st.button(
+                f"Pull every study found ({len(found.studies)})",
+                key=f"{key}_pull_all",
+                on_click=_pull_every,
+                args=(url,),
+                kwargs={"key": key, "studies": found.studies, "targets": dict(targets)},
+            )
         outcome = st.session_state.pop(key + MESSAGE, None)
         if outcome is not None:
             (st.success if outcome[0] else st.error)(outcome[1])
@@ -229,6 +241,40 @@ def _pull(
     pulled = state.setdefault(key + PULLED, [])
     pulled.extend(u for u in uploads if u not in pulled)
     state[key + MESSAGE] = (True, f"{len(uploads)} image(s) added to {target}.")
+
+
+def _pull_every(
+    url: str,
+    *,
+    key: str,
+    studies: Sequence[archive.StudySummary],
+    targets: dict[str, str],
+) -> None:
+    """The "Pull every study found" callback: each study's images in turn, newest first, until
+    :data:`archive.MAX_INSTANCES` images; the message says how many studies were left out."""
+    target = st.session_state.get(key + TARGET)
+    if target not in targets:
+        st.session_state[key + MESSAGE] = (False, "Choose where the images go, then pull them.")
+        return
+    uploads, used, left = [], 0, 0
+    for study in studies:
+        if len(uploads) + study.images > archive.MAX_INSTANCES:
+            left += 1
+            continue
+        try:
+            uploads += archive.study_cases(url, study_uid=study.study_uid)
+        except DashboardError:
+            left += 1  # no images, or unreadable: the others still count
+            continue
+        used += 1
+    views.case_shelf().restore({targets[target]: uploads})
+    note = (
+        f"; {left} left out (unreadable, or beyond {archive.MAX_INSTANCES} images)" if left else ""
+    )
+    st.session_state[key + MESSAGE] = (
+        bool(uploads),
+        f"{len(uploads)} image(s) from {used} studies added to {target}{note}.",
+    )
 
 
 def image_viewer(uploads: Sequence[Upload], *, key: str) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from app.dashboard.adapters import epsilon_label
 from app.dashboard.errors import SourceError
+from app.dashboard.uploads import Upload, load_uploads
 from models.adaptation import AdaptConfig
 from models.domain import (
     DomainConfig,
@@ -79,16 +80,23 @@ def resolve_source(text: str, *, roots: Sequence[Path] = ()) -> Path:
 
     Args:
         text: the path as typed (``~`` is expanded).
-        roots: folders the studies must lie in (``FEDFEW_DATA_ROOTS``); empty: anywhere.
+        roots: folders the studies must lie in (``FEDFEW_DATA_ROOTS``); empty: no folder may be
+            read (IT names them: a dashboard must not read any file its account can).
 
     Raises:
-        SourceError: empty, missing, outside every allowed folder, or neither a folder, a
-            ``.csv`` nor an ``.npz``.
+        SourceError: empty, no folder allowed, missing, outside every allowed folder, or neither
+            a folder, a ``.csv`` nor an ``.npz``.
     """
     if not text.strip():
         raise SourceError("give the folder (or the .csv manifest or .npz file) of the studies")
+    if not roots:
+        raise SourceError(
+            "this dashboard may read no folder yet: ask IT to name the folders of studies it may "
+            "read (fedfew dashboard --data-root DIR, or FEDFEW_DATA_ROOTS), or take the studies "
+            "from the image archive"
+        )
     path = Path(text.strip()).expanduser().resolve()
-    if roots and not any(path.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
+    if not any(path.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
         allowed = ", ".join(str(r) for r in roots)
         raise SourceError(
             f"{text.strip()} is outside the folders this dashboard may read ({allowed}); copy "
@@ -141,6 +149,22 @@ def read_studies(source: Path, pipeline: PipelineConfig) -> UnlabeledImages:
     )
 
 
+def studies_from_cases(
+    uploads: Sequence[Upload], *, source: str
+) -> Callable[[PipelineConfig], UnlabeledImages]:
+    """Studies pulled from the archive (or uploaded) as a :func:`prepare_model` source: read
+    through the base model's pipeline when the preparation runs; ``source`` names them in the
+    local version's record (never a patient: e.g. "image archive, 40 CR studies")."""
+
+    def read(pipeline: PipelineConfig) -> UnlabeledImages:
+        loaded = load_uploads(uploads, pipeline=pipeline)
+        if not loaded.cases:
+            raise DataError("none of the studies could be read: pull or upload image studies")
+        return UnlabeledImages(images=loaded.images, source=source, skipped=len(loaded.errors))
+
+    return read
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A published local version and what went into it."""
@@ -155,13 +179,24 @@ def prepare_model(
     registry: Path,
     *,
     base_version: int,
-    source: Path,
+    source: Path | Callable[[PipelineConfig], UnlabeledImages],
     config: DomainConfig,
     author: str = "",
     on_progress: ProgressFn | None = None,
 ) -> Prepared:
     """Prepare ``base_version`` for the modality of the studies at ``source`` and publish it as a
     local version of ``registry`` (labels in the source are never read).
+
+    Args:
+        registry: this node's registry.
+        base_version: the version to prepare.
+        source: a folder, CSV manifest or ``.npz`` (:func:`read_studies`), or a function that
+            gives the studies through the base model's pipeline (:func:`studies_from_cases`:
+            studies pulled from the archive).
+        config: the preparation.
+        author: who prepared it (kept in the registry).
+        on_progress: (fraction done, what is happening); an exception it raises (Cancel) stops
+            the work before anything is published.
 
     Raises:
         SourceError: nothing readable at ``source``, or fewer than two studies.
@@ -173,7 +208,10 @@ def prepare_model(
     loaded = reg.load_model(base_version)
     report(0.0, "reading the studies")
     try:
-        unlabeled = read_studies(source, loaded.pipeline)
+        if isinstance(source, Path):
+            unlabeled = read_studies(source, loaded.pipeline)
+        else:
+            unlabeled = source(loaded.pipeline)
     except DataError as exc:
         raise SourceError(f"cannot use these studies: {exc}") from exc
     report(LOAD_SHARE, f"preparing ({config.method}) on {len(unlabeled.images)} studies")

@@ -19,7 +19,7 @@ ENV_FEDERATION_STATUS = "FEDFEW_FEDERATION_STATUS"  # JSON written by the federa
 ENV_SUPERLINK = "FEDFEW_SUPERLINK"  # host:port of the Flower SuperLink, optional
 ENV_SESSION_HOURS = "FEDFEW_SESSION_HOURS"  # login lifetime
 # Folders the "Prepare for a new modality" page may read unlabelled studies from (os.pathsep or
-# commas); unset: any folder the dashboard's account can read.
+# commas); unset: none (the page then takes studies from the archive or uploads only).
 ENV_DATA_ROOTS = "FEDFEW_DATA_ROOTS"
 ENV_DICOMWEB = "FEDFEW_DICOMWEB"  # the image archive's DICOMweb root URL, optional
 ENV_SITE_NAME = "FEDFEW_SITE_NAME"  # the hospital's name, on the login page
@@ -54,7 +54,7 @@ class DashboardSettings:
     federation_status: Path | None
     superlink: tuple[str, int] | None
     session_hours: float = DEFAULT_SESSION_HOURS
-    data_roots: tuple[Path, ...] = ()  # empty: no restriction
+    data_roots: tuple[Path, ...] = ()  # empty: no folder may be read
     dicomweb: str | None = None  # the archive's DICOMweb root; None: no archive
     site_name: str = ""  # the hospital's name ("": the login page names no site)
 

@@ -38,6 +38,7 @@ CASE_SHELF_KEY = "clinic_case_shelf"  # uploads kept across page switches (uploa
 ADAPTATION_KEY = "clinic_adaptation"  # the adaptation made on the adapt page (unsaved or saved)
 ADAPTER_CACHE_KEY = "clinic_adapter_cache"  # saved adapters rebuilt for the classify page
 ADAPT_JOB_KEY = "clinic_adapt_job"  # the adaptation running in the background (jobs.Job)
+PREPARE_JOB_KEY = "prepare_job"  # the preparation running in the background (jobs.Job)
 ADAPT_NOTICE_KEY = "clinic_adapt_notice"  # (cancelled?, message) of a run that left no result
 PREDICTIONS_KEY = "clinic_predictions"  # (adapter and cases key, predictions) last shown
 AUDITED_KEY = "clinic_audited"  # (adapter, its inputs) -> digests of cases already audited

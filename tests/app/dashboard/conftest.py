@@ -167,6 +167,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     monkeypatch.setenv(settings.ENV_REGISTRY, str(paths["registry"]))
     monkeypatch.setenv(settings.ENV_USERS_DB, str(paths["users"]))
     monkeypatch.setenv(settings.ENV_FEDERATION_STATUS, str(paths["status"]))
+    monkeypatch.setenv(settings.ENV_DATA_ROOTS, str(tmp_path))  # the Prepare page reads here
     return paths
 
 

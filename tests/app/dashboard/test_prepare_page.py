@@ -16,6 +16,7 @@ from app.dashboard import adapters, clinic, domain_prep, ui
 from app.dashboard.auth import ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT
 from app.dashboard.errors import SourceError
 from app.dashboard.settings import ENV_DATA_ROOTS
+from app.dashboard.views import PREPARE_JOB_KEY
 from models.adaptation import ADAPT_MODES, embed
 from models.domain import DOMAIN_METHODS, DomainConfig
 from models.readers import load_npz
@@ -250,3 +251,63 @@ def test_training_preparation_reports_progress_and_changes_the_encoder(
         if not torch.equal(local.model.state_dict()[name], weight)
     ]
     assert changed and local.domain_mean is not None
+
+
+def test_no_folder_is_read_unless_it_names_it(registry, make_app, env, studies, monkeypatch):
+    """Issue 24, item 12: with no data roots configured, any path was accepted."""
+    monkeypatch.delenv(ENV_DATA_ROOTS)
+    at = make_app(ROLE_IT).run()
+    at.switch_page("screens/prepare.py").run()
+    assert "No folder is open to this dashboard" in texts(at, "caption")
+    prepare(at, str(studies))
+    assert "may read no folder yet" in texts(at, "error")
+    assert local_versions(env["registry"]) == []
+
+
+def test_a_running_preparation_can_be_cancelled(registry, make_app, env, studies) -> None:
+    """Issue 24, item 12: Prepare had no Cancel."""
+    at = make_app(ROLE_IT).run()
+    at.switch_page("screens/prepare.py").run()
+    at.number_input(key="prepare_minutes").set_value(2.0)
+    prepare(at, str(studies), method="contrastive")
+    job = at.session_state[PREPARE_JOB_KEY]
+    assert job.running and at.button(key="prepare_cancel")  # a progress bar and Cancel
+    job.cancel()
+    assert job.wait(60)
+    at.run()
+    assert "Preparation cancelled: nothing was published." in texts(at, "info")
+    assert local_versions(env["registry"]) == []
+
+
+def test_studies_pulled_from_the_archive_prepare_a_version(
+    registry, make_app, env, orthanc_archive, monkeypatch
+) -> None:
+    """Issue 24, item 12: Prepare worked only from a server folder."""
+    from pydicom.uid import generate_uid
+
+    from app.dashboard import settings as dashboard_settings
+    from tests.app.dashboard.orthanc import dicom_bytes
+    from tests.app.dashboard.test_archive import _search
+
+    tag = generate_uid()[-6:]
+    rng = np.random.default_rng(2)
+    for i in range(4):  # four one-image studies of one made-up patient
+        pixels = rng.integers(0, 255, (40, 40)).astype(np.uint8)
+        orthanc_archive.store(
+            dicom_bytes(pixels, study=generate_uid(), series=generate_uid(), modality="US",
+                        patient_id=f"PP-{tag}", accession=f"P{tag}-{i}")
+        )  # fmt: skip
+    monkeypatch.setenv(dashboard_settings.ENV_DICOMWEB, orthanc_archive.dicomweb)
+    at = make_app(ROLE_IT).run()
+    at.switch_page("screens/prepare.py").run()
+    at.radio(key="prepare_kind").set_value(at.radio(key="prepare_kind").options[1]).run()
+    _search(at, key="prepare_archive", patient=f"PP-{tag}")
+    at.button(key="prepare_archive_pull_all").click().run()
+    assert not at.exception
+    assert "4 image(s) from 4 studies added to the studies to prepare from" in texts(at, "success")
+    at.radio(key="prepare_method").set_value("statistics")
+    at.button(key="prepare_run").click().run()
+    assert not at.exception, texts(at, "error")
+    [local] = local_versions(env["registry"])
+    record = local.info[domain_prep.INFO_DOMAIN]
+    assert (record["images"], record["source"]) == (4, "4 studies from the archive or uploads")
