@@ -205,8 +205,8 @@ def archive_panel(
         if outcome is not None:
             (st.success if outcome[0] else st.error)(outcome[1])
     # Only what is still among the page's cases: "Clear kept cases" also clears the viewer.
-    held = {u for slot in views.case_shelf().all_uploads().values() for u in slot}
-    pulled = [u for u in st.session_state.get(key + PULLED, []) if u in held]
+    present = {u for slot in views.case_shelf().all_uploads().values() for u in slot}
+    pulled = [u for u in st.session_state.get(key + PULLED, []) if u in present]
     st.session_state[key + PULLED] = pulled
     image_viewer(pulled, key=f"{key}_viewer")
 
@@ -256,7 +256,8 @@ def _pull_every(
     if target not in targets:
         st.session_state[key + MESSAGE] = (False, "Choose where the images go, then pull them.")
         return
-    uploads, used, left = [], 0, 0
+    uploads: list[Upload] = []
+    used = left = 0
     for study in studies:
         if len(uploads) + study.images > archive.MAX_INSTANCES:
             left += 1

@@ -309,7 +309,7 @@ def node_summaries(status: FederationStatus) -> list[str]:
         for site, report in sites.items() if isinstance(sites, dict) else ():
             taken.setdefault(str(site), []).append(number)
             value = report.get("epsilon_spent") if isinstance(report, dict) else None
-            if _number(value):
+            if isinstance(value, int | float) and not isinstance(value, bool):
                 spent[str(site)] = float(value)
         for site in record.get("clipped") or ():
             clipped.setdefault(str(site), []).append(number)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import re
 import shutil
 import signal
 import socket
@@ -41,9 +40,19 @@ from tests.app.dashboard.conftest import (
     write_tiny_model,
 )
 from tests.app.dashboard.orthanc import OrthancArchive, dicom_bytes
+from tests.e2e.dashboard_pages import (
+    REPO,
+    choose,
+    expect_chosen,
+    idle,
+    log_in,
+    pull,
+    reports_in,
+    save_someone_elses_adapter,
+    search_archive,
+    shot,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-SCREENSHOTS = REPO / "docs" / "screenshots"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
     "--headless",
@@ -63,8 +72,6 @@ PAGE_SIZE = 50  # app/dashboard/archive_view.PAGE_SIZE
 THROTTLED = "nurse"  # an account a stranger's wrong passwords have throttled
 NEW_ACCESSION = "E2E-NEW"  # the study of new cases to classify
 PATIENT_ID = "E2E-0001"  # the made-up patient of every archive study here
-SCREENSHOT_BYTES = 200_000  # the README's images stay small
-SCREENSHOT_WIDTH = 1100  # px, after shrinking
 
 playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
@@ -244,97 +251,6 @@ def page(tmp_path: Path) -> Iterator[object]:
             browser.close()
 
 
-def _small_png(source: Path, target: Path) -> None:
-    """``source`` without the empty page below the content, shrunk to :data:`SCREENSHOT_WIDTH`
-    and reduced to a palette, shrunk further until it is under :data:`SCREENSHOT_BYTES`."""
-    from PIL import Image, ImageChops
-
-    with Image.open(source) as image:
-        picture = image.convert("RGB")
-    # Cut the empty page below the content (the viewport is tall so nothing needs scrolling).
-    inner = picture.crop((8, 0, picture.width - 8, picture.height))  # not the border lines
-    corner = inner.getpixel((inner.width - 1, inner.height - 1))
-    content = ImageChops.difference(inner, Image.new("RGB", inner.size, corner)).getbbox()
-    if content is not None:
-        picture = picture.crop((0, 0, picture.width, min(picture.height, content[3] + 24)))
-    width = min(SCREENSHOT_WIDTH, picture.width)
-    while True:
-        height = round(picture.height * width / picture.width)
-        small = picture.resize((width, height), Image.Resampling.LANCZOS).quantize(colors=96)
-        small.save(target, optimize=True)
-        if target.stat().st_size < SCREENSHOT_BYTES:
-            return
-        width = round(width * 0.8)
-
-
-def _shot(page, tmp_path: Path, name: str, *, part=None) -> None:
-    """Screenshot the whole page, or only ``part`` (a locator), when FEDFEW_SCREENSHOTS is 1 or
-    FEDFEW_SCREENSHOTS_TMP is 1 (then only to the test's temp dir); the seven took about 12 s
-    here, so the suite's run skips them."""
-    if "1" not in (os.environ.get("FEDFEW_SCREENSHOTS"), os.environ.get("FEDFEW_SCREENSHOTS_TMP")):
-        return
-    path = tmp_path / f"{name}.png"
-    if part is None:
-        page.screenshot(path=str(path), full_page=True)
-    else:
-        part.screenshot(path=str(path))
-    if os.environ.get("FEDFEW_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        _small_png(path, SCREENSHOTS / path.name)
-
-
-def _log_in(page, url: str, username: str) -> None:
-    page.goto(url)
-    page.get_by_label("Username", exact=True).fill(username)
-    page.get_by_label("Password", exact=True).fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
-
-
-def _idle(page) -> None:
-    """Wait until Streamlit has finished the script run (its status widget disappears)."""
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
-
-
-def _choose(page, label: str, option: str) -> None:
-    """Pick the option containing ``option`` in the selectbox labelled ``label``."""
-    box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text(label, exact=True))
-    # A rerun that replaced the widget (a new search's study list) can still show the old copy
-    # beside the new one for a moment.
-    playwright_api.expect(box).to_have_count(1)
-    box.click()
-    page.get_by_role("option").filter(has_text=option).first.click()
-    _idle(page)
-
-
-def _search_archive(page, *, patient: str = "", accession: str = "") -> None:
-    panel = page.get_by_test_id("stExpander").filter(has_text="From the image archive")
-    if not panel.get_by_role("button", name="Search the archive").is_visible():
-        header = panel.get_by_text("From the image archive (DICOMweb)")
-        # On a loaded machine a rerun can still show the previous run's copy beside the new one.
-        playwright_api.expect(header).to_have_count(1)
-        header.click()
-    panel.get_by_label("Patient (name or ID)").fill(patient)
-    panel.get_by_label("Accession number").fill(accession)
-    panel.get_by_role("button", name="Search the archive").click()
-    _idle(page)
-
-
-def _expect_chosen(page, label: str, option: str) -> None:
-    """The selectbox labelled ``label`` shows an option containing ``option``."""
-    box = page.get_by_role("combobox", name=label, exact=True)
-    playwright_api.expect(box).to_have_value(re.compile(re.escape(option)))
-
-
-def _pull(page, panel, *, target: str | None, added: str) -> None:
-    """Pull the chosen study (choosing the target first when given) and wait for the message."""
-    if target is not None:
-        _choose(page, "Add the images to", target)
-    panel.get_by_role("button", name="Pull the images").click()
-    playwright_api.expect(page.get_by_text(added)).to_be_visible()
-    _idle(page)
-
-
 def test_clinician_from_archive_to_export_then_admin_unlocks(
     server, site, archive, orthanc_archive, page, tmp_path
 ):
@@ -349,12 +265,12 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
     expect = playwright_api.expect
     page.goto(server)
     expect(page.get_by_role("button", name="Log in")).to_be_visible()
-    _shot(page, tmp_path, "dashboard-login", part=page.get_by_test_id("stMain"))
-    _log_in(page, server, ROLE_CLINICIAN)
+    shot(page, tmp_path, "dashboard-login", part=page.get_by_test_id("stMain"))
+    log_in(page, server, ROLE_CLINICIAN)
     expect(page.get_by_role("heading", name="Adapt to a new condition")).to_be_visible()
     expect(page.get_by_text("stay on this hospital's machine")).to_be_visible()
-    _expect_chosen(page, "Base model", "v2 global-round-2")  # the newest
-    _choose(page, "Base model", "v1 global-round-2")  # the clinician's choice
+    expect_chosen(page, "Base model", "v2 global-round-2")  # the newest
+    choose(page, "Base model", "v1 global-round-2")  # the clinician's choice
 
     # Support cases from the archive. A search over two pages of results; the first class's
     # five studies are the oldest, on the second page, pulled one by one: the class stays.
@@ -362,41 +278,41 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
     first, others = classes[0], classes[1:]
     page.get_by_label("Condition", exact=True).fill("e2e lesions")
     page.get_by_label("Condition", exact=True).press("Enter")
-    _idle(page)
+    idle(page)
     area = page.get_by_label("Classes, one per line")
     area.fill("\n".join(classes))
     area.press("Control+Enter")
-    _idle(page)
-    _search_archive(page, patient="e2e synth")
+    idle(page)
+    search_archive(page, patient="e2e synth")
     panel = page.get_by_test_id("stExpander").filter(has_text="From the image archive")
     expect(panel.get_by_test_id("stDataFrame")).to_have_count(1)
     found = FILLERS + SHOTS + len(others) + 1
-    _choose(page, "Results", f"studies {PAGE_SIZE + 1}-{found} of {found}")
+    choose(page, "Results", f"studies {PAGE_SIZE + 1}-{found} of {found}")
     for number in range(SHOTS):
-        _choose(page, "Study", f"E2E-{first}-{number}")
+        choose(page, "Study", f"E2E-{first}-{number}")
         target = f"the cases of {first}" if number == 0 else None  # chosen once
-        _pull(page, panel, target=target, added=f"1 image(s) added to the cases of {first}")
-        _expect_chosen(page, "Add the images to", f"the cases of {first}")
+        pull(page, panel, target=target, added=f"1 image(s) added to the cases of {first}")
+        expect_chosen(page, "Add the images to", f"the cases of {first}")
     # A second and a third search: each study is the new search's, and pulls without a crash.
     for name in others:
-        _search_archive(page, accession=f"E2E-{name}")
-        _expect_chosen(page, "Study", f"E2E-{name}")
-        _pull(page, panel, target=f"the cases of {name}", added=f"{SHOTS} image(s) added")
+        search_archive(page, accession=f"E2E-{name}")
+        expect_chosen(page, "Study", f"E2E-{name}")
+        pull(page, panel, target=f"the cases of {name}", added=f"{SHOTS} image(s) added")
     # every class's thumbnails, and the viewer's one image
     expect(page.locator('[data-testid="stImage"]')).to_have_count(SHOTS * len(classes) + 1)
     expect(page.get_by_text("48x48 pixels, window")).to_be_visible()
     expect(page.get_by_text(f"E2E-{first}-0 · E2E Synthetic").first).to_be_visible()
-    _shot(page, tmp_path, "dashboard-archive", part=panel)
+    shot(page, tmp_path, "dashboard-archive", part=panel)
 
     # A photograph among the labelled cases is named after Adapt; removed, and adapted again.
     uploader = page.get_by_test_id("stFileUploader").filter(has_text=f"Cases of {first}")
     uploader.locator('input[type="file"]').set_input_files(str(site["root"] / "portrait.jpg"))
-    _idle(page)
+    idle(page)
     page.get_by_role("button", name="Adapt", exact=True).click()
     expect(page.get_by_text("look unlike all the other labelled cases")).to_be_visible()
     expect(page.get_by_text("portrait.jpg").first).to_be_visible()
     uploader.get_by_test_id("stFileChipDeleteBtn").click()
-    _idle(page)
+    idle(page)
     page.get_by_role("button", name="Adapt", exact=True).click()
     expect(page.get_by_text("would be classified right")).to_be_visible()
     expect(page.get_by_text("look unlike all the other labelled cases")).to_have_count(0)
@@ -404,25 +320,25 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
     page.get_by_label("Save as").fill("e2e-lesions")
     page.get_by_role("button", name="Save adapter").click()
     expect(page.get_by_text("Saved as v3 e2e-lesions")).to_be_visible()
-    _idle(page)
-    _shot(page, tmp_path, "dashboard-adapt")
+    idle(page)
+    shot(page, tmp_path, "dashboard-adapt")
 
     # A reload keeps the login, the base model chosen, the condition, classes and pulled cases.
     page.reload()
     expect(page.get_by_role("heading", name="Adapt to a new condition")).to_be_visible()
     expect(page.get_by_label("Condition", exact=True)).to_have_value("e2e lesions")
-    _expect_chosen(page, "Base model", "v1 global-round-2")
+    expect_chosen(page, "Base model", "v1 global-round-2")
     expect(page.locator('[data-testid="stImage"]')).to_have_count(SHOTS * len(classes))
 
     # Someone else saves a newer adapter meanwhile: it must not replace the clinician's choice.
-    _save_someone_elses_adapter(site["root"] / "registry", version=3)
+    save_someone_elses_adapter(site["root"] / "registry", version=3)
 
     # New cases from the archive: classify, export, write back.
     page.get_by_role("link", name="Classify cases").click()
     expect(page.get_by_role("heading", name="Classify cases")).to_be_visible()
     expect(page.get_by_text("Choose the adapter to classify with").first).to_be_visible()
-    _choose(page, "Adapter", "v3 e2e-lesions")
-    _search_archive(page, accession=NEW_ACCESSION)
+    choose(page, "Adapter", "v3 e2e-lesions")
+    search_archive(page, accession=NEW_ACCESSION)
     page.get_by_role("button", name="Pull the images").click()
     expect(page.get_by_role("heading", name="Predictions")).to_be_visible()
     expect(page.get_by_text("regions that support")).to_be_visible()
@@ -438,54 +354,54 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
     assert all(r["user"] == ROLE_CLINICIAN and "not a diagnosis" in r["notice"] for r in rows)
     page.get_by_role("button", name="Write the results to the archive").click()
     expect(page.get_by_text(f"{NEW_CASES} structured report(s) stored")).to_be_visible()
-    _idle(page)
-    _shot(page, tmp_path, "dashboard-classify")
-    assert _reports_in(orthanc_archive, archive[NEW_ACCESSION]) == NEW_CASES
+    idle(page)
+    shot(page, tmp_path, "dashboard-classify")
+    assert reports_in(orthanc_archive, archive[NEW_ACCESSION]) == NEW_CASES
 
     # Another page and back: the work and the choices are still there.
     page.get_by_role("link", name="Adapt to a new condition").click()
     expect(page.get_by_label("Condition", exact=True)).to_have_value("e2e lesions")
-    _expect_chosen(page, "Base model", "v1 global-round-2")
+    expect_chosen(page, "Base model", "v1 global-round-2")
     # (no viewer: the pulls were made before the reload, in the browser session before it)
     expect(page.locator('[data-testid="stImage"]')).to_have_count(SHOTS * len(classes))
     page.get_by_role("link", name="Classify cases").click()
     expect(page.get_by_role("heading", name="Predictions")).to_be_visible()
-    _expect_chosen(page, "Adapter", "v3 e2e-lesions")
+    expect_chosen(page, "Adapter", "v3 e2e-lesions")
     expect(page.get_by_text(f"{NEW_CASES} structured report(s) stored")).to_be_visible()
     # A reload on this page: the same adapter, not the newer one.
     page.reload()
     expect(page.get_by_role("heading", name="Predictions")).to_be_visible()
-    _expect_chosen(page, "Adapter", "v3 e2e-lesions")
+    expect_chosen(page, "Adapter", "v3 e2e-lesions")
     # The study pulled again brings its images, not the reports written back into it.
     page.get_by_role("button", name="Clear kept cases").click()
-    _idle(page)
-    _search_archive(page, accession=NEW_ACCESSION)
+    idle(page)
+    search_archive(page, accession=NEW_ACCESSION)
     page.get_by_role("button", name="Pull the images").click()
     expect(page.get_by_text(f"{NEW_CASES} image(s) added to the new cases")).to_be_visible()
 
     page.get_by_role("link", name="Account").click()
     page.get_by_role("button", name="Log out").click()
-    _log_in(page, server, ROLE_ADMIN)
+    log_in(page, server, ROLE_ADMIN)
     expect(page.get_by_role("heading", name="Privacy budgets")).to_be_visible()
     expect(page.get_by_role("heading", name="Site hospital-a")).to_be_visible()
     expect(page.get_by_text("Refusals (1)")).to_be_visible()
     page.get_by_role("button", name="Verify the record").click()
     expect(page.get_by_text("Record intact: all 4 entries")).to_be_visible()
-    _idle(page)
-    _shot(page, tmp_path, "dashboard-privacy")
+    idle(page)
+    shot(page, tmp_path, "dashboard-privacy")
 
     # The clinician's classification is in the audit log (a table, so: not the empty notice).
     page.get_by_role("link", name="Audit log").click()
     expect(page.get_by_role("heading", name="Audit log")).to_be_visible()
     expect(page.locator('[data-testid="stDataFrame"]')).to_have_count(1)
     expect(page.get_by_text("Nothing recorded yet")).to_have_count(0)
-    _idle(page)
-    _shot(page, tmp_path, "dashboard-audit", part=page.get_by_test_id("stMain"))
+    idle(page)
+    shot(page, tmp_path, "dashboard-audit", part=page.get_by_test_id("stMain"))
 
     # The account a stranger throttled is unlocked in the browser.
     page.get_by_role("link", name="Users").click()
     expect(page.get_by_role("heading", name="Users")).to_be_visible()
-    _choose(page, "Account", THROTTLED)
+    choose(page, "Account", THROTTLED)
     page.get_by_role("button", name="Unlock").click()
     expect(page.get_by_text(f"{THROTTLED} may log in again from every computer")).to_be_visible()
     users = UserStore(site["root"] / "users.sqlite", kdf_n=TEST_KDF_N)
@@ -494,24 +410,5 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
     # The patient's name and ID were on the clinician's screen, never in the server's log.
     log = (site["root"] / "server.log").read_text().lower()
     assert "synthetic" not in log and PATIENT_ID.lower() not in log
-    _idle(page)
-    _shot(page, tmp_path, "dashboard-users", part=page.get_by_test_id("stMain"))
-
-
-def _save_someone_elses_adapter(registry: Path, *, version: int) -> None:
-    """Another clinician's adapter, saved after ``version`` (so newer): the same cases again."""
-    from app.dashboard import adapters
-
-    adaptation, _ = adapters.load_adapter(registry, version)
-    adapters.save_adapter(
-        registry, adaptation, name="someone-elses", condition="other", author="another"
-    )
-
-
-def _reports_in(archive: OrthancArchive, study: str) -> int:
-    """Structured reports stored in ``study`` (QIDO-RS, as any viewer would look)."""
-    from dicomweb_client.api import DICOMwebClient
-
-    client = DICOMwebClient(url=archive.dicomweb)
-    found = client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SR"})
-    return len(found)
+    idle(page)
+    shot(page, tmp_path, "dashboard-users", part=page.get_by_test_id("stMain"))

@@ -77,6 +77,7 @@ base_id = st.selectbox(
 if base_id is None:
     st.info("Choose the base model to adapt.")
     st.stop()
+chosen_base: int = base_id
 base_entry = by_id[base_id]
 with st.expander("About this base model: what it is, what it learnt from, how well it did"):
     st.markdown(
@@ -165,7 +166,7 @@ def start(support: clinic.SupportSet) -> Job[clinic.Adaptation]:
             model,
             support,
             mode=mode,
-            base_version=base_id,
+            base_version=chosen_base,
             condition=condition,
             on_progress=progress,
         )
