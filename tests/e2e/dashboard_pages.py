@@ -54,7 +54,16 @@ def shot(page, tmp_path: Path, name: str, *, part=None) -> None:
         return
     path = tmp_path / f"{name}.png"
     if part is None:
+        # Streamlit scrolls inside its main container, so a "full page" is the viewport: make it
+        # as tall as the content for the shot.
+        size = page.viewport_size
+        content = page.evaluate(
+            "Math.max(...Array.from(document.querySelectorAll('*')).map(e => e.scrollHeight))"
+        )
+        page.set_viewport_size({"width": size["width"], "height": max(size["height"], content)})
+        page.wait_for_timeout(500)
         page.screenshot(path=str(path), full_page=True)
+        page.set_viewport_size(size)
     else:
         part.screenshot(path=str(path))
     if os.environ.get("FEDFEW_SCREENSHOTS") == "1":

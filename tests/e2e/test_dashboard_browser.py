@@ -293,6 +293,7 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
         target = f"the cases of {first}" if number == 0 else None  # chosen once
         pull(page, panel, target=target, added=f"1 image(s) added to the cases of {first}")
         expect_chosen(page, "Add the images to", f"the cases of {first}")
+    shot(page, tmp_path, "dashboard-archive", part=panel)  # two pages of results, five pulls
     # A second and a third search: each study is the new search's, and pulls without a crash.
     for name in others:
         search_archive(page, accession=f"E2E-{name}")
@@ -302,7 +303,6 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
     expect(page.locator('[data-testid="stImage"]')).to_have_count(SHOTS * len(classes) + 1)
     expect(page.get_by_text("48x48 pixels, window")).to_be_visible()
     expect(page.get_by_text(f"E2E-{first}-0 · E2E Synthetic").first).to_be_visible()
-    shot(page, tmp_path, "dashboard-archive", part=panel)
 
     # A photograph among the labelled cases is named after Adapt; removed, and adapted again.
     uploader = page.get_by_test_id("stFileUploader").filter(has_text=f"Cases of {first}")
