@@ -8,11 +8,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from privacy.errors import LedgerRecordMismatchError, LedgerSignatureError
-from privacy.ledger import ChargeRequest, Ledger, _entry_hash
+from privacy.ledger import Ledger, _entry_hash
 from privacy.ledger_head import (
     LedgerHead,
     RecordedHead,
@@ -23,35 +21,9 @@ from privacy.ledger_head import (
     verify_signature,
 )
 
+from .conftest import charge, write_key
+
 DELTA = 1e-5
-
-
-def write_key(path: Path) -> Path:
-    """An ECDSA P-384 private key in OpenSSH format, as `fedfew node init` writes it."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-    )
-    return path
-
-
-def charge(ledger: Ledger, round_no: int, *, steps: int = 20) -> None:
-    ledger.charge(
-        ChargeRequest(
-            run_id="fed",
-            round=round_no,
-            mechanism="dp-episodic",
-            noise_multiplier=2.0,
-            sensitivity_factor=2.0,
-            sample_rate=0.05,
-            steps=steps,
-            requester="test",
-        )
-    )
 
 
 @pytest.fixture

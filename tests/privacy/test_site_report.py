@@ -14,7 +14,7 @@ from privacy.ledger import Ledger
 from privacy.ledger_head import check_against_record, load_signing_key, read_head, sign_head
 from privacy.site_report import SitePrivacyReport, recorded_heads, write_heads
 
-from .test_ledger_head import charge, write_key
+from .conftest import charge, write_key
 
 
 def report_for(ledger: Ledger, round_no: int, head) -> SitePrivacyReport:
