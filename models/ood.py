@@ -185,21 +185,24 @@ def support_outlier_scores(
     others give no spread to compare with.
 
     The same score and thresholds as for new cases, left out one at a time (the leave-one-out
-    protocol of the reliability estimate): a case cannot vouch for itself.
+    protocol of the reliability estimate): a case cannot vouch for itself. The pixel statistics
+    are computed once (they are per image); only their scaling and the references are refitted
+    per case.
     """
     n = len(support_features)
     if n < MIN_REFERENCE + 1:
         return torch.zeros(n)
+    stats = image_statistics(support_images)
+    euclidean = OODConfig(distance="euclidean")
     scores = []
     for i in range(n):
         others = torch.tensor([j for j in range(n) if j != i])
-        scores.append(
-            unusual_scores(
-                support_features=support_features[others],
-                case_features=support_features[i : i + 1],
-                support_images=support_images[others],
-                case_images=support_images[i : i + 1],
-                config=config,
-            )[0]
+        features = ood_scores(
+            reference_of(support_features[others], config=config), support_features[i : i + 1]
         )
-    return torch.stack(scores)
+        scale = stats[others].std(0, unbiased=False).clamp_min(STAT_FLOOR)  # as pixel_view
+        pixels = ood_scores(
+            reference_of(stats[others] / scale, config=euclidean), stats[i : i + 1] / scale
+        )
+        scores.append(torch.maximum(features / config.threshold, pixels / config.pixel_threshold))
+    return torch.cat(scores)
