@@ -44,6 +44,12 @@ _SCHEMA = (
         value TEXT NOT NULL,
         PRIMARY KEY (token_hash, field)
     )""",
+    """CREATE TABLE IF NOT EXISTS audited (
+        token_hash TEXT NOT NULL,
+        adapter TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        PRIMARY KEY (token_hash, adapter, digest)
+    )""",
     """CREATE TABLE IF NOT EXISTS draft_uploads (
         token_hash TEXT NOT NULL,
         slot TEXT NOT NULL,
@@ -187,9 +193,28 @@ class SessionStore:
                 uploads.setdefault(slot, []).append(Upload(name=name, data=bytes(data)))
         return Draft(fields=fields, uploads=uploads)
 
+    def audited(self, token: str, *, adapter: str) -> set[str]:
+        """Digests of the cases this session has already classified with ``adapter`` (and
+        recorded in the audit log): a reload classifies them again without a new audit row."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT digest FROM audited WHERE token_hash = ? AND adapter = ?",
+                (_digest(token), adapter),
+            ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def mark_audited(self, token: str, *, adapter: str, digests: Sequence[str]) -> None:
+        """Remember that this session's classification of ``digests`` with ``adapter`` is in the
+        audit log (forgotten with the session)."""
+        with self._connect() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO audited (token_hash, adapter, digest) VALUES (?, ?, ?)",
+                [(_digest(token), adapter, d) for d in digests],
+            )
+
     @staticmethod
     def _delete(conn: sqlite3.Connection, token_hash: str) -> None:
-        for table in ("web_sessions", "drafts", "draft_uploads"):
+        for table in ("web_sessions", "drafts", "draft_uploads", "audited"):
             conn.execute(f"DELETE FROM {table} WHERE token_hash = ?", (token_hash,))
 
     def _purge_expired(self, conn: sqlite3.Connection) -> None:

@@ -124,11 +124,14 @@ else:
             user=session.username,
         )
         # One audit row per classification the user asked for: a pull that adds cases records
-        # the new ones only, not the whole batch again.
-        audited: dict[tuple[object, str], set[str]] = st.session_state.setdefault(
-            views.AUDITED_KEY, {}
-        )
-        seen = audited.setdefault((choice, adaptation.inputs), set())
+        # the new ones only, not the whole batch again; nor does a reload of this login.
+        audited: dict[str, set[str]] = st.session_state.setdefault(views.AUDITED_KEY, {})
+        which = f"{choice}|{adaptation.inputs}"
+        token = st.session_state.get(ui.TOKEN_KEY)
+        store = ui.session_store()
+        if which not in audited:
+            audited[which] = store.audited(token, adapter=which) if token else set()
+        seen = audited[which]
         new = [(d, p) for d, p in zip(digests, predictions, strict=True) if d not in seen]
         if new:
             audit.record(
@@ -138,6 +141,8 @@ else:
                 outcomes=[p.outcome(classes) for _, p in new],
             )
             seen.update(d for d, _ in new)
+            if token:
+                store.mark_audited(token, adapter=which, digests=[d for d, _ in new])
     except FedfewError as exc:  # CaseError, or an unreadable audit log
         ui.stop_with_error(exc)
     st.session_state[views.PREDICTIONS_KEY] = (key, predictions, origin)

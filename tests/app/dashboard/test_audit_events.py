@@ -8,10 +8,13 @@ import sqlite3
 
 from app.dashboard import provenance
 from app.dashboard.auth import MAX_FAILURES, ROLE_ADMIN, ROLE_CLINICIAN
+from app.dashboard.persistence import QUERY_PARAM
 from app.dashboard.provenance import AuditLog
-from tests.app.dashboard.conftest import PASSWORD
+from models.registry import Registry
+from tests.app.dashboard.conftest import PASSWORD, texts
 from tests.app.dashboard.test_clinic_pages import adapt_page_with_cases, upload
 from tests.app.dashboard.test_login import login
+from tests.app.dashboard.test_work_persists import reload
 
 
 def test_cases_added_to_a_batch_are_recorded_once(registry, make_app, case_images, env) -> None:
@@ -68,3 +71,29 @@ def test_an_audit_log_from_before_account_events_still_opens(env) -> None:
     log = AuditLog(env["users"])
     log.record_event(user="ana", action=provenance.ACTION_LOGOUT)
     assert [(e.action, e.detail) for e in log.entries()] == [("logout", ""), ("classify", "")]
+
+
+def test_a_reload_does_not_record_the_same_classification_again(
+    registry, make_app, case_images, env
+) -> None:
+    at = login(make_app().run(), ROLE_CLINICIAN, PASSWORD)
+    token = at.query_params[QUERY_PARAM]
+    names = sorted(case_images)
+    at.text_input(key="adapt_condition").input("lesions")
+    at.text_area(key="adapt_classes").input("\n".join(names)).run()
+    for i, name in enumerate(names):
+        upload(at, f"adapt_files_{i}", [(f"{name}_{j}.png", case_images[name][j]) for j in (0, 1)])
+    at.button(key="adapt_run").click().run()
+    at.text_input(key="adapt_name").input("lesions-1")
+    next(b for b in at.button if b.label == "Save adapter").click().run()
+    at.switch_page("screens/classify.py").run()
+    (saved,) = Registry.open(env["registry"]).entries(kind="adapter")
+    at.selectbox(key="classify_adapter").set_value(saved.id).run()
+    upload(at, "classify_files", [(f"n{i}.png", case_images[c][-1]) for i, c in enumerate(names)])
+    assert at.dataframe, texts(at, "info")
+
+    again = reload(token)  # a browser reload: a new session, the same login and draft
+    again.switch_page("screens/classify.py").run()
+    assert not again.exception and again.dataframe  # classified again, with the same adapter
+    rows = [e for e in AuditLog(env["users"]).entries() if e.action == provenance.ACTION_CLASSIFY]
+    assert [r.cases for r in rows] == [len(names)]  # recorded once
