@@ -167,7 +167,7 @@ def score(
         CachedFeatures(parts), evaluation, episodes=config.episodes, **common
     )
     seconds = time.perf_counter() - start
-    if shots >= 2:  # the same seed: the first episodes again, with calibration's folds
+    if shots >= 2 and config.calibrated_episodes:  # the first episodes again, calibrated
         evaluate_episodes(
             CachedFeatures(parts),
             evaluation,

@@ -70,6 +70,8 @@ def test_predictions_file_has_one_calibrated_line_per_query(model_and_data, tmp_
         "--predictions",
         str(out),
         "--json",
+        "--adapt",
+        "prototype",  # the sharp raw scores the last assertion is about
         cwd=tmp_path,
     )
 
