@@ -1,4 +1,5 @@
-"""Summarise bench/results/*.json as markdown, between the README's bench markers.
+"""Summarise bench/results/*.json as markdown: every result in bench/README.md between its bench
+markers, and the results summary in README.md between its summary markers.
 
 Every number comes from the JSON files. ``cross_domain.json`` (the full profile) is preferred; when
 only ``cross_domain_quick.json`` exists it is used and the tables say so.
@@ -19,12 +20,14 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.common import REPO, RESULTS, fold_means
 from bench.report_calibration import render_calibration
-from bench.report_encoder import render_encoder
+from bench.report_encoder import render_encoder, render_summary
 from bench.report_federation import render_federation
 from bench.report_levers import render_levers
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- summary:start -->", "<!-- summary:end -->"
 README = REPO / "README.md"
+BENCH_README = REPO / "bench" / "README.md"
 
 
 def _pct(value: float | None, ci: float | None = None) -> str:
@@ -334,22 +337,34 @@ def render(folder: Path = RESULTS) -> str:
     return "\n".join(parts).strip() + "\n"
 
 
+def _replace_between(path: Path, start: str, end: str, markdown: str) -> bool:
+    """Put ``markdown`` between the markers of ``path``; False when it has none."""
+    text = path.read_text() if path.is_file() else ""
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{markdown}{end}{tail}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Rewrite the README's bench section, or print it when asked or when there are no markers."""
+    """Rewrite bench/README.md's results and README.md's summary, or print them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--print", action="store_true", help="print the markdown, change nothing")
     args = p.parse_args(argv)
-    markdown = render()
-    text = README.read_text() if README.is_file() else ""
-    if args.print or START not in text or END not in text:
-        if not args.print:
-            print(f"({README.name} has no {START} ... {END} markers; printing instead)\n")
-        print(markdown)
+    full = render()
+    summary = "\n".join(render_summary(RESULTS)) + "\n"
+    if args.print:
+        print(summary + "\n" + full)
         return
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{markdown}{END}{tail}")
-    print(f"rewrote the bench section of {README}")
+    for path, start, end, markdown in (
+        (BENCH_README, START, END, full),
+        (README, SUMMARY_START, SUMMARY_END, summary),
+    ):
+        done = _replace_between(path, start, end, markdown)
+        name = path.relative_to(REPO)
+        print(f"rewrote {name}" if done else f"{name} has no {start} markers")
 
 
 if __name__ == "__main__":
