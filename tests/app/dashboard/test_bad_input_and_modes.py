@@ -40,16 +40,16 @@ def test_modes_show_measured_times_and_a_long_run_can_be_cancelled(
 ) -> None:
     at, _ = adapt_page_with_cases(make_app, case_images, shots=2)
     radio = at.radio(key="adapt_mode")
-    assert [o.split(":")[0] for o in radio.options] == ["prototype", "linear", "ridge", "finetune"]
+    assert [o.split(":")[0] for o in radio.options] == ["ridge", "prototype", "linear", "finetune"]
     assert "**maml**, because this base model was trained with protonet" in texts(at, "caption")
     assert list(radio.proto.captions) == [f"time {NOT_MEASURED}"] * 4
     at.button(key="adapt_run").click().run()
-    assert at.session_state[ADAPTATION_KEY].mode == "prototype"
+    assert at.session_state[ADAPTATION_KEY].mode == "ridge"  # the first (default) mode
     at.run()  # the mode captions are drawn before the run that adapts: the next run shows it
     radio = at.radio(key="adapt_mode")
     assert radio.proto.captions[0].startswith("time measured here once: ")
     assert radio.proto.captions[1] == f"time {NOT_MEASURED}"
-    assert "**prototype** with 6 cases: measured here once" in texts(at, "caption")
+    assert "**ridge** with 6 cases: measured here once" in texts(at, "caption")
 
     # A long run (real finetune adaptations, one after another, until cancelled).
     first = at.session_state[ADAPTATION_KEY]

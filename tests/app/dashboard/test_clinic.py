@@ -128,9 +128,14 @@ def test_prototype_reliability_equals_the_reference_leave_one_out(model, case_im
     _, _, loaded = model
     names, cases = batches(case_images, shots=4)
     support = clinic.build_support(names, cases)
-    fast = clinic.reliability(loaded, support, config=AdaptConfig())
+    prototype = AdaptConfig(mode="prototype")
+    fast = clinic.reliability(loaded, support, config=prototype)
     reference = leave_one_out(
-        loaded.model, torch.from_numpy(support.images), torch.from_numpy(support.labels), ways=3
+        loaded.model,
+        torch.from_numpy(support.images),
+        torch.from_numpy(support.labels),
+        ways=3,
+        adapt_config=prototype,
     )
     assert fast.cases == 12 and fast.accuracy == pytest.approx(reference.accuracy)
 

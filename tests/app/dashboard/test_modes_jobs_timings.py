@@ -53,7 +53,7 @@ def test_maml_is_offered_only_for_maml_trained_models_and_says_why() -> None:
     assert "maml" not in modes.offered_modes(protonet)
     assert "trained with protonet, not MAML" in modes.unsupported_modes(protonet)["maml"]
     assert "maml" in modes.offered_modes(loaded(learner="fomaml"))
-    assert modes.offered_modes(protonet)[0] == "prototype"
+    assert modes.offered_modes(protonet)[0] == "ridge"  # the default mode comes first
 
 
 def test_finetune_needs_trainable_weights_and_two_cases_per_class() -> None:
