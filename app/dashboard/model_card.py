@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.adaptation import AdaptConfig
 from models.registry import KIND_GLOBAL, KIND_LOCAL, KIND_PUBLIC, RegistryEntry
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
@@ -24,7 +25,12 @@ BENCH_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 ENCODER_BENCHMARKS = ("new_modality_encoder.json", "smoke_encoder.json")
 PUBLIC_ENCODER_ROWS = "multi-scale@"  # the public encoder's rows (its multi-scale features)
 CARD_SHOTS = 5  # the card quotes 5 labelled cases per class, the dashboard's usual support
-CARD_LEVER = "prototype"  # the adapt page's first (default) mode
+# The benchmark's row for an adaptation mode (bench/new_modality_encoder.py LEVERS) and what it
+# adds to the mode; the card quotes the adapt page's default mode (AdaptConfig().mode).
+MODE_LEVERS: dict[str, tuple[str, str]] = {
+    "ridge": ("ridge-domain", ", after a preparation for the modality (its statistics)"),
+    "prototype": ("prototype", ""),
+}
 UNTESTED = (
     "On a modality that is not listed here, nothing has measured this model: the reliability "
     "interval shown after Adapt, computed from your own labelled cases, is the only measure of "
@@ -37,7 +43,11 @@ FOLD_NAMES: dict[str, str] = {
     "brain_tumor_mri": "brain MRI",
     "chest_xray": "chest radiographs",
     "skin_lesions": "skin photographs (dermatoscopy)",
+    "skin_dermoscopy_isic": "skin photographs (dermatoscopy)",
     "breast_ultrasound": "breast ultrasound",
+    "brain_mri": "brain MRI",
+    "lung_histo_lc25000": "lung histology",
+    "fundus_odir": "retinal fundus photographs",
 }
 
 
@@ -80,9 +90,14 @@ def _network(config: Mapping[str, Any]) -> str:
     return f"{name}" + (f", looking at images of {side}x{side} pixels" if side else "")
 
 
-def encoder_rows(bench: Path, *, shots: int = CARD_SHOTS) -> list[dict[str, Any]]:
-    """The public encoder's benchmark rows at ``shots`` with the default mode (first shipped
-    file of :data:`ENCODER_BENCHMARKS`, with its name under ``source``)."""
+def encoder_rows(
+    bench: Path, *, shots: int = CARD_SHOTS, mode: str | None = None
+) -> list[dict[str, Any]]:
+    """The public encoder's benchmark rows at ``shots`` with ``mode`` (default: the adapt page's
+    default mode), from the first shipped file of :data:`ENCODER_BENCHMARKS`, with the file's
+    name under ``source`` and what the row adds to the mode under ``note``."""
+    mode = mode or AdaptConfig().mode
+    lever, note = MODE_LEVERS.get(mode, (mode, ""))
     for name in ENCODER_BENCHMARKS:
         path = bench / name
         try:
@@ -90,11 +105,11 @@ def encoder_rows(bench: Path, *, shots: int = CARD_SHOTS) -> list[dict[str, Any]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         found = [
-            {**r, "source": f"bench/results/{name}"}
+            {**r, "source": f"bench/results/{name}", "mode": mode, "note": note}
             for r in rows
             if isinstance(r, dict)
             and str(r.get("encoder", "")).startswith(PUBLIC_ENCODER_ROWS)
-            and r.get("lever") == CARD_LEVER
+            and r.get("lever") == lever
             and r.get("shots") == shots
         ]
         if found:
@@ -111,8 +126,8 @@ def _measured_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
     return tuple(
         f"{FOLD_NAMES.get(fold, fold)}: {100 * float(r['accuracy']):.0f}% right "
         f"(± {100 * float(r.get('ci95') or 0):.0f}) telling {r.get('ways')} classes apart from "
-        f"{r.get('shots')} labelled cases each, over {r.get('episodes')} trials "
-        f"({r['source']})"
+        f"{r.get('shots')} labelled cases each with {r['mode']}{r['note']}, over "
+        f"{r.get('episodes')} trials ({r['source']})"
         for fold, r in sorted(best.items())
     )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from app.dashboard import model_card
 from app.dashboard.auth import ROLE_CLINICIAN
+from models.adaptation import AdaptConfig
 from models.registry import KIND_GLOBAL, KIND_LOCAL, KIND_PUBLIC, RegistryEntry
 from tests.app.dashboard.conftest import texts
 
@@ -27,12 +28,13 @@ def _entry(id_: int, kind: str, **fields) -> RegistryEntry:
 
 
 def _bench(folder: Path) -> Path:
-    row = {"encoder": "multi-scale@224", "lever": "prototype", "ways": 3, "shots": 5}
+    row = {"encoder": "multi-scale@224", "lever": "ridge-domain", "ways": 3, "shots": 5}
     rows = [
         {**row, "fold": "blood_cells_bccd", "accuracy": 0.72, "ci95": 0.04, "episodes": 40},
         {**row, "fold": "blood_cells_bccd", "accuracy": 0.7, "ci95": 0.04, "episodes": 40},
         {**row, "fold": "blood_cells_bccd", "shots": 1, "accuracy": 0.5, "ci95": 0.1},
         {**row, "encoder": "pixel", "fold": "brain_tumor_mri", "accuracy": 0.4, "ci95": 0.1},
+        {**row, "lever": "prototype", "fold": "brain_mri", "accuracy": 0.6, "ci95": 0.1},
     ]
     (folder / "smoke_encoder.json").write_text(json.dumps({"results": {"rows": rows}}))
     return folder
@@ -44,11 +46,13 @@ def test_public_card_names_its_data_and_its_measured_modalities(tmp_path: Path) 
         config={"backbone": {"name": "efficientnet-lite0", "image_size": 224}},
         bench=_bench(tmp_path),
     )
+    assert AdaptConfig().mode == "ridge"  # the default mode, which the card quotes
     assert "ImageNet" in card.trained_on and "no patient's data" in card.trained_on
     assert card.measured == (
         "blood-cell microscopy: 72% right (± 4) telling 3 classes apart from 5 labelled cases "
-        "each, over 40 trials (bench/results/smoke_encoder.json)",
-    )  # the best 5-shot row; not the 1-shot row, not another encoder's modality
+        "each with ridge, after a preparation for the modality (its statistics), over 40 "
+        "trials (bench/results/smoke_encoder.json)",
+    )  # the best 5-shot row; not the 1-shot row, another mode's or another encoder's
     assert model_card.UNTESTED in card.markdown()
 
 
@@ -84,3 +88,13 @@ def test_the_adapt_page_shows_the_card(registry, make_app) -> None:
     text = "\n".join(str(m.value) for m in about.markdown)
     assert "**What it is.**" in text and "61% right" in text and "only measure" in text
     assert "Centring" not in texts(at, "info")
+
+
+def test_the_shipped_benchmark_is_quoted() -> None:
+    """The card reads the results the project ships (bench/results/new_modality_encoder.json)."""
+    rows = model_card.encoder_rows(model_card.BENCH_RESULTS)
+    assert rows and {r["source"] for r in rows} == {"bench/results/new_modality_encoder.json"}
+    card = model_card.model_card(
+        _entry(4, KIND_PUBLIC), config={"backbone": {"name": "efficientnet-lite0"}}
+    )
+    assert any(line.startswith("brain MRI: ") for line in card.measured)
