@@ -273,20 +273,55 @@ def fit_head(
     unlabeled: torch.Tensor | None = None,
     on_step: StepHook | None = None,
 ) -> Params:
-    """The head of a frozen-backbone mode over mapped features (prototypes, refined with the
-    unlabelled features when configured; then logistic regression for ``linear``, reporting each
-    of its steps to ``on_step``)."""
+    """The head of a frozen-backbone mode over mapped features: the mode's ``head`` fitter
+    (:class:`AdaptMode`) from the prototype head (refined with the unlabelled features when
+    configured); iterative fitters report each step to ``on_step``."""
     if config.transductive_steps and unlabeled is not None and len(unlabeled):
         head = _head_of(
             refine_prototypes(features, y, unlabeled, ways=ways, steps=config.transductive_steps)
         )
     else:
         head = prototype_head(features, y, ways)
-    if config.mode == "linear" and config.linear_steps:
-        head = _logistic_regression(features, y, head, config, on_step)
-    elif config.mode == "ridge":
-        head = ridge_head(features, y, ways=ways, penalty=config.ridge_penalty)
-    return head
+    fit = ADAPT_MODES[config.mode].head
+    if fit is None:
+        raise ValueError(f"adaptation mode {config.mode!r} adapts the backbone: it has no head")
+    return fit(features, y, head, config, on_step)
+
+
+# Fits a frozen-backbone mode's head: (features, labels, prototype head, config, step hook).
+HeadFit = Callable[[torch.Tensor, torch.Tensor, Params, AdaptConfig, StepHook | None], Params]
+
+
+def _prototype_fit(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    init: Params,
+    config: AdaptConfig,
+    on_step: StepHook | None,
+) -> Params:
+    return init
+
+
+def _linear_fit(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    init: Params,
+    config: AdaptConfig,
+    on_step: StepHook | None,
+) -> Params:
+    if not config.linear_steps:
+        return init
+    return _logistic_regression(features, y, init, config, on_step)
+
+
+def _ridge_fit(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    init: Params,
+    config: AdaptConfig,
+    on_step: StepHook | None,
+) -> Params:
+    return ridge_head(features, y, ways=len(init["head.bias"]), penalty=config.ridge_penalty)
 
 
 def ridge_head(features: torch.Tensor, y: torch.Tensor, *, ways: int, penalty: float) -> Params:
@@ -530,14 +565,17 @@ class AdaptMode:
     frozen_backbone: bool
     uses_feature_map: bool  # whether centring / normalisation apply (MAML has its own head)
     description: str
+    head: HeadFit | None = None  # a frozen-backbone mode's head fitter (fit_head)
 
 
 # name -> adaptation mode; a new mode is one new entry.
 # The first is the default (AdaptConfig.mode) and the dashboard's first choice.
 ADAPT_MODES: dict[str, AdaptMode] = {
-    "ridge": AdaptMode(_frozen, True, True, "least squares on the features (instant)"),
-    "prototype": AdaptMode(_frozen, True, True, "class means of the features (instant)"),
-    "linear": AdaptMode(_frozen, True, True, "logistic regression on the features"),
+    "ridge": AdaptMode(_frozen, True, True, "least squares on the features (instant)", _ridge_fit),
+    "prototype": AdaptMode(
+        _frozen, True, True, "class means of the features (instant)", _prototype_fit
+    ),
+    "linear": AdaptMode(_frozen, True, True, "logistic regression on the features", _linear_fit),
     "finetune": AdaptMode(_finetune, False, True, "fine-tunes head and network (seconds)"),
     "maml": AdaptMode(_maml, False, False, "MAML's inner loop (for MAML-trained models)"),
 }
