@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from app.dashboard.adapters import epsilon_label
@@ -31,9 +30,8 @@ from models.domain import (
     load_unlabeled,
     save_prepared,
 )
-from models.errors import DataError, UnreadableImageError
-from models.guard import check_file
-from models.pipeline import PipelineConfig, preprocess_arrays
+from models.errors import DataError
+from models.pipeline import PipelineConfig
 from models.registry import KIND_LOCAL, KIND_PUBLIC, Registry, RegistryEntry
 
 # Registry info keys of a local version, written here and read by the adapt page.
@@ -52,13 +50,7 @@ CENTRE_UNUSED = (
     "{mode} adaptation does not use it."
 )
 PUBLIC_NOTE = "public ImageNet encoder, trained on no patient's data (no privacy budget spent)"
-SOURCE_SUFFIXES = (".npz", ".csv")
-NPZ_IMAGE_KEYS = (
-    "images",
-    "train_images",
-    "val_images",
-    "test_images",
-)  # labels not needed  # besides folders (models.domain.load_unlabeled)
+SOURCE_SUFFIXES = (".npz", ".csv")  # besides folders (models.domain.load_unlabeled)
 LOAD_SHARE = 0.1  # share of the progress bar for reading the studies
 SAVE_AT = 0.95  # where training ends on the progress bar and saving begins
 
@@ -112,43 +104,6 @@ def resolve_source(text: str, *, roots: Sequence[Path] = ()) -> Path:
     return path
 
 
-def read_studies(source: Path, pipeline: PipelineConfig) -> UnlabeledImages:
-    """The unlabelled studies at ``source`` through the base model's pipeline. An ``.npz`` needs
-    only images (key ``images``, or MedMNIST's ``train_images``/``val_images``/``test_images``):
-    labels are never needed, and never read.
-
-    Raises:
-        DataError: nothing readable (the message names the file and the keys it has).
-    """
-    if source.suffix.lower() != ".npz":
-        return load_unlabeled(source, pipeline)
-    try:
-        check_file(source)  # zip validity and the declared array sizes, before reading
-        data = np.load(source, allow_pickle=False)
-    except (OSError, ValueError, UnreadableImageError) as exc:
-        raise DataError(f"{source.name}: not a readable .npz file ({exc})") from exc
-    with data:
-        keys = [k for k in NPZ_IMAGE_KEYS if k in data.files]
-        if not keys:
-            raise DataError(
-                f"{source.name}: no images (a key {' or '.join(NPZ_IMAGE_KEYS)}); keys present: "
-                f"{', '.join(sorted(data.files)) or 'none'}"
-            )
-        images = np.concatenate([data[k] for k in keys])
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
-        raise DataError(
-            f"{source.name}: images must be (N, H, W) or (N, H, W, C) with C in 1/3/4, got "
-            f"shape {images.shape}"
-        )
-    if images.dtype.kind not in "biuf" or not np.isfinite(images).all():
-        raise DataError(f"{source.name}: images must be finite numbers (dtype {images.dtype})")
-    if len(images) == 0:
-        raise DataError(f"{source.name}: no images in the file")
-    return UnlabeledImages(
-        images=preprocess_arrays(images, pipeline), source=source.name, skipped=0
-    )
-
-
 def studies_from_cases(
     uploads: Sequence[Upload], *, source: str
 ) -> Callable[[PipelineConfig], UnlabeledImages]:
@@ -190,9 +145,9 @@ def prepare_model(
     Args:
         registry: this node's registry.
         base_version: the version to prepare.
-        source: a folder, CSV manifest or ``.npz`` (:func:`read_studies`), or a function that
-            gives the studies through the base model's pipeline (:func:`studies_from_cases`:
-            studies pulled from the archive).
+        source: a folder, CSV manifest or ``.npz`` (:func:`models.domain.load_unlabeled`), or a
+            function that gives the studies through the base model's pipeline
+            (:func:`studies_from_cases`: studies pulled from the archive).
         config: the preparation.
         author: who prepared it (kept in the registry).
         on_progress: (fraction done, what is happening); an exception it raises (Cancel) stops
@@ -209,7 +164,7 @@ def prepare_model(
     report(0.0, "reading the studies")
     try:
         if isinstance(source, Path):
-            unlabeled = read_studies(source, loaded.pipeline)
+            unlabeled = load_unlabeled(source, loaded.pipeline)  # an .npz of images is enough
         else:
             unlabeled = source(loaded.pipeline)
     except DataError as exc:
