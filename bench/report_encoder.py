@@ -82,6 +82,33 @@ def encoder_section(payload: dict[str, Any], source: str, title: str) -> list[st
     return out
 
 
+SIDES = "new_modality_encoder_sides.json"  # the same benchmark at other input sides
+
+
+def sides_line(folder: Path) -> list[str]:
+    """The default row (multi-scale, ridge, domain centring, 5-shot) at every input side
+    measured, from the sweep and the main run (the same episodes)."""
+    rows = []
+    for source in (SIDES, "new_modality_encoder.json"):
+        path = folder / source
+        if path.is_file():
+            summary = json.loads(path.read_text())["results"]["summary"]
+            rows += [
+                r
+                for r in summary
+                if r["encoder"].startswith("multi-scale@")
+                and r["lever"] == DEFAULT[1]
+                and r["shots"] == 5
+            ]
+    if len(rows) < 2:
+        return []
+    rows.sort(key=lambda r: int(r["encoder"].split("@")[1]))
+    cells = ", ".join(
+        f"{r['encoder'].split('@')[1]} px {_pct(r['accuracy'], r['ci95'])}" for r in rows
+    )
+    return ["", f"Input side, the default row at 5 shots (`{SIDES}` and the run above): {cells}."]
+
+
 def render_encoder(folder: Path) -> list[str]:
     """Sections for every encoder result present in ``folder``."""
     parts: list[str] = []
@@ -89,6 +116,8 @@ def render_encoder(folder: Path) -> list[str]:
         path = folder / source
         if path.is_file():
             parts += ["", *encoder_section(json.loads(path.read_text()), source, title)]
+            if source == "new_modality_encoder.json":
+                parts += sides_line(folder)
     return parts
 
 
