@@ -84,14 +84,25 @@ def idle(page) -> None:
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
 
 
-def choose(page, label: str, option: str) -> None:
+def choose(page, label: str, option: str, *, tries: int = 3) -> None:
     """Pick the option containing ``option`` in the selectbox labelled ``label``."""
+    from playwright.sync_api import Error
+
     box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text(label, exact=True))
     # A rerun that replaced the widget (a new search's study list) can still show the old copy
     # beside the new one for a moment.
     _expect()(box).to_have_count(1)
-    box.click()
-    page.get_by_role("option").filter(has_text=option).first.click()
+    for attempt in range(tries):
+        box.click()
+        try:
+            # The list can close under the pointer when a rerun redraws the box: open it again.
+            page.get_by_role("option").filter(has_text=option).first.click(timeout=20_000)
+            break
+        except Error:
+            if attempt == tries - 1:
+                raise
+            page.keyboard.press("Escape")
+            idle(page)
     idle(page)
 
 
