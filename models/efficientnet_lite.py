@@ -32,7 +32,6 @@ INPUT_STD = 0.5
 STEM = 32
 HEAD = 1280
 IMAGENET_CLASSES = 1000
-NATIVE_SIZE = 224  # Lite0's training resolution
 # (repeats, kernel, stride, expansion, in, out) per stage: B0's layout (Tan and Le 2019, table 1).
 STAGES = (
     (1, 3, 1, 1, 32, 16),

@@ -42,11 +42,6 @@ PUBLIC_WEIGHTS: dict[str, PublicWeights] = {
 }
 
 
-def is_public_weights_name(value: str | Path) -> bool:
-    """Whether ``value`` names a registered weight set rather than a file."""
-    return str(value) in PUBLIC_WEIGHTS
-
-
 @functools.cache
 def public_weights_path(name: str) -> Path:
     """The checked file of the weight set ``name``.
@@ -85,4 +80,4 @@ def resolve_weights(value: str | Path | None) -> Path | None:
     """A weights file: the path itself, or the checked file of a named public weight set."""
     if value is None:
         return None
-    return public_weights_path(str(value)) if is_public_weights_name(value) else Path(value)
+    return public_weights_path(str(value)) if str(value) in PUBLIC_WEIGHTS else Path(value)
