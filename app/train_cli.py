@@ -26,14 +26,7 @@ from models.meta import MetaConfig
 from models.model_dir import load_model_dir, save_model_dir
 from models.networks import BACKBONES, BackboneConfig
 from models.pipeline import PipelineConfig
-from models.public_start import (
-    NATIVE_SIDES,
-    PUBLIC_ENCODER,
-    PUBLIC_PIPELINE,
-    PUBLIC_WEIGHTS_NAME,
-    START_KEY,
-    start_public_encoder,
-)
+from models.public_start import PUBLIC_ENCODER, pipeline_for, save_public_start
 from models.public_weights import PUBLIC_WEIGHTS, resolve_weights
 from models.readers import load_dataset
 from models.training import TrainConfig, meta_train
@@ -124,7 +117,7 @@ def train(
         return
     named_set = PUBLIC_WEIGHTS.get(weights or "")
     name = backbone or (named_set.backbone if named_set else DP_BACKBONE)
-    pipeline = PipelineConfig(image_size=NATIVE_SIDES.get(name, PipelineConfig.image_size))
+    pipeline = pipeline_for(name)
     backbone_config = BackboneConfig(name=name, image_size=pipeline.image_size)
     weights_file = resolve_weights(weights)
     config = TrainConfig(
@@ -198,16 +191,7 @@ def _write_public_start(data: str, out: Path, *, meta: MetaConfig) -> None:
     bench/results/new_modality_encoder.json, the frozen encoder with multi-scale features and
     a ridge head beats every network this project trained on them."""
     sets = load_sets(data, PipelineConfig())
-    started = start_public_encoder()
-    save_model_dir(
-        out,
-        started.model,
-        backbone=started.config,
-        pipeline=PUBLIC_PIPELINE,
-        meta=meta,
-        extra={"data": [s.name for s in sets], "private": False, START_KEY: PUBLIC_WEIGHTS_NAME},
-        weights=started.weights,
-    )
+    save_public_start(out, data=[s.name for s in sets], meta=meta)
     typer.echo(
         f"model written to {out} (the public start: ImageNet EfficientNet-Lite0, frozen, "
         f"{PUBLIC_ENCODER.image_size} px, {PUBLIC_ENCODER.features} features; nothing trained)"

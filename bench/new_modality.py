@@ -88,13 +88,17 @@ class BenchConfig:
     seed: int
 
 
-def split_by_patient(data: ImageSet, fraction: float, seed: int) -> tuple[np.ndarray, ImageSet]:
-    """The unlabelled pool (images only) and the evaluation half, disjoint by patient."""
+def pool_mask(data: ImageSet, fraction: float, seed: int) -> np.ndarray:
+    """Which images are in the unlabelled pool: those of a random ``fraction`` of the patients."""
     rng = np.random.default_rng(seed)
     patients = np.unique(data.patients)
     rng.shuffle(patients)
-    pool_patients = patients[: round(fraction * len(patients))]
-    in_pool = np.isin(data.patients, pool_patients)
+    return np.isin(data.patients, patients[: round(fraction * len(patients))])
+
+
+def split_by_patient(data: ImageSet, fraction: float, seed: int) -> tuple[np.ndarray, ImageSet]:
+    """The unlabelled pool (images only) and the evaluation half, disjoint by patient."""
+    in_pool = pool_mask(data, fraction, seed)
     keep = ~in_pool
     evaluation = dataclasses.replace(
         data,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import SHARED_SETS, Progress, require_shared_data, set_threads, write_result
 from bench.new_condition import HELD_OUT
-from bench.new_modality import split_by_patient
+from bench.new_modality import pool_mask, split_by_patient
 from models.adaptation import AdaptConfig
 from models.calibration import (
     CalibrationConfig,
@@ -211,13 +211,8 @@ def target_images(name: str, task: str, folder: Path) -> tuple[ImageSet, np.ndar
 def run_fold(name: str, config: BenchConfig, folder: Path, log: Progress) -> list[dict[str, Any]]:
     """Every row of one held-out modality (or one modality's held-out conditions)."""
     target, selected = target_images(name, config.task, folder)
-    rng = np.random.default_rng(config.seed)
-    patients = np.unique(target.patients)
-    rng.shuffle(patients)
-    in_pool = np.isin(target.patients, patients[: round(config.pool_fraction * len(patients))])
-    pool_images, evaluation = split_by_patient(target, config.pool_fraction, config.seed)
-    if len(pool_images) != int(in_pool.sum()):
-        raise RuntimeError("the pool differs from bench/new_modality.py's split")
+    in_pool = pool_mask(target, config.pool_fraction, config.seed)
+    _, evaluation = split_by_patient(target, config.pool_fraction, config.seed)
     keep = ~in_pool
     rows = []
     threads = _one_thread()

@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from models.adaptation import embed
-from models.errors import DataError, UnreadableImageError
-from models.guard import IMAGE_SUFFIXES, check_file, file_suffix
+from models.errors import DataError
+from models.guard import IMAGE_SUFFIXES, file_suffix
 from models.model_dir import LoadedModel, save_model_dir
-from models.pipeline import PipelineConfig, preprocess_arrays
-from models.readers import load_files
+from models.pipeline import PipelineConfig
+from models.readers import load_files, load_npz_images
 from models.self_supervised import ContrastiveConfig, contrastive_train
 
 
@@ -80,38 +80,6 @@ def load_unlabeled(path: str | Path, config: PipelineConfig = PipelineConfig()) 
     if not result.paths:
         raise DataError(f"{p}: none of the {len(files)} images could be loaded")
     return UnlabeledImages(images=result.images, source=p.name, skipped=len(result.errors))
-
-
-# Keys of an .npz that hold images: the shared layout's, and MedMNIST's splits (all of them).
-NPZ_IMAGE_KEYS = ("images", "train_images", "val_images", "test_images")
-
-
-def load_npz_images(path: Path, config: PipelineConfig) -> np.ndarray:
-    """The images of an ``.npz`` through the pipeline; only image keys are read (an ``.npz`` of
-    images alone is enough: labels are never needed).
-
-    Raises:
-        DataError: unreadable, no image key, or images of the wrong shape.
-    """
-    try:
-        check_file(path)  # zip validity and declared array sizes, before reading
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, UnreadableImageError) as exc:
-        raise DataError(f"{path.name}: not a readable .npz file ({exc})") from exc
-    with data:
-        keys = [k for k in NPZ_IMAGE_KEYS if k in data.files]
-        if not keys:
-            raise DataError(
-                f"{path.name}: no images (a key {' or '.join(NPZ_IMAGE_KEYS)}); keys present: "
-                f"{', '.join(sorted(data.files)) or 'none'}"
-            )
-        images = np.concatenate([data[k] for k in keys])
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
-        raise DataError(
-            f"{path.name}: images must be (N, H, W) or (N, H, W, C) with C in 1/3/4, got "
-            f"shape {images.shape}"
-        )
-    return preprocess_arrays(images, config)
 
 
 @dataclass(frozen=True)

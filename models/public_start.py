@@ -9,6 +9,7 @@ only a head on its multi-scale features.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from models.meta import MetaConfig
@@ -47,16 +48,24 @@ def start_public_encoder(config: BackboneConfig = PUBLIC_ENCODER) -> StartedBack
     return start_backbone(config, weights=public_weights_path(PUBLIC_WEIGHTS_NAME), strict=True)
 
 
-def save_public_start(path: Path) -> Path:
-    """Write the public start as a model directory (no training; the weights' hash recorded)."""
+def pipeline_for(backbone: str) -> PipelineConfig:
+    """The pipeline of a backbone: its native input side, else the 64-px default."""
+    return PipelineConfig(image_size=NATIVE_SIDES.get(backbone, PipelineConfig.image_size))
+
+
+def save_public_start(
+    path: Path, *, data: Sequence[str] = (), meta: MetaConfig = MetaConfig()
+) -> Path:
+    """Write the public start as a model directory (no training; the weights' hash recorded;
+    ``data`` names the sets it was given, which it did not train on)."""
     started = start_public_encoder()
     return save_model_dir(
         path,
         started.model,
         backbone=started.config,
         pipeline=PUBLIC_PIPELINE,
-        meta=MetaConfig(),
-        extra={START_KEY: PUBLIC_WEIGHTS_NAME, "private": False, "data": []},
+        meta=meta,
+        extra={START_KEY: PUBLIC_WEIGHTS_NAME, "private": False, "data": list(data)},
         weights=started.weights,
     )
 

@@ -25,6 +25,8 @@ from models.pipeline import IMAGE_KEY, PipelineConfig, build_transforms, preproc
 logger = logging.getLogger(__name__)
 
 NPZ_SPLITS = ("train", "val", "test")  # MedMNIST's split prefixes, in file order
+# Keys of an .npz that hold images: the shared layout's, and MedMNIST's splits (all of them).
+NPZ_IMAGE_KEYS = ("images", *(f"{s}_images" for s in NPZ_SPLITS))
 CSV_COLUMNS = ("path", "label", "patient_id")  # manifest header; patient_id is optional
 _EYE_SUFFIX = re.compile(r"_(left|right)$", re.IGNORECASE)
 
@@ -90,6 +92,55 @@ def _npz_arrays(
     return images, labels, tuple(f"class_{i}" for i in range(n_classes)), None
 
 
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """The opened ``.npz`` (zip validity and declared array sizes checked before reading).
+
+    Raises:
+        DataError: the file is not a readable ``.npz``.
+    """
+    check_file(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+
+
+def _check_images(images: np.ndarray, where: str) -> None:
+    """Refuse image arrays of the wrong shape, with NaN/Inf, or not numeric."""
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        raise DataError(
+            f"{where}: key 'images' must be (N, H, W) or (N, H, W, C) with C in 1/3/4, "
+            f"got shape {images.shape}"
+        )
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
+        raise DataError(
+            f"{where}: key 'images' holds NaN/Inf in {len(bad)} images (first index {bad[0]})"
+        )
+    if images.dtype.kind not in "biuf":
+        raise DataError(f"{where}: key 'images' must be numeric, got dtype {images.dtype}")
+
+
+def load_npz_images(path: str | Path, config: PipelineConfig = PipelineConfig()) -> np.ndarray:
+    """Only the images of an ``.npz`` (key ``images``, or every MedMNIST ``*_images`` split),
+    through the pipeline: labels are neither needed nor read.
+
+    Raises:
+        DataError: unreadable, no image key, or images of the wrong shape or values.
+    """
+    p = Path(path)
+    with _open_npz(p) as data:
+        keys = [k for k in NPZ_IMAGE_KEYS if k in data.files]
+        if not keys:
+            raise DataError(
+                f"{p.name}: no images (a key {' or '.join(NPZ_IMAGE_KEYS)}); keys present: "
+                f"{', '.join(sorted(data.files)) or 'none'}"
+            )
+        images = np.concatenate([data[k] for k in keys])
+    _check_images(images, p.name)
+    return preprocess_arrays(images, config)
+
+
 def load_npz(
     path: str | Path,
     config: PipelineConfig = PipelineConfig(),
@@ -114,18 +165,9 @@ def load_npz(
     """
     p = Path(path)
     where = str(p)
-    check_file(p)  # zip validity and the array sizes its headers declare, before reading
-    try:
-        data = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{where}: not a readable .npz file ({exc})") from exc
-    with data:
+    with _open_npz(p) as data:
         images, labels, classes, provenance = _npz_arrays(data, where, split)
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
-        raise DataError(
-            f"{where}: key 'images' must be (N, H, W) or (N, H, W, C) with C in 1/3/4, "
-            f"got shape {images.shape}"
-        )
+    _check_images(images, where)
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"{where}: key 'labels' has shape {labels.shape} for {len(images)} images")
     if labels.dtype.kind not in "iu":
@@ -135,13 +177,6 @@ def load_npz(
             f"{where}: key 'labels' values must lie in [0, {len(classes)}) (key 'classes'), "
             f"got range [{labels.min()}, {labels.max()}]"
         )
-    if images.dtype.kind == "f" and not np.isfinite(images).all():
-        bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
-        raise DataError(
-            f"{where}: key 'images' holds NaN/Inf in {len(bad)} images (first index {bad[0]})"
-        )
-    if images.dtype.kind not in "biuf":
-        raise DataError(f"{where}: key 'images' must be numeric, got dtype {images.dtype}")
     set_name = name or p.name.removesuffix(".npz")
     patients = (
         np.array([patient_id_from_provenance(str(s)) for s in provenance], dtype=str)
