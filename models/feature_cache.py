@@ -70,9 +70,12 @@ class FeatureCache:
                 self._rows[k] = row.detach().clone()
         for k in unique:
             self._rows.move_to_end(k)
+        # Stacked before the bound is applied: a call with more images than the bound still gets
+        # every row (its oldest ones are then dropped from the cache).
+        out = torch.stack([self._rows[k] for k in keys]) if keys else torch.empty(0)
         while len(self._rows) > self.max_images:
             self._rows.popitem(last=False)
-        return torch.stack([self._rows[k] for k in keys]) if keys else torch.empty(0)
+        return out
 
 
 _CACHES: weakref.WeakKeyDictionary[nn.Module, FeatureCache] = weakref.WeakKeyDictionary()
