@@ -1,9 +1,12 @@
-"""Entry file of the dashboard (``fedfew dashboard`` or ``streamlit run app/dashboard/main.py``):
-it only routes. The pages a user sees depend on their roles; logged out, only the login page."""
+"""Entry file of the dashboard (``fedfew dashboard`` serves it through app/dashboard/server.py):
+it only routes. The pages a user sees depend on their roles; signed out, only the login page.
+Every page shows who is signed in, with a Sign out button (app/dashboard/signin.py)."""
 
 import streamlit as st
 
-from app.dashboard import ui
+from app.dashboard import signin, ui
 
 st.set_page_config(page_title="fedfew", page_icon=":material/health_and_safety:", layout="wide")
-st.navigation(ui.navigation_pages(ui.current_session())).run()
+session = signin.current_session()
+signin.account_bar(session)
+st.navigation(ui.navigation_pages(session)).run()

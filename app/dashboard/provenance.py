@@ -29,6 +29,7 @@ ACTION_LOGIN = "login"
 ACTION_LOGIN_FAILED = "login failed"
 ACTION_LOCKED = "login throttled"  # a client's failures made it wait (see auth.UserStore)
 ACTION_LOGOUT = "logout"
+ACTION_ROLES_CHANGED = "roles changed"  # a hospital identity's mapped roles differ from last time
 ACTION_ACCOUNT_ADDED = "account added"
 ACTION_DISABLED = "account disabled"
 ACTION_ENABLED = "account enabled"

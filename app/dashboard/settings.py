@@ -23,6 +23,11 @@ ENV_SESSION_HOURS = "FEDFEW_SESSION_HOURS"  # login lifetime
 ENV_DATA_ROOTS = "FEDFEW_DATA_ROOTS"
 ENV_DICOMWEB = "FEDFEW_DICOMWEB"  # the image archive's DICOMweb root URL, optional
 ENV_SITE_NAME = "FEDFEW_SITE_NAME"  # the hospital's name, on the login page
+ENV_IDLE_MINUTES = "FEDFEW_IDLE_MINUTES"  # minutes without activity before a session ends
+# "1": served over plain HTTP to the network on purpose (`--insecure-http`): a banner says so,
+# and the session cookie is sent without Secure (a browser drops Secure cookies over HTTP).
+ENV_INSECURE_HTTP = "FEDFEW_INSECURE_HTTP"
+ENV_OIDC_CONFIG = "FEDFEW_OIDC_CONFIG"  # the hospital sign-in's config file (app/dashboard/oidc.py)
 ENV_VARS = (
     ENV_HOME,
     ENV_REGISTRY,
@@ -34,11 +39,17 @@ ENV_VARS = (
     ENV_DATA_ROOTS,
     ENV_DICOMWEB,
     ENV_SITE_NAME,
+    ENV_IDLE_MINUTES,
+    ENV_INSECURE_HTTP,
+    ENV_OIDC_CONFIG,
 )
 
 # A clinical shift: long enough not to interrupt work, short enough that a left-open browser
 # on a shared ward computer does not stay logged in overnight.
 DEFAULT_SESSION_HOURS = 8.0
+# A walk-away workstation: 15 minutes without a click ends the session (the common hospital
+# screen-lock time; HIPAA's automatic logoff leaves the value to the site).
+DEFAULT_IDLE_MINUTES = 15.0
 # Streamlit's upload cap in MB, the same as the input guard's file limit (GuardConfig: 50 MB).
 MAX_UPLOAD_MB = 50
 SUPERLINK_TIMEOUT_S = 1.0  # a LAN connect answers in milliseconds; do not hang the page
@@ -57,12 +68,24 @@ class DashboardSettings:
     data_roots: tuple[Path, ...] = ()  # empty: no folder may be read
     dicomweb: str | None = None  # the archive's DICOMweb root; None: no archive
     site_name: str = ""  # the hospital's name ("": the login page names no site)
+    idle_minutes: float = DEFAULT_IDLE_MINUTES
+    insecure_http: bool = False  # plain HTTP to the network, chosen with --insecure-http
+    oidc_config: Path | None = None  # the hospital sign-in (None: local accounts only)
 
     def __post_init__(self) -> None:
         if not self.session_hours > 0:
             raise SettingsError(
                 f"{ENV_SESSION_HOURS} must be a number of hours > 0, got {self.session_hours!r}"
             )
+        if not self.idle_minutes > 0:
+            raise SettingsError(
+                f"{ENV_IDLE_MINUTES} must be a number of minutes > 0, got {self.idle_minutes!r}"
+            )
+
+    @property
+    def idle_s(self) -> float:
+        """The idle timeout in seconds."""
+        return self.idle_minutes * 60.0
 
 
 def parse_superlink(value: str) -> tuple[str, int]:
@@ -86,6 +109,14 @@ def parse_ledgers(value: str) -> tuple[Path, ...]:
     return tuple(Path(p.strip()).expanduser() for p in parts if p.strip())
 
 
+def _number(env: dict[str, str], name: str, default: float, unit: str) -> float:
+    text = env.get(name) or str(default)
+    try:
+        return float(text)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of {unit}, got {text!r}") from None
+
+
 def load_settings(environ: dict[str, str] | None = None) -> DashboardSettings:
     """Read the settings from the environment (``os.environ`` by default).
 
@@ -94,13 +125,7 @@ def load_settings(environ: dict[str, str] | None = None) -> DashboardSettings:
     """
     env = dict(os.environ if environ is None else environ)
     home = Path(env.get(ENV_HOME) or Path.home() / ".fedfew").expanduser()
-    hours_text = env.get(ENV_SESSION_HOURS) or str(DEFAULT_SESSION_HOURS)
-    try:
-        hours = float(hours_text)
-    except ValueError:
-        raise SettingsError(
-            f"{ENV_SESSION_HOURS} must be a number of hours, got {hours_text!r}"
-        ) from None
+    hours = _number(env, ENV_SESSION_HOURS, DEFAULT_SESSION_HOURS, "hours")
     status = env.get(ENV_FEDERATION_STATUS)
     superlink = env.get(ENV_SUPERLINK)
     return DashboardSettings(
@@ -113,4 +138,7 @@ def load_settings(environ: dict[str, str] | None = None) -> DashboardSettings:
         data_roots=parse_ledgers(env.get(ENV_DATA_ROOTS, "")),
         dicomweb=env.get(ENV_DICOMWEB) or None,
         site_name=(env.get(ENV_SITE_NAME) or "").strip(),
+        idle_minutes=_number(env, ENV_IDLE_MINUTES, DEFAULT_IDLE_MINUTES, "minutes"),
+        insecure_http=env.get(ENV_INSECURE_HTTP) == "1",
+        oidc_config=Path(env[ENV_OIDC_CONFIG]).expanduser() if env.get(ENV_OIDC_CONFIG) else None,
     )

@@ -5,24 +5,15 @@ settings and messages. Session-state keys are defined here, once.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import streamlit as st
-from streamlit.errors import StreamlitSecretNotFoundError
 
-from app.dashboard.auth import (
-    ROLE_ADMIN,
-    ROLE_CLINICIAN,
-    ROLE_IT,
-    Session,
-    UserStore,
-    new_session,
-    role_from_claims,
-)
+from app.dashboard.auth import ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT, Session
 from app.dashboard.errors import DashboardError, user_message
-from app.dashboard.persistence import QUERY_PARAM, Draft, SessionStore
+from app.dashboard.persistence import SessionStore
 from app.dashboard.settings import DashboardSettings, load_settings
 
 PAGES_DIR = Path(__file__).resolve().parent / "screens"
@@ -30,8 +21,6 @@ SESSION_KEY = "fedfew_session"
 TOKEN_KEY = "fedfew_session_token"  # the server-side session's token (persistence.SessionStore)
 DRAFT_KEY = "fedfew_restored_draft"  # the draft found at a reload, for the pages to take back
 NOTICE_KEY = "fedfew_notice"  # a message to show once on the next page (e.g. "session expired")
-OIDC_SECTION = "fedfew_oidc"  # secrets: role_claim = "groups", [fedfew_oidc.roles] value = role
-OIDC_DEFAULT_CLAIM = "roles"
 
 # Preparing for a modality: a clinician who brings a new kind of study, or IT who points the
 # node at a hospital archive folder.
@@ -89,117 +78,18 @@ def stop_with_error(exc: Exception | str) -> NoReturn:
     st.stop()
 
 
-def oidc_settings() -> Mapping[str, Any] | None:
-    """The ``[fedfew_oidc]`` secrets when ``st.login`` is configured (an ``[auth]`` section)."""
-    try:
-        if "auth" not in st.secrets:
-            return None
-        section = st.secrets.get(OIDC_SECTION, {})
-    except StreamlitSecretNotFoundError:  # no secrets.toml at all: local accounts only
-        return None
-    return dict(section)
-
-
-def _oidc_session(oidc: Mapping[str, Any], hours: float) -> Session | None:
-    if not st.user.is_logged_in:
-        return None
-    claims = dict(st.user)
-    roles = role_from_claims(
-        claims,
-        claim=str(oidc.get("role_claim", OIDC_DEFAULT_CLAIM)),
-        mapping=dict(oidc.get("roles", {})),
-    )
-    name = str(claims.get("email") or claims.get("name") or claims.get("sub") or "unknown")
-    return new_session(name, roles, hours=hours, source="oidc")
-
-
 def client_address() -> str:
     """The browser's address as the server sees it (login throttling is per client); "unknown"
     when there is none (a test harness, or a server that does not say)."""
+    from app.dashboard.web_session import client_label
+
     address = st.context.ip_address
-    return address if isinstance(address, str) and address else "unknown"
+    return client_label(address if isinstance(address, str) else None)
 
 
 def session_store() -> SessionStore:
     """The server-side sessions and drafts (in the dashboard's SQLite file)."""
     return SessionStore(settings().users_db)
-
-
-def start_session(session: Session) -> None:
-    """Log ``session`` in: kept server-side and named in the URL, so a reload finds it again."""
-    token = session_store().create(session, client=client_address())
-    st.session_state[SESSION_KEY] = session
-    st.session_state[TOKEN_KEY] = token
-    st.query_params[QUERY_PARAM] = token
-
-
-def _resume_from_url() -> Session | None:
-    """After a reload: the session named by the URL's token, with its draft; None if none."""
-    token = st.query_params.get(QUERY_PARAM)
-    if not token:
-        return None
-    store = session_store()
-    try:
-        session = store.resume(token, client=client_address())
-        if (
-            session is not None
-            and session.source == "local"
-            and not UserStore(settings().users_db).active(session.username)
-        ):
-            store.end(token)  # disabled or removed since: the session ends with it
-            session = None
-        draft = store.load_draft(token) if session is not None else Draft()
-    except DashboardError as exc:
-        stop_with_error(exc)
-    if session is None:
-        del st.query_params[QUERY_PARAM]
-        st.session_state[NOTICE_KEY] = "Your session expired. Log in again to continue."
-        return None
-    st.session_state[SESSION_KEY] = session
-    st.session_state[TOKEN_KEY] = token
-    st.session_state[DRAFT_KEY] = draft
-    return session
-
-
-def current_session() -> Session | None:
-    """The logged-in session, or None; an expired one is ended with a notice. A reload resumes
-    the session named in the URL (page switches clear the URL's parameters: they are set
-    again here)."""
-    session: Session | None = st.session_state.get(SESSION_KEY)
-    if session is None:
-        session = _resume_from_url()
-    if session is None:
-        oidc = oidc_settings()
-        if oidc is not None:
-            session = _oidc_session(oidc, settings().session_hours)
-            if session is not None:
-                start_session(session)
-    if session is not None and session.expired():
-        end_session(notice="Your session expired. Log in again to continue.")
-        return None
-    token = st.session_state.get(TOKEN_KEY)
-    if token and st.query_params.get(QUERY_PARAM) != token:
-        st.query_params[QUERY_PARAM] = token
-    return session
-
-
-def end_session(*, notice: str | None = None) -> None:
-    """Log out: forget the session, its server-side record and everything entered during it."""
-    session: Session | None = st.session_state.get(SESSION_KEY)
-    token = st.session_state.get(TOKEN_KEY)
-    if token:
-        try:
-            session_store().end(token)
-        except DashboardError as exc:  # logged out here all the same; the row expires on time
-            notice = f"{notice or ''} The server could not forget the session: {exc}".strip()
-    if QUERY_PARAM in st.query_params:
-        del st.query_params[QUERY_PARAM]
-    for key in list(st.session_state.keys()):
-        del st.session_state[key]
-    if notice:
-        st.session_state[NOTICE_KEY] = notice
-    if session is not None and session.source == "oidc" and st.user.is_logged_in:
-        st.logout()
 
 
 def show_notice() -> None:

@@ -1,19 +1,19 @@
-"""Who is logged in, until when, and the logout button."""
+"""Who is signed in, until when, and the Sign out button (also in the sidebar of every page)."""
 
 import streamlit as st
 
-from app.dashboard import ui
-from app.dashboard.provenance import ACTION_LOGOUT
+from app.dashboard import signin, ui
 
-session = ui.current_session()
+session = st.session_state.get(ui.SESSION_KEY)
 if session is None:
-    ui.stop_with_error("Log in to open this page.")
+    ui.stop_with_error("Sign in to open this page.")
 st.title("Account")
-st.write(f"Logged in as **{session.username}** ({', '.join(session.roles) or 'no role'}).")
-st.caption(f"The session ends in {ui.remaining_time(session)}.")
+st.write(f"Signed in as **{session.username}** ({', '.join(session.roles) or 'no role'}).")
+idle = ui.settings().idle_minutes
+st.caption(
+    f"The session ends in {ui.remaining_time(session)}, or after {idle:g} minutes without "
+    "activity. Signing out ends this account's sessions on every computer."
+)
 if not session.roles:
     st.warning("This account has no dashboard role, so no page is open to it.")
-if st.button("Log out", key="logout"):
-    ui.audit_event(ACTION_LOGOUT)
-    ui.end_session(notice="You are logged out.")
-    st.rerun()
+st.button("Sign out", key="logout", on_click=signin.sign_out)

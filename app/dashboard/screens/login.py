@@ -1,23 +1,27 @@
-"""Log in: local accounts (``fedfew users add``), or the hospital's identity provider when
-``st.login`` is configured."""
+"""Sign in: the hospital's identity provider when ``--oidc`` configured it, and local accounts
+(``fedfew users add``, for small sites and as the break-glass path). The local form posts to the
+dashboard's own route (app/dashboard/web_session.py), whose answer sets the HttpOnly session
+cookie: the password never passes through the page's websocket, the token never through a URL."""
+
+import html
 
 import streamlit as st
 
-from app.dashboard import ui
-from app.dashboard.auth import UserStore, new_session
-from app.dashboard.errors import AuthError, RateLimitedError
-from app.dashboard.provenance import ACTION_LOCKED, ACTION_LOGIN, ACTION_LOGIN_FAILED
+from app.dashboard import signin, ui
+from app.dashboard.auth import UserStore
+from app.dashboard.web_session import FORM_PASSWORD, FORM_USERNAME, LOGIN_PATH
 
 config = ui.settings()
 st.title(f"fedfew dashboard · {config.site_name}" if config.site_name else "fedfew dashboard")
 ui.show_notice()
 ui.intended_use_notice()
 store = UserStore(config.users_db)
-oidc = ui.oidc_settings()
 
-if oidc is not None:
-    st.button("Log in with your hospital account", on_click=st.login, type="primary")
-    st.caption("Or with a local account:")
+if signin.oidc_settings() is not None:
+    st.button(
+        "Sign in with your hospital account", key="login_oidc", on_click=st.login, type="primary"
+    )
+    st.caption("Or with a local account of this dashboard:")
 
 if not store.users():
     st.warning(
@@ -26,28 +30,22 @@ if not store.users():
         f"It is stored in `{config.users_db}`."
     )
 else:
-    with st.form("login"):
-        username = st.text_input("Username", key="login_username")
-        password = st.text_input("Password", type="password", key="login_password")
-        submitted = st.form_submit_button("Log in", type="primary")
-    if submitted:
-        client = ui.client_address()
-        try:
-            user = store.authenticate(username, password, client=client)
-        except RateLimitedError as exc:
-            ui.audit_event(
-                ACTION_LOGIN_FAILED, user=username.strip(), detail=f"refused, throttled: {client}"
-            )
-            ui.show_error(exc)
-        except AuthError as exc:
-            ui.audit_event(ACTION_LOGIN_FAILED, user=username.strip(), detail=f"{exc}: {client}")
-            wait = store.retry_after(username.strip(), client=client)
-            if wait > 0:  # this failure made the client wait: the account is locked for it
-                ui.audit_event(
-                    ACTION_LOCKED, user=username.strip(), detail=f"{client} waits {wait:.0f} s"
-                )
-            ui.show_error(exc)
-        else:
-            ui.audit_event(ACTION_LOGIN, user=user.username, detail=f"from {client}")
-            ui.start_session(new_session(user.username, (user.role,), hours=config.session_hours))
-            st.rerun()
+    # A plain HTML form: its POST goes to the server's sign-in route, not through Streamlit.
+    action = html.escape(LOGIN_PATH.lstrip("/"))  # relative: works under a proxy's path too
+    st.html(
+        f"""
+<form method="post" action="{action}" class="fedfew-login" autocomplete="on">
+  <label>Username<br><input name="{FORM_USERNAME}" autocomplete="username" required></label>
+  <label>Password<br><input name="{FORM_PASSWORD}" type="password"
+    autocomplete="current-password" required></label>
+  <button type="submit">Log in</button>
+</form>
+<style>
+  .fedfew-login {{ display: flex; flex-direction: column; gap: .75rem; max-width: 22rem; }}
+  .fedfew-login input {{ width: 100%; padding: .5rem; border: 1px solid #ccc;
+    border-radius: .5rem; font: inherit; }}
+  .fedfew-login button {{ align-self: flex-start; padding: .4rem 1rem; border-radius: .5rem;
+    border: none; background: #ff4b4b; color: white; font: inherit; cursor: pointer; }}
+</style>
+"""
+    )

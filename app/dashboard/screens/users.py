@@ -8,6 +8,7 @@ import streamlit as st
 from app.dashboard import ui
 from app.dashboard.auth import MIN_PASSWORD_CHARS, ROLE_ADMIN, ROLES, UserStore
 from app.dashboard.errors import DashboardError, user_message
+from app.dashboard.persistence import ENDED_DISABLED
 from app.dashboard.provenance import (
     ACTION_ACCOUNT_ADDED,
     ACTION_DISABLED,
@@ -47,7 +48,7 @@ def act(action: Callable[[], object], message: str, event: str = "", account: st
 
 def disable_and_log_out(username: str) -> None:
     store.set_disabled(username, True)
-    ui.session_store().end_user(username)
+    ui.session_store().end_user(username, reason=ENDED_DISABLED)
 
 
 if st.session_state.get(DONE_KEY):
