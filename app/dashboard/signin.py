@@ -120,6 +120,13 @@ def _fresh(claims: Mapping[str, Any]) -> bool:
     return isinstance(issued, int | float) and time.time() - float(issued) < FRESH_SIGNIN_S
 
 
+def _say_refused() -> None:
+    st.session_state[ui.NOTICE_KEY] = (
+        f"You signed in as {st.user.get('email') or st.user.get('sub')}, but your hospital "
+        "account has no dashboard role. Ask IT to add you to a dashboard group."
+    )
+
+
 def _hospital_sign_in(oidc: Mapping[str, Any], token: str) -> Session | None:
     """A new hospital sign-in: its roles from the ID token's claim, recorded in the audit log;
     refused (and remembered as refused) without a dashboard role."""
@@ -141,6 +148,7 @@ def _hospital_sign_in(oidc: Mapping[str, Any], token: str) -> Session | None:
         ui.audit_event(
             ACTION_LOGIN_FAILED, user=name, detail=f"hospital sign-in without a role: {client}"
         )
+        _say_refused()
         return None
     store.create(session, client=client, token=token)
     ui.audit_event(
@@ -176,10 +184,7 @@ def _from_cookies() -> Session | None:
     if resumed.session is None and resumed.ended is None:
         return _hospital_sign_in(oidc, token)
     if resumed.ended == ENDED_REFUSED:
-        st.session_state[ui.NOTICE_KEY] = (
-            f"You signed in as {st.user.get('email') or st.user.get('sub')}, but your hospital "
-            "account has no dashboard role. Ask IT to add you to a dashboard group."
-        )
+        _say_refused()
         return None
     return _live(token, restore=True)
 

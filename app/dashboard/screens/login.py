@@ -19,7 +19,7 @@ store = UserStore(config.users_db)
 
 if signin.oidc_settings() is not None:
     st.button(
-        "Sign in with your hospital account", key="login_oidc", on_click=st.login, type="primary"
+        "Log in with your hospital account", key="login_oidc", on_click=st.login, type="primary"
     )
     st.caption("Or with a local account of this dashboard:")
 
