@@ -134,15 +134,20 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_parses_runs_as_non_root_and_bakes_in_no_secret():
     steps = dockerfile_instructions()
     assert {name for name, _ in steps} <= DOCKER_INSTRUCTIONS
-    assert steps[0] == ("FROM", "python:3.11-slim")
+    # The base and torch's index are build arguments whose defaults are the real-world ones.
+    assert steps[:2] == [("ARG", "BASE_IMAGE=python:3.11-slim"), ("FROM", "${BASE_IMAGE}")]
+    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in steps
     names = [name for name, _ in steps]
     user = names.index("USER")
     assert steps[user][1] not in {"root", "0"} and user < names.index("ENTRYPOINT")
     assert steps[names.index("ENTRYPOINT")][1] == '["fedfew"]'
     runs = [arg for name, arg in steps if name == "RUN"]
     torch = next(i for i, arg in enumerate(runs) if "torch==" in arg)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch]
-    assert any("pip install ." in arg for arg in runs[torch + 1 :])
+    assert '--index-url "$TORCH_INDEX_URL"' in runs[torch]
+    assert any(re.search(r"pip install [^&]*\s\.(\s|$)", arg) for arg in runs[torch + 1 :])
+    for run in runs:  # bind mounts read from the build context: the folder must exist
+        for source in re.findall(r"--mount=type=bind,source=([^,\s]+)", run):
+            assert (ROOT / source).is_dir(), source
     for name, arg in steps:
         if name in {"ENV", "ARG"}:
             assert not SECRET.search(arg.split("=")[0]), arg
