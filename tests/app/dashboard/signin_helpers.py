@@ -31,8 +31,8 @@ CLIENT = "10.20.30.40"  # the browser's address as the server sees it
 class RouteClient:
     """Synchronous requests to an ASGI app (httpx's ASGI transport), from :data:`CLIENT`."""
 
-    def __init__(self, app: Any) -> None:
-        self._transport = httpx.ASGITransport(app=app, client=(CLIENT, 50000))
+    def __init__(self, app: Any, *, client: str = CLIENT) -> None:
+        self._transport = httpx.ASGITransport(app=app, client=(client, 50000))
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         async def go() -> httpx.Response:
@@ -52,10 +52,11 @@ async def _callback(request) -> RedirectResponse:  # stands in for Streamlit's o
     return RedirectResponse("/", status_code=302)
 
 
-def route_client() -> RouteClient:
-    """The sign-in middleware around a stand-in for Streamlit's app."""
+def route_client(*, client: str = CLIENT) -> RouteClient:
+    """The sign-in middleware around a stand-in for Streamlit's app, asked from ``client``
+    (127.0.0.1: this machine, as an AppTest's session is)."""
     app = Starlette(routes=[Route(CALLBACK_PATH, _callback)], middleware=[Middleware(SignInWatch)])
-    return RouteClient(app)
+    return RouteClient(app, client=client)
 
 
 def post_login(client: RouteClient, username: str, password: str, *, origin: str = ORIGIN):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from app.dashboard import budgets, settings
+from app.dashboard import budgets, settings, signin
 from app.dashboard.auth import ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT, ROLES
 from app.dashboard.errors import AuthError
 from app.dashboard.provenance import ACTION_CLASSIFY, AuditLog, Provenance
@@ -228,7 +229,7 @@ def test_bad_setting_is_a_message(store, make_app, monkeypatch) -> None:
     assert "must be host:port" in texts(at, "error")
 
 
-def test_oidc_login_maps_the_role_claim(env, registry) -> None:
+def test_oidc_login_maps_the_role_claim(env, registry, monkeypatch) -> None:
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(ENTRY), default_timeout=TIMEOUT)
@@ -239,7 +240,13 @@ def test_oidc_login_maps_the_role_claim(env, registry) -> None:
         },
         "fedfew_oidc": {"role_claim": "groups", "roles": {"radiology": ROLE_CLINICIAN}},
     }
-    at.user = {"is_logged_in": True, "email": "dr@hospital.example", "groups": ["radiology"]}
+    at.user = {
+        "is_logged_in": True,
+        "email": "dr@hospital.example",
+        "groups": ["radiology"],
+        "iat": int(time.time()),  # a sign-in just now
+    }
+    monkeypatch.setattr(signin, "request_cookies", lambda: {signin.IDENTITY_COOKIE: "signed"})
     at.run()
     assert not at.exception
     session = at.session_state[SESSION_KEY]

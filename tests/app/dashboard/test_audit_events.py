@@ -8,8 +8,8 @@ import sqlite3
 
 from app.dashboard import provenance
 from app.dashboard.auth import MAX_FAILURES, ROLE_ADMIN, ROLE_CLINICIAN
-from app.dashboard.persistence import QUERY_PARAM
 from app.dashboard.provenance import AuditLog
+from app.dashboard.ui import TOKEN_KEY
 from models.registry import Registry
 from tests.app.dashboard.conftest import PASSWORD, texts
 from tests.app.dashboard.test_clinic_pages import adapt_page_with_cases, upload
@@ -34,18 +34,17 @@ def _events(env) -> list[tuple[str, str, str]]:
     return [(e.user, e.action, e.detail) for e in reversed(AuditLog(env["users"]).entries())]
 
 
-def test_account_events_are_recorded(store, registry, make_app, env) -> None:
-    at = make_app().run()
+def test_account_events_are_recorded(store, registry, make_app, env, monkeypatch) -> None:
     for _ in range(MAX_FAILURES):
-        login(at, ROLE_CLINICIAN, "not the password")
-    login(at, ROLE_CLINICIAN, PASSWORD)  # refused: this computer must wait now
+        login(monkeypatch, ROLE_CLINICIAN, "not the password")
+    login(monkeypatch, ROLE_CLINICIAN, PASSWORD)  # refused: this computer must wait now
     events = _events(env)
     failed = [e for e in events if e[1] == provenance.ACTION_LOGIN_FAILED]
     assert len(failed) == MAX_FAILURES + 1 and all(e[0] == ROLE_CLINICIAN for e in failed)
     assert "wrong username or password" in failed[0][2] and "refused, throttled" in failed[-1][2]
     assert [e[1] for e in events].count(provenance.ACTION_LOCKED) == 1
 
-    admin = login(make_app().run(), ROLE_ADMIN, PASSWORD)
+    admin = login(monkeypatch, ROLE_ADMIN, PASSWORD)
     admin.switch_page("screens/users.py").run()
     admin.selectbox(key="users_pick").set_value(ROLE_CLINICIAN).run()
     admin.button(key="users_unlock").click().run()
@@ -53,7 +52,7 @@ def test_account_events_are_recorded(store, registry, make_app, env) -> None:
     admin.switch_page("screens/account.py").run()
     admin.button(key="logout").click().run()
     assert _events(env)[len(events) :] == [
-        (ROLE_ADMIN, provenance.ACTION_LOGIN, "from unknown"),
+        (ROLE_ADMIN, provenance.ACTION_LOGIN, "local, from unknown"),
         (ROLE_ADMIN, provenance.ACTION_UNLOCKED, f"account {ROLE_CLINICIAN}"),
         (ROLE_ADMIN, provenance.ACTION_DISABLED, f"account {ROLE_CLINICIAN}"),
         (ROLE_ADMIN, provenance.ACTION_LOGOUT, ""),
@@ -74,10 +73,10 @@ def test_an_audit_log_from_before_account_events_still_opens(env) -> None:
 
 
 def test_a_reload_does_not_record_the_same_classification_again(
-    registry, make_app, case_images, env
+    registry, make_app, case_images, env, monkeypatch
 ) -> None:
-    at = login(make_app().run(), ROLE_CLINICIAN, PASSWORD)
-    token = at.query_params[QUERY_PARAM]
+    at = login(monkeypatch, ROLE_CLINICIAN, PASSWORD)
+    token = at.session_state[TOKEN_KEY]
     names = sorted(case_images)
     at.text_input(key="adapt_condition").input("lesions")
     at.text_area(key="adapt_classes").input("\n".join(names)).run()
@@ -92,7 +91,7 @@ def test_a_reload_does_not_record_the_same_classification_again(
     upload(at, "classify_files", [(f"n{i}.png", case_images[c][-1]) for i, c in enumerate(names)])
     assert at.dataframe, texts(at, "info")
 
-    again = reload(token)  # a browser reload: a new session, the same login and draft
+    again = reload(monkeypatch, token)  # a browser reload: a new session, the same login and draft
     again.switch_page("screens/classify.py").run()
     assert not again.exception and again.dataframe  # classified again, with the same adapter
     rows = [e for e in AuditLog(env["users"]).entries() if e.action == provenance.ACTION_CLASSIFY]

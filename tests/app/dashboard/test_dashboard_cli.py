@@ -97,7 +97,7 @@ def test_dashboard_passes_settings_and_upload_cap(tmp_path: Path, monkeypatch) -
     hint = f"fedfew users add --role clinician --users-db {tmp_path / 'u.sqlite'}"
     assert hint in " ".join(result.output.split())
     ((cmd, env),) = calls
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("app/dashboard/main.py")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("app/dashboard/server.py")
     flags = dict(zip(cmd[5::2], cmd[6::2], strict=True))
     assert flags["--server.maxUploadSize"] == str(settings.MAX_UPLOAD_MB)
     assert flags["--server.port"] == "8600" and flags["--server.address"] == "127.0.0.1"
@@ -129,3 +129,92 @@ def test_settings_defaults_and_errors(tmp_path: Path) -> None:
     with pytest.raises(settings.SettingsError, match="FEDFEW_SESSION_HOURS"):
         settings.load_settings({settings.ENV_SESSION_HOURS: "0"})
     assert settings.parse_superlink("[::1]:9092") == ("::1", 9092)
+
+
+def _no_start(monkeypatch) -> None:
+    monkeypatch.setattr(dashboard_cli.subprocess, "call", lambda *a, **k: pytest.fail("started"))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "dashboard.hospital.example"])
+def test_plain_http_off_loopback_needs_insecure_http(host: str, monkeypatch) -> None:
+    _no_start(monkeypatch)
+    result = invoke("dashboard", "--host", host)
+    assert result.exit_code == 2
+    assert "--insecure-http" in result.output and "--tls-cert" in result.output
+    assert "Traceback" not in result.output
+
+
+def _started(monkeypatch, tmp_path: Path, *args: str) -> tuple[dict[str, str], dict[str, str]]:
+    calls = []
+    monkeypatch.setattr(
+        dashboard_cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0
+    )
+    for var in settings.ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    result = invoke("dashboard", "--users-db", str(tmp_path / "u.sqlite"), *args)
+    assert result.exit_code == 0, result.output
+    ((cmd, env),) = calls
+    return dict(zip(cmd[5::2], cmd[6::2], strict=True)), env
+
+
+def test_insecure_http_is_allowed_and_said(tmp_path: Path, monkeypatch) -> None:
+    flags, env = _started(monkeypatch, tmp_path, "--host", "0.0.0.0", "--insecure-http")
+    assert flags["--server.address"] == "0.0.0.0" and "--server.sslCertFile" not in flags
+    assert settings.load_settings(env).insecure_http  # every page shows the banner
+    _, local = _started(monkeypatch, tmp_path, "--idle-minutes", "5")
+    assert not settings.load_settings(local).insecure_http  # loopback: nothing to warn about
+    assert settings.load_settings(local).idle_s == 300
+
+
+def test_tls_serves_https_with_streamlits_own_options(tmp_path: Path, monkeypatch) -> None:
+    cert, key = tmp_path / "dashboard.pem", tmp_path / "dashboard.key"
+    cert.write_text("certificate")
+    key.write_text("key")
+    flags, env = _started(
+        monkeypatch, tmp_path, "--host", "0.0.0.0", "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    assert flags["--server.sslCertFile"] == str(cert)
+    assert flags["--server.sslKeyFile"] == str(key)
+    assert not settings.load_settings(env).insecure_http
+    _no_start(monkeypatch)
+    half = invoke("dashboard", "--tls-cert", str(cert))
+    assert half.exit_code == 2 and "both --tls-cert and --tls-key" in half.output
+    missing = invoke("dashboard", "--tls-cert", str(cert), "--tls-key", str(tmp_path / "no.key"))
+    assert missing.exit_code == 2 and "no.key does not exist" in missing.output
+
+
+OIDC = """issuer = "https://login.hospital.example/realms/clinic"
+client_id = "fedfew-dashboard"
+client_secret = "s3cret-from-the-provider"
+redirect_uri = "https://fedfew.hospital.example:8501/oauth2callback"
+role_claim = "groups"
+[roles]
+"fedfew-clinicians" = "clinician"
+"""
+
+
+def test_oidc_config_is_checked_and_passed_by_path(tmp_path: Path, monkeypatch) -> None:
+    config = tmp_path / "oidc.toml"
+    config.write_text(OIDC)
+    flags, env = _started(monkeypatch, tmp_path, "--oidc", str(config))
+    assert settings.load_settings(env).oidc_config == config.resolve()
+    assert "s3cret-from-the-provider" not in " ".join([*flags, *flags.values(), *env.values()])
+    from app.dashboard.oidc import load_oidc_config, streamlit_secrets
+
+    auth = streamlit_secrets(load_oidc_config(config))["auth"]
+    assert auth["server_metadata_url"] == (
+        "https://login.hospital.example/realms/clinic/.well-known/openid-configuration"
+    )
+    assert auth["client_kwargs"]["prompt"] == "login" and len(auth["cookie_secret"]) == 64
+
+    _no_start(monkeypatch)
+    for text, message in [
+        (OIDC.replace('"clinician"', '"doctor"'), "role must be one of"),
+        (OIDC.replace("https://login", "http://login"), "issuer must be an https:// URL"),
+        ('clent_id = "typo"\n' + OIDC, "unknown key(s) clent_id"),
+        (OIDC.replace("/oauth2callback", "/callback"), "must end in /oauth2callback"),
+        ("issuer = [", "not valid TOML"),
+    ]:
+        config.write_text(text)
+        result = invoke("dashboard", "--oidc", str(config))
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), text

@@ -1,5 +1,5 @@
-"""Login page: first-run guidance, local login, wrong password, rate limit, expiry, logout, and
-pages by role."""
+"""Login page: first-run guidance, the local sign-in form (posted to the sign-in route, see
+test_web_session.py), expiry, sign-out, and pages by role."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from app.dashboard.auth import MAX_FAILURES, ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT
 from app.dashboard.settings import ENV_SITE_NAME
 from app.dashboard.ui import SESSION_KEY
 from tests.app.dashboard.conftest import ENTRY, PASSWORD, TIMEOUT, texts
+from tests.app.dashboard.signin_helpers import browser_with, post_login, route_client
 
 
-def login(at: AppTest, username: str, password: str) -> AppTest:
-    at.text_input(key="login_username").input(username)
-    at.text_input(key="login_password").input(password)
-    return at.button[0].click().run()
+def login(monkeypatch: pytest.MonkeyPatch, username: str, password: str) -> AppTest:
+    """Sign in through the route, then open the dashboard with its cookie."""
+    response = post_login(route_client(client="127.0.0.1"), username, password)
+    return browser_with(monkeypatch, dict(response.cookies)).run()
 
 
 def test_first_run_explains_how_to_create_an_account(env: dict[str, Path]) -> None:
@@ -28,28 +29,34 @@ def test_first_run_explains_how_to_create_an_account(env: dict[str, Path]) -> No
     assert not at.text_input  # no login form without any account
 
 
-def test_login_as_clinician_shows_clinician_pages(store, registry, make_app) -> None:
-    at = login(make_app().run(), ROLE_CLINICIAN, PASSWORD)
+def test_the_login_form_posts_to_the_sign_in_route(store, make_app) -> None:
+    at = make_app().run()
+    (form,) = at.get("html")
+    assert 'method="post" action="fedfew/login"' in form.proto.body
+    assert 'name="username"' in form.proto.body and 'type="password"' in form.proto.body
+    assert not at.text_input  # the password never goes through Streamlit's websocket
+
+
+def test_login_as_clinician_shows_clinician_pages(store, registry, monkeypatch) -> None:
+    at = login(monkeypatch, ROLE_CLINICIAN, PASSWORD)
     assert not at.exception
     session = at.session_state[SESSION_KEY]
     assert session.username == ROLE_CLINICIAN and session.roles == (ROLE_CLINICIAN,)
     assert at.title[0].value == "Adapt to a new condition"
 
 
-def test_wrong_password_keeps_the_username_and_says_so(store, make_app) -> None:
-    at = login(make_app().run(), ROLE_CLINICIAN, "not the password")
+def test_wrong_password_says_so(store, monkeypatch) -> None:
+    at = login(monkeypatch, ROLE_CLINICIAN, "not the password")
     assert not at.exception
-    assert "wrong username or password" in texts(at, "error")
+    assert "wrong username or password" in texts(at, "info")
     assert SESSION_KEY not in at.session_state
-    assert at.text_input(key="login_username").value == ROLE_CLINICIAN
 
 
-def test_repeated_failures_lock_the_account(store, make_app) -> None:
-    at = make_app().run()
+def test_repeated_failures_lock_the_account(store, monkeypatch) -> None:
     for _ in range(MAX_FAILURES):
-        login(at, ROLE_ADMIN, "wrong password!")
-    at = login(at, ROLE_ADMIN, PASSWORD)  # the right password, but locked now
-    assert "too many failed logins" in texts(at, "error")
+        login(monkeypatch, ROLE_ADMIN, "wrong password!")
+    at = login(monkeypatch, ROLE_ADMIN, PASSWORD)  # the right password, but locked now
+    assert "too many failed logins" in texts(at, "info")
     assert SESSION_KEY not in at.session_state
 
 
@@ -58,7 +65,7 @@ def test_expired_session_returns_to_login(store, make_app) -> None:
     assert not at.exception
     assert "session expired" in texts(at, "info")
     assert SESSION_KEY not in at.session_state
-    assert at.text_input(key="login_username")  # the login form
+    assert at.get("html")  # the login form
 
 
 def test_logout(store, make_app) -> None:
@@ -67,7 +74,7 @@ def test_logout(store, make_app) -> None:
     at.button(key="logout").click().run()
     assert not at.exception
     assert SESSION_KEY not in at.session_state
-    assert "logged out" in texts(at, "info")
+    assert "signed out" in texts(at, "info")
 
 
 @pytest.mark.parametrize(
