@@ -71,10 +71,14 @@ for path in "$CACHE/wheels"/*.whl; do
 done
 
 # 3. The image; --layers keeps the dependency layer while only the code changes. (chroot
-#    isolation shares the host's network; WHEELS_ONLY=1 gives pip no index to reach.)
+#    isolation shares the host's network; WHEELS_ONLY=1 gives pip no index to reach.) The
+#    labels are given again with --label: buildah 1.28 reuses a cached LABEL layer even when
+#    the build argument in it changed, and --label is applied to the final image.
 buildah bud --isolation chroot --layers --quiet \
     -f deploy/Dockerfile --ignorefile deploy/Dockerfile.dockerignore \
     --build-arg BASE_IMAGE="$BASE" --build-arg WHEELS_ONLY=1 \
     --build-arg FEDFEW_VERSION="$VERSION" --build-arg FEDFEW_REVISION="$REVISION" \
+    --label org.opencontainers.image.version="$VERSION" \
+    --label org.opencontainers.image.revision="$REVISION" \
     -t "$TAG" . >/dev/null
 echo "built $TAG ($(buildah images --format '{{.Size}}' "$TAG" | head -n 1)), revision $REVISION"
