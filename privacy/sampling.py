@@ -74,11 +74,15 @@ def assign_patients(
     not in that episode are left out. Per class, at most ``max_shots`` support and ``max_queries``
     query records are kept, chosen by a per-record random key (fixed shapes for ``vmap``)."""
     pools: list[dict[tuple[int, str], list[tuple[float, int]]]] = [{} for _ in plan]
-    unique = np.unique(data.patients)
-    for patient in unique[poisson_sample(unique, sample_rate=sample_rate, key=key)]:
-        records = np.flatnonzero(data.patients == patient)
+    unique, inverse = np.unique(data.patients, return_inverse=True)
+    by_patient = np.argsort(inverse, kind="stable")  # each patient's records, in record order
+    bounds = np.searchsorted(inverse[by_patient], np.arange(len(unique) + 1))
+    episodes_of = {int(c): {e for e, row in enumerate(plan) if c in row} for c in np.unique(plan)}
+    for p in np.flatnonzero(poisson_sample(unique, sample_rate=sample_rate, key=key)):
+        patient = unique[p]
+        records = by_patient[bounds[p] : bounds[p + 1]]
         labels = data.labels[records]
-        candidates = [e for e, row in enumerate(plan) if np.isin(labels, row).any()]
+        candidates = sorted(set().union(*(episodes_of.get(int(c), ()) for c in labels)))
         if not candidates:
             continue
         name = str(patient)
