@@ -7,6 +7,4 @@ import streamlit as st
 from app.dashboard import signin, ui
 
 st.set_page_config(page_title="fedfew", page_icon=":material/health_and_safety:", layout="wide")
-session = signin.current_session()
-signin.account_bar(session)
-st.navigation(ui.navigation_pages(session)).run()
+st.navigation(ui.navigation_pages(signin.signed_in_frame())).run()

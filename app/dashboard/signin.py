@@ -78,9 +78,9 @@ def identity_token(cookies: Mapping[str, str]) -> str | None:
 
 def _ended_notice(reason: str | None) -> None:
     template = ENDED_NOTICES.get(reason or "")
-    if template:
+    if template:  # a fresher notice (a refused sign-in just now) goes first
         idle = f"{ui.settings().idle_minutes:g} minutes"
-        st.session_state[ui.NOTICE_KEY] = template.format(idle=idle)
+        st.session_state.setdefault(ui.NOTICE_KEY, template.format(idle=idle))
 
 
 def _adopt(session: Session, token: str, draft: Draft | None) -> Session:
@@ -280,3 +280,11 @@ def account_bar(session: Session | None) -> None:
         if token:
             every = max(2.0, min(30.0, config.idle_s / 4))
             st.fragment(_watch, run_every=every)(token, config.idle_s)
+
+
+def signed_in_frame() -> Session | None:
+    """What the entry file needs on every run: the signed-in session (or None), after drawing
+    the plain-HTTP banner and the "signed in as ... / sign out" bar."""
+    session = current_session()
+    account_bar(session)
+    return session

@@ -12,6 +12,7 @@ Nothing that grants access is ever in a URL.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -23,6 +24,7 @@ from app.dashboard.persistence import SessionStore
 from app.dashboard.provenance import ACTION_LOCKED, ACTION_LOGIN, ACTION_LOGIN_FAILED, AuditLog
 from app.dashboard.settings import DashboardSettings, load_settings
 
+_LOG = logging.getLogger(__name__)
 SESSION_COOKIE = "fedfew_session"  # the local sign-in's session token
 NOTICE_COOKIE = "fedfew_notice"  # a message for the next page (a refused sign-in), not a secret
 NOTICE_MAX_AGE_S = 60  # long enough to survive the redirect, short enough not to linger
@@ -154,6 +156,13 @@ async def login_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     await _redirect(send, cookie_header(SESSION_COOKIE, token, secure=secure), cleared)
 
 
+def _secure() -> bool:
+    try:
+        return not load_settings().insecure_http
+    except DashboardError:
+        return True
+
+
 class SignInWatch:
     """ASGI middleware: the login route, and a refusal by the identity provider (the callback's
     ``error``) recorded in the audit log and said on the next page."""
@@ -170,30 +179,32 @@ class SignInWatch:
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         error = query.get("error", [""])[0][:100]
-        if not error:
-            await self.app(scope, receive, send)
-            return
-        description = query.get("error_description", [""])[0][:200]
-        message = f"The hospital sign-in refused: {description or error}."
+        if error:
+            notice = self._refusal(scope, error, query.get("error_description", [""])[0][:200])
+        else:  # a sign-in: an older refusal's notice goes
+            notice = cookie_header(NOTICE_COOKIE, "", secure=_secure(), max_age=0)
+
+        async def send_with_notice(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"set-cookie", notice.encode("latin-1")),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_notice)
+
+    @staticmethod
+    def _refusal(scope: Scope, error: str, description: str) -> str:
+        """Record the provider's refusal in the audit log; the notice cookie that says it."""
         try:
-            config = load_settings()
-            AuditLog(config.users_db).record_event(
+            AuditLog(load_settings().users_db).record_event(
                 user="",
                 action=ACTION_LOGIN_FAILED,
                 detail=f"hospital sign-in: {error}: {description}: {_client(scope)}",
             )
-            secure = not config.insecure_http
-        except DashboardError:
-            secure = True  # the page says the sign-in was refused all the same
-        notice = cookie_header(NOTICE_COOKIE, message, secure=secure, max_age=NOTICE_MAX_AGE_S)
-
-        async def send_with_notice(message_: Message) -> None:
-            if message_["type"] == "http.response.start":
-                message_ = dict(message_)
-                message_["headers"] = [
-                    *message_.get("headers", []),
-                    (b"set-cookie", notice.encode("latin-1")),
-                ]
-            await send(message_)
-
-        await self.app(scope, receive, send_with_notice)
+        except DashboardError as exc:  # the page says the sign-in was refused all the same
+            _LOG.warning("a refused hospital sign-in could not be audited: %s", exc)
+        message = f"The hospital sign-in refused: {description or error}."
+        return cookie_header(NOTICE_COOKIE, message, secure=_secure(), max_age=NOTICE_MAX_AGE_S)

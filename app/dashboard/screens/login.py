@@ -17,19 +17,22 @@ ui.show_notice()
 ui.intended_use_notice()
 store = UserStore(config.users_db)
 
-if signin.oidc_settings() is not None:
+hospital = signin.oidc_settings() is not None
+local = bool(store.users())
+if hospital:
     st.button(
         "Log in with your hospital account", key="login_oidc", on_click=st.login, type="primary"
     )
-    st.caption("Or with a local account of this dashboard:")
+    if local:
+        st.caption("Or with a local account of this dashboard:")
 
-if not store.users():
+if not local and not hospital:
     st.warning(
         "No account exists yet. On this machine, create the first one with\n\n"
         "`fedfew users add --role clinician` (or `--role administrator`, `--role it`)\n\n"
         f"It is stored in `{config.users_db}`."
     )
-else:
+elif local:
     # A plain HTML form: its POST goes to the server's sign-in route, not through Streamlit.
     action = html.escape(LOGIN_PATH.lstrip("/"))  # relative: works under a proxy's path too
     st.html(
