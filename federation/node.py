@@ -32,11 +32,15 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+from torch import nn
 
 from federation.errors import BudgetRefusedError, NodeConfigError, SiteDataError
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
 from federation.versions import model_from_state, publish_state, state_digest
+from models.feature_adapter import AdaptedEncoder
+from models.feature_store import FeatureStore
+from models.imageset import ImageSet
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.registry import Registry, RegistryEntry
@@ -160,14 +164,11 @@ def _run_locked(
         info={"federation": plan.federation, "round": plan.round - 1},
     )
 
-    pipeline = PipelineConfig(image_size=plan.backbone.image_size)
-    try:
-        data = load_dataset(config.data, pipeline)
-    except OSError as exc:  # DataError maps to the same public reason by itself
-        raise SiteDataError(f"site data {config.data} is unreadable: {exc}") from exc
     model = model_from_state(global_state, plan)
+    pipeline = PipelineConfig(image_size=plan.backbone.image_size)
+    learner, data = training_view(model, config, pipeline)
     trainer = plan.dp_mechanism.build_trainer(
-        model, [data], dp=plan.dp, meta=plan.meta, lr=plan.local_lr, seed=seed
+        learner, [data], dp=plan.dp, meta=plan.meta, lr=plan.local_lr, seed=seed
     )
     output = trainer.train(entry.steps)
     mechanism = plan.dp_mechanism
@@ -177,6 +178,30 @@ def _run_locked(
     _write_reply(kept, arrays, replay_key, output=mechanism.output)
     report = _report(config, ledger, plan, entry, replayed=False)
     return NodeReply(arrays, report, mechanism.output)
+
+
+def training_view(
+    model: nn.Module, config: NodeConfig, pipeline: PipelineConfig
+) -> tuple[nn.Module, ImageSet]:
+    """What trains, on what: an adapter on a frozen encoder trains on the site's features, which
+    are embedded once per encoder and data version and kept in the node's state
+    (models/feature_store.py; the second round runs no encoder); any other model trains on the
+    images. Either way the module returned is part of ``model`` and trains it in place.
+
+    Raises:
+        SiteDataError: the site's data is unreadable.
+    """
+
+    def images() -> ImageSet:
+        return load_dataset(config.data, pipeline)
+
+    try:
+        if isinstance(model, AdaptedEncoder):
+            store = FeatureStore(config.features_dir)
+            return model.adapter, store.features(model.encoder, config.data, pipeline, images)
+        return model, images()
+    except OSError as exc:  # DataError maps to the same public reason by itself
+        raise SiteDataError(f"site data {config.data} is unreadable: {exc}") from exc
 
 
 def keep_final_model(

@@ -86,7 +86,16 @@ class NodeConfig:
     @property
     def replies_dir(self) -> Path:
         """Where replies are kept so a resent round is answered without a second charge."""
-        return (self.state_dir or self.ledger.parent / f"{self.ledger.stem}-state") / "replies"
+        return self._state / "replies"
+
+    @property
+    def features_dir(self) -> Path:
+        """Where the site's features under a frozen encoder are kept (never sent)."""
+        return self._state / "features"
+
+    @property
+    def _state(self) -> Path:
+        return self.state_dir or self.ledger.parent / f"{self.ledger.stem}-state"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> NodeConfig:

@@ -22,9 +22,11 @@ from federation.strategy import LOGGER_NAME, FederatedMetaStrategy, plan_for
 from federation.versions import model_from_state, publish_state
 from models.episodes import EpisodeConfig
 from models.evaluation import evaluate
+from models.feature_adapter import AdaptedEncoder
+from models.freezing import apply_freezing
 from models.imageset import ImageSet
 from models.model_dir import load_model_dir
-from models.networks import build_backbone
+from models.networks import NO_ADAPTER, build_backbone
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.registry import Registry, RegistryEntry
@@ -50,13 +52,20 @@ def initial_state(config: ServerConfig) -> State:
     backbone = plan_for(config, 1).backbone
     if config.initial_model:
         loaded = load_model_dir(Path(config.initial_model))
-        if dataclasses.replace(loaded.backbone, trainable=backbone.trainable) != backbone:
+        same = dataclasses.replace(
+            loaded.backbone, trainable=backbone.trainable, adapter=backbone.adapter
+        )
+        adds_adapter = loaded.backbone.adapter in (NO_ADAPTER, backbone.adapter)
+        if same != backbone or not adds_adapter:
             raise ModelMismatchError(
                 f"initial model {config.initial_model} is a {loaded.backbone.to_dict()} network "
                 f"but the run config asks for {backbone.to_dict()}: set backbone, width, "
-                "image-size and norm to the initial model's"
+                "image-size, norm and features to the initial model's"
             )
         model = loaded.model
+        if loaded.backbone.adapter != backbone.adapter:  # a plain public start gains an adapter
+            bare = dataclasses.replace(backbone, adapter=NO_ADAPTER)
+            model = AdaptedEncoder(apply_freezing(model, bare), backbone.adapter)
     else:
         torch.manual_seed(config.seed if config.seed >= 0 else secrets.randbits(63))
         model = build_backbone(backbone)

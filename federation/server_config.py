@@ -68,6 +68,10 @@ class ServerConfig:
     image_size: int = 64
     norm: str = "group"  # "batch" only for a public start whose BatchNorm statistics stay frozen
     trainable: str = "all"  # the parameters DP touches (models.freezing.PARAMETER_SUBSETS)
+    features: str = "head"  # the embedding: "multi-scale" for the public EfficientNet-Lite0
+    # A trainable adapter on a frozen encoder ("none", or models.feature_adapter.ADAPTERS): DP
+    # then trains it alone, on features each node embeds once (models/feature_store.py).
+    adapter: str = "none"
     initial_model: str = ""  # a model directory to start from (`fedfew pretrain`); "": random
     update_norm_bound: float = 0.0  # 0: local_lr * local_steps * sqrt(#params) * 3 (Adam's reach)
     norm_policy: str = "clip"  # clip or reject deltas over the bound
@@ -178,6 +182,8 @@ class ServerConfig:
                 image_size=self.image_size,
                 norm=self.norm,
                 trainable=self.trainable,
+                features=self.features,
+                adapter=self.adapter,
             ),
             secagg=SecureAggregationConfig(
                 enabled=self.secure_aggregation,

@@ -11,6 +11,7 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from models.feature_adapter import ADAPTERS, AdaptedEncoder
 from models.freezing import PARAMETER_SUBSETS, apply_freezing
 from models.public_backbones import BATCHNORM_BACKBONES, MULTI_SCALE_BACKBONES, PUBLIC_BACKBONES
 
@@ -18,6 +19,7 @@ NORMS = ("group", "batch")  # "batch" only for public weights with BatchNorm sta
 # What the embedding is: the last layer's pooled features, or (multi-scale backbones) those of
 # intermediate blocks too, concatenated (each part centred and normalised on its own).
 FEATURES = ("head", "multi-scale")
+NO_ADAPTER = "none"  # BackboneConfig.adapter: the encoder's features as they are
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class BackboneConfig:
     norm: str = "group"  # GroupNorm trains from scratch; "batch" keeps public statistics frozen
     trainable: str = "all"  # parameter subset that trains (models/freezing.PARAMETER_SUBSETS)
     features: str = "head"  # the embedding: the head's pooled features, or "multi-scale"
+    # A trainable adapter on a frozen encoder's features (models/feature_adapter.py ADAPTERS):
+    # what a federation trains when the encoder stays fixed and its features are cached.
+    adapter: str = NO_ADAPTER
 
     def __post_init__(self) -> None:
         if self.name not in BACKBONES:
@@ -64,6 +69,14 @@ class BackboneConfig:
             raise ValueError(
                 f"BackboneConfig.trainable must be one of {sorted(PARAMETER_SUBSETS)}, "
                 f"got {self.trainable!r}"
+            )
+        if self.adapter != NO_ADAPTER and (
+            self.adapter not in ADAPTERS or self.trainable != "none"
+        ):
+            raise ValueError(
+                f"BackboneConfig.adapter must be {NO_ADAPTER!r} or one of {sorted(ADAPTERS)} "
+                f"on a frozen encoder (trainable 'none'), got {self.adapter!r} with trainable "
+                f"{self.trainable!r}"
             )
 
     def to_dict(self) -> dict[str, object]:
@@ -154,5 +167,6 @@ BACKBONES: dict[str, BackboneBuilder] = {"conv4": Conv4, "resnet12": ResNet12, *
 
 def build_backbone(config: BackboneConfig) -> nn.Module:
     """Build the embedding network named by ``config`` (attribute ``out_features`` is its size),
-    with the parameters outside ``config.trainable`` frozen."""
-    return apply_freezing(BACKBONES[config.name](config), config)
+    with the parameters outside ``config.trainable`` frozen, and its adapter if it names one."""
+    encoder = apply_freezing(BACKBONES[config.name](config), config)
+    return encoder if config.adapter == NO_ADAPTER else AdaptedEncoder(encoder, config.adapter)

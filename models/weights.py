@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.errors import WeightsError
+from models.feature_adapter import encoder_of
 from models.networks import BackboneConfig, build_backbone
 from models.public_backbones import BATCHNORM_BACKBONES
 
@@ -250,5 +251,6 @@ def start_backbone(
             )
         config = replace(config, norm="batch")
     model = build_backbone(config)
-    record = load_weights(model, weights, strict=strict) if weights is not None else None
+    target = encoder_of(model)  # public weights are the encoder's; an adapter starts as identity
+    record = load_weights(target, weights, strict=strict) if weights is not None else None
     return StartedBackbone(model=model, config=config, weights=record)

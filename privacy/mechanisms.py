@@ -130,7 +130,8 @@ class Mechanism:
             TypeError: a releasing trainer returned something other than numpy arrays (a bug).
         """
         if not self.releases_arrays:
-            return {k: (model[k] - start[k]).astype(start[k].dtype) for k in model}
+            # np.asarray: a 0-d tensor's difference is a numpy scalar (BatchNorm's counter)
+            return {k: np.asarray(model[k] - start[k], dtype=start[k].dtype) for k in model}
         if not isinstance(trained, dict) or not all(
             isinstance(v, np.ndarray) for v in trained.values()
         ):

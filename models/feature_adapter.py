@@ -1,0 +1,101 @@
+"""A small trainable adapter between a frozen public encoder and the few-shot head.
+
+The public encoder (models/public_start.py) is a fixed function: its features are computed once
+per image (models/feature_cache.py in memory, models/feature_store.py on a node's disk). What a
+federation then trains is the adapter alone, on those cached features: a few thousand parameters,
+so a DP step costs milliseconds instead of the encoder's backward pass at 224 px, and the noise
+DP adds is spread over few coordinates. The adapter takes the encoder's multi-scale features,
+normalises each part (as the adaptation's feature map does) and re-weighs them, so it learns
+which features tell cases of a modality apart: a learned metric for the prototypes, trained with
+the episodic ProtoNet loss (Tobaben et al. 2023: FiLM-sized parameter sets are where DP works on a
+frozen public encoder). At its start every adapter is the identity on the normalised features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from models.feature_cache import cache_for
+from models.freezing import is_fully_frozen
+
+
+def normalise_parts(features: torch.Tensor, parts: tuple[int, ...]) -> torch.Tensor:
+    """Each part of concatenated features ``(n, d)`` scaled to unit L2 norm."""
+    pieces = features.split(list(parts), dim=-1)
+    return torch.cat([p / p.norm(dim=-1, keepdim=True).clamp_min(1e-6) for p in pieces], dim=-1)
+
+
+class FeatureScale(nn.Module):
+    """One learned scale per feature (a diagonal metric): ``d`` parameters, started at 1."""
+
+    def __init__(self, parts: tuple[int, ...]) -> None:
+        super().__init__()
+        self.parts = parts
+        self.scale = nn.Parameter(torch.ones(sum(parts)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Re-weigh part-normalised features ``(n, d)`` (any trailing 1x1 dims are dropped)."""
+        return normalise_parts(features.flatten(1), self.parts) * self.scale
+
+
+class LowRankAdapter(FeatureScale):
+    """The per-feature scale plus a residual rank-``rank`` map ``x + U V x`` (U starts at 0, so
+    the adapter starts as the identity): it can also mix features across depths."""
+
+    def __init__(self, parts: tuple[int, ...], rank: int = 8) -> None:
+        super().__init__(parts)
+        dim = sum(parts)
+        generator = torch.Generator().manual_seed(0)  # public, data-independent start
+        self.down = nn.Parameter(torch.randn(rank, dim, generator=generator) / dim**0.5)
+        self.up = nn.Parameter(torch.zeros(dim, rank))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Scaled features plus the low-rank residual."""
+        scaled = super().forward(features)
+        return scaled + (scaled @ self.down.T) @ self.up.T
+
+
+# name -> builder of an adapter from the encoder's feature part sizes; a new adapter is one entry.
+# "none" in BackboneConfig.adapter means no adapter (the encoder's features as they are).
+ADAPTERS: dict[str, Callable[[tuple[int, ...]], nn.Module]] = {
+    "scale": FeatureScale,
+    "low-rank": LowRankAdapter,
+}
+
+
+class AdaptedEncoder(nn.Module):
+    """A frozen encoder followed by a trainable feature adapter.
+
+    Attributes:
+        encoder: the frozen network (no parameter trains; BatchNorm on fixed statistics).
+        adapter: the trainable map on its features (an :data:`ADAPTERS` entry).
+    """
+
+    def __init__(self, encoder: nn.Module, adapter: str) -> None:
+        super().__init__()
+        if not is_fully_frozen(encoder):
+            raise ValueError("an adapter sits on a frozen encoder: set trainable = 'none'")
+        self.encoder = encoder
+        parts = tuple(getattr(encoder, "feature_parts", ())) or (int(encoder.out_features),)
+        self.adapter = ADAPTERS[adapter](parts)
+        self.feature_parts = parts
+        self.out_features = int(encoder.out_features)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's features; outside autograd each image is embedded once and
+        kept in the encoder's feature cache (the encoder is a fixed function)."""
+        if torch.is_grad_enabled():  # inside a gradient transform: plain, uncached
+            return self.encoder(images)
+        return cache_for(self.encoder).features(self.encoder, images, self.encoder)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Adapted features ``(B, d)`` of images ``(B, C, S, S)``."""
+        return self.adapter(self.encode(images))
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The network that holds a backbone's public weights (the encoder of an adapted one)."""
+    return model.encoder if isinstance(model, AdaptedEncoder) else model

@@ -1,0 +1,99 @@
+"""A federation on a frozen encoder trains only a small adapter, on features each node embeds once
+(models/feature_adapter.py, models/feature_store.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from federation.node import run_round
+from federation.node_config import NodeConfig
+from federation.server_app import initial_state
+from federation.server_config import ServerConfig
+from federation.strategy import plan_for
+from models.efficientnet_lite import EfficientNetLite0
+from models.meta import MetaConfig
+from models.model_dir import save_model_dir
+from models.networks import BackboneConfig, build_backbone
+from models.pipeline import PipelineConfig
+from models.synthetic import write_synthetic_npz
+
+from .conftest import make_site
+
+
+@pytest.fixture
+def encoder_config(server_config: ServerConfig) -> ServerConfig:
+    """EfficientNet-Lite0 (random weights: the architecture is what matters here) at 32 px,
+    frozen, with a per-feature scale adapter."""
+    return dataclasses.replace(
+        server_config,
+        backbone="efficientnet_lite0",
+        image_size=32,
+        norm="batch",
+        trainable="none",
+        features="multi-scale",
+        adapter="scale",
+    )
+
+
+@contextmanager
+def encoder_calls() -> Iterator[list[int]]:
+    """Counts the images the encoder embeds while the block runs (a global forward hook)."""
+    seen: list[int] = []
+
+    def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+        if isinstance(module, EfficientNetLite0):
+            seen.append(len(args[0]))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_a_node_embeds_once_then_trains_the_adapter_from_its_store(tmp_path, encoder_config):
+    state = initial_state(encoder_config)
+    node = NodeConfig.from_mapping(make_site(tmp_path, "a"))
+    with encoder_calls() as first:
+        reply = run_round(node, plan_for(encoder_config, 1), state, requester="test", seed=0)
+    assert sum(first) == 40  # every image of the site, once
+    moved = {k for k, v in reply.delta.items() if np.any(v != 0)}
+    assert moved == {"adapter.scale"}
+    assert len(list(node.features_dir.glob("*.npz"))) == 1
+
+    round_2 = {k: np.asarray(state[k] + reply.delta[k]) for k in state}
+    with encoder_calls() as second:
+        run_round(node, plan_for(encoder_config, 2), round_2, requester="test", seed=1)
+    assert second == []  # the encoder is the same: the features came from the store
+
+    write_synthetic_npz(node.data, n_classes=4, per_class=10, seed=9)  # the site's data changed
+    with encoder_calls() as third:
+        run_round(node, plan_for(encoder_config, 3), round_2, requester="test", seed=2)
+    assert sum(third) == 40
+
+
+def test_a_plain_public_start_gains_the_plans_adapter_at_identity(tmp_path, encoder_config):
+    bare = plan_for(dataclasses.replace(encoder_config, adapter="none"), 1).backbone
+    torch.manual_seed(0)
+    encoder = build_backbone(bare)
+    pipeline = PipelineConfig(image_size=bare.image_size)
+    save_model_dir(tmp_path / "start", encoder, backbone=bare, pipeline=pipeline, meta=MetaConfig())
+    config = dataclasses.replace(encoder_config, initial_model=str(tmp_path / "start"))
+    state = initial_state(config)
+    saved = encoder.state_dict()
+    assert {k.removeprefix("encoder.") for k in state if k.startswith("encoder.")} == set(saved)
+    assert all(np.array_equal(state[f"encoder.{k}"], v.numpy()) for k, v in saved.items())
+    assert np.array_equal(state["adapter.scale"], np.ones(encoder.out_features, np.float32))
+
+
+def test_an_adapter_needs_a_frozen_encoder():
+    with pytest.raises(ValueError, match="adapter"):
+        BackboneConfig(name="efficientnet_lite0", norm="batch", trainable="all", adapter="scale")
+    with pytest.raises(ValueError, match="adapter"):
+        BackboneConfig(name="efficientnet_lite0", norm="batch", trainable="none", adapter="big")
