@@ -8,6 +8,9 @@ environment) with compose's variable syntax, and `Container.run_args` applies ea
 test. What buildah cannot apply is checked instead: a read-only root by listing, after the
 fact, what the container wrote into its own layer (`Container.root_writes`);
 `no-new-privileges` is not applied (the processes run unprivileged and with no capability).
+The image's `VOLUME`s are taken off each working container and mounted by the test instead (a
+service's own mount, else an anonymous folder, as Docker does): with several mounts, buildah
+1.28 lets the image's volume hide a `--volume` on the same path now and then.
 Host networking means one network for all services: each gets its own free port (compose gives
 each its own network namespace), and the `superlink` service name resolves to 127.0.0.1.
 """
@@ -115,6 +118,7 @@ class ImageConfig:
     entrypoint: list[str]
     user: str
     labels: dict[str, str]
+    volumes: list[str]
 
 
 def image_config(image: str) -> ImageConfig:
@@ -130,6 +134,7 @@ def image_config(image: str) -> ImageConfig:
         entrypoint=list(config.get("Entrypoint") or []),
         user=config.get("User") or "root",
         labels=dict(config.get("Labels") or {}),
+        volumes=sorted(config.get("Volumes") or {}),
     )
 
 
@@ -153,6 +158,8 @@ class Container:
             text=True,
             check=True,
         ).stdout.strip()
+        for volume in self.config.volumes:  # mounted by run_args instead (module docstring)
+            subprocess.run(["buildah", "config", "--volume", f"{volume}-", self.name], check=True)
 
     def run_args(
         self,
@@ -167,7 +174,8 @@ class Container:
         The image's entrypoint comes first, as `docker run` does, unless `entrypoint` is False.
 
         Named volumes are folders under `volumes`, created on first use the way Docker
-        initialises a volume: owned like the image's folder at the mount point.
+        initialises a volume: owned like the image's folder at the mount point. An image
+        `VOLUME` the service does not mount gets an anonymous one, as with `docker run`.
         """
         args = ["buildah", "run", "--isolation", "chroot", "--network", "host"]
         args += ["--user", service.user or self.config.user]
@@ -177,7 +185,13 @@ class Container:
             args += ["--env", f"{key}={value}"]
         for target in service.tmpfs:
             args += ["--mount", f"type=tmpfs,destination={target}"]
-        for mount in service.mounts:
+        targets = {mount.target for mount in service.mounts}
+        anonymous = [
+            Mount(f"anonymous-{self.name}-{i}", target, read_only=False, named=True)
+            for i, target in enumerate(self.config.volumes)
+            if target not in targets
+        ]
+        for mount in [*service.mounts, *anonymous]:
             source = self._volume(volumes, mount) if mount.named else Path(mount.source)
             args += ["--volume", f"{source}:{mount.target}{':ro' if mount.read_only else ''}"]
         words = service.command if command is None else command

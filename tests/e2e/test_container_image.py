@@ -111,14 +111,12 @@ def test_image_labels_name_the_code_version(image):
     assert ancestor.returncode == 0, f"label revision {revision} is not a commit of this checkout"
 
 
-def test_fedfew_runs_in_the_image_as_the_unprivileged_user(image, container):
+def test_fedfew_runs_in_the_image_as_the_unprivileged_user(image, container, tmp_path):
     probe = Service("probe", ["--help"], [], True, ["/tmp"], None, ["ALL"])
 
-    help_text = _check_output(container.run_args(probe, volumes=Path("/nonexistent")))
+    help_text = _check_output(container.run_args(probe, volumes=tmp_path))
     identity = _check_output(
-        container.run_args(
-            probe, volumes=Path("/nonexistent"), command=["id", "-u"], entrypoint=False
-        )
+        container.run_args(probe, volumes=tmp_path, command=["id", "-u"], entrypoint=False)
     )
 
     assert image.config.entrypoint == ["fedfew"]
@@ -174,7 +172,9 @@ def _play(
         (fedfew_root / folder).chmod(0o750)
 
     def container(name: str) -> Container:
-        made = Container(image.tag, name=f"fedfew-test-{name}", hosts={"superlink": "127.0.0.1"})
+        made = Container(
+            image.tag, name=f"fedfew-test-{os.getpid()}-{name}", hosts={"superlink": "127.0.0.1"}
+        )
         containers.append(made)
         return made
 
