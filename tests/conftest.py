@@ -10,6 +10,7 @@ import pytest
 LONGEST_FIRST = (
     "tests/e2e/test_federation.py",  # three federations of real processes: about 16 min loaded
     "tests/privacy/test_audit.py",  # trains 310 episodic steps on CPU: about 10 min loaded
+    "tests/e2e/test_container_image.py",  # builds the image (cold 3-4 min), a federation in it
     "tests/e2e/test_runbook.py",
     "tests/e2e/test_secure_aggregation.py",
     "tests/e2e/test_egress.py",
