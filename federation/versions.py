@@ -13,6 +13,7 @@ import torch
 
 from federation.errors import ModelMismatchError
 from federation.plan import RoundPlan
+from models.feature_adapter import AdaptedEncoder, share_encoder
 from models.model_dir import save_model_dir
 from models.networks import build_backbone
 from models.pipeline import PipelineConfig
@@ -47,7 +48,7 @@ def model_from_state(state: Mapping[str, np.ndarray], plan: RoundPlan) -> torch.
         raise ModelMismatchError(
             f"the global model does not fit the plan's {plan.backbone.name} network: {exc}"
         ) from exc
-    return model
+    return share_encoder(model) if isinstance(model, AdaptedEncoder) else model
 
 
 def publish_state(

@@ -13,12 +13,13 @@ frozen public encoder). At its start every adapter is the identity on the normal
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from models.feature_cache import cache_for
+from models.feature_cache import cache_for, module_digest
 from models.freezing import is_fully_frozen
 
 
@@ -99,3 +100,22 @@ class AdaptedEncoder(nn.Module):
 def encoder_of(model: nn.Module) -> nn.Module:
     """The network that holds a backbone's public weights (the encoder of an adapted one)."""
     return model.encoder if isinstance(model, AdaptedEncoder) else model
+
+
+_SHARED: OrderedDict[str, nn.Module] = OrderedDict()  # encoder digest -> the one object kept
+SHARED_ENCODERS = 2  # a process holds one encoder, two while a new version arrives
+
+
+def share_encoder(model: AdaptedEncoder) -> AdaptedEncoder:
+    """Give ``model`` the encoder object this process already holds with the same tensors, so
+    its features cached in an earlier round serve this one (a server evaluating every round's
+    model, where only the adapter changed); returns ``model``."""
+    digest = module_digest(model.encoder)
+    if digest in _SHARED:
+        model.encoder = _SHARED[digest]
+        _SHARED.move_to_end(digest)
+    else:
+        _SHARED[digest] = model.encoder
+        while len(_SHARED) > SHARED_ENCODERS:
+            _SHARED.popitem(last=False)
+    return model

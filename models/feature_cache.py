@@ -31,6 +31,16 @@ def image_digest(image: torch.Tensor) -> bytes:
     return digest.digest()
 
 
+def module_digest(module: nn.Module) -> str:
+    """A SHA-256 of a module's tensors (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.numpy().tobytes() if data.dtype != torch.bfloat16 else b"")
+    return digest.hexdigest()
+
+
 def _state_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
     """Identity and in-place version of every tensor of the model: any change alters it."""
     tensors = [*model.parameters(), *model.buffers()]

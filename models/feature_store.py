@@ -22,20 +22,11 @@ import torch
 from torch import nn
 
 from models.adaptation import embed
+from models.feature_cache import module_digest
 from models.imageset import ImageSet
 from models.pipeline import PipelineConfig
 
 KEEP = 4  # embeddings kept per store (one per encoder version and data version in use)
-
-
-def module_digest(module: nn.Module) -> str:
-    """A SHA-256 of a module's tensors (names, dtypes, shapes and values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        data = tensor.detach().contiguous().cpu()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.numpy().tobytes() if data.dtype != torch.bfloat16 else b"")
-    return digest.hexdigest()
 
 
 def data_digest(path: Path) -> str:

@@ -16,6 +16,8 @@ from federation.node_config import NodeConfig
 from federation.server_app import initial_state
 from federation.server_config import ServerConfig
 from federation.strategy import plan_for
+from federation.versions import model_from_state
+from models.adaptation import embed
 from models.efficientnet_lite import EfficientNetLite0
 from models.meta import MetaConfig
 from models.model_dir import save_model_dir
@@ -97,3 +99,21 @@ def test_an_adapter_needs_a_frozen_encoder():
         BackboneConfig(name="efficientnet_lite0", norm="batch", trainable="all", adapter="scale")
     with pytest.raises(ValueError, match="adapter"):
         BackboneConfig(name="efficientnet_lite0", norm="batch", trainable="none", adapter="big")
+
+
+def test_the_server_embeds_its_evaluation_set_once_across_rounds(encoder_config):
+    plan = plan_for(encoder_config, 1)
+    state = initial_state(encoder_config)
+    images = torch.rand(6, 3, 32, 32)
+    first = model_from_state(state, plan)
+    with encoder_calls() as before:
+        embed(first, images)
+    later = {**state, "adapter.scale": 2 * state["adapter.scale"]}  # a round moved the adapter
+    second = model_from_state(later, plan)
+    with encoder_calls() as after:
+        features = embed(second, images)
+    assert sum(before) == 6 and after == []
+    assert second.encoder is first.encoder
+    torch.testing.assert_close(features, 2 * embed(first, images))
+    changed = {k: v + 1 if k.endswith("_conv_stem.weight") else v for k, v in state.items()}
+    assert model_from_state(changed, plan).encoder is not first.encoder  # another encoder
