@@ -257,10 +257,10 @@ def test_hospital_sign_in_over_https_roles_idle_refusals_and_audit(hospital, bro
     expect(page.get_by_text("without activity")).to_be_visible(
         timeout=int(IDLE_MINUTES * 60_000) + 60_000
     )
-    expect(page.get_by_text("Signed in as")).to_have_count(0)
+    expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
     page.reload()  # the identity cookie is still there; its session is not resumed
     expect(page.get_by_role("button", name="Log in with your hospital account")).to_be_visible()
-    expect(page.get_by_text("Signed in as")).to_have_count(0)
+    expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
 
     # Refused: disabled at the provider, in no dashboard group, unknown to the provider.
     _sign_in(page, url, "carol")
@@ -269,7 +269,7 @@ def test_hospital_sign_in_over_https_roles_idle_refusals_and_audit(hospital, bro
     ).to_be_visible()
     _sign_in(page, url, "dave")
     expect(page.get_by_text("has no dashboard role")).to_be_visible()
-    expect(page.get_by_text("Signed in as")).to_have_count(0)
+    expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
     page.goto(url)
     page.get_by_role("button", name="Log in with your hospital account").click()
     page.get_by_label("Hospital username").fill("erin")  # removed from the directory
@@ -288,7 +288,7 @@ def test_hospital_sign_in_over_https_roles_idle_refusals_and_audit(hospital, bro
     expect(page.get_by_role("button", name="Log in with your hospital account")).to_be_visible()
     page.reload()
     expect(page.get_by_role("button", name="Log in with your hospital account")).to_be_visible()
-    expect(page.get_by_text("Signed in as")).to_have_count(0)
+    expect(page.get_by_role("button", name="Sign out")).to_have_count(0)
 
     events = _events(root)
     assert [(u, a) for u, a, _ in events] == [
