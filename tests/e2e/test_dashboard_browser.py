@@ -31,6 +31,7 @@ import pytest
 from app.dashboard.auth import ROLE_ADMIN, ROLE_CLINICIAN, UserStore
 from app.dashboard.errors import AuthError
 from app.dashboard.settings import ENV_DICOMWEB
+from app.dashboard.web_session import SESSION_COOKIE
 from tests.app.dashboard.conftest import (
     PASSWORD,
     TEST_KDF_N,
@@ -268,6 +269,11 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
     shot(page, tmp_path, "dashboard-login", part=page.get_by_test_id("stMain"))
     log_in(page, server, ROLE_CLINICIAN)
     expect(page.get_by_role("heading", name="Adapt to a new condition")).to_be_visible()
+    expect(page.get_by_text(f"Signed in as {ROLE_CLINICIAN} ({ROLE_CLINICIAN})")).to_be_visible()
+    # The session is in an HttpOnly, Secure, SameSite=Strict cookie, never in the address bar.
+    (cookie,) = [c for c in page.context.cookies(server) if c["name"] == SESSION_COOKIE]
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    assert cookie["value"] not in page.url and "session" not in page.url
     expect(page.get_by_text("stay on this hospital's machine")).to_be_visible()
     expect_chosen(page, "Base model", "v2 global-round-2")  # the newest
     choose(page, "Base model", "v1 global-round-2")  # the clinician's choice
@@ -323,8 +329,10 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
     idle(page)
     shot(page, tmp_path, "dashboard-adapt")
 
-    # A reload keeps the login, the base model chosen, the condition, classes and pulled cases.
+    # A reload keeps the login (the cookie), the base model chosen, the condition, classes and
+    # pulled cases.
     page.reload()
+    assert "session" not in page.url
     expect(page.get_by_role("heading", name="Adapt to a new condition")).to_be_visible()
     expect(page.get_by_label("Condition", exact=True)).to_have_value("e2e lesions")
     expect_chosen(page, "Base model", "v1 global-round-2")
@@ -379,8 +387,10 @@ def _walkthrough(server, site, archive, orthanc_archive, page, tmp_path) -> None
     page.get_by_role("button", name="Pull the images").click()
     expect(page.get_by_text(f"{NEW_CASES} image(s) added to the new cases")).to_be_visible()
 
-    page.get_by_role("link", name="Account").click()
-    page.get_by_role("button", name="Log out").click()
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
+    page.reload()  # signed out for good: the cookie left in the browser opens nothing
+    expect(page.get_by_role("button", name="Log in")).to_be_visible()
     log_in(page, server, ROLE_ADMIN)
     expect(page.get_by_role("heading", name="Privacy budgets")).to_be_visible()
     expect(page.get_by_role("heading", name="Site hospital-a")).to_be_visible()

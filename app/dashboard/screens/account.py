@@ -1,8 +1,9 @@
-"""Who is signed in, until when, and the Sign out button (also in the sidebar of every page)."""
+"""Who is signed in, until when, and how sessions end (the Sign out button is in the sidebar of
+every page)."""
 
 import streamlit as st
 
-from app.dashboard import signin, ui
+from app.dashboard import ui
 
 session = st.session_state.get(ui.SESSION_KEY)
 if session is None:
@@ -12,8 +13,7 @@ st.write(f"Signed in as **{session.username}** ({', '.join(session.roles) or 'no
 idle = ui.settings().idle_minutes
 st.caption(
     f"The session ends in {ui.remaining_time(session)}, or after {idle:g} minutes without "
-    "activity. Signing out ends this account's sessions on every computer."
+    "activity. Sign out (in the sidebar) ends this account's sessions on every computer."
 )
 if not session.roles:
     st.warning("This account has no dashboard role, so no page is open to it.")
-st.button("Sign out", key="logout", on_click=signin.sign_out)

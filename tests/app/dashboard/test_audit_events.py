@@ -50,7 +50,7 @@ def test_account_events_are_recorded(store, registry, make_app, env, monkeypatch
     admin.button(key="users_unlock").click().run()
     admin.button(key="users_disable").click().run()
     admin.switch_page("screens/account.py").run()
-    admin.button(key="logout").click().run()
+    admin.sidebar.button(key="signout").click().run()
     assert _events(env)[len(events) :] == [
         (ROLE_ADMIN, provenance.ACTION_LOGIN, "local, from unknown"),
         (ROLE_ADMIN, provenance.ACTION_UNLOCKED, f"account {ROLE_CLINICIAN}"),

@@ -71,7 +71,7 @@ def test_expired_session_returns_to_login(store, make_app) -> None:
 def test_logout(store, make_app) -> None:
     at = make_app(ROLE_IT).run()
     at.switch_page("screens/account.py").run()
-    at.button(key="logout").click().run()
+    at.sidebar.button(key="signout").click().run()
     assert not at.exception
     assert SESSION_KEY not in at.session_state
     assert "signed out" in texts(at, "info")
