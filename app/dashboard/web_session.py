@@ -61,7 +61,7 @@ def _same_origin(headers: dict[str, str]) -> bool:
     """A form post from this dashboard's own page (login CSRF defence): the Origin, when the
     browser sends one, names the host the request was sent to."""
     origin = headers.get("origin")
-    if origin is None:
+    if origin is None or origin == "null":  # "null": a page with Referrer-Policy no-referrer
         return headers.get("sec-fetch-site", "same-origin") in {"same-origin", "none"}
     return urlsplit(origin).netloc == headers.get("host", "")
 

@@ -68,6 +68,12 @@ def test_a_cross_site_post_and_a_get_are_refused(store, env) -> None:
     forged = post_login(client, ROLE_CLINICIAN, PASSWORD, origin="https://evil.example")
     assert forged.status_code == 403 and session_cookie(forged) is None
     assert client.get("/fedfew/login").status_code == 403
+    blank = client.post(
+        "/fedfew/login",
+        data={"username": ROLE_CLINICIAN, "password": PASSWORD},
+        headers={"origin": "null", "sec-fetch-site": "cross-site"},
+    )
+    assert blank.status_code == 403
     assert _actions(env) == []
 
 
