@@ -139,6 +139,15 @@ def test_image_holds_no_key_certificate_or_patient_file(container):
         assert not list((root / "var" / "lib" / "fedfew").iterdir())
 
 
+def test_a_write_outside_the_mounts_is_seen(container, tmp_path):
+    service = Service("probe", [], [], True, ["/tmp"], None, ["ALL"])
+    write = ["sh", "-c", "touch /tmp/in-tmpfs /var/tmp/in-layer"]
+
+    _check_output(container.run_args(service, volumes=tmp_path, command=write, entrypoint=False))
+
+    assert container.root_writes(service) == ["/var/tmp/in-layer"]
+
+
 def test_federation_runs_from_the_image_as_compose_declares(image, tmp_path):
     started: list[ManagedProcess] = []
     containers: list[Container] = []
@@ -183,7 +192,7 @@ def _play(
         command = [(replace or {}).get(word, word) for word in service.command] + extra
         made = container(name)
         output = _check_output(made.run_args(service, volumes=volumes, command=command))
-        assert made.root_writes(service) == [], f"{name} wrote outside its mounts"
+        _assert_read_only_holds(made, service)
         return output
 
     # Provisioning (runbook, "Containers": `docker compose --profile init run --rm ...`).
@@ -237,9 +246,16 @@ def _play(
     for process in reversed(started):
         process.stop()
         assert not [p for p in process.seen if process_exists(p)], process.name
-    assert server.root_writes(superlink) == [], "the SuperLink wrote outside its mounts"
-    for site, (service, made) in nodes.items():
-        assert made.root_writes(service) == [], f"{site} wrote outside its mounts"
+    _assert_read_only_holds(server, superlink)
+    for service, made in nodes.values():
+        _assert_read_only_holds(made, service)
+
+
+def _assert_read_only_holds(container: Container, service: Service) -> None:
+    """Under compose's `read_only: true`, nothing may have been written outside the mounts."""
+    if service.read_only:
+        written = container.root_writes(service)
+        assert written == [], f"{service.name} wrote outside its mounts (read_only): {written}"
 
 
 def _image_folder(folder: Path, *, seed: int) -> Path:
