@@ -10,10 +10,10 @@ also on Ctrl-C or failure.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +28,9 @@ from federation.rounds import STATUS_FILE
 from federation.server_config import ServerConfig
 from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
 from models.networks import BackboneConfig
-from models.pipeline import PipelineConfig
-from models.pretraining import write_pretrained
+from models.public_start import PUBLIC_ENCODER, save_public_start
 from models.registry import Registry, RegistryEntry
-from models.synthetic import DEMO_TRAIN_CLASSES, public_set, synthetic_arrays
+from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays
 from privacy.errors import ReportFormatError
 from privacy.ledger import Ledger
 from privacy.round_record import FederationStatus, RoundRecord
@@ -45,25 +44,17 @@ class DemoSettings:
 
     rounds: int = 3  # enough to see the model and every ledger move
     local_steps: int = 10  # DP steps per hospital per round
-    width: int = 32  # Conv-4 filters; 64 costs 5x the time per step on CPU
-    # About 2,200 patients per hospital: DP's signal grows with the patients per step, its noise
-    # does not (40 images per class, about 110 patients, left the model where it started; 240,
-    # about 640 patients, gained 3.7-4.6 points).
-    images_per_class: int = 800
-    public_objective: str = "protonet"  # the operator's pre-training on public classes
-    public_steps: int = 100  # non-private steps on public data, before any hospital is asked
-    public_modality: str = "inverted"  # public data from another modality (models/synthetic.py)
-    trainable: str = "norm-affine"  # what DP touches: the public encoder's convolutions stay
-    # The recipe, from bench/dp_recipe_sweep.py (inverted-modality rows and
-    # dp_recipe_sweep_patients.json): each filled episode is clipped to C, so more filled
-    # episodes per step carry more signal against the same noise; q stays within the nodes'
-    # default max-sample-rate.
-    local_lr: float = 0.05  # Adam on the nodes; 0.1 gained less
-    # An episode whose sampled patients leave it without a support and a query pair adds no
-    # gradient; 48 episodes fill about 40 at 800 images per class (32 filled 11 at 240).
-    episodes: int = 48
-    # Records kept per class and role in an episode: every episode is padded to this, so 3
-    # (a patient has 2 images) computes 40% less than 5 and drops few records.
+    # The public start is ImageNet EfficientNet-Lite0 from its installed wheel, frozen
+    # (models/public_start.py): each hospital embeds its images once and DP trains only a small
+    # adapter on those features (models/feature_adapter.py). The 64-px synthetic images are
+    # enlarged to `side`: 128 px embeds 4.6x faster than the encoder's own 224.
+    side: int = 128
+    adapter: str = "scale"  # one scale per feature: 1,712 parameters for DP to tune
+    # About 400 patients per hospital: a hospital embeds its 800 images once, in seconds.
+    images_per_class: int = 150
+    local_lr: float = 0.2  # Adam on the nodes
+    episodes: int = 48  # episodes per DP step; each filled one carries signal against the noise
+    # Records kept per class and role in an episode: every episode is padded to this.
     max_records: int = 3
     sample_rate: float = 0.18
     noise_multiplier: float = 2.1  # sigma on C: accounted 1.05 at sensitivity 2C; eps 7.5
@@ -71,6 +62,11 @@ class DemoSettings:
     budget_delta: float = 1e-5
     eval_episodes: int = 200  # public-set episodes per evaluation
     timeout: float = 900.0  # the whole `flwr run`
+
+    @property
+    def backbone(self) -> BackboneConfig:
+        """The network every hospital and the server build: the public encoder with an adapter."""
+        return dataclasses.replace(PUBLIC_ENCODER, image_size=self.side, adapter=self.adapter)
 
 
 @dataclass(frozen=True)
@@ -141,29 +137,18 @@ def site_spec(workdir: Path, site: str, data: Path, settings: DemoSettings) -> S
 
 
 def public_start(workdir: Path, settings: DemoSettings, echo: Callable[[str], None]) -> Path:
-    """The operator's step: pre-train the starting model on public data (synthetic classes no
-    hospital holds and the evaluation never uses), without privacy, as `fedfew pretrain` does.
+    """The operator's step: write the public start, ImageNet EfficientNet-Lite0 from its installed
+    wheel, frozen, with the adapter at identity (nothing is trained, no hospital data is used).
 
     Returns:
         The model directory the federation starts from (``WORKDIR/public-start``).
     """
-    pipeline = PipelineConfig()
-    public = public_set(config=pipeline, modality=settings.public_modality)
     echo(
-        f"operator's step (not private, no hospital data): pre-training the starting model on "
-        f"{len(public.classes)} public synthetic classes ({settings.public_modality} contrast "
-        f"against the hospitals' images), {settings.public_steps} steps..."
+        "operator's step (not private, no hospital data): the public start is ImageNet "
+        f"EfficientNet-Lite0 from its installed wheel, frozen, at {settings.side} px, with a "
+        f"'{settings.adapter}' adapter for DP to train (nothing is trained here)"
     )
-    started = time.perf_counter()
-    out = write_pretrained(
-        workdir / "public-start",
-        [public],
-        objective=settings.public_objective,
-        backbone=BackboneConfig(width=settings.width, image_size=pipeline.image_size),
-        steps=settings.public_steps,
-    )
-    echo(f"  public start written to {out} ({time.perf_counter() - started:.0f} s)")
-    return out
+    return save_public_start(workdir / "public-start", backbone=settings.backbone)
 
 
 def server_config(
@@ -183,9 +168,13 @@ def server_config(
         min_nodes=sites,
         min_replies=max(1, sites - 1),
         local_steps=settings.local_steps,
-        width=settings.width,
         initial_model=str(initial_model or ""),
-        trainable=settings.trainable,
+        backbone=settings.backbone.name,
+        image_size=settings.backbone.image_size,
+        norm=settings.backbone.norm,
+        trainable=settings.backbone.trainable,
+        features=settings.backbone.features,
+        adapter=settings.backbone.adapter,
         local_lr=settings.local_lr,
         episodes=settings.episodes,
         max_shots=settings.max_records,
@@ -240,8 +229,8 @@ def run_demo(
         )
         secure = " under secure aggregation (SecAgg+)" if secure_aggregation else ""
         echo(
-            f"running {settings.rounds} rounds of DP federated meta-training{secure} with "
-            "`flwr run`..."
+            f"running {settings.rounds} rounds of DP federated meta-training of the adapter"
+            f"{secure} with `flwr run` (each hospital embeds its images once)..."
         )
         run = _run_with_progress(federation, app_dir, config, settings.timeout, echo)
         superlink = f"127.0.0.1:{federation.port}"

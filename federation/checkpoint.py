@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from federation.errors import CheckpointError
+from federation.records import contiguous
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -41,7 +42,7 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
     os.close(fd)
     try:
         save_file(
-            {k: np.ascontiguousarray(v) for k, v in checkpoint.state.items()},
+            {k: contiguous(v) for k, v in checkpoint.state.items()},
             tmp,
             metadata={
                 "federation": checkpoint.federation,

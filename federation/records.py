@@ -32,9 +32,15 @@ PUBLISHED_PROTOTYPES = "prototypes-json"
 State = dict[str, np.ndarray]
 
 
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` C-contiguous with its shape kept (``np.ascontiguousarray`` alone turns a 0-d
+    array, such as BatchNorm's counter, into shape ``(1,)``)."""
+    return np.ascontiguousarray(array).reshape(np.shape(array))
+
+
 def to_arrays(state: State) -> ArrayRecord:
-    """A model state as an ArrayRecord (names kept)."""
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    """A model state as an ArrayRecord (names and shapes kept)."""
+    return ArrayRecord(array_dict={k: Array(contiguous(v)) for k, v in state.items()})
 
 
 def from_arrays(record: ArrayRecord) -> State:

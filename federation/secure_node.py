@@ -42,6 +42,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from federation.errors import PlanInvalidError, PlanRefusedError
 from federation.node_config import NodeConfig
+from federation.records import contiguous
 from federation.secure_aggregation import check_finite, check_secure_policy, clip_before_masking
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def fit_instructions(state: State, plan_config: dict[str, Any]) -> FitIns:
     the plan."""
     names = list(state)
     config = {**plan_config, MODEL_NAMES: json.dumps(names)}
-    return FitIns(ndarrays_to_parameters([np.ascontiguousarray(state[n]) for n in names]), config)
+    return FitIns(ndarrays_to_parameters([contiguous(state[n]) for n in names]), config)
 
 
 def read_fit_instructions(fitins: FitIns) -> tuple[State, dict[str, Any]]:

@@ -31,7 +31,6 @@ PUBLIC_ENCODER = BackboneConfig(
     trainable="none",  # a fixed feature extractor: features cached, only heads adapt
     features="multi-scale",  # blocks 10, 15 and the head: +1.5 over the head alone (ridge)
 )
-PUBLIC_PIPELINE = PipelineConfig(image_size=PUBLIC_INPUT_SIDE)
 # Backbones with a native input side; the others take the 64-px pipeline of the shared sets.
 NATIVE_SIDES = {PUBLIC_ENCODER.name: PUBLIC_INPUT_SIDE}
 PUBLIC_NAME = "public-efficientnet-lite0-imagenet"  # its name in a node's registry
@@ -54,16 +53,21 @@ def pipeline_for(backbone: str) -> PipelineConfig:
 
 
 def save_public_start(
-    path: Path, *, data: Sequence[str] = (), meta: MetaConfig = MetaConfig()
+    path: Path,
+    *,
+    data: Sequence[str] = (),
+    meta: MetaConfig = MetaConfig(),
+    backbone: BackboneConfig = PUBLIC_ENCODER,
 ) -> Path:
     """Write the public start as a model directory (no training; the weights' hash recorded;
-    ``data`` names the sets it was given, which it did not train on)."""
-    started = start_public_encoder()
+    ``data`` names the sets it was given, which it did not train on; ``backbone`` may change its
+    input side or add an adapter, which starts as the identity)."""
+    started = start_public_encoder(backbone)
     return save_model_dir(
         path,
         started.model,
         backbone=started.config,
-        pipeline=PUBLIC_PIPELINE,
+        pipeline=PipelineConfig(image_size=backbone.image_size),
         meta=meta,
         extra={START_KEY: PUBLIC_WEIGHTS_NAME, "private": False, "data": list(data)},
         weights=started.weights,

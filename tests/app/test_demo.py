@@ -17,6 +17,7 @@ from federation.deploy.server_provisioning import init_server
 from federation.errors import DeploymentError
 from federation.server_app import initial_state
 from models.model_dir import load_model_dir
+from models.weights import RECORD_KEY
 from models.synthetic import write_synthetic_npz
 
 
@@ -69,16 +70,19 @@ def test_several_given_sets_are_one_hospital_each_and_configs_are_valid(tmp_path
     assert server.min_nodes == 2 and server.min_replies == 1
 
 
-def test_the_public_start_is_the_federations_round_0_and_dp_touches_norm_affine_only(tmp_path):
-    settings = DemoSettings(public_steps=2)
+def test_the_public_start_is_the_frozen_imagenet_encoder_and_dp_trains_its_adapter(tmp_path):
+    settings = DemoSettings(side=32)
     lines: list[str] = []
     start = public_start(tmp_path, settings, lines.append)
     loaded = load_model_dir(start)
-    assert loaded.config["private"] is False and loaded.config["data"] == ["synthetic-public"]
+    assert loaded.config["private"] is False and loaded.config["public_start"] == "imagenet"
+    assert RECORD_KEY in loaded.config  # the wheel's file, its hash recorded
     assert any("not private, no hospital data" in line for line in lines)
     config = server_config(tmp_path, 3, settings, "synthetic", start)
-    assert config.initial_model == str(start) and config.trainable == "norm-affine"
+    assert config.initial_model == str(start) and config.adapter == "scale"
+    assert config.trainable == "none" and config.backbone == "efficientnet_lite0"
     assert config.max_shots == config.max_queries == settings.max_records
     state = initial_state(config)
     saved = loaded.model.state_dict()
     assert all(np.array_equal(state[k], saved[k].numpy()) for k in saved)
+    assert np.all(state["adapter.scale"] == 1.0)  # the adapter starts as the identity

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from federation.inprocess import InProcessGrid
 from federation.node import run_round
 from federation.node_config import NodeConfig
-from federation.server_app import initial_state
+from federation.server_app import initial_state, run_federation
 from federation.server_config import ServerConfig
 from federation.strategy import plan_for
 from federation.versions import model_from_state
@@ -25,7 +26,7 @@ from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
 from models.synthetic import write_synthetic_npz
 
-from .conftest import make_site
+from .conftest import make_site, node
 
 
 @pytest.fixture
@@ -117,3 +118,17 @@ def test_the_server_embeds_its_evaluation_set_once_across_rounds(encoder_config)
     torch.testing.assert_close(features, 2 * embed(first, images))
     changed = {k: v + 1 if k.endswith("_conv_stem.weight") else v for k, v in state.items()}
     assert model_from_state(changed, plan).encoder is not first.encoder  # another encoder
+
+
+def test_two_federated_rounds_move_only_the_adapter_through_flower_messages(
+    tmp_path, encoder_config
+):
+    sites = [make_site(tmp_path, s, seed=i) for i, s in enumerate("ab")]
+    start = initial_state(encoder_config)
+    final = run_federation(
+        InProcessGrid({1: node(sites[0]), 2: node(sites[1])}), encoder_config, start
+    )
+    assert final.round == 2
+    moved = {k for k in start if not np.array_equal(final.state[k], start[k])}
+    assert moved == {"adapter.scale"}
+    assert all(np.shape(final.state[k]) == np.shape(v) for k, v in start.items())  # 0-d kept
