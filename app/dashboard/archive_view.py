@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import streamlit as st
 
-from app.dashboard import archive, preferences, ui, views
+from app.dashboard import archive, preferences, signin, ui, views
 from app.dashboard.errors import DashboardError
 from app.dashboard.uploads import Upload
 from app.dashboard.viewer import ZOOMS, Window, apply_window, read_image, zoom_crop
@@ -287,6 +287,7 @@ def image_viewer(uploads: Sequence[Upload], *, key: str) -> None:
 
     @st.fragment
     def view() -> None:
+        signin.note_activity()  # a slider moved: the user is there
         st.markdown("**Viewer**")
         index = st.selectbox(
             "Image", range(len(uploads)), format_func=lambda i: uploads[i].name, key=f"{key}_image"

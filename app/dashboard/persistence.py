@@ -223,10 +223,20 @@ class SessionStore:
             ).fetchone()
         return None if row is None else max(0.0, now - float(row[0]))
 
-    def end(self, token: str, *, reason: str = ENDED_LOGOUT) -> None:
-        """End the session: forget its draft, keep why it ended until its absolute expiry."""
+    def touch(self, token: str, *, now: float | None = None) -> None:
+        """Restart the idle clock of a live session (activity that reran only part of a page)."""
+        now = time.time() if now is None else now
         with self._connect() as conn:
-            self._end(conn, _digest(token), reason)
+            conn.execute(
+                "UPDATE web_sessions SET last_seen = ? WHERE token_hash = ? AND ended IS NULL",
+                (now, _digest(token)),
+            )
+
+    def end(self, token: str, *, reason: str = ENDED_LOGOUT) -> bool:
+        """End the session: forget its draft, keep why it ended until its absolute expiry.
+        Returns whether it was live until now."""
+        with self._connect() as conn:
+            return self._end(conn, _digest(token), reason)
 
     def end_user(self, username: str, *, reason: str = ENDED_LOGOUT) -> int:
         """End every live session of ``username`` (a sign-out, an account disabled or reset);
@@ -316,12 +326,13 @@ class SessionStore:
         for table in ("drafts", "draft_uploads", "audited"):
             conn.execute(f"DELETE FROM {table} WHERE token_hash = ?", (token_hash,))
 
-    def _end(self, conn: sqlite3.Connection, token_hash: str, reason: str) -> None:
+    def _end(self, conn: sqlite3.Connection, token_hash: str, reason: str) -> bool:
         self._forget_work(conn, token_hash)
-        conn.execute(
+        changed = conn.execute(
             "UPDATE web_sessions SET ended = ? WHERE token_hash = ? AND ended IS NULL",
             (reason, token_hash),
-        )
+        ).rowcount
+        return changed > 0
 
     def _purge_expired(self, conn: sqlite3.Connection, now: float) -> None:
         """Past their absolute expiry, sessions and their tombstones go entirely."""

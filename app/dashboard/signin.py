@@ -247,15 +247,27 @@ def sign_out() -> None:
     end_session(reason=ENDED_LOGOUT)
 
 
+def note_activity() -> None:
+    """A click that reran only a fragment of the page: the idle clock starts again."""
+    token = st.session_state.get(ui.TOKEN_KEY)
+    if token:
+        try:
+            ui.session_store().touch(token)
+        except DashboardError as exc:
+            ui.show_error(exc)
+
+
 def _watch(token: str, idle_s: float) -> None:
     """Ends the session once it has been idle ``idle_s`` seconds (or ended elsewhere)."""
     try:
-        idle = ui.session_store().idle_for(token)
+        store = ui.session_store()
+        idle = store.idle_for(token)
+        # Recorded once, by the tab that ends it (another tab of the session finds it ended).
+        if idle is not None and idle >= idle_s and store.end(token, reason=ENDED_IDLE):
+            ui.audit_event(ACTION_LOGOUT, detail=f"idle {idle / 60:.0f} min")
     except DashboardError:
         return  # the next click says why
     if idle is None or idle >= idle_s:
-        if idle is not None:
-            ui.audit_event(ACTION_LOGOUT, detail=f"idle {idle / 60:.0f} min")
         end_session(reason=ENDED_IDLE if idle is not None else ENDED_LOGOUT)
         st.rerun(scope="app")
 

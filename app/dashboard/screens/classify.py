@@ -8,6 +8,7 @@ from app.dashboard import (
     clinic,
     explain,
     preferences,
+    signin,
     ui,
     views,
     write_back,
@@ -218,6 +219,7 @@ st.subheader("Why")
 def explanation() -> None:
     """One case's evidence map, probabilities and nearest labelled cases; choosing another case
     reruns only this part of the page."""
+    signin.note_activity()
     index = st.selectbox(
         "Case",
         range(len(predictions)),
