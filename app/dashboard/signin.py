@@ -34,9 +34,8 @@ from app.dashboard.provenance import (
     ACTION_LOGOUT,
     ACTION_ROLES_CHANGED,
 )
-from app.dashboard.web_session import SESSION_COOKIE, read_notice
+from app.dashboard.web_session import IDENTITY_COOKIE, SESSION_COOKIE, read_notice
 
-IDENTITY_COOKIE = "_streamlit_user"  # Streamlit's signed identity cookie (and its chunks)
 # An identity the dashboard has not seen counts as a new sign-in only this soon after the
 # provider issued its ID token; an older one is a cookie left from a session that ended.
 FRESH_SIGNIN_S = 300.0

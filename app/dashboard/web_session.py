@@ -26,6 +26,7 @@ from app.dashboard.settings import DashboardSettings, load_settings
 
 _LOG = logging.getLogger(__name__)
 SESSION_COOKIE = "fedfew_session"  # the local sign-in's session token
+IDENTITY_COOKIE = "_streamlit_user"  # Streamlit's signed identity cookie (and its chunks)
 NOTICE_COOKIE = "fedfew_notice"  # a message for the next page (a refused sign-in), not a secret
 NOTICE_MAX_AGE_S = 60  # long enough to survive the redirect, short enough not to linger
 LOGIN_PATH = "/fedfew/login"
@@ -156,6 +157,22 @@ async def login_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     await _redirect(send, cookie_header(SESSION_COOKIE, token, secure=secure), cleared)
 
 
+def harden_identity_cookie(header: str, *, secure: bool) -> str:
+    """Streamlit's identity cookie as this dashboard sends it: SameSite=Strict instead of Lax,
+    Secure (unless ``--insecure-http``), and, when it is set rather than deleted, without
+    Streamlit's 30-day Max-Age: it goes when the browser closes, like ``fedfew_session``.
+    Any other cookie is left as it is."""
+    if not header.startswith(IDENTITY_COOKIE):
+        return header
+    parts = [p.strip() for p in header.split(";")]
+    deleting = any(p.lower() == "max-age=0" for p in parts)
+    dropped = (
+        ("samesite=", "secure") if deleting else ("samesite=", "secure", "max-age=", "expires=")
+    )
+    kept = [parts[0], *(p for p in parts[1:] if not p.lower().startswith(dropped))]
+    return "; ".join([*kept, "SameSite=Strict", *(["Secure"] if secure else [])])
+
+
 def _secure() -> bool:
     try:
         return not load_settings().insecure_http
@@ -164,8 +181,9 @@ def _secure() -> bool:
 
 
 class SignInWatch:
-    """ASGI middleware: the login route, and a refusal by the identity provider (the callback's
-    ``error``) recorded in the audit log and said on the next page."""
+    """ASGI middleware: the login route; a refusal by the identity provider (the callback's
+    ``error``) recorded in the audit log and said on the next page; and Streamlit's identity
+    cookie hardened (:func:`harden_identity_cookie`)."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
@@ -174,26 +192,38 @@ class SignInWatch:
         if scope["type"] == "http" and scope.get("path") == LOGIN_PATH:
             await login_endpoint(scope, receive, send)
             return
-        if scope["type"] != "http" or scope.get("path") != CALLBACK_PATH:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        error = query.get("error", [""])[0][:100]
-        if error:
-            notice = self._refusal(scope, error, query.get("error_description", [""])[0][:200])
-        else:  # a sign-in: an older refusal's notice goes
-            notice = cookie_header(NOTICE_COOKIE, "", secure=_secure(), max_age=0)
+        secure = _secure()
+        extra: list[str] = []
+        if scope.get("path") == CALLBACK_PATH:
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            error = query.get("error", [""])[0][:100]
+            if error:
+                description = query.get("error_description", [""])[0][:200]
+                extra.append(self._refusal(scope, error, description))
+            else:  # a sign-in: an older refusal's notice goes
+                extra.append(cookie_header(NOTICE_COOKIE, "", secure=secure, max_age=0))
 
-        async def send_with_notice(message: Message) -> None:
+        async def send_hardened(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = dict(message)
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"set-cookie", notice.encode("latin-1")),
+                headers = [
+                    (
+                        name,
+                        harden_identity_cookie(v.decode("latin-1"), secure=secure).encode(
+                            "latin-1"
+                        ),
+                    )
+                    if name.lower() == b"set-cookie"
+                    else (name, v)
+                    for name, v in message.get("headers", [])
                 ]
+                headers += [(b"set-cookie", c.encode("latin-1")) for c in extra]
+                message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_with_notice)
+        await self.app(scope, receive, send_hardened)
 
     @staticmethod
     def _refusal(scope: Scope, error: str, description: str) -> str:

@@ -247,6 +247,8 @@ def test_hospital_sign_in_over_https_roles_idle_refusals_and_audit(hospital, bro
     cookies = {c["name"]: c for c in page.context.cookies(url)}
     identity = cookies["_streamlit_user"]
     assert identity["httpOnly"] and "_streamlit_user" not in page.evaluate("document.cookie")
+    assert identity["secure"] and identity["sameSite"] == "Strict"
+    assert identity["expires"] == -1  # gone when the browser closes, not in 30 days
     secrets = [c["value"] for c in cookies.values() if len(c["value"]) >= 16]
     assert secrets and not [u for u in requested if any(s[:16] in u for s in secrets)]
     ours = [u for u in committed if u.startswith(url)]

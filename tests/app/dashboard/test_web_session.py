@@ -9,7 +9,12 @@ from app.dashboard.auth import MAX_FAILURES, ROLE_CLINICIAN
 from app.dashboard.persistence import SessionStore
 from app.dashboard.provenance import AuditLog
 from app.dashboard.settings import ENV_INSECURE_HTTP
-from app.dashboard.web_session import NOTICE_COOKIE, SESSION_COOKIE, read_notice
+from app.dashboard.web_session import (
+    NOTICE_COOKIE,
+    SESSION_COOKIE,
+    harden_identity_cookie,
+    read_notice,
+)
 from tests.app.dashboard.conftest import PASSWORD
 from tests.app.dashboard.signin_helpers import CLIENT, post_login, route_client, session_cookie
 
@@ -93,3 +98,22 @@ def test_the_providers_refusal_is_recorded_and_said(env) -> None:
     (entry,) = AuditLog(env["users"]).entries()
     assert entry.action == provenance.ACTION_LOGIN_FAILED
     assert entry.detail.startswith("hospital sign-in: access_denied: account disabled")
+
+
+def test_streamlits_identity_cookie_is_hardened_and_other_cookies_left_alone() -> None:
+    # What Streamlit 1.67 sends (starlette_auth_routes._set_single_cookie / delete_cookie).
+    set_ = "_streamlit_user=abc; HttpOnly; Max-Age=2592000; Path=/; SameSite=lax"
+    chunk = "_streamlit_user_1=def; HttpOnly; Max-Age=2592000; Path=/; SameSite=lax"
+    delete = (
+        '_streamlit_user=""; expires=Sat, 05 Dec 2026 17:50:08 GMT; Max-Age=0; Path=/; SameSite=lax'
+    )
+    assert harden_identity_cookie(set_, secure=True) == (
+        "_streamlit_user=abc; HttpOnly; Path=/; SameSite=Strict; Secure"
+    )  # a session cookie now: no Max-Age, gone with the browser
+    assert harden_identity_cookie(chunk, secure=False).endswith("Path=/; SameSite=Strict")
+    assert harden_identity_cookie(delete, secure=True) == (
+        '_streamlit_user=""; expires=Sat, 05 Dec 2026 17:50:08 GMT; Max-Age=0; Path=/; '
+        "SameSite=Strict; Secure"
+    )  # still deleted
+    state = "_streamlit_oauth_state=x; HttpOnly; Path=/; SameSite=lax"  # must survive the IdP
+    assert harden_identity_cookie(state, secure=True) == state
