@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app.dashboard import settings
 from app.dashboard.auth import MAX_FAILURES, ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT, Session
 from app.dashboard.settings import ENV_SITE_NAME
 from app.dashboard.ui import SESSION_KEY
@@ -116,3 +117,19 @@ def test_login_page_names_the_site_and_the_intended_use(store, make_app, monkeyp
     at = make_app().run()
     assert at.title[0].value == "fedfew dashboard · St Elsewhere"
     assert "Intended use" in texts(at, "warning") and "not a diagnosis" in texts(at, "warning")
+
+
+def test_plain_http_to_the_network_is_said_on_every_page(store, make_app, monkeypatch) -> None:
+    monkeypatch.setenv(settings.ENV_INSECURE_HTTP, "1")
+    for at in (make_app().run(), make_app(ROLE_CLINICIAN).run(), make_app(ROLE_ADMIN).run()):
+        assert not at.exception
+        assert "served over plain HTTP (--insecure-http)" in texts(at, "warning")
+    monkeypatch.delenv(settings.ENV_INSECURE_HTTP)
+    assert "plain HTTP" not in texts(make_app(ROLE_CLINICIAN).run(), "warning")
+
+
+def test_every_page_says_who_is_signed_in(store, registry, make_app) -> None:
+    for role in (ROLE_CLINICIAN, ROLE_ADMIN, ROLE_IT):
+        at = make_app(role).run()
+        assert f"Signed in as **{role}** ({role})" in texts(at.sidebar, "markdown")
+        assert at.sidebar.button(key="signout").label == "Sign out"
