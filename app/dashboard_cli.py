@@ -18,6 +18,8 @@ import typer
 from app.dashboard.auth import ROLES, UserStore
 from app.dashboard.errors import DashboardError, SettingsError
 from app.dashboard.oidc import load_oidc_config
+from app.dashboard.persistence import ENDED_DISABLED, SessionStore
+from app.dashboard.provenance import ACTION_ROLES_CHANGED, AuditLog
 from app.dashboard.settings import (
     ENV_DATA_ROOTS,
     ENV_DICOMWEB,
@@ -82,7 +84,16 @@ def add_user(
     password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     store = _store(db)
     try:
+        before = {u.username: u.role for u in store.users()}.get(name.strip())
         user = store.add(name, password, role=role, replace=replace)
+        if before is not None:  # replaced: its open sessions end, a new role is on record
+            SessionStore(store.path).end_user(user.username, reason=ENDED_DISABLED)
+            if before != user.role:
+                AuditLog(store.path).record_event(
+                    user="fedfew users add --replace",
+                    action=ACTION_ROLES_CHANGED,
+                    detail=f"account {user.username}: {before} -> {user.role}",
+                )
     except DashboardError as exc:
         _fail(exc)
     typer.echo(f"account {user.username!r} ({user.role}) saved in {store.path}")

@@ -27,6 +27,7 @@ from app.dashboard.persistence import (
     ENDED_LOGOUT,
     ENDED_REFUSED,
     Draft,
+    Resumed,
 )
 from app.dashboard.provenance import (
     ACTION_LOGIN,
@@ -104,7 +105,7 @@ def _live(token: str, *, restore: bool) -> Session | None:
             and not UserStore(config.users_db).active(session.username)
         ):
             store.end(token, reason=ENDED_DISABLED)
-            session, resumed = None, type(resumed)(None, ENDED_DISABLED)
+            session, resumed = None, Resumed(None, ENDED_DISABLED)
         draft = store.load_draft(token) if session is not None and restore else None
     except DashboardError as exc:
         ui.stop_with_error(exc)
@@ -179,9 +180,12 @@ def _from_cookies() -> Session | None:
     token = identity_token(cookies)
     if oidc is None or token is None or not st.user.is_logged_in:
         return None
-    resumed = ui.session_store().resume(token, client=ui.client_address(), touch=False)
-    if resumed.session is None and resumed.ended is None:
-        return _hospital_sign_in(oidc, token)
+    try:
+        resumed = ui.session_store().resume(token, client=ui.client_address(), touch=False)
+        if resumed.session is None and resumed.ended is None:
+            return _hospital_sign_in(oidc, token)
+    except DashboardError as exc:
+        ui.stop_with_error(exc)
     if resumed.ended == ENDED_REFUSED:
         _say_refused()
         return None

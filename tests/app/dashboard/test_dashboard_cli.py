@@ -218,3 +218,21 @@ def test_oidc_config_is_checked_and_passed_by_path(tmp_path: Path, monkeypatch) 
         config.write_text(text)
         result = invoke("dashboard", "--oidc", str(config))
         assert result.exit_code == 1 and message in " ".join(result.output.split()), text
+
+
+def test_replacing_an_account_ends_its_sessions_and_records_a_new_role(tmp_path: Path) -> None:
+    import time
+
+    from app.dashboard.auth import Session
+    from app.dashboard.persistence import ENDED_DISABLED, SessionStore
+    from app.dashboard.provenance import ACTION_ROLES_CHANGED, AuditLog
+
+    db = tmp_path / "users.sqlite"
+    args = ("users", "add", "--username", "ana", "--db", str(db))
+    assert invoke(*args, "--role", "clinician", stdin=f"{PASSWORD}\n{PASSWORD}\n").exit_code == 0
+    token = SessionStore(db).create(Session("ana", ("clinician",), time.time() + 60))
+    again = invoke(*args, "--role", "it", "--replace", stdin=f"{PASSWORD}\n{PASSWORD}\n")
+    assert again.exit_code == 0, again.output
+    assert SessionStore(db).resume(token).ended == ENDED_DISABLED
+    (entry,) = AuditLog(db).entries()
+    assert entry.action == ACTION_ROLES_CHANGED and entry.detail == "account ana: clinician -> it"
