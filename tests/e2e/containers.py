@@ -88,6 +88,7 @@ class Service:
     user: str | None
     cap_drop: list[str]
     environment: dict[str, str] = field(default_factory=dict)
+    healthcheck: list[str] = field(default_factory=list)  # the `test` command, after "CMD"
 
 
 def load_service(name: str, env: Mapping[str, str], compose: Path = COMPOSE) -> Service:
@@ -108,6 +109,7 @@ def load_service(name: str, env: Mapping[str, str], compose: Path = COMPOSE) -> 
         user=spec.get("user"),
         cap_drop=list(spec.get("cap_drop", [])),
         environment={k: interpolate(str(v), env) for k, v in spec.get("environment", {}).items()},
+        healthcheck=list(spec.get("healthcheck", {}).get("test", []))[1:],
     )
 
 

@@ -197,11 +197,12 @@ def _play(
 
     # Provisioning (runbook, "Containers": `docker compose --profile init run --rm ...`).
     one_shot("server-init", ["--port", str(port)])
-    keys = {}
+    keys, node_ports = {}, {}
     for site in SITES:
+        node_ports[site] = free_port()
         output = one_shot(
             f"{site}-init",
-            ["--node-port", str(free_port())],
+            ["--node-port", str(node_ports[site])],
             replace={"superlink:9092": f"superlink:{port}"},
         )
         assert "in 4 classes" in output
@@ -212,6 +213,7 @@ def _play(
     server = container("superlink")
     process = _start(server.run_args(superlink, volumes=volumes), "superlink", root, started)
     process.wait_for_port("127.0.0.1", port, timeout=STARTUP_S)
+    _health(server, superlink, volumes, ("9092", port))
     config = superlink.command[superlink.command.index("--config") + 1]
     for site in SITES:
         command = ["server", "register", "--config", config, keys[site], "--name", site]
@@ -226,6 +228,7 @@ def _play(
         nodes[site] = (service, made)
         node = _start(made.run_args(service, volumes=volumes), site, root, started)
         node.wait_for_log("SuperNode ID:", timeout=STARTUP_S)
+        _health(made, service, volumes, ("9094", node_ports[site]))
 
     # `docker compose exec superlink fedfew server start-run ...`: one DP round.
     command = ["server", "start-run", "--config", config, "--run-config", TINY_RUN]
@@ -249,6 +252,13 @@ def _play(
     _assert_read_only_holds(server, superlink)
     for service, made in nodes.values():
         _assert_read_only_holds(made, service)
+
+
+def _health(container: Container, service: Service, volumes: Path, port: tuple[str, int]) -> None:
+    """Run the service's compose health check in its container (`port`: compose's, ours)."""
+    assert service.healthcheck, f"{service.name} has no health check"
+    probe = [word.replace(port[0], str(port[1])) for word in service.healthcheck]
+    _check_output(container.run_args(service, volumes=volumes, command=probe, entrypoint=False))
 
 
 def _assert_read_only_holds(container: Container, service: Service) -> None:
