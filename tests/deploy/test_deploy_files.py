@@ -137,6 +137,8 @@ def test_dockerfile_parses_runs_as_non_root_and_bakes_in_no_secret():
     # The base and torch's index are build arguments whose defaults are the real-world ones.
     assert steps[:2] == [("ARG", "BASE_IMAGE=python:3.11-slim"), ("FROM", "${BASE_IMAGE}")]
     assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in steps
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert ("ARG", f"FEDFEW_VERSION={version}") in steps, "the version label's default"
     names = [name for name, _ in steps]
     user = names.index("USER")
     assert steps[user][1] not in {"root", "0"} and user < names.index("ENTRYPOINT")
