@@ -58,6 +58,9 @@ class DemoSettings:
     max_records: int = 3
     sample_rate: float = 0.18
     noise_multiplier: float = 2.1  # sigma on C: accounted 1.05 at sensitivity 2C; eps 7.5
+    # C: an episode's adapter gradient has norm about 0.04 (median; at most 0.1), so C = 1 would
+    # add noise 25 times what any episode can contribute.
+    clip: float = 0.05
     budget_epsilon: float = 8.0  # each hospital's cap
     budget_delta: float = 1e-5
     eval_episodes: int = 200  # public-set episodes per evaluation
@@ -180,6 +183,7 @@ def server_config(
         max_shots=settings.max_records,
         max_queries=settings.max_records,
         noise_multiplier=settings.noise_multiplier,
+        clip=settings.clip,
         sample_rate=settings.sample_rate,
         eval_data=eval_data,
         eval_episodes=settings.eval_episodes,
