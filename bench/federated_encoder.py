@@ -11,7 +11,12 @@ default adaptation: ridge on centred multi-scale features):
 - ``federated-nonprivate``: the same rounds, local steps and episodes, no clipping and no noise;
 - ``federated-dp-episodic``: the real round loop and ClientApp handler (in process), sigma
   calibrated so every ledger ends at each epsilon;
-- ``central-dp``: one adapter trained on the three sites' features pooled, at the largest epsilon.
+- ``central-dp``: one adapter trained on the three sites' features pooled, at the largest epsilon;
+- ``nearest-centroid`` and ``dp-prototypes``: a class known to the federation. Each site releases
+  its patients' normalised class sums once (the registered ``dp-prototypes`` mechanism, q = 1,
+  sigma calibrated to each epsilon); an episode's class centre is then the support mean pulled
+  towards the released prototype (``--prototype-weight`` support cases' worth), against the
+  support mean alone on the same episodes (both centred on the episode's images).
 
 Seconds per DP step are recorded for the adapter on cached features and, for comparison, for DP
 norm-affine training of the encoder itself on images (one step, ``--encoder-step-episodes``).
@@ -31,13 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Progress, require_shared_data, set_threads, write_result
 from bench.cross_domain import SHARED_SETS
-from bench.federated_accuracy import at_epsilon, federated, sigma_for
+from bench.federated_accuracy import DELTA, at_epsilon, federated, sigma_for
 from bench.federated_real import score, split_modality
 from federation.inprocess import set_task_identity
 from federation.node_config import NodeConfig
@@ -46,6 +52,8 @@ from federation.server_app import initial_state
 from federation.server_config import ServerConfig
 from federation.strategy import plan_for
 from federation.versions import model_from_state
+from models.episodes import EpisodeConfig, sample_episode
+from models.evaluation import mean_ci95
 from models.feature_adapter import AdaptedEncoder
 from models.feature_store import FeatureStore
 from models.imageset import ImageSet
@@ -54,8 +62,12 @@ from models.networks import BackboneConfig
 from models.pipeline import PipelineConfig
 from models.public_start import PUBLIC_ENCODER, save_public_start, start_public_encoder
 from models.readers import load_dataset
-from privacy.dp_config import DPConfig
+from privacy.accounting import calibrate_noise_multiplier
+from privacy.dp_config import DPConfig, DPPrototypeConfig
 from privacy.dp_meta import DPMetaTrainer
+from privacy.dp_prototypes import DPPrototypeRelease
+from privacy.mechanisms import PROTOTYPES, get_mechanism
+from privacy.prototype_release import prototypes_from_sums
 
 OUT = "federated_encoder"
 NO_NOISE = 1e-9  # the non-private rows: the same trainer with no noise and no clipping
@@ -78,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ways", type=int, default=3)
     p.add_argument("--episodes", type=int, default=200, help="evaluation episodes")
     p.add_argument("--encoder-step-episodes", type=int, default=4)
+    p.add_argument("--prototype-weight", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=OUT, help="results name under bench/results/")
     return p
@@ -126,7 +139,9 @@ def site_features(config: ServerConfig, sites: list[dict[str, Any]]) -> list[Ima
     pipeline = PipelineConfig(image_size=config.image_size)
     out = []
     for site in sites:
-        node = NodeConfig.from_mapping({**site, "ledger": str(Path(site["state-dir"]) / "l.db")})
+        node = NodeConfig.from_mapping(
+            {**site, "ledger": "unused.db", "budget-epsilon": 1.0, "budget-delta": 1e-5}
+        )
         store = FeatureStore(node.features_dir)
         out.append(
             store.features(
@@ -163,6 +178,71 @@ def train_adapter(
             deltas.append({k: local[k].numpy() - state[k] for k in state})
         state = {k: np.asarray(state[k] + np.mean([d[k] for d in deltas], axis=0)) for k in state}
     return state
+
+
+def held_out_features(config: ServerConfig, held_out: Path, root: Path) -> ImageSet:
+    """The held-out patients' features (a store of their own: never a site's)."""
+    model = model_from_state(initial_state(config), plan_for(config, 1))
+    assert isinstance(model, AdaptedEncoder)
+    pipeline = PipelineConfig(image_size=config.image_size)
+    return FeatureStore(root / "held-out-features").features(
+        model.encoder, held_out, pipeline, lambda: load_dataset(held_out, pipeline)
+    )
+
+
+def released_prototypes(
+    config: ServerConfig, features: list[ImageSet], epsilon: float, *, seed: int
+) -> np.ndarray:
+    """The summed one-shot DP prototype release of every site at ``epsilon``, as prototypes
+    (K, d) in the adapter's normalised feature space (rows: the modality's classes)."""
+    model = model_from_state(initial_state(config), plan_for(config, 1))
+    assert isinstance(model, AdaptedEncoder)
+    accounted = calibrate_noise_multiplier(
+        target_epsilon=epsilon, delta=DELTA, sample_rate=1.0, steps=1
+    )
+    dp = DPPrototypeConfig(
+        noise_multiplier=get_mechanism(PROTOTYPES).noise_for(accounted),
+        classes=features[0].classes,
+    )
+    sums = sum(
+        DPPrototypeRelease(model.adapter, [site], dp=dp, seed=seed + i).release()
+        for i, site in enumerate(features)
+    )
+    return prototypes_from_sums(np.asarray(sums), clip=dp.max_grad_norm)
+
+
+def prototype_accuracy(
+    held_out: ImageSet,
+    config: ServerConfig,
+    prototypes: np.ndarray | None,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """3-way 5-shot nearest-centroid accuracy on the held-out features, each class centre the
+    support mean, pulled towards the class's released prototype when given; centred on the
+    episode's images, as adaptation centres (the same episodes for every row)."""
+    model = model_from_state(initial_state(config), plan_for(config, 1))
+    assert isinstance(model, AdaptedEncoder)
+    with torch.no_grad():
+        emb = nn.functional.normalize(model.adapter(torch.from_numpy(held_out.images)), dim=1)
+    rng = np.random.default_rng(1)
+    episode = EpisodeConfig(ways=args.ways, shots=5, queries=15)
+    accuracies = []
+    for _ in range(args.episodes):
+        ep = sample_episode(held_out.labels, held_out.patients, episode, rng)
+        support, query = emb[ep.support], emb[ep.query]
+        centre = torch.cat([support, query]).mean(0)
+        means = torch.stack(
+            [support[torch.from_numpy(ep.support_labels == c)].mean(0) for c in range(args.ways)]
+        )
+        if prototypes is not None:
+            known = torch.from_numpy(prototypes[ep.classes]).float()
+            w = args.prototype_weight
+            means = (5 * means + w * known) / (5 + w)
+        distances = torch.cdist(query - centre, means - centre)
+        predicted = distances.argmin(1).numpy()
+        accuracies.append(float((predicted == ep.query_labels).mean()))
+    mean, ci = mean_ci95(np.array(accuracies))
+    return {"accuracy": mean, "ci95": ci}
 
 
 def encoder_step_seconds(args: argparse.Namespace, sites: list[dict[str, Any]]) -> float:
@@ -228,6 +308,15 @@ def main() -> None:
     state = train_adapter(base, [features], sigma=sigma, clip=args.clip,
                           steps_per_round=steps * len(sites), rounds=1)  # fmt: skip
     record("central-dp", best, state)
+    held = held_out_features(base, held_out, root)
+    nearest = prototype_accuracy(held, base, None, args)
+    rows.append({"method": "nearest-centroid", "epsilon": None, **nearest})
+    log(f"nearest-centroid: {100 * nearest['accuracy']:.1f}%")
+    for epsilon in args.epsilons:
+        protos = released_prototypes(base, features, epsilon, seed=int(epsilon * 1000))
+        scored = prototype_accuracy(held, base, protos, args)
+        rows.append({"method": "dp-prototypes", "epsilon": epsilon, **scored})
+        log(f"dp-prototypes eps={epsilon}: {100 * scored['accuracy']:.1f}%")
     started = time.perf_counter()
     pooled = train_adapter(base, [features], sigma=1.0, clip=args.clip, steps_per_round=1, rounds=1)
     del pooled

@@ -35,6 +35,7 @@ class FeatureScale(nn.Module):
     def __init__(self, parts: tuple[int, ...]) -> None:
         super().__init__()
         self.parts = parts
+        self.out_features = sum(parts)
         self.scale = nn.Parameter(torch.ones(sum(parts)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
