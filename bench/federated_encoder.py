@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -41,10 +42,11 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Progress, require_shared_data, set_threads, write_result
+from bench.common import RESULTS, Progress, require_shared_data, set_threads, write_result
 from bench.cross_domain import SHARED_SETS
 from bench.federated_accuracy import DELTA, at_epsilon, federated, sigma_for
 from bench.federated_real import score, split_modality
+from bench.report_federated_encoder import plot_federated_encoder
 from federation.inprocess import set_task_identity
 from federation.node_config import NodeConfig
 from federation.records import State
@@ -325,6 +327,11 @@ def main() -> None:
     write_result(args.out, config=vars(args), results={"rows": rows, "seconds": timing},
                  device=torch.device("cpu"))  # fmt: skip
     log(f"seconds: {timing}; wrote bench/results/{args.out}.json")
+    payloads = {
+        path.stem.removeprefix(f"{OUT}_"): json.loads(path.read_text())
+        for path in sorted(RESULTS.glob(f"{OUT}_*.json"))
+    }
+    plot_federated_encoder(payloads, RESULTS / f"{OUT}.png")
 
 
 if __name__ == "__main__":

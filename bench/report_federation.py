@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench.report_federated_encoder import federated_encoder_section
 from models.calibration import wilson_interval
 from privacy.accounting import epsilon_for
 from privacy.mechanisms import EPISODIC, SUPERVISED, get_mechanism
@@ -537,6 +538,7 @@ def render_federation(folder: Path) -> list[str]:
         ("secure_aggregation.json", secure_aggregation_section),
         ("mia_federated*.json", mia_federated_section),
         ("dp_prototypes*.json", dp_prototypes_section),  # brain_mri 4-way, then per modality
+        ("federated_encoder_*.json", federated_encoder_section),  # one table per modality
     )
     parts: list[str] = []
     for pattern, section in sections:
