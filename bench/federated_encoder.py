@@ -12,11 +12,14 @@ default adaptation: ridge on centred multi-scale features):
 - ``federated-dp-episodic``: the real round loop and ClientApp handler (in process), sigma
   calibrated so every ledger ends at each epsilon;
 - ``central-dp``: one adapter trained on the three sites' features pooled, at the largest epsilon;
-- ``nearest-centroid`` and ``dp-prototypes``: a class known to the federation. Each site releases
+- ``support-only`` and ``dp-prototypes``: a class known to the federation. Each site releases
   its patients' normalised class sums once (the registered ``dp-prototypes`` mechanism, q = 1,
-  sigma calibrated to each epsilon); an episode's class centre is then the support mean pulled
-  towards the released prototype (``--prototype-weight`` support cases' worth), against the
-  support mean alone on the same episodes (both centred on the episode's images).
+  sigma calibrated to each epsilon); the default head is then fitted on an episode's support
+  plus each class's released prototype (``--prototype-weight`` copies), against the support
+  alone on the same episodes;
+- ``membership-inference``: the audit of privacy/audit.py (loss threshold and LiRA with
+  ``--shadows`` shadow adapters) on an adapter trained ``--mia-steps`` steps on half of the
+  sites' patients: without noise (is it attackable at all?), then at epsilon 8 and 1.
 
 Seconds per DP step are recorded for the adapter on cached features and, for comparison, for DP
 norm-affine training of the encoder itself on images (one step, ``--encoder-step-episodes``).
@@ -54,6 +57,7 @@ from federation.server_app import initial_state
 from federation.server_config import ServerConfig
 from federation.strategy import plan_for
 from federation.versions import model_from_state
+from models.adaptation import AdaptConfig, feature_map, fit_head
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import mean_ci95
 from models.feature_adapter import AdaptedEncoder
@@ -65,6 +69,7 @@ from models.pipeline import PipelineConfig
 from models.public_start import PUBLIC_ENCODER, save_public_start, start_public_encoder
 from models.readers import load_dataset
 from privacy.accounting import calibrate_noise_multiplier
+from privacy.audit import Trainer, audit
 from privacy.dp_config import DPConfig, DPPrototypeConfig
 from privacy.dp_meta import DPMetaTrainer
 from privacy.dp_prototypes import DPPrototypeRelease
@@ -92,7 +97,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ways", type=int, default=3)
     p.add_argument("--episodes", type=int, default=200, help="evaluation episodes")
     p.add_argument("--encoder-step-episodes", type=int, default=4)
-    p.add_argument("--prototype-weight", type=float, default=10.0)
+    p.add_argument("--prototype-weight", type=int, default=5, help="copies of a prototype")
+    p.add_argument("--mia-steps", type=int, default=200, help="the audited adapter's steps")
+    p.add_argument("--shadows", type=int, default=4, help="LiRA shadow adapters")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=OUT, help="results name under bench/results/")
     return p
@@ -213,38 +220,79 @@ def released_prototypes(
     return prototypes_from_sums(np.asarray(sums), clip=dp.max_grad_norm)
 
 
-def prototype_accuracy(
+def known_class_accuracy(
     held_out: ImageSet,
     config: ServerConfig,
     prototypes: np.ndarray | None,
     args: argparse.Namespace,
 ) -> dict[str, float]:
-    """3-way 5-shot nearest-centroid accuracy on the held-out features, each class centre the
-    support mean, pulled towards the class's released prototype when given; centred on the
-    episode's images, as adaptation centres (the same episodes for every row)."""
+    """3-way 5-shot accuracy on the held-out features with the default head (ridge on centred
+    multi-scale features), the released prototype of each episode class added to its support
+    ``--prototype-weight`` times when given (the same episodes for every row)."""
     model = model_from_state(initial_state(config), plan_for(config, 1))
     assert isinstance(model, AdaptedEncoder)
     with torch.no_grad():
-        emb = nn.functional.normalize(model.adapter(torch.from_numpy(held_out.images)), dim=1)
+        emb = model.adapter(torch.from_numpy(held_out.images))
+    # a release row is a mean of L2-normalised adapter outputs; the adapter's own scale is
+    # sqrt(#parts) (each part has unit norm), so this puts the prototypes beside the features
+    scale = len(model.feature_parts) ** 0.5
     rng = np.random.default_rng(1)
     episode = EpisodeConfig(ways=args.ways, shots=5, queries=15)
+    adapt = AdaptConfig()
     accuracies = []
     for _ in range(args.episodes):
         ep = sample_episode(held_out.labels, held_out.patients, episode, rng)
-        support, query = emb[ep.support], emb[ep.query]
-        centre = torch.cat([support, query]).mean(0)
-        means = torch.stack(
-            [support[torch.from_numpy(ep.support_labels == c)].mean(0) for c in range(args.ways)]
-        )
+        raw = emb[np.concatenate([ep.support, ep.query])]
+        fmap = feature_map(adapt, domain_mean=None, features=raw, parts=model.feature_parts)
+        mapped, labels = fmap(raw), torch.from_numpy(ep.support_labels)
+        support, query = mapped[: len(ep.support)], mapped[len(ep.support) :]
         if prototypes is not None:
-            known = torch.from_numpy(prototypes[ep.classes]).float()
-            w = args.prototype_weight
-            means = (5 * means + w * known) / (5 + w)
-        distances = torch.cdist(query - centre, means - centre)
-        predicted = distances.argmin(1).numpy()
+            known = fmap(scale * torch.from_numpy(prototypes[ep.classes]).float())
+            copies = int(args.prototype_weight)
+            support = torch.cat([support, known.repeat(copies, 1)])
+            labels = torch.cat([labels, torch.arange(args.ways).repeat(copies)])
+        head = fit_head(support, labels, ways=args.ways, config=adapt)
+        predicted = (query @ head["head.weight"].T + head["head.bias"]).argmax(1).numpy()
         accuracies.append(float((predicted == ep.query_labels).mean()))
     mean, ci = mean_ci95(np.array(accuracies))
     return {"accuracy": mean, "ci95": ci}
+
+
+def pooled_sites(sets: list[ImageSet]) -> ImageSet:
+    """The sites' feature sets as one (same classes; patient ids are already site-unique)."""
+    return ImageSet(
+        images=np.concatenate([s.images for s in sets]),
+        labels=np.concatenate([s.labels for s in sets]),
+        classes=sets[0].classes,
+        patients=np.concatenate(
+            [np.char.add(f"{i}/", s.patients.astype(str)) for i, s in enumerate(sets)]
+        ),
+        name="sites",
+    )
+
+
+def adapter_trainer(config: ServerConfig, epsilon: float | None, steps: int) -> Trainer:
+    """Trains the adapter on a member set for the audit: without noise or clipping (``None``),
+    or at ``epsilon`` over its ``steps`` (the run's q and C)."""
+    plan = plan_for(config, 1)
+
+    def train(members: ImageSet, seed: int) -> nn.Module:
+        model = model_from_state(initial_state(config), plan)
+        assert isinstance(model, AdaptedEncoder)
+        sigma, clip = (
+            (NO_NOISE, NO_CLIP)
+            if epsilon is None
+            else (sigma_for(config, epsilon, steps), config.clip)
+        )
+        dp = dataclasses.replace(plan.dp, noise_multiplier=sigma, max_grad_norm=clip)
+        assert isinstance(dp, DPConfig)
+        trainer = DPMetaTrainer(
+            model.adapter, [members], dp=dp, meta=MetaConfig(), lr=config.local_lr, seed=seed
+        )
+        trainer.train(steps)
+        return model.adapter
+
+    return train
 
 
 def encoder_step_seconds(args: argparse.Namespace, sites: list[dict[str, Any]]) -> float:
@@ -311,17 +359,23 @@ def main() -> None:
                           steps_per_round=steps * len(sites), rounds=1)  # fmt: skip
     record("central-dp", best, state)
     held = held_out_features(base, held_out, root)
-    nearest = prototype_accuracy(held, base, None, args)
-    rows.append({"method": "nearest-centroid", "epsilon": None, **nearest})
-    log(f"nearest-centroid: {100 * nearest['accuracy']:.1f}%")
+    alone = known_class_accuracy(held, base, None, args)
+    rows.append({"method": "support-only", "epsilon": None, **alone})
+    log(f"support-only: {100 * alone['accuracy']:.1f}%")
     for epsilon in args.epsilons:
         protos = released_prototypes(base, features, epsilon, seed=int(epsilon * 1000))
-        scored = prototype_accuracy(held, base, protos, args)
+        scored = known_class_accuracy(held, base, protos, args)
         rows.append({"method": "dp-prototypes", "epsilon": epsilon, **scored})
         log(f"dp-prototypes eps={epsilon}: {100 * scored['accuracy']:.1f}%")
+    pool = pooled_sites(features)
+    for epsilon in (None, 8.0, 1.0):
+        trainer = adapter_trainer(base, epsilon, args.mia_steps)
+        for attack in audit(trainer, pool, held, shadows=args.shadows):
+            rows.append({"method": "membership-inference", "epsilon": epsilon,
+                         **attack.to_dict()})  # fmt: skip
+            log(f"membership inference eps={epsilon} {attack.attack}: AUC {attack.auc:.3f}")
     started = time.perf_counter()
-    pooled = train_adapter(base, [features], sigma=1.0, clip=args.clip, steps_per_round=1, rounds=1)
-    del pooled
+    train_adapter(base, [features], sigma=1.0, clip=args.clip, steps_per_round=1, rounds=1)
     timing["adapter-dp-step"] = time.perf_counter() - started
     timing["encoder-norm-affine-dp-step"] = encoder_step_seconds(args, sites)
     write_result(args.out, config=vars(args), results={"rows": rows, "seconds": timing},

@@ -13,7 +13,7 @@ ORDER = (
     "federated-nonprivate",
     "federated-dp-episodic",
     "central-dp",
-    "nearest-centroid",
+    "support-only",
     "dp-prototypes",
 )
 
@@ -25,11 +25,12 @@ def _label(row: dict[str, Any]) -> str:
 
 def federated_encoder_section(payload: dict[str, Any], source: str) -> list[str]:
     """One modality's rows: accuracy with 95% CI and the gain over its reference row."""
-    config, rows = payload["config"], payload["results"]["rows"]
+    config, every = payload["config"], payload["results"]["rows"]
     seconds = payload["results"].get("seconds", {})
-    rows = sorted(rows, key=lambda r: (ORDER.index(r["method"]), r.get("epsilon") or 0))
+    rows = sorted(_scored(every), key=lambda r: (ORDER.index(r["method"]), r.get("epsilon") or 0))
+    attacks = [r for r in every if r["method"] == "membership-inference"]
     start = next(r["accuracy"] for r in rows if r["method"] == "public-start")
-    nearest = next((r["accuracy"] for r in rows if r["method"] == "nearest-centroid"), None)
+    alone = next((r["accuracy"] for r in rows if r["method"] == "support-only"), None)
     lines = [
         f"### Federated DP on the public encoder: {config['modality']}",
         "",
@@ -39,18 +40,29 @@ def federated_encoder_section(payload: dict[str, Any], source: str) -> list[str]
         f"episodes per step, q {config['sample_rate']}, C {config['clip']}; "
         f"{config['ways']}-way 5-shot on {config['episodes']} held-out episodes, 95% CI. The "
         "training rows use the default head (ridge, centred) and compare with the public start; "
-        "the prototype rows (a class the federation knows) use nearest centroid and compare "
-        "with nearest centroid without the release.",
+        "the prototype rows (a class the federation knows) add the released prototypes to each "
+        "episode's support and compare with the support alone.",
         "",
         "| row | accuracy | vs reference |",
         "|---|---|---|",
     ]
     for r in rows:
-        reference = nearest if r["method"] in ORDER[4:] else start
+        reference = alone if r["method"] in ORDER[4:] else start
         gain = 100 * (r["accuracy"] - reference) if reference is not None else float("nan")
         lines.append(
             f"| {_label(r)} | {100 * r['accuracy']:.1f} ± {100 * r['ci95']:.1f} | {gain:+.1f} |"
         )
+    if attacks:
+        lines += [
+            "",
+            f"Membership inference on the adapter after {config.get('mia_steps')} steps on half "
+            f"of the sites' patients (privacy/audit.py; LiRA with {config.get('shadows')} shadow "
+            "adapters):",
+            "",
+            "| training | attack | AUC | TPR at FPR |",
+            "|---|---|---|---|",
+            *(_attack_row(r) for r in attacks),
+        ]
     if seconds:
         lines += [
             "",
@@ -63,6 +75,18 @@ def federated_encoder_section(payload: dict[str, Any], source: str) -> list[str]
     return lines
 
 
+def _attack_row(row: dict[str, Any]) -> str:
+    training = "no noise" if row["epsilon"] is None else f"epsilon {row['epsilon']:g}"
+    return (
+        f"| {training} | {row['attack']} | {row['auc']:.3f} | "
+        f"{row['tpr_at_low_fpr']:.3f} at {row['low_fpr']:.3f} |"
+    )
+
+
+def _scored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if "accuracy" in r]
+
+
 def plot_federated_encoder(payloads: dict[str, dict[str, Any]], out: Path) -> None:
     """Bars with 95% CIs, one group per modality."""
     import matplotlib
@@ -72,7 +96,7 @@ def plot_federated_encoder(payloads: dict[str, dict[str, Any]], out: Path) -> No
 
     fig, axes = plt.subplots(1, len(payloads), figsize=(5 * len(payloads), 4), squeeze=False)
     for ax, (name, payload) in zip(axes[0], payloads.items(), strict=True):
-        rows = payload["results"]["rows"]
+        rows = _scored(payload["results"]["rows"])
         labels = [_label(r) for r in rows]
         acc = np.array([100 * r["accuracy"] for r in rows])
         ci = np.array([100 * r["ci95"] for r in rows])
