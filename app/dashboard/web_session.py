@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -53,7 +53,7 @@ def cookie_header(
     return "; ".join(parts)
 
 
-def read_notice(cookies: MutableMapping[str, str] | dict[str, str]) -> str:
+def read_notice(cookies: Mapping[str, str]) -> str:
     """The notice a route left for the page ("" when none)."""
     return unquote(cookies.get(NOTICE_COOKIE, ""))
 

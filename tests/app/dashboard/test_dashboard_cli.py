@@ -236,3 +236,18 @@ def test_replacing_an_account_ends_its_sessions_and_records_a_new_role(tmp_path:
     assert SessionStore(db).resume(token).ended == ENDED_DISABLED
     (entry,) = AuditLog(db).entries()
     assert entry.action == ACTION_ROLES_CHANGED and entry.detail == "account ana: clinician -> it"
+
+
+def test_the_real_command_refuses_plain_http_off_loopback_with_exit_2() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "dashboard", "--host", "0.0.0.0", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--insecure-http" in result.stderr and "Traceback" not in result.stderr
