@@ -12,10 +12,10 @@ import typer
 
 from models.errors import FedfewError
 from privacy.accounting import worst_epsilon
+from privacy.budget_report import budget_of, write_report
 from privacy.errors import LedgerRecordMismatchError, LedgerTamperedError
 from privacy.ledger import Ledger
 from privacy.ledger_head import check_against_record
-from privacy.report import budget_of, write_report
 from privacy.site_report import recorded_heads
 
 budget_app = typer.Typer(

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from federation.demo_sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
 from federation.deploy.flower_project import RunResult, write_app_project
 from federation.deploy.local_deployment import LocalFederation, SiteSpec
 from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.errors import DeploymentError
 from federation.rounds import STATUS_FILE
 from federation.server_config import ServerConfig
-from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, split_evenly, write_site
 from models.networks import BackboneConfig
 from models.public_start import PUBLIC_ENCODER, save_public_start
 from models.registry import Registry, RegistryEntry

@@ -67,9 +67,9 @@ from bench.cross_domain import SHARED_SETS
 from bench.federated_accuracy import sigma_for
 from bench.federated_real import parser as real_parser
 from bench.federated_real import score, setup
-from federation.inprocess import set_task_identity
+from federation.inprocess_grid import set_task_identity
+from federation.publishing import model_from_state
 from federation.server_app import initial_state
-from federation.versions import model_from_state
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import embed_all
 from models.pipeline import PipelineConfig

@@ -1,13 +1,13 @@
 """Which DP recipe lets the demo's hospitals improve a public start? A sweep, one row per recipe.
 
-The demo's setting: three synthetic hospitals (``federation/sites.py``: different class mixes,
+The demo's setting: three synthetic hospitals (``federation/demo_sites.py``: different class mixes,
 disjoint patients, ``--per-class`` images per class, two per patient), a Conv-4 (width 32) public
 start pre-trained with ProtoNet on the 8 public synthetic classes (``models.synthetic.public_set``,
 imaged in ``--public-modality``), and 5-way 5-shot accuracy on the 8 unseen classes (the same
 100 episodes for every row). Each
 recipe runs ``rounds`` rounds of FedAvg over the three sites, in process and without the ledger
 (the calibrated sigma is given), so the rows isolate the learning: mechanism (``episodic``:
-``privacy.dp_meta``; ``supervised``: ``privacy.dp_pretrain``; ``nonprivate``: ordinary ProtoNet
+``privacy.dp_meta``; ``supervised``: ``privacy.dp_supervised``; ``nonprivate``: ordinary ProtoNet
 steps), parameter subset, sampling rate, steps, learning rate and sigma. A sigma near 0 separates
 what clipping and sampling cost from what the noise costs.
 
@@ -39,7 +39,7 @@ if __package__ in (None, ""):
 
 from app.demo import DemoSettings
 from bench.common import Progress, set_threads, write_result
-from federation.sites import DEMO_MIXES, split_by_patient
+from federation.demo_sites import DEMO_MIXES, split_by_patient
 from models.episodes import EpisodeConfig
 from models.evaluation import EpisodeLogits, evaluate, mean_ci95
 from models.imageset import ImageSet
@@ -59,7 +59,7 @@ from models.synthetic import (
 from models.training import TrainConfig, meta_train
 from privacy.dp_config import DPConfig, DPPretrainConfig
 from privacy.dp_meta import DPMetaTrainer, IterateAveraging
-from privacy.dp_pretrain import DPPretrainer
+from privacy.dp_supervised import DPPretrainer
 
 State = dict[str, torch.Tensor]
 

@@ -1,6 +1,6 @@
 """Accuracy of the federated DP model vs epsilon, against central training on the same data pooled.
 
-Three hospitals hold the demo's synthetic training classes (``federation/sites.py``: different
+Three hospitals hold the demo's synthetic training classes (``federation/demo_sites.py``: different
 class mixes, disjoint patients). For each target epsilon, the federation runs ``--rounds`` rounds
 of ``--local-steps`` DP steps per site through the real ServerApp round loop and ClientApp handler
 (in process: the transport does not change accuracy), with sigma calibrated so each site's ledger
@@ -30,14 +30,14 @@ from flwr.app import Context, RecordDict
 
 from bench.common import RESULTS, Progress, set_threads, write_result
 from federation.client_app import app as client_app
-from federation.inprocess import InProcessGrid, set_task_identity
+from federation.demo_sites import DEMO_MIXES, DEMO_SITES, split_by_patient, write_site
+from federation.inprocess_grid import InProcessGrid, set_task_identity
+from federation.publishing import model_from_state
 from federation.records import State
 from federation.rounds import run_rounds
 from federation.server_app import evaluate_state, initial_state, public_eval_set
 from federation.server_config import ServerConfig
-from federation.sites import DEMO_MIXES, DEMO_SITES, split_by_patient, write_site
 from federation.strategy import FederatedMetaStrategy, plan_for
-from federation.versions import model_from_state
 from models.episodes import EpisodeConfig
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset

@@ -50,13 +50,13 @@ from bench.cross_domain import SHARED_SETS
 from bench.federated_accuracy import DELTA, at_epsilon, federated, sigma_for
 from bench.federated_real import score, split_modality
 from bench.report_federated_encoder import plot_federated_encoder
-from federation.inprocess import set_task_identity
+from federation.inprocess_grid import set_task_identity
 from federation.node_config import NodeConfig
+from federation.publishing import model_from_state
 from federation.records import State
 from federation.server_app import initial_state
 from federation.server_config import ServerConfig
 from federation.strategy import plan_for
-from federation.versions import model_from_state
 from models.adaptation import AdaptConfig, feature_map, fit_head
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import mean_ci95

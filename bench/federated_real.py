@@ -34,12 +34,12 @@ if __package__ in (None, ""):
 from bench.common import Progress, require_shared_data, set_threads, write_result
 from bench.cross_domain import SHARED_SETS, load_sets
 from bench.federated_accuracy import at_epsilon, central, federated, sigma_for
-from federation.inprocess import set_task_identity
+from federation.demo_sites import split_evenly, write_site
+from federation.inprocess_grid import set_task_identity
+from federation.publishing import model_from_state
 from federation.records import State
 from federation.server_app import initial_state, public_eval_set
 from federation.server_config import ServerConfig
-from federation.sites import split_evenly, write_site
-from federation.versions import model_from_state
 from models.episodes import EpisodeConfig
 from models.evaluation import evaluate
 from models.meta import MetaConfig

@@ -37,11 +37,11 @@ if __package__ in (None, ""):
 from bench.common import Progress, set_threads, write_result
 from bench.federated_accuracy import at_epsilon, federated
 from bench.federated_real import nonprivate_federated, parser, score, setup
-from federation.inprocess import set_task_identity
+from federation.inprocess_grid import set_task_identity
+from federation.publishing import model_from_state
 from federation.records import State
 from federation.server_app import initial_state
 from federation.server_config import ServerConfig
-from federation.versions import model_from_state
 from models.imageset import ImageSet
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset

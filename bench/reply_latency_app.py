@@ -1,5 +1,5 @@
 """The Flower app of bench/reply_latency.py: every node answers a query at once; the ServerApp
-times exchanges through Flower's grid and through :class:`federation.exchange.PollingGrid`,
+times exchanges through Flower's grid and through :class:`federation.polling_grid.PollingGrid`,
 alternating, and writes the seconds to the run config's ``result-path`` (JSON)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from federation.exchange import PollingGrid
+from federation.polling_grid import PollingGrid
 
 serverapp = ServerApp()
 clientapp = ClientApp()

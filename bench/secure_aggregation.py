@@ -46,7 +46,7 @@ from safetensors.numpy import load_file
 
 from bench.common import RESULTS, Progress, set_threads, write_result
 from federation.client_app import app as client_app
-from federation.inprocess import InProcessGrid, set_task_identity
+from federation.inprocess_grid import InProcessGrid, set_task_identity
 from federation.node_config import NodeConfig
 from federation.rounds import collect_round
 from federation.secure_aggregation import clip_before_masking
@@ -202,9 +202,9 @@ def main() -> None:
 def accuracy_runs(rounds: int, lr: float, progress: Progress) -> list[dict[str, Any]]:
     """Few-shot accuracy after ``rounds`` rounds, distributed vs per-site noise (3 sites)."""
     from federation.aggregation import apply_update
+    from federation.demo_sites import DEMO_MIXES, split_by_patient, write_site
+    from federation.publishing import model_from_state
     from federation.server_app import evaluate_state, public_eval_set
-    from federation.sites import DEMO_MIXES, split_by_patient, write_site
-    from federation.versions import model_from_state
     from models.networks import BackboneConfig
     from models.pipeline import PipelineConfig
     from models.pretraining import write_pretrained

@@ -37,7 +37,7 @@ from torch import nn
 from federation.errors import BudgetRefusedError, NodeConfigError, SiteDataError
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
-from federation.versions import model_from_state, publish_state, state_digest
+from federation.publishing import model_from_state, publish_state, state_digest
 from models.feature_adapter import AdaptedEncoder
 from models.feature_store import FeatureStore
 from models.imageset import ImageSet

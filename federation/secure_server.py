@@ -39,7 +39,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from federation.errors import InvalidUpdateError, QuorumError
-from federation.exchange import DelegatingGrid
+from federation.polling_grid import DelegatingGrid
 from federation.reasons import reason_of
 from federation.records import State, to_arrays
 from federation.secure_aggregation import MODULUS_RANGE, SumGate, gate_sum

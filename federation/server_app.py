@@ -14,12 +14,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from federation.checkpoint import Checkpoint
 from federation.errors import ModelMismatchError
-from federation.exchange import PollingGrid
+from federation.polling_grid import PollingGrid
+from federation.publishing import model_from_state, publish_state
 from federation.records import State
 from federation.rounds import run_rounds
 from federation.server_config import ServerConfig
 from federation.strategy import LOGGER_NAME, FederatedMetaStrategy, plan_for
-from federation.versions import model_from_state, publish_state
 from models.episodes import EpisodeConfig
 from models.evaluation import evaluate
 from models.feature_adapter import AdaptedEncoder

@@ -141,7 +141,7 @@ class FederatedMetaStrategy(Strategy):
         if not isinstance(dp, DPPrototypeConfig):
             raise TypeError(f"no release shape for {type(dp).__name__}")
         if self._feature_width is None:
-            from federation.versions import model_from_state  # torch: server side only
+            from federation.publishing import model_from_state  # torch: server side only
 
             model = model_from_state(self.reference, self.round_plan(1))
             self._feature_width = int(model.out_features)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ Which parameters train is a named subset (:data:`PARAMETER_SUBSETS`). Parameters
 ``requires_grad=False``; modules whose parameters are all frozen stay in eval mode even when the
 model is put in train mode (a forward pre-hook), so dropout or drop-path never perturb a frozen
 encoder and its features can be cached (:func:`is_fully_frozen`). Only trainable parameters are
-differentiated, clipped and noised (``privacy.dp_meta``, ``privacy.dp_pretrain``).
+differentiated, clipped and noised (``privacy.dp_meta``, ``privacy.dp_supervised``).
 """
 
 from __future__ import annotations

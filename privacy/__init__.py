@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from privacy.accounting import calibrate_noise_multiplier, epsilon_for, worst_epsilon
+    from privacy.budget_report import Budget, budget_of, write_report
     from privacy.distributed_noise import fallback_epsilons
     from privacy.dp_config import (
         DEFAULT_SAMPLE_RATE,
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
         register_mechanism,
     )
     from privacy.prototype_release import PrototypeRelease
-    from privacy.report import Budget, budget_of, write_report
     from privacy.round_record import FederationStatus, RoundRecord
     from privacy.site_report import SitePrivacyReport, recorded_heads
 
@@ -81,9 +81,9 @@ _EXPORTS = {
     "get_mechanism": "privacy.mechanisms",
     "register_mechanism": "privacy.mechanisms",
     "PrototypeRelease": "privacy.prototype_release",
-    "Budget": "privacy.report",
-    "budget_of": "privacy.report",
-    "write_report": "privacy.report",
+    "Budget": "privacy.budget_report",
+    "budget_of": "privacy.budget_report",
+    "write_report": "privacy.budget_report",
     "FederationStatus": "privacy.round_record",
     "RoundRecord": "privacy.round_record",
     "SitePrivacyReport": "privacy.site_report",

@@ -297,7 +297,7 @@ def _supervised_trainer(
     lr: float,
     seed: int | None,
 ) -> Trainer:
-    from privacy.dp_pretrain import DPPretrainer
+    from privacy.dp_supervised import DPPretrainer
 
     del meta  # supervised training has no meta-learner: the head is a linear classifier
     return DPPretrainer(model, sets, dp=dp, lr=lr, seed=seed)

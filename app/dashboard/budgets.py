@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import FedfewError
+from privacy.budget_report import REPORT_SUFFIXES, write_report
 from privacy.errors import LedgerTamperedError
 from privacy.ledger import KIND_CHARGE, KIND_REFUSAL, Ledger, LedgerEntry
-from privacy.report import REPORT_SUFFIXES, write_report
 
 # Columns of the charges and refusals tables, in the order an auditor reads them.
 ENTRY_COLUMNS = (

@@ -4,7 +4,7 @@ the result as a *local* version of this node's registry (kind ``local``, parent 
 
 A local version is derived from the hospital's own images without differential privacy, so it
 never leaves the node: the federation only ever reads and publishes ``global`` versions
-(``federation/versions.py``), and docs/privacy.md ("Local domain adaptation") says why anything
+(``federation/publishing.py``), and docs/privacy.md ("Local domain adaptation") says why anything
 derived from it must pass through an accounted DP mechanism before it is shared.
 """
 

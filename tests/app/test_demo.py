@@ -17,8 +17,8 @@ from federation.deploy.server_provisioning import init_server
 from federation.errors import DeploymentError
 from federation.server_app import initial_state
 from models.model_dir import load_model_dir
-from models.weights import RECORD_KEY
 from models.synthetic import write_synthetic_npz
+from models.weights import RECORD_KEY
 
 
 def test_a_folder_not_made_by_the_demo_is_never_replaced(tmp_path):

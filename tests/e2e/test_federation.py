@@ -20,8 +20,8 @@ from federation.deploy.flower_project import (
 from federation.deploy.local_deployment import LocalFederation, SiteSpec
 from federation.deploy.processes import group_exists
 from federation.deploy.services import NODE_ID_FILE
+from federation.publishing import DIGEST_KEY
 from federation.server_config import ServerConfig
-from federation.versions import DIGEST_KEY
 from models.registry import Registry
 from models.synthetic import write_synthetic_npz
 from privacy.ledger import Ledger

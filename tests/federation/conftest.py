@@ -11,7 +11,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from federation.client_app import app as client_app
-from federation.inprocess import set_task_identity
+from federation.inprocess_grid import set_task_identity
 from federation.records import MODEL, PLAN, to_arrays, to_config
 from federation.secure_node import stage_of
 from federation.server_app import initial_state

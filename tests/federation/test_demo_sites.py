@@ -1,6 +1,6 @@
 import numpy as np
 
-from federation.sites import DEMO_MIXES, split_by_patient, split_evenly
+from federation.demo_sites import DEMO_MIXES, split_by_patient, split_evenly
 from models.readers import patient_id_from_provenance
 from models.synthetic import synthetic_arrays
 

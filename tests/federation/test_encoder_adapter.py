@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from federation.inprocess import InProcessGrid
+from federation.inprocess_grid import InProcessGrid
 from federation.node import run_round
 from federation.node_config import NodeConfig
+from federation.publishing import model_from_state
 from federation.server_app import initial_state, run_federation
 from federation.server_config import ServerConfig
 from federation.strategy import plan_for
-from federation.versions import model_from_state
 from models.adaptation import embed
 from models.efficientnet_lite import EfficientNetLite0
 from models.meta import MetaConfig

@@ -6,8 +6,8 @@ import time
 from flwr.app import Message, RecordDict
 
 from federation.client_app import app as client_app
-from federation.exchange import POLL_S, PollingGrid
-from federation.inprocess import InProcessGrid
+from federation.inprocess_grid import InProcessGrid
+from federation.polling_grid import POLL_S, PollingGrid
 from federation.server_app import run_federation
 
 from .conftest import context, make_site

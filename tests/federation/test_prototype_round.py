@@ -13,13 +13,13 @@ from safetensors.numpy import load_file
 from federation.client_app import app as client_app
 from federation.client_app import train
 from federation.errors import PlanRefusedError
-from federation.inprocess import InProcessGrid
+from federation.inprocess_grid import InProcessGrid
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
+from federation.publishing import DIGEST_KEY, PROTOTYPES_DIGEST_KEY, model_from_state
 from federation.records import FINAL_MODEL, RELEASE, REPORT, from_arrays, to_arrays
 from federation.server_app import run_federation
 from federation.server_config import ServerConfig
-from federation.versions import DIGEST_KEY, PROTOTYPES_DIGEST_KEY, model_from_state
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from models.registry import Registry

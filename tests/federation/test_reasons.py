@@ -18,7 +18,7 @@ from federation.errors import (
     PlanRefusedError,
     SiteDataError,
 )
-from federation.inprocess import InProcessGrid
+from federation.inprocess_grid import InProcessGrid
 from federation.node_config import NodeConfig
 from federation.reasons import ERROR_CODES, ReasonCode, reason_of
 from federation.strategy import FederatedMetaStrategy, plan_for

@@ -10,11 +10,11 @@ from flwr.app import Message
 from federation.checkpoint import load_checkpoint
 from federation.client_app import train
 from federation.errors import QuorumError
-from federation.inprocess import InProcessGrid
+from federation.inprocess_grid import InProcessGrid
+from federation.publishing import DIGEST_KEY
 from federation.records import DELTA, from_arrays, to_arrays
 from federation.server_app import run_federation
 from federation.strategy import REGISTERED_KEYS
-from federation.versions import DIGEST_KEY
 from models.registry import Registry
 from privacy.ledger import Ledger
 from privacy.ledger_head import check_against_record

@@ -11,15 +11,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from safetensors.numpy import load_file
 
 from federation.errors import PlanRefusedError
-from federation.inprocess import InProcessGrid
+from federation.inprocess_grid import InProcessGrid
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan
+from federation.publishing import model_from_state
 from federation.reasons import ReasonCode
 from federation.secure_node import check_masking_range, prepare_for_masking
 from federation.secure_server import collect_secure_round
 from federation.server_app import initial_state
 from federation.strategy import FederatedMetaStrategy
-from federation.versions import model_from_state
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from privacy.accounting import epsilon_for

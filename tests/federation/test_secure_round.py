@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from federation.client_app import train
 from federation.errors import InvalidUpdateError
-from federation.inprocess import InProcessGrid
+from federation.inprocess_grid import InProcessGrid
 from federation.node_config import NodeConfig
 from federation.reasons import ReasonCode
 from federation.secure_aggregation import clip_before_masking, update_norm

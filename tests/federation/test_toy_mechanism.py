@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from federation.inprocess import InProcessGrid
+from federation.inprocess_grid import InProcessGrid
 from federation.plan import RoundPlan
 from federation.server_app import run_federation
 from models.registry import Registry

@@ -1,12 +1,12 @@
-"""A ledger's budget (privacy/report.py ``budget_of``): spent and remaining from its rows, as
+"""A ledger's budget (privacy/budget_report.py ``budget_of``): spent and remaining from its rows, as
 the budget report and `fedfew budget show` print them."""
 
 import pytest
 
 from privacy.accounting import epsilon_for
+from privacy.budget_report import budget_of
 from privacy.errors import BudgetExhaustedError
 from privacy.ledger import Ledger
-from privacy.report import budget_of
 
 DELTA = 1e-5
 

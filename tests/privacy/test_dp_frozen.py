@@ -8,7 +8,7 @@ from models.freezing import FrozenBatchNorm2d, frozen_parameters, trainable_para
 from models.meta import MetaConfig
 from models.networks import BackboneConfig, build_backbone
 from privacy.dp_meta import DPConfig, DPMetaTrainer
-from privacy.dp_pretrain import DPPretrainConfig, DPPretrainer
+from privacy.dp_supervised import DPPretrainConfig, DPPretrainer
 from tests.privacy.patients import random_set
 
 

@@ -12,7 +12,7 @@ from models.imageset import ImageSet
 from models.meta import MetaConfig
 from models.networks import BackboneConfig, build_backbone
 from privacy.accounting import epsilon_for
-from privacy.dp_pretrain import Classifier, DPPretrainConfig, DPPretrainer, per_patient_grads
+from privacy.dp_supervised import Classifier, DPPretrainConfig, DPPretrainer, per_patient_grads
 from privacy.ledger import Ledger
 from privacy.mechanisms import MECHANISMS, SUPERVISED
 from privacy.private_run import charge_private_run, run_charged_training
