@@ -196,45 +196,62 @@ class SignInWatch:
             await self.app(scope, receive, send)
             return
         secure = _secure()
-        extra: list[str] = []
-        if scope.get("path") == CALLBACK_PATH:
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            error = query.get("error", [""])[0][:100]
-            if error:
-                description = query.get("error_description", [""])[0][:200]
-                extra.append(self._refusal(scope, error, description))
-            else:  # a sign-in: an older refusal's notice goes
-                extra.append(cookie_header(NOTICE_COOKIE, "", secure=secure, max_age=0))
+        callback = scope.get("path") == CALLBACK_PATH
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1")) if callback else {}
+        error = query.get("error", [""])[0][:100]
 
         async def send_hardened(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [
-                    (
-                        name,
-                        harden_identity_cookie(v.decode("latin-1"), secure=secure).encode(
-                            "latin-1"
-                        ),
-                    )
-                    if name.lower() == b"set-cookie"
-                    else (name, v)
+                cookies = [
+                    harden_identity_cookie(v.decode("latin-1"), secure=secure)
                     for name, v in message.get("headers", [])
+                    if name.lower() == b"set-cookie"
                 ]
-                headers += [(b"set-cookie", c.encode("latin-1")) for c in extra]
+                headers = [
+                    (n, v) for n, v in message.get("headers", []) if n.lower() != b"set-cookie"
+                ]
+                notice = self._outcome(scope, query, error, cookies, secure=secure)
+                if callback and notice:
+                    cookies.append(notice)
+                headers += [(b"set-cookie", c.encode("latin-1")) for c in cookies]
                 message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_hardened)
 
     @staticmethod
-    def _refusal(scope: Scope, error: str, description: str) -> str:
-        """Record the provider's refusal in the audit log; the notice cookie that says it."""
+    def _outcome(
+        scope: Scope,
+        query: Mapping[str, list[str]],
+        error: str,
+        cookies: list[str],
+        *,
+        secure: bool,
+    ) -> str | None:
+        """How a callback ended, as the notice cookie for the next page (None: not a sign-in,
+        e.g. the return from the provider's sign-out). A sign-in (Streamlit set an identity
+        cookie) clears an older notice; a refusal by the provider, or a code that signed nobody
+        in (a failed exchange: a wrong client secret, a replayed callback), is recorded in the
+        audit log and said."""
+        if not error and "code" not in query:
+            return None
+        signed_in = any(
+            c.startswith(f"{IDENTITY_COOKIE}=") and not c.startswith(f'{IDENTITY_COOKIE}=""')
+            for c in cookies
+        )
+        if signed_in and not error:
+            return cookie_header(NOTICE_COOKIE, "", secure=secure, max_age=0)
+        if error:
+            description = query.get("error_description", [""])[0][:200]
+            detail = f"hospital sign-in: {error}: {description}"
+            message = f"The hospital sign-in refused: {description or error}."
+        else:
+            detail = "hospital sign-in did not complete (the dashboard's log says why)"
+            message = "The hospital sign-in did not complete: try again, or tell IT."
         try:
             AuditLog(load_settings().users_db).record_event(
-                user="",
-                action=ACTION_LOGIN_FAILED,
-                detail=f"hospital sign-in: {error}: {description}: {_client(scope)}",
+                user="", action=ACTION_LOGIN_FAILED, detail=f"{detail}: {_client(scope)}"
             )
-        except DashboardError as exc:  # the page says the sign-in was refused all the same
-            _LOG.warning("a refused hospital sign-in could not be audited: %s", exc)
-        message = f"The hospital sign-in refused: {description or error}."
-        return cookie_header(NOTICE_COOKIE, message, secure=_secure(), max_age=NOTICE_MAX_AGE_S)
+        except DashboardError as exc:  # the page says the sign-in failed all the same
+            _LOG.warning("a failed hospital sign-in could not be audited: %s", exc)
+        return cookie_header(NOTICE_COOKIE, message, secure=secure, max_age=NOTICE_MAX_AGE_S)

@@ -48,8 +48,15 @@ class RouteClient:
         return self.request("POST", path, **kwargs)
 
 
-async def _callback(request) -> RedirectResponse:  # stands in for Streamlit's own callback
-    return RedirectResponse("/", status_code=302)
+async def _callback(request) -> RedirectResponse:
+    """Stands in for Streamlit's own callback: a code that its exchange accepts ("good") sets
+    the identity cookie as Streamlit 1.67 does; any other sets none."""
+    response = RedirectResponse("/", status_code=302)
+    if request.query_params.get("code") == "good":
+        response.set_cookie(
+            "_streamlit_user", "signed", httponly=True, samesite="lax", path="/", max_age=2592000
+        )
+    return response
 
 
 def route_client(*, client: str = CLIENT) -> RouteClient:

@@ -117,3 +117,20 @@ def test_streamlits_identity_cookie_is_hardened_and_other_cookies_left_alone() -
     )  # still deleted
     state = "_streamlit_oauth_state=x; HttpOnly; Path=/; SameSite=lax"  # must survive the IdP
     assert harden_identity_cookie(state, secure=True) == state
+
+
+def test_a_callback_that_signs_nobody_in_is_recorded_and_one_that_does_is_hardened(env) -> None:
+    client = route_client()
+    good = client.get("/oauth2callback", params={"code": "good", "state": "s"})
+    identity = _set_cookies(good)["_streamlit_user"]
+    assert "SameSite=Strict" in identity and "Secure" in identity and "Max-Age" not in identity
+    assert "Max-Age=0" in _set_cookies(good)[NOTICE_COOKIE]  # an older refusal's notice goes
+    assert AuditLog(env["users"]).entries() == []
+
+    failed = client.get("/oauth2callback", params={"code": "wrong-secret", "state": "s"})
+    assert "did not complete" in read_notice(dict(failed.cookies))
+    (entry,) = AuditLog(env["users"]).entries()
+    assert entry.action == provenance.ACTION_LOGIN_FAILED
+    assert entry.detail.startswith("hospital sign-in did not complete")
+    back = client.get("/oauth2callback", params={"state": "s"})  # from the provider's sign-out
+    assert NOTICE_COOKIE not in _set_cookies(back) and len(AuditLog(env["users"]).entries()) == 1
