@@ -18,6 +18,7 @@ from typing import Any
 
 from models.adaptation import AdaptConfig
 from models.registry import KIND_GLOBAL, KIND_LOCAL, KIND_PUBLIC, RegistryEntry
+from models.run_config import key_of
 
 BENCH_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 # Benchmark files whose rows are (fold, encoder, lever, ways, shots, accuracy, ci95), as
@@ -134,8 +135,8 @@ def _measured_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
 
 def _federation_metrics(entry: RegistryEntry, config: Mapping[str, Any]) -> tuple[str, ...]:
     federation = config.get("federation") or {}
-    data = federation.get("eval_data", "its evaluation set")
-    ways = federation.get("eval_ways")
+    data = federation.get(key_of("eval_data"), "its evaluation set")
+    ways = federation.get(key_of("eval_ways"))
     accuracy = entry.metrics.get("accuracy")
     if not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
         return ()
@@ -186,13 +187,13 @@ def model_card(
             measured=inner.measured,
         )
     federation = config.get("federation") or {}
-    start = federation.get("initial_model") or ""
+    start = federation.get(key_of("initial_model")) or ""
     rounds = entry.info.get("round", "?")
     started = f"started from {Path(str(start)).name}" if start else "started from scratch"
     if entry.kind == KIND_GLOBAL:
         what = (
             f"{entry.label}: the federation's model after round {rounds} ({network}; "
-            f"{federation.get('meta_learner', 'meta')}-trained, {started})."
+            f"{federation.get(key_of('meta_learner'), 'meta')}-trained, {started})."
         )
         trained_on = (
             "The participating hospitals' own labelled images, which never left them; which "
