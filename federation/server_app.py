@@ -126,8 +126,7 @@ def publish_version(
             "round": record.round,
             "problems": list(record.problems),
             "clipped": list(record.clipped),
-            "config": config.to_dict(),
-        },
+        },  # the run config is kept once, in the version's config.json ("federation")
         prototypes=prototypes,
     )
 
