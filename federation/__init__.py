@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from federation.aggregation import AGGREGATIONS, aggregate, apply_update
+    from federation.aggregation import AGGREGATIONS, DEFENCES, aggregate, apply_update
     from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from federation.errors import (
         BudgetRefusedError,
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         gate_sum,
     )
     from federation.server_app import initial_state, run_federation, serve
-    from federation.server_config import DEFENCES, ServerConfig
+    from federation.server_config import ServerConfig
     from federation.strategy import FederatedMetaStrategy
     from federation.validation import GateResult, update_norm, validate_release, validate_update
 
@@ -79,7 +79,7 @@ _EXPORTS = {
     "initial_state": "federation.server_app",
     "run_federation": "federation.server_app",
     "serve": "federation.server_app",
-    "DEFENCES": "federation.server_config",
+    "DEFENCES": "federation.aggregation",
     "ServerConfig": "federation.server_config",
     "FederatedMetaStrategy": "federation.strategy",
     "GateResult": "federation.validation",

@@ -14,12 +14,13 @@ replace the weighted mean:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
 State = dict[str, np.ndarray]
-AGGREGATIONS = ("fedavg", "trimmed-mean", "krum")
 
 
 def weighted_mean(deltas: Sequence[State], weights: Sequence[float]) -> State:
@@ -67,6 +68,49 @@ def _flatten(state: State) -> np.ndarray:
     return np.concatenate([state[k].ravel() for k in sorted(state)]).astype(np.float64)
 
 
+# (deltas, public weights, trim, byzantine) -> the update
+Combine = Callable[[Sequence[State], Sequence[float], int, int], State]
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """One way to combine the accepted deltas, selected by the run config's ``defence``."""
+
+    name: str  # what the logs call it
+    defence: str  # the run config's ``defence`` value that selects it
+    threat: str  # the threat it answers (they exclude each other, so a config names one)
+    combine: Combine
+
+
+def _registry(*aggregations: Aggregation) -> Mapping[str, Aggregation]:
+    return MappingProxyType({a.name: a for a in aggregations})
+
+
+AGGREGATIONS = _registry(
+    Aggregation(
+        "fedavg",
+        "none",
+        "honest-but-curious server: every delta is already DP at its site",
+        lambda deltas, weights, trim, byzantine: weighted_mean(deltas, weights),
+    ),
+    Aggregation(
+        "trimmed-mean",
+        "trimmed-mean",
+        "a minority of poisoned updates (coordinate-wise trimmed mean)",
+        lambda deltas, weights, trim, byzantine: trimmed_mean(deltas, trim=trim),
+    ),
+    Aggregation(
+        "krum",
+        "krum",
+        "a minority of poisoned updates (Krum selection)",
+        lambda deltas, weights, trim, byzantine: krum(deltas, byzantine=byzantine),
+    ),
+)
+DEFENCES: Mapping[str, Aggregation] = MappingProxyType(
+    {a.defence: a for a in AGGREGATIONS.values()}
+)
+
+
 def aggregate(
     deltas: Sequence[State],
     weights: Sequence[float],
@@ -75,14 +119,14 @@ def aggregate(
     trim: int = 1,
     byzantine: int = 1,
 ) -> State:
-    """Aggregate with the configured method (the robust ones ignore the weights)."""
-    if method == "fedavg":
-        return weighted_mean(deltas, weights)
-    if method == "trimmed-mean":
-        return trimmed_mean(deltas, trim=trim)
-    if method == "krum":
-        return krum(deltas, byzantine=byzantine)
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {method!r}")
+    """Aggregate with the named method (the robust ones ignore the weights).
+
+    Raises:
+        ValueError: an unknown method (the message lists the registered ones).
+    """
+    if method not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {sorted(AGGREGATIONS)}, got {method!r}")
+    return AGGREGATIONS[method].combine(deltas, weights, trim, byzantine)
 
 
 def apply_update(global_state: State, update: State, *, server_lr: float) -> State:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federation.aggregation import AGGREGATIONS
+from federation.aggregation import DEFENCES
 from federation.plan import RoundPlan
 from federation.secure_aggregation import SecureAggregationConfig
 from federation.validation import NORM_POLICIES
@@ -24,12 +24,6 @@ from privacy.dp_config import DEFAULT_SAMPLE_RATE, parse_classes
 from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS, get_mechanism
 
 OWNER = "run config"  # what the server's configuration is called in its error messages
-# Which threat each choice answers; they exclude each other, so the config names one.
-DEFENCES = {
-    "none": "honest-but-curious server: every delta is already DP at its site",
-    "trimmed-mean": "a minority of poisoned updates (coordinate-wise trimmed mean)",
-    "krum": "a minority of poisoned updates (Krum selection)",
-}
 
 
 @dataclass(frozen=True)
@@ -75,7 +69,7 @@ class ServerConfig:
     initial_model: str = ""  # a model directory to start from (`fedfew pretrain`); "": random
     update_norm_bound: float = 0.0  # 0: local_lr * local_steps * sqrt(#params) * 3 (Adam's reach)
     norm_policy: str = "clip"  # clip or reject deltas over the bound
-    defence: str = "none"  # a key of DEFENCES
+    defence: str = "none"  # a key of federation.aggregation.DEFENCES
     # SecAgg+: the server learns only the sum of the deltas (federation.secure_aggregation);
     # off by default because every node must allow it and it excludes robust aggregation.
     secure_aggregation: bool = False
@@ -137,7 +131,7 @@ class ServerConfig:
     @property
     def aggregation(self) -> str:
         """The aggregation rule the defence implies."""
-        return AGGREGATIONS[0] if self.defence == "none" else self.defence
+        return DEFENCES[self.defence].name
 
     def round_plan(self, server_round: int, *, norm_bound: float | None = None) -> RoundPlan:
         """The DP plan every node is asked to run in ``server_round``.
