@@ -26,7 +26,7 @@ from federation.deploy.local_deployment import LocalFederation, SiteSpec
 from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.errors import DeploymentError
 from federation.rounds import STATUS_FILE
-from federation.server_config import ServerConfig
+from federation.server_config import ServerConfig, backbone_fields
 from models.networks import BackboneConfig
 from models.public_start import PUBLIC_ENCODER, save_public_start
 from models.registry import Registry, RegistryEntry
@@ -172,12 +172,7 @@ def server_config(
         min_replies=max(1, sites - 1),
         local_steps=settings.local_steps,
         initial_model=str(initial_model or ""),
-        backbone=settings.backbone.name,
-        image_size=settings.backbone.image_size,
-        norm=settings.backbone.norm,
-        trainable=settings.backbone.trainable,
-        features=settings.backbone.features,
-        adapter=settings.backbone.adapter,
+        **backbone_fields(settings.backbone),
         local_lr=settings.local_lr,
         episodes=settings.episodes,
         max_shots=settings.max_records,

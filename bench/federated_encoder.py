@@ -55,7 +55,7 @@ from federation.node_config import NodeConfig
 from federation.publishing import model_from_state
 from federation.records import State
 from federation.server_app import initial_state
-from federation.server_config import ServerConfig
+from federation.server_config import ServerConfig, backbone_fields
 from federation.strategy import plan_for
 from models.adaptation import AdaptConfig, feature_map, fit_head
 from models.episodes import EpisodeConfig, sample_episode
@@ -112,7 +112,6 @@ def backbone(args: argparse.Namespace) -> BackboneConfig:
 
 def base_config(args: argparse.Namespace, root: Path, start: Path, held_out: Path) -> ServerConfig:
     """The federation's run config (the demo's recipe on the public encoder)."""
-    net = backbone(args)
     return ServerConfig(
         federation="bench-encoder",
         num_rounds=args.rounds,
@@ -126,12 +125,7 @@ def base_config(args: argparse.Namespace, root: Path, start: Path, held_out: Pat
         sample_rate=args.sample_rate,
         min_nodes=3,
         min_replies=3,
-        backbone=net.name,
-        image_size=net.image_size,
-        norm=net.norm,
-        trainable=net.trainable,
-        features=net.features,
-        adapter=net.adapter,
+        **backbone_fields(backbone(args)),
         initial_model=str(start),
         eval_data=str(held_out),
         eval_ways=args.ways,

@@ -26,6 +26,20 @@ from privacy.mechanisms import DEFAULT_MECHANISM, MECHANISMS, get_mechanism
 OWNER = "run config"  # what the server's configuration is called in its error messages
 
 
+def backbone_fields(backbone: BackboneConfig) -> dict[str, Any]:
+    """The run config's fields that name ``backbone`` (``ServerConfig(**backbone_fields(b))``
+    plans exactly ``b``)."""
+    return {
+        "backbone": backbone.name,
+        "width": backbone.width,
+        "image_size": backbone.image_size,
+        "norm": backbone.norm,
+        "trainable": backbone.trainable,
+        "features": backbone.features,
+        "adapter": backbone.adapter,
+    }
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Rounds, quorum, the DP plan sent to nodes, aggregation and where results go."""
