@@ -21,11 +21,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from bench.common import REPO, RESULTS, fold_means
 from bench.report_calibration import render_calibration
 from bench.report_encoder import render_encoder, render_summary
+from bench.report_federated_encoder import render_federated_encoder_summary
 from bench.report_federation import render_federation
 from bench.report_levers import render_levers
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- summary:start -->", "<!-- summary:end -->"
+FEDERATED_START, FEDERATED_END = "<!-- federated:start -->", "<!-- federated:end -->"
 README = REPO / "README.md"
 BENCH_README = REPO / "bench" / "README.md"
 
@@ -355,12 +357,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     full = render()
     summary = "\n".join(render_summary(RESULTS)) + "\n"
+    federated = "\n".join(render_federated_encoder_summary(RESULTS)) + "\n"
     if args.print:
         print(summary + "\n" + full)
         return
     for path, start, end, markdown in (
         (BENCH_README, START, END, full),
         (README, SUMMARY_START, SUMMARY_END, summary),
+        (README, FEDERATED_START, FEDERATED_END, federated),
     ):
         done = _replace_between(path, start, end, markdown)
         name = path.relative_to(REPO)

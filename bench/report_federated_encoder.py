@@ -107,3 +107,30 @@ def plot_federated_encoder(payloads: dict[str, dict[str, Any]], out: Path) -> No
         ax.set_xlabel("3-way 5-shot accuracy %")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def _row(rows: list[dict[str, Any]], method: str, epsilon: float | None = None) -> str:
+    found = [r for r in rows if r["method"] == method and r.get("epsilon") == epsilon]
+    return f"{100 * found[0]['accuracy']:.1f} ± {100 * found[0]['ci95']:.1f}" if found else "-"
+
+
+def render_federated_encoder_summary(folder: Path) -> list[str]:
+    """README's table: one line per modality, the main rows at epsilon 8 (and 1)."""
+    import json
+
+    lines = [
+        "| modality | public start | non-private federated | DP adapter, eps 1 / 8 | central DP, "
+        "eps 8 | known class: support only | + DP prototypes, eps 1 / 8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(folder.glob("federated_encoder_*.json")):
+        payload = json.loads(path.read_text())
+        rows = _scored(payload["results"]["rows"])
+        lines.append(
+            f"| {payload['config']['modality']} | {_row(rows, 'public-start')} | "
+            f"{_row(rows, 'federated-nonprivate')} | {_row(rows, 'federated-dp-episodic', 1.0)} / "
+            f"{_row(rows, 'federated-dp-episodic', 8.0)} | {_row(rows, 'central-dp', 8.0)} | "
+            f"{_row(rows, 'support-only')} | {_row(rows, 'dp-prototypes', 1.0)} / "
+            f"{_row(rows, 'dp-prototypes', 8.0)} |"
+        )
+    return lines
