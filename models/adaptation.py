@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from models.catalogue import Catalogue
 from models.feature_cache import cache_for
 from models.freezing import is_fully_frozen
 from models.meta import (
@@ -570,12 +571,19 @@ class AdaptMode:
 
 # name -> adaptation mode; a new mode is one new entry.
 # The first is the default (AdaptConfig.mode) and the dashboard's first choice.
-ADAPT_MODES: dict[str, AdaptMode] = {
-    "ridge": AdaptMode(_frozen, True, True, "least squares on the features (instant)", _ridge_fit),
-    "prototype": AdaptMode(
-        _frozen, True, True, "class means of the features (instant)", _prototype_fit
-    ),
-    "linear": AdaptMode(_frozen, True, True, "logistic regression on the features", _linear_fit),
-    "finetune": AdaptMode(_finetune, False, True, "fine-tunes head and network (seconds)"),
-    "maml": AdaptMode(_maml, False, False, "MAML's inner loop (for MAML-trained models)"),
-}
+ADAPT_MODES: Catalogue[AdaptMode] = Catalogue(
+    "adaptation mode",
+    {
+        "ridge": AdaptMode(
+            _frozen, True, True, "least squares on the features (instant)", _ridge_fit
+        ),
+        "prototype": AdaptMode(
+            _frozen, True, True, "class means of the features (instant)", _prototype_fit
+        ),
+        "linear": AdaptMode(
+            _frozen, True, True, "logistic regression on the features", _linear_fit
+        ),
+        "finetune": AdaptMode(_finetune, False, True, "fine-tunes head and network (seconds)"),
+        "maml": AdaptMode(_maml, False, False, "MAML's inner loop (for MAML-trained models)"),
+    },
+)

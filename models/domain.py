@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from models.adaptation import embed
+from models.catalogue import Catalogue
 from models.errors import DataError
 from models.guard import IMAGE_SUFFIXES, file_suffix
 from models.model_dir import LoadedModel, save_model_dir
@@ -194,11 +195,14 @@ def _contrastive_norm(
 DomainMethod = Callable[[nn.Module, np.ndarray, DomainConfig, StepFn | None], int]
 
 # name -> method, trains ``model`` in place and returns the steps taken; one entry per method.
-DOMAIN_METHODS: dict[str, DomainMethod] = {
-    "statistics": _statistics,
-    "contrastive": _contrastive,
-    "contrastive-norm": _contrastive_norm,
-}
+DOMAIN_METHODS: Catalogue[DomainMethod] = Catalogue(
+    "domain method",
+    {
+        "statistics": _statistics,
+        "contrastive": _contrastive,
+        "contrastive-norm": _contrastive_norm,
+    },
+)
 
 
 def domain_record(

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from models.catalogue import Catalogue
 from models.feature_cache import cache_for, module_digest
 from models.freezing import is_fully_frozen
 
@@ -62,10 +63,13 @@ class LowRankAdapter(FeatureScale):
 
 # name -> builder of an adapter from the encoder's feature part sizes; a new adapter is one entry.
 # "none" in BackboneConfig.adapter means no adapter (the encoder's features as they are).
-ADAPTERS: dict[str, Callable[[tuple[int, ...]], nn.Module]] = {
-    "scale": FeatureScale,
-    "low-rank": LowRankAdapter,
-}
+ADAPTERS: Catalogue[Callable[[tuple[int, ...]], nn.Module]] = Catalogue(
+    "adapter",
+    {
+        "scale": FeatureScale,
+        "low-rank": LowRankAdapter,
+    },
+)
 
 
 class AdaptedEncoder(nn.Module):

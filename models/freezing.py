@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from models.catalogue import Catalogue
 from models.errors import BatchNormError
 
 if TYPE_CHECKING:
@@ -161,12 +162,15 @@ def _last_block(model: nn.Module) -> frozenset[str]:
 # FiLM) scale and shift only, the few parameters DP can tune well on a frozen public encoder;
 # "last-block": the last block and everything after it (classic partial fine-tuning);
 # "none": a fixed feature extractor whose features can be cached (only heads adapt).
-PARAMETER_SUBSETS: dict[str, Subset] = {
-    "all": _all,
-    "norm-affine": _norm_affine,
-    "last-block": _last_block,
-    "none": _none,
-}
+PARAMETER_SUBSETS: Catalogue[Subset] = Catalogue(
+    "parameter subset",
+    {
+        "all": _all,
+        "norm-affine": _norm_affine,
+        "last-block": _last_block,
+        "none": _none,
+    },
+)
 
 
 def _stay_in_eval_when_frozen(module: nn.Module, args: Any) -> None:

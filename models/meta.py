@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
+from models.catalogue import Catalogue
+
 Params = dict[str, torch.Tensor]
 
 
@@ -229,11 +231,14 @@ QueryLogits = Callable[..., torch.Tensor]
 
 # name -> query logits of one episode (signature of ``protonet_query_logits``); a new
 # meta-learner is one new entry.
-META_LEARNERS: dict[str, QueryLogits] = {
-    "protonet": protonet_query_logits,
-    "maml": partial(maml_query_logits, first_order=False),
-    "fomaml": partial(maml_query_logits, first_order=True),
-}
+META_LEARNERS: Catalogue[QueryLogits] = Catalogue(
+    "meta-learner",
+    {
+        "protonet": protonet_query_logits,
+        "maml": partial(maml_query_logits, first_order=False),
+        "fomaml": partial(maml_query_logits, first_order=True),
+    },
+)
 
 
 class MetaLearner:

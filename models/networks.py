@@ -11,6 +11,7 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from models.catalogue import Catalogue
 from models.feature_adapter import ADAPTERS, AdaptedEncoder
 from models.freezing import PARAMETER_SUBSETS, apply_freezing
 from models.public_backbones import BATCHNORM_BACKBONES, MULTI_SCALE_BACKBONES, PUBLIC_BACKBONES
@@ -162,7 +163,9 @@ BackboneBuilder = Callable[[BackboneConfig], nn.Module]
 
 # name -> builder of an embedding network with attribute ``out_features``; a new architecture is
 # one new entry. BatchNorm only frozen (models/freezing.py states the rule and checks it).
-BACKBONES: dict[str, BackboneBuilder] = {"conv4": Conv4, "resnet12": ResNet12, **PUBLIC_BACKBONES}
+BACKBONES: Catalogue[BackboneBuilder] = Catalogue(
+    "backbone", {"conv4": Conv4, "resnet12": ResNet12, **PUBLIC_BACKBONES}
+)
 
 
 def build_backbone(config: BackboneConfig) -> nn.Module:

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from models.catalogue import Catalogue
+
 MIN_REFERENCE = 2  # a spread needs two support cases
 FLAG_AT = 1.0  # unusual_scores above this are flagged (each view's score over its threshold)
 
@@ -49,7 +51,9 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # name -> pairwise distances (n, m) of two feature sets; a new distance is one new entry.
-OOD_DISTANCES: dict[str, Distance] = {"euclidean": _euclidean, "cosine": _cosine}
+OOD_DISTANCES: Catalogue[Distance] = Catalogue(
+    "OOD distance", {"euclidean": _euclidean, "cosine": _cosine}
+)
 
 
 @dataclass(frozen=True)

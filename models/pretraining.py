@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models.augment import augment_batch
+from models.catalogue import Catalogue
 from models.errors import DataError
 from models.imageset import ImageSet
 from models.meta import MetaConfig, cross_entropy
@@ -171,15 +172,18 @@ def _self_supervised(
 
 
 # name -> pre-training objective; a new objective is one new entry.
-PRETRAIN_OBJECTIVES: dict[str, Objective] = {
-    "supervised": Objective(
-        _supervised, 1500, True, "classifier over every class of the sets (Chen et al. 2019)"
-    ),
-    "protonet": Objective(_protonet, 300, True, "episodic ProtoNet meta-training"),
-    "self-supervised": Objective(
-        _self_supervised, 300, False, "SimCLR on the images, labels ignored (Chen et al. 2020)"
-    ),
-}
+PRETRAIN_OBJECTIVES: Catalogue[Objective] = Catalogue(
+    "pre-training objective",
+    {
+        "supervised": Objective(
+            _supervised, 1500, True, "classifier over every class of the sets (Chen et al. 2019)"
+        ),
+        "protonet": Objective(_protonet, 300, True, "episodic ProtoNet meta-training"),
+        "self-supervised": Objective(
+            _self_supervised, 300, False, "SimCLR on the images, labels ignored (Chen et al. 2020)"
+        ),
+    },
+)
 
 
 def write_pretrained(
