@@ -560,13 +560,38 @@ def _maml(
 
 @dataclass(frozen=True)
 class AdaptMode:
-    """One adaptation mode: how it fits a classifier, and whether the backbone stays as it is."""
+    """One adaptation mode: how it fits a classifier, whether the backbone stays as it is, and
+    what the dashboard says of it and needs before offering it."""
 
     adapt: Callable[..., AdaptedClassifier]
     frozen_backbone: bool
     uses_feature_map: bool  # whether centring / normalisation apply (MAML has its own head)
     description: str
     head: HeadFit | None = None  # a frozen-backbone mode's head fitter (fit_head)
+    help: str = ""  # plain words for clinicians (how long it takes is measured, not said)
+    # what it needs of the base model: "" when the model supports it, else why not in words
+    requirement: Callable[[nn.Module, MetaConfig], str] = lambda model, meta: ""
+    min_cases_per_class: int = 1  # labelled cases of each class it needs
+
+
+# name -> adaptation mode; a new mode is one new entry.
+# The first is the default (AdaptConfig.mode) and the dashboard's first choice.
+MAML_LEARNERS = frozenset({"maml", "fomaml"})  # META_LEARNERS that learn an initialisation
+
+
+def _has_trainable_weights(model: nn.Module, meta: MetaConfig) -> str:
+    if any(p.requires_grad for p in model.parameters()):
+        return ""
+    return "this base model's weights are all frozen, so there is nothing to fine-tune"
+
+
+def _maml_trained(model: nn.Module, meta: MetaConfig) -> str:
+    if meta.learner in MAML_LEARNERS:
+        return ""
+    return (
+        f"this base model was trained with {meta.learner}, not MAML; MAML's few steps "
+        "only work from a model meta-trained for them"
+    )
 
 
 # name -> adaptation mode; a new mode is one new entry.
@@ -575,15 +600,50 @@ ADAPT_MODES: Catalogue[AdaptMode] = Catalogue(
     "adaptation mode",
     {
         "ridge": AdaptMode(
-            _frozen, True, True, "least squares on the features (instant)", _ridge_fit
+            _frozen,
+            True,
+            True,
+            "least squares on the features (instant)",
+            _ridge_fit,
+            help="ridge: a least-squares classifier on the features; instant, and steady with "
+            "few cases",
         ),
         "prototype": AdaptMode(
-            _frozen, True, True, "class means of the features (instant)", _prototype_fit
+            _frozen,
+            True,
+            True,
+            "class means of the features (instant)",
+            _prototype_fit,
+            help="prototype: the average of each class's cases; the most robust choice",
         ),
         "linear": AdaptMode(
-            _frozen, True, True, "logistic regression on the features", _linear_fit
+            _frozen,
+            True,
+            True,
+            "logistic regression on the features",
+            _linear_fit,
+            help="linear: a linear classifier on the features; can separate classes that "
+            "prototypes mix up",
         ),
-        "finetune": AdaptMode(_finetune, False, True, "fine-tunes head and network (seconds)"),
-        "maml": AdaptMode(_maml, False, False, "MAML's inner loop (for MAML-trained models)"),
+        "finetune": AdaptMode(
+            _finetune,
+            False,
+            True,
+            "fine-tunes head and network (seconds)",
+            help="finetune: also adjusts the network itself; can help when the cases look "
+            "unlike the training data",
+            requirement=_has_trainable_weights,
+            # one case per class is memorised, and leave-one-out (the reliability check) needs
+            # a second case of each class to say whether it was
+            min_cases_per_class=2,
+        ),
+        "maml": AdaptMode(
+            _maml,
+            False,
+            False,
+            "MAML's inner loop (for MAML-trained models)",
+            help="maml: the few learning steps a MAML-trained model was trained to take",
+            requirement=_maml_trained,
+        ),
     },
 )
