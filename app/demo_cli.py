@@ -38,7 +38,7 @@ def demo(
         "hospitals' updates; each hospital clips its update before masking it.",
     ),
 ) -> None:
-    """Federated DP training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS.
+    """Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS.
 
     The public start is ImageNet EfficientNet-Lite0 from its installed wheel, frozen (no
     training, no hospital data); each hospital embeds its images once and trains a small adapter

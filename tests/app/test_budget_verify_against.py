@@ -14,7 +14,8 @@ import pytest
 from privacy.ledger import Ledger
 from privacy.ledger_head import RecordedHead, load_signing_key, read_head, sign_head
 from privacy.site_report import write_heads
-from tests.privacy.test_ledger_head import charge, rebuild, truncate, write_key
+from tests.privacy.conftest import charge, write_key
+from tests.privacy.ledger_helpers import rebuild, truncate
 
 FEDFEW = Path(sys.executable).with_name("fedfew")
 

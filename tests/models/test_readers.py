@@ -19,7 +19,7 @@ from models.readers import (
     load_npz,
     patient_id_from_provenance,
 )
-from tests.models.test_guard import gradient, write_dicom, write_nifti, write_png
+from tests.models.image_files import gradient, write_dicom, write_nifti, write_png
 
 CONFIG = PipelineConfig()
 

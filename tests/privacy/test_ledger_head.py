@@ -4,13 +4,11 @@ truncated or rolled-back ledger is detected; an intact one passes."""
 from __future__ import annotations
 
 import shutil
-import sqlite3
-from pathlib import Path
 
 import pytest
 
 from privacy.errors import LedgerRecordMismatchError, LedgerSignatureError
-from privacy.ledger import Ledger, _entry_hash
+from privacy.ledger import Ledger
 from privacy.ledger_head import (
     LedgerHead,
     RecordedHead,
@@ -20,6 +18,7 @@ from privacy.ledger_head import (
     sign_head,
     verify_signature,
 )
+from tests.privacy.ledger_helpers import rebuild, truncate
 
 from .conftest import charge, write_key
 
@@ -38,38 +37,6 @@ def run_rounds(ledger: Ledger, key, rounds: range) -> list[RecordedHead]:
         charge(ledger, r)
         record.append(RecordedHead(r, sign_head(read_head(ledger), key)))
     return record
-
-
-def rebuild(path: Path, *, row: int, steps: int) -> None:
-    """What someone with write access can do: change a row and recompute the whole chain."""
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
-    rows = [dict(r) for r in conn.execute("SELECT * FROM entries ORDER BY id")]
-    meta = dict(conn.execute("SELECT * FROM meta").fetchone())
-    prev = rows[0]["prev_hash"]
-    for r in rows:
-        if r["id"] == row:
-            r["steps"] = steps
-        r["prev_hash"] = prev
-        r["hash"] = prev = _entry_hash(r)
-        conn.execute(
-            "UPDATE entries SET steps = ?, prev_hash = ?, hash = ? WHERE id = ?",
-            (r["steps"], r["prev_hash"], r["hash"], r["id"]),
-        )
-    conn.execute("UPDATE meta SET head_hash = ? WHERE id = 1", (prev,))
-    conn.commit()
-    conn.close()
-    assert meta["row_count"] == len(rows)
-
-
-def truncate(path: Path, *, keep: int) -> None:
-    """Drop the last rows and set the recorded head to the new last row (chain stays valid)."""
-    conn = sqlite3.connect(path)
-    conn.execute("DELETE FROM entries WHERE id > ?", (keep,))
-    (last,) = conn.execute("SELECT hash FROM entries WHERE id = ?", (keep,)).fetchone()
-    conn.execute("UPDATE meta SET head_hash = ?, row_count = ? WHERE id = 1", (last, keep))
-    conn.commit()
-    conn.close()
 
 
 def test_a_signed_head_verifies_and_any_changed_field_does_not(tmp_path, key):

@@ -18,7 +18,13 @@ from app.dashboard.write_back import ACTION_WRITE_BACK
 from models.pipeline import PipelineConfig
 from tests.app.dashboard.conftest import texts
 from tests.app.dashboard.orthanc import Studies, free_port
-from tests.app.dashboard.test_clinic_pages import adapt_page_with_cases, named_classes
+from tests.app.dashboard.pages import (
+    adapt_page_with_cases,
+    named_classes,
+    pull_from_archive,
+    search_archive,
+    study_box,
+)
 
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed")
 
@@ -191,30 +197,13 @@ def test_a_result_is_written_back_and_read_back(studies: Studies) -> None:
     }
 
 
-def _search(at, *, key: str, **fields: str) -> None:
-    for name, value in fields.items():
-        at.text_input(key=f"{key}_{name}").input(value)
-    next(b for b in at.button if b.label == "Search the archive").click().run()
-
-
-def study_box(at, *, key: str):
-    """The Study list of the panel's latest search (a new widget per search and page)."""
-    return next(s for s in at.selectbox if s.label == "Study" and s.key.startswith(key))
-
-
-def _pull(at, *, key: str, target: str | None = None) -> None:
-    if target is not None:
-        at.selectbox(key=f"{key}_target").set_value(target)
-    at.button(key=f"{key}_pull").click().run()
-
-
 def test_adapt_page_pulls_a_series_as_a_class(
     studies, registry, make_app, case_images, monkeypatch
 ) -> None:
     monkeypatch.setenv(settings.ENV_DICOMWEB, studies.url)
     at = make_app(ROLE_CLINICIAN).run()
     named_classes(at, ["normal", "finding"])
-    _search(at, key="adapt_archive", patient="doe")
+    search_archive(at, key="adapt_archive", patient="doe")
     assert not at.exception
     table = at.dataframe[0].value
     assert list(table["accession"]).count(f"A{studies.tag}") == 1
@@ -223,7 +212,7 @@ def test_adapt_page_pulls_a_series_as_a_class(
     assert len(series.options) == 3  # the whole study, CR, DX
     assert any(": CR " in o for o in series.options)
     series.set_value(studies.chest_cr)
-    _pull(at, key="adapt_archive", target="the cases of finding")
+    pull_from_archive(at, key="adapt_archive", target="the cases of finding")
     assert not at.exception
     assert "2 image(s) added to the cases of finding" in texts(at, "success")
     captions = [c for image in at.image for c in image.captions]
@@ -247,8 +236,8 @@ def test_classify_page_pulls_classifies_and_writes_back(
     at, _ = adapt_page_with_cases(make_app, case_images, shots=2)
     at.button(key="adapt_run").click().run()
     at.switch_page("screens/classify.py").run()
-    _search(at, key="classify_archive", accession=f"A{studies.tag}")
-    _pull(at, key="classify_archive")
+    search_archive(at, key="classify_archive", accession=f"A{studies.tag}")
+    pull_from_archive(at, key="classify_archive")
     assert not at.exception
     table = next(d.value for d in at.dataframe if "outcome" in d.value.columns)
     assert len(table) == 3 and set(table["accession"]) == {f"A{studies.tag}"}
@@ -270,8 +259,8 @@ def test_clearing_the_cases_clears_the_viewer(studies, registry, make_app, monke
     monkeypatch.setenv(settings.ENV_DICOMWEB, studies.url)
     at = make_app(ROLE_CLINICIAN).run()
     named_classes(at, ["normal", "finding"])
-    _search(at, key="adapt_archive", accession=f"B{studies.tag}")
-    _pull(at, key="adapt_archive", target="the cases of finding")
+    search_archive(at, key="adapt_archive", accession=f"B{studies.tag}")
+    pull_from_archive(at, key="adapt_archive", target="the cases of finding")
     assert [c for c in at.caption if "pixels, window" in str(c.value)]
     at.button(key="adapt_files_1_clear").click().run()
     assert not at.exception

@@ -20,8 +20,7 @@ from app.dashboard.structured_report import (
 )
 from tests.app.dashboard.conftest import texts
 from tests.app.dashboard.orthanc import OrthancArchive, Studies, dicom_bytes
-from tests.app.dashboard.test_archive import _search, study_box
-from tests.app.dashboard.test_clinic_pages import named_classes
+from tests.app.dashboard.pages import named_classes, search_archive, study_box
 
 pytest.importorskip("dicomweb_client", reason="dicomweb-client is not installed")
 
@@ -81,7 +80,7 @@ def test_results_over_two_pages_and_a_pull_from_the_second(
     monkeypatch.setenv(settings.ENV_DICOMWEB, many.url)
     at = make_app(ROLE_CLINICIAN).run()
     named_classes(at, ["normal", "finding"])
-    _search(at, key="adapt_archive", patient=many.patient_id)
+    search_archive(at, key="adapt_archive", patient=many.patient_id)
     assert not at.exception
     pages = next(s for s in at.selectbox if s.label == "Results")
     assert pages.options == [
@@ -106,11 +105,11 @@ def test_a_second_search_then_a_pull(studies: Studies, registry, make_app, monke
     at = make_app(ROLE_CLINICIAN).run()
     named_classes(at, ["normal", "finding"])
     at.date_input(key="adapt_archive_to").set_value(dt.date(2024, 12, 31))
-    _search(at, key="adapt_archive")
+    search_archive(at, key="adapt_archive")
     assert len(study_box(at, key="adapt_archive").options) >= 2
     study_box(at, key="adapt_archive").set_value(studies.head).run()
     at.date_input(key="adapt_archive_to").set_value(None)
-    _search(at, key="adapt_archive", accession=f"A{studies.tag}")
+    search_archive(at, key="adapt_archive", accession=f"A{studies.tag}")
     box = study_box(at, key="adapt_archive")
     assert box.value == studies.chest  # the new search's study, not the last one's
     at.selectbox(key="adapt_archive_target").set_value("the cases of normal")
@@ -126,7 +125,7 @@ def test_pulls_keep_the_class_also_after_a_reload(
     monkeypatch.setenv(settings.ENV_DICOMWEB, studies.url)
     at = make_app(ROLE_CLINICIAN).run()
     named_classes(at, ["normal", "finding", "other"])
-    _search(at, key="adapt_archive", accession=f"A{studies.tag}")
+    search_archive(at, key="adapt_archive", accession=f"A{studies.tag}")
     target = at.selectbox(key="adapt_archive_target")
     assert target.value is None  # several classes: the clinician picks one
     target.set_value("the cases of finding").run()
@@ -137,7 +136,7 @@ def test_pulls_keep_the_class_also_after_a_reload(
     # A new session of the same user (a reload, the next login) finds the same class chosen.
     again = make_app(ROLE_CLINICIAN).run()
     named_classes(again, ["normal", "finding", "other"])
-    _search(again, key="adapt_archive", accession=f"A{studies.tag}")
+    search_archive(again, key="adapt_archive", accession=f"A{studies.tag}")
     assert again.selectbox(key="adapt_archive_target").value == "the cases of finding"
 
 

@@ -12,9 +12,7 @@ from app.dashboard.provenance import AuditLog
 from app.dashboard.ui import TOKEN_KEY
 from models.registry import Registry
 from tests.app.dashboard.conftest import PASSWORD, texts
-from tests.app.dashboard.test_clinic_pages import adapt_page_with_cases, upload
-from tests.app.dashboard.test_login import login
-from tests.app.dashboard.test_work_persists import reload
+from tests.app.dashboard.pages import adapt_page_with_cases, login, reload, upload
 
 
 def test_cases_added_to_a_batch_are_recorded_once(registry, make_app, case_images, env) -> None:

@@ -17,7 +17,7 @@ from app.dashboard.timings import NOT_MEASURED
 from app.dashboard.views import ADAPT_JOB_KEY, ADAPTATION_KEY
 from models.registry import Registry
 from tests.app.dashboard.conftest import png_bytes, texts, write_tiny_model
-from tests.app.dashboard.test_clinic_pages import adapt_page_with_cases, named_classes, upload
+from tests.app.dashboard.pages import adapt_page_with_cases, named_classes, upload
 
 # An exception class name as Python prints one, or a traceback: never shown to a user.
 CLASS_NAME = re.compile(r"\b[A-Z]\w*(?:Error|Exception)\b|Traceback")

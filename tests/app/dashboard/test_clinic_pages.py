@@ -7,48 +7,20 @@ import io
 
 import numpy as np
 from PIL import Image
-from streamlit.testing.v1 import AppTest
 
 from app.dashboard.auth import ROLE_CLINICIAN
 from app.dashboard.provenance import AuditLog
-from app.dashboard.views import ADAPT_JOB_KEY, ADAPTATION_KEY
+from app.dashboard.views import ADAPTATION_KEY
 from models.registry import Registry
 from tests.app.dashboard.conftest import photograph_bytes, png_bytes, texts
-
-SHOTS = 4
-
-
-def named_classes(at: AppTest, names: list[str], condition: str = "lesions") -> AppTest:
-    at.text_input(key="adapt_condition").input(condition)
-    return at.text_area(key="adapt_classes").input("\n".join(names)).run()
-
-
-def upload(at: AppTest, key: str, files: list[tuple[str, bytes]]) -> AppTest:
-    at.file_uploader(key=key).set_value([(name, data, "image/png") for name, data in files])
-    return at.run()
-
-
-def finish_adapting(at: AppTest) -> AppTest:
-    """Wait for an adaptation running in the background (finetune) to end, as the page's
-    progress bar does, then rerun the page to show how it ended."""
-    if ADAPT_JOB_KEY in at.session_state:
-        at.session_state[ADAPT_JOB_KEY].wait(120)
-        at.run()
-    return at
-
-
-def adapt_page_with_cases(make_app, case_images, shots: int = SHOTS) -> tuple[AppTest, list[str]]:
-    at = make_app(ROLE_CLINICIAN).run()
-    classes = sorted(case_images)
-    named_classes(at, classes)
-    for i, name in enumerate(classes):
-        at.file_uploader(key=f"adapt_files_{i}").set_value(
-            [
-                (f"{name}_{j}.png", data, "image/png")
-                for j, data in enumerate(case_images[name][:shots])
-            ]
-        )
-    return at.run(), classes
+from tests.app.dashboard.pages import (
+    SHOTS,
+    adapt_page_with_cases,
+    captions,
+    finish_adapting,
+    named_classes,
+    upload,
+)
 
 
 def test_adapt_save_classify(registry, make_app, case_images, env) -> None:
@@ -165,10 +137,6 @@ def test_mixed_sizes_and_channels_are_resized_with_a_note(registry, make_app) ->
     upload(at, "adapt_files_0", [("grey.png", grey), ("colour.png", colour)])
     note = texts(at, "info")
     assert "resized to 32x32" in note and "sizes differ" in note and "channel counts differ" in note
-
-
-def captions(at: AppTest) -> list[str]:
-    return [c for image in at.image for c in image.captions]
 
 
 def test_cases_survive_a_page_switch_until_cleared(registry, make_app, case_images) -> None:

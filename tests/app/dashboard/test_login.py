@@ -14,13 +14,7 @@ from app.dashboard.auth import MAX_FAILURES, ROLE_ADMIN, ROLE_CLINICIAN, ROLE_IT
 from app.dashboard.settings import ENV_SITE_NAME
 from app.dashboard.ui import SESSION_KEY
 from tests.app.dashboard.conftest import ENTRY, PASSWORD, TIMEOUT, texts
-from tests.app.dashboard.signin_helpers import browser_with, post_login, route_client
-
-
-def login(monkeypatch: pytest.MonkeyPatch, username: str, password: str) -> AppTest:
-    """Sign in through the route, then open the dashboard with its cookie."""
-    response = post_login(route_client(client="127.0.0.1"), username, password)
-    return browser_with(monkeypatch, dict(response.cookies)).run()
+from tests.app.dashboard.pages import login
 
 
 def test_first_run_explains_how_to_create_an_account(env: dict[str, Path]) -> None:

@@ -287,7 +287,7 @@ def test_studies_pulled_from_the_archive_prepare_a_version(
 
     from app.dashboard import settings as dashboard_settings
     from tests.app.dashboard.orthanc import dicom_bytes
-    from tests.app.dashboard.test_archive import _search
+    from tests.app.dashboard.pages import search_archive
 
     tag = generate_uid()[-6:]
     rng = np.random.default_rng(2)
@@ -301,7 +301,7 @@ def test_studies_pulled_from_the_archive_prepare_a_version(
     at = make_app(ROLE_IT).run()
     at.switch_page("screens/prepare.py").run()
     at.radio(key="prepare_kind").set_value(at.radio(key="prepare_kind").options[1]).run()
-    _search(at, key="prepare_archive", patient=f"PP-{tag}")
+    search_archive(at, key="prepare_archive", patient=f"PP-{tag}")
     at.button(key="prepare_archive_pull_all").click().run()
     assert not at.exception
     assert "4 image(s) from 4 studies added to the studies to prepare from" in texts(at, "success")

@@ -17,8 +17,8 @@ from app.dashboard.ui import SESSION_KEY
 from app.dashboard.uploads import Upload
 from app.dashboard.web_session import NOTICE_COOKIE, SESSION_COOKIE, sign_in
 from tests.app.dashboard.conftest import PASSWORD, texts
+from tests.app.dashboard.pages import captions, upload
 from tests.app.dashboard.signin_helpers import browser_with
-from tests.app.dashboard.test_clinic_pages import captions, upload
 
 OIDC_SECRETS = {
     "auth": {"client_id": "dashboard", "server_metadata_url": "https://idp.invalid/.well-known"},

@@ -4,19 +4,9 @@ cookie: test_signin.py.)"""
 
 from __future__ import annotations
 
-import pytest
-from streamlit.testing.v1 import AppTest
-
 from app.dashboard.views import PREDICTIONS_KEY
-from app.dashboard.web_session import SESSION_COOKIE
 from tests.app.dashboard.conftest import texts
-from tests.app.dashboard.signin_helpers import browser_with
-from tests.app.dashboard.test_clinic_pages import adapt_page_with_cases, captions, upload
-
-
-def reload(monkeypatch: pytest.MonkeyPatch, token: str) -> AppTest:
-    """What a browser reload does: a new session, with only the session cookie kept."""
-    return browser_with(monkeypatch, {SESSION_COOKIE: token}).run()
+from tests.app.dashboard.pages import adapt_page_with_cases, captions, upload
 
 
 def test_a_result_is_saved_only_for_the_inputs_that_produced_it(
