@@ -194,19 +194,20 @@ def held_out_features(config: ServerConfig, held_out: Path, root: Path) -> Image
 
 
 def released_prototypes(
-    config: ServerConfig, features: list[ImageSet], epsilon: float, *, seed: int
+    config: ServerConfig, features: list[ImageSet], epsilon: float | None, *, seed: int
 ) -> np.ndarray:
-    """The summed one-shot DP prototype release of every site at ``epsilon``, as prototypes
-    (K, d) in the adapter's normalised feature space (rows: the modality's classes)."""
+    """The summed one-shot DP prototype release of every site at ``epsilon`` (``None``: without
+    noise, the non-private reference), as prototypes (K, d) in the adapter's normalised feature
+    space (rows: the modality's classes)."""
     model = model_from_state(initial_state(config), plan_for(config, 1))
     assert isinstance(model, AdaptedEncoder)
-    accounted = calibrate_noise_multiplier(
-        target_epsilon=epsilon, delta=DELTA, sample_rate=1.0, steps=1
-    )
-    dp = DPPrototypeConfig(
-        noise_multiplier=get_mechanism(PROTOTYPES).noise_for(accounted),
-        classes=features[0].classes,
-    )
+    noise = NO_NOISE
+    if epsilon is not None:
+        accounted = calibrate_noise_multiplier(
+            target_epsilon=epsilon, delta=DELTA, sample_rate=1.0, steps=1
+        )
+        noise = get_mechanism(PROTOTYPES).noise_for(accounted)
+    dp = DPPrototypeConfig(noise_multiplier=noise, classes=features[0].classes)
     sums = sum(
         DPPrototypeRelease(model.adapter, [site], dp=dp, seed=seed + i).release()
         for i, site in enumerate(features)
@@ -318,8 +319,13 @@ def main() -> None:
     folder = require_shared_data((args.modality,))
     root = Path(tempfile.mkdtemp(prefix="fedfew-bench-encoder-"))
     sites, held_out = split_modality(folder, args.modality, root)
+    cache = RESULTS / "cache" / OUT / args.modality  # features only: keyed by their digests
     for site in sites:  # one state folder per site for every row: its features embedded once
         site["state-dir"] = str(root / site["site-id"] / "state")
+        kept = cache / site["site-id"]
+        kept.mkdir(parents=True, exist_ok=True)
+        (Path(site["state-dir"])).mkdir(parents=True)
+        (Path(site["state-dir"]) / "features").symlink_to(kept)
     start = save_public_start(root / "public-start", backbone=backbone(args))
     base = base_config(args, root, start, held_out)
     rows: list[dict[str, Any]] = []
@@ -356,8 +362,8 @@ def main() -> None:
     alone = known_class_accuracy(held, base, None, args)
     rows.append({"method": "support-only", "epsilon": None, **alone})
     log(f"support-only: {100 * alone['accuracy']:.1f}%")
-    for epsilon in args.epsilons:
-        protos = released_prototypes(base, features, epsilon, seed=int(epsilon * 1000))
+    for epsilon in (None, *args.epsilons):  # None: the same release without noise
+        protos = released_prototypes(base, features, epsilon, seed=int((epsilon or 0) * 1000))
         scored = known_class_accuracy(held, base, protos, args)
         rows.append({"method": "dp-prototypes", "epsilon": epsilon, **scored})
         log(f"dp-prototypes eps={epsilon}: {100 * scored['accuracy']:.1f}%")

@@ -20,6 +20,8 @@ ORDER = (
 
 def _label(row: dict[str, Any]) -> str:
     eps = row.get("epsilon")
+    if row["method"] == "dp-prototypes" and eps is None:
+        return "prototypes without noise (non-private reference)"
     return row["method"] + ("" if eps is None else f" (epsilon {eps:g})")
 
 
@@ -66,7 +68,8 @@ def federated_encoder_section(payload: dict[str, Any], source: str) -> list[str]
     if seconds:
         lines += [
             "",
-            f"Seconds (2 cores, 1 thread): embedding the three sites once "
+            f"Seconds (2 cores, {config.get('threads') or 'all'} torch threads): embedding the "
+            "three sites once "
             f"{seconds.get('embed-sites', float('nan')):.0f}; one DP step of the adapter on cached "
             f"features {seconds.get('adapter-dp-step', float('nan')):.2f}; one DP norm-affine "
             f"step of the encoder itself on images "
@@ -119,8 +122,8 @@ def render_federated_encoder_summary(folder: Path) -> list[str]:
     import json
 
     lines = [
-        "| modality | public start | non-private federated | DP adapter, eps 1 / 8 | central DP, "
-        "eps 8 | known class: support only | + DP prototypes, eps 1 / 8 |",
+        "| modality | public start | DP adapter: non-private federated | eps 1 / 8 | central, "
+        "eps 8 | known class, + prototypes: no noise | eps 1 / 8 |",
         "|---|---|---|---|---|---|---|",
     ]
     for path in sorted(folder.glob("federated_encoder_*.json")):
@@ -130,7 +133,7 @@ def render_federated_encoder_summary(folder: Path) -> list[str]:
             f"| {payload['config']['modality']} | {_row(rows, 'public-start')} | "
             f"{_row(rows, 'federated-nonprivate')} | {_row(rows, 'federated-dp-episodic', 1.0)} / "
             f"{_row(rows, 'federated-dp-episodic', 8.0)} | {_row(rows, 'central-dp', 8.0)} | "
-            f"{_row(rows, 'support-only')} | {_row(rows, 'dp-prototypes', 1.0)} / "
+            f"{_row(rows, 'dp-prototypes')} | {_row(rows, 'dp-prototypes', 1.0)} / "
             f"{_row(rows, 'dp-prototypes', 8.0)} |"
         )
     return lines
