@@ -1,17 +1,39 @@
-"""Page actions of the dashboard's browser test (tests/e2e/test_dashboard_browser.py): log in,
-wait for Streamlit, pick options, search and pull from the archive, screenshots; and what the test
-checks behind the page (reports in the archive, another user's adapter)."""
+"""What the dashboard's browser tests share (tests/e2e/test_dashboard_*.py): the Chromium they
+drive, starting and stopping a dashboard over HTTPS, and page actions (log in, wait for
+Streamlit, pick options, search and pull from the archive, screenshots) with what the browser
+test checks behind the page (reports in the archive, another user's adapter)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tests.app.dashboard.conftest import PASSWORD
 from tests.app.dashboard.orthanc import OrthancArchive
 
 REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+START_TIMEOUT_S = 180  # the dashboard imports torch and MONAI before it answers
+# One page action on a 2-core machine busy with other tests (shorter to debug a failure fast).
+STEP_TIMEOUT_MS = int(os.environ.get("FEDFEW_E2E_STEP_MS", "120000"))
 SCREENSHOTS = REPO / "docs" / "screenshots"
 SCREENSHOT_BYTES = 200_000  # the README's images stay small
 SCREENSHOT_WIDTH = 1100  # px, after shrinking
@@ -161,3 +183,35 @@ def reports_in(archive: OrthancArchive, study: str) -> int:
     client = DICOMwebClient(url=archive.dicomweb)
     found = client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SR"})
     return len(found)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_https(url: str, ca: Path, process: subprocess.Popen, log: Path) -> None:
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{url} exited with {process.returncode}: {log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} not up after {START_TIMEOUT_S} s: {log.read_text()}")
+        time.sleep(0.5)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -42,7 +41,11 @@ from tests.app.dashboard.conftest import (
 )
 from tests.app.dashboard.orthanc import OrthancArchive, dicom_bytes
 from tests.e2e.dashboard_pages import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
     REPO,
+    START_TIMEOUT_S,
+    STEP_TIMEOUT_MS,
     choose,
     expect_chosen,
     idle,
@@ -54,18 +57,6 @@ from tests.e2e.dashboard_pages import (
     shot,
 )
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-START_TIMEOUT_S = 180  # the server imports torch and MONAI before it answers
-# One page action on a 2-core machine busy with other tests (shorter to debug a failure fast).
-STEP_TIMEOUT_MS = int(os.environ.get("FEDFEW_E2E_STEP_MS", "120000"))
 SHOTS = 5  # labelled cases per class; the first class's are five studies, pulled one by one
 NEW_CASES = 3
 FILLERS = 50  # older studies of the same patient: the search has two pages of results

@@ -15,13 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import ssl
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,21 +25,18 @@ import pytest
 from app.dashboard import provenance
 from app.dashboard.provenance import AuditLog
 from federation.deploy.certificates import make_ca, make_server_certificate
-from tests.e2e.dashboard_pages import REPO
+from tests.e2e.dashboard_pages import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    REPO,
+    STEP_TIMEOUT_MS,
+    free_port,
+    stop_process,
+    wait_https,
+)
 
 OIDC_DIR = Path(__file__).resolve().parent / "oidc"
 NODE = shutil.which("node")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-START_TIMEOUT_S = 180  # the dashboard imports torch and MONAI before it answers
-STEP_TIMEOUT_MS = int(os.environ.get("FEDFEW_E2E_STEP_MS", "120000"))
 IDLE_MINUTES = 0.5  # the walk-away test waits this long (the default is 15)
 CLIENT_ID = "fedfew-dashboard"
 CLIENT_SECRET = "test-only-client-secret"  # the test provider's, made up here
@@ -71,38 +63,6 @@ if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_https(url: str, ca: Path, process: subprocess.Popen, log: Path) -> None:
-    context = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"{url} exited with {process.returncode}: {log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=context) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass  # not listening yet
-        if time.monotonic() > deadline:
-            pytest.fail(f"{url} not up after {START_TIMEOUT_S} s: {log.read_text()}")
-        time.sleep(0.5)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """The identity provider and the dashboard, both over HTTPS with fedfew's CA."""
@@ -111,7 +71,7 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
     cert, key = make_server_certificate(
         root / "tls", ca_cert=ca_cert, ca_key=ca_key, hosts=["127.0.0.1", "localhost"]
     )
-    idp_port, port = _free_port(), _free_port()
+    idp_port, port = free_port(), free_port()
     issuer, url = f"https://127.0.0.1:{idp_port}", f"https://127.0.0.1:{port}"
     provider_config = {
         "port": idp_port,
@@ -145,7 +105,7 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
             start_new_session=True,
         )
         processes.append(idp)
-        _wait_https(
+        wait_https(
             f"{issuer}/.well-known/openid-configuration", ca_cert, idp, root / "provider.log"
         )
         log = (root / "server.log").open("w")
@@ -180,11 +140,11 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
             env={**os.environ, "FEDFEW_HOME": str(root / "home")},
         )
         processes.append(dashboard)
-        _wait_https(f"{url}/_stcore/health", ca_cert, dashboard, root / "server.log")
+        wait_https(f"{url}/_stcore/health", ca_cert, dashboard, root / "server.log")
         yield {"url": url, "issuer": issuer, "root": root}
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop_process(process)
         for handle in logs:
             handle.close()
 

@@ -20,14 +20,15 @@ from app.dashboard.auth import ROLE_CLINICIAN, UserStore
 from app.dashboard.web_session import SESSION_COOKIE
 from federation.deploy.certificates import make_ca, make_server_certificate
 from tests.app.dashboard.conftest import PASSWORD, TEST_KDF_N
-from tests.e2e.dashboard_pages import REPO, log_in
-from tests.e2e.test_dashboard_oidc import (
+from tests.e2e.dashboard_pages import (
     CHROMIUM,
     CHROMIUM_FLAGS,
+    REPO,
     STEP_TIMEOUT_MS,
-    _free_port,
-    _stop,
-    _wait_https,
+    free_port,
+    log_in,
+    stop_process,
+    wait_https,
 )
 
 CONFIG = REPO / "deploy" / "proxy" / "nginx.conf"
@@ -70,7 +71,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
     UserStore(root / "users.sqlite", kdf_n=TEST_KDF_N).add(
         ROLE_CLINICIAN, PASSWORD, role=ROLE_CLINICIAN
     )
-    port, https, http = _free_port(), _free_port(), _free_port()
+    port, https, http = free_port(), free_port(), free_port()
     config = _proxy_config(root, https=https, http=http, upstream=port, cert=cert, key=key)
     check = subprocess.run(
         [NGINX, "-t", "-p", str(root), "-c", str(config), "-e", str(root / "error.log")],
@@ -98,11 +99,11 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
         )  # fmt: skip
         processes.append(nginx)
         url = f"https://127.0.0.1:{https}"
-        _wait_https(f"{url}/_stcore/health", ca_cert, dashboard, root / "server.log")
+        wait_https(f"{url}/_stcore/health", ca_cert, dashboard, root / "server.log")
         yield {"url": url, "http": http, "root": root}
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop_process(process)
         for handle in logs:
             handle.close()
 
