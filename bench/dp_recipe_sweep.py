@@ -135,8 +135,8 @@ def main() -> None:
     p.add_argument("recipes", nargs="+", type=parse_recipe)
     p.add_argument("--public-steps", type=int, default=100)
     demo = DemoSettings()
-    p.add_argument(
-        "--public-modality", default=demo.public_modality, choices=sorted(PUBLIC_MODALITIES)
+    p.add_argument(  # the Conv-4 demo's public data: another modality (inverted contrast)
+        "--public-modality", default="inverted", choices=sorted(PUBLIC_MODALITIES)
     )
     p.add_argument("--per-class", type=int, default=demo.images_per_class)
     p.add_argument("--rounds", type=int, default=3)

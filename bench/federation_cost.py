@@ -10,9 +10,9 @@ with TLS and node keys; this project's ServerApp and ClientApp run with `flwr ru
 - framework overhead: round time minus the slowest node's compute (process start of a fresh
   `flwr-clientapp` with its imports, serialisation, transport).
 
-Settings: the demo's (``app.demo.DemoSettings``, every field that shapes a node's work: width,
-local steps, episodes, sample rate, learning rate, sigma, images per class, the operator's public
-start and the parameters DP trains), and the same with a larger model (width 64) or longer rounds
+Settings: the demo's (``app.demo.DemoSettings``, every field that shapes a node's work: the
+public encoder's input side, local steps, episodes, sample rate, learning rate, sigma, images per
+class and the adapter DP trains), and the same at the encoder's own 224 px or with longer rounds
 (40 local steps) to show how overhead amortises. Evaluation runs after a round's replies are in,
 so fewer evaluation episodes than the demo's change the run's wall time, not the round time.
 Run: ``python bench/federation_cost.py --settings demo``.
@@ -50,7 +50,7 @@ from federation.node_config import NodeConfig
 # Changes to the demo's settings; every other field is DemoSettings' own.
 SETTINGS: dict[str, dict[str, Any]] = {
     "demo": {},
-    "larger-model": {"width": 64},
+    "own-resolution": {"side": 224},
     "longer-rounds": {"local_steps": 40},
 }
 
@@ -58,9 +58,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
 def label(name: str, settings: DemoSettings) -> str:
     """The row label: the setting and what shapes a node's work."""
     return (
-        f"{name} (width {settings.width}, {settings.local_steps} steps x {settings.episodes} "
-        f"episodes, q {settings.sample_rate:g}, {settings.images_per_class} images per class, "
-        f"public start, DP on {settings.trainable})"
+        f"{name} (encoder at {settings.side} px, {settings.local_steps} steps x "
+        f"{settings.episodes} episodes, q {settings.sample_rate:g}, {settings.images_per_class} "
+        f"images per class, DP on the '{settings.adapter}' adapter)"
     )
 
 
