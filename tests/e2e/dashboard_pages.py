@@ -191,8 +191,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_https(url: str, ca: Path, process: subprocess.Popen, log: Path) -> None:
-    context = ssl.create_default_context(cafile=str(ca))
+def wait_until_up(
+    url: str, process: subprocess.Popen, log: Path, *, ca: Path | None = None
+) -> None:
+    """Wait until ``url`` answers 200 (over HTTPS trusting ``ca`` when given); fail the test
+    with the process's log if it exits or is not up in :data:`START_TIMEOUT_S`."""
+    context = ssl.create_default_context(cafile=str(ca)) if ca is not None else None
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if process.poll() is not None:
@@ -209,6 +213,7 @@ def wait_https(url: str, ca: Path, process: subprocess.Popen, log: Path) -> None
 
 
 def stop_process(process: subprocess.Popen) -> None:
+    """Stop a process started with its own session: SIGTERM to its group, then SIGKILL."""
     os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=15)

@@ -16,12 +16,9 @@ from __future__ import annotations
 import csv
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +41,6 @@ from tests.e2e.dashboard_pages import (
     CHROMIUM,
     CHROMIUM_FLAGS,
     REPO,
-    START_TIMEOUT_S,
     STEP_TIMEOUT_MS,
     choose,
     expect_chosen,
@@ -55,6 +51,8 @@ from tests.e2e.dashboard_pages import (
     save_someone_elses_adapter,
     search_archive,
     shot,
+    stop_process,
+    wait_until_up,
 )
 
 SHOTS = 5  # labelled cases per class; the first class's are five studies, pulled one by one
@@ -204,28 +202,10 @@ def server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                output = (root / "server.log").read_text()
-                pytest.fail(f"dashboard exited with {process.returncode}: {output}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail(f"dashboard not up after {START_TIMEOUT_S} s")
-            time.sleep(0.5)
+        wait_until_up(f"{url}/_stcore/health", process, root / "server.log")
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
+        stop_process(process)
         log.close()
 
 

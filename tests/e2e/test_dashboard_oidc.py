@@ -32,7 +32,7 @@ from tests.e2e.dashboard_pages import (
     STEP_TIMEOUT_MS,
     free_port,
     stop_process,
-    wait_https,
+    wait_until_up,
 )
 
 OIDC_DIR = Path(__file__).resolve().parent / "oidc"
@@ -105,8 +105,8 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
             start_new_session=True,
         )
         processes.append(idp)
-        wait_https(
-            f"{issuer}/.well-known/openid-configuration", ca_cert, idp, root / "provider.log"
+        wait_until_up(
+            f"{issuer}/.well-known/openid-configuration", idp, root / "provider.log", ca=ca_cert
         )
         log = (root / "server.log").open("w")
         logs.append(log)
@@ -140,7 +140,7 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
             env={**os.environ, "FEDFEW_HOME": str(root / "home")},
         )
         processes.append(dashboard)
-        wait_https(f"{url}/_stcore/health", ca_cert, dashboard, root / "server.log")
+        wait_until_up(f"{url}/_stcore/health", dashboard, root / "server.log", ca=ca_cert)
         yield {"url": url, "issuer": issuer, "root": root}
     finally:
         for process in reversed(processes):

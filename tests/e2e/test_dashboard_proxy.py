@@ -28,7 +28,7 @@ from tests.e2e.dashboard_pages import (
     free_port,
     log_in,
     stop_process,
-    wait_https,
+    wait_until_up,
 )
 
 CONFIG = REPO / "deploy" / "proxy" / "nginx.conf"
@@ -99,7 +99,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obje
         )  # fmt: skip
         processes.append(nginx)
         url = f"https://127.0.0.1:{https}"
-        wait_https(f"{url}/_stcore/health", ca_cert, dashboard, root / "server.log")
+        wait_until_up(f"{url}/_stcore/health", dashboard, root / "server.log", ca=ca_cert)
         yield {"url": url, "http": http, "root": root}
     finally:
         for process in reversed(processes):
