@@ -135,10 +135,16 @@ def base_config(args: argparse.Namespace, root: Path, start: Path, held_out: Pat
     )
 
 
-def site_features(config: ServerConfig, sites: list[dict[str, Any]]) -> list[ImageSet]:
-    """Each site's features, from the same store its node uses (embedded once)."""
+def public_start_model(config: ServerConfig) -> AdaptedEncoder:
+    """Round 0's model: the frozen public encoder with its adapter at identity."""
     model = model_from_state(initial_state(config), plan_for(config, 1))
     assert isinstance(model, AdaptedEncoder)
+    return model
+
+
+def site_features(config: ServerConfig, sites: list[dict[str, Any]]) -> list[ImageSet]:
+    """Each site's features, from the same store its node uses (embedded once)."""
+    model = public_start_model(config)
     pipeline = PipelineConfig(image_size=config.image_size)
     out = []
     for site in sites:
@@ -185,8 +191,7 @@ def train_adapter(
 
 def held_out_features(config: ServerConfig, held_out: Path, root: Path) -> ImageSet:
     """The held-out patients' features (a store of their own: never a site's)."""
-    model = model_from_state(initial_state(config), plan_for(config, 1))
-    assert isinstance(model, AdaptedEncoder)
+    model = public_start_model(config)
     pipeline = PipelineConfig(image_size=config.image_size)
     return FeatureStore(root / "held-out-features").features(
         model.encoder, held_out, pipeline, lambda: load_dataset(held_out, pipeline)
@@ -199,8 +204,7 @@ def released_prototypes(
     """The summed one-shot DP prototype release of every site at ``epsilon`` (``None``: without
     noise, the non-private reference), as prototypes (K, d) in the adapter's normalised feature
     space (rows: the modality's classes)."""
-    model = model_from_state(initial_state(config), plan_for(config, 1))
-    assert isinstance(model, AdaptedEncoder)
+    model = public_start_model(config)
     noise = NO_NOISE
     if epsilon is not None:
         accounted = calibrate_noise_multiplier(
@@ -224,8 +228,7 @@ def known_class_accuracy(
     """3-way 5-shot accuracy on the held-out features with the default head (ridge on centred
     multi-scale features), the released prototype of each episode class added to its support
     ``--prototype-weight`` times when given (the same episodes for every row)."""
-    model = model_from_state(initial_state(config), plan_for(config, 1))
-    assert isinstance(model, AdaptedEncoder)
+    model = public_start_model(config)
     with torch.no_grad():
         emb = model.adapter(torch.from_numpy(held_out.images))
     # a release row is a mean of L2-normalised adapter outputs; the adapter's own scale is
@@ -272,8 +275,7 @@ def adapter_trainer(config: ServerConfig, epsilon: float | None, steps: int) -> 
     plan = plan_for(config, 1)
 
     def train(members: ImageSet, seed: int) -> nn.Module:
-        model = model_from_state(initial_state(config), plan)
-        assert isinstance(model, AdaptedEncoder)
+        model = public_start_model(config)
         sigma, clip = (
             (NO_NOISE, NO_CLIP)
             if epsilon is None
