@@ -14,6 +14,7 @@ import dataclasses
 import os
 import shutil
 import threading
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,10 @@ from federation.deploy.local_deployment import LocalFederation, SiteSpec
 from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.errors import DeploymentError
 from federation.rounds import STATUS_FILE
-from federation.server_config import ServerConfig, backbone_fields
-from models.networks import BackboneConfig
-from models.public_start import PUBLIC_ENCODER, save_public_start
+from federation.server_config import ServerConfig
+from models.public_start import save_public_start
 from models.registry import Registry, RegistryEntry
+from models.run_config import flatten_tables
 from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays
 from privacy.errors import ReportFormatError
 from privacy.ledger import Ledger
@@ -38,38 +39,44 @@ from privacy.round_record import FederationStatus, RoundRecord
 MARKER = ".fedfew-demo"  # a folder holding it was made by the demo and may be replaced by it
 
 
+RUN_CONFIG = Path(__file__).with_name("demo_run.toml")  # the demo federation's run config
+
+
+def demo_run_config() -> ServerConfig:
+    """The demo federation's run config (``app/demo_run.toml``), read strictly.
+
+    Raises:
+        ValueError: the file holds an unknown or mistyped key (naming it).
+    """
+    with RUN_CONFIG.open("rb") as file:
+        return ServerConfig.from_run_config(flatten_tables(tomllib.load(file)))
+
+
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's defaults: minutes on 2 CPU cores (README shows a measured run)."""
+    """The demo's federation (its run config file) and its hospitals' data and caps."""
 
-    rounds: int = 3  # enough to see the model and every ledger move
-    local_steps: int = 10  # DP steps per hospital per round
-    # The public start is ImageNet EfficientNet-Lite0 from its installed wheel, frozen
-    # (models/public_start.py): each hospital embeds its images once and DP trains only a small
-    # adapter on those features (models/feature_adapter.py). The 64-px synthetic images are
-    # enlarged to `side`: 128 px embeds 4.6x faster than the encoder's own 224.
-    side: int = 128
-    adapter: str = "scale"  # one scale per feature: 1,712 parameters for DP to tune
+    run: ServerConfig = dataclasses.field(default_factory=demo_run_config)
     # About 400 patients per hospital: a hospital embeds its 800 images once, in seconds.
     images_per_class: int = 150
-    local_lr: float = 0.2  # Adam on the nodes
-    episodes: int = 48  # episodes per DP step; each filled one carries signal against the noise
-    # Records kept per class and role in an episode: every episode is padded to this.
-    max_records: int = 3
-    sample_rate: float = 0.18
-    noise_multiplier: float = 2.1  # sigma on C: accounted 1.05 at sensitivity 2C; eps 7.5
-    # C: an episode's adapter gradient has norm about 0.04 (median; at most 0.1), so C = 1 would
-    # add noise 25 times what any episode can contribute.
-    clip: float = 0.05
     budget_epsilon: float = 8.0  # each hospital's cap
     budget_delta: float = 1e-5
-    eval_episodes: int = 200  # public-set episodes per evaluation
     timeout: float = 900.0  # the whole `flwr run`
 
-    @property
-    def backbone(self) -> BackboneConfig:
-        """The network every hospital and the server build: the public encoder with an adapter."""
-        return dataclasses.replace(PUBLIC_ENCODER, image_size=self.side, adapter=self.adapter)
+    def with_changes(
+        self, *, rounds: int | None = None, steps: int | None = None, side: int | None = None
+    ) -> DemoSettings:
+        """These settings with the command line's changes (``None``: the file's value)."""
+        run = self.run
+        if rounds is not None:
+            run = dataclasses.replace(run, num_rounds=rounds)
+        if steps is not None:
+            run = dataclasses.replace(run, steps=steps)
+        if side is not None:
+            run = dataclasses.replace(
+                run, backbone=dataclasses.replace(run.backbone, image_size=side)
+            )
+        return dataclasses.replace(self, run=run)
 
 
 @dataclass(frozen=True)
@@ -146,12 +153,13 @@ def public_start(workdir: Path, settings: DemoSettings, echo: Callable[[str], No
     Returns:
         The model directory the federation starts from (``WORKDIR/public-start``).
     """
+    backbone = settings.run.backbone
     echo(
         "operator's step (not private, no hospital data): the public start is ImageNet "
-        f"EfficientNet-Lite0 from its installed wheel, frozen, at {settings.side} px, with a "
-        f"'{settings.adapter}' adapter for DP to train (nothing is trained here)"
+        f"EfficientNet-Lite0 from its installed wheel, frozen, at {backbone.image_size} px, "
+        f"with a '{backbone.adapter}' adapter for DP to train (nothing is trained here)"
     )
-    return save_public_start(workdir / "public-start", backbone=settings.backbone)
+    return save_public_start(workdir / "public-start", backbone=backbone)
 
 
 def server_config(
@@ -163,27 +171,18 @@ def server_config(
     *,
     secure_aggregation: bool = False,
 ) -> ServerConfig:
-    """The federation's run config for the demo (from ``initial_model``, else a random start;
-    ``secure_aggregation``: SecAgg+ rounds, docs/privacy.md "Secure aggregation")."""
-    return ServerConfig(
-        federation="fedfew-demo",
-        num_rounds=settings.rounds,
+    """The demo's run config with this run's own values: its work folder, ``sites`` nodes (all
+    must connect; one may fail), ``initial_model`` (else a random start), the evaluation set and
+    ``secure_aggregation`` (SecAgg+ rounds, docs/privacy.md "Secure aggregation")."""
+    run = settings.run
+    return dataclasses.replace(
+        run,
         min_nodes=sites,
         min_replies=max(1, sites - 1),
-        local_steps=settings.local_steps,
         initial_model=str(initial_model or ""),
-        **backbone_fields(settings.backbone),
-        local_lr=settings.local_lr,
-        episodes=settings.episodes,
-        max_shots=settings.max_records,
-        max_queries=settings.max_records,
-        noise_multiplier=settings.noise_multiplier,
-        clip=settings.clip,
-        sample_rate=settings.sample_rate,
-        eval_data=eval_data,
-        eval_episodes=settings.eval_episodes,
         workdir=str(workdir / "server"),
-        secure_aggregation=secure_aggregation,
+        eval=dataclasses.replace(run.eval, data=eval_data),
+        secagg=dataclasses.replace(run.secagg, enabled=secure_aggregation),
     )
 
 
@@ -228,7 +227,7 @@ def run_demo(
         )
         secure = " under secure aggregation (SecAgg+)" if secure_aggregation else ""
         echo(
-            f"running {settings.rounds} rounds of DP federated meta-training of the adapter"
+            f"running {config.num_rounds} rounds of DP federated meta-training of the adapter"
             f"{secure} with `flwr run` (each hospital embeds its images once)..."
         )
         run = _run_with_progress(federation, app_dir, config, settings.timeout, echo)

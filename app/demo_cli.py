@@ -6,7 +6,6 @@ imported only when the demo runs.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import typer
@@ -23,12 +22,16 @@ def demo(
     eval_data: str = typer.Option(
         "synthetic", help="The server's public evaluation set (.npz) of classes no site has."
     ),
-    rounds: int = typer.Option(DemoSettings.rounds, help="Federated rounds."),
-    local_steps: int = typer.Option(DemoSettings.local_steps, help="DP steps per site per round."),
-    side: int = typer.Option(
-        DemoSettings.side,
-        help="The side images are enlarged to for the public encoder (its own is 224; 128 "
-        "embeds 4.6x faster).",
+    rounds: int | None = typer.Option(
+        None, help="Federated rounds (default: num-rounds in app/demo_run.toml)."
+    ),
+    local_steps: int | None = typer.Option(
+        None, help="DP steps per site per round (default: steps in app/demo_run.toml)."
+    ),
+    side: int | None = typer.Option(
+        None,
+        help="The side images are enlarged to for the public encoder (its own is 224; the "
+        "demo's 128, backbone.image-size in app/demo_run.toml, embeds 4.6x faster).",
     ),
     workdir: Path = typer.Option(Path("fedfew-demo"), help="Where the demo keeps everything."),
     secure_aggregation: bool = typer.Option(
@@ -44,11 +47,9 @@ def demo(
     training, no hospital data); each hospital embeds its images once and trains a small adapter
     on those features under DP.
     """
-    if side < 32:
+    if side is not None and side < 32:
         raise typer.BadParameter("--side must be >= 32")
-    settings = dataclasses.replace(
-        DemoSettings(), rounds=rounds, local_steps=local_steps, side=side
-    )
+    settings = DemoSettings().with_changes(rounds=rounds, steps=local_steps, side=side)
     sets = [Path(p) for p in data.split(",")] if data else None
     result = run_demo(
         workdir,

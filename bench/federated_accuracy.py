@@ -37,7 +37,7 @@ from federation.records import State
 from federation.rounds import run_rounds
 from federation.server_app import evaluate_state, initial_state, public_eval_set
 from federation.server_config import ServerConfig
-from federation.strategy import FederatedMetaStrategy, plan_for
+from federation.strategy import FederatedMetaStrategy
 from models.episodes import EpisodeConfig
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
@@ -95,7 +95,7 @@ def sigma_for(config: ServerConfig, epsilon: float, steps: int) -> float:
     """The sigma (as applied to C) with which ``steps`` steps of the config's mechanism at its
     sampling rate spend ``epsilon`` at delta 1e-5."""
     accounted = calibrate_noise_multiplier(
-        target_epsilon=epsilon, delta=DELTA, sample_rate=config.sample_rate, steps=steps
+        target_epsilon=epsilon, delta=DELTA, sample_rate=config.dp.sample_rate, steps=steps
     )
     return get_mechanism(config.mechanism).noise_for(accounted)
 
@@ -105,29 +105,26 @@ def at_epsilon(
 ) -> ServerConfig:
     """A federation run of ``config`` whose ``steps`` DP steps per site spend ``epsilon``."""
     return dataclasses.replace(
-        config,
-        federation=f"bench-{name}",
-        noise_multiplier=sigma_for(config, epsilon, steps),
-        workdir=str(root / f"server-{name}"),
-    )
+        config, federation=f"bench-{name}", workdir=str(root / f"server-{name}")
+    ).with_values({"dp.noise-multiplier": sigma_for(config, epsilon, steps)})
 
 
 def central(config: ServerConfig, sites: list[dict[str, Any]], sigma: float | None) -> State:
     """One model trained from the config's start on the sites' data pooled: DP at ``sigma``
     (as applied to C) for as many steps as all sites together, or non-private (``None``)."""
-    pipeline = PipelineConfig(image_size=config.image_size)
+    pipeline = PipelineConfig(image_size=config.backbone.image_size)
     sets = [load_dataset(s["data"], pipeline) for s in sites]
-    model = model_from_state(initial_state(config), plan_for(config, 1))
-    steps = config.num_rounds * config.local_steps * len(sites)
+    model = model_from_state(initial_state(config), config.round_plan(1))
+    steps = config.num_rounds * config.steps * len(sites)
     if sigma is None:
         train = TrainConfig(
             steps=steps,
-            meta_batch=config.episodes,
-            episode=EpisodeConfig(ways=config.ways, shots=config.max_shots, queries=5),
+            meta_batch=config.dp.episodes,
+            episode=EpisodeConfig(ways=config.dp.ways, shots=config.dp.max_shots, queries=5),
         )
         meta_train(model, sets, config=train)
     else:
-        plan = plan_for(dataclasses.replace(config, noise_multiplier=sigma), 1)
+        plan = config.with_values({"dp.noise-multiplier": sigma}).round_plan(1)
         trainer = plan.dp_mechanism.build_trainer(
             model, sets, dp=plan.dp, meta=plan.meta, lr=config.local_lr, seed=None
         )
@@ -152,13 +149,11 @@ def main() -> None:
     base = ServerConfig(
         federation="bench",
         num_rounds=args.rounds,
-        local_steps=args.local_steps,
-        width=args.width,
+        steps=args.local_steps,
         min_nodes=3,
         min_replies=3,
-        eval_episodes=args.eval_episodes,
         seed=0,
-    )
+    ).with_values({"backbone.width": args.width, "eval.episodes": args.eval_episodes})
     eval_set = public_eval_set(base)
     rows: list[dict[str, Any]] = []
 
@@ -176,7 +171,7 @@ def main() -> None:
         config = at_epsilon(base, epsilon, steps=fed_steps, name=f"eps{epsilon:g}", root=root)
         result = federated(config, sites, epsilon * 1.0001, root / f"eps{epsilon:g}")
         record("federated-dp", epsilon, result["state"], site_epsilon=result["site_epsilon"],
-               sigma=config.noise_multiplier)  # fmt: skip
+               sigma=config.dp.noise_multiplier)  # fmt: skip
         sigma = sigma_for(base, epsilon, central_steps)
         record("central-dp", epsilon, central(base, sites, sigma), sigma=sigma)
     record("central-nonprivate", None, central(base, sites, None))

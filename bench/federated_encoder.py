@@ -55,8 +55,7 @@ from federation.node_config import NodeConfig
 from federation.publishing import model_from_state
 from federation.records import State
 from federation.server_app import initial_state
-from federation.server_config import ServerConfig, backbone_fields
-from federation.strategy import plan_for
+from federation.server_config import EvalConfig, ServerConfig
 from models.adaptation import AdaptConfig, feature_map, fit_head
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import mean_ci95
@@ -70,7 +69,7 @@ from models.public_start import PUBLIC_ENCODER, save_public_start, start_public_
 from models.readers import load_dataset
 from privacy.accounting import calibrate_noise_multiplier
 from privacy.audit import Trainer, audit
-from privacy.dp_config import DPConfig, DPPrototypeConfig
+from privacy.dp_config import DPConfig, DPPrototypeConfig, DPSettings
 from privacy.dp_meta import DPMetaTrainer
 from privacy.dp_prototypes import DPPrototypeRelease
 from privacy.mechanisms import PROTOTYPES, get_mechanism
@@ -115,29 +114,30 @@ def base_config(args: argparse.Namespace, root: Path, start: Path, held_out: Pat
     return ServerConfig(
         federation="bench-encoder",
         num_rounds=args.rounds,
-        local_steps=args.local_steps,
-        episodes=args.step_episodes,
-        ways=args.ways,
-        max_shots=3,
-        max_queries=3,
-        clip=args.clip,
+        steps=args.local_steps,
         local_lr=args.lr,
-        sample_rate=args.sample_rate,
         min_nodes=3,
         min_replies=3,
-        **backbone_fields(backbone(args)),
         initial_model=str(start),
-        eval_data=str(held_out),
-        eval_ways=args.ways,
-        eval_episodes=20,  # the round loop's own evaluation; rows are scored by score()
         seed=0,
         workdir=str(root / "server"),
+        dp=DPSettings(
+            episodes=args.step_episodes,
+            ways=args.ways,
+            max_shots=3,
+            max_queries=3,
+            max_grad_norm=args.clip,
+            sample_rate=args.sample_rate,
+        ),
+        backbone=backbone(args),
+        # the round loop's own evaluation; rows are scored by score()
+        eval=EvalConfig(data=str(held_out), ways=args.ways, episodes=20),
     )
 
 
 def public_start_model(config: ServerConfig) -> AdaptedEncoder:
     """Round 0's model: the frozen public encoder with its adapter at identity."""
-    model = model_from_state(initial_state(config), plan_for(config, 1))
+    model = model_from_state(initial_state(config), config.round_plan(1))
     assert isinstance(model, AdaptedEncoder)
     return model
 
@@ -145,7 +145,7 @@ def public_start_model(config: ServerConfig) -> AdaptedEncoder:
 def site_features(config: ServerConfig, sites: list[dict[str, Any]]) -> list[ImageSet]:
     """Each site's features, from the same store its node uses (embedded once)."""
     model = public_start_model(config)
-    pipeline = PipelineConfig(image_size=config.image_size)
+    pipeline = PipelineConfig(image_size=config.backbone.image_size)
     out = []
     for site in sites:
         node = NodeConfig.from_mapping(
@@ -170,7 +170,7 @@ def train_adapter(
     rounds: int,
 ) -> State:
     """FedAvg of local adapter training on each group of feature sets (one group: central)."""
-    plan = plan_for(config, 1)
+    plan = config.round_plan(1)
     state = initial_state(config)
     for r in range(rounds):
         deltas = []
@@ -192,7 +192,7 @@ def train_adapter(
 def held_out_features(config: ServerConfig, held_out: Path, root: Path) -> ImageSet:
     """The held-out patients' features (a store of their own: never a site's)."""
     model = public_start_model(config)
-    pipeline = PipelineConfig(image_size=config.image_size)
+    pipeline = PipelineConfig(image_size=config.backbone.image_size)
     return FeatureStore(root / "held-out-features").features(
         model.encoder, held_out, pipeline, lambda: load_dataset(held_out, pipeline)
     )
@@ -272,14 +272,14 @@ def pooled_sites(sets: list[ImageSet]) -> ImageSet:
 def adapter_trainer(config: ServerConfig, epsilon: float | None, steps: int) -> Trainer:
     """Trains the adapter on a member set for the audit: without noise or clipping (``None``),
     or at ``epsilon`` over its ``steps`` (the run's q and C)."""
-    plan = plan_for(config, 1)
+    plan = config.round_plan(1)
 
     def train(members: ImageSet, seed: int) -> nn.Module:
         model = public_start_model(config)
         sigma, clip = (
             (NO_NOISE, NO_CLIP)
             if epsilon is None
-            else (sigma_for(config, epsilon, steps), config.clip)
+            else (sigma_for(config, epsilon, steps), config.dp.max_grad_norm)
         )
         dp = dataclasses.replace(plan.dp, noise_multiplier=sigma, max_grad_norm=clip)
         assert isinstance(dp, DPConfig)

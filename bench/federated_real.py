@@ -39,7 +39,7 @@ from federation.inprocess_grid import set_task_identity
 from federation.publishing import model_from_state
 from federation.records import State
 from federation.server_app import initial_state, public_eval_set
-from federation.server_config import ServerConfig
+from federation.server_config import EvalConfig, ServerConfig
 from models.episodes import EpisodeConfig
 from models.evaluation import evaluate
 from models.meta import MetaConfig
@@ -48,6 +48,7 @@ from models.pipeline import PipelineConfig
 from models.pretraining import write_pretrained
 from models.readers import load_dataset, patient_id_from_provenance
 from models.training import TrainConfig, meta_train
+from privacy.dp_config import DPSettings
 from privacy.mechanisms import MECHANISMS
 
 OUT = "federated_real"
@@ -114,14 +115,14 @@ def score(state: State, config: ServerConfig, args: argparse.Namespace) -> dict[
 def nonprivate_federated(config: ServerConfig, sites: list[dict[str, Any]]) -> State:
     """FedAvg of ordinary local ProtoNet steps on the same rounds and subset (no DP)."""
     plan = config.round_plan(1)
-    pipeline = PipelineConfig(image_size=config.image_size)
+    pipeline = PipelineConfig(image_size=config.backbone.image_size)
     sets = [load_dataset(s["data"], pipeline) for s in sites]
     state = initial_state(config)
     train = TrainConfig(
-        steps=config.local_steps,
-        meta_batch=config.episodes,
+        steps=config.steps,
+        meta_batch=config.dp.episodes,
         lr=config.local_lr,
-        episode=EpisodeConfig(ways=config.ways, shots=config.max_shots, queries=5),
+        episode=EpisodeConfig(ways=config.dp.ways, shots=config.dp.max_shots, queries=5),
     )
     for _ in range(config.num_rounds):
         deltas = []
@@ -159,20 +160,22 @@ def setup(
     base = ServerConfig(
         federation="bench-real",
         num_rounds=args.rounds,
-        local_steps=args.local_steps,
-        width=args.width,
-        sample_rate=args.sample_rate,
+        steps=args.local_steps,
         min_nodes=3,
         min_replies=3,
         initial_model=str(start),
-        eval_data=str(held_out),
-        eval_ways=args.ways,
-        eval_episodes=20,  # the round loop's own evaluation; rows are scored by score()
-        # dp-supervised's public normaliser B: q times a site's patients (the operator's estimate)
-        expected_patients=max(1, round(args.sample_rate * patients_per_site(sites))),
-        augmentations=args.augmentations,
         seed=0,
         workdir=str(root / "server"),
+        dp=DPSettings(
+            sample_rate=args.sample_rate,
+            # dp-supervised's public normaliser B: q times a site's patients (the operator's
+            # estimate)
+            expected_patients=max(1, round(args.sample_rate * patients_per_site(sites))),
+            augmentations=args.augmentations,
+        ),
+        backbone=BackboneConfig(width=args.width),
+        # the round loop's own evaluation; rows are scored by score()
+        eval=EvalConfig(data=str(held_out), ways=args.ways, episodes=20),
     )
     return sites, base
 
@@ -195,7 +198,7 @@ def main() -> None:
     record("public-start", None, None, initial_state(base))
     fed_steps = args.rounds * args.local_steps
     for subset in args.subsets:
-        config = dataclasses.replace(base, trainable=subset)
+        config = base.with_values({"backbone.trainable": subset})
         record("federated-nonprivate", subset, None, nonprivate_federated(config, sites))
         for mechanism, epsilon in itertools.product(args.mechanisms, args.epsilons):
             name = f"{mechanism}-{subset}-eps{epsilon:g}"
@@ -204,7 +207,7 @@ def main() -> None:
             result = federated(run, sites, epsilon * 1.0001, root / name)
             record(f"federated-{mechanism}", subset, epsilon, result["state"])
     best = max(args.epsilons)
-    pooled = dataclasses.replace(base, trainable=args.subsets[0])
+    pooled = base.with_values({"backbone.trainable": args.subsets[0]})
     sigma = sigma_for(pooled, best, fed_steps * len(sites))
     record("central-dp", args.subsets[0], best, central(pooled, sites, sigma))
     log(f"wrote bench/results/{args.out}.json")

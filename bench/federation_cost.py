@@ -47,20 +47,21 @@ from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.errors import DeploymentError
 from federation.node_config import NodeConfig
 
-# Changes to the demo's settings; every other field is DemoSettings' own.
+# Changes to the demo's run config (app/demo_run.toml); every other key is the file's own.
 SETTINGS: dict[str, dict[str, Any]] = {
     "demo": {},
-    "own-resolution": {"side": 224},
-    "longer-rounds": {"local_steps": 40},
+    "own-resolution": {"backbone.image-size": 224},
+    "longer-rounds": {"steps": 40},
 }
 
 
 def label(name: str, settings: DemoSettings) -> str:
     """The row label: the setting and what shapes a node's work."""
+    run = settings.run
     return (
-        f"{name} (encoder at {settings.side} px, {settings.local_steps} steps x "
-        f"{settings.episodes} episodes, q {settings.sample_rate:g}, {settings.images_per_class} "
-        f"images per class, DP on the '{settings.adapter}' adapter)"
+        f"{name} (encoder at {run.backbone.image_size} px, {run.steps} steps x "
+        f"{run.dp.episodes} episodes, q {run.dp.sample_rate:g}, {settings.images_per_class} "
+        f"images per class, DP on the '{run.backbone.adapter}' adapter)"
     )
 
 
@@ -171,9 +172,9 @@ def main() -> None:
     resolved: dict[str, dict[str, Any]] = {}
     threads = max(1, (os.cpu_count() or 1) // 3)  # what measure() gives each of 3 nodes
     for name in args.settings:
-        settings = dataclasses.replace(
-            DemoSettings(), rounds=args.rounds, eval_episodes=args.eval_episodes, **SETTINGS[name]
-        )
+        demo = DemoSettings()
+        changes = {"num-rounds": args.rounds, "eval.episodes": args.eval_episodes, **SETTINGS[name]}
+        settings = dataclasses.replace(demo, run=demo.run.with_values(changes))
         resolved[name] = dataclasses.asdict(settings)
         root = Path(tempfile.mkdtemp(prefix="fedfew-bench-cost-"))
         rows += measure(name, settings, root, progress, initial_model=args.initial_model)

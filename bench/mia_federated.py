@@ -60,8 +60,8 @@ def attack_sets(
     the non-members. Members are drawn from the member sites' patients, as many as there are
     non-members when one site is attacked, all of them otherwise (a larger pool).
     """
-    pipeline = PipelineConfig(image_size=base.image_size)
-    held_out = load_dataset(base.eval_data, pipeline)
+    pipeline = PipelineConfig(image_size=base.backbone.image_size)
+    held_out = load_dataset(base.eval.data, pipeline)
     sites = [load_dataset(path, pipeline) for path in member_sites]
     if any(site.classes != held_out.classes for site in sites):
         raise ValueError("the member sites and the held-out part must share their classes")
@@ -162,7 +162,7 @@ def main() -> None:
         write_result(args.out, config=vars(args), results=rows, device=torch.device("cpu"))
 
     attack("public-start", None, initial_state(base))
-    base = dataclasses.replace(base, trainable=args.subsets[0])
+    base = base.with_values({"backbone.trainable": args.subsets[0]})
     attack("federated-nonprivate", None, nonprivate_federated(base, sites))
     steps = args.rounds * args.local_steps
     for mechanism, epsilon in itertools.product(args.mechanisms, args.epsilons):

@@ -53,9 +53,11 @@ from federation.secure_aggregation import clip_before_masking
 from federation.secure_node import stage_of
 from federation.secure_server import collect_secure_round, content_bytes
 from federation.server_app import initial_state
-from federation.server_config import ServerConfig
+from federation.server_config import EvalConfig, SecureRoundsConfig, ServerConfig
 from federation.strategy import FederatedMetaStrategy
+from models.networks import BackboneConfig
 from models.synthetic import write_synthetic_npz
+from privacy.dp_config import DPSettings
 
 MODES = ("plain", "secure")
 
@@ -109,7 +111,7 @@ def one_round(config: ServerConfig, hospitals: int, root: Path) -> dict[str, Any
     strategy = FederatedMetaStrategy(config, state)
     started = time.perf_counter()
     row: dict[str, Any] = {}
-    if config.secure_aggregation:
+    if config.secagg.enabled:
         result = collect_secure_round(grid, strategy, state, 1)
         row["contributors"] = result.gate.contributors
         row["quantisation_max_abs_error"] = _quantisation_error(sites, strategy, result.gate.mean)
@@ -233,19 +235,16 @@ def accuracy_runs(rounds: int, lr: float, progress: Progress) -> list[dict[str, 
             federation="bench-secagg-accuracy",
             min_nodes=3,
             min_replies=3,
-            local_steps=1,
+            steps=1,
             local_lr=lr,
-            width=32,
-            image_size=32,
-            trainable="norm-affine",
             initial_model=str(start),
-            secure_aggregation=True,
-            distributed_noise=True,
-            eval_episodes=200,
             workdir=str(root / mode),
+            backbone=BackboneConfig(width=32, image_size=32, trainable="norm-affine"),
+            secagg=SecureRoundsConfig(enabled=True, distributed_noise=True),
+            eval=EvalConfig(episodes=200),
         )
         plan = config.round_plan(1, norm_bound=1.0)
-        sigma = config.noise_multiplier
+        sigma = config.dp.noise_multiplier
         share = plan.dp.noise_multiplier if mode == "distributed" else sigma
         dp = dataclasses.replace(plan.dp, noise_multiplier=share)
         eval_set = public_eval_set(config)
@@ -265,7 +264,7 @@ def accuracy_runs(rounds: int, lr: float, progress: Progress) -> list[dict[str, 
             }
             state = apply_update(state, mean, server_lr=1.0)
         after = evaluate_state(state, config, eval_set)
-        q = config.sample_rate
+        q = config.dp.sample_rate
         row = {
             "mode": mode,
             "rounds": rounds,
@@ -317,13 +316,12 @@ def _config(root: Path, hospitals: int, secure: bool, width: int) -> ServerConfi
         min_nodes=hospitals,
         min_replies=hospitals,
         max_retries=0,
-        local_steps=2,
-        episodes=2,
-        width=width,
-        image_size=32,
+        steps=2,
         workdir=str(root / "server"),
         seed=0,
-        secure_aggregation=secure,
+        dp=DPSettings(episodes=2),
+        backbone=BackboneConfig(width=width, image_size=32),
+        secagg=SecureRoundsConfig(enabled=secure),
     )
 
 

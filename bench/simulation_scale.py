@@ -100,12 +100,10 @@ def main() -> None:
         num_rounds=args.rounds,
         min_nodes=args.hospitals,
         min_replies=args.hospitals,
-        local_steps=2,
-        episodes=2,
-        width=16,
-        image_size=32,
-        eval_episodes=20,
+        steps=2,
         workdir=str(root / "server"),
+    ).with_values(
+        {"dp.episodes": 2, "backbone.width": 16, "backbone.image-size": 32, "eval.episodes": 20}
     )
 
     client_app = ClientApp()

@@ -42,7 +42,12 @@ if TYPE_CHECKING:
         gate_sum,
     )
     from federation.server_app import initial_state, run_federation, serve
-    from federation.server_config import ServerConfig
+    from federation.server_config import (
+        AggregationConfig,
+        EvalConfig,
+        SecureRoundsConfig,
+        ServerConfig,
+    )
     from federation.strategy import FederatedMetaStrategy
     from federation.validation import GateResult, update_norm, validate_release, validate_update
 
@@ -80,6 +85,9 @@ _EXPORTS = {
     "run_federation": "federation.server_app",
     "serve": "federation.server_app",
     "DEFENCES": "federation.aggregation",
+    "AggregationConfig": "federation.server_config",
+    "EvalConfig": "federation.server_config",
+    "SecureRoundsConfig": "federation.server_config",
     "ServerConfig": "federation.server_config",
     "FederatedMetaStrategy": "federation.strategy",
     "GateResult": "federation.validation",

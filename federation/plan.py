@@ -11,7 +11,6 @@ Every field is public configuration: none is derived from any site's data.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -22,13 +21,10 @@ from federation.node_config import NodeConfig
 from federation.secure_aggregation import SecureAggregationConfig, check_secure_policy
 from models.meta import MetaConfig
 from models.networks import BackboneConfig
-from models.run_config import SEPARATOR, flatten, read_fields, reject_unknown
+from models.run_config import flatten, read_fields
 from privacy.dp_config import MechanismConfig
 from privacy.errors import UnknownMechanismError
 from privacy.mechanisms import Mechanism, get_mechanism
-
-_SCALARS = ("federation", "round", "mechanism", "steps", "local_lr")
-_COMPONENTS = ("dp", "meta", "backbone", "secagg")
 
 
 @dataclass(frozen=True)
@@ -92,10 +88,7 @@ class RoundPlan:
 
     def to_config(self) -> dict[str, Any]:
         """Flat mapping of scalars, the form a Flower ConfigRecord carries."""
-        flat = flatten(self, names=_SCALARS)
-        for name in _COMPONENTS:
-            flat.update(flatten(getattr(self, name), prefix=name + SEPARATOR))
-        return flat
+        return flatten(self)
 
     @classmethod
     def from_config(cls, values: dict[str, Any]) -> RoundPlan:
@@ -106,23 +99,12 @@ class RoundPlan:
                 of range, or the mechanism is not one this node knows (a malformed plan).
         """
         try:
-            unused = set(values)
-            read = functools.partial(
-                read_fields, values=values, owner="plan", unused=unused, complete=True
-            )
-            top = read(cls, names=_SCALARS)
-            mechanism = get_mechanism(str(top["mechanism"]))
-            types = {
-                "dp": mechanism.config_type,
-                "meta": MetaConfig,
-                "backbone": BackboneConfig,
-                "secagg": SecureAggregationConfig,
-            }
-            parts = {
-                name: kind(**read(kind, prefix=name + SEPARATOR)) for name, kind in types.items()
-            }
-            reject_unknown(unused, owner="plan", known=set(values) - unused)
-            return cls(**top, **parts)
+            mechanism = get_mechanism(str(values.get("mechanism", "")))
+            fields = read_fields(
+                cls, values, owner="plan", complete=True,
+                components={"dp": mechanism.config_type},
+            )  # fmt: skip
+            return cls(**fields)
         except UnknownMechanismError as exc:
             raise PlanRefusedError(f"plan names an unknown mechanism: {exc}") from exc
         except (TypeError, ValueError) as exc:

@@ -137,7 +137,7 @@ def run_rounds(
     wait_for_nodes(grid, count=config.min_nodes, timeout=config.node_wait)
     for server_round in range(checkpoint.round + 1, config.num_rounds + 1):
         started = time.perf_counter()
-        if config.secure_aggregation:
+        if config.secagg.enabled:
             state, outcome = _secure_round(grid, strategy, checkpoint.state, server_round)
         else:
             accepted, problems, attempts = collect_round(
@@ -231,7 +231,7 @@ def _secure_round(
     dependent, so it stays on the node.
     """
     secure = collect_secure_round(grid, strategy, state, server_round)
-    update = apply_update(state, secure.gate.mean, server_lr=strategy.config.server_lr)
+    update = apply_update(state, secure.gate.mean, server_lr=strategy.config.aggregation.server_lr)
     return update, RoundRecord(
         0,
         seconds=0.0,

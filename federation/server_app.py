@@ -19,7 +19,7 @@ from federation.publishing import model_from_state, publish_state
 from federation.records import State
 from federation.rounds import run_rounds
 from federation.server_config import ServerConfig
-from federation.strategy import LOGGER_NAME, FederatedMetaStrategy, plan_for
+from federation.strategy import LOGGER_NAME, FederatedMetaStrategy
 from models.episodes import EpisodeConfig
 from models.evaluation import evaluate
 from models.feature_adapter import AdaptedEncoder
@@ -49,7 +49,7 @@ def initial_state(config: ServerConfig) -> State:
         ModelMismatchError: the initial model is not the network the round plan names.
         ModelDirError: the initial model directory cannot be read.
     """
-    backbone = plan_for(config, 1).backbone
+    backbone = config.backbone
     if config.initial_model:
         loaded = load_model_dir(Path(config.initial_model))
         same = dataclasses.replace(
@@ -59,8 +59,9 @@ def initial_state(config: ServerConfig) -> State:
         if same != backbone or not adds_adapter:
             raise ModelMismatchError(
                 f"initial model {config.initial_model} is a {loaded.backbone.to_dict()} network "
-                f"but the run config asks for {backbone.to_dict()}: set backbone, width, "
-                "image-size, norm and features to the initial model's"
+                f"but the run config asks for {backbone.to_dict()}: set backbone.name, "
+                "backbone.width, backbone.image-size, backbone.norm and backbone.features to the "
+                "initial model's"
             )
         model = loaded.model
         if loaded.backbone.adapter != backbone.adapter:  # a plain public start gains an adapter
@@ -74,23 +75,23 @@ def initial_state(config: ServerConfig) -> State:
 
 def public_eval_set(config: ServerConfig) -> ImageSet:
     """The server's public evaluation set: never a hospital's data."""
-    pipeline = PipelineConfig(image_size=config.image_size)
-    if config.eval_data == "synthetic":
+    pipeline = PipelineConfig(image_size=config.backbone.image_size)
+    if config.eval.data == "synthetic":
         return demo_sets(config=pipeline)[1]
-    return load_dataset(config.eval_data, pipeline)
+    return load_dataset(config.eval.data, pipeline)
 
 
 def evaluate_state(state: State, config: ServerConfig, data: ImageSet) -> dict[str, float]:
     """Few-shot accuracy (prototype adaptation) of a global model on the public set."""
-    model = model_from_state(state, plan_for(config, 1)).eval()
+    model = model_from_state(state, config.round_plan(1)).eval()
     metrics: dict[str, float] = {}
-    ways = min(config.eval_ways, len(data.classes))
+    ways = min(config.eval.ways, len(data.classes))
     for shots in EVAL_SHOTS:
         result = evaluate(
             model,
             data,
             episode=EpisodeConfig(ways=ways, shots=shots, queries=10),
-            episodes=config.eval_episodes,
+            episodes=config.eval.episodes,
             seed=1,
         )
         metrics[f"accuracy-{ways}way-{shots}shot"] = result.accuracy
@@ -111,7 +112,7 @@ def publish_version(
     return publish_state(
         registry,
         state,
-        plan_for(config, 1),  # backbone and meta-learner are the same in every round
+        config.round_plan(1),  # backbone and meta-learner are the same in every round
         name=f"{config.federation} round {record.round}" + _start_label(record, config),
         # Round 0 (a random or public start) was trained on no hospital's data: not DP-trained.
         extra={

@@ -77,11 +77,6 @@ class AcceptedReply:
     bytes: int
 
 
-def plan_for(config: ServerConfig, server_round: int) -> RoundPlan:
-    """The DP plan every node is asked to run in ``server_round`` (built by the config)."""
-    return config.round_plan(server_round)
-
-
 def check_head(report: SitePrivacyReport, *, keys_dir: Path) -> SitePrivacyReport:
     """``report`` with its ledger head checked: with the site's registered key when the server
     has it (``keys_dir/<site>.pub``), else with the key the head carries (self-consistency only).
@@ -108,8 +103,8 @@ class FederatedMetaStrategy(Strategy):
         self._sites: dict[int, str] = {}  # node id -> site, from accepted replies (for logs)
         self.keys_dir = config.root / REGISTERED_KEYS
         n_params = sum(a.size for a in reference.values())
-        self.norm_bound = config.update_norm_bound or (
-            ADAM_REACH * config.local_lr * config.local_steps * math.sqrt(n_params)
+        self.norm_bound = config.aggregation.update_norm_bound or (
+            ADAM_REACH * config.local_lr * config.steps * math.sqrt(n_params)
         )
         self._round = 0  # the round being configured (releases are kept under it)
         self._prototypes: dict[int, PrototypeRelease] = {}  # round -> the summed release
@@ -154,7 +149,7 @@ class FederatedMetaStrategy(Strategy):
         entries = math.prod(self.release_shapes()[SUMS])
         signal = plan.dp_mechanism.sensitivity * plan.dp.max_grad_norm
         noise = plan.dp.noise_multiplier * plan.dp.max_grad_norm * math.sqrt(entries)
-        return signal * self.config.max_site_patients + 4 * noise
+        return signal * self.config.dp.max_site_patients + 4 * noise
 
     def round_plan(self, server_round: int) -> RoundPlan:
         """The round's plan, with this strategy's delta bound for nodes to clip to (secure
@@ -166,12 +161,12 @@ class FederatedMetaStrategy(Strategy):
         logger.info(
             "strategy: %s aggregation%s (defends against: %s), server lr %g, delta norm bound "
             "%.4g (%s), quorum %d",
-            self.config.aggregation,
-            " of SecAgg+ sums" if self.config.secure_aggregation else "",
-            self.config.defence,
-            self.config.server_lr,
+            self.config.aggregation.rule,
+            " of SecAgg+ sums" if self.config.secagg.enabled else "",
+            self.config.aggregation.defence,
+            self.config.aggregation.server_lr,
             self.norm_bound,
-            self.config.norm_policy,
+            self.config.aggregation.norm_policy,
             self.config.min_replies,
         )
 
@@ -268,7 +263,10 @@ class FederatedMetaStrategy(Strategy):
 
     def _gate_delta(self, delta: State) -> GateResult:
         return validate_update(
-            delta, self.reference, norm_bound=self.norm_bound, policy=self.config.norm_policy
+            delta,
+            self.reference,
+            norm_bound=self.norm_bound,
+            policy=self.config.aggregation.norm_policy,
         )
 
     def _gate_release(self, release: State) -> GateResult:
@@ -283,11 +281,11 @@ class FederatedMetaStrategy(Strategy):
         update = aggregate(
             [r.gate.delta for r in replies],
             [r.weight for r in replies],
-            method=self.config.aggregation,
-            trim=self.config.trim,
-            byzantine=self.config.byzantine,
+            method=self.config.aggregation.rule,
+            trim=self.config.aggregation.trim,
+            byzantine=self.config.aggregation.byzantine,
         )
-        return apply_update(state, update, server_lr=self.config.server_lr)
+        return apply_update(state, update, server_lr=self.config.aggregation.server_lr)
 
     def _sum_releases(self, state: State, replies: list[AcceptedReply]) -> State:
         plan = self.round_plan(self._round or 1)

@@ -8,6 +8,10 @@ already have its field's type (an ``int`` field refuses ``2.7`` and ``"5"``; a `
 refuses ``"false"``, which ``bool()`` would call true). The only widenings are an integer for a
 ``float`` field (TOML writes ``2`` for ``2.0``), a list for a tuple, and a string for a path.
 
+A field whose type is itself a dataclass is a component: its fields are written and read behind
+the field's name (``dp.noise-multiplier``), recursively, so one nested config tree has one flat
+form. A TOML table ``[dp]`` is that prefix too: Flower flattens nested tables with ``.``.
+
 Used by the server's run config, the node's config, the round plan and the site privacy report.
 """
 
@@ -57,13 +61,17 @@ def flatten(
 ) -> dict[str, Any]:
     """The flat form of the dataclass instance ``obj`` (its fields ``names``, default all).
 
-    A ``float`` field is written as a float (``2`` and ``2.0`` must give one digest), a tuple
-    as a list (a ConfigRecord holds lists), a path as a string.
+    A component (a dataclass value) is flattened behind its field's key and ``SEPARATOR``. A
+    ``float`` field is written as a float (``2`` and ``2.0`` must give one digest), a tuple as a
+    list (a ConfigRecord holds lists), a path as a string.
     """
     hints = typing.get_type_hints(type(obj))
     flat: dict[str, Any] = {}
     for name in field_names(type(obj)) if names is None else tuple(names):
         value = getattr(obj, name)
+        if is_component(value):
+            flat.update(flatten(value, prefix=key_of(name, prefix=prefix, keys=keys) + SEPARATOR))
+            continue
         if hints[name] is float and isinstance(value, int | float) and not isinstance(value, bool):
             value = float(value)
         elif isinstance(value, tuple):
@@ -72,6 +80,30 @@ def flatten(
             value = str(value)
         flat[key_of(name, prefix=prefix, keys=keys)] = value
     return flat
+
+
+def flatten_tables(tables: Mapping[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """A TOML document's nested tables as flat keys (``[dp]`` ``noise-multiplier`` is
+    ``dp.noise-multiplier``), as Flower flattens a run config."""
+    flat: dict[str, Any] = {}
+    for key, value in tables.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_tables(value, prefix=prefix + key + SEPARATOR))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def nest_keys(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten_tables`: flat keys as the nested tables TOML writes."""
+    tables: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(SEPARATOR)
+        table = tables
+        for part in parents:
+            table = table.setdefault(part, {})
+        table[leaf] = value
+    return tables
 
 
 def read_fields(
@@ -85,10 +117,12 @@ def read_fields(
     unused: set[str] | None = None,
     complete: bool = False,
     error: type[Exception] = RunConfigError,
+    components: Mapping[str, type] | None = None,
 ) -> dict[str, Any]:
     """The fields ``names`` (default all) of the dataclass ``kind`` from the flat ``values``,
     type-checked, as keyword arguments for ``kind``; a field whose key is absent is left out
-    (its default applies) unless it has no default.
+    (its default applies) unless it has no default. A component field (its type a dataclass,
+    or named in ``components``) is built from the keys behind its prefix, recursively.
 
     Args:
         kind: The dataclass.
@@ -103,27 +137,68 @@ def read_fields(
         complete: Every field's key must be present, defaults or not (a message that must
             say everything, like a round plan).
         error: The exception type to raise (the owner's typed error).
+        components: Field name -> the dataclass to build it as, for a component whose type
+            hint is not that dataclass (a protocol the plan's mechanism resolves).
 
     Raises:
         error: an unknown key, a missing key without a default, or a value of the wrong type,
             naming the key.
+            A component's own check that refuses its values is re-raised as ``error``
+            naming the component's key.
     """
     chosen = field_names(kind) if names is None else tuple(names)
-    hints = typing.get_type_hints(kind)
+    hints = {**typing.get_type_hints(kind), **(components or {})}
     required = set(chosen if complete else required_names(kind))
-    wanted = {key_of(name, prefix=prefix, keys=keys): name for name in chosen}
-    if unused is None:
-        reject_unknown(set(values) - set(wanted), owner=owner, known=wanted, error=error)
-    missing = [key for key, name in wanted.items() if key not in values and name in required]
+    left = set(values) if unused is None else unused
+    taken: dict[str, Any] = {}
+    missing: list[str] = []
+    for name in chosen:
+        key = key_of(name, prefix=prefix, keys=keys)
+        if is_component(hints[name]):
+            part = hints[name]
+            found = read_fields(
+                part, values, owner=owner, prefix=key + SEPARATOR, unused=left,
+                complete=complete, error=error,
+            )  # fmt: skip
+            try:
+                taken[name] = part(**found)
+            except ValueError as exc:  # the component's own range check
+                raise error(f"{owner}: {key}: {exc}") from exc
+        elif key in values:
+            taken[name] = typed(key, values[key], hints[name], owner=owner, error=error)
+            left.discard(key)
+        elif name in required:
+            missing.append(key)
     if missing:
         raise error(f"{owner}: missing {', '.join(missing)}")
-    taken: dict[str, Any] = {}
-    for key, name in wanted.items():
-        if key in values:
-            taken[name] = typed(key, values[key], hints[name], owner=owner, error=error)
-            if unused is not None:
-                unused.discard(key)
+    if unused is None:
+        known = flat_keys(kind, prefix=prefix, keys=keys, hints=hints)
+        reject_unknown(left, owner=owner, known=known, error=error)
     return taken
+
+
+def is_component(value: object) -> bool:
+    """Whether ``value`` (an instance or a type) is a dataclass: a component of a config."""
+    return dataclasses.is_dataclass(value)
+
+
+def flat_keys(
+    kind: type,
+    *,
+    prefix: str = "",
+    keys: Mapping[str, str] | None = None,
+    hints: Mapping[str, Any] | None = None,
+) -> tuple[str, ...]:
+    """Every flat key of the dataclass ``kind``, its components' keys included."""
+    hints = hints or typing.get_type_hints(kind)
+    found: list[str] = []
+    for name in field_names(kind):
+        key = key_of(name, prefix=prefix, keys=keys)
+        if is_component(hints[name]):
+            found += flat_keys(hints[name], prefix=key + SEPARATOR)
+        else:
+            found.append(key)
+    return tuple(found)
 
 
 def reject_unknown(

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         DPConfig,
         DPPretrainConfig,
         DPPrototypeConfig,
+        DPSettings,
         MechanismConfig,
     )
     from privacy.errors import (
@@ -57,6 +58,7 @@ _EXPORTS = {
     "DEFAULT_SAMPLE_RATE": "privacy.dp_config",
     "DPConfig": "privacy.dp_config",
     "DPPretrainConfig": "privacy.dp_config",
+    "DPSettings": "privacy.dp_config",
     "DPPrototypeConfig": "privacy.dp_config",
     "MechanismConfig": "privacy.dp_config",
     "BudgetExhaustedError": "privacy.errors",

@@ -140,6 +140,50 @@ class DPPrototypeConfig:
         return {**asdict(self), "classes": list(self.classes)}
 
 
+@dataclass(frozen=True)
+class DPSettings:
+    """A run's DP values, whichever registered mechanism it names (run-config keys ``dp.*``).
+
+    The fields carry the names of the mechanisms' own config fields, so a mechanism takes its
+    config from them by name (:meth:`privacy.mechanisms.Mechanism.dp_config`); the server adds
+    only the per-site noise and, for a one-shot release, ``sample_rate`` 1.
+    """
+
+    noise_multiplier: float = 2.0  # sigma applied to C (dp-episodic accounts sigma / 2)
+    max_grad_norm: float = 1.0  # C, the per-episode (or per-patient) clip
+    sample_rate: float = DEFAULT_SAMPLE_RATE  # q, per-patient Poisson rate at every site
+    episodes: int = 8  # dp-episodic: episodes per DP step
+    ways: int = 3  # dp-episodic: classes per training episode
+    max_shots: int = 5
+    max_queries: int = 5
+    expected_patients: int = 64  # dp-supervised: the public normaliser B (about q x site size)
+    augmentations: int = 1  # dp-supervised: augmented copies averaged per record before clipping
+    # dp-prototypes: the public class vocabulary, comma-separated ("nevus,melanoma"; a run
+    # config holds scalars only); its order is the row order of every release.
+    classes: str = ""
+    # dp-prototypes: the federation's public upper bound on one site's patients; a release
+    # longer than it allows (sqrt(2) C per patient plus noise) is rejected by the server's gate.
+    max_site_patients: int = 100_000
+
+    def __post_init__(self) -> None:
+        checks = {
+            "noise_multiplier": math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0,
+            "max_grad_norm": math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
+            "sample_rate": 0 < self.sample_rate <= 1,
+            "episodes": self.episodes >= 1,
+            "max_site_patients": self.max_site_patients >= 1,
+        }
+        _check("DPSettings", checks, self)
+
+    def mechanism_values(self) -> dict[str, object]:
+        """The values a mechanism's config may take, by field name (the server's own bound
+        ``max_site_patients`` left out, the vocabulary as a tuple)."""
+        values: dict[str, object] = asdict(self)
+        del values["max_site_patients"]
+        values["classes"] = parse_classes(self.classes)
+        return values
+
+
 def parse_classes(text: str) -> tuple[str, ...]:
     """A vocabulary written as one string, ``"nevus,melanoma"``, as a tuple of names."""
     return tuple(c.strip() for c in text.split(CLASS_SEPARATOR) if c.strip())

@@ -133,10 +133,17 @@ def _measured_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
     )
 
 
+def _federation_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The federation's run config a version was published with (the server's versions); a
+    version a node kept names only its federation (a string): nothing more is known of it."""
+    federation = config.get("federation")
+    return federation if isinstance(federation, Mapping) else {}
+
+
 def _federation_metrics(entry: RegistryEntry, config: Mapping[str, Any]) -> tuple[str, ...]:
-    federation = config.get("federation") or {}
-    data = federation.get(key_of("eval_data"), "its evaluation set")
-    ways = federation.get(key_of("eval_ways"))
+    federation = _federation_config(config)
+    data = federation.get(key_of("data", prefix="eval."), "its evaluation set")
+    ways = federation.get(key_of("ways", prefix="eval."))
     accuracy = entry.metrics.get("accuracy")
     if not isinstance(accuracy, int | float) or isinstance(accuracy, bool):
         return ()
@@ -186,14 +193,14 @@ def model_card(
             "differential privacy: the version is never shared.",
             measured=inner.measured,
         )
-    federation = config.get("federation") or {}
+    federation = _federation_config(config)
     start = federation.get(key_of("initial_model")) or ""
     rounds = entry.info.get("round", "?")
     started = f"started from {Path(str(start)).name}" if start else "started from scratch"
     if entry.kind == KIND_GLOBAL:
         what = (
             f"{entry.label}: the federation's model after round {rounds} ({network}; "
-            f"{federation.get(key_of('meta_learner'), 'meta')}-trained, {started})."
+            f"{federation.get(key_of('learner', prefix='meta.'), 'meta')}-trained, {started})."
         )
         trained_on = (
             "The participating hospitals' own labelled images, which never left them; which "

@@ -27,6 +27,7 @@ from pathlib import Path
 import tomli_w
 
 from federation.errors import DeploymentError
+from models.run_config import nest_keys
 
 ConfigValue = bool | int | float | str
 
@@ -104,7 +105,7 @@ def write_app_project(
                 "app": {
                     "publisher": PUBLISHER,
                     "components": {"serverapp": serverapp, "clientapp": clientapp},
-                    "config": _nested(config),
+                    "config": nest_keys(config),
                 }
             }
         },
@@ -173,18 +174,6 @@ def config_args(config: Mapping[str, ConfigValue]) -> str:
             text = toml_value(value)
         pairs.append(f"{key}={text}")
     return " ".join(pairs)
-
-
-def _nested(config: Mapping[str, ConfigValue]) -> dict[str, object]:
-    """Dotted keys (`a.b = 1`) as the nested tables TOML makes of them."""
-    nested: dict[str, object] = {}
-    for key, value in config.items():
-        *parents, leaf = key.split(".")
-        table = nested
-        for part in parents:
-            table = table.setdefault(part, {})  # type: ignore[assignment]
-        table[leaf] = value
-    return nested
 
 
 def _checked_key(key: str) -> str:

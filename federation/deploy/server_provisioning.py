@@ -58,6 +58,7 @@ from federation.deploy.flower_project import (
 )
 from federation.errors import CertificateError, DeploymentError, ProvisioningError
 from federation.server_config import ServerConfig
+from models.run_config import flatten_tables, nest_keys
 
 SERVER_FILE = "server.toml"
 SERVER_TABLE = "superlink"
@@ -151,7 +152,7 @@ def init_server(
         "# The federation's run config (ServerConfig in federation/server_config.py).\n"
         "# Edit it, then `fedfew server start-run`; every key is checked before the run starts.\n"
     )
-    (out / RUN_CONFIG_FILE).write_text(run_header + tomli_w.dumps(run), encoding="utf-8")
+    (out / RUN_CONFIG_FILE).write_text(run_header + tomli_w.dumps(nest_keys(run)), encoding="utf-8")
     values: dict[str, Any] = {
         "bind": bind,
         "port": port,
@@ -312,7 +313,7 @@ def run_config_values(
         ProvisioningError: unreadable file or an unknown key.
         ValueError: a value of the wrong type or out of range (names the key).
     """
-    values = read_toml(server.run_config, made_by="fedfew server init")
+    values = flatten_tables(read_toml(server.run_config, made_by="fedfew server init"))
     values.update(overrides or {})
     known = ServerConfig().to_dict()
     unknown = sorted(set(values) - set(known))

@@ -1,11 +1,15 @@
 """The demo's preparation steps (the federated run itself is covered by tests/e2e)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from app.demo import (
     MARKER,
+    RUN_CONFIG,
     DemoSettings,
+    demo_run_config,
     prepare_workdir,
     public_start,
     server_config,
@@ -17,6 +21,8 @@ from federation.deploy.server_provisioning import init_server
 from federation.errors import DeploymentError
 from federation.server_app import initial_state
 from models.model_dir import load_model_dir
+from models.public_start import PUBLIC_ENCODER
+from models.run_config import flatten_tables
 from models.synthetic import write_synthetic_npz
 from models.weights import RECORD_KEY
 
@@ -71,7 +77,7 @@ def test_several_given_sets_are_one_hospital_each_and_configs_are_valid(tmp_path
 
 
 def test_the_public_start_is_the_frozen_imagenet_encoder_and_dp_trains_its_adapter(tmp_path):
-    settings = DemoSettings(side=32)
+    settings = DemoSettings().with_changes(side=32)
     lines: list[str] = []
     start = public_start(tmp_path, settings, lines.append)
     loaded = load_model_dir(start)
@@ -79,10 +85,27 @@ def test_the_public_start_is_the_frozen_imagenet_encoder_and_dp_trains_its_adapt
     assert RECORD_KEY in loaded.config  # the wheel's file, its hash recorded
     assert any("not private, no hospital data" in line for line in lines)
     config = server_config(tmp_path, 3, settings, "synthetic", start)
-    assert config.initial_model == str(start) and config.adapter == "scale"
-    assert config.trainable == "none" and config.backbone == "efficientnet_lite0"
-    assert config.max_shots == config.max_queries == settings.max_records
+    assert config.initial_model == str(start) and config.backbone.adapter == "scale"
+    assert config.backbone == dataclasses.replace(PUBLIC_ENCODER, image_size=32, adapter="scale")
+    assert config.dp == settings.run.dp and config.dp.max_shots == 3  # app/demo_run.toml
     state = initial_state(config)
     saved = loaded.model.state_dict()
     assert all(np.array_equal(state[k], saved[k].numpy()) for k in saved)
     assert np.all(state["adapter.scale"] == 1.0)  # the adapter starts as the identity
+
+
+def test_the_demos_settings_are_its_run_config_file_read_strictly(tmp_path, monkeypatch):
+    config = demo_run_config()
+    assert (config.federation, config.num_rounds, config.steps) == ("fedfew-demo", 3, 10)
+    assert config.dp.max_grad_norm == 0.05 and config.backbone.image_size == 128
+    changed = DemoSettings().with_changes(rounds=1, steps=2, side=64).run
+    assert (changed.num_rounds, changed.steps, changed.backbone.image_size) == (1, 2, 64)
+    assert changed.dp == config.dp  # nothing else moves
+    import tomllib
+
+    assert set(flatten_tables(tomllib.loads(RUN_CONFIG.read_text()))) <= set(config.to_dict())
+    misspelt = tmp_path / "demo_run.toml"
+    misspelt.write_text(RUN_CONFIG.read_text().replace("max-grad-norm", "max-grad-nrom"))
+    monkeypatch.setattr("app.demo.RUN_CONFIG", misspelt)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) dp.max-grad-nrom"):
+        demo_run_config()

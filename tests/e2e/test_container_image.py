@@ -48,8 +48,9 @@ pytestmark = [
 IMAGE = "localhost/fedfew:test"
 SITES = ("hospital-a", "hospital-b")
 TINY_RUN = (
-    "federation='container' num-rounds=1 local-steps=2 episodes=2 width=8 image-size=32 "
-    "eval-episodes=5 min-nodes=2 min-replies=2 node-wait=120 round-timeout=240 max-retries=0"
+    "federation='container' num-rounds=1 steps=2 dp.episodes=2 backbone.width=8 "
+    "backbone.image-size=32 eval.episodes=5 min-nodes=2 min-replies=2 node-wait=120 "
+    "round-timeout=240 max-retries=0"
 )
 BUILD_TIMEOUT_S = 1200  # cold: mmdebstrap about 1 min, wheels, `buildah bud` about 2-3 min
 STARTUP_S = 180.0  # a cold `fedfew` in a container imports torch and Flower on a loaded box

@@ -41,15 +41,12 @@ def tiny_config(workdir: Path, **changes) -> ServerConfig:
         # ClientApp's cold start and steps took over 90 s; a dead node's tests set their own.
         "round_timeout": 180.0,
         "max_retries": 1,
-        "local_steps": 2,
-        "episodes": 2,
-        "width": 8,
-        "image_size": 32,
-        "eval_episodes": 5,
+        "steps": 2,
         "workdir": str(workdir / "server"),
         **changes,
     }
-    return ServerConfig(**values)
+    small = {"dp.episodes": 2, "backbone.width": 8, "backbone.image-size": 32, "eval.episodes": 5}
+    return ServerConfig(**values).with_values(small)
 
 
 def sites(root: Path, caps: dict[str, float]) -> dict[str, SiteSpec]:

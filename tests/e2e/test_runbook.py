@@ -32,8 +32,9 @@ pytestmark = pytest.mark.slow
 SITES = ("hospital-a", "hospital-b")
 INTRUDER = "hospital-c"  # provisioned, never registered
 TINY_RUN = (
-    "federation='runbook' num-rounds=1 local-steps=2 episodes=2 width=8 image-size=32 "
-    "eval-episodes=5 min-nodes=2 min-replies=2 node-wait=120 round-timeout=240 max-retries=0"
+    "federation='runbook' num-rounds=1 steps=2 dp.episodes=2 backbone.width=8 "
+    "backbone.image-size=32 eval.episodes=5 min-nodes=2 min-replies=2 node-wait=120 "
+    "round-timeout=240 max-retries=0"
 )
 STARTUP_S = 120.0  # a cold `fedfew` imports torch and Flower: 10-20 s on a loaded 2-core box
 RUN_TIMEOUT_S = 600

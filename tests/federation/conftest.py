@@ -39,13 +39,11 @@ def server_config(tmp_path: Path) -> ServerConfig:
         node_wait=5,
         round_timeout=5,
         max_retries=1,
-        local_steps=2,
-        episodes=2,
-        width=8,
-        image_size=32,
-        eval_episodes=5,
+        steps=2,
         workdir=str(tmp_path / "server"),
         seed=0,
+    ).with_values(
+        {"dp.episodes": 2, "backbone.width": 8, "backbone.image-size": 32, "eval.episodes": 5}
     )
 
 

@@ -15,7 +15,6 @@ from federation.records import (
     from_arrays,
     from_config,
 )
-from federation.strategy import plan_for
 from models.registry import Registry
 from privacy.ledger import Ledger
 from privacy.ledger_head import verify_signature
@@ -28,12 +27,12 @@ def test_a_round_charges_the_ledger_keeps_the_model_and_replies_with_accounted_v
     tmp_path, server_config, global_state
 ):
     site = make_site(tmp_path, "a")
-    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    reply = train(message(global_state, server_config.round_plan(1)), context(site))
     assert not reply.has_error()
     report = SitePrivacyReport.from_dict(from_config(reply.content.config_records[REPORT]))
     ledger = Ledger.open(site["ledger"])
     (entry,) = ledger.entries()
-    assert entry.kind == "charge" and entry.round == 1 and entry.steps == server_config.local_steps
+    assert entry.kind == "charge" and entry.round == 1 and entry.steps == server_config.steps
     assert report.epsilon_spent == pytest.approx(ledger.epsilon_spent())
     assert (report.head_hash, report.head_entries) == (ledger.head_hash(), 1)
     assert not report.signed  # no node-key configured
@@ -47,7 +46,7 @@ def test_the_same_round_asked_again_is_replayed_without_a_second_charge(
     tmp_path, server_config, global_state
 ):
     site = make_site(tmp_path, "a")
-    msg = message(global_state, plan_for(server_config, 1))
+    msg = message(global_state, server_config.round_plan(1))
     first = train(msg, context(site))
     again = train(msg, context(site))
     assert SitePrivacyReport.from_dict(from_config(again.content.config_records[REPORT])).replayed
@@ -60,7 +59,7 @@ def test_a_plan_over_budget_is_refused_and_nothing_is_computed(
     tmp_path, server_config, global_state
 ):
     site = make_site(tmp_path, "a", cap=0.5)
-    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    reply = train(message(global_state, server_config.round_plan(1)), context(site))
     assert reply.has_error() and reply.error.reason == "budget-exhausted"
     (entry,) = Ledger.open(site["ledger"]).entries()
     assert entry.kind == "refusal"
@@ -73,7 +72,7 @@ def test_a_plan_below_the_node_minimum_noise_is_refused_before_the_ledger(
     tmp_path, server_config, global_state
 ):
     site = {**make_site(tmp_path, "a"), "min-noise": 5.0}
-    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    reply = train(message(global_state, server_config.round_plan(1)), context(site))
     assert reply.has_error() and reply.error.reason == "policy-refused"
     assert not (tmp_path / "a" / "ledger.db").exists()
 
@@ -82,7 +81,7 @@ def test_a_model_that_does_not_fit_the_plan_is_an_error_reply(
     tmp_path, server_config, global_state
 ):
     site = make_site(tmp_path, "a")
-    plan = plan_for(server_config, 1)
+    plan = server_config.round_plan(1)
     plan = dataclasses.replace(plan, backbone=dataclasses.replace(plan.backbone, width=16))
     reply = train(message(global_state, plan), context(site))
     assert reply.has_error() and reply.error.reason == "model-mismatch"
@@ -109,9 +108,10 @@ def test_an_existing_ledger_with_another_cap_is_a_config_error(
     tmp_path, server_config, global_state
 ):
     site = make_site(tmp_path, "a")
-    train(message(global_state, plan_for(server_config, 1)), context(site))
+    train(message(global_state, server_config.round_plan(1)), context(site))
     reply = train(
-        message(global_state, plan_for(server_config, 2)), context({**site, "budget-epsilon": 20.0})
+        message(global_state, server_config.round_plan(2)),
+        context({**site, "budget-epsilon": 20.0}),
     )
     assert reply.has_error() and reply.error.reason == "node-misconfigured"
 
@@ -120,7 +120,7 @@ def test_concurrent_attempts_of_one_round_release_one_output_for_one_charge(
     tmp_path, server_config, global_state
 ):
     site = make_site(tmp_path, "a")
-    msg = message(global_state, plan_for(server_config, 1))
+    msg = message(global_state, server_config.round_plan(1))
     with ThreadPoolExecutor(max_workers=2) as pool:
         first, second = pool.map(lambda _: train(msg, context(site)), range(2))
     assert not first.has_error(), first.error.reason
@@ -134,7 +134,7 @@ def test_concurrent_attempts_of_one_round_release_one_output_for_one_charge(
 def test_a_node_with_a_key_signs_the_ledger_head_it_sends(tmp_path, server_config, global_state):
     key = write_key(tmp_path / "node-key")
     site = {**make_site(tmp_path, "a"), "node-key": str(key)}
-    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    reply = train(message(global_state, server_config.round_plan(1)), context(site))
     report = SitePrivacyReport.from_dict(from_config(reply.content.config_records[REPORT]))
     assert report.signed and report.head_entries == 1
     verify_signature(report.head, (tmp_path / "node-key.pub").read_text())

@@ -17,7 +17,6 @@ from federation.node_config import NodeConfig
 from federation.publishing import model_from_state
 from federation.server_app import initial_state, run_federation
 from federation.server_config import ServerConfig
-from federation.strategy import plan_for
 from models.adaptation import embed
 from models.efficientnet_lite import EfficientNetLite0
 from models.meta import MetaConfig
@@ -33,14 +32,15 @@ from .conftest import make_site, node
 def encoder_config(server_config: ServerConfig) -> ServerConfig:
     """EfficientNet-Lite0 (random weights: the architecture is what matters here) at 32 px,
     frozen, with a per-feature scale adapter."""
-    return dataclasses.replace(
-        server_config,
-        backbone="efficientnet_lite0",
-        image_size=32,
-        norm="batch",
-        trainable="none",
-        features="multi-scale",
-        adapter="scale",
+    return server_config.with_values(
+        {
+            "backbone.name": "efficientnet_lite0",
+            "backbone.image-size": 32,
+            "backbone.norm": "batch",
+            "backbone.trainable": "none",
+            "backbone.features": "multi-scale",
+            "backbone.adapter": "scale",
+        }
     )
 
 
@@ -64,7 +64,7 @@ def test_a_node_embeds_once_then_trains_the_adapter_from_its_store(tmp_path, enc
     state = initial_state(encoder_config)
     node = NodeConfig.from_mapping(make_site(tmp_path, "a"))
     with encoder_calls() as first:
-        reply = run_round(node, plan_for(encoder_config, 1), state, requester="test", seed=0)
+        reply = run_round(node, encoder_config.round_plan(1), state, requester="test", seed=0)
     assert sum(first) == 40  # every image of the site, once
     moved = {k for k, v in reply.delta.items() if np.any(v != 0)}
     assert moved == {"adapter.scale"}
@@ -72,17 +72,17 @@ def test_a_node_embeds_once_then_trains_the_adapter_from_its_store(tmp_path, enc
 
     round_2 = {k: np.asarray(state[k] + reply.delta[k]) for k in state}
     with encoder_calls() as second:
-        run_round(node, plan_for(encoder_config, 2), round_2, requester="test", seed=1)
+        run_round(node, encoder_config.round_plan(2), round_2, requester="test", seed=1)
     assert second == []  # the encoder is the same: the features came from the store
 
     write_synthetic_npz(node.data, n_classes=4, per_class=10, seed=9)  # the site's data changed
     with encoder_calls() as third:
-        run_round(node, plan_for(encoder_config, 3), round_2, requester="test", seed=2)
+        run_round(node, encoder_config.round_plan(3), round_2, requester="test", seed=2)
     assert sum(third) == 40
 
 
 def test_a_plain_public_start_gains_the_plans_adapter_at_identity(tmp_path, encoder_config):
-    bare = plan_for(dataclasses.replace(encoder_config, adapter="none"), 1).backbone
+    bare = encoder_config.with_values({"backbone.adapter": "none"}).backbone
     torch.manual_seed(0)
     encoder = build_backbone(bare)
     pipeline = PipelineConfig(image_size=bare.image_size)
@@ -103,7 +103,7 @@ def test_an_adapter_needs_a_frozen_encoder():
 
 
 def test_the_server_embeds_its_evaluation_set_once_across_rounds(encoder_config):
-    plan = plan_for(encoder_config, 1)
+    plan = encoder_config.round_plan(1)
     state = initial_state(encoder_config)
     images = torch.rand(6, 3, 32, 32)
     first = model_from_state(state, plan)

@@ -12,15 +12,15 @@ from federation.node import run_round
 from federation.node_config import NodeConfig
 from federation.plan import RoundPlan, check_policy
 from federation.server_config import ServerConfig
-from privacy.dp_config import DPConfig, DPPretrainConfig
+from privacy.dp_config import DPConfig, DPPretrainConfig, DPSettings
 from privacy.ledger import Ledger
 from privacy.mechanisms import EPISODIC, SUPERVISED
 
 from .conftest import make_site
 
 
-def _plan(mechanism: str = EPISODIC, **changes) -> RoundPlan:
-    return ServerConfig(mechanism=mechanism, **changes).round_plan(3)
+def _plan(mechanism: str = EPISODIC, **dp) -> RoundPlan:
+    return ServerConfig(mechanism=mechanism, dp=DPSettings(**dp)).round_plan(3)
 
 
 def _node(tmp_path, **values) -> NodeConfig:
@@ -40,14 +40,16 @@ def test_flat_form_round_trips_with_the_same_digest(mechanism):
 
 
 def test_server_config_builds_each_component_once_into_the_plan():
-    config = ServerConfig(mechanism=SUPERVISED, clip=0.5, width=16, meta_learner="fomaml")
+    config = ServerConfig(mechanism=SUPERVISED).with_values(
+        {"dp.max-grad-norm": 0.5, "backbone.width": 16, "meta.learner": "fomaml"}
+    )
 
     plan = config.round_plan(2)
 
     assert isinstance(plan.dp, DPPretrainConfig) and plan.dp.max_grad_norm == 0.5
-    assert plan.dp.expected_patients == config.expected_patients
+    assert plan.dp.expected_patients == config.dp.expected_patients
     assert (plan.backbone.width, plan.meta.learner, plan.round) == (16, "fomaml", 2)
-    assert isinstance(_plan().dp, DPConfig) and _plan().dp.episodes == ServerConfig.episodes
+    assert isinstance(_plan().dp, DPConfig) and _plan().dp.episodes == DPSettings.episodes
 
 
 def test_an_int_where_a_float_is_expected_gives_the_same_digest():

@@ -37,15 +37,16 @@ SIGMA = 2.0  # accounted sigma 2 / sqrt(2) = 1.41, above the nodes' default mini
 
 @pytest.fixture
 def config(server_config):
-    return dataclasses.replace(
-        server_config,
-        mechanism=PROTOTYPES,
-        prototype_classes=",".join(VOCABULARY),
-        noise_multiplier=SIGMA,
-        clip=0.5,
-        num_rounds=1,
-        min_nodes=3,
-        min_replies=2,
+    return server_config.with_values(
+        {
+            "mechanism": PROTOTYPES,
+            "num-rounds": 1,
+            "min-nodes": 3,
+            "min-replies": 2,
+            "dp.classes": ",".join(VOCABULARY),
+            "dp.noise-multiplier": SIGMA,
+            "dp.max-grad-norm": 0.5,
+        }
     )
 
 
@@ -103,7 +104,7 @@ def test_three_sites_release_once_and_the_server_keeps_the_summed_prototypes(
     assert release.prototypes().shape == (3, width) and np.all(np.isfinite(release.prototypes()))
     # The sum is the sites' noiseless sums plus noise of std sqrt(3) sigma C on every entry.
     model = model_from_state(global_state, config.round_plan(1))
-    pipeline = PipelineConfig(image_size=config.image_size)
+    pipeline = PipelineConfig(image_size=config.backbone.image_size)
     dp = config.round_plan(1).dp
     noiseless = sum(
         DPPrototypeRelease(model, [load_dataset(s["data"], pipeline)], dp=dp).noiseless_sums()
@@ -200,7 +201,7 @@ def test_a_nan_or_misshapen_release_is_rejected_by_the_gate(tmp_path, config, gl
 
 def test_the_run_config_forces_one_step_over_every_patient_and_a_plan_cannot_ask_more(config):
     plan = ServerConfig.from_run_config(
-        {**config.to_dict(), "local-steps": 10, "sample-rate": 0.1}
+        {**config.to_dict(), "steps": 10, "dp.sample-rate": 0.1}
     ).round_plan(1)
     assert (plan.steps, plan.dp.sample_rate, plan.dp.classes) == (1, 1.0, VOCABULARY)
     assert RoundPlan.from_config(plan.to_config()) == plan
@@ -211,7 +212,7 @@ def test_the_run_config_forces_one_step_over_every_patient_and_a_plan_cannot_ask
     with pytest.raises(PlanRefusedError, match="sample_rate"):
         RoundPlan.from_config(flat)
     with pytest.raises(ValueError, match="classes"):
-        dataclasses.replace(config, prototype_classes="")
+        config.with_values({"dp.classes": ""})
 
 
 def test_a_replayed_round_sends_the_same_release_without_a_second_charge(
@@ -238,9 +239,9 @@ def test_the_sampling_limit_does_not_apply_to_a_one_shot_release_but_min_noise_d
     node_config = NodeConfig.from_mapping(site(tmp_path, "a", seed=0))
     assert node_config.max_sample_rate < 1.0
     check_policy(config.round_plan(1), node_config)  # q = 1 accepted for dp-prototypes
-    episodic = dataclasses.replace(config, mechanism=EPISODIC, sample_rate=1.0)
+    episodic = config.with_values({"mechanism": EPISODIC, "dp.sample-rate": 1.0})
     with pytest.raises(PlanRefusedError, match="sample rate 1 exceeds"):
         check_policy(episodic.round_plan(1), node_config)
-    quiet = dataclasses.replace(config, noise_multiplier=1.0)  # accounted 0.71 < 0.8
+    quiet = config.with_values({"dp.noise-multiplier": 1.0})  # accounted 0.71 < 0.8
     with pytest.raises(PlanRefusedError, match="below this node's minimum"):
         check_policy(quiet.round_plan(1), node_config)

@@ -12,7 +12,6 @@ from federation.errors import ModelMismatchError
 from federation.node import run_round
 from federation.node_config import NodeConfig
 from federation.server_app import initial_state, publish_version
-from federation.strategy import plan_for
 from models.meta import MetaConfig
 from models.model_dir import load_model_dir, save_model_dir
 from models.networks import build_backbone
@@ -26,7 +25,7 @@ from .conftest import make_site
 def write_start(path, config, *, seed: int = 3):
     """A model directory of the run config's network, as `fedfew pretrain` writes one."""
     torch.manual_seed(seed)
-    backbone = plan_for(config, 1).backbone
+    backbone = config.round_plan(1).backbone
     model = build_backbone(backbone)
     save_model_dir(
         path,
@@ -50,17 +49,17 @@ def test_the_initial_model_is_the_public_start_not_a_fresh_network(tmp_path, ser
 
 def test_a_public_start_of_another_network_is_refused_by_name(tmp_path, server_config):
     write_start(tmp_path / "start", server_config)
-    config = dataclasses.replace(
-        server_config, initial_model=str(tmp_path / "start"), width=2 * server_config.width
+    config = dataclasses.replace(server_config, initial_model=str(tmp_path / "start")).with_values(
+        {"backbone.width": 2 * server_config.backbone.width}
     )
     with pytest.raises(ModelMismatchError, match="width"):
         initial_state(config)
 
 
 def test_dp_touches_only_the_norm_affine_subset(tmp_path, server_config):
-    config = dataclasses.replace(server_config, trainable="norm-affine")
+    config = server_config.with_values({"backbone.trainable": "norm-affine"})
     state = initial_state(config)
-    plan = plan_for(config, 1)
+    plan = config.round_plan(1)
     node = NodeConfig.from_mapping(make_site(tmp_path, "a"))
     reply = run_round(node, plan, state, requester="test", seed=0)
     model = build_backbone(plan.backbone)

@@ -21,7 +21,7 @@ from federation.errors import (
 from federation.inprocess_grid import InProcessGrid
 from federation.node_config import NodeConfig
 from federation.reasons import ERROR_CODES, ReasonCode, reason_of
-from federation.strategy import FederatedMetaStrategy, plan_for
+from federation.strategy import FederatedMetaStrategy
 from models.errors import DataError, UnreadableImageError
 from privacy.errors import LedgerError, LedgerTamperedError
 
@@ -58,7 +58,7 @@ def test_each_error_replies_its_code_and_no_text(
 
     monkeypatch.setattr(client_app, "run_round", fail)
     site = make_site(tmp_path, "a")
-    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    reply = train(message(global_state, server_config.round_plan(1)), context(site))
     assert reply.has_error()
     assert (reply.error.code, reply.error.reason) == (ERROR_CODES[expected], expected.value)
     assert MARKER not in repr(reply.error)
@@ -73,12 +73,12 @@ def test_reason_codes_are_distinct():
 
 
 def test_an_unreadable_node_config_is_a_code_only(tmp_path, server_config, global_state):
-    reply = train(message(global_state, plan_for(server_config, 1)), context({"site-id": MARKER}))
+    reply = train(message(global_state, server_config.round_plan(1)), context({"site-id": MARKER}))
     assert reply.error.reason == ReasonCode.NODE_MISCONFIGURED.value
 
 
 def test_a_message_without_a_plan_is_plan_invalid(tmp_path, server_config, global_state):
-    msg = message(global_state, plan_for(server_config, 1))
+    msg = message(global_state, server_config.round_plan(1))
     del msg.content.config_records["plan"]
     reply = train(msg, context(make_site(tmp_path, "a")))
     assert reply.error.reason == ReasonCode.PLAN_INVALID.value
@@ -95,7 +95,7 @@ def test_real_unreadable_patient_files_reply_data_unreadable_and_stay_in_the_nod
     manifest = folder / "manifest.csv"
     manifest.write_text("path,label\n" + "".join(f"{MARKER}-{i}.png,c{i % 2}\n" for i in range(4)))
     site["data"] = str(manifest)
-    reply = train(message(global_state, plan_for(server_config, 1)), context(site))
+    reply = train(message(global_state, server_config.round_plan(1)), context(site))
     assert reply.error.reason == ReasonCode.DATA_UNREADABLE.value
     assert MARKER not in repr(reply.error)
     log = failure_log_path(NodeConfig.from_mapping(site)).read_text()

@@ -94,7 +94,9 @@ def test_no_quorum_stops_cleanly_with_the_last_good_checkpoint(
 
 
 def test_poisoned_and_nan_replies_are_gated(tmp_path, server_config, global_state):
-    config = dataclasses.replace(server_config, num_rounds=1, min_replies=1, norm_policy="reject")
+    config = dataclasses.replace(server_config, num_rounds=1, min_replies=1).with_values(
+        {"aggregation.norm-policy": "reject"}
+    )
     good = make_site(tmp_path, "a")
 
     def poisoned(msg: Message) -> Message:

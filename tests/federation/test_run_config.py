@@ -18,10 +18,15 @@ from .conftest import make_site
         ({"num-rounds": 2.7}, "run config: num-rounds must be int, got 2.7"),
         ({"num-rounds": "5"}, "run config: num-rounds must be int, got '5'"),
         ({"num-rounds": True}, "run config: num-rounds must be int, got True"),
-        ({"clip": "1.0"}, "run config: clip must be float, got '1.0'"),
+        ({"dp.max-grad-norm": "1.0"}, "run config: dp.max-grad-norm must be float, got '1.0'"),
+        ({"backbone.width": 8.0}, "run config: backbone.width must be int, got 8.0"),
         ({"federation": 3}, "run config: federation must be str, got 3"),
-        ({"secure-aggregation": 1}, "run config: secure-aggregation must be true or false"),
+        ({"secagg.enabled": 1}, "run config: secagg.enabled must be true or false"),
         ({"num-round": 2}, "run config: unknown key.* num-round;"),
+        ({"dp.noise-multiplir": 2.0}, "run config: unknown key.* dp.noise-multiplir;"),
+        ({"noise-multiplier": 2.0}, "run config: unknown key.* noise-multiplier;"),
+        ({"dp.noise-multiplier": -1.0}, "run config: dp: DPSettings.noise_multiplier"),
+        ({"eval.ways": 0}, "run config: eval: EvalConfig.ways must be > 0"),
     ],
 )
 def test_the_run_config_refuses_a_mistyped_or_misspelt_key_naming_it(values, message):
@@ -30,10 +35,24 @@ def test_the_run_config_refuses_a_mistyped_or_misspelt_key_naming_it(values, mes
 
 
 def test_the_run_config_reads_its_own_flat_form_and_widens_only_int_to_float():
-    config = ServerConfig(num_rounds=5, node_wait=30.0, secure_aggregation=True, min_replies=2)
+    config = ServerConfig(num_rounds=5, node_wait=30.0, min_replies=2).with_values(
+        {"secagg.enabled": True, "backbone.width": 16, "dp.classes": "a,b"}
+    )
     assert ServerConfig.from_run_config(config.to_dict()) == config
-    widened = ServerConfig.from_run_config({"node-wait": 30, "num-rounds": 5})
+    assert (config.secagg.enabled, config.backbone.width, config.dp.classes) == (True, 16, "a,b")
+    widened = ServerConfig.from_run_config(
+        {"node-wait": 30, "num-rounds": 5, "dp.max-grad-norm": 2}
+    )
     assert widened.node_wait == 30.0 and isinstance(widened.node_wait, float)
+    assert widened.dp.max_grad_norm == 2.0 and isinstance(widened.dp.max_grad_norm, float)
+
+
+def test_the_run_config_is_one_tree_whose_components_are_the_plans():
+    config = ServerConfig().with_values({"backbone.width": 16, "meta.learner": "fomaml"})
+    plan = config.round_plan(1)
+    assert plan.backbone is config.backbone and plan.meta is config.meta
+    assert all(key.split(".")[0] in ("dp", "backbone", "meta", "aggregation", "secagg", "eval")
+               for key in config.to_dict() if "." in key)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -69,7 +88,7 @@ def test_a_dp_key_no_mechanism_has_is_an_error_and_one_for_another_mechanism_is_
 
 def test_sample_rate_has_one_default():
     assert DEFAULT_SAMPLE_RATE == 0.1
-    assert ServerConfig().sample_rate == DEFAULT_SAMPLE_RATE
+    assert ServerConfig().dp.sample_rate == DEFAULT_SAMPLE_RATE
     assert DPConfig(noise_multiplier=1.0).sample_rate == DEFAULT_SAMPLE_RATE
     assert DPPretrainConfig(noise_multiplier=1.0).sample_rate == DEFAULT_SAMPLE_RATE
     supervised = ServerConfig(mechanism=SUPERVISED).round_plan(1)

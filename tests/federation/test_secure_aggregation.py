@@ -20,7 +20,7 @@ from federation.secure_aggregation import (
     update_norm,
 )
 from federation.secure_node import SECURE_STATE, check_unmask
-from federation.server_config import ServerConfig
+from federation.server_config import SecureRoundsConfig, ServerConfig
 
 from .conftest import make_site
 
@@ -117,7 +117,7 @@ def test_the_gate_on_a_sum_checks_dtypes_as_the_plain_gate_does():
 
 
 def test_the_plan_carries_the_secure_component_through_its_flat_form():
-    config = ServerConfig(secure_aggregation=True, min_replies=3, min_nodes=3)
+    config = ServerConfig(min_replies=3, min_nodes=3, secagg=SecureRoundsConfig(enabled=True))
     plan = config.round_plan(2, norm_bound=0.25)
     flat = plan.to_config()
     assert flat["secagg.enabled"] is True and flat["secagg.norm-bound"] == 0.25
@@ -128,10 +128,12 @@ def test_the_plan_carries_the_secure_component_through_its_flat_form():
 
 def test_secure_aggregation_excludes_the_robust_defences_and_needs_a_real_boolean():
     with pytest.raises(ValueError, match="defence 'krum'"):
-        ServerConfig(secure_aggregation=True, defence="krum", min_nodes=4)
-    with pytest.raises(ValueError, match="secure-aggregation must be true or false"):
-        ServerConfig.from_run_config({"secure-aggregation": "false"})
-    assert ServerConfig.from_run_config({"secure-aggregation": True}).secure_aggregation
+        ServerConfig.from_run_config(
+            {"secagg.enabled": True, "aggregation.defence": "krum", "min-nodes": 4}
+        )
+    with pytest.raises(ValueError, match=r"secagg\.enabled must be true or false"):
+        ServerConfig.from_run_config({"secagg.enabled": "false"})
+    assert ServerConfig.from_run_config({"secagg.enabled": True}).secagg.enabled
 
 
 def test_a_node_policy_other_than_the_three_is_a_config_error(tmp_path):
@@ -180,8 +182,8 @@ def test_the_demo_option_turns_on_secure_rounds_in_the_demos_run_config(tmp_path
     from app.demo_cli import demo
 
     config = server_config(tmp_path, 3, DemoSettings(), "synthetic", secure_aggregation=True)
-    assert config.secure_aggregation and config.round_plan(1).secagg.enabled
-    assert not server_config(tmp_path, 3, DemoSettings(), "synthetic").secure_aggregation
+    assert config.secagg.enabled and config.round_plan(1).secagg.enabled
+    assert not server_config(tmp_path, 3, DemoSettings(), "synthetic").secagg.enabled
     cli = typer.Typer()
     cli.command()(demo)
     assert "--secure-aggregation" in CliRunner().invoke(cli, ["--help"]).output

@@ -33,14 +33,8 @@ ALLOW = f"{EPISODIC},{DISTRIBUTED}"
 
 @pytest.fixture
 def distributed_config(server_config):
-    return dataclasses.replace(
-        server_config,
-        secure_aggregation=True,
-        distributed_noise=True,
-        local_steps=1,
-        num_rounds=1,
-        min_nodes=3,
-        min_replies=2,
+    return dataclasses.replace(server_config, steps=1, num_rounds=1, min_nodes=3).with_values(
+        {"secagg.enabled": True, "secagg.distributed-noise": True}
     )
 
 
@@ -51,14 +45,14 @@ def kept_delta(site: dict) -> dict[str, np.ndarray]:
 
 def test_the_plan_asks_each_site_for_its_share_and_accounts_the_sum(distributed_config):
     plan = distributed_config.round_plan(1, norm_bound=1.0)
-    sigma = distributed_config.noise_multiplier
+    sigma = distributed_config.dp.noise_multiplier
     assert plan.mechanism == DISTRIBUTED and plan.secagg.min_sites == 2
     assert plan.dp.noise_multiplier == pytest.approx(sigma / math.sqrt(2))  # the site's share
     assert plan.accounted_noise_multiplier == pytest.approx(sigma / 2)  # the sum's, sensitivity 2C
-    with pytest.raises(ValueError, match="local-steps = 1"):
-        dataclasses.replace(distributed_config, local_steps=2)
-    with pytest.raises(ValueError, match="secure-aggregation = true"):
-        dataclasses.replace(distributed_config, secure_aggregation=False)
+    with pytest.raises(ValueError, match="steps = 1"):
+        dataclasses.replace(distributed_config, steps=2)
+    with pytest.raises(ValueError, match=r"secagg\.enabled = true"):
+        distributed_config.with_values({"secagg.enabled": False})
     two_steps = {**plan.to_config(), "steps": 2}
     with pytest.raises(PlanRefusedError, match="exactly 1 step"):
         RoundPlan.from_config(two_steps)
@@ -81,13 +75,13 @@ def test_distributed_noise_charges_the_sum_reports_the_fallback_and_needs_the_si
     kept = [kept_delta(s) for s in sites[:2]]
     for name, value in result.gate.mean.items():
         np.testing.assert_allclose(value, np.mean([k[name] for k in kept], axis=0), atol=1e-6)
-    sigma = distributed_config.noise_multiplier
+    sigma = distributed_config.dp.noise_multiplier
     (entry,) = Ledger.open(sites[0]["ledger"]).entries()
     assert entry.mechanism == DISTRIBUTED
     assert entry.noise_multiplier == pytest.approx(sigma / math.sqrt(2))  # what the site added
     assert entry.accounted_noise_multiplier == pytest.approx(sigma / 2)  # the sum's guarantee
     report = next(r.report for r in result.replies.values() if r.site_id == "a")
-    q = distributed_config.sample_rate
+    q = distributed_config.dp.sample_rate
     holds = epsilon_for([(sigma / 2, q, 1)], delta=1e-5, accountant="rdp")
     fails = epsilon_for([(sigma / math.sqrt(2) / 2, q, 1)], delta=1e-5, accountant="rdp")
     assert report.epsilon_round == pytest.approx(holds)

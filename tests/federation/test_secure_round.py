@@ -26,7 +26,7 @@ from .conftest import make_site, message, secure_node
 
 @pytest.fixture
 def secure_config(server_config):
-    return dataclasses.replace(server_config, secure_aggregation=True, num_rounds=1)
+    return dataclasses.replace(server_config, num_rounds=1).with_values({"secagg.enabled": True})
 
 
 def kept_update(site: dict, bound: float) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from app.dashboard import model_card
 from app.dashboard.auth import ROLE_CLINICIAN
-from federation.server_config import ServerConfig
+from federation.server_config import EvalConfig, ServerConfig
 from models.adaptation import AdaptConfig
 from models.registry import KIND_GLOBAL, KIND_LOCAL, KIND_PUBLIC, RegistryEntry
 from tests.app.dashboard.conftest import texts
@@ -60,7 +60,9 @@ def test_public_card_names_its_data_and_its_measured_modalities(tmp_path: Path) 
 def test_federated_and_local_cards(tmp_path: Path) -> None:
     config = {
         "backbone": {"name": "conv4", "image_size": 64},
-        "federation": ServerConfig(eval_data="synthetic", eval_ways=5).to_dict(),  # as published
+        "federation": ServerConfig(
+            eval=EvalConfig(data="synthetic", ways=5)
+        ).to_dict(),  # as published
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     base = _entry(
