@@ -170,9 +170,13 @@ def embed(
     """Backbone features ``(n, d)`` of ``images``, in chunks, averaged over flips when ``tta``.
 
     A frozen backbone run on its own weights embeds each image once: its features are kept in
-    the model's :mod:`models.feature_cache` and served again to later calls.
+    the model's :mod:`models.feature_cache` and served again to later calls. Weights that are
+    the model's own tensors (an adapted classifier's unchanged backbone) run the module as it is,
+    so a frozen encoder inside it (models/feature_adapter.py) keeps its cache too.
     """
-    if _own_frozen_weights(model, params):
+    if _own_weights(model, params, buffers):
+        if not is_fully_frozen(model):
+            return _embed(model, images, None, tta=tta, batch_limit=batch_limit)
         return cache_for(model).features(
             model,
             images,
@@ -183,13 +187,19 @@ def embed(
     return _embed(model, images, weights, tta=tta, batch_limit=batch_limit)
 
 
-def _own_frozen_weights(model: nn.Module, params: Params | None) -> bool:
-    """Whether ``model`` is frozen and ``params`` (if any) are its own tensors."""
-    if not is_fully_frozen(model):
-        return False
-    own = dict(model.named_parameters())
-    return params is None or all(
-        k in own and v.data_ptr() == own[k].data_ptr() for k, v in params.items()
+def _own_weights(model: nn.Module, params: Params | None, buffers: Params | None) -> bool:
+    """Whether ``params`` and ``buffers`` (if any) are ``model``'s own tensors (the same storage
+    and shape): running the module itself then computes what a functional call would, without
+    swapping its tensors (which would make a feature cache inside it start afresh)."""
+
+    def same(given: Params | None, own: dict[str, torch.Tensor]) -> bool:
+        return given is None or all(
+            k in own and v.data_ptr() == own[k].data_ptr() and v.shape == own[k].shape
+            for k, v in given.items()
+        )
+
+    return same(params, dict(model.named_parameters())) and same(
+        buffers, dict(model.named_buffers())
     )
 
 
@@ -402,7 +412,12 @@ class AdaptedClassifier:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class scores ``(n, ways)``."""
-        features = self.embed(images)
+        return self.head_logits(self.embed(images))
+
+    @torch.no_grad()
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class scores ``(n, ways)`` of backbone features from :meth:`embed` (a caller that
+        already holds them need not embed the images again)."""
         features = head_features(features) if self._normalized_head else self._features(features)
         return features @ self._params["head.weight"].T + self._params["head.bias"]
 
