@@ -53,13 +53,13 @@ from models.training import TrainConfig, meta_train
 
 # The levers, each alone, then stacked; the name is the row's second part.
 LEVERS: dict[str, tuple[AdaptConfig, bool]] = {  # name -> (config, centre on the pool's mean)
-    "prototype": (AdaptConfig(centre=False), False),
-    "centre-task": (AdaptConfig(centre=True), False),
-    "centre-domain": (AdaptConfig(centre=True), True),
-    "tta": (AdaptConfig(centre=False, tta=True), False),
-    "transductive": (AdaptConfig(centre=False, transductive_steps=2), False),
+    "prototype": (AdaptConfig(mode="prototype", centre=False), False),
+    "centre-task": (AdaptConfig(mode="prototype", centre=True), False),
+    "centre-domain": (AdaptConfig(mode="prototype", centre=True), True),
+    "tta": (AdaptConfig(mode="prototype", centre=False, tta=True), False),
+    "transductive": (AdaptConfig(mode="prototype", centre=False, transductive_steps=2), False),
     "linear": (AdaptConfig(mode="linear", centre=False), False),
-    "stack": (AdaptConfig(centre=True, tta=True, transductive_steps=2), True),
+    "stack": (AdaptConfig(mode="prototype", centre=True, tta=True, transductive_steps=2), True),
     "stack-linear": (AdaptConfig(mode="linear", centre=True, tta=True), True),
 }
 FINETUNE = AdaptConfig(mode="finetune", centre=True)  # costly: one fine-tune per episode

@@ -56,10 +56,11 @@ TASKS = ("new-modality", "new-condition")
 PIXEL_SIDE = 64  # the shared sets' own side: pixels are the floor at their native resolution
 CACHE = Path(__file__).resolve().parent / "results" / "cache"  # embeddings, not committed
 # lever -> (adaptation config, centre on the pool's mean)
+# (the mode is named: AdaptConfig's default became ridge after these rows were first measured)
 LEVERS: dict[str, tuple[AdaptConfig, bool]] = {
-    "prototype": (AdaptConfig(centre=False), False),
-    "centre-task": (AdaptConfig(centre=True), False),
-    "centre-domain": (AdaptConfig(centre=True), True),
+    "prototype": (AdaptConfig(mode="prototype", centre=False), False),
+    "centre-task": (AdaptConfig(mode="prototype", centre=True), False),
+    "centre-domain": (AdaptConfig(mode="prototype", centre=True), True),
     "ridge-domain": (AdaptConfig(mode="ridge", centre=True), True),
 }
 # Logistic regression (mode "linear") is left out: 100 Adam steps per fit and per leave-one-out
@@ -136,9 +137,13 @@ def score(
     pool_mean: torch.Tensor,
     shots: int,
     config: BenchConfig,
+    levers: dict[str, tuple[AdaptConfig, bool]] = LEVERS,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """One row: accuracy, confident share and head time over the fold's episodes."""
-    adapt_config, domain = LEVERS[lever]
+    """One row: accuracy, confident share and head time over the fold's episodes (``levers``
+    and ``model``: other heads, or features already mapped, for bench/encoder_levers.py)."""
+    adapt_config, domain = levers[lever]
+    model = model if model is not None else CachedFeatures(parts)
     calibration = CalibrationConfig()
     confident: list[float] = []
     confident_right: list[float] = []
@@ -163,13 +168,11 @@ def score(
         "embeddings": features,
     }
     start = time.perf_counter()
-    result = evaluate_episodes(
-        CachedFeatures(parts), evaluation, episodes=config.episodes, **common
-    )
+    result = evaluate_episodes(model, evaluation, episodes=config.episodes, **common)
     seconds = time.perf_counter() - start
     if shots >= 2 and config.calibrated_episodes:  # the first episodes again, calibrated
         evaluate_episodes(
-            CachedFeatures(parts),
+            model,
             evaluation,
             episodes=min(config.episodes, config.calibrated_episodes),
             on_logits=keep,
