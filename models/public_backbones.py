@@ -23,16 +23,17 @@ from monai.networks.nets.efficientnet import MBConvBlock
 from monai.networks.nets.resnet import ResNetBlock, get_inplanes
 from torch import nn
 
-from models.efficientnet_lite import efficientnet_lite0
+from models.efficientnet_lite import efficientnet_lite0, efficientnet_lite1, efficientnet_lite2
 from models.freezing import batchnorm_to_groupnorm, freeze_batchnorm
 
 if TYPE_CHECKING:
     from models.networks import BackboneConfig
 
 # Backbones whose public weights carry BatchNorm statistics (``BackboneConfig.norm="batch"``).
-BATCHNORM_BACKBONES = frozenset({"resnet10", "resnet18", "efficientnet_b0", "efficientnet_lite0"})
+LITE_BACKBONES = frozenset({"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"})
+BATCHNORM_BACKBONES = frozenset({"resnet10", "resnet18", "efficientnet_b0", *LITE_BACKBONES})
 # Backbones that can add intermediate blocks' pooled features to their embedding.
-MULTI_SCALE_BACKBONES = frozenset({"efficientnet_lite0"})
+MULTI_SCALE_BACKBONES = LITE_BACKBONES
 
 VIT_PATCH = 8  # 64 px images give 8x8 = 64 tokens, the token count of ViT-Ti at 224 px / 28
 VIT_HIDDEN = 192  # ViT-Tiny (Touvron et al. 2021, DeiT-Ti): hidden 192, 12 layers, 3 heads
@@ -151,4 +152,6 @@ PUBLIC_BACKBONES: dict[str, Callable[[BackboneConfig], nn.Module]] = {
     "efficientnet_b0": efficientnet_b0,
     "vit_tiny": vit_tiny,
     "efficientnet_lite0": efficientnet_lite0,
+    "efficientnet_lite1": efficientnet_lite1,
+    "efficientnet_lite2": efficientnet_lite2,
 }
