@@ -25,6 +25,7 @@ from app.dashboard.clinic import (
     reliability_text,
 )
 from app.dashboard.errors import CaseError
+from app.dashboard.known_classes import from_saved
 from app.dashboard.provenance import Provenance, utc_now
 from models.adaptation import AdaptConfig
 from models.errors import RegistryError
@@ -37,6 +38,7 @@ from privacy.site_report import SitePrivacyReport
 ADAPTER_JSON = "adapter.json"
 SUPPORT_FILE = "support.safetensors"
 ADAPTER_FORMAT = 1
+KNOWN_KEY = "known_prototypes"  # adapter.json: the federation's prototypes it took (or absent)
 IMAGES_KEY = "images"
 LABELS_KEY = "labels"
 
@@ -136,6 +138,8 @@ def save_adapter(
         "base_version": adaptation.base_version,
         "adapt_config": AdaptConfig(mode=adaptation.mode).to_dict(),
     }
+    if adaptation.known is not None:
+        meta[KNOWN_KEY] = adaptation.known.to_json()
 
     def write(folder: Path) -> None:
         folder.mkdir(parents=True)
@@ -168,6 +172,11 @@ def save_adapter(
             "cases_per_class": support.counts(),
             "mode": adaptation.mode,
             "author": author,
+            **(
+                {"federation_prototypes": adaptation.known.names()}
+                if adaptation.known is not None
+                else {}
+            ),
         },
     )
 
@@ -188,6 +197,7 @@ def load_adapter(registry: Path, version: int) -> tuple[Adaptation, LoadedModel]
     except (OSError, ValueError) as exc:
         raise RegistryError(f"adapter {entry.label} is unreadable: {exc}") from exc
     model = reg.load_model(entry.parent)
+    known = from_saved(meta.get(KNOWN_KEY), reg.get(entry.parent))
     support = SupportSet(
         images=tensors[IMAGES_KEY].numpy(),
         labels=tensors[LABELS_KEY].numpy(),
@@ -211,6 +221,7 @@ def load_adapter(registry: Path, version: int) -> tuple[Adaptation, LoadedModel]
         base_version=entry.parent,
         with_reliability=not stored,
         condition=str(entry.info.get("condition", "")),
+        known=known,
     )
     if stored:
         adaptation.reliability = Reliability(
@@ -238,6 +249,11 @@ def provenance_for(
         base_label, privacy = f"v{adaptation.base_version}", "unknown: version not in registry"
     else:
         base_label, privacy = base.label, epsilon_label(base)
+    if adaptation.known is not None:
+        privacy += (
+            f"; with the federation's DP prototypes of {', '.join(adaptation.known.names())} "
+            f"({adaptation.known.release.cost()})"
+        )
     return Provenance(
         adapter=adapter.label if adapter is not None else UNSAVED,
         adapter_version=adapter.id if adapter is not None else None,

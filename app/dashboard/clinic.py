@@ -1,6 +1,11 @@
 """What the clinician pages do: adapt a base model to a few labelled cases, estimate how reliable
 that is, classify new cases with their nearest labelled cases, export the results.
 
+Cases are embedded when they arrive (:func:`embed_on_arrival`, :func:`embed_new_cases`: the pages
+call them right after decoding an upload or an archive pull) when the base model's features are
+kept per image (a frozen encoder, :mod:`models.feature_cache`), so "Adapt" and classifying only
+fit and apply the head and run the checks.
+
 Saving and loading adapters is in :mod:`app.dashboard.adapters`.
 """
 
@@ -12,10 +17,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from app.dashboard.errors import CaseError
+from app.dashboard.known_classes import (
+    KnownPrototypes,
+    adapt_with_prototypes,
+    held_out_with_prototypes,
+)
 from app.dashboard.uploads import LoadedCases
-from models.adaptation import ADAPT_MODES, AdaptConfig, AdaptedClassifier, adapt, step_hook
+from models.adaptation import (
+    ADAPT_MODES,
+    AdaptConfig,
+    AdaptedClassifier,
+    adapt,
+    embed,
+    step_hook,
+)
 from models.calibration import (
     CalibrationConfig,
     Interval,
@@ -25,6 +43,8 @@ from models.calibration import (
     wilson_interval,
 )
 from models.calibration import held_out_order as calibration_order
+from models.feature_adapter import encoder_of
+from models.freezing import is_fully_frozen
 from models.model_dir import LoadedModel
 from models.ood import FLAG_AT, support_outlier_scores
 from models.pipeline import PipelineConfig
@@ -155,6 +175,11 @@ class Adaptation:
     # Labelled cases that look unlike all the others (models.ood.support_outlier_scores): a
     # photograph or another modality's study filed in a class. The clinician checks them.
     suspect: tuple[str, ...] = ()
+    # Whether the classifier embeds with the base model's own frozen encoder, whose features are
+    # kept per image: then new cases are worth embedding when they arrive (embed_new_cases).
+    caches_features: bool = False
+    # The federation's released prototypes that joined the support (app.dashboard.known_classes)
+    known: KnownPrototypes | None = None
 
     @property
     def temperature(self) -> float:
@@ -163,7 +188,55 @@ class Adaptation:
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities ``(n, ways)`` (what every page shows)."""
-        return torch.softmax(self.classifier.logits(x) / self.temperature, dim=-1)
+        return self.probabilities_of(self.classifier.embed(x))
+
+    def probabilities_of(self, features: torch.Tensor) -> torch.Tensor:
+        """:meth:`predict_proba` of cases whose backbone features (``classifier.embed``) are
+        already at hand."""
+        return torch.softmax(self.classifier.head_logits(features) / self.temperature, dim=-1)
+
+
+def caches_features(model: nn.Module) -> bool:
+    """Whether ``model``'s features cost nothing the second time: its encoder (the model itself,
+    or the frozen encoder under a feature adapter) is frozen, so :mod:`models.feature_cache`
+    keeps each image's features."""
+    return is_fully_frozen(encoder_of(model))
+
+
+def embed_on_arrival(model: LoadedModel, cases: LoadedCases, *, mode: str) -> bool:
+    """Embed labelled cases as they arrive (after an upload or an archive pull is decoded), so
+    the click on "Adapt" finds their features cached and only fits the head and runs the checks.
+
+    Returns whether anything was embedded: nothing for a mode that changes the backbone
+    (finetune, MAML: the features are those of the adapted copy) or a backbone whose features
+    are not kept (a trainable encoder), where embedding now would only be done twice.
+    """
+    if not cases.cases or mode not in ADAPT_MODES or not ADAPT_MODES[mode].frozen_backbone:
+        return False
+    if not caches_features(model.model):
+        return False
+    config = AdaptConfig(mode=mode)
+    embed(
+        model.model,
+        torch.from_numpy(cases.images),
+        tta=config.tta,
+        batch_limit=config.batch_limit,
+    )
+    return True
+
+
+def embed_new_cases(adaptation: Adaptation, cases: LoadedCases) -> bool:
+    """Embed new cases as they arrive on the classify page, with the adaptation's own backbone,
+    so classifying them finds their features cached. Returns whether anything was embedded (see
+    :func:`embed_on_arrival`; also nothing for cases prepared for another input size, which
+    classifying refuses)."""
+    if not cases.cases or not adaptation.caches_features:
+        return False
+    images = cases.images
+    if images.shape[1:] != adaptation.support.images.shape[1:]:
+        return False
+    adaptation.classifier.embed(torch.from_numpy(images))
+    return True
 
 
 def held_out_order(labels: np.ndarray) -> list[int]:
@@ -177,16 +250,22 @@ def reliability(
     *,
     config: AdaptConfig,
     on_progress: ProgressFn | None = None,
+    embeddings: torch.Tensor | None = None,
+    known: KnownPrototypes | None = None,
 ) -> Reliability:
     """Leave-one-out accuracy (the protocol of :func:`models.evaluation.leave_one_out`) and the
     temperature fitted to the held-out logits.
 
-    With prototypes the backbone is fixed, so the support set is embedded once and each fold only
-    recomputes the prototypes. Finetune and MAML adapt once per fold, so they hold out at most
-    :data:`SLOW_MODE_FOLDS` cases (every class in turn): an unbiased but coarser estimate.
+    In frozen-backbone modes the support set is embedded once (or ``embeddings``, its backbone
+    features, are given) and each fold only refits the head: a ridge head's fold is a solve of
+    the size of the support set, about a millisecond. Finetune and MAML adapt once per fold, so
+    they hold out at most :data:`SLOW_MODE_FOLDS` cases (every class in turn): an unbiased but
+    coarser estimate. With ``known`` (the federation's prototypes) every fold's head also takes
+    the prototypes; only the clinician's cases are held out.
 
     Raises:
-        CaseError: a class with fewer than 2 cases.
+        CaseError: a class with fewer than 2 cases, or prototypes with a mode that changes the
+            network.
     """
     counts = support.counts()
     if min(counts) < MIN_CASES_FOR_RELIABILITY:
@@ -199,6 +278,21 @@ def reliability(
         if on_progress is not None:
             on_progress(done / total, f"checking reliability: case {done} of {total}")
 
+    if known is not None:
+        images = torch.from_numpy(support.images)
+        labels = torch.from_numpy(support.labels)
+        fit = adapt_with_prototypes(
+            model, images, labels, ways=support.ways, config=config, known=known, raw=embeddings
+        )
+        held = held_out_with_prototypes(
+            fit, labels, ways=support.ways, config=config, on_fold=on_fold
+        )
+        return Reliability(
+            right=held.right,
+            cases=len(held.indices),
+            of=len(support.labels),
+            temperature=fit_temperature(held.logits, held.labels, config=CALIBRATION),
+        )
     held = held_out_logits(
         model.model,
         torch.from_numpy(support.images),
@@ -207,6 +301,7 @@ def reliability(
         config=config,
         meta=model.meta,
         domain_mean=model.domain_mean,
+        embeddings=embeddings if config.frozen_backbone else None,
         max_folds=CALIBRATION.folds(config),
         on_fold=on_fold,
     )
@@ -218,10 +313,15 @@ def reliability(
     )
 
 
-def fingerprint(*, base_version: int, mode: str, support: SupportSet) -> str:
-    """A digest of everything an adaptation depends on: base version, mode, class names, and
-    each case's class and pixels. A result is shown and saved only while the inputs match."""
+def fingerprint(
+    *, base_version: int, mode: str, support: SupportSet, known: KnownPrototypes | None = None
+) -> str:
+    """A digest of everything an adaptation depends on: base version, mode, class names, each
+    case's class and pixels, and the federation's prototypes it took. A result is shown and
+    saved only while the inputs match."""
     digest = hashlib.sha256(f"{base_version}|{mode}|{list(support.classes)}".encode())
+    if known is not None:  # (without: the digest of adapters saved before prototypes existed)
+        digest.update(f"|known|{known.fingerprint()}".encode())
     digest.update(np.ascontiguousarray(support.labels).tobytes())
     digest.update(np.ascontiguousarray(support.images).tobytes())
     return digest.hexdigest()
@@ -236,8 +336,12 @@ def adapt_cases(
     with_reliability: bool = True,
     condition: str = "",
     on_progress: ProgressFn | None = None,
+    known: KnownPrototypes | None = None,
 ) -> Adaptation:
     """Adapt the base model to the support set, estimate its reliability and calibrate it.
+
+    ``known``: the federation's released prototypes of the classes it knows, which join the
+    support (:mod:`app.dashboard.known_classes`; ridge, prototype and linear only).
 
     ``on_progress`` is called with (fraction done, what is happening) after every step of the
     adaptation and every fold of the reliability check. An exception it raises (a Cancel button)
@@ -255,18 +359,34 @@ def adapt_cases(
     folds = min(limit, len(support.labels)) if checked else 0
     share = 1 / (1 + folds)  # each fold of the reliability check costs about one adaptation
     report(0.0, f"adapting ({mode})")
-    classifier = adapt(
-        model.model,
-        torch.from_numpy(support.images),
-        torch.from_numpy(support.labels),
-        ways=support.ways,
-        config=config,
-        meta=model.meta,
-        domain_mean=model.domain_mean,
-        on_step=lambda done, total: report(
-            share * done / total, f"adapting ({mode}): step {done} of {total}"
-        ),
-    )
+    images = torch.from_numpy(support.images)
+
+    def on_step(done: int, total: int) -> None:
+        report(share * done / total, f"adapting ({mode}): step {done} of {total}")
+
+    if known is not None:
+        classifier = adapt_with_prototypes(
+            model,
+            images,
+            torch.from_numpy(support.labels),
+            ways=support.ways,
+            config=config,
+            known=known,
+            on_step=on_step,
+        ).classifier
+    else:
+        classifier = adapt(
+            model.model,
+            images,
+            torch.from_numpy(support.labels),
+            ways=support.ways,
+            config=config,
+            meta=model.meta,
+            domain_mean=model.domain_mean,
+            on_step=on_step,
+        )
+    # The backbone's features of the support: cached when the cases were embedded on arrival.
+    embeddings = classifier.embed(images)
     score = None
     if checked:
         folds_done = [0.0]  # fraction of the folds finished
@@ -284,12 +404,16 @@ def adapt_cases(
             )
 
         with step_hook(in_fold):
-            score = reliability(model, support, config=config, on_progress=after_fold)
+            score = reliability(
+                model,
+                support,
+                config=config,
+                on_progress=after_fold,
+                embeddings=embeddings,
+                known=known,
+            )
     report(1.0, "done")
-    embeddings = classifier.embed(torch.from_numpy(support.images))
-    outliers = support_outlier_scores(
-        support_features=embeddings, support_images=torch.from_numpy(support.images)
-    )
+    outliers = support_outlier_scores(support_features=embeddings, support_images=images)
     return Adaptation(
         classifier=classifier,
         support=support,
@@ -299,7 +423,9 @@ def adapt_cases(
         pipeline=model.pipeline,
         reliability=score,
         condition=condition.strip(),
-        inputs=fingerprint(base_version=base_version, mode=mode, support=support),
+        inputs=fingerprint(base_version=base_version, mode=mode, support=support, known=known),
+        caches_features=ADAPT_MODES[mode].frozen_backbone and caches_features(model.model),
+        known=known,
         suspect=tuple(
             name
             for name, score in zip(support.names, outliers.tolist(), strict=True)
@@ -344,6 +470,7 @@ def changed_inputs(
     condition: str,
     classes: Sequence[str],
     cases: Sequence[LoadedCases],
+    known: KnownPrototypes | None = None,
 ) -> str:
     """What on the page differs from the inputs that produced ``adaptation``, in words ("" when
     nothing does): a result may only be saved for exactly the inputs it came from."""
@@ -357,6 +484,13 @@ def changed_inputs(
         support = build_support(classes, cases)
     except CaseError:
         return "the classes or cases"
-    if fingerprint(base_version=base_version, mode=mode, support=support) != adaptation.inputs:
+    if (adaptation.known is None) != (known is None) or (
+        known is not None
+        and adaptation.known is not None
+        and known.fingerprint() != adaptation.known.fingerprint()
+    ):
+        return "the use of the federation's prototypes"
+    digest = fingerprint(base_version=base_version, mode=mode, support=support, known=known)
+    if digest != adaptation.inputs:
         return "the classes or cases"
     return ""

@@ -118,7 +118,7 @@ def classify_cases(adaptation: Adaptation, cases: LoadedCases) -> list[Predictio
         case_images=x,
         config=OOD,
     ).tolist()
-    probabilities = adaptation.predict_proba(x).numpy()
+    probabilities = adaptation.probabilities_of(features).numpy()
     known = tuple(sorted({m for m in adaptation.support.modalities if m}))
 
     def other(case: LoadedCase) -> tuple[str, ...]:

@@ -91,9 +91,20 @@ def case_shelf() -> CaseShelf:
     return shelf
 
 
-def case_uploader(label: str, *, key: str, pipeline: PipelineConfig) -> LoadedCases:
+def case_uploader(
+    label: str,
+    *,
+    key: str,
+    pipeline: PipelineConfig,
+    on_arrival: Callable[[LoadedCases], object] | None = None,
+) -> LoadedCases:
     """A file uploader whose cases survive page switches: it shows the cases kept from before
-    (with a button to clear them), the file errors and a gallery; returns every readable case."""
+    (with a button to clear them), the file errors and a gallery; returns every readable case.
+
+    ``on_arrival`` is called with the readable cases once they are decoded (on every run: it
+    must cost nothing for cases it has seen, as embedding with a frozen encoder does,
+    :func:`app.dashboard.clinic.embed_on_arrival`), so the work of a later click is done while
+    the clinician is still adding cases."""
     shelf = case_shelf()
     reset = key not in st.session_state  # no widget state: first render or back from a page
     files = st.file_uploader(
@@ -113,6 +124,9 @@ def case_uploader(label: str, *, key: str, pipeline: PipelineConfig) -> LoadedCa
         left, right = st.columns([4, 1], vertical_alignment="center")
         left.caption(f"{kept} case(s) kept from earlier in this session, shown below.")
         right.button("Clear kept cases", key=f"{key}_clear", on_click=shelf.clear, args=(key,))
+    if on_arrival is not None and loaded.cases:
+        with st.spinner("Reading the cases..."):
+            on_arrival(loaded)
     file_errors(loaded.errors)
     gallery([c.image for c in loaded.cases], loaded.names)
     return loaded

@@ -9,6 +9,7 @@ from app.dashboard import (
     archive_view,
     clinic,
     domain_prep,
+    known_classes,
     model_card,
     modes,
     preferences,
@@ -30,6 +31,7 @@ CONDITION_KEY = views.CONDITION_KEY
 MODE_KEY = "adapt_mode"
 BASE_KEY = "adapt_base"
 SAVED_KEY = "adapt_saved"  # label of the adapter saved from the current result
+KNOWN_KEY = "adapt_known"  # whether the federation's released prototypes join the support
 JOB_KEY = views.ADAPT_JOB_KEY
 JOB_NOTICE_KEY = views.ADAPT_NOTICE_KEY
 # A run of a mode that trains (finetune, MAML) that ends within this long is shown at once; a
@@ -133,13 +135,66 @@ if len(classes) < clinic.MIN_CLASSES:
         "appearance and the finding)."
     )
 
+# Classes the federation already knows: its DP prototype release, kept with this base model.
+known: known_classes.KnownPrototypes | None = None
+try:
+    released = known_classes.released_prototypes(base_entry)
+except FedfewError as exc:
+    released = None
+    st.warning(
+        "This base model's class prototypes from the federation cannot be read, so they are not "
+        f"offered: {user_message(exc)}"
+    )
+if released is not None:
+    st.info(
+        f"The federation already knows {len(released.classes)} classes: "
+        + ", ".join(f"**{c}**" for c in released.classes)
+        + f". It released their prototypes (each class's average case) once, with differential "
+        f"privacy: {released.cost()}. A class you name like one of them can take its prototype "
+        f"beside your cases, as {known_classes.COPIES} more labelled cases; the reliability "
+        "check still holds out only your own cases."
+    )
+    use_known = st.checkbox(
+        "Add the federation's prototypes to the classes it knows",
+        value=True,
+        key=KNOWN_KEY,
+        persist_state=PERSIST,
+    )
+    offered_known = released.for_classes(classes) if use_known else None
+    if use_known and not known_classes.uses_prototypes(mode):
+        st.caption(
+            f"Not used with **{mode}**: the prototypes join a head on the features, and "
+            f"{mode} changes the network itself. Choose ridge, prototype or linear to use them."
+        )
+    elif offered_known is not None:
+        known = offered_known
+        st.caption(
+            "Taken: "
+            + ", ".join(
+                f"the prototype of **{released.classes[row]}** for your class **{classes[i]}**"
+                for i, row in known.rows
+            )
+            + "."
+        )
+    elif use_known and classes:
+        st.caption(
+            "None of your classes is named like a class the federation knows, so no prototype "
+            "is taken."
+        )
+
 archive_view.archive_panel(
     config.dicomweb,
     key="adapt_archive",
     targets={f"the cases of {name}": f"adapt_files_{i}" for i, name in enumerate(classes)},
 )
+# Each case is embedded when it arrives (upload or pull), so Adapt only fits the head.
 cases = [
-    views.case_uploader(f"Cases of **{name}**", key=f"adapt_files_{i}", pipeline=model.pipeline)
+    views.case_uploader(
+        f"Cases of **{name}**",
+        key=f"adapt_files_{i}",
+        pipeline=model.pipeline,
+        on_arrival=lambda batch: clinic.embed_on_arrival(model, batch, mode=mode),
+    )
     for i, name in enumerate(classes)
 ]
 if classes:
@@ -169,6 +224,7 @@ def start(support: clinic.SupportSet) -> Job[clinic.Adaptation]:
             base_version=chosen_base,
             condition=condition,
             on_progress=progress,
+            known=known,
         )
 
     return Job(work, what=f"adaptation ({mode})")
@@ -242,6 +298,12 @@ if adaptation is not None and job is None:
     st.write(
         f"Adapted {base_label} with {adaptation.mode} to **{adaptation.condition}**: {counts}."
     )
+    if adaptation.known is not None:
+        st.caption(
+            "With the federation's prototypes of "
+            + ", ".join(f"**{name}**" for name in adaptation.known.names())
+            + f" ({known_classes.COPIES} copies each; {adaptation.known.release.cost()})."
+        )
     views.reliability(adaptation)
     if adaptation.suspect:
         st.warning(
@@ -259,6 +321,7 @@ if adaptation is not None and job is None:
         condition=condition,
         classes=classes,
         cases=cases,
+        known=known,
     )
     if changed and not st.session_state.get(SAVED_KEY):
         st.warning(

@@ -99,7 +99,13 @@ archive_view.archive_panel(
     config.dicomweb, key="classify_archive", targets={"the new cases": views.CLASSIFY_FILES_KEY}
 )
 # Kept across page switches and reloads like the adapt page's cases (the session's draft).
-cases = views.case_uploader("New cases", key=views.CLASSIFY_FILES_KEY, pipeline=adaptation.pipeline)
+# Embedded when they arrive (upload or pull), so classifying only applies the head and checks.
+cases = views.case_uploader(
+    "New cases",
+    key=views.CLASSIFY_FILES_KEY,
+    pipeline=adaptation.pipeline,
+    on_arrival=lambda batch: clinic.embed_new_cases(adaptation, batch),
+)
 views.keep_draft(ui.session_store(), st.session_state.get(ui.TOKEN_KEY))
 if not cases.cases:
     st.info("Upload the cases to classify.")
