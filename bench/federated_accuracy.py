@@ -37,7 +37,7 @@ from federation.records import State
 from federation.rounds import run_rounds
 from federation.server_app import evaluate_state, initial_state, public_eval_set
 from federation.server_config import ServerConfig
-from federation.strategy import FederatedMetaStrategy
+from federation.strategies import strategy_for
 from models.episodes import EpisodeConfig
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
@@ -82,7 +82,7 @@ def federated(config: ServerConfig, sites: list[dict[str, Any]], cap: float, roo
     eval_set = public_eval_set(config)
     final = run_rounds(
         grid,
-        FederatedMetaStrategy(config, initial_state(config)),
+        strategy_for(config, initial_state(config)),
         initial_state=initial_state(config),
         evaluate=lambda s: evaluate_state(s, config, eval_set),
         publish=lambda s, r: None,

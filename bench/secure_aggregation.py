@@ -54,7 +54,7 @@ from federation.secure_node import stage_of
 from federation.secure_server import collect_secure_round, content_bytes
 from federation.server_app import initial_state
 from federation.server_config import EvalConfig, SecureRoundsConfig, ServerConfig
-from federation.strategy import FederatedMetaStrategy
+from federation.strategies import strategy_for
 from models.networks import BackboneConfig
 from models.synthetic import write_synthetic_npz
 from privacy.dp_config import DPSettings
@@ -108,7 +108,7 @@ def one_round(config: ServerConfig, hospitals: int, root: Path) -> dict[str, Any
     sites = [site(root, i) for i in range(hospitals)]
     meters = [NodeMeter() for _ in sites]
     grid = InProcessGrid({i + 1: metered(s, i + 1, meters[i]) for i, s in enumerate(sites)})
-    strategy = FederatedMetaStrategy(config, state)
+    strategy = strategy_for(config, state)
     started = time.perf_counter()
     row: dict[str, Any] = {}
     if config.secagg.enabled:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from federation.aggregation import AGGREGATIONS, DEFENCES, aggregate, apply_update
     from federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from federation.delta_strategy import DeltaStrategy
     from federation.errors import (
         BudgetRefusedError,
         CheckpointError,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from federation.node_config import NodeConfig
     from federation.plan import RoundPlan, check_policy
     from federation.reasons import ReasonCode
+    from federation.release_strategy import ReleaseStrategy
     from federation.rounds import STATUS_FILE, run_rounds
     from federation.secure_aggregation import (
         SecureAggregationConfig,
@@ -48,7 +50,8 @@ if TYPE_CHECKING:
         SecureRoundsConfig,
         ServerConfig,
     )
-    from federation.strategy import FederatedMetaStrategy
+    from federation.strategies import STRATEGIES, strategy_for
+    from federation.strategy import GatedStrategy
     from federation.validation import GateResult, update_norm, validate_release, validate_update
 
 _EXPORTS = {
@@ -89,7 +92,11 @@ _EXPORTS = {
     "EvalConfig": "federation.server_config",
     "SecureRoundsConfig": "federation.server_config",
     "ServerConfig": "federation.server_config",
-    "FederatedMetaStrategy": "federation.strategy",
+    "DeltaStrategy": "federation.delta_strategy",
+    "GatedStrategy": "federation.strategy",
+    "ReleaseStrategy": "federation.release_strategy",
+    "STRATEGIES": "federation.strategies",
+    "strategy_for": "federation.strategies",
     "GateResult": "federation.validation",
     "update_norm": "federation.validation",
     "validate_release": "federation.validation",

@@ -19,7 +19,7 @@ from federation.errors import QuorumError
 from federation.reasons import reason_of
 from federation.records import State, to_arrays
 from federation.secure_server import collect_secure_round
-from federation.strategy import LOGGER_NAME, AcceptedReply, FederatedMetaStrategy
+from federation.strategy import LOGGER_NAME, AcceptedReply, GatedStrategy
 from privacy.round_record import (
     TIME_FORMAT,
     FederationStatus,
@@ -59,7 +59,7 @@ def wait_for_nodes(grid: Grid, *, count: int, timeout: float, poll: float = 1.0)
 
 
 def collect_round(
-    grid: Grid, strategy: FederatedMetaStrategy, state: State, server_round: int
+    grid: Grid, strategy: GatedStrategy, state: State, server_round: int
 ) -> tuple[dict[int, AcceptedReply], list[str], int]:
     """Ask the nodes until the quorum of valid replies is met, retrying the missing ones.
 
@@ -108,7 +108,7 @@ def collect_round(
 
 def run_rounds(
     grid: Grid,
-    strategy: FederatedMetaStrategy,
+    strategy: GatedStrategy,
     *,
     initial_state: State,
     evaluate: Evaluate,
@@ -176,7 +176,7 @@ def run_rounds(
     return checkpoint
 
 
-def deliver_final(grid: Grid, strategy: FederatedMetaStrategy, checkpoint: Checkpoint) -> list[int]:
+def deliver_final(grid: Grid, strategy: GatedStrategy, checkpoint: Checkpoint) -> list[int]:
     """Hand the final model to every connected node, which keeps it for its clinicians.
 
     A node missing it still has every earlier version; delivery is repeated (and is idempotent
@@ -221,7 +221,7 @@ def _outcome(accepted: dict[int, AcceptedReply], problems: list[str], attempts: 
 
 
 def _secure_round(
-    grid: Grid, strategy: FederatedMetaStrategy, state: State, server_round: int
+    grid: Grid, strategy: GatedStrategy, state: State, server_round: int
 ) -> tuple[State, RoundRecord]:
     """A SecAgg+ round: the next model from the gated mean, and what its replies make of its
     record (round, time and metrics come after).

@@ -44,7 +44,7 @@ from federation.reasons import reason_of
 from federation.records import State, to_arrays
 from federation.secure_aggregation import MODULUS_RANGE, SumGate, gate_sum
 from federation.secure_node import fit_instructions
-from federation.strategy import LOGGER_NAME, FederatedMetaStrategy, check_head
+from federation.strategy import LOGGER_NAME, GatedStrategy, check_head
 from privacy.errors import LedgerSignatureError, ReportFormatError
 from privacy.site_report import SitePrivacyReport
 
@@ -170,7 +170,7 @@ class PrunedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
 
 def secure_attempt(
-    grid: Grid, strategy: FederatedMetaStrategy, state: State, server_round: int
+    grid: Grid, strategy: GatedStrategy, state: State, server_round: int
 ) -> tuple[SecureRound | None, list[str]]:
     """One run of SecAgg+ over every connected node, and the gate on its sum.
 
@@ -237,7 +237,7 @@ def secure_attempt(
 
 
 def collect_secure_round(
-    grid: Grid, strategy: FederatedMetaStrategy, state: State, server_round: int
+    grid: Grid, strategy: GatedStrategy, state: State, server_round: int
 ) -> SecureRound:
     """Run SecAgg+ until a sum of at least ``min-replies`` contributors passes the gate.
 

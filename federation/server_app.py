@@ -17,9 +17,11 @@ from federation.errors import ModelMismatchError
 from federation.polling_grid import PollingGrid
 from federation.publishing import model_from_state, publish_state
 from federation.records import State
+from federation.release_strategy import ReleaseStrategy
 from federation.rounds import run_rounds
 from federation.server_config import ServerConfig
-from federation.strategy import LOGGER_NAME, FederatedMetaStrategy
+from federation.strategies import strategy_for
+from federation.strategy import LOGGER_NAME
 from models.episodes import EpisodeConfig
 from models.evaluation import evaluate
 from models.feature_adapter import AdaptedEncoder
@@ -152,10 +154,11 @@ def run_federation(grid: Grid, config: ServerConfig, state: State) -> Checkpoint
     returns the final checkpoint."""
     registry = Registry.open(config.root / "registry", create=True)
     eval_set = public_eval_set(config)
-    strategy = FederatedMetaStrategy(config, state)
-    for entry in registry.entries(kind="global"):  # a resumed server's earlier releases
-        if (kept := entry.path / PROTOTYPES_FILE).exists():
-            strategy.restore_release(entry.info["round"], PrototypeRelease.load(kept))
+    strategy = strategy_for(config, state)
+    if isinstance(strategy, ReleaseStrategy):
+        for entry in registry.entries(kind="global"):  # a resumed server's earlier releases
+            if (kept := entry.path / PROTOTYPES_FILE).exists():
+                strategy.restore_release(entry.info["round"], PrototypeRelease.load(kept))
     return run_rounds(
         grid,
         strategy,

@@ -1,9 +1,11 @@
-"""Federated meta-learning as a Flower strategy: every reply passes the validation gate, then the
-deltas are aggregated with public site weights and a server learning rate.
+"""The gate every reply passes, as the base of fedfew's Flower strategies.
 
-A round of a mechanism that releases arrays (dp-prototypes) is not averaged: the sites' releases
-are summed into the federation's release, kept for the round's published version, and the
-global weights stay as they are."""
+``GatedStrategy`` sends the round's model and plan, checks each reply's signed privacy report and
+its output with the gate of the output's kind, and hands the accepted replies to
+:meth:`GatedStrategy.aggregate`. What the federation's mechanism outputs decides the subclass
+(:mod:`federation.strategies`): a model delta is averaged (:mod:`federation.delta_strategy`), a
+release is summed (:mod:`federation.release_strategy`), as Flower splits its strategies by what
+they aggregate."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,6 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from federation.aggregation import aggregate, apply_update
 from federation.errors import InvalidUpdateError
 from federation.plan import RoundPlan
 from federation.reasons import reason_of
@@ -47,11 +49,9 @@ from federation.records import (
     to_arrays,
 )
 from federation.server_config import ServerConfig
-from federation.validation import GateResult, validate_release, validate_update
-from privacy.dp_config import DPPrototypeConfig
+from federation.validation import GateResult
 from privacy.errors import LedgerSignatureError, ReportFormatError
 from privacy.ledger_head import verify_signature
-from privacy.mechanisms import OUTPUT_DELTA, OUTPUT_RELEASE
 from privacy.prototype_release import SUMS, PrototypeRelease
 from privacy.round_record import RoundRecord
 from privacy.site_report import HeadCheck, SitePrivacyReport
@@ -94,8 +94,11 @@ def check_head(report: SitePrivacyReport, *, keys_dir: Path) -> SitePrivacyRepor
     return dataclasses.replace(report, head_check=HeadCheck.CARRIED_KEY.value)
 
 
-class FederatedMetaStrategy(Strategy):
-    """Gate, then aggregate deltas: ``theta + server_lr * aggregate(delta_k)``."""
+class GatedStrategy(Strategy, ABC):
+    """Send the model and the plan, gate every reply, combine the accepted ones (a subclass
+    per output kind: :meth:`check_output` and :meth:`aggregate`)."""
+
+    output: str  # the reply's array record holding the mechanism's output (privacy.mechanisms)
 
     def __init__(self, config: ServerConfig, reference: State) -> None:
         self.config = config
@@ -106,50 +109,24 @@ class FederatedMetaStrategy(Strategy):
         self.norm_bound = config.aggregation.update_norm_bound or (
             ADAM_REACH * config.local_lr * config.steps * math.sqrt(n_params)
         )
-        self._round = 0  # the round being configured (releases are kept under it)
-        self._prototypes: dict[int, PrototypeRelease] = {}  # round -> the summed release
-        self._feature_width: int | None = None  # d of the global model's embedding
-        # What the federation's mechanism outputs, and so how a reply is gated and how the
-        # accepted replies are combined (a delta: clipped or rejected, then averaged; a
-        # release: rejected when too long, then summed).
-        self.output = self.round_plan(1).dp_mechanism.output
-        self._gates: dict[str, Callable[[State], GateResult]] = {
-            OUTPUT_DELTA: self._gate_delta,
-            OUTPUT_RELEASE: self._gate_release,
-        }
-        self._combine: dict[str, Callable[[State, list[AcceptedReply]], State]] = {
-            OUTPUT_DELTA: self._average_deltas,
-            OUTPUT_RELEASE: self._sum_releases,
-        }
+        self._round = 0  # the round being configured
+
+    @abstractmethod
+    def check_output(self, arrays: State) -> GateResult:
+        """The gate of this output kind on one reply's arrays.
+
+        Raises:
+            InvalidUpdateError: the arrays are rejected (naming why).
+        """
+
+    @abstractmethod
+    def aggregate(self, state: State, accepted: Iterable[AcceptedReply]) -> State:
+        """The next global model from ``state`` and the accepted replies of the current round."""
 
     def prototypes_of(self, server_round: int) -> PrototypeRelease | None:
-        """The release the sites' replies summed to in ``server_round``, if one was made."""
-        return self._prototypes.get(server_round)
-
-    def restore_release(self, server_round: int, release: PrototypeRelease) -> None:
-        """Take back a release an earlier run of this federation kept (a resumed server)."""
-        self._prototypes[server_round] = release
-
-    def release_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The arrays a site's release must hold: ``{SUMS: (K, d+1)}``."""
-        dp = self.round_plan(1).dp
-        if not isinstance(dp, DPPrototypeConfig):
-            raise TypeError(f"no release shape for {type(dp).__name__}")
-        if self._feature_width is None:
-            from federation.publishing import model_from_state  # torch: server side only
-
-            model = model_from_state(self.reference, self.round_plan(1))
-            self._feature_width = int(model.out_features)  # type: ignore[arg-type]
-        return {SUMS: (len(dp.classes), self._feature_width + 1)}
-
-    def release_bound(self) -> float:
-        """The longest release the gate accepts: ``sqrt(2) C`` per patient for the public
-        maximum of patients per site, plus four times the noise's expected norm."""
-        plan = self.round_plan(1)
-        entries = math.prod(self.release_shapes()[SUMS])
-        signal = plan.dp_mechanism.sensitivity * plan.dp.max_grad_norm
-        noise = plan.dp.noise_multiplier * plan.dp.max_grad_norm * math.sqrt(entries)
-        return signal * self.config.dp.max_site_patients + 4 * noise
+        """The release the sites' replies summed to in ``server_round`` (none: not a releasing
+        mechanism's round)."""
+        return None
 
     def round_plan(self, server_round: int) -> RoundPlan:
         """The round's plan, with this strategy's delta bound for nodes to clip to (secure
@@ -258,49 +235,8 @@ class FederatedMetaStrategy(Strategy):
         except (ReportFormatError, LedgerSignatureError) as exc:
             raise InvalidUpdateError(f"update rejected: {exc}") from exc
         record = content.array_records[self.output]
-        gate = self._gates[self.output](from_arrays(record))
+        gate = self.check_output(from_arrays(record))
         return AcceptedReply(node, report.site, report.weight, report, gate, record.count_bytes())
-
-    def _gate_delta(self, delta: State) -> GateResult:
-        return validate_update(
-            delta,
-            self.reference,
-            norm_bound=self.norm_bound,
-            policy=self.config.aggregation.norm_policy,
-        )
-
-    def _gate_release(self, release: State) -> GateResult:
-        return validate_release(release, self.release_shapes(), norm_bound=self.release_bound())
-
-    def aggregate(self, state: State, accepted: Iterable[AcceptedReply]) -> State:
-        """The next global model from the accepted deltas; for a releasing mechanism, ``state``
-        itself, and the sum of the releases is kept for the round (:meth:`prototypes_of`)."""
-        return self._combine[self.output](state, list(accepted))
-
-    def _average_deltas(self, state: State, replies: list[AcceptedReply]) -> State:
-        update = aggregate(
-            [r.gate.delta for r in replies],
-            [r.weight for r in replies],
-            method=self.config.aggregation.rule,
-            trim=self.config.aggregation.trim,
-            byzantine=self.config.aggregation.byzantine,
-        )
-        return apply_update(state, update, server_lr=self.config.aggregation.server_lr)
-
-    def _sum_releases(self, state: State, replies: list[AcceptedReply]) -> State:
-        plan = self.round_plan(self._round or 1)
-        if not isinstance(plan.dp, DPPrototypeConfig):
-            raise TypeError(f"no release to sum for {type(plan.dp).__name__}")
-        # Sum, not a weighted mean: the sum of the sites' S is the federation's S (the noise
-        # variances add); site weights do not apply.
-        self._prototypes[self._round] = PrototypeRelease.summed(
-            [r.gate.delta[SUMS] for r in replies],
-            classes=plan.dp.classes,
-            clip=plan.dp.max_grad_norm,
-            noise_multiplier=plan.dp.noise_multiplier,
-            sites=sorted(r.site_id for r in replies),
-        )
-        return state
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -312,7 +248,7 @@ class FederatedMetaStrategy(Strategy):
             NotImplementedError: always (Flower's abstract hook must exist).
         """
         raise NotImplementedError(
-            "FederatedMetaStrategy runs under federation.rounds.run_rounds, not Strategy.start"
+            "fedfew's strategies run under federation.rounds.run_rounds, not Strategy.start"
         )
 
     def configure_evaluate(

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 from federation.checkpoint import load_checkpoint
 from federation.secure_aggregation import clip_before_masking
 from federation.server_app import initial_state
-from federation.strategy import FederatedMetaStrategy
+from federation.strategies import strategy_for
 from tests.e2e.test_egress import server_side_files
 from tests.e2e.test_federation import (
     RUN_TIMEOUT,
@@ -59,7 +59,7 @@ def test_a_secure_round_completes_and_a_sites_update_reaches_the_server_only_sum
 
     # What each node masked: its kept delta, clipped as its node clipped it before masking.
     round0 = initial_state(config)
-    bound = FederatedMetaStrategy(config, round0).norm_bound
+    bound = strategy_for(config, round0).norm_bound
     masked = {
         site: clip_before_masking(load_file(str(kept)), norm_bound=bound).delta
         for site in nodes

@@ -21,7 +21,7 @@ from federation.errors import (
 from federation.inprocess_grid import InProcessGrid
 from federation.node_config import NodeConfig
 from federation.reasons import ERROR_CODES, ReasonCode, reason_of
-from federation.strategy import FederatedMetaStrategy
+from federation.strategies import strategy_for
 from models.errors import DataError, UnreadableImageError
 from privacy.errors import LedgerError, LedgerTamperedError
 
@@ -105,7 +105,7 @@ def test_real_unreadable_patient_files_reply_data_unreadable_and_stay_in_the_nod
 def test_the_server_keeps_the_code_only_whatever_text_a_reply_carries(server_config, global_state):
     leaked = Error(1001, f"<class 'ValueError'>:<'{MARKER}.png has shape (3, 7)'>")
     assert reason_of(leaked) is ReasonCode.UNRECOGNISED
-    strategy = FederatedMetaStrategy(server_config, global_state)
+    strategy = strategy_for(server_config, global_state)
     grid = InProcessGrid(
         {
             1: lambda m: Message(leaked, reply_to=m),

@@ -19,7 +19,7 @@ from federation.reasons import ReasonCode
 from federation.secure_node import check_masking_range, prepare_for_masking
 from federation.secure_server import collect_secure_round
 from federation.server_app import initial_state
-from federation.strategy import FederatedMetaStrategy
+from federation.strategies import strategy_for
 from models.pipeline import PipelineConfig
 from models.readers import load_dataset
 from privacy.accounting import epsilon_for
@@ -66,7 +66,7 @@ def test_distributed_noise_charges_the_sum_reports_the_fallback_and_needs_the_si
     for site in sites[:2]:  # c keeps the default allow-list: per-site noise only
         site["allowed-mechanisms"] = ALLOW
     grid = InProcessGrid({i + 1: secure_node(s, i + 1) for i, s in enumerate(sites)})
-    strategy = FederatedMetaStrategy(distributed_config, state)
+    strategy = strategy_for(distributed_config, state)
     result = collect_secure_round(grid, strategy, state, 1)
     assert result.gate.contributors == 2
     assert f"node 3 (masked vectors): {ReasonCode.POLICY_REFUSED.value}" in result.problems

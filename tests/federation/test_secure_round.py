@@ -18,7 +18,7 @@ from federation.reasons import ReasonCode
 from federation.secure_aggregation import clip_before_masking, update_norm
 from federation.secure_node import fit_instructions, train_masked
 from federation.secure_server import collect_secure_round
-from federation.strategy import FederatedMetaStrategy
+from federation.strategies import strategy_for
 from privacy.ledger import Ledger
 
 from .conftest import make_site, message, secure_node
@@ -52,7 +52,7 @@ def test_the_server_gets_the_sum_without_a_forbidding_node_and_a_dropped_nodes_m
             4: secure_node(sites[3], 4, drop_masked_in_attempts=(1,)),  # trained, then died
         }
     )
-    strategy = FederatedMetaStrategy(secure_config, global_state)
+    strategy = strategy_for(secure_config, global_state)
     result = collect_secure_round(grid, strategy, global_state, 1)
     assert result.gate.contributors == 2 and result.attempts == 1
     assert {r.site_id for r in result.replies.values()} == {"a", "b"}
@@ -75,7 +75,7 @@ def test_below_the_threshold_the_round_fails_and_its_retry_charges_nobody_twice(
     grid = InProcessGrid(
         {1: secure_node(sites[0], 1), 2: secure_node(sites[1], 2, drop_masked_in_attempts=(1,))}
     )
-    strategy = FederatedMetaStrategy(config, global_state)
+    strategy = strategy_for(config, global_state)
     result = collect_secure_round(grid, strategy, global_state, 1)
     assert result.attempts == 2 and result.gate.contributors == 2
     assert any("SecAgg+ halted" in p for p in result.problems)
