@@ -41,8 +41,8 @@ def markers(update: dict[str, np.ndarray], *, count: int = 12) -> list[bytes]:
 def test_a_secure_round_completes_and_a_sites_update_reaches_the_server_only_summed(tmp_path):
     # Two sites (SecAgg+'s smallest federation): each stage starts a ClientApp process per node.
     nodes = sites(tmp_path, {"hospital-a": 8.0, "hospital-c": 8.0})
-    config = tiny_config(
-        tmp_path, num_rounds=1, min_nodes=2, min_replies=2, secure_aggregation=True, seed=0
+    config = tiny_config(tmp_path, num_rounds=1, min_nodes=2, min_replies=2, seed=0).with_values(
+        {"secagg.enabled": True}
     )  # seed: round 0 is rebuilt below to check the sum
     with deployment(tmp_path, nodes) as federation:
         result = federation.run(app(tmp_path, config), timeout=RUN_TIMEOUT)
