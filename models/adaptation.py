@@ -352,6 +352,55 @@ def ridge_head(features: torch.Tensor, y: torch.Tensor, *, ways: int, penalty: f
     }
 
 
+def ridge_held_out(
+    features: torch.Tensor, y: torch.Tensor, *, ways: int, penalty: float
+) -> torch.Tensor:
+    """Leave-one-out logits ``(n, ways)`` of :func:`ridge_head`: row i scores ``features[i]``
+    with the ridge head fitted on every other row, in closed form (one ``n x n`` solve instead of
+    n): with the hat matrix ``H = K (K + lambda I)^-1`` of the Gram matrix K and the fitted
+    scores ``F = H Y``, the held-out score is ``(F_i - H_ii Y_i) / (1 - H_ii)`` (exact for ridge
+    without an intercept; Hastie, Tibshirani & Friedman 2009, ex. 7.3)."""
+    x = features.double() / FEATURE_NORM
+    onehot = label_mask(y, ways, x.dtype)
+    gram = x @ x.T
+    eye = torch.eye(len(x), dtype=x.dtype, device=x.device)
+    hat = torch.linalg.solve(gram + penalty * eye, gram).T  # K (K + lambda I)^-1
+    diag = hat.diagonal()[:, None]
+    held = (hat @ onehot - diag * onehot) / (1 - diag)
+    return (HEAD_SCALE * held).to(features.dtype)  # ridge_head's logit scale
+
+
+def prototype_held_out(features: torch.Tensor, y: torch.Tensor, *, ways: int) -> torch.Tensor:
+    """Leave-one-out logits ``(n, ways)`` of :func:`prototype_head`: row i against its own
+    class's mean without it and every other class's mean, in one pass (each class needs 2+
+    rows)."""
+    onehot = label_mask(y, ways, features.dtype)
+    sums, counts = onehot.T @ features, onehot.sum(0)
+    protos = sums / counts.clamp_min(1.0)[:, None]
+    logits = 2 * features @ protos.T - (protos**2).sum(-1)
+    own = (sums[y] - features) / (counts[y] - 1).clamp_min(1.0)[:, None]
+    rows = torch.arange(len(y), device=y.device)
+    logits[rows, y] = 2 * (features * own).sum(-1) - (own**2).sum(-1)
+    return logits
+
+
+# Leave-one-out logits of a head over mapped features in closed form: (features, labels, ways,
+# config) -> (n, ways); a mode without one refits its head per held-out case.
+HeldOutFit = Callable[[torch.Tensor, torch.Tensor, int, "AdaptConfig"], torch.Tensor]
+
+
+def _ridge_held_out(
+    features: torch.Tensor, y: torch.Tensor, ways: int, config: AdaptConfig
+) -> torch.Tensor:
+    return ridge_held_out(features, y, ways=ways, penalty=config.ridge_penalty)
+
+
+def _prototype_held_out(
+    features: torch.Tensor, y: torch.Tensor, ways: int, config: AdaptConfig
+) -> torch.Tensor:
+    return prototype_held_out(features, y, ways=ways)
+
+
 def _logistic_regression(
     features: torch.Tensor,
     y: torch.Tensor,
@@ -587,6 +636,9 @@ class AdaptMode:
     # what it needs of the base model: "" when the model supports it, else why not in words
     requirement: Callable[[nn.Module, MetaConfig], str] = lambda model, meta: ""
     min_cases_per_class: int = 1  # labelled cases of each class it needs
+    # its head's leave-one-out logits in closed form (None: the head is refitted per held-out
+    # case); the same numbers as refitting fit_head without unlabelled cases
+    held_out: HeldOutFit | None = None
 
 
 # name -> adaptation mode; a new mode is one new entry.
@@ -620,6 +672,7 @@ ADAPT_MODES: Catalogue[AdaptMode] = Catalogue(
             True,
             "least squares on the features (instant)",
             _ridge_fit,
+            held_out=_ridge_held_out,
             help="ridge: a least-squares classifier on the features; instant, and steady with "
             "few cases",
         ),
@@ -629,6 +682,7 @@ ADAPT_MODES: Catalogue[AdaptMode] = Catalogue(
             True,
             "class means of the features (instant)",
             _prototype_fit,
+            held_out=_prototype_held_out,
             help="prototype: the average of each class's cases; the most robust choice",
         ),
         "linear": AdaptMode(

@@ -267,9 +267,22 @@ def held_out_with_prototypes(
 ) -> HeldOut:
     """Leave-one-out logits of the clinician's cases (classes in turn, as
     :func:`models.calibration.held_out_logits`), each from a head fitted on the other cases and
-    every prototype row."""
+    every prototype row (in closed form for ridge and prototypes: the prototype rows are never
+    held out)."""
     order = held_out_order(labels.cpu().numpy())
     n = len(labels)
+    closed_form = ADAPT_MODES[config.mode].held_out
+    if closed_form is not None:
+        every = closed_form(
+            torch.cat([fit.mapped, fit.extra]), torch.cat([labels, fit.extra_labels]), ways, config
+        )
+        if on_fold is not None:
+            on_fold(len(order), len(order))
+        return HeldOut(
+            indices=tuple(order),
+            logits=every[order].detach().double().cpu().numpy(),
+            labels=labels.cpu().numpy()[order].astype(np.int64),
+        )
     rows = []
     for done, i in enumerate(order, start=1):
         keep = torch.arange(n) != i
