@@ -109,6 +109,113 @@ def sides_line(folder: Path) -> list[str]:
     return ["", f"Input side, the default row at 5 shots (`{SIDES}` and the run above): {cells}."]
 
 
+LEVERS = ("encoder_levers_new_modality.json", "encoder_levers_new_condition.json")
+LEVERS_DEFAULT = "lite0@224 ms id / ridge l1"  # bench/encoder_levers.py's Row(): the default path
+
+
+def _accuracy(row: dict[str, Any]) -> float:
+    return float(row["accuracy"])
+
+
+def _other(row: dict[str, Any] | None, folds: int) -> str:
+    if row is None:
+        return "n/a"
+    if row["folds"] < folds:
+        return f"({row['folds']} of {folds} folds)"
+    return _pct(row["accuracy"], row["ci95"])
+
+
+def levers_section(folder: Path) -> list[str]:
+    """The levers on the public encoder (bench/encoder_levers.py): each row's 5-shot mean on
+    both tasks with 95% CIs, the gain over pixels, each new-modality fold and the encoder's cost
+    per image, rows in the order of the new-modality mean."""
+    payloads = [json.loads((folder / f).read_text()) for f in LEVERS if (folder / f).is_file()]
+    if not payloads:
+        return []
+    tasks = {p["config"]["task"]: p for p in payloads}
+    main = tasks.get("new-modality", payloads[0])
+    config, env = main["config"], main["environment"]
+    five = {
+        task: {r["encoder"]: r for r in p["results"]["summary"] if r["shots"] == 5}
+        for task, p in tasks.items()
+    }
+    costs: dict[str, list[float]] = {}
+    for r in main["results"]["rows"]:
+        if r.get("encoder_ms_per_image"):
+            costs.setdefault(r["encoder"], []).append(r["encoder_ms_per_image"])
+    cost = {k: sum(v) / len(v) for k, v in costs.items()}
+    folds = list(config["folds"])
+    other = [t for t in five if t != config["task"]]
+    out = [
+        "",
+        "### Public encoder: levers on its features, each alone and stacked (issue 23)",
+        "",
+        f"From `bench/results/{LEVERS[0]}` and `{LEVERS[1]}` (`bench/encoder_levers.py`; "
+        f"{env['device_name']}, torch {env['torch']}, {env['date']}): the episodes, pools and "
+        f"halves of the tables above ({config['ways']}-way 5-shot, {config['queries']} queries "
+        f"per class, {config['episodes']} episodes per fold). A row is encoder@side, taps "
+        "(`ms`: blocks ending the 14x14 and 7x7 stages and the head, the default), views averaged "
+        "(`h`/`v`: horizontal/vertical flip), transform, part weights, then head and ridge "
+        "lambda; every row centres on the pool's mean and normalises each part. `ridge-trans` "
+        "refits ridge with the episode's queries soft-labelled (transductive: needs the cases "
+        "as a batch). Encoder ms per image: all views, measured while other jobs shared the 2 "
+        "cores (compare rows measured at the same time only). Accuracy % with 95% CI.",
+        "",
+        "| row | new modality | gain vs pixels | "
+        + " | ".join(folds)
+        + "".join(f" | {t}" for t in other)
+        + " | encoder ms |",
+        "|" + "---|" * (len(folds) + len(other) + 4),
+    ]
+    for label, r in five[config["task"]].items():
+        partial = r["folds"] < len(folds)  # compare such a row fold by fold
+        cells = [
+            label,
+            f"({r['folds']} of {len(folds)} folds)" if partial else _pct(r["accuracy"], r["ci95"]),
+            "" if partial else _signed(r["gain_vs_pixel"]),
+            *(_pct(r["per_fold"].get(f)) for f in folds),
+            *(_other(five[t].get(label), len(tasks[t]["config"]["folds"])) for t in other),
+            f"{cost[label]:.0f}" if cost.get(label) else "",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    rows = five[config["task"]]
+    default = rows.get(LEVERS_DEFAULT)
+    complete = [r for r in rows.values() if r["folds"] == len(folds) and r["encoder"] != "pixel"]
+    if default is not None and complete:
+        best = max((r for r in complete if "trans" not in r["encoder"]), key=_accuracy)
+        trans = [r for r in complete if "trans" in r["encoder"]]
+        out += [
+            "",
+            f"Against the default row (`{LEVERS_DEFAULT}`, {_pct(default['accuracy'])}): the "
+            f"best inductive row `{best['encoder']}` "
+            f"{_signed(best['accuracy'] - default['accuracy'])}"
+            + (
+                f", the best transductive `{max(trans, key=_accuracy)['encoder']}` "
+                f"{_signed(max(trans, key=_accuracy)['accuracy'] - default['accuracy'])}"
+                if trans
+                else ""
+            )
+            + f" (the means' 95% CI: ±{100 * default['ci95']:.1f}).",
+        ]
+    path = folder / "encoder_levers_cost.json"
+    if path.is_file():
+        timed = json.loads(path.read_text())
+        results, env = timed["results"], timed["environment"]
+        base = results.get("lite0@224 batch 16 channels-last")
+        out += [
+            "",
+            f"Encoder cost, every case in turn in one process (`encoder_levers_cost.json`, "
+            f"{env['date']}; median of {timed['config']['repeats']}, 2 threads; the ratio to "
+            "Lite0@224 is what transfers to a quiet machine): "
+            + "; ".join(
+                f"{k} {v:.0f} ms" + (f" ({v / base:.2f}x)" if base else "")
+                for k, v in results.items()
+            )
+            + ".",
+        ]
+    return out
+
+
 def render_encoder(folder: Path) -> list[str]:
     """Sections for every encoder result present in ``folder``."""
     parts: list[str] = []
@@ -118,7 +225,7 @@ def render_encoder(folder: Path) -> list[str]:
             parts += ["", *encoder_section(json.loads(path.read_text()), source, title)]
             if source == "new_modality_encoder.json":
                 parts += sides_line(folder)
-    return parts
+    return parts + levers_section(folder)
 
 
 # (file, the lever benchmark of the networks this project trained, on the same splits)
