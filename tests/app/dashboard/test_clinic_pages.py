@@ -44,12 +44,19 @@ def test_adapt_save_classify(registry, make_app, case_images, env) -> None:
     at.switch_page("screens/classify.py").run()
     assert not at.exception
     at.selectbox(key="classify_adapter").set_value(adapters[0].id).run()
+    # One unseen case per class, then a copy of a labelled case of each class: the head was
+    # fitted on those, so each copy's highest probability must be its own class (a classifier
+    # that answers every case alike, or puts the columns in another order, fails here).
     new_cases = [(f"new_{i}.png", case_images[c][-1]) for i, c in enumerate(classes)]
-    upload(at, "classify_files", new_cases)
+    copies = [(f"copy_{i}.png", case_images[c][0]) for i, c in enumerate(classes)]
+    uploaded = new_cases + copies
+    upload(at, "classify_files", uploaded)
     assert not at.exception
     table = at.dataframe[0].value
-    assert list(table["case"]) == [n for n, _ in new_cases]
+    assert list(table["case"]) == [n for n, _ in uploaded]
     assert set(table["outcome"]) <= {*classes, "uncertain"}
+    copied = table.iloc[len(new_cases) :]
+    assert list(copied[classes].idxmax(axis=1)) == classes, copied
     assert "Intended use" in texts(at, "warning")
     np.testing.assert_allclose(table[classes].sum(axis=1), 1.0, atol=0.01)
     assert at.download_button(key="classify_csv").label == "Download results (CSV)"
@@ -60,8 +67,8 @@ def test_adapt_save_classify(registry, make_app, case_images, env) -> None:
         "classify",
         "v2 three-lesions",
     )
-    assert logged.cases == len(new_cases) and sum(logged.outcomes.values()) == len(new_cases)
-    assert all(name not in str(logged) for name, _ in new_cases)  # no file names in the log
+    assert logged.cases == len(uploaded) and sum(logged.outcomes.values()) == len(uploaded)
+    assert all(name not in str(logged) for name, _ in uploaded)  # no file names in the log
     captions = [c for image in at.image for c in image.captions]
     assert any("regions that support" in c for c in captions)  # the explanation image
 
