@@ -164,8 +164,9 @@ def held_out_logits(
         closed_form = ADAPT_MODES[config.mode].held_out
         if closed_form is not None:  # every fold at once (ridge, prototypes): one solve
             every = closed_form(mapped, support_y, ways, config)
-            if on_fold is not None:
-                on_fold(len(order), len(order))
+            if on_fold is not None:  # every fold is done: reported one by one, as refitting does
+                for done in range(1, len(order) + 1):
+                    on_fold(done, len(order))
             return HeldOut(
                 indices=tuple(order),
                 logits=every[order].detach().double().cpu().numpy(),

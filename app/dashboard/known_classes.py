@@ -276,8 +276,9 @@ def held_out_with_prototypes(
         every = closed_form(
             torch.cat([fit.mapped, fit.extra]), torch.cat([labels, fit.extra_labels]), ways, config
         )
-        if on_fold is not None:
-            on_fold(len(order), len(order))
+        if on_fold is not None:  # every fold is done: reported one by one, as refitting does
+            for done in range(1, len(order) + 1):
+                on_fold(done, len(order))
         return HeldOut(
             indices=tuple(order),
             logits=every[order].detach().double().cpu().numpy(),
