@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -384,21 +385,108 @@ def prototype_held_out(features: torch.Tensor, y: torch.Tensor, *, ways: int) ->
     return logits
 
 
-# Leave-one-out logits of a head over mapped features in closed form: (features, labels, ways,
-# config) -> (n, ways); a mode without one refits its head per held-out case.
-HeldOutFit = Callable[[torch.Tensor, torch.Tensor, int, "AdaptConfig"], torch.Tensor]
+def linear_held_out(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    ways: int,
+    config: AdaptConfig,
+    rows: Sequence[int] | None = None,
+    on_step: StepHook | None = None,
+) -> torch.Tensor:
+    """Leave-one-out logits ``(len(rows), ways)`` of the linear head (:func:`_linear_fit`): row
+    j scores ``features[rows[j]]`` with the head fitted on every other row, every fold at once.
+
+    One Adam optimisation over stacked heads (weights ``(folds, ways, d)``), each fold's loss the
+    mean cross-entropy of its kept rows: the folds' gradients are apart and Adam acts element by
+    element, so each fold takes the steps :func:`_logistic_regression` takes on its rows (same
+    initialisation from the fold's prototype head, learning rate and step count), the same
+    numbers to float rounding, in one optimisation instead of one per fold. ``on_step`` hears
+    each step of it; the block's :func:`step_hook` does not (its steps are every fold's, not one
+    fold's), so a caller reports them as folds."""
+    n = len(y)
+    held = torch.arange(n, device=y.device) if rows is None else torch.as_tensor(rows).to(y.device)
+    keep = (torch.arange(n, device=y.device)[None, :] != held[:, None]).to(features.dtype)
+    onehot = label_mask(y, ways, features.dtype)  # (n, ways)
+    # each fold's prototype head (prototype_head on its kept rows)
+    counts = keep @ onehot  # (folds, ways)
+    sums = torch.einsum("fn,nk,nd->fkd", keep, onehot, features)
+    protos = sums / counts.clamp_min(1.0)[..., None]
+    weight, bias = 2 * protos, -(protos**2).sum(-1)
+    if config.linear_steps:
+        scale = weight.norm(dim=-1).mean(-1).clamp_min(1e-6)  # (folds,), as one fit's scale
+        weight = (weight / scale[:, None, None]).clone().requires_grad_(True)
+        bias = (bias / scale[:, None]).clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([weight, bias], lr=config.linear_lr)
+        kept = keep.sum(-1).clamp_min(1.0)
+        with torch.enable_grad():
+            for i in range(config.linear_steps):
+                optimizer.zero_grad()
+                logits = torch.einsum("nd,fkd->fnk", features, weight) + bias[:, None, :]
+                per_record = -(torch.log_softmax(logits, dim=-1) * onehot).sum(-1)  # (folds, n)
+                ((per_record * keep).sum(-1) / kept).sum().backward()  # each fold: its mean
+                optimizer.step()
+                if on_step is not None:
+                    on_step(i + 1, config.linear_steps)
+    with torch.no_grad():
+        return torch.einsum("fd,fkd->fk", features[held], weight) + bias
+
+
+class HeldOutFit(Protocol):
+    """Leave-one-out logits of a head over mapped features without refitting it per case:
+    ``(features, labels, ways, config, rows=..., on_step=...) -> (len(rows), ways)``, row j
+    scoring ``features[rows[j]]`` (every row when ``rows`` is None) with the head fitted on the
+    other rows; ``on_step`` hears the steps of an iterative one. A mode without one refits its
+    head per held-out case."""
+
+    def __call__(
+        self,
+        features: torch.Tensor,
+        y: torch.Tensor,
+        ways: int,
+        config: AdaptConfig,
+        *,
+        rows: Sequence[int] | None = None,
+        on_step: StepHook | None = None,
+    ) -> torch.Tensor: ...
 
 
 def _ridge_held_out(
-    features: torch.Tensor, y: torch.Tensor, ways: int, config: AdaptConfig
+    features: torch.Tensor,
+    y: torch.Tensor,
+    ways: int,
+    config: AdaptConfig,
+    *,
+    rows: Sequence[int] | None = None,
+    on_step: StepHook | None = None,
 ) -> torch.Tensor:
-    return ridge_held_out(features, y, ways=ways, penalty=config.ridge_penalty)
+    every = ridge_held_out(features, y, ways=ways, penalty=config.ridge_penalty)
+    return every if rows is None else every[list(rows)]
 
 
 def _prototype_held_out(
-    features: torch.Tensor, y: torch.Tensor, ways: int, config: AdaptConfig
+    features: torch.Tensor,
+    y: torch.Tensor,
+    ways: int,
+    config: AdaptConfig,
+    *,
+    rows: Sequence[int] | None = None,
+    on_step: StepHook | None = None,
 ) -> torch.Tensor:
-    return prototype_held_out(features, y, ways=ways)
+    every = prototype_held_out(features, y, ways=ways)
+    return every if rows is None else every[list(rows)]
+
+
+def _linear_held_out(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    ways: int,
+    config: AdaptConfig,
+    *,
+    rows: Sequence[int] | None = None,
+    on_step: StepHook | None = None,
+) -> torch.Tensor:
+    return linear_held_out(features, y, ways=ways, config=config, rows=rows, on_step=on_step)
 
 
 def _logistic_regression(
@@ -636,8 +724,9 @@ class AdaptMode:
     # what it needs of the base model: "" when the model supports it, else why not in words
     requirement: Callable[[nn.Module, MetaConfig], str] = lambda model, meta: ""
     min_cases_per_class: int = 1  # labelled cases of each class it needs
-    # its head's leave-one-out logits in closed form (None: the head is refitted per held-out
-    # case); the same numbers as refitting fit_head without unlabelled cases
+    # its head's leave-one-out logits without a refit per held-out case (closed form, or every
+    # fold in one batched fit; None: refitted per case); the same numbers as refitting fit_head
+    # without unlabelled cases
     held_out: HeldOutFit | None = None
 
 
@@ -691,6 +780,7 @@ ADAPT_MODES: Catalogue[AdaptMode] = Catalogue(
             True,
             "logistic regression on the features",
             _linear_fit,
+            held_out=_linear_held_out,
             help="linear: a linear classifier on the features; can separate classes that "
             "prototypes mix up",
         ),

@@ -30,6 +30,7 @@ from torch import nn
 from models.adaptation import (
     ADAPT_MODES,
     AdaptConfig,
+    StepHook,
     adapt,
     embed,
     feature_map,
@@ -112,6 +113,23 @@ class HeldOut:
         return int((self.logits.argmax(-1) == self.labels).sum())
 
 
+def fold_progress(on_fold: Callable[[int, int], None] | None, folds: int) -> StepHook:
+    """The step hook of a leave-one-out fitted all at once (:class:`models.adaptation.HeldOutFit`)
+    that reports to ``on_fold`` its folds done, one by one, in proportion to its steps done (a
+    batched fit finishes every fold together; called with ``(1, 1)`` it reports the rest). An
+    exception ``on_fold`` raises (a Cancel button) stops the fit."""
+    done = [0]
+
+    def hook(step: int, steps: int) -> None:
+        upto = folds * step // max(steps, 1)
+        while done[0] < upto:
+            done[0] += 1
+            if on_fold is not None:
+                on_fold(done[0], folds)
+
+    return hook
+
+
 def held_out_logits(
     model: nn.Module,
     support_x: torch.Tensor,
@@ -162,14 +180,14 @@ def held_out_logits(
         )
         mapped = fmap(embeddings)
         closed_form = ADAPT_MODES[config.mode].held_out
-        if closed_form is not None:  # every fold at once (ridge, prototypes): one solve
-            every = closed_form(mapped, support_y, ways, config)
-            if on_fold is not None:  # every fold is done: reported one by one, as refitting does
-                for done in range(1, len(order) + 1):
-                    on_fold(done, len(order))
+        if closed_form is not None:  # every fold at once (ridge, prototypes: one solve; linear:
+            # one batched fit), its folds reported one by one, as refitting does
+            progress = fold_progress(on_fold, len(order))
+            every = closed_form(mapped, support_y, ways, config, rows=order, on_step=progress)
+            progress(1, 1)
             return HeldOut(
                 indices=tuple(order),
-                logits=every[order].detach().double().cpu().numpy(),
+                logits=every.detach().double().cpu().numpy(),
                 labels=support_y.cpu().numpy()[order].astype(np.int64),
             )
     rows = []

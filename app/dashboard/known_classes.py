@@ -30,7 +30,7 @@ from models.adaptation import (
     feature_parts,
     fit_head,
 )
-from models.calibration import HeldOut, held_out_order
+from models.calibration import HeldOut, fold_progress, held_out_order
 from models.errors import RegistryError
 from models.meta import split_params
 from models.model_dir import LoadedModel
@@ -267,21 +267,25 @@ def held_out_with_prototypes(
 ) -> HeldOut:
     """Leave-one-out logits of the clinician's cases (classes in turn, as
     :func:`models.calibration.held_out_logits`), each from a head fitted on the other cases and
-    every prototype row (in closed form for ridge and prototypes: the prototype rows are never
-    held out)."""
+    every prototype row (in closed form for ridge and prototypes, in one batched fit for linear:
+    the prototype rows are never held out)."""
     order = held_out_order(labels.cpu().numpy())
     n = len(labels)
     closed_form = ADAPT_MODES[config.mode].held_out
-    if closed_form is not None:
+    if closed_form is not None:  # folds reported one by one, as refitting does
+        progress = fold_progress(on_fold, len(order))
         every = closed_form(
-            torch.cat([fit.mapped, fit.extra]), torch.cat([labels, fit.extra_labels]), ways, config
+            torch.cat([fit.mapped, fit.extra]),
+            torch.cat([labels, fit.extra_labels]),
+            ways,
+            config,
+            rows=order,
+            on_step=progress,
         )
-        if on_fold is not None:  # every fold is done: reported one by one, as refitting does
-            for done in range(1, len(order) + 1):
-                on_fold(done, len(order))
+        progress(1, 1)
         return HeldOut(
             indices=tuple(order),
-            logits=every[order].detach().double().cpu().numpy(),
+            logits=every.detach().double().cpu().numpy(),
             labels=labels.cpu().numpy()[order].astype(np.int64),
         )
     rows = []
