@@ -92,7 +92,7 @@ WHEELS: dict[str, tuple[str, str, str, str]] = {
 }
 GRID_STAGES = (4, 5)  # 2x2 grids of these stages' last blocks (14x14 and 7x7 maps at 224 px)
 VIEWS = {"id": lambda x: x, "h": lambda x: x.flip(-1), "v": lambda x: x.flip(-2)}
-BATCH = 16  # images per pass: 3-4x faster per image on 2 cores than 64 (cache-sized)
+BATCH = 16  # images per pass: about 2x faster per image than 64 on 2 cores (encoder_levers_cost)
 
 
 def start_lite(encoder: str) -> nn.Module:
