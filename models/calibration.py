@@ -171,49 +171,88 @@ def held_out_logits(
     order = held_out_order(support_y.cpu().numpy())
     if max_folds is not None:
         order = order[:max_folds]
-    mapped = None
     if config.frozen_backbone:
         if embeddings is None:
             embeddings = embed(model, support_x, tta=config.tta, batch_limit=config.batch_limit)
         fmap = feature_map(
             config, domain_mean=domain_mean, features=embeddings, parts=feature_parts(model)
         )
-        mapped = fmap(embeddings)
-        closed_form = ADAPT_MODES[config.mode].held_out
-        if closed_form is not None:  # every fold at once (ridge, prototypes: one solve; linear:
-            # one batched fit), its folds reported one by one, as refitting does
-            progress = fold_progress(on_fold, len(order))
-            every = closed_form(mapped, support_y, ways, config, rows=order, on_step=progress)
-            progress(1, 1)
-            return HeldOut(
-                indices=tuple(order),
-                logits=every.detach().double().cpu().numpy(),
-                labels=support_y.cpu().numpy()[order].astype(np.int64),
-            )
+        return head_held_out(
+            fmap(embeddings), support_y, order, ways=ways, config=config, on_fold=on_fold
+        )
     rows = []
     for done, i in enumerate(order, start=1):
         keep = torch.arange(n) != i
-        if mapped is not None:
-            head = fit_head(mapped[keep], support_y[keep], ways=ways, config=config)
-            logits = mapped[i : i + 1] @ head["head.weight"].T + head["head.bias"]
-        else:
-            fold = adapt(
-                model,
-                support_x[keep],
-                support_y[keep],
-                ways=ways,
-                config=config,
-                meta=meta,
-                domain_mean=domain_mean,
-            )
-            logits = fold.logits(support_x[i : i + 1])
-        rows.append(logits.detach().double().cpu().numpy()[0])
+        fold = adapt(
+            model,
+            support_x[keep],
+            support_y[keep],
+            ways=ways,
+            config=config,
+            meta=meta,
+            domain_mean=domain_mean,
+        )
+        rows.append(fold.logits(support_x[i : i + 1]).detach().double().cpu().numpy()[0])
         if on_fold is not None:
             on_fold(done, len(order))
     return HeldOut(
         indices=tuple(order),
         logits=np.stack(rows),
         labels=support_y.cpu().numpy()[order].astype(np.int64),
+    )
+
+
+def head_held_out(
+    mapped: torch.Tensor,
+    labels: torch.Tensor,
+    order: Sequence[int],
+    *,
+    ways: int,
+    config: AdaptConfig,
+    extra: torch.Tensor | None = None,
+    extra_labels: torch.Tensor | None = None,
+    on_fold: Callable[[int, int], None] | None = None,
+) -> HeldOut:
+    """Leave-one-out logits of a head on features: row j scores ``mapped[order[j]]`` with the
+    head fitted on every other row of ``mapped`` and every row of ``extra`` (never held out, e.g.
+    a federation's prototypes). Every fold at once where the mode has it (ridge and prototypes
+    in closed form, linear in one batched fit: ``ADAPT_MODES``), else one fit per fold; folds
+    are reported one by one either way.
+    """
+    extra = mapped[:0] if extra is None else extra
+    extra_labels = labels[:0] if extra_labels is None else extra_labels
+    closed_form = ADAPT_MODES[config.mode].held_out
+    if closed_form is not None:
+        progress = fold_progress(on_fold, len(order))
+        every = closed_form(
+            torch.cat([mapped, extra]),
+            torch.cat([labels, extra_labels]),
+            ways,
+            config,
+            rows=order,
+            on_step=progress,
+        )
+        progress(1, 1)
+        logits = every.detach().double().cpu().numpy()
+    else:
+        rows = []
+        for done, i in enumerate(order, start=1):
+            keep = torch.arange(len(labels)) != i
+            head = fit_head(
+                torch.cat([mapped[keep], extra]),
+                torch.cat([labels[keep], extra_labels]),
+                ways=ways,
+                config=config,
+            )
+            fold_logits = mapped[i : i + 1] @ head["head.weight"].T + head["head.bias"]
+            rows.append(fold_logits.detach().double().cpu().numpy()[0])
+            if on_fold is not None:
+                on_fold(done, len(order))
+        logits = np.stack(rows)
+    return HeldOut(
+        indices=tuple(order),
+        logits=logits,
+        labels=labels.cpu().numpy()[order].astype(np.int64),
     )
 
 

@@ -30,7 +30,7 @@ from models.adaptation import (
     feature_parts,
     fit_head,
 )
-from models.calibration import HeldOut, fold_progress, held_out_order
+from models.calibration import HeldOut, head_held_out, held_out_order
 from models.errors import RegistryError
 from models.meta import split_params
 from models.model_dir import LoadedModel
@@ -269,40 +269,13 @@ def held_out_with_prototypes(
     :func:`models.calibration.held_out_logits`), each from a head fitted on the other cases and
     every prototype row (in closed form for ridge and prototypes, in one batched fit for linear:
     the prototype rows are never held out)."""
-    order = held_out_order(labels.cpu().numpy())
-    n = len(labels)
-    closed_form = ADAPT_MODES[config.mode].held_out
-    if closed_form is not None:  # folds reported one by one, as refitting does
-        progress = fold_progress(on_fold, len(order))
-        every = closed_form(
-            torch.cat([fit.mapped, fit.extra]),
-            torch.cat([labels, fit.extra_labels]),
-            ways,
-            config,
-            rows=order,
-            on_step=progress,
-        )
-        progress(1, 1)
-        return HeldOut(
-            indices=tuple(order),
-            logits=every.detach().double().cpu().numpy(),
-            labels=labels.cpu().numpy()[order].astype(np.int64),
-        )
-    rows = []
-    for done, i in enumerate(order, start=1):
-        keep = torch.arange(n) != i
-        head = fit_head(
-            torch.cat([fit.mapped[keep], fit.extra]),
-            torch.cat([labels[keep], fit.extra_labels]),
-            ways=ways,
-            config=config,
-        )
-        logits = fit.mapped[i : i + 1] @ head["head.weight"].T + head["head.bias"]
-        rows.append(logits.detach().double().cpu().numpy()[0])
-        if on_fold is not None:
-            on_fold(done, len(order))
-    return HeldOut(
-        indices=tuple(order),
-        logits=np.stack(rows),
-        labels=labels.cpu().numpy()[order].astype(np.int64),
+    return head_held_out(
+        fit.mapped,
+        labels,
+        held_out_order(labels.cpu().numpy()),
+        ways=ways,
+        config=config,
+        extra=fit.extra,
+        extra_labels=fit.extra_labels,
+        on_fold=on_fold,
     )
