@@ -41,6 +41,11 @@ from models.meta import (
     split_params,
 )
 
+# Images per forward pass when embedding. Small batches are faster on CPU: Lite0 at 224 px on
+# 2 threads took 60 ms per image at batch 64 and 17-33 at 2-8; the dashboard's arrival embedding
+# and occlusion map took half the time at 8 as at 256 (bench/results/dashboard_latency_batch*.json).
+EMBED_BATCH = 8
+
 
 @dataclass(frozen=True)
 class AdaptConfig:
@@ -59,7 +64,7 @@ class AdaptConfig:
     linear_steps: int = 100  # logistic-regression steps of the linear head on cached features
     linear_lr: float = 0.01  # Adam step of the linear head (features are unit length)
     ridge_penalty: float = 1.0  # ridge's lambda on unit-length features; support-size scale
-    batch_limit: int = 256  # images per forward pass when embedding, bounds memory
+    batch_limit: int = EMBED_BATCH  # images per forward pass when embedding
 
     def __post_init__(self) -> None:
         if self.mode not in ADAPT_MODES:
@@ -166,7 +171,7 @@ def embed(
     params: Params | None = None,
     buffers: Params | None = None,
     tta: bool = False,
-    batch_limit: int = 256,
+    batch_limit: int = EMBED_BATCH,
 ) -> torch.Tensor:
     """Backbone features ``(n, d)`` of ``images``, in chunks, averaged over flips when ``tta``.
 

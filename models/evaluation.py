@@ -11,7 +11,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.adaptation import AdaptConfig, adapt, embed, feature_map, feature_parts, fit_head
+from models.adaptation import (
+    EMBED_BATCH,
+    AdaptConfig,
+    adapt,
+    embed,
+    feature_map,
+    feature_parts,
+    fit_head,
+)
 from models.calibration import CalibrationConfig, HeldOut, held_out_logits
 from models.episodes import EpisodeConfig, sample_episode
 from models.errors import EpisodeError
@@ -58,7 +66,7 @@ def mean_ci95(values: np.ndarray) -> tuple[float, float]:
 
 @torch.no_grad()
 def embed_all(
-    model: nn.Module, images: np.ndarray, *, tta: bool = False, batch: int = 256
+    model: nn.Module, images: np.ndarray, *, tta: bool = False, batch: int = EMBED_BATCH
 ) -> torch.Tensor:
     """Embed a whole image set once (the backbone is fixed in frozen-backbone modes)."""
     device = next(model.parameters()).device
