@@ -67,16 +67,9 @@ class DemoSettings:
         self, *, rounds: int | None = None, steps: int | None = None, side: int | None = None
     ) -> DemoSettings:
         """These settings with the command line's changes (``None``: the file's value)."""
-        run = self.run
-        if rounds is not None:
-            run = dataclasses.replace(run, num_rounds=rounds)
-        if steps is not None:
-            run = dataclasses.replace(run, steps=steps)
-        if side is not None:
-            run = dataclasses.replace(
-                run, backbone=dataclasses.replace(run.backbone, image_size=side)
-            )
-        return dataclasses.replace(self, run=run)
+        changes = {"num-rounds": rounds, "steps": steps, "backbone.image-size": side}
+        given = {key: value for key, value in changes.items() if value is not None}
+        return dataclasses.replace(self, run=self.run.with_values(given))
 
 
 @dataclass(frozen=True)
