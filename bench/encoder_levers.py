@@ -20,7 +20,17 @@ intermediate stages' last blocks. Rows then pick a feature set from it:
 - **head**: ridge with its lambda, or ridge refitted on the episode's unlabelled queries with
   their soft labels (``ridge-trans``: transductive, reported apart since the queries must arrive
   as a batch), or prototypes refined by soft k-means (``proto-trans``);
-- **encoder**: Lite0 at 224, 256, 288 px; Lite1 at 240; Lite2 at 260 (their own sides).
+- **encoder**: Lite0 at 224, 256, 288 px; Lite1 at 240; Lite2 at 260 (their own sides);
+- **nuisance covariance** (``within``, ``drop``): the within-class scatter of labelled classes
+  that are not scored (the modality's known conditions for ``new-condition``, the other four
+  modalities for ``new-modality``: what ``fedfew train`` could compute on its training data),
+  each set mapped as the target is (centred on its own mean, parts normalised); the target's
+  features are then whitened by it, shrunk towards the identity (Simple CNAPS's / LDA's shared
+  covariance), or its top eigen-directions are projected out.
+
+``score --paired`` scores the non-transductive rows with :func:`episode_accuracies` (the loop of
+``models.evaluation.evaluate_episodes``: same seed, sampler and head, the same accuracies) so
+that each row also gets its paired difference from ``Row()`` on the fold's same episodes.
 
     python bench/encoder_levers.py embed --encoder lite0@224 --views id,h,v
     python bench/encoder_levers.py score --task new-modality
@@ -59,7 +69,7 @@ from bench.new_modality_encoder import (
     summarise,
     target_images,
 )
-from models.adaptation import FEATURE_NORM, AdaptConfig, FeatureMap
+from models.adaptation import FEATURE_NORM, AdaptConfig, FeatureMap, fit_head
 from models.efficientnet_lite import MULTI_SCALE_STAGES
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import mean_ci95
@@ -184,6 +194,12 @@ class Row:
     penalty: float = 1.0
     steps: int = 0  # transductive steps
     whiten: float = 0.0  # whitening on the pool's covariance, shrunk by this much; 0: off
+    # Nuisance (within-class) covariance S_w of labelled classes outside the fold (see
+    # :func:`known_groups`): ``within`` a in (0, 1] whitens the target's features by
+    # C = (1 - a) S_w + a tr(S_w)/d I (0: off); ``drop`` k projects out S_w's top k
+    # eigen-directions (0: off). Rows are re-normalised to FEATURE_NORM after either.
+    within: float = 0.0
+    drop: int = 0
 
     @property
     def label(self) -> str:
@@ -194,6 +210,10 @@ class Row:
             bits.append("w" + ":".join(f"{w:g}" for w in self.weights))
         if self.whiten:
             bits.append(f"whiten{self.whiten:g}")
+        if self.drop:
+            bits.append(f"drop{self.drop}")
+        if self.within:
+            bits.append(f"within{self.within:g}")
         head = self.head + (f"{self.steps}" if self.steps else "")
         return " ".join(bits) + f" / {head} l{self.penalty:g}"
 
@@ -235,28 +255,49 @@ def transform(features: torch.Tensor, parts: list[int], how: str) -> torch.Tenso
     raise ValueError(how)
 
 
-def mapped_features(
-    cached: dict[str, Any], row: Row, selected: np.ndarray, in_pool: np.ndarray
-) -> torch.Tensor:
-    """The row's features of the fold's images, centred on the pool's mean, each part
-    normalised (then weighted): what the default path's feature map does, done once per fold."""
+def row_features(cached: dict[str, Any], row: Row) -> tuple[torch.Tensor, list[int]]:
+    """The row's features of every image of a modality (mean over its views, transformed),
+    before centring, and their part sizes."""
     views = []
     for view in row.views:
         features, parts = select_taps(cached, view, row.taps)
         views.append(features)
-    features = transform(
-        torch.stack(views).mean(0)[torch.from_numpy(selected)], parts, row.transform
-    )
-    fmap = FeatureMap(mean=features[in_pool].mean(0), normalise=True, parts=tuple(parts))
-    mapped = fmap(features)
+    return transform(torch.stack(views).mean(0), parts, row.transform), parts
+
+
+def map_parts(
+    features: torch.Tensor, mean: torch.Tensor, parts: list[int], row: Row
+) -> torch.Tensor:
+    """Centred on ``mean``, each part normalised (then weighted by the row's weights)."""
+    mapped = FeatureMap(mean=mean, normalise=True, parts=tuple(parts))(features)
     if row.weights:
         w = torch.tensor(row.weights, dtype=mapped.dtype)
         w = w * len(w) ** 0.5 / w.norm()  # the whole keeps norm FEATURE_NORM
         mapped = torch.cat(
             [p * wi for p, wi in zip(mapped.split(parts, dim=1), w, strict=True)], dim=1
         )
+    return mapped
+
+
+def mapped_features(
+    cached: dict[str, Any],
+    row: Row,
+    selected: np.ndarray,
+    in_pool: np.ndarray,
+    nuisance: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The row's features of the fold's images, centred on the pool's mean, each part
+    normalised (then weighted): what the default path's feature map does, done once per fold;
+    ``nuisance``: the eigenvalues and eigenvectors of the known classes' within-class scatter
+    (:func:`nuisance_eigen`), for rows with ``within`` or ``drop``."""
+    features, parts = row_features(cached, row)
+    features = features[torch.from_numpy(selected)]
+    mapped = map_parts(features, features[in_pool].mean(0), parts, row)
     if row.whiten:
         mapped = whiten(mapped, in_pool, row.whiten)
+    if row.within or row.drop:
+        assert nuisance is not None
+        mapped = remove_nuisance(mapped, *nuisance, within=row.within, drop=row.drop)
     assert torch.allclose(mapped.norm(dim=1).mean(), torch.tensor(FEATURE_NORM), rtol=0.05) or (
         len(parts) == 1
     )
@@ -276,6 +317,72 @@ def whiten(mapped: torch.Tensor, in_pool: np.ndarray, shrink: float) -> torch.Te
     out = (mapped.double() @ vectors) / values.clamp_min(1e-12).sqrt()
     out = out / out.norm(dim=1, keepdim=True).clamp_min(1e-12) * FEATURE_NORM
     return out.float()
+
+
+def known_groups(
+    name: str, row: Row, task: str, folder: Path
+) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Mapped features and labels of the labelled images whose classes a fold does not score:
+    the modality's known conditions (``new-condition``: every class not in ``HELD_OUT[name]``,
+    all their images), or each of the other modalities (``new-modality``). Each set is centred
+    on its own mean and its parts normalised, as its images would be mapped."""
+    names = [name] if task == "new-condition" else [n for n in SHARED_SETS if n != name]
+    encoder, side = row.encoder.split("@")
+    groups = []
+    for other in names:
+        path = cache_path(other, encoder, int(side))
+        if not path.is_file():
+            raise SystemExit(f"{path} missing: embed {other} first")
+        features, parts = row_features(torch.load(path, weights_only=True), row)
+        with np.load(folder / f"{other}.npz") as data:
+            labels, classes = data["labels"], [str(c) for c in data["classes"]]
+        assert len(labels) == len(features), (other, len(labels), len(features))
+        if task == "new-condition":
+            known = ~np.isin(labels, [classes.index(c) for c in HELD_OUT[name]])
+            features, labels = features[torch.from_numpy(known)], labels[known]
+        groups.append((map_parts(features, features.mean(0), parts, row), labels))
+    return groups
+
+
+def nuisance_eigen(
+    groups: list[tuple[torch.Tensor, np.ndarray]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the within-class scatter
+    S_w = 1/N sum_i (x_i - mu_{c(i)})(x_i - mu_{c(i)})^T over every class of every group."""
+    total: torch.Tensor | None = None
+    count = 0
+    for features, labels in groups:
+        x = features.double()
+        for c in np.unique(labels):
+            xc = x[torch.from_numpy(labels == c)]
+            xc = xc - xc.mean(0)
+            total = xc.T @ xc if total is None else total + xc.T @ xc
+            count += len(xc)
+    assert total is not None
+    values, vectors = torch.linalg.eigh(total / count)
+    return values.clamp_min(0), vectors
+
+
+def remove_nuisance(
+    mapped: torch.Tensor,
+    values: torch.Tensor,
+    vectors: torch.Tensor,
+    *,
+    within: float,
+    drop: int,
+) -> torch.Tensor:
+    """``drop``: the top ``drop`` eigen-directions of S_w projected out; ``within`` a: whitened,
+    x -> C^{-1/2} x with C = (1 - a) S_w + a tr(S_w)/d I (same eigenvectors, eigenvalues
+    (1 - a) l + a mean(l)); then rows rescaled to norm ``FEATURE_NORM``."""
+    x = mapped.double()
+    if drop:
+        top = vectors[:, -drop:]
+        x = x - (x @ top) @ top.T
+    if within:
+        shrunk = (1 - within) * values + within * values.mean()
+        x = ((x @ vectors) / shrunk.clamp_min(1e-12).sqrt()) @ vectors.T
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12) * FEATURE_NORM
+    return x.float()
 
 
 class Mapped(nn.Module):
@@ -333,6 +440,17 @@ def default_rows(task: str) -> list[Row]:
         # stacks: the best of each lever on the new-modality mean (flips; transductive apart)
         dataclasses.replace(base, views=("id", "h"), transform="sqrt-head"),
         dataclasses.replace(base, views=("id", "h"), head="ridge-trans", steps=2),
+        # 7. nuisance covariance of labelled classes outside the fold, ridge and prototype
+        *(
+            dataclasses.replace(base, within=a, head=h)
+            for h in ("ridge", "prototype")
+            for a in (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
+        ),
+        *(
+            dataclasses.replace(base, drop=k, head=h)
+            for h in ("ridge", "prototype")
+            for k in (8, 32, 128)
+        ),
     ]
     return rows
 
@@ -388,10 +506,69 @@ def transductive_score(
     }
 
 
+def episode_accuracies(
+    row: Row, *, features: torch.Tensor, evaluation: Any, shots: int, config: BenchConfig
+) -> np.ndarray:
+    """Each episode's accuracy of a non-transductive-ridge row over already-mapped features: the
+    loop of ``models.evaluation.evaluate_episodes`` (its seed, sampler and head; the feature map
+    is the identity since ``centre=False``), kept per episode for paired differences."""
+    ((adapt, _),) = row_levers(row).values()
+    episode = EpisodeConfig(ways=config.ways, shots=shots, queries=config.queries)
+    rng = np.random.default_rng(config.seed)
+    out = np.empty(config.episodes)
+    for i in range(config.episodes):
+        ep = sample_episode(evaluation.labels, evaluation.patients, episode, rng)
+        support, query = features[ep.support], features[ep.query]
+        sy = torch.from_numpy(ep.support_labels)
+        head = fit_head(support, sy, ways=config.ways, config=adapt, unlabeled=query)
+        logits = query @ head["head.weight"].T + head["head.bias"]
+        out[i] = (logits.argmax(-1) == torch.from_numpy(ep.query_labels)).float().mean().item()
+    return out
+
+
+def paired_score(
+    name: str,
+    row: Row,
+    *,
+    features: torch.Tensor,
+    evaluation: Any,
+    shots: int,
+    config: BenchConfig,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`score`'s row from :func:`episode_accuracies`, and the accuracies themselves."""
+    start = time.perf_counter()
+    accuracies = episode_accuracies(
+        row, features=features, evaluation=evaluation, shots=shots, config=config
+    )
+    mean, ci = mean_ci95(accuracies)
+    return {
+        "fold": name,
+        "encoder": row.label,
+        "lever": row.label,
+        "ways": config.ways,
+        "shots": shots,
+        "accuracy": mean,
+        "ci95": ci,
+        "episodes": config.episodes,
+        "confident_share": None,
+        "confident_accuracy": None,
+        "ece": None,
+        "seconds_per_episode": (time.perf_counter() - start) / config.episodes,
+    }, accuracies
+
+
 def run_fold(
-    name: str, rows: list[Row], config: BenchConfig, folder: Path, log: Progress
+    name: str,
+    rows: list[Row],
+    config: BenchConfig,
+    folder: Path,
+    log: Progress,
+    *,
+    paired: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every available row of one fold (a row whose encoder or view is not embedded is skipped)."""
+    """Every available row of one fold (a row whose encoder or view is not embedded is skipped);
+    ``paired``: non-transductive rows through :func:`paired_score`, each with its paired
+    difference from ``Row()`` (``paired_vs_default``: mean and 95% CI over the same episodes)."""
     target, selected = target_images(name, config.task, folder)
     in_pool = pool_mask(target, config.pool_fraction, config.seed)
     _, evaluation = split_by_patient(target, config.pool_fraction, config.seed)
@@ -412,6 +589,10 @@ def run_fold(
         )
         for shots in config.shots
     ]
+    eigen: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    default: dict[int, np.ndarray] = {}  # shots -> Row()'s accuracy per episode (paired)
+    if paired and Row() in rows:
+        rows = [Row(), *(r for r in rows if r != Row())]
     for row in rows:
         encoder, side = row.encoder.split("@")
         path = cache_path(name, encoder, int(side))
@@ -419,8 +600,33 @@ def run_fold(
         if cached is None or any(v not in cached["views"] for v in row.views):
             log(f"{name}: {row.label} skipped (not embedded)")
             continue
-        mapped = mapped_features(cached, row, selected, in_pool)
+        nuisance = None
+        if row.within or row.drop:
+            key = (row.encoder, row.taps, row.views, row.transform, row.weights)
+            if key not in eigen:
+                eigen[key] = nuisance_eigen(known_groups(name, row, config.task, folder))
+            nuisance = eigen[key]
+        mapped = mapped_features(cached, row, selected, in_pool, nuisance)
         for shots in config.shots:
+            if paired and row.head != "ridge-trans":
+                found, accuracies = paired_score(
+                    name,
+                    row,
+                    features=mapped[torch.from_numpy(keep)],
+                    evaluation=evaluation,
+                    shots=shots,
+                    config=config,
+                )
+                if row == Row():
+                    default[shots] = accuracies
+                if shots in default:
+                    found["paired_vs_default"] = dict(
+                        zip(("diff", "ci95"), mean_ci95(accuracies - default[shots]), strict=True)
+                    )
+                found["encoder_ms_per_image"] = sum(cached["ms"][v] for v in row.views)
+                found["row"] = dataclasses.asdict(row)
+                out.append(found)
+                continue
             if row.head == "ridge-trans":
                 found = transductive_score(
                     name,
@@ -467,7 +673,14 @@ def parse_args(argv: list[str]) -> tuple[str, argparse.Namespace]:
     s.add_argument("--shots", default="5")
     s.add_argument("--episodes", type=int, default=600)
     s.add_argument("--calibrated-episodes", type=int, default=0)
-    s.add_argument("--only", default=None, help="row labels containing this text")
+    s.add_argument(
+        "--only", default=None, help="row labels containing any of these comma-separated texts"
+    )
+    s.add_argument(
+        "--paired",
+        action="store_true",
+        help="per-episode scoring, with each row's paired difference from Row()",
+    )
     s.add_argument("--folds", default=None, help="default: every fold of the task")
     s.add_argument("--name", default=None)
     c = sub.add_parser("cost", help="encoder ms per image, every encoder in turn (same load)")
@@ -570,10 +783,14 @@ def main(argv: list[str] | None = None) -> None:
         pool_fraction=0.5,
         seed=0,
     )
-    rows = [r for r in default_rows(a.task) if a.only is None or a.only in r.label]
+    rows = [
+        r
+        for r in default_rows(a.task)
+        if a.only is None or any(text in r.label for text in a.only.split(","))
+    ]
     results: list[dict[str, Any]] = []
     for fold in config.folds:
-        results += run_fold(fold, rows, config, folder, log)
+        results += run_fold(fold, rows, config, folder, log, paired=a.paired)
     summary = summarise(results)
     name = a.name or f"encoder_levers_{a.task.replace('-', '_')}"
     out = write_result(
