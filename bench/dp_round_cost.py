@@ -187,7 +187,8 @@ def equivalence(plan: RoundPlan, state: State, node: NodeConfig) -> dict[str, fl
     """How far apart the arms end after one round from the same start and seed: the
     non-private path against the machinery arm (sigma 1e-30, no clip: should agree to rounding),
     against the DP trainer at ``NO_NOISE`` and ``NO_CLIP`` (the other benches' non-private rows;
-    Opacus adds noise of std sigma * C = 1e-9 * 1e9 = 1 there) and against the demo's DP round;
+    Opacus adds noise of std sigma * C there: 1e-21 now, 1e-9 * 1e9 = 1 before the fix, which
+    dp_round_cost.json of 2026-12 recorded) and against the demo's DP round;
     and the round's own update, for scale."""
     start = adapter_of(model_from_state(state, plan).adapter)  # type: ignore[arg-type]
     ends = {arm: adapter_of(local_round(arm, plan, state, node, seed=7)[2]) for arm in ARMS}

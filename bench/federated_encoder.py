@@ -76,7 +76,10 @@ from privacy.mechanisms import PROTOTYPES, get_mechanism
 from privacy.prototype_release import prototypes_from_sums
 
 OUT = "federated_encoder"
-NO_NOISE = 1e-9  # the non-private rows: the same trainer with no noise and no clipping
+# The non-private rows: the same trainer with no noise and no clipping. Opacus adds noise of std
+# sigma * C to each step's summed gradient, so sigma must be tiny against 1 / C: 1e-30 * 1e9 gives
+# std 1e-21 (DPConfig needs sigma > 0). The former 1e-9 gave std 1.0, 10x the demo's DP noise.
+NO_NOISE = 1e-30
 NO_CLIP = 1e9
 
 
