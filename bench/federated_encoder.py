@@ -24,7 +24,10 @@ default adaptation: ridge on centred multi-scale features):
 Seconds per DP step are recorded for the adapter on cached features and, for comparison, for DP
 norm-affine training of the encoder itself on images (one step, ``--encoder-step-episodes``).
 
-Run: ``python bench/federated_encoder.py --modality brain_mri [--epsilons 1 4 8]``.
+Run: ``python bench/federated_encoder.py --modality brain_mri [--epsilons 1 4 8]``. With
+``--only ROW ...`` (and ``--mia-epsilons``) only those rows run, and they replace their namesakes
+in the existing results file, whose other rows are kept; the config's ``reruns`` says which rows
+were rerun, at which commit and why (``--note``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +49,14 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, Progress, require_shared_data, set_threads, write_result
+from bench.common import (
+    RESULTS,
+    Progress,
+    environment,
+    require_shared_data,
+    set_threads,
+    write_result,
+)
 from bench.cross_domain import SHARED_SETS
 from bench.federated_accuracy import DELTA, at_epsilon, federated, sigma_for
 from bench.federated_real import score, split_modality
@@ -81,6 +92,21 @@ OUT = "federated_encoder"
 # std 1e-21 (DPConfig needs sigma > 0). The former 1e-9 gave std 1.0, 10x the demo's DP noise.
 NO_NOISE = 1e-30
 NO_CLIP = 1e9
+# what --only can select (support-only comes with dp-prototypes; seconds: the timing entries)
+ROWS = (
+    "public-start",
+    "federated-nonprivate",
+    "federated-dp-episodic",
+    "central-dp",
+    "dp-prototypes",
+    "membership-inference",
+    "seconds",
+)
+
+
+def _epsilon(text: str) -> float | None:
+    """An epsilon on the command line; ``none``: without noise."""
+    return None if text.lower() == "none" else float(text)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -102,6 +128,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prototype-weight", type=int, default=5, help="copies of a prototype")
     p.add_argument("--mia-steps", type=int, default=200, help="the audited adapter's steps")
     p.add_argument("--shadows", type=int, default=4, help="LiRA shadow adapters")
+    p.add_argument("--mia-epsilons", type=_epsilon, nargs="+", default=[None, 8.0, 1.0],
+                   help="the audited adapters' epsilons ('none': without noise)")  # fmt: skip
+    p.add_argument("--only", nargs="+", choices=ROWS, default=None,
+                   help="run these rows only and merge them into the existing results")  # fmt: skip
+    p.add_argument("--note", default="", help="why --only rows were rerun (kept in the config)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=OUT, help="results name under bench/results/")
     return p
@@ -316,6 +347,41 @@ def encoder_step_seconds(args: argparse.Namespace, sites: list[dict[str, Any]]) 
     return (time.perf_counter() - started) * args.step_episodes / args.encoder_step_episodes
 
 
+def _key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return row["method"], row.get("epsilon"), row.get("attack")
+
+
+def save(args: argparse.Namespace, rows: list[dict[str, Any]], timing: dict[str, float]) -> None:
+    """Write the results; with ``--only``, merged into the existing file (rows replaced in place
+    by key, new ones appended, other rows and the original config and environment kept; once,
+    at the end of the run)."""
+    cpu = torch.device("cpu")
+    path = RESULTS / f"{args.out}.json"
+    if args.only is None or not path.exists():
+        write_result(args.out, config=vars(args), results={"rows": rows, "seconds": timing},
+                     device=cpu)  # fmt: skip
+        return
+    payload = json.loads(path.read_text())
+    new = {_key(r): r for r in rows}
+    kept = [new.pop(_key(r), r) for r in payload["results"]["rows"]]
+    payload["results"]["rows"] = kept + list(new.values())
+    payload["results"]["seconds"] = {**payload["results"].get("seconds", {}), **timing}
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                            text=True, cwd=RESULTS).stdout.strip()  # fmt: skip
+    rerun = {
+        "rows": args.only,
+        "mia_epsilons": args.mia_epsilons,
+        "commit": commit,
+        "threads": args.threads,
+        "note": args.note,
+        "environment": environment(cpu),
+    }
+    payload["config"].setdefault("reruns", []).append(rerun)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
 def main() -> None:
     args = parser().parse_args()
     set_threads(args.threads)
@@ -336,21 +402,28 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     timing: dict[str, float] = {}
 
+    def wanted(row: str) -> bool:
+        return args.only is None or row in args.only
+
     def record(method: str, epsilon: float | None, state: State, **extra: Any) -> None:
         rows.append({"method": method, "epsilon": epsilon, **score(state, base, args), **extra})
-        write_result(args.out, config=vars(args), results={"rows": rows, "seconds": timing},
-                     device=torch.device("cpu"))  # fmt: skip
+        if args.only is None:
+            save(args, rows, timing)
         log(f"{method} eps={epsilon}: {100 * rows[-1]['accuracy']:.1f}%")
 
     started = time.perf_counter()
     features = site_features(base, sites)
-    timing["embed-sites"] = time.perf_counter() - started
-    record("public-start", None, initial_state(base))
+    embedded = time.perf_counter() - started
+    if wanted("seconds"):
+        timing["embed-sites"] = embedded
+    if wanted("public-start"):
+        record("public-start", None, initial_state(base))
     steps = args.rounds * args.local_steps
-    state = train_adapter(base, [[f] for f in features], sigma=NO_NOISE, clip=NO_CLIP,
-                          steps_per_round=args.local_steps, rounds=args.rounds)  # fmt: skip
-    record("federated-nonprivate", None, state)
-    for epsilon in args.epsilons:
+    if wanted("federated-nonprivate"):
+        state = train_adapter(base, [[f] for f in features], sigma=NO_NOISE, clip=NO_CLIP,
+                              steps_per_round=args.local_steps, rounds=args.rounds)  # fmt: skip
+        record("federated-nonprivate", None, state)
+    for epsilon in args.epsilons if wanted("federated-dp-episodic") else ():
         name = f"dp-episodic-eps{epsilon:g}"
         run = at_epsilon(base, epsilon, steps=steps, name=name, root=root)
         started = time.perf_counter()
@@ -358,33 +431,36 @@ def main() -> None:
         seconds = (time.perf_counter() - started) / args.rounds
         record("federated-dp-episodic", epsilon, result["state"], seconds_per_round=seconds,
                site_epsilon=result["site_epsilon"])  # fmt: skip
-    best = max(args.epsilons)
-    sigma = sigma_for(base, best, steps * len(sites))
-    state = train_adapter(base, [features], sigma=sigma, clip=args.clip,
-                          steps_per_round=steps * len(sites), rounds=1)  # fmt: skip
-    record("central-dp", best, state)
-    held = held_out_features(base, held_out, root)
-    alone = known_class_accuracy(held, base, None, args)
-    rows.append({"method": "support-only", "epsilon": None, **alone})
-    log(f"support-only: {100 * alone['accuracy']:.1f}%")
-    for epsilon in (None, *args.epsilons):  # None: the same release without noise
-        protos = released_prototypes(base, features, epsilon, seed=int((epsilon or 0) * 1000))
-        scored = known_class_accuracy(held, base, protos, args)
-        rows.append({"method": "dp-prototypes", "epsilon": epsilon, **scored})
-        log(f"dp-prototypes eps={epsilon}: {100 * scored['accuracy']:.1f}%")
+    if wanted("central-dp"):
+        best = max(args.epsilons)
+        sigma = sigma_for(base, best, steps * len(sites))
+        state = train_adapter(base, [features], sigma=sigma, clip=args.clip,
+                              steps_per_round=steps * len(sites), rounds=1)  # fmt: skip
+        record("central-dp", best, state)
+    if wanted("dp-prototypes") or wanted("membership-inference"):
+        held = held_out_features(base, held_out, root)
+    if wanted("dp-prototypes"):
+        alone = known_class_accuracy(held, base, None, args)
+        rows.append({"method": "support-only", "epsilon": None, **alone})
+        log(f"support-only: {100 * alone['accuracy']:.1f}%")
+        for epsilon in (None, *args.epsilons):  # None: the same release without noise
+            protos = released_prototypes(base, features, epsilon, seed=int((epsilon or 0) * 1000))
+            scored = known_class_accuracy(held, base, protos, args)
+            rows.append({"method": "dp-prototypes", "epsilon": epsilon, **scored})
+            log(f"dp-prototypes eps={epsilon}: {100 * scored['accuracy']:.1f}%")
     pool = pooled_sites(features)
-    for epsilon in (None, 8.0, 1.0):
+    for epsilon in args.mia_epsilons if wanted("membership-inference") else ():
         trainer = adapter_trainer(base, epsilon, args.mia_steps)
         for attack in audit(trainer, pool, held, shadows=args.shadows):
             rows.append({"method": "membership-inference", "epsilon": epsilon,
                          **attack.to_dict()})  # fmt: skip
             log(f"membership inference eps={epsilon} {attack.attack}: AUC {attack.auc:.3f}")
-    started = time.perf_counter()
-    train_adapter(base, [features], sigma=1.0, clip=args.clip, steps_per_round=1, rounds=1)
-    timing["adapter-dp-step"] = time.perf_counter() - started
-    timing["encoder-norm-affine-dp-step"] = encoder_step_seconds(args, sites)
-    write_result(args.out, config=vars(args), results={"rows": rows, "seconds": timing},
-                 device=torch.device("cpu"))  # fmt: skip
+    if wanted("seconds"):
+        started = time.perf_counter()
+        train_adapter(base, [features], sigma=1.0, clip=args.clip, steps_per_round=1, rounds=1)
+        timing["adapter-dp-step"] = time.perf_counter() - started
+        timing["encoder-norm-affine-dp-step"] = encoder_step_seconds(args, sites)
+    save(args, rows, timing)
     log(f"seconds: {timing}; wrote bench/results/{args.out}.json")
     payloads = {
         path.stem.removeprefix(f"{OUT}_"): json.loads(path.read_text())
