@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from models.catalogue import Catalogue
+from models.feature_adapter import feature_transform
 from models.feature_cache import cache_for
 from models.freezing import is_fully_frozen
 from models.meta import (
@@ -131,11 +132,20 @@ FEATURE_NORM = HEAD_SCALE**0.5
 class FeatureMap:
     """What happens to backbone features before the head: centring, then L2 normalisation of
     each part (a multi-scale embedding concatenates parts of different scales; each is normalised
-    on its own, so no depth dominates, and the whole has norm :data:`FEATURE_NORM`)."""
+    on its own, so no depth dominates, and the whole has norm :data:`FEATURE_NORM`), then the
+    model's metric ``transform`` when it has one (a within-class metric adapter,
+    models/feature_adapter.py :func:`~models.feature_adapter.feature_transform`).
+
+    ``transform`` acts on the normalised features only: it is applied when ``normalise`` is on
+    (:func:`feature_map` turns normalisation on exactly when centring is), and never to raw
+    features. It keeps each row's norm. Two maps compare equal only if they hold the same
+    ``transform`` (a bound method compares by its object's identity)."""
 
     mean: torch.Tensor | None = None  # the domain's mean feature; None: no centring
     normalise: bool = False
     parts: tuple[int, ...] = ()  # sizes of the concatenated parts; (): one part
+    # the metric applied last, to the normalised features; None: none
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """Map features ``(n, d)``."""
@@ -147,6 +157,8 @@ class FeatureMap:
             features = torch.cat(
                 [scale * p / p.norm(dim=-1, keepdim=True).clamp_min(1e-6) for p in pieces], dim=-1
             )
+            if self.transform is not None:
+                features = self.transform(features)
         return features
 
 
@@ -240,14 +252,18 @@ def feature_map(
     domain_mean: torch.Tensor | None,
     features: torch.Tensor,
     parts: tuple[int, ...] = (),
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FeatureMap:
     """The feature map of ``config``: centred on ``domain_mean`` when known, else on the mean of
-    ``features`` (the images at hand), then each of ``parts`` normalised; identity when centring
-    is off."""
+    ``features`` (the images at hand), then each of ``parts`` normalised, then ``transform``
+    (the model's metric: :func:`models.feature_adapter.feature_transform`); identity when
+    centring is off (no transform then either)."""
     if not config.centre:
         return FeatureMap()
     mean = domain_mean if domain_mean is not None else features.mean(0)
-    return FeatureMap(mean=mean.to(features.dtype), normalise=True, parts=parts)
+    return FeatureMap(
+        mean=mean.to(features.dtype), normalise=True, parts=parts, transform=transform
+    )
 
 
 def prototype_head(embeddings: torch.Tensor, y: torch.Tensor, ways: int) -> Params:
@@ -627,7 +643,13 @@ def _frozen(
     params, buffers = split_params(model)
     both = support_x if unlabeled_x is None else torch.cat([support_x, unlabeled_x])
     raw = embed(model, both, tta=config.tta, batch_limit=config.batch_limit)
-    fmap = feature_map(config, domain_mean=domain_mean, features=raw, parts=feature_parts(model))
+    fmap = feature_map(
+        config,
+        domain_mean=domain_mean,
+        features=raw,
+        parts=feature_parts(model),
+        transform=feature_transform(model),
+    )
     mapped = fmap(raw)
     n = len(support_y)
     head = fit_head(
@@ -656,7 +678,13 @@ def _finetune(
     work = copy.deepcopy(model)
     both = support_x if unlabeled_x is None else torch.cat([support_x, unlabeled_x])
     raw = embed(work, both, tta=config.tta, batch_limit=config.batch_limit)
-    fmap = feature_map(config, domain_mean=domain_mean, features=raw, parts=feature_parts(work))
+    fmap = feature_map(
+        config,
+        domain_mean=domain_mean,
+        features=raw,
+        parts=feature_parts(work),
+        transform=feature_transform(work),
+    )
     init = prototype_head(fmap(raw[: len(support_y)]), support_y, ways)
     # Distances of raw embeddings are large; scaling the prototype head keeps the softmax away
     # from saturation so the first steps have useful gradients.

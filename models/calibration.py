@@ -37,6 +37,7 @@ from models.adaptation import (
     feature_parts,
     fit_head,
 )
+from models.feature_adapter import feature_transform
 from models.meta import MetaConfig
 
 UNCERTAIN = -1  # the outcome index of a case no class is confident enough for
@@ -175,7 +176,11 @@ def held_out_logits(
         if embeddings is None:
             embeddings = embed(model, support_x, tta=config.tta, batch_limit=config.batch_limit)
         fmap = feature_map(
-            config, domain_mean=domain_mean, features=embeddings, parts=feature_parts(model)
+            config,
+            domain_mean=domain_mean,
+            features=embeddings,
+            parts=feature_parts(model),
+            transform=feature_transform(model),
         )
         return head_held_out(
             fmap(embeddings), support_y, order, ways=ways, config=config, on_fold=on_fold

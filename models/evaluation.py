@@ -23,6 +23,7 @@ from models.adaptation import (
 from models.calibration import CalibrationConfig, HeldOut, held_out_logits
 from models.episodes import EpisodeConfig, sample_episode
 from models.errors import EpisodeError
+from models.feature_adapter import feature_transform
 from models.imageset import ImageSet
 from models.meta import MetaConfig
 
@@ -148,7 +149,11 @@ def evaluate_episodes(
         if embeddings is not None:
             raw = embeddings[np.concatenate([ep.support, ep.query])]
             fmap = feature_map(
-                adapt_config, domain_mean=domain_mean, features=raw, parts=feature_parts(model)
+                adapt_config,
+                domain_mean=domain_mean,
+                features=raw,
+                parts=feature_parts(model),
+                transform=feature_transform(model),
             )
             mapped = fmap(raw)
             n = len(ep.support)

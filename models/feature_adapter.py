@@ -61,6 +61,63 @@ class LowRankAdapter(FeatureScale):
         return scaled + (scaled @ self.down.T) @ self.up.T
 
 
+class WithinClassMetric(nn.Module):
+    """The domain's within-class metric, released by the federation under DP: no parameter
+    trains. Its forward normalises each part (as the scale adapter at its start); it carries the
+    statistics the sites need and the metric the adaptation's feature map applies after
+    centring (:meth:`transform`), both set from DP releases (privacy/within_class_release.py,
+    mechanism ``dp-within-class``).
+
+    Buffers: ``basis`` (d, p), public directions the moments are released in, set by the
+    operator from public images (:meth:`fit_public_basis`); ``centre`` (d), the domain's released
+    centre; ``inner`` (p, p), the metric inside the basis (identity outside it); ``stage``: 0
+    before the centre is released, 1 once it is, 2 once a metric is.
+    """
+
+    BASIS = 512  # public directions: of 1,712 on Lite0 (bench/results/demo_within_class*.json)
+
+    def __init__(self, parts: tuple[int, ...], basis_size: int = BASIS) -> None:
+        super().__init__()
+        self.parts = parts
+        self.out_features = sum(parts)
+        size = min(basis_size, self.out_features)
+        self.register_buffer("basis", torch.zeros(self.out_features, size))
+        self.register_buffer("centre", torch.zeros(self.out_features))
+        self.register_buffer("inner", torch.eye(size))
+        self.register_buffer("stage", torch.tensor(0))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Part-normalised features ``(n, d)`` (any trailing 1x1 dims are dropped)."""
+        return normalise_parts(features.flatten(1), self.parts)
+
+    @torch.no_grad()
+    def fit_public_basis(self, features: torch.Tensor) -> None:
+        """Take the basis from public images' encoder features: the top principal directions
+        of their unit features, each centred on the public images' mean and part-normalised."""
+        from privacy.within_class_release import public_basis  # privacy imports models
+
+        basis = public_basis(self(features).double(), self.parts, self.basis.shape[1])
+        self.basis.copy_(basis.to(self.basis.dtype))
+
+    def transform(self, mapped: torch.Tensor) -> torch.Tensor:
+        """Mapped features (centred, parts normalised) times the metric, at their own norm; the
+        identity until a metric is released."""
+        if int(self.stage) < 2:
+            return mapped
+        basis = self.basis.to(mapped.dtype)
+        inside = mapped @ basis
+        eye = torch.eye(len(self.inner), dtype=mapped.dtype, device=mapped.device)
+        out = mapped + (inside @ (self.inner.to(mapped.dtype) - eye)) @ basis.T
+        scale = mapped.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return out * scale
+
+
+def feature_transform(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The metric a model's adapter applies after the feature map (None: none)."""
+    adapter = getattr(model, "adapter", None)
+    return adapter.transform if isinstance(adapter, WithinClassMetric) else None
+
+
 # name -> builder of an adapter from the encoder's feature part sizes; a new adapter is one entry.
 # "none" in BackboneConfig.adapter means no adapter (the encoder's features as they are).
 ADAPTERS: Catalogue[Callable[[tuple[int, ...]], nn.Module]] = Catalogue(
@@ -68,6 +125,7 @@ ADAPTERS: Catalogue[Callable[[tuple[int, ...]], nn.Module]] = Catalogue(
     {
         "scale": FeatureScale,
         "low-rank": LowRankAdapter,
+        "within-class": WithinClassMetric,
     },
 )
 

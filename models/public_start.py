@@ -12,6 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from models.adaptation import embed
+from models.feature_adapter import WithinClassMetric
 from models.meta import MetaConfig
 from models.model_dir import save_model_dir
 from models.networks import BackboneConfig
@@ -58,11 +63,23 @@ def save_public_start(
     data: Sequence[str] = (),
     meta: MetaConfig = MetaConfig(),
     backbone: BackboneConfig = PUBLIC_ENCODER,
+    public_images: np.ndarray | None = None,
 ) -> Path:
     """Write the public start as a model directory (no training; the weights' hash recorded;
     ``data`` names the sets it was given, which it did not train on; ``backbone`` may change its
-    input side or add an adapter, which starts as the identity)."""
+    input side or add an adapter, which starts as the identity). A within-class adapter takes
+    its public basis from ``public_images`` (public data only, at the backbone's side).
+
+    Raises:
+        ValueError: a within-class adapter without public images.
+    """
     started = start_public_encoder(backbone)
+    adapter = getattr(started.model, "adapter", None)
+    if isinstance(adapter, WithinClassMetric):
+        if public_images is None or not len(public_images):
+            raise ValueError("a within-class adapter takes its basis from public images: give some")
+        encoder = started.model.encoder  # type: ignore[union-attr]
+        adapter.fit_public_basis(embed(encoder, torch.from_numpy(public_images)).flatten(1))
     return save_model_dir(
         path,
         started.model,

@@ -32,6 +32,7 @@ from models.adaptation import (
 )
 from models.calibration import HeldOut, head_held_out, held_out_order
 from models.errors import RegistryError
+from models.feature_adapter import feature_transform
 from models.meta import split_params
 from models.model_dir import LoadedModel
 from models.registry import RegistryEntry
@@ -237,7 +238,11 @@ def adapt_with_prototypes(
     if raw is None:
         raw = embed(model.model, images, tta=config.tta, batch_limit=config.batch_limit)
     fmap = feature_map(
-        config, domain_mean=model.domain_mean, features=raw, parts=feature_parts(model.model)
+        config,
+        domain_mean=model.domain_mean,
+        features=raw,
+        parts=feature_parts(model.model),
+        transform=feature_transform(model.model),
     )
     mapped = fmap(raw)
     extra, extra_labels = prototype_rows(known, raw, fmap)
