@@ -9,12 +9,17 @@ from federation.records import State
 from federation.release_strategy import ReleaseStrategy
 from federation.server_config import ServerConfig
 from federation.strategy import GatedStrategy
-from privacy.mechanisms import OUTPUT_DELTA, OUTPUT_RELEASE, get_mechanism
+from federation.within_class_strategy import WithinClassStrategy
+from privacy.mechanisms import OUTPUT_DELTA, OUTPUT_RELEASE, WITHIN_CLASS, get_mechanism
 
 # A mechanism's output kind (privacy.mechanisms.Mechanism.output) -> its strategy.
 STRATEGIES = MappingProxyType({OUTPUT_DELTA: DeltaStrategy, OUTPUT_RELEASE: ReleaseStrategy})
+# A mechanism whose release sets the global model its own way -> its strategy.
+MECHANISM_STRATEGIES = MappingProxyType({WITHIN_CLASS: WithinClassStrategy})
 
 
 def strategy_for(config: ServerConfig, reference: State) -> GatedStrategy:
     """The strategy of ``config``'s mechanism, gating against ``reference`` (round 0's model)."""
-    return STRATEGIES[get_mechanism(config.mechanism).output](config, reference)
+    mechanism = get_mechanism(config.mechanism)
+    chosen = MECHANISM_STRATEGIES.get(mechanism.name) or STRATEGIES[mechanism.output]
+    return chosen(config, reference)

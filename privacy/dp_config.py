@@ -16,6 +16,11 @@ EPISODIC_SENSITIVITY = 2.0  # one patient moves one episode's clipped gradient: 
 SUPERVISED_SENSITIVITY = 1.0  # one patient adds or removes one clipped per-patient gradient
 # One patient adds or removes one (K, d+1) contribution of Frobenius norm <= sqrt(2) C.
 PROTOTYPE_SENSITIVITY = math.sqrt(2.0)
+# dp-within-class (privacy/within_class_release.py): a patient's moments have Frobenius norm
+# <= C and its class sums, weighted by WITHIN_CLASS_SUMS_WEIGHT, <= sqrt(2) w C; its centre
+# contribution is scaled to the same bound.
+WITHIN_CLASS_SUMS_WEIGHT = 0.25
+WITHIN_CLASS_SENSITIVITY = math.sqrt(1.0 + 2.0 * WITHIN_CLASS_SUMS_WEIGHT**2)
 CLASS_SEPARATOR = ","  # between class names in a run config's vocabulary string
 # q, each patient's chance to join a step, wherever a sampled mechanism is configured (a
 # mechanism's config, the server's run config): small enough for a good amplification by
@@ -126,18 +131,26 @@ class DPPrototypeConfig:
             "max_grad_norm": self.max_grad_norm > 0,
             "sample_rate": self.sample_rate == 1.0,
         }
-        _check("DPPrototypeConfig", checks, self)
+        _check(type(self).__name__, checks, self)
         names = [str(c) for c in self.classes]
         bad = [c for c in names if not c.strip() or c.strip() != c or CLASS_SEPARATOR in c]
         if not names or bad or len(set(names)) != len(names):
             raise ValueError(
-                f"DPPrototypeConfig.classes must name one or more distinct classes (no empty "
+                f"{type(self).__name__}.classes must name one or more distinct classes (no empty "
                 f"names, no {CLASS_SEPARATOR!r}), got {self.classes!r}"
             )
 
     def to_dict(self) -> dict[str, object]:
         """JSON-able form."""
         return {**asdict(self), "classes": list(self.classes)}
+
+
+@dataclass(frozen=True)
+class DPWithinClassConfig(DPPrototypeConfig):
+    """Noise, clip and class vocabulary of the within-class covariance release
+    (``dp-within-class``): one release per round over every patient (``sample_rate`` 1), the
+    domain's centre in the first round, within-class moments around it in the next ones. The
+    accountant sees sigma / WITHIN_CLASS_SENSITIVITY."""
 
 
 @dataclass(frozen=True)
@@ -158,8 +171,8 @@ class DPSettings:
     max_queries: int = 5
     expected_patients: int = 64  # dp-supervised: the public normaliser B (about q x site size)
     augmentations: int = 1  # dp-supervised: augmented copies averaged per record before clipping
-    # dp-prototypes: the public class vocabulary, comma-separated ("nevus,melanoma"; a run
-    # config holds scalars only); its order is the row order of every release.
+    # dp-prototypes, dp-within-class: the public class vocabulary, comma-separated
+    # ("nevus,melanoma"; a run config holds scalars only); its order is every release's rows.
     classes: str = ""
     # dp-prototypes: the federation's public upper bound on one site's patients; a release
     # longer than it allows (sqrt(2) C per patient plus noise) is rejected by the server's gate.

@@ -27,9 +27,11 @@ from privacy.dp_config import (
     EPISODIC_SENSITIVITY,
     PROTOTYPE_SENSITIVITY,
     SUPERVISED_SENSITIVITY,
+    WITHIN_CLASS_SENSITIVITY,
     DPConfig,
     DPPretrainConfig,
     DPPrototypeConfig,
+    DPWithinClassConfig,
     MechanismConfig,
 )
 from privacy.errors import UnknownMechanismError
@@ -44,6 +46,9 @@ EPISODIC = "dp-episodic"
 SUPERVISED = "dp-supervised"
 DISTRIBUTED = "dp-episodic-distributed"  # privacy/distributed_noise.py: its share and bounds
 PROTOTYPES = "dp-prototypes"  # one-shot release of noisy class sums (privacy/dp_prototypes.py)
+# a release per round: the domain's centre, then its within-class moments
+# (privacy/within_class_release.py)
+WITHIN_CLASS = "dp-within-class"
 DEFAULT_MECHANISM = EPISODIC  # the mechanism the accuracy-vs-epsilon benchmarks chose
 # What leaves a node, by a mechanism's kind of output (also the reply's record key):
 OUTPUT_DELTA = "delta"  # theta_local - theta_global: post-processing of the DP steps
@@ -318,6 +323,21 @@ def _prototype_release(
     return DPPrototypeRelease(model, sets, dp=dp, seed=seed)
 
 
+def _within_class_release(
+    model: nn.Module,
+    sets: Sequence[ImageSet],
+    *,
+    dp: Any,
+    meta: MetaConfig,
+    lr: float,
+    seed: int | None,
+) -> Trainer:
+    from privacy.within_class_release import WithinClassRelease
+
+    del meta, lr  # nothing is trained: the frozen encoder's features are summed
+    return WithinClassRelease(model, sets, dp=dp, seed=seed)
+
+
 register_mechanism(
     Mechanism(
         name=EPISODIC,
@@ -359,6 +379,19 @@ register_mechanism(
         build_trainer=_prototype_release,
         description="DP prototype release, one shot: per-patient normalised class sums of "
         "frozen-encoder features, sensitivity sqrt(2)C",
+        one_shot=True,
+        releases_arrays=True,
+    )
+)
+register_mechanism(
+    Mechanism(
+        name=WITHIN_CLASS,
+        sensitivity=WITHIN_CLASS_SENSITIVITY,
+        config_type=DPWithinClassConfig,
+        build_trainer=_within_class_release,
+        description="DP within-class covariance release, one per round over every patient: the "
+        "domain's centre, then within-class moments in a public basis, sensitivity "
+        "sqrt(1.125)C",
         one_shot=True,
         releases_arrays=True,
     )

@@ -28,16 +28,33 @@ it (:func:`whitening`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import secrets
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from models.adaptation import FEATURE_NORM, FeatureMap
-from privacy.accounting import calibrate_noise_multiplier, worst_epsilon
+from models.imageset import ImageSet
+from privacy.dp_config import (
+    WITHIN_CLASS_SENSITIVITY,
+    WITHIN_CLASS_SUMS_WEIGHT,
+    DPWithinClassConfig,
+)
+from privacy.dp_prototypes import vocabulary_labels
 
 CENTRE_SENSITIVITY = math.sqrt(2.0)  # in units of C: [sum u / n_i, 1] with |u| <= 1
+# The federation's centre release is scaled by this, so its bound is the moment release's:
+# one registered sensitivity (WITHIN_CLASS_SENSITIVITY) serves both rounds' charges.
+CENTRE_WEIGHT = WITHIN_CLASS_SENSITIVITY / CENTRE_SENSITIVITY
 MIN_CLASS_MASS = 20.0  # noisy patient mass (in units of C) below which a class is dropped
+SHRINK = 0.1  # of the covariance towards its mean eigenvalue (bench/results/demo_within_class)
+# What a site's release holds: its centre sums (first round), else its moments.
+CENTRE = "centre-sums"
+SECOND = "second-moments"
+CLASS_SUMS = "class-sums"
+STAGE_NONE, STAGE_CENTRE, STAGE_METRIC = 0, 1, 2  # the adapter's ``stage`` buffer
 
 
 def moment_sensitivity(sums_weight: float) -> float:
@@ -76,6 +93,16 @@ def unit_features(
     """Features mapped as adaptation maps them (centred, parts normalised), at unit norm."""
     mapped = FeatureMap(mean=centre.double(), normalise=True, parts=parts)(features.double())
     return mapped / FEATURE_NORM
+
+
+def public_basis(features: torch.Tensor, parts: tuple[int, ...], size: int) -> torch.Tensor:
+    """The top ``size`` principal directions ``(d, size)`` of public images' unit features
+    (centred on their mean, parts normalised): where the moments are released (the operator's
+    step, on public data only)."""
+    unit = unit_features(features, centre=features.double().mean(0), parts=parts)
+    unit = unit - unit.mean(0)
+    _, vectors = torch.linalg.eigh(unit.T @ unit / len(unit))
+    return vectors[:, -size:]
 
 
 def moment_sums(
@@ -128,15 +155,20 @@ def within_class_covariance(
     return (second - between) / m.sum()
 
 
-def whitening(covariance: torch.Tensor, basis: torch.Tensor, *, shrink: float) -> torch.Tensor:
-    """The (d, d) metric: inside the basis, the covariance shrunk towards its mean eigenvalue
-    ``l`` by ``shrink`` and inverted at the square root (times sqrt(l), so an isotropic
-    covariance gives the identity); outside it, the identity."""
+def inner_metric(covariance: torch.Tensor, *, shrink: float) -> torch.Tensor:
+    """The (p, p) metric inside the basis: the covariance shrunk towards its mean eigenvalue
+    ``l`` by ``shrink`` and inverted at the square root, times sqrt(l) (an isotropic covariance
+    gives the identity)."""
     values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
     level = max(float(values.clamp_min(0).mean()), 1e-12)
     shrunk = ((1 - shrink) * values.clamp_min(0) + shrink * level).clamp_min(1e-6 * level)
-    inner = vectors @ torch.diag((level / shrunk).sqrt()) @ vectors.T
+    return vectors @ torch.diag((level / shrunk).sqrt()) @ vectors.T
+
+
+def whitening(covariance: torch.Tensor, basis: torch.Tensor, *, shrink: float) -> torch.Tensor:
+    """The (d, d) metric: :func:`inner_metric` inside the basis, the identity outside it."""
     b = basis.double()
+    inner = inner_metric(covariance, shrink=shrink)
     return b @ inner @ b.T + torch.eye(len(b), dtype=b.dtype) - b @ b.T
 
 
@@ -146,58 +178,112 @@ def apply_metric(mapped: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
     return (out / out.norm(dim=1, keepdim=True).clamp_min(1e-12) * FEATURE_NORM).to(mapped.dtype)
 
 
-@dataclass(frozen=True)
-class ReleasePlan:
-    """Noise of the two releases and the epsilon they cost together."""
+class WithinClassRelease:
+    """A site's release in one round, as a registered mechanism's trainer: ``train(1)``
+    returns the noisy centre sums while the federation has no centre (the adapter's ``stage``
+    0), else the noisy moments around the released centre in the adapter's public basis. The
+    adapter is only read. Charge the ledger first."""
 
-    centre_sigma: float  # sigma as applied to C for the centre release
-    moment_sigma: float  # sigma as applied to C for each moment release
-    moment_releases: int
-    sums_weight: float
-    epsilon: float  # worst of the RDP and PRV accountants over both
-    delta: float
+    def __init__(
+        self,
+        adapter: nn.Module,
+        sets: Sequence[ImageSet],
+        *,
+        dp: DPWithinClassConfig,
+        seed: int | None = None,
+    ) -> None:
+        """``adapter`` is the model's ``WithinClassMetric`` (a node trains an adapted encoder's
+        adapter on its cached features); ``seed=None`` (production) draws the noise from the OS.
 
-    def history(self) -> list[tuple[float, float, int]]:
-        """The accountant's history: (sigma over sensitivity, q = 1, releases)."""
-        return release_history(
-            self.centre_sigma, self.moment_sigma, self.moment_releases, self.sums_weight
+        Raises:
+            TypeError: ``adapter`` is not a within-class metric.
+            ValueError: ``dp.sample_rate`` is not 1.
+        """
+        from models.feature_adapter import WithinClassMetric
+
+        if not isinstance(adapter, WithinClassMetric):
+            raise TypeError(
+                "dp-within-class releases through the 'within-class' adapter: set "
+                f"backbone.adapter = 'within-class' (got {type(adapter).__name__})"
+            )
+        if dp.sample_rate != 1.0:
+            raise ValueError(f"dp-within-class releases over every patient: q must be 1, got "
+                             f"{dp.sample_rate!r}")  # fmt: skip
+        self.adapter = adapter
+        self.sets = list(sets)
+        self.dp = dp
+        self._generator = torch.Generator()
+        self._generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+
+    def _records(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Features as the adapter outputs them, vocabulary rows and patients of the records of
+        the vocabulary's classes (the others are dropped)."""
+        rows = [vocabulary_labels(s, self.dp.classes) for s in self.sets]
+        keep = [r >= 0 for r in rows]
+        with torch.no_grad():
+            x = [self.adapter(torch.as_tensor(np.asarray(s.images)[k])).double()
+                 for s, k in zip(self.sets, keep, strict=True)]  # fmt: skip
+        labels = torch.from_numpy(np.concatenate([r[k] for r, k in zip(rows, keep, strict=True)]))
+        owners = np.concatenate(
+            [np.asarray(s.patients)[k].astype(str) for s, k in zip(self.sets, keep, strict=True)]
         )
+        return torch.cat(x), labels, owners
+
+    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        sigma = self.dp.noise_multiplier * self.dp.max_grad_norm
+        return torch.normal(0.0, sigma, shape, generator=self._generator, dtype=torch.float64)
+
+    def release(self) -> dict[str, np.ndarray]:
+        """The round's noisy sums, float32."""
+        x, labels, owners = self._records()
+        parts = tuple(self.adapter.parts)
+        clip = self.dp.max_grad_norm
+        if int(self.adapter.stage) == STAGE_NONE:
+            sums = CENTRE_WEIGHT * centre_sums(x, owners, radius=len(parts) ** 0.5, clip=clip)
+            return {CENTRE: (sums + self._noise(tuple(sums.shape))).numpy().astype(np.float32)}
+        unit = unit_features(x, centre=self.adapter.centre, parts=parts)
+        second, sums = moment_sums(unit, labels, owners, basis=self.adapter.basis,
+                                   n_classes=len(self.dp.classes), clip=clip,
+                                   sums_weight=WITHIN_CLASS_SUMS_WEIGHT)  # fmt: skip
+        sigma = self.dp.noise_multiplier * clip
+        second = second + symmetric_noise(len(second), sigma, self._generator)
+        return {
+            SECOND: second.numpy().astype(np.float32),
+            CLASS_SUMS: (sums + self._noise(tuple(sums.shape))).numpy().astype(np.float32),
+        }
+
+    def train(
+        self, steps: int, *, on_step: Callable[[int], None] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The release; one per round, so ``steps`` must be the 1 step charged.
+
+        Raises:
+            ValueError: ``steps`` is not 1.
+        """
+        if steps != 1:
+            raise ValueError(f"dp-within-class releases once a round: steps must be 1, got {steps}")
+        released = self.release()
+        if on_step is not None:
+            on_step(0)
+        return released
 
 
-def release_history(
-    centre_sigma: float, moment_sigma: float, releases: int, sums_weight: float
-) -> list[tuple[float, float, int]]:
-    """Both releases as accountant entries."""
-    return [
-        (centre_sigma / CENTRE_SENSITIVITY, 1.0, 1),
-        (moment_sigma / moment_sensitivity(sums_weight), 1.0, releases),
-    ]
+def released_centre(total: np.ndarray, *, parts: int, clip: float) -> np.ndarray:
+    """The domain centre from the sites' summed centre releases."""
+    sums = torch.from_numpy(np.asarray(total, dtype=np.float64)) / CENTRE_WEIGHT
+    return centre_from_sums(sums, radius=parts**0.5, clip=clip).numpy()
 
 
-def plan_for_epsilon(
-    epsilon: float,
-    *,
-    delta: float,
-    centre_share: float = 0.1,
-    moment_releases: int = 1,
-    sums_weight: float = 0.5,
-) -> ReleasePlan:
-    """Noise for both releases within ``epsilon``: the centre's alone would cost
-    ``centre_share`` of it, the moments' is the smallest (bisection, to 1%) whose composition
-    with the centre's stays within ``epsilon`` (worst of the RDP and PRV accountants)."""
-    centre_accounted = calibrate_noise_multiplier(
-        target_epsilon=centre_share * epsilon, delta=delta, sample_rate=1.0, steps=1
+def released_metric(second: np.ndarray, sums: np.ndarray, *, clip: float) -> np.ndarray:
+    """The (p, p) metric inside the basis from the summed moment releases of every round so far.
+
+    Raises:
+        ValueError: no class has enough noisy patient mass.
+    """
+    covariance = within_class_covariance(
+        torch.from_numpy(np.asarray(second, dtype=np.float64)),
+        torch.from_numpy(np.asarray(sums, dtype=np.float64)),
+        sums_weight=WITHIN_CLASS_SUMS_WEIGHT,
+        clip=clip,
     )
-    centre_sigma = centre_accounted * CENTRE_SENSITIVITY
-
-    def spent(sigma: float) -> float:
-        history = release_history(centre_sigma, sigma, moment_releases, sums_weight)
-        return worst_epsilon(history, delta=delta)[0]
-
-    low, high = 1e-3, 1.0
-    while spent(high) > epsilon:
-        low, high = high, high * 2
-    while high / low > 1.01:
-        mid = (low * high) ** 0.5
-        low, high = (low, mid) if spent(mid) <= epsilon else (mid, high)
-    return ReleasePlan(centre_sigma, high, moment_releases, sums_weight, spent(high), delta)
+    return inner_metric(covariance, shrink=SHRINK).numpy()

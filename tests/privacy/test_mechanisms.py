@@ -7,6 +7,7 @@ from privacy.dp_config import (
     EPISODIC_SENSITIVITY,
     PROTOTYPE_SENSITIVITY,
     SUPERVISED_SENSITIVITY,
+    WITHIN_CLASS_SENSITIVITY,
     DPConfig,
     DPPretrainConfig,
     DPPrototypeConfig,
@@ -20,6 +21,7 @@ from privacy.mechanisms import (
     OUTPUT_RELEASE,
     PROTOTYPES,
     SUPERVISED,
+    WITHIN_CLASS,
     Mechanism,
     describe,
     get_mechanism,
@@ -35,6 +37,7 @@ def test_registry_holds_every_mechanism_with_its_sensitivity():
         SUPERVISED: SUPERVISED_SENSITIVITY,
         DISTRIBUTED: EPISODIC_SENSITIVITY,  # the share per site is in its ledger row
         PROTOTYPES: PROTOTYPE_SENSITIVITY,
+        WITHIN_CLASS: WITHIN_CLASS_SENSITIVITY,
     }
     assert pytest.approx(2**0.5) == PROTOTYPE_SENSITIVITY
     assert get_mechanism(PROTOTYPES).accounted_noise_multiplier(2**0.5) == pytest.approx(1.0)
