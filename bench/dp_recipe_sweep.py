@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.demo import DemoSettings
+from app.demo import DemoSettings, demo_run_config
 from bench.common import Progress, set_threads, write_result
 from federation.demo_sites import DEMO_MIXES, split_by_patient
 from models.episodes import EpisodeConfig
@@ -134,7 +134,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipes", nargs="+", type=parse_recipe)
     p.add_argument("--public-steps", type=int, default=100)
-    demo = DemoSettings()
+    # the adapter recipe (app/demo_run_secure.toml) at the hospitals' size these results used
+    demo = DemoSettings(run=demo_run_config(secure=True), images_per_class=150)
     p.add_argument(  # the Conv-4 demo's public data: another modality (inverted contrast)
         "--public-modality", default="inverted", choices=sorted(PUBLIC_MODALITIES)
     )

@@ -56,7 +56,7 @@ from torch.func import vmap
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.demo import DemoSettings, public_start, server_config, site_data
+from app.demo import DemoSettings, demo_run_config, public_start, server_config, site_data
 from bench.common import RESULTS, Progress, set_threads, write_result
 from bench.federated_encoder import NO_CLIP, NO_NOISE, site_features
 from federation.demo_sites import DEMO_SITES
@@ -348,7 +348,8 @@ def main() -> None:
     args = parser.parse_args()
     threads = set_threads(args.threads)
     log = Progress()
-    demo = DemoSettings()
+    # the adapter recipe (app/demo_run_secure.toml) at the hospitals' size these results used
+    demo = DemoSettings(run=demo_run_config(secure=True), images_per_class=150)
     root = Path(args.workdir)
     sites = hospitals(root, demo)
     scratch = Path(tempfile.mkdtemp(prefix="fedfew-bench-dp-round-"))

@@ -13,6 +13,7 @@ from app.demo import (
     prepare_workdir,
     public_start,
     server_config,
+    set_classes,
     site_data,
     site_spec,
 )
@@ -49,6 +50,14 @@ def test_one_given_set_is_split_by_patient_across_three_hospitals(tmp_path):
     assert total == 36
 
 
+def test_given_sets_name_the_release_vocabulary_in_first_seen_order(tmp_path):
+    a = write_synthetic_npz(tmp_path / "a.npz", n_classes=2, per_class=2, size=16)
+    b = write_synthetic_npz(tmp_path / "b.npz", n_classes=3, per_class=2, size=16)
+    names = [str(c) for c in np.load(b)["classes"]]
+    assert set_classes([a, b]) == ",".join(names)  # b's classes extend a's, in its order
+    assert DemoSettings().run.with_values({"dp.classes": set_classes([a])}).round_plan(1).dp
+
+
 def test_several_given_sets_are_one_hospital_each_and_configs_are_valid(tmp_path):
     sets = [
         write_synthetic_npz(tmp_path / f"{i}.npz", n_classes=2, per_class=4, size=16)
@@ -76,7 +85,7 @@ def test_several_given_sets_are_one_hospital_each_and_configs_are_valid(tmp_path
     assert server.min_nodes == 2 and server.min_replies == 1
 
 
-def test_the_public_start_is_the_frozen_imagenet_encoder_and_dp_trains_its_adapter(tmp_path):
+def test_the_public_start_is_the_frozen_imagenet_encoder_with_a_public_basis(tmp_path):
     settings = DemoSettings().with_changes(side=32)
     lines: list[str] = []
     start = public_start(tmp_path, settings, lines.append)
@@ -85,21 +94,32 @@ def test_the_public_start_is_the_frozen_imagenet_encoder_and_dp_trains_its_adapt
     assert RECORD_KEY in loaded.config  # the wheel's file, its hash recorded
     assert any("not private, no hospital data" in line for line in lines)
     config = server_config(tmp_path, 3, settings, "synthetic", start)
-    assert config.initial_model == str(start) and config.backbone.adapter == "scale"
-    assert config.backbone == dataclasses.replace(PUBLIC_ENCODER, image_size=32, adapter="scale")
-    assert config.dp == settings.run.dp and config.dp.max_shots == 3  # app/demo_run.toml
+    assert config.initial_model == str(start) and config.backbone.adapter == "within-class"
+    assert config.backbone == dataclasses.replace(
+        PUBLIC_ENCODER, image_size=32, adapter="within-class"
+    )
+    assert config.dp == settings.run.dp and config.mechanism == "dp-within-class"
     state = initial_state(config)
     saved = loaded.model.state_dict()
     assert all(np.array_equal(state[k], saved[k].numpy()) for k in saved)
-    assert np.all(state["adapter.scale"] == 1.0)  # the adapter starts as the identity
+    basis = state["adapter.basis"].astype(np.float64)  # from the public images: orthonormal
+    np.testing.assert_allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-4)
+    assert int(state["adapter.stage"]) == 0 and not np.any(state["adapter.centre"])
+
+
+def test_the_secure_demo_runs_a_delta_mechanism_on_a_scale_adapter():
+    config = demo_run_config(secure=True)
+    assert (config.mechanism, config.steps, config.backbone.adapter) == ("dp-episodic", 10, "scale")
+    assert config.dp.max_grad_norm == 0.05 and config.dp.max_shots == 3
 
 
 def test_the_demos_settings_are_its_run_config_file_read_strictly(tmp_path, monkeypatch):
     config = demo_run_config()
-    assert (config.federation, config.num_rounds, config.steps) == ("fedfew-demo", 3, 10)
-    assert config.dp.max_grad_norm == 0.05 and config.backbone.image_size == 128
+    assert (config.federation, config.num_rounds, config.steps) == ("fedfew-demo", 3, 1)
+    assert config.dp.max_grad_norm == 1.0 and config.backbone.image_size == 128
     changed = DemoSettings().with_changes(rounds=1, steps=2, side=64).run
     assert (changed.num_rounds, changed.steps, changed.backbone.image_size) == (1, 2, 64)
+    assert len(config.round_plan(1).dp.classes) == 16  # the hospitals' classes, all named
     assert changed.dp == config.dp  # nothing else moves
     import tomllib
 

@@ -178,12 +178,17 @@ def test_the_demo_option_turns_on_secure_rounds_in_the_demos_run_config(tmp_path
     import typer
     from typer.testing import CliRunner
 
-    from app.demo import DemoSettings, server_config
+    from app.demo import DemoSettings, demo_run_config, server_config
     from app.demo_cli import demo
 
-    config = server_config(tmp_path, 3, DemoSettings(), "synthetic", secure_aggregation=True)
+    # SecAgg+ carries deltas: the secure demo runs its own run config, a delta mechanism
+    secure = DemoSettings(run=demo_run_config(secure=True))
+    config = server_config(tmp_path, 3, secure, "synthetic", secure_aggregation=True)
     assert config.secagg.enabled and config.round_plan(1).secagg.enabled
     assert not server_config(tmp_path, 3, DemoSettings(), "synthetic").secagg.enabled
+    with pytest.raises(ValueError, match="secure aggregation does not carry"):
+        # the default demo's release cannot run under SecAgg+
+        server_config(tmp_path, 3, DemoSettings(), "synthetic", secure_aggregation=True)
     cli = typer.Typer()
     cli.command()(demo)
     assert "--secure-aggregation" in CliRunner().invoke(cli, ["--help"]).output
