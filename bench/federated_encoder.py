@@ -17,6 +17,12 @@ default adaptation: ridge on centred multi-scale features):
   sigma calibrated to each epsilon); the default head is then fitted on an episode's support
   plus each class's released prototype (``--prototype-weight`` copies), against the support
   alone on the same episodes;
+- ``federated-within-class-nonprivate`` and ``federated-dp-within-class``: the federation's
+  within-class metric (mechanism ``dp-within-class``, privacy/within_class_release.py): each
+  site releases its domain centre, then twice its within-class moments in a public basis (512
+  principal directions of the two other modalities' images, the operator's public data), one
+  sigma for the three releases, calibrated to each epsilon; the metric is applied to the
+  features after the feature map (same episodes; ``draws`` noise draws at each epsilon);
 - ``membership-inference``: the audit of privacy/audit.py (loss threshold and LiRA with
   ``--shadows`` shadow adapters) on an adapter trained ``--mia-steps`` steps on half of the
   sites' patients: without noise (is it attackable at all?), then at epsilon 8 and 1.
@@ -70,7 +76,7 @@ from federation.server_config import EvalConfig, ServerConfig
 from models.adaptation import AdaptConfig, feature_map, fit_head
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import mean_ci95
-from models.feature_adapter import AdaptedEncoder
+from models.feature_adapter import AdaptedEncoder, normalise_parts
 from models.feature_store import FeatureStore
 from models.imageset import ImageSet
 from models.meta import MetaConfig
@@ -78,13 +84,20 @@ from models.networks import BackboneConfig
 from models.pipeline import PipelineConfig
 from models.public_start import PUBLIC_ENCODER, save_public_start, start_public_encoder
 from models.readers import load_dataset
-from privacy.accounting import calibrate_noise_multiplier
+from privacy.accounting import calibrate_noise_multiplier, worst_epsilon
 from privacy.audit import Trainer, audit
-from privacy.dp_config import DPConfig, DPPrototypeConfig, DPSettings
+from privacy.dp_config import (
+    WITHIN_CLASS_SENSITIVITY,
+    WITHIN_CLASS_SUMS_WEIGHT,
+    DPConfig,
+    DPPrototypeConfig,
+    DPSettings,
+)
 from privacy.dp_meta import DPMetaTrainer
-from privacy.dp_prototypes import DPPrototypeRelease
+from privacy.dp_prototypes import DPPrototypeRelease, vocabulary_labels
 from privacy.mechanisms import PROTOTYPES, get_mechanism
 from privacy.prototype_release import prototypes_from_sums
+from privacy.within_class_release import CENTRE_WEIGHT, SHRINK, apply_metric, public_basis
 
 OUT = "federated_encoder"
 # The non-private rows: the same trainer with no noise and no clipping. Opacus adds noise of std
@@ -92,6 +105,13 @@ OUT = "federated_encoder"
 # std 1e-21 (DPConfig needs sigma > 0). The former 1e-9 gave std 1.0, 10x the demo's DP noise.
 NO_NOISE = 1e-30
 NO_CLIP = 1e9
+# dp-within-class: public basis size, per-site releases (1 centre + 2 moments), noise draws
+WITHIN_CLASS_BASIS = 512
+WITHIN_CLASS_RELEASES = 3
+WITHIN_CLASS_DRAWS = 3
+# the modalities this bench runs (bench/results/federated_encoder_*.json): each one's public data
+# for the within-class basis is the others' images
+BENCH_MODALITIES = ("brain_mri", "blood_cells_bccd", "skin_dermoscopy_isic")
 # what --only can select (support-only comes with dp-prototypes; seconds: the timing entries)
 ROWS = (
     "public-start",
@@ -100,6 +120,7 @@ ROWS = (
     "central-dp",
     "dp-prototypes",
     "membership-inference",
+    "dp-within-class",
     "seconds",
 )
 
@@ -258,10 +279,14 @@ def known_class_accuracy(
     config: ServerConfig,
     prototypes: np.ndarray | None,
     args: argparse.Namespace,
-) -> dict[str, float]:
+    *,
+    metric: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """3-way 5-shot accuracy on the held-out features with the default head (ridge on centred
     multi-scale features), the released prototype of each episode class added to its support
-    ``--prototype-weight`` times when given (the same episodes for every row)."""
+    ``--prototype-weight`` times when given (the same episodes for every row); with ``metric``
+    (d, d), the mapped features times it (the within-class metric, after the feature map).
+    ``episodes``: each episode's accuracy (for paired differences)."""
     model = public_start_model(config)
     with torch.no_grad():
         emb = model.adapter(torch.from_numpy(held_out.images))
@@ -277,9 +302,13 @@ def known_class_accuracy(
         raw = emb[np.concatenate([ep.support, ep.query])]
         fmap = feature_map(adapt, domain_mean=None, features=raw, parts=model.feature_parts)
         mapped, labels = fmap(raw), torch.from_numpy(ep.support_labels)
+        if metric is not None:
+            mapped = apply_metric(mapped, metric)
         support, query = mapped[: len(ep.support)], mapped[len(ep.support) :]
         if prototypes is not None:
             known = fmap(scale * torch.from_numpy(prototypes[ep.classes]).float())
+            if metric is not None:
+                known = apply_metric(known, metric)
             copies = int(args.prototype_weight)
             support = torch.cat([support, known.repeat(copies, 1)])
             labels = torch.cat([labels, torch.arange(args.ways).repeat(copies)])
@@ -287,7 +316,7 @@ def known_class_accuracy(
         predicted = (query @ head["head.weight"].T + head["head.bias"]).argmax(1).numpy()
         accuracies.append(float((predicted == ep.query_labels).mean()))
     mean, ci = mean_ci95(np.array(accuracies))
-    return {"accuracy": mean, "ci95": ci}
+    return {"accuracy": mean, "ci95": ci, "episodes": np.array(accuracies)}
 
 
 def pooled_sites(sets: list[ImageSet]) -> ImageSet:
@@ -301,6 +330,113 @@ def pooled_sites(sets: list[ImageSet]) -> ImageSet:
         ),
         name="sites",
     )
+
+
+def cached_sites(sites: list[dict[str, Any]], modality: str, root: Path) -> None:
+    """Give each site a state folder whose features store is the bench's cache for ``modality``
+    (keyed by the encoder's and the data's digests), so its features are embedded once."""
+    cache = RESULTS / "cache" / OUT / modality
+    for site in sites:
+        site["state-dir"] = str(root / site["site-id"] / "state")
+        kept = cache / site["site-id"]
+        kept.mkdir(parents=True, exist_ok=True)
+        (Path(site["state-dir"])).mkdir(parents=True)
+        (Path(site["state-dir"]) / "features").symlink_to(kept)
+
+
+def public_modalities(modality: str) -> tuple[str, ...]:
+    """The operator's public data for the within-class basis: the bench's other modalities."""
+    return tuple(m for m in BENCH_MODALITIES if m != modality)
+
+
+def public_features(config: ServerConfig, modality: str, root: Path) -> torch.Tensor:
+    """Encoder features of the public images the within-class basis is taken from: the images
+    of the other modalities' three hospital parts (3/4 of each set, their cached features),
+    embedded by the same encoder; no data of ``modality``."""
+    folder = require_shared_data(public_modalities(modality))
+    out = []
+    for other in public_modalities(modality):
+        sites, _ = split_modality(folder, other, root / "public" / other)
+        cached_sites(sites, other, root / "public" / other)
+        out += [torch.from_numpy(f.images).flatten(1) for f in site_features(config, sites)]
+    return torch.cat(out).double()
+
+
+def within_class_rows(
+    config: ServerConfig,
+    features: list[ImageSet],
+    held_out: ImageSet,
+    public: torch.Tensor,
+    args: argparse.Namespace,
+    log: Progress,
+) -> list[dict[str, Any]]:
+    """The federation's within-class metric (mechanism ``dp-within-class``) from the sites'
+    releases, without noise and at each epsilon, scored on the held-out episodes with the metric
+    after the feature map (:func:`known_class_accuracy`). Each site's features are the
+    adapter's (parts normalised) and its vocabulary the modality's classes; the releases are
+    those of bench/demo_within_class.py ``sites_release`` (a centre, then two moment releases
+    in a public basis of ``WITHIN_CLASS_BASIS`` directions of ``public``), one sigma for the
+    three as the mechanism charges them (the centre's sums are scaled by CENTRE_WEIGHT). A DP
+    row's accuracy is the per-episode mean over its ``WITHIN_CLASS_DRAWS`` noise draws (each
+    draw also kept); gains are paired against the public start, rescored here."""
+    from bench.demo_within_class import sites_release  # it imports this module
+
+    model = public_start_model(config)
+    parts = tuple(model.feature_parts)
+    classes = list(features[0].classes)
+    sites = []
+    for f in features:
+        rows = vocabulary_labels(f, classes)
+        keep = rows >= 0
+        x = torch.from_numpy(np.asarray(f.images)[keep]).flatten(1).double()
+        sites.append({"x": normalise_parts(x, parts), "y": torch.from_numpy(rows[keep]),
+                      "owners": np.asarray(f.patients)[keep].astype(str),
+                      "classes": len(classes)})  # fmt: skip
+    basis = public_basis(normalise_parts(public, parts), parts, WITHIN_CLASS_BASIS)
+    start = known_class_accuracy(held_out, config, None, args)
+    log(f"public start, rescored: {100 * start['accuracy']:.2f}%")
+    source = f"{', '.join(public_modalities(args.modality))} (the sites' parts, {len(public)} "
+    source += "images)"
+    common = {"public_start_rescored": start["accuracy"], "basis": WITHIN_CLASS_BASIS,
+              "public_basis": source, "shrink": SHRINK, "sums_weight": WITHIN_CLASS_SUMS_WEIGHT,
+              "clip": 1.0, "releases": WITHIN_CLASS_RELEASES}  # fmt: skip
+
+    def release(sigma: float, generator: torch.Generator | None) -> torch.Tensor:
+        return sites_release(sites, basis=basis, parts=parts, radius=len(parts) ** 0.5,
+                             centre_sigma=sigma / CENTRE_WEIGHT, moment_sigma=sigma,
+                             releases=WITHIN_CLASS_RELEASES - 1, generator=generator,
+                             shrink=SHRINK, sums_weight=WITHIN_CLASS_SUMS_WEIGHT)  # fmt: skip
+
+    def scored(episodes: np.ndarray) -> dict[str, float]:
+        mean, ci = mean_ci95(episodes)
+        gain, gain_ci = mean_ci95(episodes - start["episodes"])
+        return {"accuracy": mean, "ci95": ci, "gain": gain, "gain_ci95": gain_ci}
+
+    out = []
+    free = known_class_accuracy(held_out, config, None, args, metric=release(0.0, None))
+    out.append({"method": "federated-within-class-nonprivate", "epsilon": None,
+                **scored(free["episodes"]), **common})  # fmt: skip
+    log(f"within-class, no noise: {100 * out[-1]['accuracy']:.1f}%")
+    for epsilon in args.epsilons:
+        accounted = calibrate_noise_multiplier(
+            target_epsilon=epsilon, delta=DELTA, sample_rate=1.0, steps=WITHIN_CLASS_RELEASES
+        )
+        sigma = accounted * WITHIN_CLASS_SENSITIVITY
+        spent = worst_epsilon([(accounted, 1.0, WITHIN_CLASS_RELEASES)], delta=DELTA)[0]
+        draws = []
+        for draw in range(WITHIN_CLASS_DRAWS):
+            seed = 1000 * draw + int(10 * epsilon)
+            metric = release(sigma, torch.Generator().manual_seed(seed))
+            result = known_class_accuracy(held_out, config, None, args, metric=metric)
+            draws.append({"seed": seed, **scored(result["episodes"]),
+                          "episodes": result["episodes"]})  # fmt: skip
+            log(f"within-class eps={epsilon:g} draw {draw}: {100 * draws[-1]['accuracy']:.1f}%")
+        mean = np.mean([d.pop("episodes") for d in draws], axis=0)
+        out.append({"method": "federated-dp-within-class", "epsilon": epsilon, **scored(mean),
+                    "site_epsilon": spent, "accounted_sigma": accounted, "sigma": sigma,
+                    "centre_sigma": sigma / CENTRE_WEIGHT, "draws": draws,
+                    **common})  # fmt: skip
+    return out
 
 
 def adapter_trainer(config: ServerConfig, epsilon: float | None, steps: int) -> Trainer:
@@ -390,13 +526,7 @@ def main() -> None:
     folder = require_shared_data((args.modality,))
     root = Path(tempfile.mkdtemp(prefix="fedfew-bench-encoder-"))
     sites, held_out = split_modality(folder, args.modality, root)
-    cache = RESULTS / "cache" / OUT / args.modality  # features only: keyed by their digests
-    for site in sites:  # one state folder per site for every row: its features embedded once
-        site["state-dir"] = str(root / site["site-id"] / "state")
-        kept = cache / site["site-id"]
-        kept.mkdir(parents=True, exist_ok=True)
-        (Path(site["state-dir"])).mkdir(parents=True)
-        (Path(site["state-dir"]) / "features").symlink_to(kept)
+    cached_sites(sites, args.modality, root)  # one state folder per site for every row
     start = save_public_start(root / "public-start", backbone=backbone(args))
     base = base_config(args, root, start, held_out)
     rows: list[dict[str, Any]] = []
@@ -437,17 +567,22 @@ def main() -> None:
         state = train_adapter(base, [features], sigma=sigma, clip=args.clip,
                               steps_per_round=steps * len(sites), rounds=1)  # fmt: skip
         record("central-dp", best, state)
-    if wanted("dp-prototypes") or wanted("membership-inference"):
+    if wanted("dp-prototypes") or wanted("membership-inference") or wanted("dp-within-class"):
         held = held_out_features(base, held_out, root)
     if wanted("dp-prototypes"):
         alone = known_class_accuracy(held, base, None, args)
+        alone.pop("episodes")
         rows.append({"method": "support-only", "epsilon": None, **alone})
         log(f"support-only: {100 * alone['accuracy']:.1f}%")
         for epsilon in (None, *args.epsilons):  # None: the same release without noise
             protos = released_prototypes(base, features, epsilon, seed=int((epsilon or 0) * 1000))
             scored = known_class_accuracy(held, base, protos, args)
+            scored.pop("episodes")
             rows.append({"method": "dp-prototypes", "epsilon": epsilon, **scored})
             log(f"dp-prototypes eps={epsilon}: {100 * scored['accuracy']:.1f}%")
+    if wanted("dp-within-class"):
+        public = public_features(base, args.modality, root)
+        rows += within_class_rows(base, features, held, public, args, log)
     pool = pooled_sites(features)
     for epsilon in args.mia_epsilons if wanted("membership-inference") else ():
         trainer = adapter_trainer(base, epsilon, args.mia_steps)
