@@ -53,6 +53,11 @@ NODE_ID_FILE = "supernode-id"  # in the node's state folder: the id it was last 
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 _POLL_S = 0.2
 _STOP_RUN_GRACE_S = 3.0
+# After `flwr run --stream` exits, how often the run's status is read until it has finished: the
+# log stream can end while the run goes on (seen on a loaded machine, with a first round that
+# logged nothing for minutes), and its outcome is the run's, not the stream's.
+_RUN_STATUS_POLL_S = 2.0
+_FINISHED = "finished"
 _RELEASE_TIMEOUT_S = 10.0
 
 
@@ -190,8 +195,18 @@ def wait_run(
             f"run {run_id} did not finish within {timeout:g} s and was stopped; output ends "
             f"with:\n{process.log_tail()}"
         )
-    wall = time.monotonic() - started
     status, details = run_status(server, run_id) if run_id is not None else (None, "")
+    while run_id is not None and status is not None and not status.startswith(_FINISHED):
+        if deadline is not None and time.monotonic() > deadline:
+            flwr_json(server, ["stop", str(run_id), CONNECTION])
+            raise DeploymentError(
+                f"run {run_id} did not finish within {timeout:g} s and was stopped (status "
+                f"{status!r} after its log stream ended); output ends with:\n"
+                f"{process.log_tail()}"
+            )
+        time.sleep(_RUN_STATUS_POLL_S)
+        status, details = run_status(server, run_id)
+    wall = time.monotonic() - started
     return RunResult(process.returncode or 0, output, run_id, status, details, wall)
 
 
