@@ -12,8 +12,10 @@ public start row reproduces the demo's 66.8%). Each hospital's features are embe
 - **no noise**: the hospitals' within-class covariance, full width and in the public basis;
 - **DP**: the mechanism of ``privacy/within_class_release.py`` run at each hospital (a centre
   release, then two releases of within-class moments, as rounds 1-3 of a federation), summed over
-  the three hospitals, at epsilon 7.45 (the demo's spend), 4 and 1 per hospital, each a fresh
-  noise draw (five at 7.45, as the demo's five fresh runs).
+  the three hospitals, one sigma for the three releases as the ledger charges them: the demo's
+  (epsilon 7.34 per hospital), epsilon 4 and 1, each a fresh noise draw (five at the demo's, as
+  its five fresh runs); and once more through the mechanism's own trainer
+  (``WithinClassRelease``) and the server's post-processing, to check the two agree.
 
 Paired differences use the same episodes. ``python bench/demo_within_class.py`` (about 3 min).
 """
@@ -25,6 +27,7 @@ import dataclasses
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,17 +44,29 @@ from federation.server_app import public_eval_set
 from models.adaptation import FeatureMap, embed, ridge_head
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import mean_ci95
+from models.feature_adapter import WithinClassMetric
 from models.pipeline import PipelineConfig
 from models.synthetic import public_set
 from privacy import within_class_release as wc
+from privacy.accounting import calibrate_noise_multiplier, worst_epsilon
+from privacy.dp_config import (
+    WITHIN_CLASS_SENSITIVITY,
+    WITHIN_CLASS_SUMS_WEIGHT,
+    DPWithinClassConfig,
+)
 
-BASIS = 512  # public directions the moments are released in (of 1,712)
-SHRINK = 0.1  # towards the mean eigenvalue (0.1 to 0.6 tried: 0.1 best under noise)
-SUMS_WEIGHT = 0.25  # class sums' weight in the moment release: sensitivity sqrt(1.125) C
+BASIS = WithinClassMetric.BASIS  # public directions the moments are released in (of 1,712)
+SHRINK = wc.SHRINK  # towards the mean eigenvalue (0.1 to 0.6 tried: 0.1 best under noise)
+SUMS_WEIGHT = WITHIN_CLASS_SUMS_WEIGHT  # class sums' weight: sensitivity sqrt(1.125) C
 CLIP = 1.0
 MOMENT_RELEASES = 2  # rounds 2 and 3; round 1 releases the centre
 DELTA = 1e-5
-DRAWS = {7.45: 5, 4.0: 3, 1.0: 3}  # epsilon per hospital -> fresh noise draws
+DEMO_SIGMA = 1.26  # app/demo_run.toml's noise multiplier: epsilon 7.34 over the 3 releases
+# epsilon per hospital (None: the demo's sigma) -> fresh noise draws
+DRAWS: dict[float | None, int] = {None: 5, 4.0: 3, 1.0: 3}
+
+
+Metric = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 class Episodes:
@@ -75,24 +90,19 @@ class Episodes:
             labels_s = torch.from_numpy(ep.support_labels)
             self.prepared.append((fmap(support), fmap(query), labels_s, ep.query_labels))
 
-    def accuracies(self, metric: torch.Tensor | None) -> np.ndarray:
-        """Each episode's query accuracy with the features times ``metric`` (None: as mapped)."""
+    def accuracies(self, metric: Metric | None) -> np.ndarray:
+        """Each episode's query accuracy with the features times ``metric`` (a (d, d) matrix or
+        an adapter's transform; None: as mapped)."""
         out = []
         for support, query, labels_s, labels_q in self.prepared:
-            if metric is not None:
+            if isinstance(metric, torch.Tensor):
                 support, query = wc.apply_metric(support, metric), wc.apply_metric(query, metric)
+            elif metric is not None:
+                support, query = metric(support), metric(query)
             head = ridge_head(support, labels_s, ways=5, penalty=1.0)
             predicted = (query @ head["head.weight"].T.double()).argmax(-1).numpy()
             out.append(float((predicted == labels_q).mean()))
         return np.array(out)
-
-
-def public_basis(features: torch.Tensor, parts: tuple[int, ...], size: int) -> torch.Tensor:
-    """The top ``size`` principal directions of the public data's unit features."""
-    unit = wc.unit_features(features, centre=features.double().mean(0), parts=parts)
-    unit = unit - unit.mean(0)
-    _, vectors = torch.linalg.eigh(unit.T @ unit / len(unit))
-    return vectors[:, -size:]
 
 
 def sites_release(
@@ -153,6 +163,7 @@ class DemoFeatures:
     """The demo's hospitals, evaluation episodes and public data, embedded once."""
 
     sites: list[dict[str, Any]]  # x (features as the model outputs them), y, owners, classes
+    raw_sites: list[Any]  # the hospitals' cached encoder features, as ImageSets
     public: list[dict[str, Any]]  # the operator's public data, as one site
     episodes: Episodes
     parts: tuple[int, ...]
@@ -209,12 +220,50 @@ def demo_features(
     parts = tuple(model.feature_parts)
     return DemoFeatures(
         sites=sites,
+        raw_sites=sets,
         public=[as_site(public_x, public)],
         episodes=Episodes(
             eval_x, np.asarray(evaluation.labels), np.asarray(evaluation.patients), parts, episodes
         ),
         parts=parts,
     )
+
+
+def sigma_for(epsilon: float) -> float:
+    """The noise multiplier of three releases (centre, two moments) spending ``epsilon``."""
+    accounted = calibrate_noise_multiplier(
+        target_epsilon=epsilon, delta=DELTA, sample_rate=1.0, steps=3
+    )
+    return accounted * WITHIN_CLASS_SENSITIVITY
+
+
+def mechanism_metric(
+    data: DemoFeatures, basis: torch.Tensor, sigma: float, *, seed: int
+) -> WithinClassMetric:
+    """Three rounds of the real mechanism: each hospital's ``WithinClassRelease`` on its raw
+    features, summed, then the strategy's post-processing (``released_centre``,
+    ``released_metric``) into the adapter's buffers."""
+    adapter = WithinClassMetric(data.parts)
+    adapter.basis.copy_(basis.float())
+    classes = tuple(str(c) for c in data.raw_sites[0].classes)
+    dp = DPWithinClassConfig(noise_multiplier=sigma, max_grad_norm=CLIP, classes=classes)
+
+    def releases(round_: int) -> list[dict[str, np.ndarray]]:
+        return [
+            wc.WithinClassRelease(adapter, [s], dp=dp, seed=seed + 10 * round_ + i).train(1)
+            for i, s in enumerate(data.raw_sites)
+        ]
+
+    total = np.sum([r[wc.CENTRE].astype(np.float64) for r in releases(1)], axis=0)
+    centre = wc.released_centre(total, parts=len(data.parts), clip=CLIP)
+    adapter.centre.copy_(torch.from_numpy(centre).float())
+    adapter.stage.fill_(wc.STAGE_CENTRE)
+    moments = [r for round_ in (2, 3) for r in releases(round_)]
+    second = np.sum([r[wc.SECOND].astype(np.float64) for r in moments], axis=0)
+    sums = np.sum([r[wc.CLASS_SUMS].astype(np.float64) for r in moments], axis=0)
+    adapter.inner.copy_(torch.from_numpy(wc.released_metric(second, sums, clip=CLIP)).float())
+    adapter.stage.fill_(wc.STAGE_METRIC)
+    return adapter
 
 
 def main() -> None:
@@ -228,12 +277,12 @@ def main() -> None:
     log = Progress()
     root = Path(args.root or tempfile.mkdtemp(prefix="fedfew-bench-within-class-"))
     data = demo_features(root, args.episodes, log, args.images_per_class)
-    basis = public_basis(data.public[0]["x"], data.parts, BASIS)
+    basis = wc.public_basis(data.public[0]["x"], data.parts, BASIS)
     identity = torch.eye(len(basis), dtype=torch.float64)
     base = data.episodes.accuracies(None)
     rows: list[dict[str, Any]] = []
 
-    def add(row: str, metric: torch.Tensor | None, **extra: Any) -> None:
+    def add(row: str, metric: Metric | None, **extra: Any) -> None:
         accuracies = data.episodes.accuracies(metric)
         mean, ci = mean_ci95(accuracies)
         diff, diff_ci = mean_ci95(accuracies - base)
@@ -264,29 +313,33 @@ def main() -> None:
         sites_release(data.sites, basis=basis, **free),
     )
     for epsilon, draws in DRAWS.items():
-        plan = wc.plan_for_epsilon(
-            epsilon, delta=DELTA, moment_releases=MOMENT_RELEASES, sums_weight=SUMS_WEIGHT
+        sigma = DEMO_SIGMA if epsilon is None else sigma_for(epsilon)
+        spent = worst_epsilon([(sigma / WITHIN_CLASS_SENSITIVITY, 1.0, 3)], delta=DELTA)[0]
+        label = f"DP, epsilon {spent:.2f} per hospital" + (
+            " (the demo's)" if epsilon is None else ""
         )
         for draw in range(draws):
-            generator = torch.Generator().manual_seed(1000 * draw + int(10 * epsilon))
+            generator = torch.Generator().manual_seed(1000 * draw + int(100 * sigma))
             metric = sites_release(
                 data.sites,
                 basis=basis,
                 parts=data.parts,
                 radius=data.radius,
-                centre_sigma=plan.centre_sigma,
-                moment_sigma=plan.moment_sigma,
+                centre_sigma=sigma / wc.CENTRE_WEIGHT,  # its sums are scaled by CENTRE_WEIGHT
+                moment_sigma=sigma,
                 releases=MOMENT_RELEASES,
                 generator=generator,
             )
-            add(
-                f"DP, epsilon {epsilon:g} per hospital",
-                metric,
-                draw=draw,
-                epsilon=plan.epsilon,
-                centre_sigma=plan.centre_sigma,
-                moment_sigma=plan.moment_sigma,
-            )
+            add(label, metric, draw=draw, epsilon=spent, sigma=sigma)
+    # the same, through the mechanism's own trainer and the server's post-processing
+    adapter = mechanism_metric(data, basis, DEMO_SIGMA, seed=7)
+    spent = worst_epsilon([(DEMO_SIGMA / WITHIN_CLASS_SENSITIVITY, 1.0, 3)], delta=DELTA)[0]
+    add(
+        "DP through WithinClassRelease and the server's post-processing",
+        adapter.transform,
+        epsilon=spent,
+        sigma=DEMO_SIGMA,
+    )
     settings = {
         "images_per_class": args.images_per_class,
         "basis": BASIS,
@@ -298,9 +351,10 @@ def main() -> None:
         "episodes": args.episodes,
         "patients_per_site": [len(np.unique(s["owners"])) for s in data.sites],
     }
-    path = write_result(
-        "demo_within_class", config=settings, results=rows, device=torch.device("cpu")
-    )
+    name = "demo_within_class"
+    if args.images_per_class != DemoSettings.images_per_class:
+        name += f"_{args.images_per_class}"
+    path = write_result(name, config=settings, results=rows, device=torch.device("cpu"))
     plot(rows, path.with_suffix(".png"))
 
 
