@@ -70,8 +70,7 @@ from models.freezing import frozen_parameters, trainable_parameters
 from models.imageset import ImageSet
 from models.meta import EpisodeBatch, MetaConfig, MetaLearner, Params, split_params
 from models.pipeline import PipelineConfig
-from privacy.dp_meta import DPConfig, merge_sets, pack
-from privacy.sampling import Assignment, assign_patients, draw_plan
+from privacy.dp_meta import DPConfig, DPMetaTrainer, merge_sets, pack
 
 OUT = "dp_round_cost"
 CACHE = RESULTS / "cache" / OUT  # the hospitals' data and feature stores (git-ignored)
@@ -110,18 +109,8 @@ class PlainEpisodicTrainer:
         self._rng = np.random.default_rng(seed)
         self.optimizer = base_optimizer(model.parameters(), lr=lr)
 
-    def draw(self, key: int) -> list[Assignment]:
-        """The episodes of one step for a key, as ``DPMetaTrainer.draw`` draws them."""
-        plan = draw_plan(self.class_sets, episodes=self.dp.episodes, ways=self.dp.ways, key=key)
-        return assign_patients(
-            self.data,
-            plan,
-            sample_rate=self.dp.sample_rate,
-            key=key,
-            support_fraction=self.dp.support_fraction,
-            max_shots=self.dp.max_shots,
-            max_queries=self.dp.max_queries,
-        )
+    # the episodes of one step for a key, drawn as the DP trainer draws them (same attributes)
+    draw = DPMetaTrainer.draw
 
     def step(self) -> None:
         """One plain step on one step's episodes."""

@@ -6,6 +6,7 @@ the global weights stay as they are."""
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Iterable
 
 from federation.records import State
@@ -17,10 +18,32 @@ from privacy.mechanisms import OUTPUT_RELEASE
 from privacy.prototype_release import SUMS, PrototypeRelease
 
 
-class ReleaseStrategy(GatedStrategy):
-    """Gate each release, then sum them; the model does not change."""
+class ReleaseGate(GatedStrategy):
+    """The gate of every releasing mechanism: the arrays :meth:`release_shapes` names, float32,
+    finite, and no longer than the public bound."""
 
     output = OUTPUT_RELEASE
+
+    @abstractmethod
+    def release_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The arrays a site's release must hold this round, by name."""
+
+    def release_bound(self) -> float:
+        """The longest release the gate accepts: the mechanism's sensitivity per patient for the
+        public maximum of patients per site, plus four times the noise's expected norm."""
+        plan = self.round_plan(1)
+        entries = sum(math.prod(shape) for shape in self.release_shapes().values())
+        signal = plan.dp_mechanism.sensitivity * plan.dp.max_grad_norm
+        noise = plan.dp.noise_multiplier * plan.dp.max_grad_norm * math.sqrt(entries)
+        return signal * self.config.dp.max_site_patients + 4 * noise
+
+    def check_output(self, arrays: State) -> GateResult:
+        """The release's names, shapes, dtype, finite values and length."""
+        return validate_release(arrays, self.release_shapes(), norm_bound=self.release_bound())
+
+
+class ReleaseStrategy(ReleaseGate):
+    """Gate each release, then sum them; the model does not change."""
 
     def __init__(self, config: ServerConfig, reference: State) -> None:
         super().__init__(config, reference)
@@ -50,19 +73,6 @@ class ReleaseStrategy(GatedStrategy):
             model = model_from_state(self.reference, self.round_plan(1))
             self._feature_width = int(model.out_features)  # type: ignore[arg-type]
         return {SUMS: (classes, self._feature_width + 1)}
-
-    def release_bound(self) -> float:
-        """The longest release the gate accepts: ``sqrt(2) C`` per patient for the public
-        maximum of patients per site, plus four times the noise's expected norm."""
-        plan = self.round_plan(1)
-        entries = math.prod(self.release_shapes()[SUMS])
-        signal = plan.dp_mechanism.sensitivity * plan.dp.max_grad_norm
-        noise = plan.dp.noise_multiplier * plan.dp.max_grad_norm * math.sqrt(entries)
-        return signal * self.config.dp.max_site_patients + 4 * noise
-
-    def check_output(self, arrays: State) -> GateResult:
-        """The release's names, shape, dtype, finite values and length."""
-        return validate_release(arrays, self.release_shapes(), norm_bound=self.release_bound())
 
     def aggregate(self, state: State, accepted: Iterable[AcceptedReply]) -> State:
         """``state`` itself; the sum of the accepted releases is kept for the current round

@@ -10,19 +10,19 @@ post-processing of DP releases (privacy/within_class_release.py).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 
 from federation.records import State
+from federation.release_strategy import ReleaseGate
 from federation.server_config import ServerConfig
-from federation.strategy import AcceptedReply, GatedStrategy
-from federation.validation import GateResult, validate_release
+from federation.strategy import AcceptedReply
 from privacy.dp_config import DPWithinClassConfig
-from privacy.mechanisms import OUTPUT_RELEASE
 from privacy.within_class_release import (
     CENTRE,
     CLASS_SUMS,
@@ -44,10 +44,8 @@ BASIS, CENTRE_KEY, INNER, STAGE = (
 MOMENTS_FILE = "within-class-moments.npz"  # per round: the summed moment releases
 
 
-class WithinClassStrategy(GatedStrategy):
+class WithinClassStrategy(ReleaseGate):
     """Gate each release, sum them, and set the centre or the metric from the sums."""
-
-    output = OUTPUT_RELEASE
 
     def __init__(self, config: ServerConfig, reference: State) -> None:
         """
@@ -70,7 +68,9 @@ class WithinClassStrategy(GatedStrategy):
             raise TypeError(f"no within-class release for {type(dp).__name__}")
         return dp
 
-    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """As every strategy, noting what the sites release this round (the global model's
         stage)."""
         self._stage = int(np.asarray(arrays[STAGE].numpy()))
@@ -82,19 +82,6 @@ class WithinClassStrategy(GatedStrategy):
         if self._stage == STAGE_NONE:
             return {CENTRE: (width + 1,)}
         return {SECOND: (basis, basis), CLASS_SUMS: (len(self._dp().classes), basis + 1)}
-
-    def release_bound(self) -> float:
-        """The longest release the gate accepts: the sensitivity per patient for the public
-        maximum of patients per site, plus four times the noise's expected norm."""
-        plan = self.round_plan(1)
-        entries = sum(math.prod(s) for s in self.release_shapes().values())
-        signal = plan.dp_mechanism.sensitivity * plan.dp.max_grad_norm
-        noise = plan.dp.noise_multiplier * plan.dp.max_grad_norm * math.sqrt(entries)
-        return signal * self.config.dp.max_site_patients + 4 * noise
-
-    def check_output(self, arrays: State) -> GateResult:
-        """The release's names, shapes, dtype, finite values and length."""
-        return validate_release(arrays, self.release_shapes(), norm_bound=self.release_bound())
 
     def aggregate(self, state: State, accepted: Iterable[AcceptedReply]) -> State:
         """``state`` with the centre (first round) or the metric set from the summed releases;
