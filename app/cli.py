@@ -56,7 +56,7 @@ COMMANDS: dict[str, LazyCommand] = {
     ),
     "demo": LazyCommand(
         "app.demo_cli:demo",
-        "Federated DP meta-training of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS.",
+        "A federated DP run of 3 hospitals: SuperLink + SuperNodes on 127.0.0.1 over TLS.",
     ),
     "budget": LazyCommand(
         "app.budget_cli:budget_app",

@@ -44,7 +44,7 @@ from federation.server_app import public_eval_set
 from models.adaptation import FeatureMap, embed, ridge_head
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import mean_ci95
-from models.feature_adapter import WithinClassMetric
+from models.feature_adapter import WithinClassMetric, public_basis
 from models.pipeline import PipelineConfig
 from models.synthetic import public_set
 from privacy import within_class_release as wc
@@ -277,7 +277,7 @@ def main() -> None:
     log = Progress()
     root = Path(args.root or tempfile.mkdtemp(prefix="fedfew-bench-within-class-"))
     data = demo_features(root, args.episodes, log, args.images_per_class)
-    basis = wc.public_basis(data.public[0]["x"], data.parts, BASIS)
+    basis = public_basis(data.public[0]["x"], data.parts, BASIS)
     identity = torch.eye(len(basis), dtype=torch.float64)
     base = data.episodes.accuracies(None)
     rows: list[dict[str, Any]] = []

@@ -76,7 +76,7 @@ from federation.server_config import EvalConfig, ServerConfig
 from models.adaptation import AdaptConfig, feature_map, fit_head
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import mean_ci95
-from models.feature_adapter import AdaptedEncoder, normalise_parts
+from models.feature_adapter import AdaptedEncoder, normalise_parts, public_basis
 from models.feature_store import FeatureStore
 from models.imageset import ImageSet
 from models.meta import MetaConfig
@@ -97,7 +97,7 @@ from privacy.dp_meta import DPMetaTrainer
 from privacy.dp_prototypes import DPPrototypeRelease, vocabulary_labels
 from privacy.mechanisms import PROTOTYPES, get_mechanism
 from privacy.prototype_release import prototypes_from_sums
-from privacy.within_class_release import CENTRE_WEIGHT, SHRINK, apply_metric, public_basis
+from privacy.within_class_release import CENTRE_WEIGHT, SHRINK, apply_metric
 
 OUT = "federated_encoder"
 # The non-private rows: the same trainer with no noise and no clipping. Opacus adds noise of std

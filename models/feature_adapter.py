@@ -61,6 +61,17 @@ class LowRankAdapter(FeatureScale):
         return scaled + (scaled @ self.down.T) @ self.up.T
 
 
+def public_basis(features: torch.Tensor, parts: tuple[int, ...], size: int) -> torch.Tensor:
+    """The top ``size`` principal directions ``(d, size)`` of public images' unit features (each
+    centred on their mean, each part normalised, the whole at norm 1, as the adaptation's feature
+    map maps them): where a within-class release is made (the operator's step, public data only)."""
+    centred = features.double() - features.double().mean(0)
+    unit = normalise_parts(centred, parts) / len(parts) ** 0.5
+    unit = unit - unit.mean(0)
+    _, vectors = torch.linalg.eigh(unit.T @ unit / len(unit))
+    return vectors[:, -size:]
+
+
 class WithinClassMetric(nn.Module):
     """The domain's within-class metric, released by the federation under DP: no parameter
     trains. Its forward normalises each part (as the scale adapter at its start); it carries the
@@ -94,8 +105,6 @@ class WithinClassMetric(nn.Module):
     def fit_public_basis(self, features: torch.Tensor) -> None:
         """Take the basis from public images' encoder features: the top principal directions
         of their unit features, each centred on the public images' mean and part-normalised."""
-        from privacy.within_class_release import public_basis  # privacy imports models
-
         basis = public_basis(self(features).double(), self.parts, self.basis.shape[1])
         self.basis.copy_(basis.to(self.basis.dtype))
 

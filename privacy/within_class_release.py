@@ -95,16 +95,6 @@ def unit_features(
     return mapped / FEATURE_NORM
 
 
-def public_basis(features: torch.Tensor, parts: tuple[int, ...], size: int) -> torch.Tensor:
-    """The top ``size`` principal directions ``(d, size)`` of public images' unit features
-    (centred on their mean, parts normalised): where the moments are released (the operator's
-    step, on public data only)."""
-    unit = unit_features(features, centre=features.double().mean(0), parts=parts)
-    unit = unit - unit.mean(0)
-    _, vectors = torch.linalg.eigh(unit.T @ unit / len(unit))
-    return vectors[:, -size:]
-
-
 def moment_sums(
     unit: torch.Tensor,
     labels: torch.Tensor,

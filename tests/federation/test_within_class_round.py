@@ -123,5 +123,5 @@ def test_round_one_releases_the_centre_and_later_rounds_the_metric(tmp_path, con
 
 def test_the_server_refuses_the_mechanism_without_the_within_class_adapter(config):
     plain = config.with_values({"backbone.adapter": "scale"})
-    with pytest.raises(ValueError, match="backbone.adapter = 'within-class'"):
+    with pytest.raises(ValueError, match=r"backbone\.adapter = 'within-class'"):
         strategy_for(plain, initial_state(plain))
