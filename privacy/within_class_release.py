@@ -7,22 +7,26 @@ nuisance directions (the shared-covariance metric of LDA; Bateni et al. 2020, "I
 Visual Classification", for few-shot). Two releases, each a Gaussian mechanism over every
 patient (q = 1), with the patient as the unit:
 
-1. **The domain centre.** Each image's raw feature ``f`` is clipped to norm ``R`` (public) and
-   scaled, ``u = f min(1, R/|f|) / R``; patient i with ``n_i`` images contributes
-   ``C [sum_j u_j / n_i, 1]`` (norm <= sqrt(2) C). The centre is ``R S[:d] / S[d]``.
+1. **The domain centre.** Each image's feature ``f`` is clipped to norm ``R`` (public; in the
+   mechanism the adapter's part-normalised features, ``R = sqrt(parts)``) and scaled,
+   ``u = f min(1, R/|f|) / R``; patient i with ``n_i`` images contributes
+   ``C [sum_j u_j / n_i, 1]`` (norm <= sqrt(2) C), scaled by :data:`CENTRE_WEIGHT` in the
+   federation so that both releases share one sensitivity. The centre is ``R S[:d] / S[d]``.
 2. **Within-class second moments in a public basis.** With the released centre, each image's
    feature is mapped as adaptation maps it (centred, each part L2-normalised) and scaled to unit
    norm, ``z``, then projected on a public orthonormal basis ``P`` (d x p, from public data):
    ``y = P^T z``, ``|y| <= 1``. Patient i contributes the pair
    ``(C/n_i sum_j y_j y_j^T,  w C/n_i [sum_{j in c} y_j, n_ic]_c)``: the first has Frobenius norm
    <= C, the second <= sqrt(2) w C (as dp-prototypes), so adding or removing a patient moves the
-   release by at most ``sqrt(1 + 2 w^2) C``. Noise is drawn on the upper triangle (diagonal
-   included) and mirrored, which is post-processing of the triangle's release.
+   release by at most ``sqrt(1 + 2 w^2) C`` (``w = 0.25``: sqrt(1.125) C). Noise is drawn on the
+   upper triangle (diagonal included) and mirrored, which is post-processing of the triangle's
+   release.
 
 Everything after the releases is post-processing: the within-class covariance
 ``(M - sum_c s_c s_c^T / m_c) / sum_c m_c`` (classes with little noisy mass dropped), shrunk
 towards its mean eigenvalue, inverted at the square root inside the basis and the identity outside
-it (:func:`whitening`).
+it (:func:`inner_metric`). :class:`WithinClassRelease` is the registered mechanism's trainer
+(``dp-within-class``); the proof is in docs/privacy.md.
 """
 
 from __future__ import annotations
