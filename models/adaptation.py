@@ -266,6 +266,24 @@ def feature_map(
     )
 
 
+def model_feature_map(
+    config: AdaptConfig,
+    model: nn.Module,
+    *,
+    domain_mean: torch.Tensor | None,
+    features: torch.Tensor,
+) -> FeatureMap:
+    """:func:`feature_map` of ``model``'s own features: its embedding's parts and the metric its
+    adapter applies after the map (:func:`models.feature_adapter.feature_transform`)."""
+    return feature_map(
+        config,
+        domain_mean=domain_mean,
+        features=features,
+        parts=feature_parts(model),
+        transform=feature_transform(model),
+    )
+
+
 def prototype_head(embeddings: torch.Tensor, y: torch.Tensor, ways: int) -> Params:
     """The linear head equal to ProtoNet's squared-distance classifier (Snell et al. 2017, 2.3):
     ``w_c = 2 p_c``, ``b_c = -|p_c|^2`` (the query norm term is shared by all classes)."""
@@ -643,13 +661,7 @@ def _frozen(
     params, buffers = split_params(model)
     both = support_x if unlabeled_x is None else torch.cat([support_x, unlabeled_x])
     raw = embed(model, both, tta=config.tta, batch_limit=config.batch_limit)
-    fmap = feature_map(
-        config,
-        domain_mean=domain_mean,
-        features=raw,
-        parts=feature_parts(model),
-        transform=feature_transform(model),
-    )
+    fmap = model_feature_map(config, model, domain_mean=domain_mean, features=raw)
     mapped = fmap(raw)
     n = len(support_y)
     head = fit_head(
@@ -678,13 +690,7 @@ def _finetune(
     work = copy.deepcopy(model)
     both = support_x if unlabeled_x is None else torch.cat([support_x, unlabeled_x])
     raw = embed(work, both, tta=config.tta, batch_limit=config.batch_limit)
-    fmap = feature_map(
-        config,
-        domain_mean=domain_mean,
-        features=raw,
-        parts=feature_parts(work),
-        transform=feature_transform(work),
-    )
+    fmap = model_feature_map(config, work, domain_mean=domain_mean, features=raw)
     init = prototype_head(fmap(raw[: len(support_y)]), support_y, ways)
     # Distances of raw embeddings are large; scaling the prototype head keeps the softmax away
     # from saturation so the first steps have useful gradients.

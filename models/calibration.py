@@ -33,11 +33,9 @@ from models.adaptation import (
     StepHook,
     adapt,
     embed,
-    feature_map,
-    feature_parts,
     fit_head,
+    model_feature_map,
 )
-from models.feature_adapter import feature_transform
 from models.meta import MetaConfig
 
 UNCERTAIN = -1  # the outcome index of a case no class is confident enough for
@@ -175,13 +173,7 @@ def held_out_logits(
     if config.frozen_backbone:
         if embeddings is None:
             embeddings = embed(model, support_x, tta=config.tta, batch_limit=config.batch_limit)
-        fmap = feature_map(
-            config,
-            domain_mean=domain_mean,
-            features=embeddings,
-            parts=feature_parts(model),
-            transform=feature_transform(model),
-        )
+        fmap = model_feature_map(config, model, domain_mean=domain_mean, features=embeddings)
         return head_held_out(
             fmap(embeddings), support_y, order, ways=ways, config=config, on_fold=on_fold
         )

@@ -16,14 +16,12 @@ from models.adaptation import (
     AdaptConfig,
     adapt,
     embed,
-    feature_map,
-    feature_parts,
     fit_head,
+    model_feature_map,
 )
 from models.calibration import CalibrationConfig, HeldOut, held_out_logits
 from models.episodes import EpisodeConfig, sample_episode
 from models.errors import EpisodeError
-from models.feature_adapter import feature_transform
 from models.imageset import ImageSet
 from models.meta import MetaConfig
 
@@ -148,13 +146,7 @@ def evaluate_episodes(
         qy = torch.from_numpy(ep.query_labels).to(device)
         if embeddings is not None:
             raw = embeddings[np.concatenate([ep.support, ep.query])]
-            fmap = feature_map(
-                adapt_config,
-                domain_mean=domain_mean,
-                features=raw,
-                parts=feature_parts(model),
-                transform=feature_transform(model),
-            )
+            fmap = model_feature_map(adapt_config, model, domain_mean=domain_mean, features=raw)
             mapped = fmap(raw)
             n = len(ep.support)
             head = fit_head(

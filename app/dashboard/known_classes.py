@@ -26,13 +26,11 @@ from models.adaptation import (
     AdaptedClassifier,
     FeatureMap,
     embed,
-    feature_map,
-    feature_parts,
     fit_head,
+    model_feature_map,
 )
 from models.calibration import HeldOut, head_held_out, held_out_order
 from models.errors import RegistryError
-from models.feature_adapter import feature_transform
 from models.meta import split_params
 from models.model_dir import LoadedModel
 from models.registry import RegistryEntry
@@ -237,13 +235,7 @@ def adapt_with_prototypes(
         )
     if raw is None:
         raw = embed(model.model, images, tta=config.tta, batch_limit=config.batch_limit)
-    fmap = feature_map(
-        config,
-        domain_mean=model.domain_mean,
-        features=raw,
-        parts=feature_parts(model.model),
-        transform=feature_transform(model.model),
-    )
+    fmap = model_feature_map(config, model.model, domain_mean=model.domain_mean, features=raw)
     mapped = fmap(raw)
     extra, extra_labels = prototype_rows(known, raw, fmap)
     head = fit_head(
