@@ -36,7 +36,7 @@ from models.run_config import flatten_tables
 from models.synthetic import DEMO_TRAIN_CLASSES, public_set, synthetic_arrays
 from privacy.errors import ReportFormatError
 from privacy.ledger import Ledger
-from privacy.mechanisms import describe
+from privacy.mechanisms import MECHANISMS, describe
 from privacy.round_record import FederationStatus, RoundRecord
 
 MARKER = ".fedfew-demo"  # a folder holding it was made by the demo and may be replaced by it
@@ -93,6 +93,7 @@ class DemoResult:
     superlink: str = ""  # HOST:PORT the SuperLink listened on (for the dashboard's check)
     # The rounds as the server recorded them (its status file's history, round 0 first).
     rounds: tuple[RoundRecord, ...] = ()
+    mechanism: str = ""  # the registered DP mechanism the rounds ran ("": not recorded)
 
 
 def set_classes(paths: Iterable[Path]) -> str:
@@ -271,6 +272,7 @@ def run_demo(
         site_cap={name: ledger.cap_epsilon for name, ledger in ledgers.items()},
         superlink=superlink,
         rounds=_read_rounds(config.root / STATUS_FILE),
+        mechanism=config.mechanism,
     )
 
 
@@ -329,6 +331,7 @@ def _round_line(record: RoundRecord, total: int) -> str:
 
 def summary(result: DemoResult) -> list[str]:
     """The lines the demo prints at the end."""
+    output = _output_word(result.mechanism)
     lines = [f"published global model {result.model.label} in {result.model.path.parent}"]
     for site, epsilon in sorted(result.site_epsilon.items()):
         cap = result.site_cap[site]
@@ -342,26 +345,34 @@ def summary(result: DemoResult) -> list[str]:
                 f"{100 * value:.1f}% +/- {100 * ci:.1f} (public start {100 * start:.1f}%, "
                 f"DP rounds {100 * (value - start):+.1f} points)"
             )
-    lines.append(secure_aggregation_line(result.rounds))
+    lines.append(secure_aggregation_line(result.rounds, output=output))
     lines.append(f"federated run took {result.run.wall_s:.0f} s; every process is stopped")
     return lines
 
 
-def secure_aggregation_line(rounds: Sequence[RoundRecord]) -> str:
+def _output_word(mechanism: str) -> str:
+    """What a hospital's reply is under ``mechanism``: a DP release or a DP update (a model
+    delta; also when the mechanism is not recorded or no longer registered)."""
+    found = MECHANISMS.get(mechanism)
+    return "DP release" if found is not None and found.releases_arrays else "DP update"
+
+
+def secure_aggregation_line(rounds: Sequence[RoundRecord], *, output: str = "DP update") -> str:
     """Whether the rounds ran under secure aggregation, as the server recorded each round (a
-    SecAgg+ round's record holds what the gate found in its unmasked sum)."""
+    SecAgg+ round's record holds what the gate found in its unmasked sum); ``output``: what a
+    hospital's reply is (``DP update`` or ``DP release``)."""
     trained = [r for r in rounds if r.round > 0]
     secure = [r.secure_aggregation for r in trained if r.secure_aggregation is not None]
     if not secure:
         return (
-            f"secure aggregation: off; the server saw each hospital's DP update in all "
+            f"secure aggregation: off; the server saw each hospital's {output} in all "
             f"{len(trained)} rounds"
         )
     contributors = sorted({s.contributors for s in secure})
     return (
         f"secure aggregation (SecAgg+): {len(secure)} of {len(trained)} rounds ran under it; "
         f"the server saw only the sum of {' or '.join(map(str, contributors))} hospitals' "
-        "updates, never one hospital's update"
+        f"{output.removeprefix('DP ')}s, never one hospital's {output.removeprefix('DP ')}"
     )
 
 

@@ -37,6 +37,10 @@ class ReleaseGate(GatedStrategy):
         noise = plan.dp.noise_multiplier * plan.dp.max_grad_norm * math.sqrt(entries)
         return signal * self.config.dp.max_site_patients + 4 * noise
 
+    def bound_text(self) -> str:
+        """The release's length bound (a release is summed, not aggregated by the rule)."""
+        return f"summed releases, each at most {self.release_bound():.4g} long"
+
     def check_output(self, arrays: State) -> GateResult:
         """The release's names, shapes, dtype, finite values and length."""
         return validate_release(arrays, self.release_shapes(), norm_bound=self.release_bound())

@@ -133,17 +133,19 @@ class GatedStrategy(Strategy, ABC):
         rounds)."""
         return self.config.round_plan(server_round, norm_bound=self.norm_bound)
 
+    def bound_text(self) -> str:
+        """What the gate bounds a reply's length by, for the start-up log."""
+        return f"delta norm bound {self.norm_bound:.4g} ({self.config.aggregation.norm_policy})"
+
     def summary(self) -> None:
         """Log the configuration."""
         logger.info(
-            "strategy: %s aggregation%s (defends against: %s), server lr %g, delta norm bound "
-            "%.4g (%s), quorum %d",
+            "strategy: %s aggregation%s (defends against: %s), server lr %g, %s, quorum %d",
             self.config.aggregation.rule,
             " of SecAgg+ sums" if self.config.secagg.enabled else "",
             self.config.aggregation.defence,
             self.config.aggregation.server_lr,
-            self.norm_bound,
-            self.config.aggregation.norm_policy,
+            self.bound_text(),
             self.config.min_replies,
         )
 

@@ -17,7 +17,7 @@ from privacy.round_record import RoundRecord, SecureSum
 SUPERLINK = "127.0.0.1:40123"
 
 
-def _result(tmp_path: Path, *, secure: bool) -> DemoResult:
+def _result(tmp_path: Path, *, secure: bool, mechanism: str = "dp-episodic") -> DemoResult:
     registry = Registry.open(tmp_path / "server" / "registry", create=True)
     metrics = {"accuracy-5way-5shot": 0.5, "ci95-5way-5shot": 0.02}
     start = registry.publish(Path.mkdir, kind="global", name="r0", metrics=metrics)
@@ -47,6 +47,7 @@ def _result(tmp_path: Path, *, secure: bool) -> DemoResult:
         site_cap={"hospital-a": 8.0, "hospital-b": 8.0},
         superlink=SUPERLINK,
         rounds=rounds,
+        mechanism=mechanism,
     )
 
 
@@ -77,6 +78,16 @@ def test_a_plain_demo_says_secure_aggregation_was_off(tmp_path):
         "secure aggregation: off; the server saw each hospital's DP update in all 2 rounds" in lines
     )
     assert not any("SecAgg+" in line for line in lines)
+
+
+def test_a_releasing_mechanism_is_named_a_release_not_an_update(tmp_path):
+    lines = summary(_result(tmp_path, secure=False, mechanism="dp-within-class"))
+    assert (
+        "secure aggregation: off; the server saw each hospital's DP release in all 2 rounds"
+        in lines
+    )
+    unknown = summary(_result(tmp_path, secure=False, mechanism="retired-mechanism"))
+    assert any("each hospital's DP update" in line for line in unknown)
 
 
 def test_the_dashboard_command_names_the_superlink(tmp_path, monkeypatch):

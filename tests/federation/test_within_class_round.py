@@ -125,3 +125,11 @@ def test_the_server_refuses_the_mechanism_without_the_within_class_adapter(confi
     plain = config.with_values({"backbone.adapter": "scale"})
     with pytest.raises(ValueError, match=r"backbone\.adapter = 'within-class'"):
         strategy_for(plain, initial_state(plain))
+
+
+def test_the_start_up_log_names_the_release_bound_not_a_delta_bound(config, caplog):
+    strategy = strategy_for(config, initial_state(config))
+    with caplog.at_level("INFO"):
+        strategy.summary()
+    assert f"summed releases, each at most {strategy.release_bound():.4g} long" in caplog.text
+    assert "delta norm bound" not in caplog.text
