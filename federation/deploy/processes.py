@@ -5,7 +5,8 @@ Flower processes spawn children of their own. A SuperNode's `flower-superexec` a
 `flower-superexec` in a *new session* (`start_new_session=True`), which then starts
 `flwr-serverapp` processes in that session. Signalling one process group is therefore not
 enough: `ManagedProcess` also remembers every descendant it sees in `/proc` (pid plus start
-time, so a reused pid is never signalled) and signals those and their groups too.
+time, so a reused pid is never signalled), and every member of a session one of them leads
+(an orphan keeps its session when its parent dies), and signals those and their groups too.
 
 Every started process is kept in a registry that `stop_all` empties; it runs at interpreter
 exit and on SIGINT/SIGTERM (then the previous handler runs), so a crashed test or an
@@ -92,6 +93,7 @@ class ManagedProcess:
         self._cwd = Path(cwd) if cwd is not None else self.log_path.parent
         self._popen: subprocess.Popen[bytes] | None = None
         self._seen: set[ProcessId] = set()
+        self._leaders: set[ProcessId] = set()  # seen processes that led their own session
         self._log_offset = 0
         self._start_time = -1
 
@@ -262,7 +264,22 @@ class ManagedProcess:
         found = _tree(table, roots)
         if self._group_is_ours():
             found |= {pid for pid, row in table.items() if row[2] == self.pid}
-        self._seen.update(ProcessId(pid, table[pid][4]) for pid in found)
+        sessions = self._sessions(table) - {os.getsid(0)}
+        found |= {pid for pid, row in table.items() if row[3] in sessions}
+        seen = {ProcessId(pid, table[pid][4]) for pid in found}
+        self._seen.update(seen)
+        self._leaders.update(p for p in seen if table[p.pid][3] == p.pid)
+
+    def _sessions(self, table: Mapping[int, _Stat]) -> set[int]:
+        """Sessions led by processes of this tree (a session's id is its leader's pid). A
+        process keeps its session when its parent dies, so a child that a leader started just
+        before it exited is still found, though no longer in the tree. A dead leader's session
+        still counts: its pid is not handed out again while the session has members."""
+        return {
+            leader.pid
+            for leader in self._leaders
+            if leader.pid not in table or table[leader.pid][4] == leader.start_time
+        }
 
     def _group_is_ours(self) -> bool:
         """Whether group `pid` can only hold our processes (its id was not handed out again).

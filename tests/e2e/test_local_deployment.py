@@ -190,6 +190,50 @@ def test_process_and_its_detached_child_are_gone(tmp_path, how):
     assert process.returncode == (-signal.SIGTERM if how == "stop" else -signal.SIGKILL)
 
 
+# The child leads a new session (as flower-superexec does), starts a grandchild in it later
+# (as it starts flwr-serverapp) and exits at once: the grandchild is orphaned, out of the tree.
+_ORPHANER = (
+    "import subprocess, sys, time; "
+    'code = "import subprocess, sys, time; time.sleep(1.5); '
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\"; "
+    "subprocess.Popen([sys.executable, '-c', code], start_new_session=True); "
+    "print('ready', flush=True); time.sleep(60)"
+)
+
+
+def test_a_grandchild_orphaned_after_it_was_last_looked_for_is_stopped_too(tmp_path):
+    process = ManagedProcess(
+        [sys.executable, "-c", _ORPHANER], name="orphaner", log_path=tmp_path / "orphaner.log"
+    ).start()
+    process.wait_for_log("ready", timeout=10)
+    (leader,) = process.descendants()  # the child is seen before it starts the grandchild
+    deadline = time.monotonic() + 20
+    while process_exists(leader) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_exists(leader)  # it started the grandchild and exited
+    orphans = [
+        pid
+        for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+        if _session(pid) == leader.pid
+    ]
+    assert len(orphans) == 1
+
+    process.stop(grace=5)
+
+    assert _session(orphans[0]) is None
+    assert not any(process_exists(p) for p in process.seen)
+
+
+def _session(pid: int) -> int | None:
+    """The session of a live process (None: gone or a zombie)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return None if fields[0] == "Z" else int(fields[3])
+
+
 def test_waiting_for_a_process_that_exits_fails_with_its_log(tmp_path):
     process = ManagedProcess(
         [sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
