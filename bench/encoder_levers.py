@@ -21,6 +21,8 @@ intermediate stages' last blocks. Rows then pick a feature set from it:
   their soft labels (``ridge-trans``: transductive, reported apart since the queries must arrive
   as a batch), or prototypes refined by soft k-means (``proto-trans``);
 - **encoder**: Lite0 at 224, 256, 288 px; Lite1 at 240; Lite2 at 260 (their own sides);
+- **ensemble** (``also``): another encoder's features, mapped the same way, concatenated to the
+  row's (``lite0@224+lite2@260``: Lite0 at 224 px with Lite2 at 260 px);
 - **nuisance covariance** (``within``, ``drop``): the within-class scatter of labelled classes
   that are not scored (the modality's known conditions for ``new-condition``, the other four
   modalities for ``new-modality``: what ``fedfew train`` could compute on its training data),
@@ -200,10 +202,13 @@ class Row:
     # eigen-directions (0: off). Rows are re-normalised to FEATURE_NORM after either.
     within: float = 0.0
     drop: int = 0
+    # Ensemble: other encoders (``lite2@260``) whose features, mapped as this row maps its own,
+    # are concatenated to them (each at norm FEATURE_NORM, the whole rescaled to it).
+    also: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
-        bits = [self.encoder, self.taps, "+".join(self.views)]
+        bits = ["+".join((self.encoder, *self.also)), self.taps, "+".join(self.views)]
         if self.transform != "none":
             bits.append(self.transform)
         if self.weights:
@@ -302,6 +307,34 @@ def mapped_features(
         len(parts) == 1
     )
     return mapped
+
+
+def ensemble(
+    name: str, row: Row, mapped: torch.Tensor, selected: np.ndarray, in_pool: np.ndarray
+) -> torch.Tensor:
+    """``mapped`` and the same row's features under each encoder of ``row.also``, concatenated
+    and rescaled so that the whole has norm ``FEATURE_NORM`` (each encoder weighs the same)."""
+    pieces = [mapped]
+    for other in row.also:
+        encoder, side = other.split("@")
+        path = cache_path(name, encoder, int(side))
+        if not path.is_file():
+            raise SystemExit(f"{path} missing: embed {name} with {other} first")
+        alone = dataclasses.replace(row, encoder=other, also=())
+        pieces.append(
+            mapped_features(torch.load(path, weights_only=True), alone, selected, in_pool)
+        )
+    return torch.cat(pieces, dim=1) / len(pieces) ** 0.5
+
+
+def encoder_ms(name: str, row: Row, cached: dict[str, Any]) -> float:
+    """Encoder milliseconds per image of a row: every view, every encoder of an ensemble."""
+    total = sum(cached["ms"][v] for v in row.views)
+    for other in row.also:
+        encoder, side = other.split("@")
+        found = torch.load(cache_path(name, encoder, int(side)), weights_only=True)
+        total += sum(found["ms"][v] for v in row.views)
+    return float(total)
 
 
 def whiten(mapped: torch.Tensor, in_pool: np.ndarray, shrink: float) -> torch.Tensor:
@@ -451,6 +484,8 @@ def default_rows(task: str) -> list[Row]:
             for h in ("ridge", "prototype")
             for k in (8, 32, 128)
         ),
+        # 8. ensembles: Lite0 with Lite2, with or without flips
+        dataclasses.replace(base, also=("lite2@260",)),
     ]
     return rows
 
@@ -607,6 +642,8 @@ def run_fold(
                 eigen[key] = nuisance_eigen(known_groups(name, row, config.task, folder))
             nuisance = eigen[key]
         mapped = mapped_features(cached, row, selected, in_pool, nuisance)
+        if row.also:
+            mapped = ensemble(name, row, mapped, selected, in_pool)
         for shots in config.shots:
             if paired and row.head != "ridge-trans":
                 found, accuracies = paired_score(
@@ -623,7 +660,7 @@ def run_fold(
                     found["paired_vs_default"] = dict(
                         zip(("diff", "ci95"), mean_ci95(accuracies - default[shots]), strict=True)
                     )
-                found["encoder_ms_per_image"] = sum(cached["ms"][v] for v in row.views)
+                found["encoder_ms_per_image"] = encoder_ms(name, row, cached)
                 found["row"] = dataclasses.asdict(row)
                 out.append(found)
                 continue
@@ -636,7 +673,7 @@ def run_fold(
                     shots=shots,
                     config=config,
                 )
-                found["encoder_ms_per_image"] = sum(cached["ms"][v] for v in row.views)
+                found["encoder_ms_per_image"] = encoder_ms(name, row, cached)
                 found["row"] = dataclasses.asdict(row)
                 out.append(found)
                 continue
@@ -653,7 +690,7 @@ def run_fold(
                 levers=row_levers(row),
                 model=Mapped(),
             )
-            found["encoder_ms_per_image"] = sum(cached["ms"][v] for v in row.views)
+            found["encoder_ms_per_image"] = encoder_ms(name, row, cached)
             found["row"] = dataclasses.asdict(row)
             out.append(found)
     log(f"{name} scored")
