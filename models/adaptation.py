@@ -697,11 +697,15 @@ def _finetune(
     scale = init["head.weight"].norm(dim=1).mean().clamp_min(1e-6).detach()
     head = {k: (v / scale).clone().requires_grad_(True) for k, v in init.items()}
     optimizer = torch.optim.Adam([*work.parameters(), *head.values()], lr=config.finetune_lr)
+    # nothing in the network trains (the public start): its support features never change, so
+    # the steps move the head on the features embedded above instead of running it each step
+    fixed = fmap(raw[: len(support_y)]) if _features_fixed(work, config) else None
     work.train()
     with torch.enable_grad():
         for i in range(config.finetune_steps):
             optimizer.zero_grad()
-            logits = fmap(work(support_x)) @ head["head.weight"].T + head["head.bias"]
+            mapped = fixed if fixed is not None else fmap(work(support_x))
+            logits = mapped @ head["head.weight"].T + head["head.bias"]
             cross_entropy(logits, support_y).backward()
             optimizer.step()
             _step(on_step, i + 1, config.finetune_steps)
@@ -711,6 +715,12 @@ def _finetune(
     return AdaptedClassifier(
         work, {**params, **head}, buffers, ways=ways, config=config, features=fmap
     )
+
+
+def _features_fixed(model: nn.Module, config: AdaptConfig) -> bool:
+    """Whether fine-tuning leaves ``model``'s features of the support as first embedded: no
+    parameter trains, and they were embedded without flip averaging (as the steps run it)."""
+    return not config.tta and not any(p.requires_grad for p in model.parameters())
 
 
 def _maml(

@@ -172,3 +172,28 @@ def test_a_step_hook_block_hears_adaptations_started_by_other_functions():
         adapt(model, _patterns()[y], y, ways=3, config=AdaptConfig(mode="linear", linear_steps=3))
     adapt(model, _patterns()[y], y, ways=3, config=AdaptConfig(mode="linear", linear_steps=3))
     assert heard == [(1, 3), (2, 3), (3, 3), (1, 1)]  # only inside the block
+
+
+def test_finetuning_a_fully_frozen_encoder_embeds_the_support_once_with_the_same_result(
+    monkeypatch,
+):
+    config = BackboneConfig(
+        name="efficientnet_lite0", image_size=32, norm="batch", trainable="none"
+    )
+    torch.manual_seed(0)
+    model = build_backbone(config).eval()
+    support = torch.rand(6, 3, 32, 32)
+    labels = torch.arange(3).repeat_interleave(2)
+    queries = torch.rand(4, 3, 32, 32)
+    adapt_config = AdaptConfig(mode="finetune", finetune_steps=5, centre=True)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+
+    fast = adapt(model, support, labels, ways=3, config=adapt_config)
+    passes = len(calls)
+    monkeypatch.setattr("models.adaptation._features_fixed", lambda *_: False)
+    slow = adapt(model, support, labels, ways=3, config=adapt_config)
+
+    assert passes == 1  # the support, embedded once; the steps run on its features
+    assert len(calls) - passes == 1 + adapt_config.finetune_steps  # without: once per step
+    assert torch.allclose(fast.logits(queries), slow.logits(queries), atol=1e-4)
