@@ -7,6 +7,9 @@ must first pass through an accounted DP mechanism (docs/privacy.md, "Local domai
 Methods (registry ``DOMAIN_METHODS``), measured in ``bench/new_modality.py``:
 
 - ``statistics``: only the domain's mean feature, for centring at adaptation time (SimpleShot);
+- ``batch-statistics``: every BatchNorm layer's statistics re-estimated on the unlabelled images
+  (AdaBN, Li et al. 2018), then the domain's mean feature; nothing trains, so it suits a frozen
+  encoder such as the public start;
 - ``contrastive``: SimCLR on the unlabelled images, with feature distillation from the source
   model so its knowledge is kept (STARTUP, Phoo & Hariharan 2021; Islam et al. 2021), then the
   domain's mean feature of the adapted encoder;
@@ -161,6 +164,55 @@ def _statistics(
     return 0
 
 
+BATCH_STATISTICS_BATCH = 32  # images per pass when re-estimating BatchNorm statistics
+
+
+@torch.no_grad()
+def _batch_statistics(
+    model: nn.Module, images: np.ndarray, config: DomainConfig, on_step: StepFn | None
+) -> int:
+    """Re-estimate every BatchNorm layer's running mean and variance on ``images`` (AdaBN): one
+    pass in which each layer normalises a batch by the batch's own statistics, as in training,
+    so later layers see inputs normalised the modality's way; each layer keeps the average of
+    its batches' means and (unbiased) variances, as BatchNorm's cumulative average does. The
+    affine parameters and every weight stay as they were, and so does eval mode: a frozen
+    BatchNorm never enters train mode, the pass replaces its output instead.
+
+    Raises:
+        DataError: the model has no BatchNorm layer with running statistics.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    if not layers:
+        raise DataError("batch-statistics needs a backbone with BatchNorm layers")
+    sums: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in layers}
+
+    def normalise_by_batch(
+        layer: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        x = args[0]
+        sums[layer].append(
+            torch.stack([x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)])
+        )
+        return nn.functional.batch_norm(
+            x, None, None, layer.weight, layer.bias, training=True, eps=layer.eps
+        )
+
+    handles = [m.register_forward_hook(normalise_by_batch) for m in layers]
+    try:
+        # batches of near-equal size, so none holds a single image (a variance needs 2)
+        for batch in np.array_split(images, -(-len(images) // BATCH_STATISTICS_BATCH)):
+            model(torch.from_numpy(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in layers:
+        mean, var = torch.stack(sums[layer]).mean(0)
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(var)
+        layer.num_batches_tracked.fill_(len(sums[layer]))
+    return 0
+
+
 def _contrastive(
     model: nn.Module, images: np.ndarray, config: DomainConfig, on_step: StepFn | None
 ) -> int:
@@ -199,6 +251,7 @@ DOMAIN_METHODS: Catalogue[DomainMethod] = Catalogue(
     "domain method",
     {
         "statistics": _statistics,
+        "batch-statistics": _batch_statistics,
         "contrastive": _contrastive,
         "contrastive-norm": _contrastive_norm,
     },

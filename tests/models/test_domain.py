@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from models.domain import DOMAIN_METHODS, DomainConfig, adapt_domain, load_unlabeled
+from models.efficientnet_lite import INPUT_MEAN, INPUT_STD
 from models.errors import DataError
 from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
@@ -21,6 +22,19 @@ PIPELINE = PipelineConfig(image_size=16)
 def _tiny() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_backbone(BackboneConfig(width=8, image_size=16))
+
+
+def _tiny_batchnorm() -> torch.nn.Module:
+    """A frozen encoder with BatchNorm statistics, as the public start (random weights)."""
+    torch.manual_seed(0)
+    config = BackboneConfig(
+        name="efficientnet_lite0", image_size=16, norm="batch", trainable="none"
+    )
+    return build_backbone(config)
+
+
+# methods that train nothing (their steps are 0); only batch-statistics changes the model
+NO_TRAINING = ("statistics", "batch-statistics")
 
 
 def _npz(path, labels_seed=None):
@@ -48,7 +62,7 @@ def test_shuffled_labels_give_a_bit_identical_model(tmp_path):
 @pytest.mark.parametrize("method", sorted(DOMAIN_METHODS))
 def test_each_method_leaves_the_source_untouched_and_gives_the_domain_mean(tmp_path, method):
     images = load_unlabeled(_npz(tmp_path / "u.npz"), PIPELINE).images
-    source = _tiny()
+    source = _tiny_batchnorm() if method == "batch-statistics" else _tiny()
     before = copy.deepcopy(source.state_dict())
     result = adapt_domain(source, images, config=DomainConfig(method=method, steps=2))
     for key, value in source.state_dict().items():
@@ -56,7 +70,32 @@ def test_each_method_leaves_the_source_untouched_and_gives_the_domain_mean(tmp_p
     assert result.domain_mean.shape == (source.out_features,)
     changed = any(not torch.equal(v, before[k]) for k, v in result.model.state_dict().items())
     assert changed == (method != "statistics")
-    assert result.steps == (0 if method == "statistics" else 2)
+    assert result.steps == (0 if method in NO_TRAINING else 2)
+
+
+def test_batch_statistics_are_the_images_own_and_nothing_else_changes(tmp_path):
+    images = load_unlabeled(_npz(tmp_path / "u.npz"), PIPELINE).images[:16]  # one batch
+    source = _tiny_batchnorm()
+    result = adapt_domain(source, images, config=DomainConfig(method="batch-statistics"))
+    adapted = result.model
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    before, after = source.state_dict(), adapted.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]) == (not key.endswith(statistics)), key
+    # the first BatchNorm sees the stem convolution's output, which no statistic shapes
+    with torch.no_grad():
+        stem = adapted._conv_stem((torch.from_numpy(images) - INPUT_MEAN) / INPUT_STD)
+    first = adapted._bn0
+    assert torch.allclose(first.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(first.running_var, stem.var(dim=(0, 2, 3)), rtol=1e-4)
+    assert not first.training and all(not m.training for m in adapted.modules())
+    assert result.steps == 0
+
+
+def test_batch_statistics_need_batchnorm_layers(tmp_path):
+    images = load_unlabeled(_npz(tmp_path / "u.npz"), PIPELINE).images
+    with pytest.raises(DataError, match="BatchNorm"):
+        adapt_domain(_tiny(), images, config=DomainConfig(method="batch-statistics"))
 
 
 def test_norm_method_trains_only_normalisation_parameters(tmp_path):
