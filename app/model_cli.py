@@ -130,7 +130,7 @@ def adapt_domain_command(
     if images.skipped:
         typer.echo(f"{images.skipped} unreadable images left out", err=True)
     with tqdm(
-        total=None if method == STATISTICS else config.steps,
+        total=config.steps if DOMAIN_METHODS[method].trains else None,
         desc=f"preparing for the modality ({method})",
         unit="step",
     ) as bar:

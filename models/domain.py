@@ -152,7 +152,7 @@ def adapt_domain(
         raise DataError(f"domain adaptation needs >= 2 unlabelled images, got {len(images)}")
     config = config or DomainConfig()
     work = copy.deepcopy(model)
-    steps = DOMAIN_METHODS[config.method](work, images, config, on_step)
+    steps = DOMAIN_METHODS[config.method].prepare(work, images, config, on_step)
     work.eval()
     mean = embed(work, torch.from_numpy(images)).mean(0)
     return DomainResult(model=work, domain_mean=mean, steps=steps)
@@ -244,16 +244,24 @@ def _contrastive_norm(
     return len(losses)
 
 
-DomainMethod = Callable[[nn.Module, np.ndarray, DomainConfig, StepFn | None], int]
+@dataclass(frozen=True)
+class DomainMethod:
+    """One way to prepare a model: ``prepare`` changes the model in place and returns the
+    optimisation steps it took; ``trains``: whether it optimises (a step budget and a loss to
+    show), or only measures statistics (seconds, no steps)."""
 
-# name -> method, trains ``model`` in place and returns the steps taken; one entry per method.
+    prepare: Callable[[nn.Module, np.ndarray, DomainConfig, StepFn | None], int]
+    trains: bool
+
+
+# name -> method; one entry per method.
 DOMAIN_METHODS: Catalogue[DomainMethod] = Catalogue(
     "domain method",
     {
-        "statistics": _statistics,
-        "batch-statistics": _batch_statistics,
-        "contrastive": _contrastive,
-        "contrastive-norm": _contrastive_norm,
+        "statistics": DomainMethod(_statistics, trains=False),
+        "batch-statistics": DomainMethod(_batch_statistics, trains=False),
+        "contrastive": DomainMethod(_contrastive, trains=True),
+        "contrastive-norm": DomainMethod(_contrastive_norm, trains=True),
     },
 )
 

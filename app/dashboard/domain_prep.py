@@ -58,6 +58,8 @@ SAVE_AT = 0.95  # where training ends on the progress bar and saving begins
 METHOD_HELP: dict[str, str] = {
     "statistics": "statistics: seconds; learns only the modality's average appearance, used to "
     "centre the features",
+    "batch-statistics": "batch-statistics: a minute; also re-measures how strongly each of "
+    "the encoder's filters responds to these studies (nothing is trained)",
     "contrastive": "contrastive: minutes; teaches the model what varies in these studies, "
     "keeping what it knew (the largest measured gain)",
     "contrastive-norm": "contrastive-norm: minutes; the same, changing only the normalisation "
