@@ -24,12 +24,23 @@ ridge head with lambda 1), paired per episode:
   of each fold run (the same first episodes the default row sees: one seeded sampler); the
   default ridge and the prototype head (the fine-tuning's start) are scored on those episodes.
 
+- **domain preparation** (``adapt-domain batch-statistics``): the product's ``fedfew
+  adapt-domain`` method ``batch-statistics`` (models/domain.py: every BatchNorm layer's
+  statistics re-estimated on the fold's unlabelled pool at 224 px, AdaBN) applied to the public
+  start; every image of the fold is embedded again by the prepared encoder, then the default
+  feature map (centred on the pool's mean) and ridge head, on all ``--episodes`` episodes. It
+  needs no other modality, so it also runs on ``--task new-condition`` (the three held-out
+  conditions of each modality, its pool their unlabelled half), alone.
+
 Every row reports its accuracy per fold, the mean over folds, and its paired difference from the
 default over all the folds' episodes together (mean and 95% CI, ``models.evaluation.mean_ci95``).
 Cached features come from ``python bench/encoder_levers.py embed --encoder lite0@224``.
 
     python bench/encoder_trained.py --threads 1             # about 20 min on 2 shared cores
     python bench/encoder_trained.py --finetune-episodes 0   # the adapters alone (5 min)
+    python bench/encoder_trained.py --rows domain --threads 2 --name encoder_domain_new_modality
+    python bench/encoder_trained.py --rows domain --task new-condition --threads 2 \
+        --name encoder_domain_new_condition                 # each about 5 min idle
 """
 
 from __future__ import annotations
@@ -52,9 +63,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import SHARED_SETS, Progress, require_shared_data, set_threads, write_result
 from bench.encoder_levers import Row, cache_path, episode_accuracies, map_parts, row_features
 from bench.federated_encoder import NO_CLIP, NO_NOISE
+from bench.new_condition import HELD_OUT
 from bench.new_modality import pool_mask, split_by_patient
-from bench.new_modality_encoder import BenchConfig, target_images
+from bench.new_modality_encoder import TASKS, BenchConfig, target_images
 from models.adaptation import AdaptConfig, adapt, embed
+from models.domain import DomainConfig, adapt_domain
 from models.episodes import EpisodeConfig, sample_episode
 from models.evaluation import mean_ci95
 from models.feature_adapter import FeatureScale, LowRankAdapter
@@ -279,6 +292,30 @@ def finetune_rows(
     ]
 
 
+def domain_rows(fold: Fold, config: BenchConfig, folder: Path, log: Progress) -> dict[str, Any]:
+    """The public start prepared by ``adapt-domain batch-statistics`` on the fold's pool, every
+    selected image embedded again by it, scored on all the fold's episodes."""
+    images = load_npz(folder / f"{fold.name}.npz", PipelineConfig(image_size=SIDE)).images
+    images = images[fold.selected]
+    start = time.perf_counter()
+    prepared = adapt_domain(
+        start_public_encoder().model,
+        images[fold.in_pool],
+        config=DomainConfig(method="batch-statistics"),
+    )
+    preparing = time.perf_counter() - start
+    features = embed(prepared.model, torch.from_numpy(images))
+    accuracies = scored(fold, features, config)
+    log(f"{fold.name}: batch statistics {100 * accuracies.mean():.1f}% ({preparing:.0f} s)")
+    return {
+        "row": "adapt-domain batch-statistics",
+        "fold": fold.name,
+        "pool_images": int(fold.in_pool.sum()),
+        "training_seconds": preparing,
+        "accuracies": accuracies,
+    }
+
+
 def reference_rows(
     fold: Fold, config: BenchConfig, default: np.ndarray, label: str
 ) -> list[dict[str, Any]]:
@@ -376,7 +413,13 @@ def save(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line settings."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--folds", default=",".join(SHARED_SETS))
+    p.add_argument("--task", choices=TASKS, default=TASKS[0])
+    p.add_argument(
+        "--rows",
+        default="adapters,finetune,domain",
+        help="row kinds: adapters, finetune (new-modality only), domain",
+    )
+    p.add_argument("--folds", default=None, help="default: every fold of the task")
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--steps", default="100,300,1000", help="adapter step counts evaluated")
     p.add_argument("--scale-lr", type=float, default=0.01)
@@ -396,9 +439,14 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(a.threads)
     folder = require_shared_data()
     log = Progress()
+    kinds = set(a.rows.split(","))
+    if a.task != TASKS[0] and kinds & {"adapters", "finetune"}:
+        raise SystemExit("adapters and finetune rows need --task new-modality (other modalities)")
     config = BenchConfig(
-        task="new-modality",
-        folds=tuple(a.folds.split(",")),
+        task=a.task,
+        folds=tuple(
+            a.folds.split(",") if a.folds else SHARED_SETS if a.task == TASKS[0] else HELD_OUT
+        ),
         sides=(SIDE,),
         ways=3,
         shots=(5,),
@@ -413,14 +461,18 @@ def main(argv: list[str] | None = None) -> None:
         AdapterRecipe("scale", a.scale_lr, steps, step_episodes=a.step_episodes),
         AdapterRecipe("low-rank", a.low_rank_lr, steps, rank=a.rank, step_episodes=a.step_episodes),
     ]
-    short = dataclasses.replace(config, episodes=a.finetune_episodes)
-    models = finetune_models() if a.finetune_episodes else {}
+    if "adapters" not in kinds:
+        recipes = []
+    finetune = a.finetune_episodes if "finetune" in kinds else 0
+    short = dataclasses.replace(config, episodes=finetune)
+    models = finetune_models() if finetune else {}
     rows: list[dict[str, Any]] = []
     defaults: dict[str, np.ndarray] = {}
     run = {
         **dataclasses.asdict(config),
         "adapters": [dataclasses.asdict(r) for r in recipes],
-        "finetune_episodes": a.finetune_episodes,
+        "rows": sorted(kinds),
+        "finetune_episodes": finetune,
         "finetune_steps": a.finetune_steps,
         "threads": a.threads,
     }
@@ -429,11 +481,14 @@ def main(argv: list[str] | None = None) -> None:
         defaults[name] = scored(fold, fold.features, config)
         rows.append({"row": Row().label, "fold": name, "accuracies": defaults[name]})
         log(f"{name}: default {100 * defaults[name].mean():.1f}%")
-        sets = source_sets(name, config.task, folder)
+        if recipes:
+            sets = source_sets(name, config.task, folder)
         for recipe in recipes:
             rows += adapter_rows(fold, recipe, sets, config, log)
-        if a.finetune_episodes:
-            label = f"first {a.finetune_episodes} episodes"
+        if "domain" in kinds:
+            rows.append(domain_rows(fold, config, folder, log))
+        if finetune:
+            label = f"first {finetune} episodes"
             rows += reference_rows(fold, short, defaults[name], label)
             rows += finetune_rows(fold, models, short, a.finetune_steps, folder, log)
         summary, out = save(a.name, run, rows, defaults)  # after every fold: a partial run stays
