@@ -184,13 +184,13 @@ def _batch_statistics(
     layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
     if not layers:
         raise DataError("batch-statistics needs a backbone with BatchNorm layers")
-    sums: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in layers}
+    per_batch: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in layers}
 
     def normalise_by_batch(
         layer: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
     ) -> torch.Tensor:
         x = args[0]
-        sums[layer].append(
+        per_batch[layer].append(
             torch.stack([x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)])
         )
         return nn.functional.batch_norm(
@@ -206,10 +206,10 @@ def _batch_statistics(
         for handle in handles:
             handle.remove()
     for layer in layers:
-        mean, var = torch.stack(sums[layer]).mean(0)
+        mean, var = torch.stack(per_batch[layer]).mean(0)
         layer.running_mean.copy_(mean)
         layer.running_var.copy_(var)
-        layer.num_batches_tracked.fill_(len(sums[layer]))
+        layer.num_batches_tracked.fill_(len(per_batch[layer]))
     return 0
 
 
