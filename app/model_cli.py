@@ -12,12 +12,12 @@ from models.domain import (
     DOMAIN_METHODS,
     DomainConfig,
     adapt_domain,
+    default_method,
     domain_record,
     load_unlabeled,
     save_prepared,
 )
 from models.errors import DataError
-from models.freezing import is_fully_frozen
 from models.imageset import ImageSet
 from models.model_dir import load_model_dir
 from models.networks import BACKBONES, BackboneConfig
@@ -26,8 +26,6 @@ from models.pretraining import PRETRAIN_OBJECTIVES, write_pretrained
 from models.public_start import pipeline_for
 from models.public_weights import PUBLIC_WEIGHTS, resolve_weights
 from models.readers import load_dataset
-
-STATISTICS = "statistics"  # the domain's mean feature only: all a frozen encoder can take
 
 
 def load_sets(spec: str, pipeline: PipelineConfig) -> list[ImageSet]:
@@ -124,7 +122,7 @@ def adapt_domain_command(
         )
     loaded = load_model_dir(model)
     if method is None:
-        method = STATISTICS if is_fully_frozen(loaded.model) else DomainConfig.method
+        method = default_method(loaded.model)
     config = DomainConfig(method=method, minutes=minutes, seed=seed)
     images = load_unlabeled(unlabeled, loaded.pipeline)
     if images.skipped:

@@ -32,7 +32,8 @@ from torch import nn
 
 from models.adaptation import embed
 from models.catalogue import Catalogue
-from models.errors import DataError
+from models.errors import DataError, NothingToTrainError
+from models.freezing import is_fully_frozen
 from models.guard import IMAGE_SUFFIXES, file_suffix
 from models.model_dir import LoadedModel, save_model_dir
 from models.pipeline import PipelineConfig
@@ -151,11 +152,22 @@ def adapt_domain(
     if len(images) < 2:
         raise DataError(f"domain adaptation needs >= 2 unlabelled images, got {len(images)}")
     config = config or DomainConfig()
+    if DOMAIN_METHODS[config.method].trains and is_fully_frozen(model):
+        raise NothingToTrainError(
+            f"{config.method} trains the encoder, but every parameter of this model is frozen "
+            f"(the public encoder): use {default_method(model)} or batch-statistics"
+        )
     work = copy.deepcopy(model)
     steps = DOMAIN_METHODS[config.method].prepare(work, images, config, on_step)
     work.eval()
     mean = embed(work, torch.from_numpy(images)).mean(0)
     return DomainResult(model=work, domain_mean=mean, steps=steps)
+
+
+def default_method(model: nn.Module) -> str:
+    """The preparation a model gets unless told otherwise: the domain's statistics for a frozen
+    encoder (nothing in it can train), else :class:`DomainConfig`'s training method."""
+    return "statistics" if is_fully_frozen(model) else DomainConfig.method
 
 
 def _statistics(

@@ -43,3 +43,7 @@ class WeightsError(FedfewError):
 class BatchNormError(FedfewError):
     """A backbone has BatchNorm layers whose statistics could mix examples (DP and federation
     need per-example independence: models/freezing.py states the rule)."""
+
+
+class NothingToTrainError(FedfewError, ValueError):
+    """A method that trains met a model with no trainable parameter (a frozen encoder)."""

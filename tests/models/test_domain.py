@@ -8,9 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from models.domain import DOMAIN_METHODS, DomainConfig, adapt_domain, load_unlabeled
+from models.domain import (
+    DOMAIN_METHODS,
+    DomainConfig,
+    adapt_domain,
+    default_method,
+    load_unlabeled,
+)
 from models.efficientnet_lite import INPUT_MEAN, INPUT_STD
-from models.errors import DataError
+from models.errors import DataError, NothingToTrainError
 from models.networks import BackboneConfig, build_backbone
 from models.pipeline import PipelineConfig
 from models.self_supervised import ContrastiveConfig, contrastive_train, contrastive_views, nt_xent
@@ -155,3 +161,13 @@ def test_contrastive_training_lowers_its_loss(tmp_path):
     config = ContrastiveConfig(steps=25, batch_size=16, seed=0)
     losses = contrastive_train(_tiny(), images, config=config)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_a_frozen_encoder_defaults_to_statistics_and_refuses_training(tmp_path):
+    images = load_unlabeled(_npz(tmp_path / "u.npz"), PIPELINE).images
+    frozen, trainable = _tiny_batchnorm(), _tiny()
+    assert default_method(frozen) == "statistics"
+    assert default_method(trainable) == DomainConfig.method
+    for method in ("contrastive", "contrastive-norm"):
+        with pytest.raises(NothingToTrainError, match="frozen"):
+            adapt_domain(frozen, images, config=DomainConfig(method=method, steps=2))

@@ -7,7 +7,7 @@ from app.dashboard import adapters, archive_view, domain_prep, ui, views
 from app.dashboard.auth import ROLE_CLINICIAN, ROLE_IT
 from app.dashboard.errors import SourceError
 from app.dashboard.jobs import Job
-from models.domain import DOMAIN_METHODS, DomainConfig
+from models.domain import DOMAIN_METHODS, DomainConfig, default_method
 from models.errors import FedfewError, RegistryError
 from models.pipeline import PipelineConfig
 
@@ -82,10 +82,14 @@ base_id = st.selectbox(
     help="The federated model version to prepare, newest first.",
 )
 methods = list(DOMAIN_METHODS)
+try:  # a frozen base (the public encoder) has nothing to train: its default is statistics
+    default = default_method(views.base_model(str(config.registry), base_id).model)
+except FedfewError:
+    default = DomainConfig.method  # the run itself reports the damaged version
 method = st.radio(
     "Preparation",
     methods,
-    index=methods.index(DomainConfig.method),
+    index=methods.index(default),
     format_func=lambda m: domain_prep.METHOD_HELP.get(m, m),
     key="prepare_method",
 )

@@ -19,10 +19,14 @@ from app.dashboard.settings import ENV_DATA_ROOTS
 from app.dashboard.views import PREPARE_JOB_KEY
 from models.adaptation import ADAPT_MODES, embed
 from models.domain import DOMAIN_METHODS, DomainConfig
+from models.meta import MetaConfig
+from models.model_dir import save_model_dir
+from models.networks import BackboneConfig, build_backbone
+from models.pipeline import PipelineConfig
 from models.readers import load_npz
 from models.registry import KIND_LOCAL, Registry
 from models.synthetic import write_synthetic_npz
-from tests.app.dashboard.conftest import texts
+from tests.app.dashboard.conftest import DEFAULT_PRIVACY, texts
 
 UNLABELLED = 12  # 2 classes x 6: enough for a mean, fast to embed
 
@@ -311,3 +315,26 @@ def test_studies_pulled_from_the_archive_prepare_a_version(
     [local] = local_versions(env["registry"])
     record = local.info[domain_prep.INFO_DOMAIN]
     assert (record["images"], record["source"]) == (4, "4 studies from the archive or uploads")
+
+
+def test_a_frozen_base_is_offered_statistics_first(env, make_app) -> None:
+    """The public encoder has nothing to train: the page's default used to be a training method
+    that ran for minutes and changed nothing."""
+    config = BackboneConfig(
+        name="efficientnet_lite0", image_size=32, norm="batch", trainable="none"
+    )
+    model = build_backbone(config)
+
+    def write(folder: Path) -> None:
+        save_model_dir(
+            folder, model, backbone=config, pipeline=PipelineConfig(image_size=32),
+            meta=MetaConfig(),
+        )  # fmt: skip
+
+    Registry.open(env["registry"], create=True).publish(
+        write, kind="global", name="frozen", privacy=DEFAULT_PRIVACY
+    )
+    at = make_app(ROLE_CLINICIAN).run()
+    at.switch_page("screens/prepare.py").run()
+    assert not at.exception, at.exception
+    assert at.radio(key="prepare_method").value == "statistics"
