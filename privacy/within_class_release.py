@@ -46,7 +46,7 @@ from privacy.dp_config import (
     WITHIN_CLASS_SUMS_WEIGHT,
     DPWithinClassConfig,
 )
-from privacy.dp_prototypes import vocabulary_labels
+from privacy.dp_prototypes import noisy_class_sums, vocabulary_labels
 
 CENTRE_SENSITIVITY = math.sqrt(2.0)  # in units of C: [sum u / n_i, 1] with |u| <= 1
 # The federation's centre release is scaled by this, so its bound is the moment release's:
@@ -223,9 +223,11 @@ class WithinClassRelease:
         )
         return torch.cat(x), labels, owners
 
-    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
-        sigma = self.dp.noise_multiplier * self.dp.max_grad_norm
-        return torch.normal(0.0, sigma, shape, generator=self._generator, dtype=torch.float64)
+    def _noisy(self, sums: torch.Tensor) -> np.ndarray:
+        """``sums`` plus the mechanism's Gaussian noise on every entry, float32."""
+        noisy = noisy_class_sums(sums, noise_multiplier=self.dp.noise_multiplier,
+                                 clip=self.dp.max_grad_norm, generator=self._generator)  # fmt: skip
+        return noisy.numpy().astype(np.float32)
 
     def release(self) -> dict[str, np.ndarray]:
         """The round's noisy sums, float32."""
@@ -234,7 +236,7 @@ class WithinClassRelease:
         clip = self.dp.max_grad_norm
         if int(self.adapter.stage) == STAGE_NONE:
             sums = CENTRE_WEIGHT * centre_sums(x, owners, radius=len(parts) ** 0.5, clip=clip)
-            return {CENTRE: (sums + self._noise(tuple(sums.shape))).numpy().astype(np.float32)}
+            return {CENTRE: self._noisy(sums)}
         unit = unit_features(x, centre=self.adapter.centre, parts=parts)
         second, sums = moment_sums(unit, labels, owners, basis=self.adapter.basis,
                                    n_classes=len(self.dp.classes), clip=clip,
@@ -243,7 +245,7 @@ class WithinClassRelease:
         second = second + symmetric_noise(len(second), sigma, self._generator)
         return {
             SECOND: second.numpy().astype(np.float32),
-            CLASS_SUMS: (sums + self._noise(tuple(sums.shape))).numpy().astype(np.float32),
+            CLASS_SUMS: self._noisy(sums),
         }
 
     def train(
