@@ -309,32 +309,38 @@ def mapped_features(
     return mapped
 
 
-def ensemble(
-    name: str, row: Row, mapped: torch.Tensor, selected: np.ndarray, in_pool: np.ndarray
-) -> torch.Tensor:
-    """``mapped`` and the same row's features under each encoder of ``row.also``, concatenated
-    and rescaled so that the whole has norm ``FEATURE_NORM`` (each encoder weighs the same)."""
-    pieces = [mapped]
+def ensemble_caches(name: str, row: Row) -> dict[str, dict[str, Any]]:
+    """The cached taps of each encoder of ``row.also`` for modality ``name``, by encoder."""
+    out = {}
     for other in row.also:
         encoder, side = other.split("@")
         path = cache_path(name, encoder, int(side))
         if not path.is_file():
             raise SystemExit(f"{path} missing: embed {name} with {other} first")
+        out[other] = torch.load(path, weights_only=True)
+    return out
+
+
+def ensemble(
+    row: Row,
+    mapped: torch.Tensor,
+    others: dict[str, dict[str, Any]],
+    selected: np.ndarray,
+    in_pool: np.ndarray,
+) -> torch.Tensor:
+    """``mapped`` and the same row's features under each encoder of ``others``
+    (:func:`ensemble_caches`), concatenated and rescaled so that the whole has norm
+    ``FEATURE_NORM`` (each encoder weighs the same)."""
+    pieces = [mapped]
+    for other, cached in others.items():
         alone = dataclasses.replace(row, encoder=other, also=())
-        pieces.append(
-            mapped_features(torch.load(path, weights_only=True), alone, selected, in_pool)
-        )
+        pieces.append(mapped_features(cached, alone, selected, in_pool))
     return torch.cat(pieces, dim=1) / len(pieces) ** 0.5
 
 
-def encoder_ms(name: str, row: Row, cached: dict[str, Any]) -> float:
+def encoder_ms(row: Row, cached: dict[str, Any], others: dict[str, dict[str, Any]]) -> float:
     """Encoder milliseconds per image of a row: every view, every encoder of an ensemble."""
-    total = sum(cached["ms"][v] for v in row.views)
-    for other in row.also:
-        encoder, side = other.split("@")
-        found = torch.load(cache_path(name, encoder, int(side)), weights_only=True)
-        total += sum(found["ms"][v] for v in row.views)
-    return float(total)
+    return float(sum(c["ms"][v] for c in (cached, *others.values()) for v in row.views))
 
 
 def whiten(mapped: torch.Tensor, in_pool: np.ndarray, shrink: float) -> torch.Tensor:
@@ -642,8 +648,10 @@ def run_fold(
                 eigen[key] = nuisance_eigen(known_groups(name, row, config.task, folder))
             nuisance = eigen[key]
         mapped = mapped_features(cached, row, selected, in_pool, nuisance)
-        if row.also:
-            mapped = ensemble(name, row, mapped, selected, in_pool)
+        others = ensemble_caches(name, row)
+        if others:
+            mapped = ensemble(row, mapped, others, selected, in_pool)
+        ms = encoder_ms(row, cached, others)
         for shots in config.shots:
             if paired and row.head != "ridge-trans":
                 found, accuracies = paired_score(
@@ -660,7 +668,7 @@ def run_fold(
                     found["paired_vs_default"] = dict(
                         zip(("diff", "ci95"), mean_ci95(accuracies - default[shots]), strict=True)
                     )
-                found["encoder_ms_per_image"] = encoder_ms(name, row, cached)
+                found["encoder_ms_per_image"] = ms
                 found["row"] = dataclasses.asdict(row)
                 out.append(found)
                 continue
@@ -673,7 +681,7 @@ def run_fold(
                     shots=shots,
                     config=config,
                 )
-                found["encoder_ms_per_image"] = encoder_ms(name, row, cached)
+                found["encoder_ms_per_image"] = ms
                 found["row"] = dataclasses.asdict(row)
                 out.append(found)
                 continue
@@ -690,7 +698,7 @@ def run_fold(
                 levers=row_levers(row),
                 model=Mapped(),
             )
-            found["encoder_ms_per_image"] = encoder_ms(name, row, cached)
+            found["encoder_ms_per_image"] = ms
             found["row"] = dataclasses.asdict(row)
             out.append(found)
     log(f"{name} scored")
